@@ -1,0 +1,1 @@
+"""fedlora's client side (installed as ``fedlora.clients``)."""

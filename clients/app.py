@@ -1,0 +1,92 @@
+"""fedlora's ClientApp: trains the run's LoRA on the client's own data and replies with factors.
+
+A client obeys the strategy's :class:`~fedlora.sharing.SharingPolicy`: it sends the shared parts,
+keeps the private ones in its client-state store and never trains the frozen ones; it holds no
+strategy-specific branches. Heavy work (model build, tokenization) is cached per process.
+
+Node config keys (deployment; in simulation Flower sets ``partition-id``):
+``partition-id``, ``client-id``, ``rank``, ``device-class``, ``state-dir``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import codec
+from fedlora.clients.session import ClientSession
+from fedlora.protocol import ARRAYS, CONFIG, METRICS, PROFILE, SETUP
+
+app = ClientApp()
+
+
+@app.query()
+def setup(msg: Message, context: Context) -> Message:
+    """Receive the run config once; answer with this node's profile (identity, rank, data sizes)."""
+    config = msg.content[CONFIG]
+    if config.get("action") != SETUP:
+        raise ValueError(f"unknown query action {config.get('action')!r}")
+    ClientSession.remember_config(context, str(config["run-config"]))
+    session = ClientSession.from_context(context)
+    return Message(RecordDict({PROFILE: ConfigRecord(session.profile.to_record())}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from fedlora.training import train_local
+
+    t0 = time.perf_counter()
+    config = msg.content[CONFIG]
+    server_round = int(config["server-round"])
+    session = ClientSession.from_context(context, str(config.get("config-digest", "")) or None)
+    received = msg.content[ARRAYS]
+    model = session.model()
+    session.prepare(model, received, server_round)
+    params = [p for p in model.parameters() if p.requires_grad]
+    result = train_local(model, params, session.data.train, session.cfg.train,
+                         seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
+                         device=session.device)
+    out = session.finish_training(model)
+    arrays = codec.encode(out, session.cfg.federation.wire_dtype)
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "train-loss": result.loss,
+        "train-steps": result.steps,
+        "train-seconds": result.seconds,
+        "client-seconds": time.perf_counter() - t0,
+        "bytes-down": codec.wire_bytes(received),
+        "bytes-up": codec.wire_bytes(arrays),
+        "rank": int(next(iter(out.modules.values())).rank) if out.modules else session.profile.rank,
+        "partition-id": session.profile.partition_id,
+    })
+    return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalized evaluation: the global parts plus this client's private parts, on its own test split."""
+    from fedlora.data import load_task
+    from fedlora.training import evaluate as run_eval
+
+    config = msg.content[CONFIG]
+    server_round = int(config["server-round"])
+    session = ClientSession.from_context(context, str(config.get("config-digest", "")) or None)
+    model = session.model()
+    session.prepare(model, msg.content[ARRAYS], server_round)
+    bs = session.cfg.train.eval_batch_size
+    local = run_eval(model, session.data.test, bs, session.device)
+    metrics = {
+        "num-examples": local["num-examples"],
+        "accuracy": local["accuracy"],
+        "loss": local["loss"],
+        "partition-id": session.profile.partition_id,
+    }
+    if bool(config.get("global-view", False)):
+        # The personalized model on the held-out set every client shares: how far it generalises.
+        glob = run_eval(model, load_task(session.cfg).test, bs, session.device)
+        metrics["global-accuracy"] = glob["accuracy"]
+    if bool(config.get("save-adapter", False)):
+        session.save_personal_adapter(model)
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

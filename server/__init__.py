@@ -1,0 +1,1 @@
+"""fedlora's server side (installed as ``fedlora.server``)."""

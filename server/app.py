@@ -1,0 +1,170 @@
+"""fedlora's ServerApp: builds the strategy from the run config and drives Flower's round loop.
+
+:func:`run_server` is the whole server: it is what ``fedlora simulate`` runs inside Flower's
+simulation engine and what the module-level ``app`` runs on a real deployment (the run config
+travels as the ``config`` key of Flower's run config: a TOML path or inline JSON).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora import codec
+from fedlora.config import FedLoraConfig
+from fedlora.data import load_task
+from fedlora.factors import LoraFactors, load_factors
+from fedlora.lora_math import to_client, to_effective
+from fedlora.model import AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base
+from fedlora.registry import get_strategy
+from fedlora.rundir import RunDir
+from fedlora.training import evaluate, pick_device
+
+log = logging.getLogger("fedlora.server")
+
+
+class GlobalModel:
+    """The server's own copy of the model, to evaluate and save the global adapter."""
+
+    def __init__(self, cfg: FedLoraConfig, num_labels: int, rank: int) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.alpha = cfg.lora.alpha_for_rank(rank)
+        spec = AdapterSpec(rank=rank, alpha=self.alpha, dropout=cfg.lora.dropout,
+                           target_modules=tuple(cfg.lora.target_modules))
+        self.num_labels = num_labels
+        self.device = pick_device(cfg.train.device)
+        self.model = build_peft_model(cfg, num_labels, spec).to(self.device)
+        self.init = initial_factors(self.model, cfg.lora.init_seed)
+
+    def template(self) -> LoraFactors:
+        return self.init
+
+    def load(self, strategy) -> torch.nn.Module:  # noqa: ANN001
+        """Load the strategy's global adapter; frozen parts come from the shared seed."""
+        g = strategy.global_eff
+        policy = strategy.sharing_policy
+        spec = AdapterSpec(rank=self.rank, alpha=self.alpha, dropout=self.cfg.lora.dropout,
+                           target_modules=tuple(self.cfg.lora.target_modules))
+        model = build_peft_model(self.cfg, self.num_labels, spec).to(self.device)
+        if policy.merge_global_into_base:
+            zero = LoraFactors(modules={n: type(m)(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha)
+                                        for n, m in self.init.modules.items()}, extras=self.init.extras)
+            load_factors(model, zero.merged_with(LoraFactors(extras=g.extras)))
+            if g.modules:
+                merge_delta_into_base(model, g)
+        else:
+            load_factors(model, self.init.merged_with(to_client(g, self.rank, self.alpha)))
+        return model
+
+    def save(self, strategy, path: Path) -> Path:  # noqa: ANN001
+        """Write the global adapter with PEFT's save_pretrained."""
+        g = strategy.global_eff
+        if strategy.sharing_policy.merge_global_into_base and g.modules:
+            # FLoRA: the merged model is base + the cumulative delta; save that delta as an adapter of its rank.
+            r = next(iter(g.modules.values())).rank
+            spec = AdapterSpec(rank=r, alpha=float(r), dropout=self.cfg.lora.dropout,
+                               target_modules=tuple(self.cfg.lora.target_modules))
+            model = build_peft_model(self.cfg, self.num_labels, spec)
+            load_factors(model, LoraFactors(modules=dict(g.modules), extras=dict(g.extras)))
+        else:
+            model = self.load(strategy)
+        model.save_pretrained(str(path))
+        return path
+
+
+def reference_rank(cfg: FedLoraConfig) -> int:
+    """The rank the global adapter is kept at: the largest any client trains."""
+    return max(cfg.client_rank(i) for i in range(cfg.federation.num_clients))
+
+
+def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
+               on_round: Callable[[dict], None] | None = None):  # noqa: ANN201 - flwr Result
+    """Run a whole federation on ``grid``; write metrics/adapters to ``run_dir`` if given."""
+    t_start = time.perf_counter()
+    task = load_task(cfg)
+    gm = GlobalModel(cfg, task.num_labels, reference_rank(cfg))
+    strategy_cls = get_strategy(cfg.federation.strategy)
+    strategy = strategy_cls(cfg, gm.template())
+    strategy.global_eff = strategy.initial_global(to_effective(gm.init))
+    raw_template = {dt: codec.raw_bytes(gm.init.select(strategy.sharing_policy.shared), dt) for dt in codec.WIRE_DTYPES}
+    if run_dir is not None:
+        run_dir.write_config(cfg)
+    timer = {"t": time.perf_counter()}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        row: dict = {"round": server_round, "strategy": strategy.strategy_name}
+        if cfg.federation.server_eval and strategy.has_global_model:
+            res = evaluate(gm.load(strategy), task.test, cfg.train.eval_batch_size, gm.device)
+            row["server-accuracy"], row["server-loss"] = res["accuracy"], res["loss"]
+        rl = strategy.rounds.get(server_round)
+        if rl is not None:
+            row.update({
+                "clients-sampled": rl.sampled, "clients-accepted": rl.accepted, "rejected": rl.rejected,
+                "bytes-up-total": sum(rl.bytes_up), "bytes-down-total": sum(rl.bytes_down),
+                "bytes-up-per-client": _mean(rl.bytes_up), "bytes-down-per-client": _mean(rl.bytes_down),
+                "payload-up-per-client": _mean(rl.payload_up), "payload-down-per-client": _mean(rl.payload_down),
+                "aggregate-seconds": rl.aggregate_seconds,
+                "train-loss": rl.train_metrics.get("train-loss"),
+                "client-train-seconds": rl.train_metrics.get("train-seconds"),
+                **{k: v for k, v in rl.eval_metrics.items()},
+                "clients": [{k: c[k] for k in ("client-id", "accuracy", "num-examples", "global-accuracy") if k in c}
+                            for c in rl.eval_clients],
+            })
+        row["global-rank"] = strategy.global_rank()
+        row["raw-factor-bytes-per-client"] = raw_template[cfg.federation.wire_dtype]
+        now = time.perf_counter()
+        row["seconds"] = now - timer["t"]
+        timer["t"] = now
+        if run_dir is not None:
+            run_dir.append_metrics(row)
+        if on_round is not None:
+            on_round(row)
+        if "server-accuracy" in row:
+            return MetricRecord({"accuracy": row["server-accuracy"], "loss": row["server-loss"]})
+        return None
+
+    result = strategy.start(
+        grid=grid, initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds,
+        timeout=cfg.federation.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+        evaluate_fn=evaluate_fn,
+    )
+    if run_dir is not None:
+        gm.save(strategy, run_dir.path / "adapter")
+        rows = run_dir.read_metrics()
+        last = rows[-1] if rows else {}
+        run_dir.write_summary({
+            "strategy": strategy.strategy_name, "rounds": cfg.run.rounds, "seconds": time.perf_counter() - t_start,
+            "final": {k: v for k, v in last.items() if k != "clients"},
+            "bytes-up-total": sum(r.get("bytes-up-total", 0) for r in rows),
+            "bytes-down-total": sum(r.get("bytes-down-total", 0) for r in rows),
+        })
+        run_dir.plot()
+    result.strategy = strategy  # for callers that want the raw logs
+    return result
+
+
+def _mean(xs: list[int]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment entry point (`flwr run`): the run config's `config` key names a TOML file or holds JSON.
+# ---------------------------------------------------------------------------------------------
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    src = str(context.run_config.get("config", "") or "")
+    if src.strip().startswith("{"):
+        cfg = FedLoraConfig.from_json(src)
+    else:
+        cfg = FedLoraConfig.load(src or None)
+    run_server(grid, cfg, RunDir.create(cfg))

@@ -1,0 +1,51 @@
+"""FLoRA (Wang et al., NeurIPS 2024, arXiv 2409.05976): heterogeneous ranks by stacking.
+
+Each round the server stacks the clients' factors, A_k one below the other and p_k * B_k side by
+side, so that B_stack @ A_stack equals sum_k p_k B_k A_k exactly whatever the ranks. As in the
+authors' code, the aggregate is merged into the base weights and every client starts the next
+round from a fresh adapter. The merge happens on the clients: the server sends the cumulative
+global delta in factored form (``base/`` keys), so only low-rank factors ever travel and a client
+that skipped rounds catches up in one message.
+
+The stacked rank grows by sum_k r_k per round. ``hetero.flora_max_rank`` bounds it: above the
+cap the cumulative delta is recompressed by an SVD of its small core (exact while the true rank
+is under the cap, the best approximation otherwise). The download size follows the stacked rank
+and is reported per round.
+"""
+
+from __future__ import annotations
+
+from fedlora.factors import LoraFactors
+from fedlora.lora_math import aggregate_stacked, concat_rank, svd_redistribute, to_effective
+from fedlora.protocol import NodeProfile
+from fedlora.registry import register_strategy
+from fedlora.sharing import SharingPolicy
+from fedlora.strategies.base import LoraStrategy, Update
+
+
+@register_strategy("flora")
+class FLoRA(LoraStrategy):
+    sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}), merge_global_into_base=True,
+                                   heterogeneous_ranks=True)
+
+    def initial_global(self, init_eff: LoraFactors) -> LoraFactors:
+        return LoraFactors(extras=dict(init_eff.extras))  # no delta merged yet
+
+    def client_payload(self, profile: NodeProfile, server_round: int) -> tuple[LoraFactors, LoraFactors | None]:
+        head = LoraFactors(extras=dict(self.global_eff.extras))
+        delta = LoraFactors(modules=dict(self.global_eff.modules))
+        return head, (delta if delta.modules else None)
+
+    def aggregate(self, server_round: int, updates: list[Update]) -> None:
+        stacked = aggregate_stacked([to_effective(u.factors) for u in updates], [u.weight for u in updates])
+        cumulative = concat_rank(LoraFactors(modules=dict(self.global_eff.modules)), stacked)
+        cap = self.cfg.hetero.flora_max_rank
+        if self.global_rank_of(cumulative) > cap:
+            cumulative = svd_redistribute(cumulative, cap)
+        cumulative.extras = stacked.extras
+        self.global_eff = cumulative
+
+    @staticmethod
+    def global_rank_of(f: LoraFactors) -> int:
+        m = next(iter(f.modules.values()), None)
+        return 0 if m is None else m.rank

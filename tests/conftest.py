@@ -1,0 +1,57 @@
+"""Shared test setup: offline, no telemetry, a private FLWR_HOME and fedlora cache per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports Flower, Ray or Hugging Face.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlora-flwr-home-"))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "index.json").exists():
+        pytest.skip(f"../shared/data is absent ({SHARED_DATA}); it ships beside the project in CI, not in a user's clone")
+    return SHARED_DATA
+
+
+def make_config(tmp_path: Path, **sections):  # noqa: ANN201
+    """A small, fast config: tiny BERT (random) unless a test asks for MiniLM."""
+    from fedlora.config import FedLoraConfig
+
+    raw = {
+        "run": {"name": "test", "output_dir": str(tmp_path / "runs"), "rounds": 2, "seed": 7},
+        "model": {"name": "builtin:tiny-bert", "max_length": 32},
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 240, "max_test_examples": 120,
+                 "partitioner": "iid"},
+        "federation": {"num_clients": 3, "min_train_clients": 2, "min_evaluate_clients": 2, "evaluate_every": 1},
+        "train": {"local_epochs": 1, "batch_size": 16, "learning_rate": 3e-3},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return FedLoraConfig.from_dict(raw)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower sets a process's run identity before it builds Messages; do the same for handler tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old

@@ -1,0 +1,93 @@
+"""The run config: defaults, overrides, and clear errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.config import ConfigError, FedLoraConfig
+
+from conftest import make_config
+
+
+def test_embedded_default_is_valid_and_matches_the_issue():
+    cfg = FedLoraConfig.load()
+    assert cfg.model.name == "builtin:all-MiniLM-L6-v2"
+    assert cfg.data.dataset == "builtin:fortunes"
+    assert cfg.federation.num_clients == 10
+    assert cfg.data.partitioner == "dirichlet" and cfg.data.dirichlet_alpha == 0.5
+
+
+def test_overrides_are_typed():
+    cfg = FedLoraConfig.load(None, ["lora.rank=4", "lora.target_modules=[\"query\"]", "federation.strategy=fedsa",
+                                    "hetero.device_classes.edge=2"])
+    assert cfg.lora.rank == 4 and cfg.lora.target_modules == ["query"]
+    assert cfg.federation.strategy == "fedsa"
+    assert cfg.hetero.device_classes == {"edge": 2}
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("lora.rnak=4", "unknown config key 'lora.rnak'"),
+        ("loar.rank=4", "unknown config section [loar]"),
+        ("lora.rank=0", "'lora.rank': must be >= 1, got 0"),
+        ("lora.rank=-3", "'lora.rank'"),
+        ("federation.strategy=fedavgx", "unknown strategy 'fedavgx'"),
+        ("federation.wire_dtype=int8", "'federation.wire_dtype'"),
+        ("lora.rank=\"eight\"", "expected an integer"),
+        ("data.partitioner=random", "'data.partitioner'"),
+        ("federation.min_train_clients=20", "must not exceed federation.num_clients"),
+        ("hetero.client_classes=[\"phone\"]", "device class 'phone' is not defined"),
+    ],
+)
+def test_bad_values_name_the_field(override, fragment):
+    with pytest.raises(ConfigError, match=None) as exc:
+        FedLoraConfig.load(None, [override])
+    assert fragment in str(exc.value)
+
+
+def test_config_json_round_trip_and_digest():
+    cfg = FedLoraConfig.load(None, ["lora.rank=16"])
+    again = FedLoraConfig.from_json(cfg.to_json())
+    assert again == cfg and again.digest() == cfg.digest()
+    assert FedLoraConfig.load(None, ["lora.rank=4"]).digest() != cfg.digest()
+
+
+def test_toml_snapshot_reloads(tmp_path):
+    cfg = FedLoraConfig.load(None, ["run.rounds=5"])
+    p = tmp_path / "c.toml"
+    p.write_text(cfg.to_toml())
+    assert FedLoraConfig.load(p) == cfg
+
+
+def test_target_module_absent_from_model(tmp_path, shared_data):
+    from fedlora.model import AdapterSpec, build_peft_model
+
+    cfg = make_config(tmp_path)
+    with pytest.raises(ConfigError, match="module 'q_proj' is not in the model; its linear layers are named"):
+        build_peft_model(cfg, 4, AdapterSpec(rank=4, alpha=8, dropout=0.0, target_modules=("q_proj",)))
+
+
+def test_missing_label_column(tmp_path, shared_data):
+    from fedlora.data import load_task
+
+    cfg = make_config(tmp_path, data={"label_column": "category"})
+    with pytest.raises(ConfigError, match="'data.label_column': column 'category' is not in the dataset; its columns are"):
+        load_task(cfg)
+
+
+def test_more_clients_than_examples(tmp_path, shared_data):
+    from fedlora.data import load_task, partition_indices
+
+    cfg = make_config(tmp_path, data={"max_train_examples": 20}, federation={"num_clients": 50})
+    with pytest.raises(ConfigError, match="50 clients but only 20 training examples"):
+        partition_indices(cfg, load_task(cfg).train_labels)
+
+
+def test_per_client_ranks_from_device_classes():
+    cfg = FedLoraConfig.load(None, ["hetero.device_classes={edge=2, laptop=8}",
+                                    "hetero.client_classes=[\"edge\", \"edge\", \"laptop\"]"])
+    assert [cfg.client_rank(i) for i in range(4)] == [2, 2, 8, 2]
+    cfg = FedLoraConfig.load(None, ["hetero.device_classes={edge=2, server=16}",
+                                    "hetero.class_distribution={edge=0.7, server=0.3}"])
+    assert [cfg.client_rank(i) for i in range(10)] == [2] * 7 + [16] * 3

@@ -1,0 +1,59 @@
+"""Data: the builtin fortunes task, local files, flwr-datasets partitions."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fedlora.config import FedLoraConfig
+from fedlora.data import FORTUNE_COLLECTIONS, client_data, fortune_dir, load_task, partition_indices, read_fortunes
+
+from conftest import make_config
+
+
+def test_fortunes_builtin_task_is_balanced_enough(tmp_path):
+    cfg = FedLoraConfig.load(None, [f"model.cache_dir=\"{tmp_path}\""])
+    task = load_task(cfg)
+    total = len(task.train) + len(task.test)
+    assert 2200 <= total <= 2400
+    counts = Counter(task.train_labels)
+    assert max(counts.values()) / len(task.train) < 0.40  # no collection dominates
+    assert task.label_names == list(FORTUNE_COLLECTIONS)
+    assert not any((fortune_dir() / "fortunes-o").name in n for n in task.label_names)
+    # entries are real multi-line texts separated by '%'
+    assert len(read_fortunes(fortune_dir() / "startrek")) == 203
+
+
+def test_local_folder_labels_follow_labels_json(tmp_path, shared_data):
+    cfg = make_config(tmp_path)
+    task = load_task(cfg)
+    assert task.label_names == ["World", "Sports", "Business", "Science or Technology"]
+    assert len(task.train) == 240 and len(task.test) == 120
+
+
+def test_partitions_are_deterministic_and_disjoint(tmp_path, shared_data):
+    cfg = make_config(tmp_path, data={"partitioner": "dirichlet", "dirichlet_alpha": 0.5, "min_partition_size": 5},
+                      federation={"num_clients": 4})
+    labels = load_task(cfg).train_labels
+    a = partition_indices(cfg, labels)
+    from fedlora import data as d
+
+    d._PARTITION_CACHE.clear()
+    b = partition_indices(cfg, labels)
+    assert a == b
+    flat = [i for p in a for i in p]
+    assert len(flat) == len(set(flat))
+
+
+def test_pathological_split_gives_k_labels(tmp_path, shared_data):
+    cfg = make_config(tmp_path, data={"partitioner": "pathological", "labels_per_client": 2},
+                      federation={"num_clients": 4})
+    task = load_task(cfg)
+    for p in partition_indices(cfg, task.train_labels):
+        assert len({task.train_labels[i] for i in p}) <= 2
+
+
+def test_client_local_split(tmp_path, shared_data):
+    cfg = make_config(tmp_path)
+    cd = client_data(cfg, 1)
+    assert len(cd.train) > 0 and len(cd.test) > 0
+    assert abs(len(cd.test) / (len(cd.train) + len(cd.test)) - 0.2) < 0.05

@@ -1,0 +1,98 @@
+"""Factors out of and into PEFT models; the ArrayRecord codec and its byte accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora import codec
+from fedlora.factors import FactorShapeError, LoraFactors, ModuleFactors, extract_factors, load_factors
+from fedlora.model import AdapterSpec, build_peft_model
+
+from conftest import make_config
+
+
+def _model(tmp_path, name="builtin:tiny-bert", rank=4, targets=("query", "value")):
+    cfg = make_config(tmp_path, model={"name": name})
+    return build_peft_model(cfg, 4, AdapterSpec(rank=rank, alpha=8.0, dropout=0.0, target_modules=targets))
+
+
+def _randomise(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-bert", "builtin:all-MiniLM-L6-v2"])
+def test_extract_load_round_trip_is_bit_exact(tmp_path, name):
+    src = _model(tmp_path, name)
+    _randomise(src, 1)
+    f = extract_factors(src)
+    assert len(f.modules) == (4 if name.endswith("tiny-bert") else 12)
+    assert set(f.extras) == {"classifier.weight", "classifier.bias"}
+    dst = _model(tmp_path, name)
+    _randomise(dst, 2)
+    load_factors(dst, f)
+    g = extract_factors(dst)
+    for (ka, a), (kb, b) in zip(f.tensors(), g.tensors()):
+        assert ka == kb and torch.equal(a, b)
+
+
+def test_partial_load_leaves_other_parts(tmp_path):
+    m = _model(tmp_path)
+    _randomise(m, 3)
+    before = extract_factors(m)
+    new = extract_factors(m).select({"A"})
+    for mf in new.modules.values():
+        mf.A = torch.zeros_like(mf.A)
+    load_factors(m, new)
+    after = extract_factors(m)
+    for name in before.modules:
+        assert torch.equal(after.modules[name].B, before.modules[name].B)
+        assert torch.count_nonzero(after.modules[name].A) == 0
+
+
+def test_shape_mismatch_names_the_module(tmp_path):
+    m = _model(tmp_path, rank=4)
+    f = extract_factors(_model(tmp_path, rank=2))
+    with pytest.raises(FactorShapeError, match=r"attention\.self\.query/A: shape \(2, 64\) does not fit the model's \(4, 64\)"):
+        load_factors(m, f)
+
+
+@pytest.mark.parametrize("dtype,width", [("float32", 4), ("float16", 2), ("bfloat16", 2)])
+def test_codec_bytes_equal_numel_times_width(tmp_path, dtype, width):
+    m = _model(tmp_path)
+    _randomise(m)
+    f = extract_factors(m)
+    rec = codec.encode(f, dtype)
+    assert codec.wire_bytes(rec) == f.numel() * width == codec.raw_bytes(f, dtype)
+    back = codec.decode(rec, alpha=8.0)
+    for (k, a), (_, b) in zip(f.tensors(), back.tensors()):
+        if dtype == "float32":
+            assert torch.equal(a, b)
+        else:
+            assert torch.equal(a.to(getattr(torch, dtype)).float(), b), k
+
+
+def test_codec_rejects_corrupt_arrays():
+    from flwr.app import Array, ArrayRecord
+
+    rec = ArrayRecord()
+    rec["m/A"] = Array(dtype="float32", shape=(2, 3), stype="raw", data=b"\x00" * 20)
+    with pytest.raises(codec.CodecError, match="m/A: 20 bytes do not hold a float32 tensor of shape"):
+        codec.decode(rec, alpha=1.0)
+    rec = ArrayRecord()
+    rec["weird"] = codec.encode_tensor(torch.zeros(2))
+    with pytest.raises(codec.CodecError, match="not a LoRA factor key"):
+        codec.decode(rec, alpha=1.0)
+
+
+def test_effective_form_and_select():
+    A, B = torch.randn(3, 5), torch.randn(4, 3)
+    f = LoraFactors(modules={"m": ModuleFactors(A=A, B=B, alpha=6.0)}, extras={"h": torch.ones(2)})
+    assert f.modules["m"].scaling == 2.0
+    assert torch.allclose(f.modules["m"].delta(), 2.0 * B @ A)
+    only_a = f.select({"A"})
+    assert only_a.parts() == {"A"} and only_a.modules["m"].B is None and not only_a.extras

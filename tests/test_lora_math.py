@@ -1,0 +1,146 @@
+"""The factor maths against hand computation and numpy on small shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.factors import LoraFactors, ModuleFactors
+from fedlora.lora_math import (aggregate_stacked, aggregate_svd, aggregate_zero_padded, concat_rank, low_rank_svd,
+                               prune_rank, to_client, to_effective, weighted_mean)
+
+OUT, IN = 12, 10
+
+
+def _client(rank, alpha, seed, head=True):
+    g = torch.Generator().manual_seed(seed)
+    f = LoraFactors(modules={
+        "l0.q": ModuleFactors(A=torch.randn(rank, IN, generator=g), B=torch.randn(OUT, rank, generator=g), alpha=alpha),
+        "l0.v": ModuleFactors(A=torch.randn(rank, IN, generator=g), B=torch.randn(OUT, rank, generator=g), alpha=alpha),
+    })
+    if head:
+        f.extras["classifier.weight"] = torch.randn(3, IN, generator=g)
+    return f
+
+
+def _true_mean_delta(clients, weights, name):
+    p = np.array(weights, dtype=np.float64) / np.sum(weights)
+    return sum(pk * c.modules[name].delta().double().numpy() for pk, c in zip(p, clients))
+
+
+def test_fedit_weighted_mean_equals_hand_computation():
+    cs = [_client(4, 8.0, s) for s in range(3)]
+    w = [10, 30, 60]
+    agg = weighted_mean(cs, w)
+    for name in cs[0].modules:
+        for part in ("A", "B"):
+            hand = (10 * getattr(cs[0].modules[name], part) + 30 * getattr(cs[1].modules[name], part)
+                    + 60 * getattr(cs[2].modules[name], part)) / 100
+            assert torch.allclose(getattr(agg.modules[name], part), hand, atol=1e-6)
+    hand_head = (10 * cs[0].extras["classifier.weight"] + 30 * cs[1].extras["classifier.weight"]
+                 + 60 * cs[2].extras["classifier.weight"]) / 100
+    assert torch.allclose(agg.extras["classifier.weight"], hand_head, atol=1e-6)
+
+
+def test_naive_factor_averaging_is_not_the_average_update():
+    """FedIT's documented aggregation error: mean(B) @ mean(A) != mean(B @ A). FLoRA/FlexLoRA remove it."""
+    cs = [_client(4, 4.0, s, head=False) for s in range(3)]
+    w = [1, 1, 1]
+    naive = weighted_mean(cs, w)
+    for name in cs[0].modules:
+        err = np.abs(naive.modules[name].delta().double().numpy() - _true_mean_delta(cs, w, name)).max()
+        assert err > 0.1
+    stacked = aggregate_stacked([to_effective(c) for c in cs], w)
+    for name in cs[0].modules:
+        m = stacked.modules[name]
+        assert np.allclose((m.B @ m.A).double().numpy(), _true_mean_delta(cs, w, name), atol=1e-4)
+
+
+def test_flora_stacking_is_exact_across_ranks_and_scalings():
+    cs = [_client(2, 4.0, 0), _client(4, 8.0, 1), _client(8, 8.0, 2)]  # scalings 2, 2, 1
+    w = [5, 3, 2]
+    stacked = aggregate_stacked([to_effective(c) for c in cs], w)
+    for name in cs[0].modules:
+        m = stacked.modules[name]
+        assert m.rank == 2 + 4 + 8
+        assert np.allclose((m.B @ m.A).double().numpy(), _true_mean_delta(cs, w, name), atol=1e-4)
+
+
+def test_flexlora_returns_best_rank_r_approximation():
+    cs = [_client(2, 4.0, 0), _client(4, 8.0, 1), _client(8, 16.0, 2)]
+    w = [1, 2, 3]
+    for r in (1, 3, 8):
+        agg = aggregate_svd([to_effective(c) for c in cs], w, r)
+        for name in cs[0].modules:
+            dense = _true_mean_delta(cs, w, name)
+            U, S, Vt = np.linalg.svd(dense)
+            best = (U[:, :r] * S[:r]) @ Vt[:r]
+            m = agg.modules[name]
+            assert np.allclose((m.B @ m.A).double().numpy(), best, atol=1e-4)
+            # truncating the rank-8 aggregate to a client's rank gives that client's best approximation
+        big = aggregate_svd([to_effective(c) for c in cs], w, 8)
+        client = to_client(big, r, alpha=2.0 * r)
+        for name in cs[0].modules:
+            dense = _true_mean_delta(cs, w, name)
+            U, S, Vt = np.linalg.svd(dense)
+            assert np.allclose(client.modules[name].delta().double().numpy(), (U[:, :r] * S[:r]) @ Vt[:r], atol=1e-4)
+
+
+def test_low_rank_svd_batched_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(3, 20, 6, generator=g), torch.randn(3, 6, 15, generator=g)
+    Bn, An, S = low_rank_svd(B, A, 4)
+    for i in range(3):
+        s_np = np.linalg.svd((B[i] @ A[i]).double().numpy(), compute_uv=False)
+        assert np.allclose(S[i].numpy(), s_np[:4], atol=1e-6)
+        assert np.allclose(np.linalg.svd((Bn[i] @ An[i]).double().numpy(), compute_uv=False)[:4], s_np[:4], atol=1e-4)
+
+
+def test_hetlora_zero_padding_and_sparsity_weights():
+    small, big = _client(2, 4.0, 0, head=False), _client(4, 8.0, 1, head=False)
+    eff = [to_effective(small), to_effective(big)]
+    plain = aggregate_zero_padded(eff, [1, 1], max_rank=4, sparsity_weighted=False)
+    m = plain.modules["l0.q"]
+    assert m.A.shape == (4, IN) and m.B.shape == (OUT, 4)
+    # rows 2..3 of A come only from the rank-4 client (the rank-2 one is zero there)
+    assert torch.allclose(m.A[2:], 0.5 * big.modules["l0.q"].A[2:], atol=1e-6)
+    weighted = aggregate_zero_padded(eff, [1, 1], max_rank=4, sparsity_weighted=True)
+    n_small = torch.linalg.norm(eff[0].modules["l0.q"].B @ eff[0].modules["l0.q"].A)
+    n_big = torch.linalg.norm(eff[1].modules["l0.q"].B @ eff[1].modules["l0.q"].A)
+    w_big = float(n_big / (n_small + n_big))
+    assert torch.allclose(weighted.modules["l0.q"].A[2:], w_big * big.modules["l0.q"].A[2:], atol=1e-5)
+
+
+def test_to_client_truncates_and_rescales():
+    c = _client(8, 16.0, 0)
+    eff = to_effective(c)
+    back = to_client(eff, 8, 16.0)
+    for name in c.modules:
+        assert torch.allclose(back.modules[name].B, c.modules[name].B, atol=1e-6)
+        assert torch.equal(back.modules[name].A, c.modules[name].A)
+    small = to_client(eff, 4, 4.0)  # scaling 1 instead of 2
+    m = small.modules["l0.q"]
+    assert m.A.shape == (4, IN) and m.B.shape == (OUT, 4)
+    assert torch.allclose(m.delta(), 2.0 * c.modules["l0.q"].B[:, :4] @ c.modules["l0.q"].A[:4], atol=1e-5)
+
+
+def test_concat_rank_adds_updates_exactly():
+    a, b = to_effective(_client(2, 2.0, 0)), to_effective(_client(3, 3.0, 1))
+    s = concat_rank(a, b)
+    for n in a.modules:
+        assert torch.allclose(s.modules[n].B @ s.modules[n].A,
+                              a.modules[n].B @ a.modules[n].A + b.modules[n].B @ b.modules[n].A, atol=1e-5)
+
+
+def test_prune_rank_drops_small_tail():
+    A = torch.randn(4, IN)
+    B = torch.randn(OUT, 4)
+    B[:, 3] *= 1e-4
+    assert prune_rank(ModuleFactors(A=A, B=B, alpha=4.0), 0.05) == 3
+    assert prune_rank(ModuleFactors(A=A, B=torch.randn(OUT, 4), alpha=4.0), 1e-6) == 4
+
+
+def test_weights_must_be_positive():
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        weighted_mean([_client(2, 2.0, 0)], [0])
