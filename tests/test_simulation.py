@@ -1,0 +1,163 @@
+"""Real Flower simulations (Ray, ServerApp, ClientApps) on real data from ../shared/data."""
+
+from __future__ import annotations
+
+import re
+
+import cloudpickle
+import pytest
+import torch
+
+import fleet
+from fedlora import codec
+from fedlora.simulate import simulate
+
+from conftest import make_config
+
+cloudpickle.register_pickle_by_value(fleet)
+
+FACTOR_KEY = re.compile(r"^(base/)?[\w.]+\.(query|value)/(A|B)$|^head/classifier\.(weight|bias)$")
+
+
+def _run(cfg, **kw):
+    grid_box = {}
+
+    def wrap(grid):  # noqa: ANN001, ANN202
+        grid_box["grid"] = fleet.RecordingGrid(grid)
+        return grid_box["grid"]
+
+    run_dir = simulate(cfg, wrap_grid=wrap, **kw)
+    return run_dir, run_dir.read_metrics(), grid_box["grid"]
+
+
+def _array_keys(messages):
+    keys = []
+    for m in messages:
+        if m.has_error():
+            continue
+        for rec in m.content.array_records.values():
+            keys.extend(rec.keys())
+    return keys
+
+
+def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, shared_data):
+    """3 clients, 2 rounds, the real pretrained encoder, AG News from ../shared/data."""
+    cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
+                      data={"max_train_examples": 300, "max_test_examples": 200},
+                      train={"local_epochs": 2, "learning_rate": 3e-3})
+    run_dir, rows, grid = _run(cfg)
+    assert rows[0]["round"] == 0 and rows[-1]["round"] == 2
+    assert rows[-1]["server-accuracy"] > rows[0]["server-accuracy"] + 0.15, [r["server-accuracy"] for r in rows]
+
+    # Only LoRA factors and the head crossed the wire, in both directions, and the bytes add up.
+    for key in _array_keys(grid.sent + grid.received):
+        assert FACTOR_KEY.match(key), key
+    for m in grid.received:
+        if m.metadata.message_type == "train":
+            rec = m.content["arrays"]
+            assert codec.wire_bytes(rec) == rows[-1]["raw-factor-bytes-per-client"]
+
+    # The saved adapter loads with PEFT and reproduces the server's final evaluation.
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora.data import load_task
+    from fedlora.model import packaged_minilm_dir
+    from fedlora.training import evaluate, predict
+
+    torch.manual_seed(123)  # a different fresh head: the adapter must bring its own
+    base = AutoModelForSequenceClassification.from_pretrained(packaged_minilm_dir(), num_labels=4)
+    model = PeftModel.from_pretrained(base, str(run_dir.path / "adapter"))
+    task = load_task(cfg)
+    res = evaluate(model, task.test, 64, torch.device("cpu"))
+    assert res["accuracy"] == pytest.approx(rows[-1]["server-accuracy"], abs=1e-9)
+    assert res["loss"] == pytest.approx(rows[-1]["server-loss"], rel=1e-5)
+    assert predict(model, task.test, 64, torch.device("cpu")).shape == (len(task.test), 4)
+    assert (run_dir.path / "plot.png").stat().st_size > 1000
+    assert (run_dir.path / "config.toml").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "fedsa", "ffa"])
+def test_wire_carries_only_what_the_policy_shares(tmp_path, shared_data, strategy):
+    cfg = make_config(tmp_path, federation={"strategy": strategy, "wire_dtype": "float32"})
+    _, rows, grid = _run(cfg)
+    keys = _array_keys(grid.sent + grid.received)
+    assert keys and all(FACTOR_KEY.match(k) for k in keys)
+    if strategy == "fedsa":
+        assert not [k for k in keys if k.endswith("/B") or k.startswith("head/")]
+    if strategy == "ffa":
+        assert not [k for k in keys if k.endswith("/A")]  # A is rebuilt from the seed, never sent
+    up = rows[-1]["payload-up-per-client"]
+    # tiny BERT: hidden 64, rank 4, query+value in 2 layers: A and B are 4 x 64 each
+    factor_bytes = 2 * 2 * (4 * 64) * 4
+    head_bytes = (4 * 64 + 4) * 4
+    expected = {"fedit": 2 * factor_bytes + head_bytes, "fedsa": factor_bytes, "ffa": factor_bytes + head_bytes}
+    assert up == expected[strategy]
+    framing = rows[-1]["bytes-up-per-client"] - up
+    assert 0 < framing < 2500, framing  # keys, shapes, metrics: small and bounded
+
+
+def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path, shared_data):
+    cfg = make_config(tmp_path, federation={"strategy": "fedsa", "num_clients": 6, "min_train_clients": 6})
+    app = fleet.misbehaving_app({1: "leak-b", 2: "nan", 3: "weight", 4: "shape", 5: "rank"})
+    _, rows, _ = _run(cfg, client_app=app)
+    for row in rows[1:]:
+        assert row["clients-accepted"] == 1 and row["clients-sampled"] == 6
+        text = " | ".join(row["rejected"])
+        assert "client-00001" in text and "carries B" in text
+        assert "client-00002" in text and "NaN" in text
+        assert "client-00003" in text and "num-examples" in text
+        assert "client-00004" in text and "shape (3, 64), expected (3, 64)" not in text and "rank 3" in text
+        assert "client-00005" in text and "reports rank 5 but its factors have rank 4" in text
+    assert rows[-1]["personal-accuracy-mean"] is not None
+
+
+def test_mixed_ranks_are_refused_by_fedit(tmp_path, shared_data):
+    from fedlora.config import ConfigError
+
+    cfg = make_config(tmp_path, hetero={"client_ranks": [2, 4, 4]})
+    with pytest.raises((ConfigError, RuntimeError)) as exc:
+        simulate(cfg)
+    assert "averages factors of one rank" in str(exc.value) + str(exc.value.__cause__ or "")
+
+
+def test_fedsa_refuses_mixed_ranks_with_the_reason():
+    from fedlora.config import ConfigError
+    from fedlora.protocol import NodeProfile
+    from fedlora.strategies import FedSALoRA
+
+    profiles = [NodeProfile(i, f"c{i}", i, r, 8.0, 10, 2) for i, r in enumerate([4, 8])]
+    with pytest.raises(ConfigError, match="fedsa cannot mix ranks \\[4, 8\\].*private B"):
+        FedSALoRA.check_profiles(object.__new__(FedSALoRA), profiles)
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "flora"])
+def test_heterogeneous_ranks_each_client_gets_its_own_rank(tmp_path, shared_data, strategy):
+    cfg = make_config(tmp_path, federation={"strategy": strategy}, hetero={"client_ranks": [2, 4, 8], "flora_max_rank": 10},
+                      run={"rounds": 3})
+    _, rows, grid = _run(cfg)
+    ranks = {}
+    for m in grid.received:
+        if m.metadata.message_type == "query" and not m.has_error():
+            ranks[m.metadata.src_node_id] = int(m.content["profile"]["rank"])
+    assert sorted(ranks.values()) == [2, 4, 8]
+    for m in grid.sent:
+        if m.metadata.message_type not in ("train", "evaluate"):
+            continue
+        r = ranks[m.metadata.dst_node_id]
+        for key, arr in m.content["arrays"].items():
+            if key.startswith("base/"):
+                continue  # FLoRA's merged global delta has the stacked rank, by design
+            if key.endswith("/A"):
+                assert arr.shape[0] == r, (key, arr.shape, r)
+            if key.endswith("/B"):
+                assert arr.shape[1] == r, (key, arr.shape, r)
+    for m in grid.received:
+        if m.metadata.message_type == "train":
+            a_keys = [k for k in m.content["arrays"].keys() if k.endswith("/A")]
+            assert m.content["arrays"][a_keys[0]].shape[0] == ranks[m.metadata.src_node_id]
+    assert all(not r.get("rejected") for r in rows)
+    if strategy == "flora":
+        assert [r["global-rank"] for r in rows] == [0, 10, 10, 10]  # 14 per round, capped at 10
+    else:
+        assert rows[-1]["global-rank"] == 8
