@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
                          seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
                          device=session.device)
     out = session.finish_training(model)
-    arrays = codec.encode(out, session.cfg.federation.wire_dtype)
+    arrays = codec.encode(out, session.cfg.federation.wire_dtype, modules=session.modules)
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "train-loss": result.loss,

@@ -43,6 +43,7 @@ class ClientSession:
     data: ClientData
     store: ClientStateStore
     device: torch.device
+    modules: list[str] | None = None  # the run's module list (wire keys are indices into it)
 
     # --------------------------------------------------------------------- construction
     @staticmethod
@@ -99,14 +100,15 @@ class ClientSession:
         private = self.store.load(self.profile.client_id, "private")
         if private is not None:
             start = start.merged_with(private.select(policy.private))
-        incoming = codec.decode(received, alpha=self.profile.alpha)
+        self.modules = sorted(start.modules)
+        incoming = codec.decode(received, alpha=self.profile.alpha, modules=self.modules)
         unexpected = incoming.parts() - policy.shared
         if unexpected:
             raise codec.CodecError(f"server sent parts {sorted(unexpected)} that the {self.cfg.federation.strategy} "
                                    f"policy ({policy.describe()}) does not share")
         load_factors(model, start.merged_with(incoming))
         if policy.merge_global_into_base:
-            base = codec.decode(received, alpha=1.0, prefix=BASE_PREFIX)
+            base = codec.decode(received, alpha=1.0, prefix=BASE_PREFIX, modules=self.modules)
             if base.modules:
                 merge_delta_into_base(model, base)
         set_trainable(model, policy.trained)

@@ -73,6 +73,24 @@ def simulate(
 
 
 @cli.command()
+def compare(
+    file: Annotated[Path, typer.Argument(help="Comparison file: [base] config, [[arm]] and [[split]] tables.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default runs/compare-<name>).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", "-s", help="Override applied to every run.")] = [],  # noqa: B006
+) -> None:
+    """Run several strategies on the same data, splits, seed and budget; write a table and a plot."""
+    from fedlora.compare import compare as run
+
+    try:
+        folder = run(file, out, set_, log=lambda m: typer.echo(m, err=True))
+    except ConfigError as exc:
+        typer.secho(f"config error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo((folder / "table.md").read_text())
+    typer.echo(f"results: {folder}")
+
+
+@cli.command()
 def strategies() -> None:
     """List the registered strategies and what each shares."""
     from fedlora.registry import get_strategy, strategy_names

@@ -3,7 +3,9 @@
 Each tensor travels as one ``Array`` with ``stype="raw"``: its bytes are the tensor's memory in
 the wire dtype, nothing else (no ``.npy`` header, which costs 128 bytes per tensor, and bfloat16,
 which numpy cannot hold, works). Keys are ``<module>/A``, ``<module>/B`` and ``head/<name>``;
-alpha is configuration, not payload, so it never travels.
+given the run's module list (both sides build the same adapter, so both know it) ``<module>`` is
+the module's index in that list rather than its 40-odd-character path. Alpha is configuration,
+not payload, so it never travels.
 
 :func:`wire_bytes` is the exact payload size (sum of numel x dtype width);
 :func:`message_bytes` is what Flower's own protobuf framing makes of a whole message.
@@ -51,18 +53,34 @@ def decode_tensor(key: str, arr: Array) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-def encode(factors: LoraFactors, wire_dtype: str = "float32", prefix: str = "") -> ArrayRecord:
-    """Factors -> ArrayRecord. ``prefix`` namespaces a second set in the same record."""
+def module_index(names: list[str] | None) -> dict[str, str] | None:
+    """Module path -> wire key (its position in the sorted module list)."""
+    return None if names is None else {n: str(i) for i, n in enumerate(sorted(names))}
+
+
+def encode(factors: LoraFactors, wire_dtype: str = "float32", prefix: str = "",
+           modules: list[str] | None = None) -> ArrayRecord:
+    """Factors -> ArrayRecord. ``prefix`` namespaces a second set in the same record; ``modules``
+    (the run's module list) makes keys compact."""
     if wire_dtype not in WIRE_DTYPES:
         raise CodecError(f"unknown wire dtype {wire_dtype!r}; use one of {', '.join(WIRE_DTYPES)}")
+    index = module_index(modules)
     record = ArrayRecord()
     for key, t in factors.tensors():
+        if index is not None and not key.startswith("head/"):
+            module, _, part = key.rpartition("/")
+            if module not in index:
+                raise CodecError(f"module {module!r} is not in the run's module list")
+            key = f"{index[module]}/{part}"
         record[prefix + key] = encode_tensor(t, wire_dtype)
     return record
 
 
-def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "") -> LoraFactors:
-    """ArrayRecord -> factors (float32). ``alpha`` is one value or a per-module mapping."""
+def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "",
+           modules: list[str] | None = None) -> LoraFactors:
+    """ArrayRecord -> factors (float32). ``alpha`` is one value or a per-module mapping;
+    ``modules`` is the run's module list when keys are compact."""
+    names = None if modules is None else sorted(modules)
     out = LoraFactors()
     for key, arr in record.items():
         if not key.startswith(prefix) or (not prefix and key.split("/", 1)[0] + "/" in NAMESPACES):
@@ -75,6 +93,10 @@ def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "
         module, sep, part = name.rpartition("/")
         if not sep or part not in ("A", "B"):
             raise CodecError(f"{key}: not a LoRA factor key ('<module>/A', '<module>/B' or 'head/<name>')")
+        if names is not None:
+            if not module.isdigit() or int(module) >= len(names):
+                raise CodecError(f"{key}: module index {module!r} is outside the run's {len(names)} modules")
+            module = names[int(module)]
         a = alpha if isinstance(alpha, (int, float)) else alpha.get(module)
         if a is None:
             raise CodecError(f"{key}: no alpha known for module {module!r}")

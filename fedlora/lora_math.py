@@ -21,6 +21,9 @@ import torch
 from fedlora.factors import LoraFactors, ModuleFactors
 
 
+_CHUNK = 32
+
+
 def normalise(weights: Sequence[float]) -> torch.Tensor:
     w = torch.as_tensor(list(weights), dtype=torch.float64)
     if len(w) == 0 or not torch.all(w >= 0) or float(w.sum()) <= 0:
@@ -83,15 +86,19 @@ def weighted_mean(updates: Sequence[LoraFactors], weights: Sequence[float]) -> L
     for i, u in enumerate(updates[1:], 1):
         if [k for k, _ in u.tensors()] != keys:
             raise ValueError(f"update {i} carries different tensors than update 0")
-    flat, shapes = [], None
-    for u in updates:
-        ts = [t for _, t in u.tensors()]
-        if shapes is None:
-            shapes = [t.shape for t in ts]
-        elif [t.shape for t in ts] != shapes:
-            raise ValueError("updates disagree on tensor shapes; use a heterogeneous-rank strategy")
-        flat.append(torch.cat([t.reshape(-1).float() for t in ts]))
-    mean = p @ torch.stack(flat)
+    shapes = [t.shape for _, t in updates[0].tensors()]
+    mean = None
+    # Chunks of clients bound memory (1000 updates of a 7B adapter do not fit stacked at once)
+    # while each chunk is still one matmul.
+    for start in range(0, len(updates), _CHUNK):
+        block = []
+        for u in updates[start:start + _CHUNK]:
+            ts = [t for _, t in u.tensors()]
+            if [t.shape for t in ts] != shapes:
+                raise ValueError("updates disagree on tensor shapes; use a heterogeneous-rank strategy")
+            block.append(torch.cat([t.reshape(-1).float() for t in ts]))
+        part = p[start:start + _CHUNK] @ torch.stack(block)
+        mean = part if mean is None else mean.add_(part)
     out = LoraFactors()
     offset = 0
     alpha = {n: m.alpha for n, m in updates[0].modules.items()}

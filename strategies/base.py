@@ -89,6 +89,7 @@ class LoraStrategy(FedAvg):
         self.cfg = cfg
         self.metricrecord_key = metricrecord_key
         self.template = template  # client-form shapes at the reference rank, heads included
+        self.module_names = sorted(template.modules)  # wire keys are indices into this list
         self.profiles: dict[int, NodeProfile] = {}
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}
@@ -175,9 +176,10 @@ class LoraStrategy(FedAvg):
             key = (prof.rank, prof.alpha)
             if key not in cache:
                 adapter, base = self.client_payload(prof, server_round)
-                rec = codec.encode(adapter, self.cfg.federation.wire_dtype)
+                rec = codec.encode(adapter, self.cfg.federation.wire_dtype, modules=self.module_names)
                 if base is not None:
-                    for k, v in codec.encode(base, self.cfg.federation.wire_dtype, prefix=BASE_PREFIX).items():
+                    for k, v in codec.encode(base, self.cfg.federation.wire_dtype, prefix=BASE_PREFIX,
+                                             modules=self.module_names).items():
                         rec[k] = v
                 cache[key] = rec
             msg = Message(RecordDict({self.arrayrecord_key: cache[key], self.configrecord_key: cfg}),
@@ -231,7 +233,8 @@ class LoraStrategy(FedAvg):
             raise RejectedReply(f"'{self.weighted_by_key}'={n!r} is not in 1..{limit} (the client declared "
                                 f"{prof.num_train} training examples)")
         try:
-            factors = codec.decode(content.array_records[self.arrayrecord_key], alpha=prof.alpha)
+            factors = codec.decode(content.array_records[self.arrayrecord_key], alpha=prof.alpha,
+                                   modules=self.module_names)
         except codec.CodecError as exc:
             raise RejectedReply(str(exc)) from None
         parts = factors.parts()

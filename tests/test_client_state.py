@@ -60,7 +60,8 @@ def _global_a(cfg):
 
     m = build_peft_model(cfg, 4, AdapterSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                              target_modules=tuple(cfg.lora.target_modules)))
-    return codec.encode(initial_factors(m, cfg.lora.init_seed).select({"A"}))
+    f = initial_factors(m, cfg.lora.init_seed)
+    return codec.encode(f.select({"A"}), modules=sorted(f.modules))
 
 
 def test_fedsa_private_b_survives_skipped_rounds_and_restarts(tmp_path, shared_data, task_identity):
@@ -132,6 +133,7 @@ def test_client_rejects_parts_its_policy_does_not_share(tmp_path, shared_data, t
     ctx = _context(0)
     _setup(app, ctx, cfg)
     m = build_peft_model(cfg, 4, AdapterSpec(4, 8.0, cfg.lora.dropout, tuple(cfg.lora.target_modules)))
-    with_b = codec.encode(initial_factors(m, 1).select({"A", "B"}))
+    f = initial_factors(m, 1)
+    with_b = codec.encode(f.select({"A", "B"}), modules=sorted(f.modules))
     with pytest.raises(codec.CodecError, match=r"server sent parts \['B'\] that the fedsa policy"):
         _train(app, ctx, cfg, with_b, 1)

@@ -96,3 +96,18 @@ def test_effective_form_and_select():
     assert torch.allclose(f.modules["m"].delta(), 2.0 * B @ A)
     only_a = f.select({"A"})
     assert only_a.parts() == {"A"} and only_a.modules["m"].B is None and not only_a.extras
+
+
+def test_compact_keys_use_the_module_list(tmp_path):
+    m = _model(tmp_path)
+    _randomise(m)
+    f = extract_factors(m)
+    names = sorted(f.modules)
+    rec = codec.encode(f, "float32", modules=names)
+    assert set(rec.keys()) == {f"{i}/{p}" for i in range(len(names)) for p in "AB"} | {
+        "head/classifier.weight", "head/classifier.bias"}
+    back = codec.decode(rec, alpha=8.0, modules=names)
+    for (ka, a), (kb, b) in zip(f.tensors(), back.tensors()):
+        assert ka == kb and torch.equal(a, b)
+    with pytest.raises(codec.CodecError, match="outside the run's 2 modules"):
+        codec.decode(rec, alpha=8.0, modules=names[:2])

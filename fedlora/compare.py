@@ -1,0 +1,147 @@
+"""`fedlora compare`: several strategies on the same data, splits, seed and budget, as one command.
+
+A comparison file is a run config under ``[base]`` plus ``[[arm]]`` (a strategy or setting to
+compare) and ``[[split]]`` (a data split to compare on) tables, each with a ``name`` and a list of
+``set`` overrides. Every arm runs on every split; results go to ``<out>/``:
+``results.json`` (every round of every run), ``table.md`` / ``table.json`` (final figures) and
+``plot.png`` (accuracy vs round and vs cumulative bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from pathlib import Path
+
+from fedlora.config import ConfigError, FedLoraConfig, apply_override
+from fedlora.rundir import RunDir, atomic_write
+
+
+def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str]:
+    raw = tomllib.loads(Path(path).read_text())
+    unknown = set(raw) - {"base", "arm", "split", "compare"}
+    if unknown:
+        raise ConfigError(f"unknown table(s) {sorted(unknown)} in comparison file {path}; use [base], [[arm]], [[split]], [compare]")
+    arms = raw.get("arm") or []
+    splits = raw.get("split") or [{"name": "default", "set": []}]
+    if not arms:
+        raise ConfigError(f"comparison file {path} has no [[arm]]")
+    name = raw.get("compare", {}).get("name", Path(path).stem)
+    for item in arms + splits:
+        if "name" not in item:
+            raise ConfigError(f"every [[arm]] and [[split]] needs a name (in {path})")
+    return raw.get("base", {}), arms, splits, name
+
+
+def _config(base: dict, overrides: list[str], out: Path, label: str) -> FedLoraConfig:
+    raw = json.loads(json.dumps(base))
+    for item in overrides:
+        apply_override(raw, item)
+    raw.setdefault("run", {})["name"] = label
+    raw["run"]["output_dir"] = str(out / "runs")
+    return FedLoraConfig.from_dict(raw)
+
+
+def final_accuracy(row: dict) -> float | None:
+    return row.get("server-accuracy")
+
+
+def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print) -> Path:  # noqa: ANN001
+    from fedlora.simulate import simulate
+
+    base, arms, splits, name = load_comparison(path)
+    out = Path(out or Path("runs") / f"compare-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    # Validate every cell before running any.
+    cells = [(a, s, _config(base, list(s.get("set", [])) + list(a.get("set", [])) + list(extra or []), out,
+                            f"{a['name']}-{s['name']}")) for s in splits for a in arms]
+    results = []
+    for arm, split, cfg in cells:
+        log(f"[compare {name}] {arm['name']} on {split['name']} ...")
+        t0 = time.perf_counter()
+        run_dir = simulate(cfg)
+        rows = run_dir.read_metrics()
+        results.append({"arm": arm["name"], "split": split["name"], "strategy": cfg.federation.strategy,
+                        "run_dir": str(run_dir.path), "seconds": time.perf_counter() - t0, "rounds": rows})
+        atomic_write(out / "results.json", json.dumps(results, indent=1))
+        log(f"[compare {name}] {arm['name']} on {split['name']}: {summarise(results[-1])}")
+    table = [summarise(r) for r in results]
+    atomic_write(out / "table.json", json.dumps(table, indent=2))
+    atomic_write(out / "table.md", markdown_table(table))
+    plot(results, out / "plot.png")
+    return out
+
+
+def summarise(result: dict) -> dict:
+    rows = result["rounds"]
+    last = rows[-1]
+    evals = [r for r in rows if r.get("personal-accuracy-mean") is not None]
+    best = max(evals, key=lambda r: r["personal-accuracy-mean"]) if evals else {}
+    return {
+        "arm": result["arm"], "split": result["split"],
+        "server-accuracy": last.get("server-accuracy"),
+        "personal-accuracy-mean": evals[-1]["personal-accuracy-mean"] if evals else None,
+        "personal-accuracy-worst": evals[-1]["personal-accuracy-worst"] if evals else None,
+        "personal-global-accuracy": last.get("personal-global-accuracy-mean"),
+        "best-personal-accuracy-mean": best.get("personal-accuracy-mean"),
+        "upload-bytes-per-client-round": last.get("bytes-up-per-client"),
+        "download-bytes-per-client-round": last.get("bytes-down-per-client"),
+        "total-bytes": sum(r.get("bytes-up-total", 0) + r.get("bytes-down-total", 0) for r in rows),
+        "aggregate-ms-per-round": 1000 * sum(r.get("aggregate-seconds", 0) for r in rows[1:]) / max(len(rows) - 1, 1),
+        "global-rank": last.get("global-rank"),
+        "seconds": round(result["seconds"], 1),
+    }
+
+
+def markdown_table(table: list[dict]) -> str:
+    cols = ["split", "arm", "server-accuracy", "personal-accuracy-mean", "personal-accuracy-worst",
+            "personal-global-accuracy", "upload-bytes-per-client-round", "download-bytes-per-client-round",
+            "total-bytes", "aggregate-ms-per-round", "global-rank", "seconds"]
+
+    def fmt(v) -> str:  # noqa: ANN001
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 10 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = sorted({r["split"] for r in results})
+    fig, axes = plt.subplots(len(splits), 2, figsize=(11, 4 * len(splits)), squeeze=False)
+    for i, split in enumerate(splits):
+        for r in [r for r in results if r["split"] == split]:
+            rows = [x for x in r["rounds"] if x.get("personal-accuracy-mean") is not None]
+            if not rows:
+                continue
+            cum, total = [], 0
+            for x in r["rounds"]:
+                total += x.get("bytes-up-total", 0) + x.get("bytes-down-total", 0)
+                if x.get("personal-accuracy-mean") is not None:
+                    cum.append(total / 1e6)
+            acc = [x["personal-accuracy-mean"] for x in rows]
+            axes[i][0].plot([x["round"] for x in rows], acc, marker="o", label=r["arm"])
+            axes[i][1].plot(cum, acc, marker="o", label=r["arm"])
+        axes[i][0].set_title(f"{split}: personalized accuracy vs round")
+        axes[i][1].set_title(f"{split}: personalized accuracy vs cumulative MB")
+        axes[i][0].set_xlabel("round")
+        axes[i][1].set_xlabel("cumulative MB on the wire (all clients)")
+        for ax in axes[i]:
+            ax.set_ylabel("mean client accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,47 @@
+"""DyLoRA rank truncation (Valipour et al., arXiv 2210.07558) that Opacus can differentiate.
+
+Training at rank b <= r uses A[:b], B[:, :b] and scaling alpha / b. Slicing the weights inside a
+patched forward hides the LoRA modules from Opacus' per-sample-gradient hooks, so instead the rank
+dimension is masked at the *input* of each ``lora_B`` (a forward pre-hook): both factors stay plain
+``nn.Linear`` modules, the output equals the rank-b adapter's, and gradients (per-sample ones too)
+reach only components 0..b-1. (A hook on lora_A's output would give Opacus wrong per-sample
+gradients for A's tail rows.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.factors import ADAPTER, lora_layers
+
+
+class RankMask:
+    """``mask.set(b)`` trains/evaluates every adapted module at rank b; ``mask.set(None)`` restores r."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.rank: int | None = None
+        self._layers = [layer for _, layer in lora_layers(model)]
+        self._alpha = [float(layer.lora_alpha[ADAPTER]) for layer in self._layers]
+        self._scaling = [float(layer.scaling[ADAPTER]) for layer in self._layers]
+        self.max_rank = min(int(layer.r[ADAPTER]) for layer in self._layers)
+        self._handles = [layer.lora_B[ADAPTER].register_forward_pre_hook(self._pre) for layer in self._layers]
+
+    def _pre(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        if self.rank is None:
+            return None
+        x = args[0]
+        keep = (torch.arange(x.shape[-1], device=x.device) < self.rank).to(x.dtype)
+        return (x * keep,)
+
+    def set(self, rank: int | None) -> None:
+        if rank is not None and not 1 <= rank <= self.max_rank:
+            raise ValueError(f"DyLoRA rank {rank} is outside 1..{self.max_rank}")
+        self.rank = rank
+        for layer, alpha, base in zip(self._layers, self._alpha, self._scaling):
+            layer.scaling[ADAPTER] = base if rank is None else alpha / rank
+
+    def remove(self) -> None:
+        self.set(None)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
