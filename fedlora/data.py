@@ -176,7 +176,7 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int) -> tuple[list[dict
         test_rows = rows(test)
     raw_labels = [r["label"] for r in train_rows + test_rows]
     if label_names is None:
-        label_names = sorted({str(l) for l in raw_labels}, key=lambda s: (len(s), s)) if any(
+        label_names = sorted({str(l) for l in raw_labels}) if any(
             isinstance(l, str) for l in raw_labels) else [str(i) for i in range(int(max(raw_labels)) + 1)]
     index = {n: i for i, n in enumerate(label_names)}
     for r in train_rows + test_rows:

@@ -201,9 +201,12 @@ def low_rank_svd(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Ten
     Qb (Rb Ra^T) Qa^T and only the R x R core needs an SVD: O((out + in) R^2 + R^3) instead of
     O(out * in * min(out, in)). Returns (B', A', S) with B' = U sqrt(S), A' = sqrt(S) V^T.
     """
-    Qb, Rb = torch.linalg.qr(B.double())
-    Qa, Ra = torch.linalg.qr(A.double().transpose(-1, -2))
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.transpose(-1, -2))
+    # QR in the factors' own precision (the big, out x R and in x R, part of the work); the small
+    # R x R core in float64.
+    Qb, Rb = torch.linalg.qr(B.float())
+    Qa, Ra = torch.linalg.qr(A.float().transpose(-1, -2))
+    U, S, Vh = torch.linalg.svd(Rb.double() @ Ra.double().transpose(-1, -2))
+    U, S, Vh = U.float(), S.float(), Vh.float()
     k = min(rank, S.shape[-1])
     sq = torch.sqrt(S[..., :k])
     Bn = (Qb @ U[..., :, :k]) * sq.unsqueeze(-2)

@@ -1,0 +1,111 @@
+"""Run fedlora's performance benchmarks and write benchmarks/results/*.json, plots and a summary.
+
+    .venv/bin/python -m benchmarks.run                 # everything, about 15 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.run --only wire,aggregation
+    .venv/bin/python -m benchmarks.run --only throughput --device cuda
+    .venv/bin/python -m benchmarks.run --report        # regenerate summary.md and the README table only
+
+Each figure is a ratio to a limit or to a baseline measured in the same run (machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from benchmarks.common import RESULTS, ROOT, setup_env
+
+ALL = ["wire", "aggregation", "throughput", "overhead", "scale"]
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {ALL}")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap.add_argument("--device", default="cpu", help="device for the throughput benchmark (cpu or cuda)")
+    ap.add_argument("--report", action="store_true", help="only regenerate the summary from existing JSON")
+    args = ap.parse_args()
+    setup_env()
+    if not args.report:
+        for name in [n.strip() for n in args.only.split(",") if n.strip()]:
+            if name not in ALL:
+                raise SystemExit(f"unknown benchmark {name!r}; choose from {ALL}")
+            t0 = time.perf_counter()
+            print(f"[benchmark] {name} ...", flush=True)
+            module = __import__(f"benchmarks.{name}", fromlist=["run"])
+            if name == "throughput":
+                module.run(quick=args.quick, device=args.device)
+            else:
+                module.run(quick=args.quick)
+            print(f"[benchmark] {name} done in {time.perf_counter() - t0:.0f}s", flush=True)
+    text = report()
+    print(text)
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def report() -> str:
+    lines = []
+    wire = _load("wire")
+    if wire:
+        m = wire["machine"]
+        lines.append(f"Measured {m['date']} on {m['cpus']} CPU cores ({m['platform']}), torch {m['torch']}, "
+                     f"flwr {m.get('flwr', '?')}, by `python -m benchmarks.run`.\n")
+        worst = max(r["ratio-up"] for r in wire["rows"])
+        lines.append("| figure | measured | goal |")
+        lines.append("|---|---|---|")
+        lines.append(f"| wire: message bytes / raw factor bytes, upload, worst of {len(wire['rows'])} strategy x dtype cells "
+                     f"({wire['model']}) | {worst:.4f} | <= {wire['goal']} |")
+        fedit = next(r for r in wire["rows"] if r["strategy"] == "fedit" and r["dtype"] == "float32")
+        lines.append(f"| wire: full-model FedAvg message / FedIT float32 message | {fedit['full-model-over-ours']:.0f}x "
+                     f"({wire['full_model_fedavg']['message']:,} B vs {fedit['message-up']:,} B) | - |")
+    ov = _load("overhead")
+    if ov:
+        lines.append(f"| overhead: `fedlora simulate` round / bare PyTorch+PEFT loop, {ov['clients_per_round']} clients per round "
+                     f"| {ov['ratio']:.3f} ({ov['sim_steady_round_seconds']:.2f} s vs {ov['bare_mean']:.2f} s) | <= {ov['goal']} |")
+    agg = _load("aggregation")
+    if agg:
+        for key, v in agg["linearity"].items():
+            lines.append(f"| aggregation: FedIT time at {int(v['clients_ratio'] * 10)} / at 10 clients ({key}) "
+                         f"| {v['fedit_time_ratio']:.1f}x for {v['clients_ratio']:.0f}x clients | linear |")
+    sc = _load("scale")
+    if sc:
+        a, b = sc["rows"]
+        lines.append(f"| scale: peak RSS 1000 / 100 virtual clients (10 sampled per round) | {sc['rss_ratio_1000_over_100']:.3f} "
+                     f"({b['peak_rss_mb']:.0f} MB vs {a['peak_rss_mb']:.0f} MB) | flat (~1.0) |")
+        lines.append(f"| scale: seconds per round 1000 / 100 clients | {sc['round_time_ratio_1000_over_100']:.3f} "
+                     f"({b['seconds_per_round']:.2f} s vs {a['seconds_per_round']:.2f} s) | - |")
+    for dev in ("cpu", "cuda"):
+        tp = _load(f"throughput-{dev}")
+        if tp:
+            cells = ", ".join(f"{r['mode']} {r['examples_per_second']:.0f} ({r['relative_to_lora']:.2f}x)" for r in tp["rows"])
+            where = tp["machine"].get("gpu", f"{tp['machine']['cpus']} CPU cores") if dev == "cuda" else f"{tp['threads']} CPU threads"
+            lines.append(f"| throughput ({where}), examples/s, batch {tp['batch_size']} | {cells} | - |")
+    if agg:
+        lines.append("\nAggregation seconds (server, pure functions the strategies call):\n")
+        lines.append("| shape | rank | clients | FedIT | FedSA | FLoRA stack | FlexLoRA SVD |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for c in agg["rows"]:
+            def f(v):  # noqa: ANN001, ANN202
+                return "skipped" if v is None else f"{v:.4f}"
+            lines.append(f"| {c['shape']} | {c['rank']} | {c['clients']} | {f(c['fedit_s'])} | {f(c['fedsa_s'])} | "
+                         f"{f(c['flora_stack_s'])} | {f(c['flexlora_svd_s'])} |")
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.md").write_text(text)
+    readme = ROOT / "README.md"
+    src = readme.read_text()
+    if START in src and END in src:
+        head, rest = src.split(START, 1)
+        _, tail = rest.split(END, 1)
+        readme.write_text(f"{head}{START}\n{text}{END}{tail}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
