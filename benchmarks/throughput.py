@@ -12,41 +12,65 @@ from __future__ import annotations
 import random
 import time
 
-from benchmarks.common import SHARED_DATA, write
+from benchmarks.common import ROOT, SHARED_DATA, write
+
+ASSETS = ROOT / "benchmarks" / "assets"
 
 
-def _setup(device: str, batch: int, max_length: int = 48):  # noqa: ANN202
+def _setup(device: str, batch: int, max_length: int = 48, synthetic: bool = False):  # noqa: ANN202
+    """(PEFT model, trainable params, loader of fixed-width batches).
+
+    Real: the packaged pretrained MiniLM and AG News from ../shared/data. Synthetic (a GPU box
+    without the data, the weights package or flwr): MiniLM's own architecture from its config.json
+    with random weights, random token ids; the arithmetic per step is the same.
+    """
     import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from fedlora.config import FedLoraConfig
-    from fedlora.data import load_task
-    from fedlora.model import AdapterSpec, build_peft_model, set_trainable
+    from fedlora.model import set_trainable
 
-    cfg = FedLoraConfig.from_dict({
-        "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": max_length},
-        "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 2048, "max_test_examples": 64},
-    })
-    task = load_task(cfg)
-    model = build_peft_model(cfg, task.num_labels, AdapterSpec(8, 16.0, 0.0, ("query", "value"))).to(device)
+    if synthetic:
+        config = AutoConfig.from_pretrained(str(ASSETS / "all-MiniLM-L6-v2.config.json"), num_labels=4)
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_config(config)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, config.vocab_size, (2048, max_length), generator=g)
+        mask = torch.ones_like(ids)
+        labels = torch.randint(0, 4, (2048,), generator=g)
+    else:
+        from fedlora.config import FedLoraConfig
+        from fedlora.data import load_task
+        from fedlora.model import packaged_minilm_dir
+
+        cfg = FedLoraConfig.from_dict({
+            "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": max_length},
+            "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 2048, "max_test_examples": 64},
+        })
+        task = load_task(cfg)
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_pretrained(str(packaged_minilm_dir()), num_labels=task.num_labels)
+        ids = torch.zeros((len(task.train), max_length), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(task.train.input_ids):
+            ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        labels = task.train.labels
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules=["query", "value"])).to(device)
     params = set_trainable(model, frozenset({"A", "B", "head"}))
-    # Fixed-width batches so every mode sees the same work (Opacus needs a DataLoader anyway).
-    ids = torch.zeros((len(task.train), max_length), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, x in enumerate(task.train.input_ids):
-        ids[i, : len(x)] = x
-        mask[i, : len(x)] = 1
-    ds = torch.utils.data.TensorDataset(ids, mask, task.train.labels)
+    ds = torch.utils.data.TensorDataset(ids, mask, labels)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True)
     return model, params, loader
 
 
-def _measure(mode: str, device: str, batch: int, steps: int, warmup: int) -> float:
+def _measure(mode: str, device: str, batch: int, steps: int, warmup: int, synthetic: bool) -> float:
     import torch
     import torch.nn.functional as F
 
     from fedlora.dylora import RankMask
 
-    model, params, loader = _setup(device, batch)
+    model, params, loader = _setup(device, batch, synthetic=synthetic)
     model.train()
     opt = torch.optim.SGD(params, lr=0.05)
     dp = mode.startswith("dp")
@@ -83,24 +107,26 @@ def _measure(mode: str, device: str, batch: int, steps: int, warmup: int) -> flo
     eps = seen / (time.perf_counter() - t0)
     if mask is not None:
         mask.remove()
-    if dp:
-        model._close()  # Opacus: remove its hooks; the cached model is reused by the next mode
     return eps
 
 
-def run(quick: bool = False, device: str = "cpu") -> dict:
+def run(quick: bool = False, device: str = "cpu", synthetic: bool | None = None) -> dict:
     import torch
+
+    if synthetic is None:
+        synthetic = not (SHARED_DATA / "agnews").exists()
 
     batch = 16 if device == "cpu" else 64
     steps = (6 if quick else 12) if device == "cpu" else 40
     rows = []
     for mode in ("lora", "dylora", "dp", "dp+dylora"):
-        eps = _measure(mode, device, batch, steps, warmup=2 if device == "cpu" else 5)
+        eps = _measure(mode, device, batch, steps, warmup=2 if device == "cpu" else 5, synthetic=synthetic)
         rows.append({"mode": mode, "examples_per_second": eps})
         print(f"  throughput {device} {mode:10s} {eps:8.1f} examples/s", flush=True)
     base = rows[0]["examples_per_second"]
     for r in rows:
         r["relative_to_lora"] = r["examples_per_second"] / base
-    payload = {"device": device, "batch_size": batch, "max_length": 48, "threads": torch.get_num_threads(), "rows": rows}
+    payload = {"device": device, "batch_size": batch, "max_length": 48,
+               "inputs": "random weights and tokens, MiniLM architecture" if synthetic else "pretrained MiniLM, AG News", "threads": torch.get_num_threads(), "rows": rows}
     write(f"throughput-{device}", payload)
     return payload

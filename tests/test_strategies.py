@@ -1,0 +1,103 @@
+"""Reply validation and aggregation of the strategies, without a Grid (pure server-side logic)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import MetricRecord, RecordDict
+
+from fedlora import codec
+from fedlora.config import FedLoraConfig
+from fedlora.factors import LoraFactors, ModuleFactors
+from fedlora.protocol import NodeProfile
+from fedlora.registry import get_strategy
+from fedlora.strategies import RejectedReply
+
+IN, OUT = 16, 16
+NAMES = ["l0.query", "l0.value"]
+
+
+def _factors(rank: int, alpha: float, parts=("A", "B", "head"), seed=0) -> LoraFactors:
+    g = torch.Generator().manual_seed(seed)
+    f = LoraFactors(modules={n: ModuleFactors(A=torch.randn(rank, IN, generator=g) if "A" in parts else None,
+                                              B=torch.randn(OUT, rank, generator=g) if "B" in parts else None,
+                                              alpha=alpha) for n in NAMES})
+    if "head" in parts:
+        f.extras = {"classifier.weight": torch.randn(3, IN, generator=g), "classifier.bias": torch.zeros(3)}
+    return f
+
+
+def _strategy(name: str, **hetero):
+    cfg = FedLoraConfig.load(None, [f"federation.strategy={name}", "lora.rank=4", "lora.alpha=8"]
+                             + [f"hetero.{k}={v}" for k, v in hetero.items()])
+    s = get_strategy(name)(cfg, _factors(8, 8.0))
+    return s
+
+
+def _reply(f: LoraFactors, n=10, rank=None, names=NAMES) -> RecordDict:
+    m = {"num-examples": n}
+    if rank is not None:
+        m["rank"] = rank
+    return RecordDict({"arrays": codec.encode(f, modules=names), "metrics": MetricRecord(m)})
+
+
+def _prof(rank=4, alpha=8.0, num_train=50):
+    return NodeProfile(node_id=1, client_id="client-00007", partition_id=7, rank=rank, alpha=alpha,
+                       num_train=num_train, num_test=5)
+
+
+def test_fedit_accepts_a_good_reply():
+    s = _strategy("fedit")
+    u = s.validate_reply(_prof(), _reply(_factors(4, 8.0), rank=4))
+    assert u.weight == 10 and set(u.factors.modules) == set(NAMES)
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda f: f.modules["l0.query"].__setattr__("A", torch.randn(3, IN)), "A has rank 3 but B has rank 4"),
+    (lambda f: f.modules["l0.value"].__setattr__("B", torch.randn(OUT + 1, 4)), "shape (17, 4), expected (16, 4)"),
+    (lambda f: f.modules["l0.value"].A.__setitem__((0, 0), math.inf), "holds NaN or Inf"),
+    (lambda f: f.extras.__setitem__("classifier.weight", torch.zeros(2, IN)), "head/classifier.weight"),
+])
+def test_malformed_factors_are_rejected_with_reason(mutate, reason):
+    s = _strategy("fedit")
+    f = _factors(4, 8.0)
+    mutate(f)
+    with pytest.raises(RejectedReply) as exc:
+        s.validate_reply(_prof(), _reply(f, rank=4))
+    assert reason in str(exc.value)
+
+
+def test_rank_reports_and_weights_are_checked():
+    s = _strategy("fedit")
+    with pytest.raises(RejectedReply, match="reports rank 8 but its factors have rank 4"):
+        s.validate_reply(_prof(), _reply(_factors(4, 8.0), rank=8))
+    with pytest.raises(RejectedReply, match="factors of rank 2, but the client trains rank 4"):
+        s.validate_reply(_prof(), _reply(_factors(2, 8.0), rank=2))
+    with pytest.raises(RejectedReply, match="'num-examples'=1000 is not in 1..50"):
+        s.validate_reply(_prof(), _reply(_factors(4, 8.0), n=1000))
+    extra = _factors(4, 8.0)
+    extra.modules["l1.query"] = extra.modules["l0.query"]  # a module the run does not adapt
+    with pytest.raises(RejectedReply, match="module index '2' is outside the run's 2 modules"):
+        s.validate_reply(_prof(), _reply(extra, rank=4, names=NAMES + ["l1.query"]))
+
+
+def test_policies_are_enforced_on_replies():
+    with pytest.raises(RejectedReply, match="carries B, head, which the fedsa policy"):
+        _strategy("fedsa").validate_reply(_prof(), _reply(_factors(4, 8.0)))
+    with pytest.raises(RejectedReply, match="carries A, which the ffa policy"):
+        _strategy("ffa").validate_reply(_prof(), _reply(_factors(4, 8.0)))
+    with pytest.raises(RejectedReply, match="lacks the shared part"):
+        _strategy("fedit").validate_reply(_prof(), _reply(_factors(4, 8.0, parts=("A",))))
+    assert _strategy("fedsa").validate_reply(_prof(), _reply(_factors(4, 8.0, parts=("A",))))
+
+
+def test_hetlora_accepts_self_pruned_rank_only_when_enabled():
+    f2 = _factors(2, 8.0)
+    with pytest.raises(RejectedReply, match="factors of rank 2, but the client trains rank 4"):
+        _strategy("hetlora").validate_reply(_prof(), _reply(f2, rank=2))
+    s = _strategy("hetlora", hetlora_prune="true")
+    prof = _prof()
+    s.validate_reply(prof, _reply(f2, rank=2))
+    assert prof.rank == 2  # later payloads for this client are truncated to rank 2
