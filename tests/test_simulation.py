@@ -81,11 +81,26 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
 @pytest.mark.parametrize("strategy", ["fedit", "fedsa", "ffa"])
 def test_wire_carries_only_what_the_policy_shares(tmp_path, shared_data, strategy):
     cfg = make_config(tmp_path, federation={"strategy": strategy, "wire_dtype": "float32"})
-    _, rows, grid = _run(cfg)
+    run_dir, rows, grid = _run(cfg)
     keys = _array_keys(grid.sent + grid.received)
     assert keys and all(FACTOR_KEY.match(k) for k in keys)
     if strategy == "fedsa":
         assert not [k for k in keys if k.endswith("/B") or k.startswith("head/")]
+        # Each client's personalized adapter (global A + its own B and head) loads with PEFT.
+        from peft import PeftModel
+
+        from fedlora.factors import extract_factors
+        from fedlora.model import _build_base
+        from fedlora.state import ClientStateStore
+
+        store = ClientStateStore(run_dir.path / "client_state")
+        for cid in ("client-00000", "client-00002"):
+            model = PeftModel.from_pretrained(_build_base(cfg.model.name, 4, ""), str(run_dir.path / "adapters" / cid))
+            private = store.load(cid, "private")
+            live = extract_factors(model)
+            name = next(iter(private.modules))
+            assert torch.equal(live.modules[name].B, private.modules[name].B)
+            assert torch.equal(live.extras["classifier.weight"], private.extras["classifier.weight"])
     if strategy == "ffa":
         assert not [k for k in keys if k.endswith("/A")]  # A is rebuilt from the seed, never sent
     up = rows[-1]["payload-up-per-client"]
