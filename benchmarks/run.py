@@ -1,6 +1,6 @@
 """Run fedlora's performance benchmarks and write benchmarks/results/*.json, plots and a summary.
 
-    .venv/bin/python -m benchmarks.run                 # everything, about 15 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.run                 # everything, about 4 minutes on 2 CPU cores
     .venv/bin/python -m benchmarks.run --only wire,aggregation
     .venv/bin/python -m benchmarks.run --only throughput --device cuda
     .venv/bin/python -m benchmarks.run --report        # regenerate summary.md and the README table only
