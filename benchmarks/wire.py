@@ -38,7 +38,6 @@ def _config(strategy: str, dtype: str, tmp: str):  # noqa: ANN202
 def run(quick: bool = False) -> dict:
     import tempfile
 
-    import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
     from fedlora import codec

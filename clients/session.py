@@ -5,7 +5,6 @@ Used by the ClientApp handlers; every step is driven by the run's sharing policy
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,5 +136,3 @@ class ClientSession:
         model.save_pretrained(str(root))
         return str(root)
 
-    def profile_json(self) -> str:
-        return json.dumps(self.profile.to_record())

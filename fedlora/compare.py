@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 
 from fedlora.config import ConfigError, FedLoraConfig, apply_override
-from fedlora.rundir import RunDir, atomic_write
+from fedlora.rundir import atomic_write
 
 
 def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str]:
@@ -41,10 +41,6 @@ def _config(base: dict, overrides: list[str], out: Path, label: str) -> FedLoraC
     raw.setdefault("run", {})["name"] = label
     raw["run"]["output_dir"] = str(out / "runs")
     return FedLoraConfig.from_dict(raw)
-
-
-def final_accuracy(row: dict) -> float | None:
-    return row.get("server-accuracy")
 
 
 def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print) -> Path:  # noqa: ANN001

@@ -245,7 +245,3 @@ def _mean_extras(updates: Sequence[LoraFactors], p: torch.Tensor) -> dict[str, t
         return {}
     return {k: sum(float(pk) * u.extras[k] for pk, u in zip(p, updates)) for k in updates[0].extras}
 
-
-def product(f: ModuleFactors) -> torch.Tensor:
-    """The update of one module, ``scaling * B @ A`` (out x in). For tests and small shapes only."""
-    return f.delta()

@@ -148,13 +148,6 @@ def restore_base(model: torch.nn.Module, pristine: dict[str, torch.Tensor]) -> N
         layer.base_layer.weight.copy_(pristine[name])
 
 
-def pristine_for(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    for key, m in _PEFT_CACHE.items():
-        if m is model:
-            return _PRISTINE[key]
-    raise KeyError("model was not built by build_peft_model")
-
-
 def _seeded(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -216,9 +209,3 @@ def set_trainable(model: torch.nn.Module, trained_parts: frozenset[str]) -> list
             params.append(p)
     return params
 
-
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    lora = sum(l.lora_A[ADAPTER].weight.numel() + l.lora_B[ADAPTER].weight.numel() for _, l in lora_layers(model))
-    head = sum(p.numel() for _, p in head_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
-    return {"lora": lora, "head": head, "total": total, "base": total - lora - head}

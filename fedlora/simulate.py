@@ -6,7 +6,6 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 from fedlora.config import FedLoraConfig
 from fedlora.env import apply_defaults

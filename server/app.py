@@ -146,7 +146,6 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             "bytes-down-total": sum(r.get("bytes-down-total", 0) for r in rows),
         })
         run_dir.plot()
-    result.strategy = strategy  # for callers that want the raw logs
     return result
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora import codec
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.factors import LoraFactors
-from fedlora.lora_math import to_client, to_effective
+from fedlora.lora_math import to_client
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, PROFILE, SETUP, NodeProfile
 from fedlora.sharing import SharingPolicy
 
@@ -93,7 +92,6 @@ class LoraStrategy(FedAvg):
         self.profiles: dict[int, NodeProfile] = {}
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}
-        self._rng = random.Random(cfg.run.seed)
         self._digest = cfg.digest()
 
     # ------------------------------------------------------------------ subclass API
