@@ -73,7 +73,14 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     res = evaluate(model, task.test, 64, torch.device("cpu"))
     assert res["accuracy"] == pytest.approx(rows[-1]["server-accuracy"], abs=1e-9)
     assert res["loss"] == pytest.approx(rows[-1]["server-loss"], rel=1e-5)
-    assert predict(model, task.test, 64, torch.device("cpu")).shape == (len(task.test), 4)
+    # Same predictions as the server's in-memory global model (run_simulation runs the ServerApp in
+    # this process; the model it evaluated and saved is the one cached for the run's base model).
+    from fedlora import model as model_mod
+
+    (live,) = [m for key, m in model_mod._PEFT_CACHE.items() if key[0] == cfg.model.name]
+    saved_logits = predict(model, task.test, 64, torch.device("cpu"))
+    assert saved_logits.shape == (len(task.test), 4)
+    assert torch.allclose(saved_logits, predict(live, task.test, 64, torch.device("cpu")), atol=1e-5)
     assert (run_dir.path / "plot.png").stat().st_size > 1000
     assert (run_dir.path / "config.toml").exists()
 
