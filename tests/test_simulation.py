@@ -77,7 +77,8 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     # this process; the model it evaluated and saved is the one cached for the run's base model).
     from fedlora import model as model_mod
 
-    (live,) = [m for key, m in model_mod._PEFT_CACHE.items() if key[0] == cfg.model.name]
+    live = model_mod._PEFT_CACHE[(cfg.model.name, 4, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                                  tuple(cfg.lora.target_modules))]
     saved_logits = predict(model, task.test, 64, torch.device("cpu"))
     assert saved_logits.shape == (len(task.test), 4)
     assert torch.allclose(saved_logits, predict(live, task.test, 64, torch.device("cpu")), atol=1e-5)
