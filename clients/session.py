@@ -99,7 +99,7 @@ class ClientSession:
         private = self.store.load(self.profile.client_id, "private")
         if private is not None:
             start = start.merged_with(private.select(policy.private))
-        self.modules = sorted(start.modules)
+        self.modules = list(start.modules)
         incoming = codec.decode(received, alpha=self.profile.alpha, modules=self.modules)
         unexpected = incoming.parts() - policy.shared
         if unexpected:

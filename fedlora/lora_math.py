@@ -76,27 +76,26 @@ def _fit_cols(B: torch.Tensor, r: int) -> torch.Tensor:
 def weighted_mean(updates: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     """Weighted mean of every tensor present in all updates (same keys and shapes).
 
-    Vectorised: each update is flattened into one vector, the K x N matrix is reduced by one
-    (1 x K) @ (K x N) product, then split back. Cost is linear in K and N.
+    Vectorised: each update is flattened into one vector, each chunk of clients is reduced by one
+    (1 x chunk) @ (chunk x N) product, and the result is split back. Cost is linear in K and N.
     """
     if not updates:
         raise ValueError("weighted_mean needs at least one update")
     p = normalise(weights).to(torch.float32)
-    keys = [k for k, _ in updates[0].tensors()]
-    for i, u in enumerate(updates[1:], 1):
-        if [k for k, _ in u.tensors()] != keys:
-            raise ValueError(f"update {i} carries different tensors than update 0")
-    shapes = [t.shape for _, t in updates[0].tensors()]
+    first = list(updates[0].tensors())
+    keys, shapes = [k for k, _ in first], [t.shape for _, t in first]
     mean = None
     # Chunks of clients bound memory (1000 updates of a 7B adapter do not fit stacked at once)
     # while each chunk is still one matmul.
     for start in range(0, len(updates), _CHUNK):
         block = []
-        for u in updates[start:start + _CHUNK]:
-            ts = [t for _, t in u.tensors()]
-            if [t.shape for t in ts] != shapes:
+        for i, u in enumerate(updates[start:start + _CHUNK], start):
+            items = list(u.tensors())
+            if [k for k, _ in items] != keys:
+                raise ValueError(f"update {i} carries different tensors than update 0")
+            if [t.shape for _, t in items] != shapes:
                 raise ValueError("updates disagree on tensor shapes; use a heterogeneous-rank strategy")
-            block.append(torch.cat([t.reshape(-1).float() for t in ts]))
+            block.append(torch.cat([t.reshape(-1).float() for _, t in items]))
         part = p[start:start + _CHUNK] @ torch.stack(block)
         mean = part if mean is None else mean.add_(part)
     out = LoraFactors()

@@ -88,7 +88,7 @@ class LoraStrategy(FedAvg):
         self.cfg = cfg
         self.metricrecord_key = metricrecord_key
         self.template = template  # client-form shapes at the reference rank, heads included
-        self.module_names = sorted(template.modules)  # wire keys are indices into this list
+        self.module_names = list(template.modules)  # the codec turns it into compact wire keys
         self.profiles: dict[int, NodeProfile] = {}
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}
