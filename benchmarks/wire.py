@@ -55,7 +55,7 @@ def run(quick: bool = False) -> dict:
             cfg = _config(strategy, dtype, tmp)
             from fedlora.data import load_task
 
-            gm = GlobalModel(cfg, load_task(cfg).num_labels, reference_rank(cfg))
+            gm = GlobalModel(cfg, load_task(cfg).label_names, reference_rank(cfg))
             strat = get_strategy(strategy)(cfg, gm.template())
             strat.global_eff = strat.initial_global(to_effective(gm.init))
             ctx = Context(run_id=1, node_id=11, node_config={"partition-id": 0}, state=RecordDict(), run_config={})

@@ -83,6 +83,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         "loss": local["loss"],
         "partition-id": session.profile.partition_id,
     }
+    if session.data.val is not None and len(session.data.val):
+        metrics["val-accuracy"] = run_eval(model, session.data.val, bs, session.device)["accuracy"]
     if bool(config.get("global-view", False)):
         # The personalized model on the held-out set every client shares: how far it generalises.
         glob = run_eval(model, load_task(session.cfg).test, bs, session.device)

@@ -13,11 +13,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from fedlora import codec
+from fedlora.cache import BoundedCache
 from fedlora.config import FedLoraConfig
 from fedlora.data import ClientData, client_data
 from fedlora.factors import LoraFactors, extract_factors, load_factors
-from fedlora.lora_math import prune_rank
-from fedlora.model import AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, set_trainable
+from fedlora.lora_math import prune_rank, prune_to_rank
+from fedlora.model import (AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, save_adapter,
+                           set_trainable)
 from fedlora.protocol import BASE_PREFIX, NodeProfile
 from fedlora.registry import policy_for
 from fedlora.sharing import SharingPolicy
@@ -27,7 +29,7 @@ from fedlora.training import pick_device
 log = logging.getLogger("fedlora.client")
 
 STATE_KEY = "fedlora"
-_CONFIGS: dict[str, FedLoraConfig] = {}
+_CONFIGS: BoundedCache[FedLoraConfig] = BoundedCache(8)
 
 
 class SetupMissing(RuntimeError):
@@ -123,16 +125,14 @@ class ClientSession:
             new_rank = min(prune_rank(m, h.hetlora_prune_ratio) for m in out.modules.values())
             if new_rank < self.profile.rank:
                 log.info("client %s prunes its rank %d -> %d", self.profile.client_id, self.profile.rank, new_rank)
-                for m in out.modules.values():
-                    m.A, m.B = m.A[:new_rank].clone(), m.B[:, :new_rank].clone()
-                    # keep the module's scaling: alpha follows the rank under the configured convention
-                    m.alpha = self.cfg.lora.alpha_for_rank(new_rank)
+                out = prune_to_rank(out, new_rank, self.cfg.lora.alpha_for_rank(new_rank))
                 self.store.save(self.profile.client_id, "rank", new_rank)
         return out.select(self.policy.shared)
 
     def save_personal_adapter(self, model: torch.nn.Module) -> str:
         root = Path(self.cfg.simulation.state_dir or self.store.root).parent / "adapters" / self.profile.client_id
-        root.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(root))
+        from fedlora.data import load_task
+
+        save_adapter(model, root, self.cfg.model.name, load_task(self.cfg).label_names)
         return str(root)
 

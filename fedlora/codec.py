@@ -34,9 +34,9 @@ class CodecError(ValueError):
 def encode_tensor(t: torch.Tensor, wire_dtype: str = "float32") -> Array:
     dtype = WIRE_DTYPES[wire_dtype]
     t = t.detach().to("cpu", dtype).contiguous()
-    # Byte view through an integer dtype of the same width: numpy has no bfloat16.
-    raw = t.view(torch.uint8) if t.numel() else t
-    return Array(dtype=wire_dtype, shape=tuple(t.shape), stype=STYPE, data=raw.numpy().tobytes())
+    # Byte view through an integer dtype of the same width: numpy has no bfloat16 (not even empty).
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return Array(dtype=wire_dtype, shape=tuple(t.shape), stype=STYPE, data=data)
 
 
 def decode_tensor(key: str, arr: Array) -> torch.Tensor:

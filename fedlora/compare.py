@@ -5,10 +5,17 @@ compare) and ``[[split]]`` (a data split to compare on) tables, each with a ``na
 ``set`` overrides. Every arm runs on every split; results go to ``<out>/``:
 ``results.json`` (every round of every run), ``table.md`` / ``table.json`` (final figures) and
 ``plot.png`` (accuracy vs round and vs cumulative bytes).
+
+Fair comparisons: an arm may carry a ``grid`` (``grid = {"train.learning_rate" = [1e-3, 3e-3]}``,
+several keys form their product). Every grid point runs; the one whose final
+``[compare] select_on`` metric (default ``personal-val-accuracy-mean``, the clients' local
+validation splits) is highest represents the arm, and its *test* figures are reported. Choosing
+needs ``data.validation_fraction > 0``: a grid is never chosen on a test split.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import tomllib
@@ -31,7 +38,24 @@ def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str]:
     for item in arms + splits:
         if "name" not in item:
             raise ConfigError(f"every [[arm]] and [[split]] needs a name (in {path})")
+    for arm in arms:
+        grid = arm.get("grid", {})
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise ConfigError(f"[[arm]] {arm['name']!r}: grid must map keys to non-empty lists of values")
     return raw.get("base", {}), arms, splits, name
+
+
+def grid_points(arm: dict) -> list[list[str]]:
+    """The overrides of every point of an arm's grid ([[]] without a grid)."""
+    grid = arm.get("grid", {})
+    keys = sorted(grid)
+    return [[f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)] for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def selection_score(rows: list[dict], metric: str) -> float:
+    """The final value of ``metric`` (a validation metric) in a run's rows; -inf when absent."""
+    vals = [r[metric] for r in rows if r.get(metric) is not None]
+    return float(vals[-1]) if vals else float("-inf")
 
 
 def _config(base: dict, overrides: list[str], out: Path, label: str) -> FedLoraConfig:
@@ -47,26 +71,52 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
     from fedlora.simulate import simulate
 
     base, arms, splits, name = load_comparison(path)
+    select_on = tomllib.loads(Path(path).read_text()).get("compare", {}).get("select_on", "personal-val-accuracy-mean")
     out = Path(out or Path("runs") / f"compare-{name}")
     out.mkdir(parents=True, exist_ok=True)
     # Validate every cell before running any.
-    cells = [(a, s, _config(base, list(s.get("set", [])) + list(a.get("set", [])) + list(extra or []), out,
-                            f"{a['name']}-{s['name']}")) for s in splits for a in arms]
+    cells = []
+    for s in splits:
+        for a in arms:
+            points = grid_points(a)
+            for i, point in enumerate(points):
+                label = f"{a['name']}-{s['name']}" + (f"-g{i}" if len(points) > 1 else "")
+                cfg = _config(base, list(s.get("set", [])) + list(a.get("set", [])) + point + list(extra or []),
+                              out, label)
+                if len(points) > 1 and cfg.data.validation_fraction <= 0:
+                    raise ConfigError(f"[[arm]] {a['name']!r} has a grid, which is chosen on validation splits: "
+                                      "set data.validation_fraction > 0 in [base.data]")
+                cells.append((a, s, point, cfg))
     results = []
-    for arm, split, cfg in cells:
-        log(f"[compare {name}] {arm['name']} on {split['name']} ...")
+    for arm, split, point, cfg in cells:
+        log(f"[compare {name}] {arm['name']} on {split['name']} {' '.join(point)} ...")
         t0 = time.perf_counter()
         run_dir = simulate(cfg)
         rows = run_dir.read_metrics()
         results.append({"arm": arm["name"], "split": split["name"], "strategy": cfg.federation.strategy,
+                        "grid-point": point, "selection-score": selection_score(rows, select_on),
                         "run_dir": str(run_dir.path), "seconds": time.perf_counter() - t0, "rounds": rows})
         atomic_write(out / "results.json", json.dumps(results, indent=1))
         log(f"[compare {name}] {arm['name']} on {split['name']}: {summarise(results[-1])}")
-    table = [summarise(r) for r in results]
+    chosen = choose(results)
+    table = [summarise(r) for r in chosen]
     atomic_write(out / "table.json", json.dumps(table, indent=2))
     atomic_write(out / "table.md", markdown_table(table))
-    plot(results, out / "plot.png")
+    plot(chosen, out / "plot.png")
     return out
+
+
+def choose(results: list[dict]) -> list[dict]:
+    """Per (arm, split), the grid point with the best validation score (first one on ties)."""
+    best: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["arm"], r["split"])
+        if key not in best or r["selection-score"] > best[key]["selection-score"]:
+            best[key] = r
+    for r in best.values():
+        r["candidates"] = [{"grid-point": x["grid-point"], "selection-score": x["selection-score"]}
+                           for x in results if (x["arm"], x["split"]) == (r["arm"], r["split"])]
+    return list(best.values())
 
 
 def summarise(result: dict) -> dict:
@@ -87,13 +137,16 @@ def summarise(result: dict) -> dict:
         "aggregate-ms-per-round": 1000 * sum(r.get("aggregate-seconds", 0) for r in rows[1:]) / max(len(rows) - 1, 1),
         "global-rank": last.get("global-rank"),
         "seconds": round(result["seconds"], 1),
+        "chosen": " ".join(result.get("grid-point") or []) or None,
+        "validation-score": None if result.get("selection-score", float("-inf")) == float("-inf")
+        else result["selection-score"],
     }
 
 
 def markdown_table(table: list[dict]) -> str:
     cols = ["split", "arm", "server-accuracy", "personal-accuracy-mean", "personal-accuracy-worst",
             "personal-global-accuracy", "upload-bytes-per-client-round", "download-bytes-per-client-round",
-            "total-bytes", "aggregate-ms-per-round", "global-rank", "seconds"]
+            "total-bytes", "aggregate-ms-per-round", "global-rank", "seconds", "chosen", "validation-score"]
 
     def fmt(v) -> str:  # noqa: ANN001
         if v is None:

@@ -6,8 +6,8 @@ default, so an empty file is a valid run (the embedded default). Unknown section
 impossible values fail on load, before any work starts, with a sentence naming the field.
 
 The server is the source of truth for a run's configuration: it ships the whole config to each
-client once (see :mod:`fedlora.protocol`), so clients never read a file of their own beyond their
-node config (identity, rank, data location).
+client once (see :mod:`fedlora.protocol`), so clients read nothing of their own beyond their
+node config (partition, client id, rank or device class, state directory).
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ def _meta(help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors dataclass metada
 
 @dataclass
 class RunConfig:
-    name: str = _meta("Name of the run; the run directory is <output_dir>/<name>-<timestamp>.", default="fedlora")
+    name: str = _meta("Name of the run; the run directory is <output_dir>/<name>-<timestamp> "
+                      "('' = <dataset>-<strategy>, so an override of either renames the run).", default="")
     output_dir: str = _meta("Where run directories are created.", default="runs")
     seed: int = _meta("Seed for partitioning, LoRA initialisation, sampling and training.", default=42)
     rounds: int = _meta("Number of federated rounds.", default=3)
 
     def validate(self) -> None:
         _require(self.rounds >= 1, "run.rounds", "must be >= 1")
-        _require(bool(self.name.strip()), "run.name", "must not be empty")
+        _require(self.name == "" or bool(self.name.strip()), "run.name", "must not be blank")
 
 
 @dataclass
@@ -105,6 +106,9 @@ class DataConfig:
     labels_per_client: int = _meta("Labels per client for the pathological split.", default=2)
     min_partition_size: int = _meta("Smallest partition the Dirichlet split accepts.", default=10)
     local_test_fraction: float = _meta("Share of each client's partition kept as its local test split.", default=0.2)
+    validation_fraction: float = _meta(
+        "Share of each client's partition kept as a local validation split (0 = none); hyper-parameters "
+        "are chosen on it (server: the union of these splits), never on a test split.", default=0.0)
 
     def validate(self) -> None:
         _require(self.partitioner in ("iid", "dirichlet", "pathological"), "data.partitioner",
@@ -112,6 +116,8 @@ class DataConfig:
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _require(self.labels_per_client >= 1, "data.labels_per_client", "must be >= 1")
         _require(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
+        _require(0.0 <= self.validation_fraction < 1.0 and self.local_test_fraction + self.validation_fraction < 0.9,
+                 "data.validation_fraction", "must be in [0, 1) and leave at least 10% of a partition for training")
         _require(self.max_train_examples >= 0 and self.max_test_examples >= 0, "data.max_*_examples", "must be >= 0")
         _require(bool(self.text_column), "data.text_column", "must not be empty")
         _require(bool(self.label_column), "data.label_column", "must not be empty")
@@ -130,6 +136,16 @@ class FederationConfig:
     wire_dtype: str = _meta("Dtype of factors on the wire: float32, float16 or bfloat16.", default="float32")
     round_timeout: float = _meta("Seconds to wait for replies in a round.", default=3600.0)
     max_num_examples: int = _meta("Reject replies claiming more examples than this (0 = the client's declared size).", default=0)
+    max_declared_examples: int = _meta(
+        "Cap on the training-set size a client may declare at setup (it bounds its aggregation weight).",
+        default=1_000_000)
+    outlier_factor: float = _meta(
+        "Flag (log and record) a client that declares more than this many times the federation's median size.",
+        default=10.0)
+    min_accepted: int = _meta("Skip a round's aggregation, with a logged reason, when fewer replies are accepted.",
+                              default=1)
+    min_available_clients: int = _meta(
+        "Clients that must be connected before round 1 starts (0 = federation.min_train_clients).", default=0)
 
     def validate(self) -> None:
         _require(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
@@ -139,6 +155,13 @@ class FederationConfig:
         _require(self.min_train_clients <= self.num_clients, "federation.min_train_clients",
                  f"({self.min_train_clients}) must not exceed federation.num_clients ({self.num_clients})")
         _require(self.evaluate_every >= 1, "federation.evaluate_every", "must be >= 1")
+        _require(self.max_declared_examples >= 1, "federation.max_declared_examples", "must be >= 1")
+        _require(self.outlier_factor > 1, "federation.outlier_factor", "must be > 1")
+        _require(1 <= self.min_accepted <= self.num_clients, "federation.min_accepted",
+                 f"must be in 1..federation.num_clients ({self.num_clients})")
+        _require(0 <= self.min_available_clients <= self.num_clients, "federation.min_available_clients",
+                 f"must be in 0..federation.num_clients ({self.num_clients})")
+        _require(self.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds")
         _require(self.wire_dtype in ("float32", "float16", "bfloat16"), "federation.wire_dtype",
                  f"must be float32, float16 or bfloat16, got {self.wire_dtype!r}")
         from fedlora.registry import strategy_names  # local: registry imports strategies lazily
@@ -180,6 +203,9 @@ class HeteroConfig:
     flora_max_rank: int = _meta("FLoRA: cap on the stacked global rank; above it the stack is recompressed by SVD.", default=256)
     hetlora_prune: bool = _meta("HetLoRA: local rank self-pruning.", default=False)
     hetlora_prune_ratio: float = _meta("HetLoRA: prune the trailing components while their norm share is below this.", default=0.05)
+    hetlora_keep_uncovered: bool = _meta(
+        "HetLoRA: keep the previous global's rank components that no client sampled this round covers "
+        "(false = the paper's zero-padding formula, which zeroes them for good).", default=True)
 
     def validate(self) -> None:
         for name, r in self.device_classes.items():
@@ -199,6 +225,29 @@ class HeteroConfig:
 
 
 @dataclass
+class RobustConfig:
+    update_norm_bound: float = _meta(
+        "Bound on each client's update (its change from what it started the round with, effective form, "
+        "shared parts) in L2 norm; 0 = off.", default=0.0)
+    norm_action: str = _meta("Above the bound: 'clip' (scale onto the bound) or 'reject' (drop the reply).",
+                             default="clip")
+    aggregation: str = _meta(
+        "'mean' (the strategy's own weighted average), 'median' or 'trimmed-mean' (coordinate-wise, over "
+        "effective factors, unweighted; single-rank strategies only).", default="mean")
+    trim_fraction: float = _meta("trimmed-mean: share of clients dropped at each end, per coordinate.", default=0.2)
+    max_client_share: float = _meta("Cap on any one client's normalised aggregation weight (1 = no cap).",
+                                    default=1.0)
+
+    def validate(self) -> None:
+        _require(self.update_norm_bound >= 0, "robust.update_norm_bound", "must be >= 0 (0 = off)")
+        _require(self.norm_action in ("clip", "reject"), "robust.norm_action", "must be 'clip' or 'reject'")
+        _require(self.aggregation in ("mean", "median", "trimmed-mean"), "robust.aggregation",
+                 f"must be 'mean', 'median' or 'trimmed-mean', got {self.aggregation!r}")
+        _require(0.0 <= self.trim_fraction < 0.5, "robust.trim_fraction", "must be in [0, 0.5)")
+        _require(0.0 < self.max_client_share <= 1.0, "robust.max_client_share", "must be in (0, 1]")
+
+
+@dataclass
 class SimulationConfig:
     num_cpus_per_client: int = _meta("Ray CPUs per virtual client (actors = cores / this).", default=1)
     num_gpus_per_client: float = _meta("Ray GPUs per virtual client.", default=0.0)
@@ -214,6 +263,7 @@ class FedLoraConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hetero: HeteroConfig = field(default_factory=HeteroConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     # ------------------------------------------------------------------ construction
@@ -248,6 +298,26 @@ class FedLoraConfig:
             validator = getattr(getattr(self, section), "validate", None)
             if validator:
                 validator()
+        self._validate_combinations()
+
+    def _validate_combinations(self) -> None:
+        """Rules across sections: refuse, before any work, what the strategy cannot do."""
+        from fedlora.registry import policy_for
+
+        policy = policy_for(self.federation.strategy)
+        ranks = sorted({self.client_rank(i) for i in range(self.federation.num_clients)})
+        if len(ranks) > 1 and not policy.heterogeneous_ranks:
+            why = ("it averages A across clients while each client keeps a private B paired with the rows of its "
+                   "own A, so zero-padding A would change what every B means"
+                   if "B" in policy.private else "it averages factors of one rank")
+            raise ConfigError(
+                f"invalid config for 'federation.strategy': {self.federation.strategy} cannot mix ranks {ranks}: "
+                f"{why}; use hetlora, flora or flexlora for mixed ranks")
+        if self.robust.aggregation != "mean" and policy.heterogeneous_ranks:
+            raise ConfigError(
+                f"invalid config value for 'robust.aggregation': {self.robust.aggregation!r} compares clients "
+                f"coordinate by coordinate, but {self.federation.strategy} clients send different ranks; use "
+                "robust.update_norm_bound and robust.max_client_share with heterogeneous ranks")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -267,6 +337,14 @@ class FedLoraConfig:
         import tomli_w
 
         return tomli_w.dumps(self.to_dict())
+
+    def run_name(self) -> str:
+        """``run.name``, or ``<dataset>-<strategy>`` when it is left empty."""
+        if self.run.name:
+            return self.run.name
+        ds = self.data.dataset
+        slug = ds.split(":", 1)[1] if ds.startswith("builtin:") else Path(ds.rstrip("/")).name or ds
+        return f"{slug.replace('/', '-')}-{self.federation.strategy}"
 
     # ------------------------------------------------------------------ per-client view
     def client_rank(self, index: int) -> int:
@@ -298,6 +376,33 @@ class FedLoraConfig:
 
 
 _SECTIONS = [f.name for f in fields(FedLoraConfig)]
+
+
+def reference_toml(cfg: FedLoraConfig) -> str:
+    """Every key of ``cfg`` as TOML, each with its help text as a comment."""
+    lines = []
+    for section in _SECTIONS:
+        obj = getattr(cfg, section)
+        lines.append(f"[{section}]")
+        for f in fields(obj):
+            lines.append(f"{f.name} = {toml_value(getattr(obj, f.name))}  # {f.metadata.get('help', '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def toml_value(value: Any) -> str:
+    """One value in TOML syntax (inline tables for dicts)."""
+    import tomli_w
+
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
 def _require(ok: bool, key: str, why: str) -> None:

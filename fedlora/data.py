@@ -11,7 +11,10 @@ Sources (``data.dataset``):
 
 Partitioning uses flwr-datasets partitioners (IID, Dirichlet over labels, pathological k labels
 per client), deterministic by seed. Each client's partition is split into its local train and
-local test parts. Tokenization runs once per dataset and is cached on disk and in memory.
+local test parts (and, with ``data.validation_fraction``, a local validation part used to choose
+hyper-parameters, never the test parts). Tokenization runs once per dataset and is cached on disk
+(safetensors, written under a unique temporary name and renamed into place, so concurrent workers
+never see a torn file) and in a bounded in-memory cache.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import sysconfig
 import sys
+import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, DataConfig, FedLoraConfig
 
 FORTUNE_COLLECTIONS = ("fortunes", "murphy", "startrek", "zippy")
@@ -193,7 +198,7 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int) -> tuple[list[dict
 # ---------------------------------------------------------------------------------------------
 # tokenized task, cached
 # ---------------------------------------------------------------------------------------------
-_TASK_CACHE: dict[str, TaskData] = {}
+_TASK_CACHE: BoundedCache[TaskData] = BoundedCache(4)
 
 
 def _cap(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -215,10 +220,9 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
     if key in _TASK_CACHE:
         return _TASK_CACHE[key]
     root = cache_root(cfg.model.cache_dir)
-    path = root / "tokenized" / f"{key}.pt"
-    if path.exists():
-        blob = torch.load(path, weights_only=False)
-    else:
+    path = root / "tokenized" / f"{key}.safetensors"
+    blob = _read_tokenized(path) if path.exists() else None
+    if blob is None:
         if dc.dataset == "builtin:fortunes":
             train_rows, test_rows, names = _fortune_rows(cfg.run.seed)
         else:
@@ -236,10 +240,7 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
                     "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
 
         blob = {"train": encode(train_rows), "test": encode(test_rows), "names": names}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(path)
+        _write_tokenized(path, blob)
     task = TaskData(
         train=Examples(blob["train"]["ids"], blob["train"]["labels"]),
         test=Examples(blob["test"]["ids"], blob["test"]["labels"]),
@@ -252,10 +253,38 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
     return task
 
 
+def _write_tokenized(path: Path, blob: dict) -> None:
+    """Variable-length ids as one flat tensor plus offsets, per split; label names in metadata."""
+    from fedlora.state import atomic_write_bytes, tensors_to_bytes
+
+    tensors = {}
+    for split in ("train", "test"):
+        ids = blob[split]["ids"]
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
+        tensors[f"{split}/ids"] = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32)
+        tensors[f"{split}/lengths"] = lengths
+        tensors[f"{split}/labels"] = blob[split]["labels"]
+    atomic_write_bytes(path, tensors_to_bytes(tensors, {"names": json.dumps(blob["names"])}))
+
+
+def _read_tokenized(path: Path) -> dict | None:
+    from fedlora.state import tensors_from_file
+
+    try:
+        tensors, meta = tensors_from_file(path)
+    except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
+        return None
+    blob = {"names": json.loads(meta["names"])}
+    for split in ("train", "test"):
+        ids = list(torch.split(tensors[f"{split}/ids"], tensors[f"{split}/lengths"].tolist()))
+        blob[split] = {"ids": ids, "labels": tensors[f"{split}/labels"]}
+    return blob
+
+
 # ---------------------------------------------------------------------------------------------
 # partitions
 # ---------------------------------------------------------------------------------------------
-_PARTITION_CACHE: dict[tuple, list[list[int]]] = {}
+_PARTITION_CACHE: BoundedCache[list[list[int]]] = BoundedCache(8)
 
 
 def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
@@ -287,7 +316,10 @@ def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
                                     class_assignment_mode="first-deterministic", seed=seed)
     p.dataset = ds
     try:
-        parts = [list(p.load_partition(i)["idx"]) for i in range(n)]
+        with warnings.catch_warnings():
+            # flwr-datasets warns whenever min_partition_size is left at its default; ours is explicit.
+            warnings.filterwarnings("ignore", message=".*min_partition_size.*")
+            parts = [list(p.load_partition(i)["idx"]) for i in range(n)]
     except ValueError as exc:
         raise ConfigError(f"cannot split {len(labels)} examples over {n} clients with the "
                           f"{dc.partitioner} partitioner: {exc}") from None
@@ -303,10 +335,11 @@ def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
 class ClientData:
     train: Examples
     test: Examples
+    val: Examples | None = None  # only with data.validation_fraction > 0
 
 
 def client_data(cfg: FedLoraConfig, partition_id: int) -> ClientData:
-    """Client ``partition_id``'s local train and local test split."""
+    """Client ``partition_id``'s local train, local test (and local validation) split."""
     task = load_task(cfg)
     parts = partition_indices(cfg, task.train_labels)
     if not 0 <= partition_id < len(parts):
@@ -314,7 +347,23 @@ def client_data(cfg: FedLoraConfig, partition_id: int) -> ClientData:
     idx = list(parts[partition_id])
     random.Random(cfg.run.seed * 1000 + partition_id).shuffle(idx)
     k = max(1, round(len(idx) * cfg.data.local_test_fraction))
-    return ClientData(train=task.train.subset(idx[k:]), test=task.train.subset(idx[:k]))
+    test, rest = idx[:k], idx[k:]
+    val = None
+    if cfg.data.validation_fraction > 0:
+        v = max(1, round(len(idx) * cfg.data.validation_fraction))
+        val, rest = task.train.subset(rest[:v]), rest[v:]
+    return ClientData(train=task.train.subset(rest), test=task.train.subset(test), val=val)
+
+
+def server_validation(cfg: FedLoraConfig) -> Examples | None:
+    """The union of the clients' local validation parts: what the server scores the global adapter
+    on when choosing hyper-parameters (never the held-out test split)."""
+    if cfg.data.validation_fraction <= 0:
+        return None
+    parts = [client_data(cfg, i).val for i in range(cfg.federation.num_clients)]
+    ids = [x for p in parts if p is not None for x in p.input_ids]
+    labels = torch.cat([p.labels for p in parts if p is not None])
+    return Examples(ids, labels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,3 +21,14 @@ def apply_defaults(offline: bool = False) -> None:
     if offline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def quiet_transformers() -> None:
+    """transformers' per-load report and progress bar say nothing a fedlora user can act on (the
+    classifier it calls MISSING is the head PEFT trains); warnings and errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("FEDLORA_VERBOSE_TRANSFORMERS"):
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

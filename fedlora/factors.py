@@ -92,6 +92,21 @@ class LoraFactors:
         for name in sorted(self.extras):
             yield f"head/{name}", self.extras[name]
 
+    @classmethod
+    def from_tensors(cls, flat: dict[str, torch.Tensor], alpha: dict[str, float]) -> LoraFactors:
+        """Inverse of :meth:`tensors`: '<module>/A', '<module>/B' and 'head/<name>' keys."""
+        out = cls()
+        for key, t in flat.items():
+            if key.startswith("head/"):
+                out.extras[key[len("head/"):]] = t
+                continue
+            module, sep, part = key.rpartition("/")
+            if not sep or part not in ("A", "B"):
+                raise ValueError(f"{key!r} is not a factor key ('<module>/A', '<module>/B' or 'head/<name>')")
+            m = out.modules.setdefault(module, ModuleFactors(A=None, B=None, alpha=float(alpha[module])))
+            setattr(m, part, t)
+        return out
+
     def numel(self) -> int:
         return sum(t.numel() for _, t in self.tensors())
 
@@ -151,6 +166,19 @@ def extract_factors(model: torch.nn.Module, with_head: bool = True) -> LoraFacto
     }
     extras = {n: p.detach().clone() for n, p in head_parameters(model)} if with_head else {}
     return LoraFactors(modules=modules, extras=extras)
+
+
+def seeded_A(seed: int, module: str, rank: int, fan_in: int) -> torch.Tensor:
+    """The A every party rebuilds from ``seed`` alone for ``module``: PEFT's default init
+    (Kaiming-uniform, a=sqrt(5), bound 1/sqrt(fan_in)) from a generator seeded by (seed, module).
+    Rank prefixes agree: A of rank 4 is the first 4 rows of A of rank 8 (up to rank 64)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    bound = 1.0 / (fan_in ** 0.5)
+    full = torch.rand((max(rank, 64), fan_in), generator=gen) * 2 * bound - bound
+    return full[:rank].clone()
 
 
 class FactorShapeError(ValueError):

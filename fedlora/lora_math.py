@@ -73,6 +73,41 @@ def _fit_cols(B: torch.Tensor, r: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # same-shape averaging (FedIT, FedSA, FFA, heads): one matmul for all tensors
 # ---------------------------------------------------------------------------------------------
+def flatten(updates: Sequence[LoraFactors]) -> tuple[list[str], list[torch.Size], dict[str, float], list[torch.Tensor]]:
+    """(keys, shapes, per-module alpha, one flat float vector per update); every update must carry
+    the same tensors with the same shapes."""
+    if not updates:
+        raise ValueError("aggregation needs at least one update")
+    first = list(updates[0].tensors())
+    keys, shapes = [k for k, _ in first], [t.shape for _, t in first]
+    rows = []
+    for i, u in enumerate(updates):
+        items = list(u.tensors())
+        if [k for k, _ in items] != keys:
+            raise ValueError(f"update {i} carries different tensors than update 0")
+        if [t.shape for _, t in items] != shapes:
+            raise ValueError("updates disagree on tensor shapes; use a heterogeneous-rank strategy")
+        rows.append(torch.cat([t.reshape(-1).float() for _, t in items]))
+    return keys, shapes, {n: m.alpha for n, m in updates[0].modules.items()}, rows
+
+
+def unflatten(flat: torch.Tensor, keys: list[str], shapes: list[torch.Size], alpha: dict[str, float]) -> LoraFactors:
+    """Inverse of :func:`flatten` for one vector."""
+    out = LoraFactors()
+    offset = 0
+    for key, shape in zip(keys, shapes):
+        n = shape.numel()
+        t = flat[offset: offset + n].reshape(shape)
+        offset += n
+        if key.startswith("head/"):
+            out.extras[key[5:]] = t
+            continue
+        module, _, part = key.rpartition("/")
+        m = out.modules.setdefault(module, ModuleFactors(A=None, B=None, alpha=alpha[module]))
+        setattr(m, part, t)
+    return out
+
+
 def weighted_mean(updates: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     """Weighted mean of every tensor present in all updates (same keys and shapes).
 
@@ -82,36 +117,21 @@ def weighted_mean(updates: Sequence[LoraFactors], weights: Sequence[float]) -> L
     if not updates:
         raise ValueError("weighted_mean needs at least one update")
     p = normalise(weights).to(torch.float32)
-    first = list(updates[0].tensors())
-    keys, shapes = [k for k, _ in first], [t.shape for _, t in first]
     mean = None
+    keys = shapes = alpha = None
     # Chunks of clients bound memory (1000 updates of a 7B adapter do not fit stacked at once)
     # while each chunk is still one matmul.
     for start in range(0, len(updates), _CHUNK):
-        block = []
-        for i, u in enumerate(updates[start:start + _CHUNK], start):
-            items = list(u.tensors())
-            if [k for k, _ in items] != keys:
-                raise ValueError(f"update {i} carries different tensors than update 0")
-            if [t.shape for _, t in items] != shapes:
-                raise ValueError("updates disagree on tensor shapes; use a heterogeneous-rank strategy")
-            block.append(torch.cat([t.reshape(-1).float() for _, t in items]))
-        part = p[start:start + _CHUNK] @ torch.stack(block)
+        k, sh, al, rows = flatten(list(updates[start:start + _CHUNK]))
+        if keys is None:
+            keys, shapes, alpha = k, sh, al
+        elif k != keys:
+            raise ValueError(f"update {start} carries different tensors than update 0")
+        elif sh != shapes:
+            raise ValueError("updates disagree on tensor shapes; use a heterogeneous-rank strategy")
+        part = p[start:start + _CHUNK] @ torch.stack(rows)
         mean = part if mean is None else mean.add_(part)
-    out = LoraFactors()
-    offset = 0
-    alpha = {n: m.alpha for n, m in updates[0].modules.items()}
-    for key, shape in zip(keys, shapes):
-        n = shape.numel()
-        t = mean[offset: offset + n].reshape(shape)
-        offset += n
-        if key.startswith("head/"):
-            out.extras[key[5:]] = t
-            continue
-        module, _, part = key.rpartition("/")
-        m = out.modules.setdefault(module, ModuleFactors(A=None, B=None, alpha=alpha[module]))
-        setattr(m, part, t)
-    return out
+    return unflatten(mean, keys, shapes, alpha)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +161,27 @@ def aggregate_zero_padded(updates_eff: Sequence[LoraFactors], weights: Sequence[
     return out
 
 
+def keep_uncovered(new_eff: LoraFactors, previous_eff: LoraFactors, covered_rank: int) -> LoraFactors:
+    """Components ``covered_rank..`` of ``new_eff`` replaced by ``previous_eff``'s.
+
+    Under partial sampling, a round whose clients all train rank <= ``covered_rank`` pads the
+    higher components with zeros on both A and B, and zero A rows with zero B columns get zero
+    gradient forever after: the federation silently loses that capacity. Keeping the previous
+    global's components where no sampled client covers them (``hetero.hetlora_keep_uncovered``)
+    preserves it; covered components follow HetLoRA's formula unchanged.
+    """
+    out = LoraFactors(modules=dict(new_eff.modules), extras=dict(new_eff.extras))
+    for name, m in new_eff.modules.items():
+        prev = previous_eff.modules.get(name)
+        if prev is None or prev.A is None or prev.B is None or covered_rank >= m.rank:
+            continue
+        A, B = m.A.clone(), m.B.clone()
+        A[covered_rank:] = _fit_rows(prev.A, m.rank)[covered_rank:]
+        B[:, covered_rank:] = _fit_cols(prev.B, m.rank)[:, covered_rank:]
+        out.modules[name] = ModuleFactors(A=A, B=B, alpha=m.alpha)
+    return out
+
+
 def _product_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     # ||B A||_F^2 = trace(A A^T B^T B): r x r work instead of out x in.
     return torch.sqrt(torch.clamp(torch.sum((A @ A.T) * (B.T @ B)), min=0.0))
@@ -158,6 +199,20 @@ def prune_rank(m: ModuleFactors, ratio: float) -> int:
         tail += float(contrib[r - 1])
         r -= 1
     return r
+
+
+def prune_to_rank(f: LoraFactors, rank: int, alpha: float) -> LoraFactors:
+    """Keep the first ``rank`` components of every module, with alpha ``alpha``, *keeping the update
+    those components make*: B is rescaled by s_old / s_new, so (alpha/rank) * B' @ A' equals
+    s_old * B[:, :rank] @ A[:rank] exactly. (Under ``alpha_mode = "fixed"`` dropping the rank raises
+    the scaling alpha/r; without the rescale the pruned client's update would grow by r_old/r_new.)"""
+    out = LoraFactors(extras=dict(f.extras))
+    for name, m in f.modules.items():
+        if m.A is None or m.B is None:
+            raise ValueError(f"{name}: pruning needs both A and B")
+        ratio = m.scaling / (alpha / rank)
+        out.modules[name] = ModuleFactors(A=m.A[:rank].clone(), B=m.B[:, :rank] * ratio, alpha=alpha)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Base models, tokenizers and LoRA adapters.
 
-The base model is built once per process and cached (Flower's simulation reuses its worker
-processes across virtual clients, and a deployment client across messages of a run); the PEFT
-wrapper for each (rank, targets) is cached too. Every trainable tensor is overwritten at the
-start of each message (:func:`reset_adapter` then the received / restored parts), so two
-virtual clients sharing a process never see each other's state.
+The PEFT model for each (base, labels, rank, alpha, targets) is built once per process and kept in
+a bounded cache (Flower's simulation reuses its worker processes across virtual clients, and a
+deployment client across messages of a run) together with a copy of its pristine adapted base
+weights, evicted with it. Every trainable tensor is overwritten at the start of each message
+(the seed-built :func:`initial_factors`, then the restored and received parts, see
+``ClientSession.prepare``) and the adapted base weights are restored, so two virtual clients
+sharing a process never see each other's state. Building a model never touches the process's
+global random state.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,11 +24,15 @@ from pathlib import Path
 
 import torch
 
+from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.factors import ADAPTER, LoraFactors, ModuleFactors, head_parameters, lora_layers
+from fedlora.factors import ADAPTER, LoraFactors, ModuleFactors, head_parameters, lora_layers, seeded_A
 
 MINILM = "builtin:all-MiniLM-L6-v2"
 TINY_BERT = "builtin:tiny-bert"
+# What the builtin names are elsewhere: an adapter records a base model another machine can resolve.
+HUB_IDS = {MINILM: "sentence-transformers/all-MiniLM-L6-v2"}
+LABELS_FILE = "labels.json"
 
 
 def cache_root(cfg_dir: str = "") -> Path:
@@ -69,27 +77,43 @@ def resolve_model_path(name: str, cache_dir: str = "") -> str:
     return name  # hub id or local folder: transformers resolves both
 
 
+def portable_reference(name: str) -> str:
+    """The base model as another machine names it: the hub id for a builtin, else the name given."""
+    return HUB_IDS.get(name, name)
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str, cache_dir: str = ""):  # noqa: ANN201
     from transformers import AutoTokenizer
 
+    from fedlora.env import quiet_transformers
+
+    quiet_transformers()
     return AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir))
 
 
 def _build_base(name: str, num_labels: int, cache_dir: str) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
+    from fedlora.env import quiet_transformers
+
+    # The new head is reported "MISSING" by transformers' load report before PEFT takes it over.
+    quiet_transformers()
+
     if name == TINY_BERT:
         # Random, small, same vocabulary as the packaged tokenizer: fast tests of the plumbing.
-        torch.manual_seed(0)
         config = BertConfig(
             vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=128, max_position_embeddings=128, num_labels=num_labels,
         )
-        return BertForSequenceClassification(config)
+        # The same random weights in every process, without resetting the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return BertForSequenceClassification(config)
     path = resolve_model_path(name, cache_dir)
-    torch.manual_seed(0)  # the new classifier's init is the same in every process
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the new classifier's init is the same in every process
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
 
 
 @dataclass
@@ -102,33 +126,67 @@ class AdapterSpec:
     target_modules: tuple[str, ...]
 
 
-_BASE_CACHE: dict[tuple, torch.nn.Module] = {}
-_PEFT_CACHE: dict[tuple, torch.nn.Module] = {}
-_PRISTINE: dict[tuple, dict[str, torch.Tensor]] = {}
+# (PEFT model, its pristine adapted base weights): evicted together, so no orphan weight copies.
+_PEFT_CACHE: BoundedCache[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = BoundedCache(4)
 
 
 def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) -> torch.nn.Module:
     """A PEFT model for ``spec``, cached per process. Base weights are pristine on return."""
+    key = (cfg.model.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules)
+    entry = _PEFT_CACHE.get(key)
+    if entry is None:
+        # PEFT's own init draws from the global RNG too; its draws are overwritten by the seed-built
+        # adapter every message, so they must not consume the caller's random stream either.
+        with torch.random.fork_rng(devices=[]):
+            model = _new_peft_model(cfg, num_labels, spec)
+        _PEFT_CACHE[key] = (model, {n: l.base_layer.weight.detach().clone() for n, l in lora_layers(model)})
+    else:
+        model, pristine = entry
+        restore_base(model, pristine)
+    return model
+
+
+def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
+    base = _build_base(cfg.model.name, num_labels, cfg.model.cache_dir)
+    _check_targets(base, spec.target_modules)
+    lcfg = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=spec.rank, lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout, target_modules=list(spec.target_modules),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecations raised inside PEFT
+        return get_peft_model(base, lcfg)
+
+
+def cached_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) -> torch.nn.Module | None:
+    """The cached PEFT model for ``spec`` as it is now (no restore), or None."""
     key = (cfg.model.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules)
-    model = _PEFT_CACHE.get(key)
-    if model is None:
-        base = _build_base(cfg.model.name, num_labels, cfg.model.cache_dir)
-        _check_targets(base, spec.target_modules)
-        lcfg = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=spec.rank, lora_alpha=spec.alpha,
-            lora_dropout=spec.dropout, target_modules=list(spec.target_modules),
-        )
-        model = get_peft_model(base, lcfg)
-        # Only a handful of PEFT wrappers per process: keep the cache bounded.
-        if len(_PEFT_CACHE) >= 4:
-            _PEFT_CACHE.pop(next(iter(_PEFT_CACHE)))
-        _PEFT_CACHE[key] = model
-        _PRISTINE[key] = {n: l.base_layer.weight.detach().clone() for n, l in lora_layers(model)}
-    else:
-        restore_base(model, _PRISTINE[key])
-    return model
+    entry = _PEFT_CACHE.get(key)
+    return None if entry is None else entry[0]
+
+
+def save_adapter(model: torch.nn.Module, path: str | Path, model_name: str, label_names: list[str]) -> Path:
+    """``save_pretrained`` plus what a user needs to use the adapter elsewhere: the base model as a
+    reference another machine resolves (the hub id, not this machine's cache path) in
+    ``adapter_config.json``, and the label names as transformers' ``id2label``/``label2id`` in
+    ``labels.json``, which ``from_pretrained(..., **labels)`` takes as they are::
+
+        AutoPeftModelForSequenceClassification.from_pretrained(d, **json.load(open(f"{d}/labels.json")))
+    """
+    import json
+
+    path = Path(path)
+    model.save_pretrained(str(path))
+    cfg_path = path / "adapter_config.json"
+    adapter_cfg = json.loads(cfg_path.read_text())
+    adapter_cfg["base_model_name_or_path"] = portable_reference(model_name)
+    cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True))
+    labels = {"id2label": {str(i): n for i, n in enumerate(label_names)},
+              "label2id": {n: i for i, n in enumerate(label_names)}}
+    (path / LABELS_FILE).write_text(json.dumps(labels, indent=2))
+    return path
 
 
 def _check_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> None:
@@ -162,14 +220,10 @@ def initial_factors(model: torch.nn.Module, seed: int) -> LoraFactors:
     """
     factors = LoraFactors()
     for name, layer in lora_layers(model):
-        a = layer.lora_A[ADAPTER].weight
-        r, fan_in = a.shape
-        bound = 1.0 / (fan_in ** 0.5)  # kaiming_uniform(a=sqrt(5)) on an (r, fan_in) weight
-        gen = _seeded(seed, name)
-        full = torch.rand((max(r, 64), fan_in), generator=gen) * 2 * bound - bound
+        r, fan_in = layer.lora_A[ADAPTER].weight.shape
         factors.modules[name] = ModuleFactors(
-            A=full[:r].clone(), B=torch.zeros(layer.lora_B[ADAPTER].weight.shape), alpha=float(layer.lora_alpha[ADAPTER])
-        )
+            A=seeded_A(seed, name, r, fan_in), B=torch.zeros(layer.lora_B[ADAPTER].weight.shape),
+            alpha=float(layer.lora_alpha[ADAPTER]))
     gen = _seeded(seed, "head")
     for name, p in head_parameters(model):
         if name.endswith("bias"):

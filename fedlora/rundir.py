@@ -40,7 +40,7 @@ class RunDir:
     @classmethod
     def create(cls, cfg: FedLoraConfig) -> RunDir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
+        base = Path(cfg.run.output_dir) / f"{cfg.run_name()}-{stamp}"
         path, i = base, 1
         while path.exists():
             path = Path(f"{base}-{i}")
@@ -68,7 +68,8 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
-    def plot(self) -> Path | None:
+    def plot(self, baselines: dict[str, float] | None = None) -> Path | None:
+        """Accuracy and bytes per round; ``baselines`` (e.g. chance, majority class) as dashed lines."""
         rows = self.read_metrics()
         if not rows:
             return None
@@ -85,6 +86,12 @@ class RunDir:
             pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
                 ax1.plot(*zip(*pts), marker="o", label=label)
+        for i, (name, value) in enumerate(sorted((baselines or {}).items())):
+            ax1.axhline(value, linestyle="--", color=("0.5", "0.7", "0.3")[i % 3], label=f"{name} ({value:.2f})")
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (ax1, ax2):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax1.set_xlabel("round")
         ax1.set_ylabel("accuracy")
         ax1.legend()

@@ -35,7 +35,20 @@ def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.o
 
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], data: Examples, tc: TrainConfig,
                 seed: int, device: torch.device) -> TrainResult:
-    """``local_steps`` steps (or ``local_epochs`` epochs) of the task loss on ``data``."""
+    """``local_steps`` steps (or ``local_epochs`` epochs) of the task loss on ``data``.
+
+    Deterministic given ``seed``: dropout draws from the process's global RNG, which virtual
+    clients sharing a worker process would otherwise advance for each other (a client's result
+    would depend on who trained before it there); it is seeded here and restored afterwards.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _train(model, params, data, tc, seed, device)
+
+
+def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], data: Examples, tc: TrainConfig,
+           seed: int, device: torch.device) -> TrainResult:
     t0 = time.perf_counter()
     model.train()
     opt = make_optimizer(params, tc)

@@ -18,10 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import codec
 from fedlora.config import FedLoraConfig
-from fedlora.data import load_task
+from fedlora.data import load_task, server_validation
 from fedlora.factors import LoraFactors, load_factors
 from fedlora.lora_math import to_client, to_effective
-from fedlora.model import AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base
+from fedlora.model import AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, save_adapter
 from fedlora.registry import get_strategy
 from fedlora.rundir import RunDir
 from fedlora.training import evaluate, pick_device
@@ -32,7 +32,9 @@ log = logging.getLogger("fedlora.server")
 class GlobalModel:
     """The server's own copy of the model, to evaluate and save the global adapter."""
 
-    def __init__(self, cfg: FedLoraConfig, num_labels: int, rank: int) -> None:
+    def __init__(self, cfg: FedLoraConfig, label_names: list[str], rank: int) -> None:
+        num_labels = len(label_names)
+        self.label_names = list(label_names)
         self.cfg = cfg
         self.rank = rank
         self.alpha = cfg.lora.alpha_for_rank(rank)
@@ -75,8 +77,7 @@ class GlobalModel:
             load_factors(model, LoraFactors(modules=dict(g.modules), extras=dict(g.extras)))
         else:
             model = self.load(strategy)
-        model.save_pretrained(str(path))
-        return path
+        return save_adapter(model, path, self.cfg.model.name, self.label_names)
 
 
 def reference_rank(cfg: FedLoraConfig) -> int:
@@ -89,7 +90,8 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     """Run a whole federation on ``grid``; write metrics/adapters to ``run_dir`` if given."""
     t_start = time.perf_counter()
     task = load_task(cfg)
-    gm = GlobalModel(cfg, task.num_labels, reference_rank(cfg))
+    val = server_validation(cfg)
+    gm = GlobalModel(cfg, task.label_names, reference_rank(cfg))
     strategy_cls = get_strategy(cfg.federation.strategy)
     strategy = strategy_cls(cfg, gm.template())
     strategy.global_eff = strategy.initial_global(to_effective(gm.init))
@@ -103,10 +105,15 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         if cfg.federation.server_eval and strategy.has_global_model:
             res = evaluate(gm.load(strategy), task.test, cfg.train.eval_batch_size, gm.device)
             row["server-accuracy"], row["server-loss"] = res["accuracy"], res["loss"]
+            if val is not None:
+                row["server-val-accuracy"] = evaluate(gm.load(strategy), val, cfg.train.eval_batch_size,
+                                                      gm.device)["accuracy"]
         rl = strategy.rounds.get(server_round)
         if rl is not None:
             row.update({
                 "clients-sampled": rl.sampled, "clients-accepted": rl.accepted, "rejected": rl.rejected,
+                "rejected-evaluate": rl.rejected_evaluate, "flagged": rl.flagged, "clipped": rl.clipped,
+                "skipped": rl.skipped or None, "aggregation-error": rl.aggregation_error or None,
                 "bytes-up-total": sum(rl.bytes_up), "bytes-down-total": sum(rl.bytes_down),
                 "bytes-up-per-client": _mean(rl.bytes_up), "bytes-down-per-client": _mean(rl.bytes_down),
                 "payload-up-per-client": _mean(rl.payload_up), "payload-down-per-client": _mean(rl.payload_down),
@@ -139,14 +146,22 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         gm.save(strategy, run_dir.path / "adapter")
         rows = run_dir.read_metrics()
         last = rows[-1] if rows else {}
+        baselines = accuracy_baselines(task.test.labels, task.num_labels)
         run_dir.write_summary({
             "strategy": strategy.strategy_name, "rounds": cfg.run.rounds, "seconds": time.perf_counter() - t_start,
+            "baselines": baselines, "label-names": task.label_names,
             "final": {k: v for k, v in last.items() if k != "clients"},
             "bytes-up-total": sum(r.get("bytes-up-total", 0) for r in rows),
             "bytes-down-total": sum(r.get("bytes-down-total", 0) for r in rows),
         })
-        run_dir.plot()
+        run_dir.plot(baselines)
     return result
+
+
+def accuracy_baselines(labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """What accuracy means on this held-out set: chance (uniform guess) and the majority class."""
+    counts = torch.bincount(labels, minlength=num_labels)
+    return {"chance": 1.0 / num_labels, "majority class": float(counts.max()) / max(int(counts.sum()), 1)}
 
 
 def _mean(xs: list[int]) -> float:

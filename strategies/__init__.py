@@ -5,7 +5,8 @@ and declares a :class:`~fedlora.sharing.SharingPolicy`; the factor maths live in
 :mod:`fedlora.lora_math`.
 """
 
-from fedlora.strategies.base import LoraStrategy, RejectedReply, Update
+from fedlora.strategies.base import LoraStrategy, Update
+from fedlora.validation import RejectedReply
 from fedlora.strategies.fedit import FedIT
 from fedlora.strategies.fedsa import FedSALoRA
 from fedlora.strategies.ffa import FFALoRA

@@ -6,9 +6,14 @@ What it adds to ``FedAvg``:
   answers with its :class:`~fedlora.protocol.NodeProfile` (identity, rank, data sizes);
 * **per-node payloads**: each node receives the global adapter in its own form (its rank, its
   scaling) and only the parts the strategy's :class:`~fedlora.sharing.SharingPolicy` shares;
-* **reply validation**: a reply with an error, wrong keys, a private part, a wrong rank or shape,
-  NaN/Inf, or an implausible ``num-examples`` is dropped with a logged reason naming the client,
-  and the round aggregates the rest (Flower's own consistency check would end the run instead);
+* **reply validation** (:mod:`fedlora.validation`): every reply and profile is checked completely
+  (exact tensor set, shapes and dtype for that client and round; every scalar's type and range)
+  before any arithmetic; a bad one is dropped with a logged reason naming the client, and the
+  round aggregates the rest (Flower's own consistency check would end the run instead); a node
+  that never replies is named too; an aggregation that fails or is not finite leaves the global
+  adapter at its last good value;
+* **bounded influence** (:mod:`fedlora.robust`): optional norm bound, robust average, share cap,
+  and a minimum number of accepted replies per round;
 * **accounting**: the bytes of every message, as Flower's protobuf framing serialises it.
 
 Subclasses declare ``sharing_policy`` and implement :meth:`aggregate` (and, when their download
@@ -19,7 +24,6 @@ kept in effective form (see :mod:`fedlora.lora_math`).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,17 +35,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
-from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.config import FedLoraConfig
 from fedlora.factors import LoraFactors
-from fedlora.lora_math import to_client
+from fedlora.lora_math import to_client, weighted_mean
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, PROFILE, SETUP, NodeProfile
+from fedlora.robust import cap_shares, clip_update, coordinate_median, trimmed_mean
 from fedlora.sharing import SharingPolicy
+from fedlora.validation import (RejectedReply, check_arrays, check_eval_metrics, check_finite, check_profile_fields,
+                                check_train_metrics, expected_arrays, short_reason)
 
 log = logging.getLogger("fedlora.server")
-
-
-class RejectedReply(ValueError):
-    """A client's reply that cannot be aggregated; the message says why."""
 
 
 @dataclass
@@ -50,8 +53,9 @@ class Update:
 
     profile: NodeProfile
     factors: LoraFactors
-    weight: float
+    weight: float  # aggregation weight (example count, capped by robust.max_client_share)
     metrics: dict
+    num_examples: int = 0
 
 
 @dataclass
@@ -62,6 +66,11 @@ class RoundLog:
     sampled: int = 0
     accepted: int = 0
     rejected: list[str] = field(default_factory=list)
+    rejected_evaluate: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+    clipped: list[str] = field(default_factory=list)
+    skipped: str = ""
+    aggregation_error: str = ""
     bytes_down: list[int] = field(default_factory=list)
     bytes_up: list[int] = field(default_factory=list)
     payload_down: list[int] = field(default_factory=list)
@@ -70,6 +79,7 @@ class RoundLog:
     train_metrics: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
     eval_clients: list[dict] = field(default_factory=list)
+    sent: dict[str, list[int]] = field(default_factory=dict)  # message type -> nodes messaged
 
 
 class LoraStrategy(FedAvg):
@@ -83,13 +93,16 @@ class LoraStrategy(FedAvg):
             fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate,
             min_train_nodes=min(f.min_train_clients, f.num_clients),
             min_evaluate_nodes=min(f.min_evaluate_clients, f.num_clients) if f.fraction_evaluate > 0 else 0,
-            min_available_nodes=f.num_clients, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+            min_available_nodes=f.min_available_clients or f.num_clients, arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
         )
         self.cfg = cfg
         self.metricrecord_key = metricrecord_key
         self.template = template  # client-form shapes at the reference rank, heads included
         self.module_names = list(template.modules)  # the codec turns it into compact wire keys
+        self.max_rank = template.modules[next(iter(template.modules))].rank if template.modules else cfg.lora.rank
         self.profiles: dict[int, NodeProfile] = {}
+        self.refused: dict[int, str] = {}  # node id -> why its setup was refused (it is never sampled again)
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}
         self._digest = cfg.digest()
@@ -107,61 +120,118 @@ class LoraStrategy(FedAvg):
         """(adapter parts in the client's form, optional base delta to merge) for one node."""
         return to_client(self.global_eff, profile.rank, profile.alpha).select(self.sharing_policy.shared), None
 
+    def start_factors(self, profile: NodeProfile, server_round: int) -> LoraFactors:
+        """The shared parts as the client held them when it started training this round (client form):
+        what an update is measured from (``robust.update_norm_bound``)."""
+        return self.client_payload(profile, server_round)[0]
+
+    def average(self, updates_eff: list[LoraFactors], weights: list[float]) -> LoraFactors:
+        """The same-shape average of the single-rank strategies: weighted mean, or a robust statistic."""
+        r = self.cfg.robust
+        if r.aggregation == "median":
+            return coordinate_median(updates_eff)
+        if r.aggregation == "trimmed-mean":
+            return trimmed_mean(updates_eff, r.trim_fraction)
+        return weighted_mean(updates_eff, weights)
+
     @property
     def has_global_model(self) -> bool:
         """Whether the server holds a complete model (FedSA keeps B on the clients: it does not)."""
         return not ({"A", "B"} & self.sharing_policy.private)
 
-    def check_profiles(self, profiles: list[NodeProfile]) -> None:
-        """Refuse, before training, a federation this strategy cannot aggregate."""
-        ranks = sorted({p.rank for p in profiles})
-        if not self.sharing_policy.heterogeneous_ranks and len(ranks) > 1:
-            raise ConfigError(
-                f"strategy {self.strategy_name!r} averages factors of one rank, but clients have ranks {ranks}; "
-                "use hetlora, flora or flexlora for mixed ranks")
-
     def global_rank(self) -> int:
         m = next(iter(self.global_eff.modules.values()), None)
         return 0 if m is None else m.rank
 
+    def who(self, node: int) -> str:
+        prof = self.profiles.get(node)
+        return f"client {prof.client_id} (node {node})" if prof else f"node {node}"
+
     # ------------------------------------------------------------------ setup of nodes
-    def ensure_profiles(self, grid: Grid, node_ids: list[int]) -> list[int]:
-        """Send the run config to nodes seen for the first time; return the nodes ready to work."""
-        new = [n for n in node_ids if n not in self.profiles]
+    def ensure_profiles(self, grid: Grid, node_ids: list[int], rl: RoundLog) -> list[int]:
+        """Send the run config to nodes seen for the first time; return the nodes ready to work.
+
+        A profile is checked like any reply: a node whose profile is malformed, contradicts the
+        run or claims another node's client id is left out of the run with a logged reason."""
+        new = [n for n in node_ids if n not in self.profiles and n not in self.refused]
         if new:
             content = ConfigRecord({"action": SETUP, "run-config": self.cfg.to_json()})
             msgs = [Message(RecordDict({CONFIG: content}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-            fresh = []
-            for reply in grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout):
+            replies = list(grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout))
+            for node in sorted(set(new) - {r.metadata.src_node_id for r in replies}):
+                rl.rejected.append(f"node {node}: no setup reply within federation.round_timeout "
+                                   f"({self.cfg.federation.round_timeout:g} s); asked again when next sampled")
+            for reply in replies:
                 node = reply.metadata.src_node_id
-                if reply.has_error():
-                    log.warning("node %s failed setup and is left out: %s", node, reply.error.reason)
-                    continue
                 try:
-                    prof = NodeProfile.from_record(dict(reply.content[PROFILE]))
-                except (KeyError, TypeError, ValueError) as exc:
-                    log.warning("node %s sent a malformed profile and is left out: %s", node, exc)
+                    if reply.has_error():
+                        raise RejectedReply(f"setup failed: {short_reason(reply.error.reason)}")
+                    if PROFILE not in reply.content.config_records:
+                        raise RejectedReply("setup reply carries no profile")
+                    prof = self.accept_profile(node, dict(reply.content.config_records[PROFILE]), rl)
+                except RejectedReply as exc:
+                    self.refused[node] = str(exc)
+                    rl.rejected.append(f"node {node}: left out of the run: {exc}")
+                    log.warning("node %s is left out of the run: %s", node, exc)
                     continue
-                prof.node_id = node
-                fresh.append(prof)
-            self.check_profiles(list(self.profiles.values()) + fresh)
-            for p in fresh:
-                self.profiles[p.node_id] = p
+                self.profiles[node] = prof
+            self._flag_outliers(rl)
         return [n for n in node_ids if n in self.profiles]
+
+    def accept_profile(self, node: int, record: dict, rl: RoundLog) -> NodeProfile:
+        """A profile the run can use, or :class:`RejectedReply`. Alpha is the run's, never the client's."""
+        f = check_profile_fields(record, max_rank=10**6)
+        rank, cid = f["rank"], f["client_id"]
+        if self.sharing_policy.heterogeneous_ranks:
+            if rank > self.max_rank:
+                raise RejectedReply(f"client {cid}: rank {rank} is above the largest rank the run's global "
+                                    f"adapter holds ({self.max_rank})")
+        elif rank != self.max_rank:
+            raise RejectedReply(f"client {cid}: rank {rank} contradicts the run: {self.strategy_name} trains every "
+                                f"client at rank {self.max_rank}")
+        holder = next((p.node_id for p in self.profiles.values() if p.client_id == cid and p.node_id != node), None)
+        if holder is not None:
+            raise RejectedReply(f"client id {cid!r} is already held by node {holder}")
+        num_train = f["num_train"]
+        cap = self.cfg.federation.max_declared_examples
+        if num_train > cap:
+            rl.flagged.append(f"client {cid} (node {node}): declared {num_train} training examples; capped at "
+                              f"federation.max_declared_examples ({cap})")
+            num_train = cap
+        alpha = self.cfg.lora.alpha_for_rank(rank)
+        declared_alpha = record.get("alpha")
+        if declared_alpha is not None and declared_alpha != alpha:
+            rl.flagged.append(f"client {cid} (node {node}): declared alpha {declared_alpha!r} ignored; the run "
+                              f"config sets {alpha:g} for rank {rank}")
+        return NodeProfile(node_id=node, client_id=cid, partition_id=f["partition_id"], rank=rank, alpha=alpha,
+                           num_train=num_train, num_test=f["num_test"], device_class=f["device_class"])
+
+    def _flag_outliers(self, rl: RoundLog) -> None:
+        sizes = sorted(p.num_train for p in self.profiles.values())
+        if len(sizes) < 3:
+            return
+        median = sizes[len(sizes) // 2]
+        factor = self.cfg.federation.outlier_factor
+        for p in self.profiles.values():
+            if p.num_train > factor * median and not getattr(p, "_flagged", False):
+                rl.flagged.append(f"client {p.client_id} (node {p.node_id}): declares {p.num_train} training "
+                                  f"examples, over {factor:g}x the federation's median ({median})")
+                object.__setattr__(p, "_flagged", True)
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
         num = int(len(list(grid.get_node_ids())) * fraction)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num, minimum))
-        return node_ids
+        return [n for n in node_ids if n not in self.refused]
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
-        node_ids = self.ensure_profiles(grid, self._sample(grid, self.fraction_train, self.min_train_nodes))
+        node_ids = self.ensure_profiles(grid, self._sample(grid, self.fraction_train, self.min_train_nodes), rl)
         rl.sampled = len(node_ids)
+        rl.sent[MessageType.TRAIN] = list(node_ids)
         return self._messages(node_ids, server_round, config, MessageType.TRAIN, rl, extra={})
 
     def _messages(self, node_ids: list[int], server_round: int, config: ConfigRecord, mtype: str,
@@ -182,140 +252,179 @@ class LoraStrategy(FedAvg):
                 cache[key] = rec
             msg = Message(RecordDict({self.arrayrecord_key: cache[key], self.configrecord_key: cfg}),
                           dst_node_id=node, message_type=mtype)
-            if rl is not None:
+            if rl is not None and mtype == MessageType.TRAIN:
                 rl.bytes_down.append(codec.message_bytes(msg))
                 rl.payload_down.append(codec.wire_bytes(cache[key]))
             messages.append(msg)
         return messages
 
+    def _missing_replies(self, rl: RoundLog, mtype: str, replies: list[Message], into: list[str]) -> None:
+        """Nodes messaged this round that never answered: named, with the timeout they missed."""
+        answered = {r.metadata.src_node_id for r in replies}
+        for node in rl.sent.get(mtype, []):
+            if node not in answered:
+                into.append(f"{self.who(node)}: no reply within federation.round_timeout "
+                            f"({self.cfg.federation.round_timeout:g} s)")
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
+        replies = list(replies)
+        self._missing_replies(rl, MessageType.TRAIN, replies, rl.rejected)
         updates: list[Update] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             prof = self.profiles.get(node)
-            who = f"client {prof.client_id} (node {node})" if prof else f"node {node}"
+            who = self.who(node)
             try:
                 if reply.has_error():
-                    raise RejectedReply(f"error reply: {reply.error.reason}")
-                if prof is None:
-                    raise RejectedReply("reply from a node that was never set up")
+                    raise RejectedReply(f"failed: {short_reason(reply.error.reason)}")
+                if prof is None or node not in rl.sent.get(MessageType.TRAIN, [node]):
+                    raise RejectedReply("reply from a node that was not asked to train this round")
                 rl.bytes_up.append(codec.message_bytes(reply))
-                updates.append(self.validate_reply(prof, reply.content))
+                u = self.validate_reply(prof, reply.content, server_round, rl)
+                updates.append(u)
                 rl.payload_up.append(codec.wire_bytes(reply.content[self.arrayrecord_key]))
             except RejectedReply as exc:
                 rl.rejected.append(f"{who}: {exc}")
                 log.warning("round %d: rejected reply from %s: %s", server_round, who, exc)
         rl.accepted = len(updates)
-        if not updates:
-            log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
+        for line in rl.rejected:
+            if line.endswith("s)") and "no reply" in line:
+                log.warning("round %d: %s", server_round, line)
+        need = self.cfg.federation.min_accepted
+        if len(updates) < need:
+            rl.skipped = (f"{len(updates)} of {rl.sampled} replies accepted, fewer than federation.min_accepted "
+                          f"({need}): the round is skipped and the global adapter is unchanged")
+            log.warning("round %d: %s", server_round, rl.skipped)
             return None, None
+        shares = cap_shares([u.weight for u in updates], self.cfg.robust.max_client_share)
+        for u, share in zip(updates, shares):
+            u.weight = share
+        previous = self.global_eff
         t0 = time.perf_counter()
-        self.aggregate(server_round, updates)
+        try:
+            self.aggregate(server_round, updates)
+            for key, t in self.global_eff.tensors():
+                if not bool(torch.isfinite(t).all()):
+                    raise FloatingPointError(f"the aggregate's {key} is not finite")
+        except Exception as exc:  # noqa: BLE001 - one round's failure must not end the run or lose the adapter
+            self.global_eff = previous
+            rl.aggregation_error = f"{type(exc).__name__}: {exc}; the global adapter stays at its last good value"
+            log.error("round %d: aggregation failed: %s", server_round, rl.aggregation_error)
+            return None, None
         rl.aggregate_seconds = time.perf_counter() - t0
-        metrics = _weighted_metrics([u.metrics for u in updates], [u.weight for u in updates])
+        metrics = _weighted_metrics([u.metrics for u in updates], [float(u.num_examples) for u in updates])
         rl.train_metrics = metrics
         return codec.encode(self.global_eff), MetricRecord(metrics)
 
     # ------------------------------------------------------------------ validation
-    def validate_reply(self, prof: NodeProfile, content: RecordDict) -> Update:
+    def validate_reply(self, prof: NodeProfile, content: RecordDict, server_round: int = 0,
+                       rl: RoundLog | None = None) -> Update:
+        """Check a train reply completely before any arithmetic; return it as an :class:`Update`.
+
+        The reply must hold exactly the records ``arrays`` and ``metrics``; ``arrays`` exactly the
+        tensors this client shares at its rank (names, shapes, wire dtype); every metric a finite
+        number, ``num-examples`` an integer in 1..the client's declared size, ``rank`` its rank
+        (or lower, for HetLoRA self-pruning when enabled). Then the decoded factors must be finite,
+        and the update within ``robust.update_norm_bound`` (clipped or rejected above it)."""
         policy = self.sharing_policy
+        records = set(content.array_records) | set(content.metric_records) | set(content.config_records)
         if self.arrayrecord_key not in content.array_records:
             raise RejectedReply(f"no '{self.arrayrecord_key}' record in the reply")
         if self.metricrecord_key not in content.metric_records:
             raise RejectedReply(f"no '{self.metricrecord_key}' record in the reply")
+        extra_records = sorted(records - {self.arrayrecord_key, self.metricrecord_key})
+        if extra_records:
+            raise RejectedReply(f"unexpected record(s) {extra_records[:3]} in the reply")
         metrics = dict(content.metric_records[self.metricrecord_key])
-        n = metrics.get(self.weighted_by_key)
-        limit = self.cfg.federation.max_num_examples or prof.num_train
-        if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0 or n > limit:
-            raise RejectedReply(f"'{self.weighted_by_key}'={n!r} is not in 1..{limit} (the client declared "
-                                f"{prof.num_train} training examples)")
-        try:
-            factors = codec.decode(content.array_records[self.arrayrecord_key], alpha=prof.alpha,
-                                   modules=self.module_names)
-        except codec.CodecError as exc:
-            raise RejectedReply(str(exc)) from None
-        parts = factors.parts()
-        leaked = parts - policy.shared
+        cap = self.cfg.federation.max_num_examples
+        limit = min(cap, prof.num_train) if cap else prof.num_train
+        n, reported = check_train_metrics(metrics, max_examples=limit, max_rank=prof.rank,
+                                          weight_key=self.weighted_by_key)
+        rank = prof.rank if reported is None else reported
+        pruning = self.cfg.hetero.hetlora_prune and policy.heterogeneous_ranks
+        if rank != prof.rank and not pruning:
+            raise RejectedReply(f"reports rank {rank}, but the client trains rank {prof.rank}")
+        parts = set(policy.shared) - ({"head"} if not self.template.extras else set())
+        record = content.array_records[self.arrayrecord_key]
+        sent = {"head" if k.startswith("head/") else k.rpartition("/")[2] for k in record.keys()}
+        leaked = sent & {"A", "B", "head"} - set(policy.shared)
         if leaked:
             raise RejectedReply(f"carries {', '.join(sorted(leaked))}, which the {self.strategy_name} policy "
                                 f"({policy.describe()}) never lets leave a client")
-        missing = policy.shared - parts - ({"head"} if not self.template.extras else set())
-        if missing:
-            raise RejectedReply(f"lacks the shared part(s) {', '.join(sorted(missing))}")
-        if set(factors.modules) != set(self.template.modules):
-            extra = sorted(set(factors.modules) - set(self.template.modules))[:3]
-            absent = sorted(set(self.template.modules) - set(factors.modules))[:3]
-            raise RejectedReply(f"modules differ from the run's adapter (unexpected {extra}, missing {absent})")
-        reported = metrics.get("rank", prof.rank)
-        rank = None
-        for name, m in factors.modules.items():
-            ref = self.template.modules[name]
-            out_dim, in_dim = ref.B.shape[0], ref.A.shape[1]
-            r = m.rank
-            if m.A is not None and m.B is not None and m.A.shape[0] != m.B.shape[1]:
-                raise RejectedReply(f"{name}: A has rank {m.A.shape[0]} but B has rank {m.B.shape[1]}")
-            if m.A is not None and tuple(m.A.shape) != (r, in_dim):
-                raise RejectedReply(f"{name}/A: shape {tuple(m.A.shape)}, expected ({r}, {in_dim})")
-            if m.B is not None and tuple(m.B.shape) != (out_dim, r):
-                raise RejectedReply(f"{name}/B: shape {tuple(m.B.shape)}, expected ({out_dim}, {r})")
-            if rank is None:
-                rank = r
-            elif r != rank:
-                raise RejectedReply(f"{name}: rank {r} differs from the other modules' rank {rank}")
-        for name, t in factors.extras.items():
-            ref_t = self.template.extras.get(name)
-            if ref_t is None or tuple(ref_t.shape) != tuple(t.shape):
-                raise RejectedReply(f"head/{name}: unexpected tensor or shape {tuple(t.shape)}")
-        if rank is not None and int(reported) != rank:
-            raise RejectedReply(f"reports rank {reported} but its factors have rank {rank}")
-        pruning = self.cfg.hetero.hetlora_prune and self.sharing_policy.heterogeneous_ranks
-        if rank is not None and rank != prof.rank:
-            if not (pruning and rank < prof.rank):
-                raise RejectedReply(f"factors of rank {rank}, but the client trains rank {prof.rank}")
-            prof.rank, prof.alpha = rank, self.cfg.lora.alpha_for_rank(rank)
-            for m in factors.modules.values():
-                m.alpha = prof.alpha
-        for key, t in factors.tensors():
-            if not torch.isfinite(t).all():
-                raise RejectedReply(f"{key} holds NaN or Inf")
-        return Update(profile=prof, factors=factors, weight=float(n), metrics=metrics)
+        if parts - sent:
+            raise RejectedReply(f"lacks the shared part(s) {', '.join(sorted(parts - sent))}")
+        check_arrays(record, expected_arrays(self.template, parts, rank, self.module_names),
+                     self.cfg.federation.wire_dtype)
+        alpha = self.cfg.lora.alpha_for_rank(rank)
+        try:
+            factors = codec.decode(record, alpha=alpha, modules=self.module_names)
+        except codec.CodecError as exc:  # checked above already; kept as a second line of defence
+            raise RejectedReply(str(exc)) from None
+        check_finite(factors)
+        factors = self._bound(prof, factors, server_round, rl)
+        if rank != prof.rank:  # an accepted self-pruning: later payloads are truncated to the new rank
+            prof.rank, prof.alpha = rank, alpha
+        return Update(profile=prof, factors=factors, weight=float(n), metrics=metrics, num_examples=n)
+
+    def _bound(self, prof: NodeProfile, factors: LoraFactors, server_round: int, rl: RoundLog | None) -> LoraFactors:
+        bound = self.cfg.robust.update_norm_bound
+        if bound <= 0:
+            return factors
+        start = self.start_factors(prof, server_round)
+        clipped, norm = clip_update(start, factors, bound)
+        if norm > bound:
+            if self.cfg.robust.norm_action == "reject":
+                raise RejectedReply(f"update norm {norm:.4g} is above robust.update_norm_bound ({bound:g})")
+            if rl is not None:
+                rl.clipped.append(f"client {prof.client_id}: update norm {norm:.4g} clipped to {bound:g}")
+        return clipped
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         last = server_round >= self.cfg.run.rounds
         if self.fraction_evaluate == 0.0 or (server_round % self.cfg.federation.evaluate_every and not last):
             return []
         if last and self.sharing_policy.private:
             # Every client evaluates (and saves) its personalized adapter at the end.
-            node_ids = list(grid.get_node_ids())
+            node_ids = [n for n in grid.get_node_ids() if n not in self.refused]
             extra = {"save-adapter": True, "global-view": not self.has_global_model}
         else:
             node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
             extra = {}
-        node_ids = self.ensure_profiles(grid, node_ids)
+        node_ids = self.ensure_profiles(grid, node_ids, rl)
+        rl.sent[MessageType.EVALUATE] = list(node_ids)
         return self._messages(node_ids, server_round, config, MessageType.EVALUATE, None, extra)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
+        replies = list(replies)
+        self._missing_replies(rl, MessageType.EVALUATE, replies, rl.rejected_evaluate)
         clients = []
         for reply in replies:
             node = reply.metadata.src_node_id
-            if reply.has_error() or self.metricrecord_key not in reply.content.metric_records:
-                log.warning("round %d: evaluation from node %s failed: %s", server_round, node,
-                            reply.error.reason if reply.has_error() else "no metrics")
-                continue
-            m = dict(reply.content.metric_records[self.metricrecord_key])
             prof = self.profiles.get(node)
-            m["client-id"] = prof.client_id if prof else str(node)
+            try:
+                if reply.has_error():
+                    raise RejectedReply(f"failed: {short_reason(reply.error.reason)}")
+                if prof is None or self.metricrecord_key not in reply.content.metric_records:
+                    raise RejectedReply("no metrics" if prof else "reply from a node that was never set up")
+                m = check_eval_metrics(dict(reply.content.metric_records[self.metricrecord_key]),
+                                       max_examples=prof.num_test, weight_key=self.weighted_by_key)
+            except RejectedReply as exc:
+                rl.rejected_evaluate.append(f"{self.who(node)}: {exc}")
+                log.warning("round %d: evaluation from %s dropped: %s", server_round, self.who(node), exc)
+                continue
+            m["client-id"] = prof.client_id
             clients.append(m)
         if not clients:
             return None
         clients.sort(key=lambda m: m["client-id"])
         rl.eval_clients = clients
         accs = [float(m["accuracy"]) for m in clients]
-        ns = [float(m["num-examples"]) for m in clients]
+        ns = [float(m[self.weighted_by_key]) for m in clients]
         out = {
             "personal-accuracy-mean": sum(accs) / len(accs),
             "personal-accuracy-worst": min(accs),
@@ -323,6 +432,9 @@ class LoraStrategy(FedAvg):
             "personal-loss": sum(float(m["loss"]) * n for m, n in zip(clients, ns)) / max(sum(ns), 1.0),
             "num-clients": len(clients),
         }
+        vals = [float(m["val-accuracy"]) for m in clients if "val-accuracy" in m]
+        if vals:
+            out["personal-val-accuracy-mean"] = sum(vals) / len(vals)
         glob = [float(m["global-accuracy"]) for m in clients if "global-accuracy" in m]
         if glob:
             out["personal-global-accuracy-mean"] = sum(glob) / len(glob)

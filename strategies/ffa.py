@@ -8,7 +8,7 @@ the products equals the product of the averages: aggregation is exact, and uploa
 
 from __future__ import annotations
 
-from fedlora.lora_math import to_effective, weighted_mean
+from fedlora.lora_math import to_effective
 from fedlora.registry import register_strategy
 from fedlora.sharing import SharingPolicy
 from fedlora.strategies.base import LoraStrategy, Update
@@ -19,4 +19,4 @@ class FFALoRA(LoraStrategy):
     sharing_policy = SharingPolicy(shared=frozenset({"B", "head"}), frozen=frozenset({"A"}))
 
     def aggregate(self, server_round: int, updates: list[Update]) -> None:
-        self.global_eff = weighted_mean([to_effective(u.factors) for u in updates], [u.weight for u in updates])
+        self.global_eff = self.average([to_effective(u.factors) for u in updates], [u.weight for u in updates])

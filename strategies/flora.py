@@ -15,7 +15,9 @@ and is reported per round.
 
 from __future__ import annotations
 
-from fedlora.factors import LoraFactors
+import torch
+
+from fedlora.factors import LoraFactors, ModuleFactors, seeded_A
 from fedlora.lora_math import aggregate_stacked, concat_rank, svd_redistribute, to_effective
 from fedlora.protocol import NodeProfile
 from fedlora.registry import register_strategy
@@ -35,6 +37,15 @@ class FLoRA(LoraStrategy):
         head = LoraFactors(extras=dict(self.global_eff.extras))
         delta = LoraFactors(modules=dict(self.global_eff.modules))
         return head, (delta if delta.modules else None)
+
+    def start_factors(self, profile: NodeProfile, server_round: int) -> LoraFactors:
+        """A fresh adapter each round: A from the round's seed, B zero, and the global head."""
+        seed = self.cfg.lora.init_seed + server_round
+        return LoraFactors(
+            modules={n: ModuleFactors(A=seeded_A(seed, n, profile.rank, m.A.shape[1]),
+                                      B=torch.zeros(m.B.shape[0], profile.rank), alpha=profile.alpha)
+                     for n, m in self.template.modules.items()},
+            extras=dict(self.global_eff.extras))
 
     def aggregate(self, server_round: int, updates: list[Update]) -> None:
         stacked = aggregate_stacked([to_effective(u.factors) for u in updates], [u.weight for u in updates])

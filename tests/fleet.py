@@ -71,3 +71,91 @@ def misbehaving_app(bad: dict[int, str]) -> ClientApp:
         return reply
 
     return app
+
+
+def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
+    """fedlora's ClientApp, except that partition p misbehaves in the ways ``bad[p]`` names.
+
+    Train replies: 'drop-b' (one module's B missing), 'drop-bias' (the head's bias missing),
+    'rank-nan', 'rank-inf', 'rank-frac' (4.7), 'examples-frac' (2.5), 'examples-cap' (claims the
+    federation's declared-size cap), 'base-key' (a FLoRA key outside FLoRA), 'scale-1e6' (every
+    tensor x1e6), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 45 s from
+    round 2). Evaluation: 'eval-no-accuracy', 'eval-out-of-range'. Setup profile:
+    'profile-rank-double', 'profile-rank-zero', 'profile-rank-string', 'profile-size-1e12',
+    'profile-alpha-nan', 'profile-alpha-big', 'profile-dup-id' (claims client-00000's id)."""
+    from fedlora.clients.app import app as real
+
+    app = ClientApp()
+
+    def how(context) -> set[str]:  # noqa: ANN001
+        b = bad.get(int(context.node_config["partition-id"]), set())
+        return {b} if isinstance(b, str) else set(b)
+
+    @app.query()
+    def q(msg: Message, context):  # noqa: ANN001, ANN202
+        reply = real(msg, context)
+        h = how(context)
+        prof = reply.content["profile"]
+        if "profile-rank-double" in h:
+            prof["rank"] = int(prof["rank"]) * 2
+        if "profile-rank-zero" in h:
+            prof["rank"] = 0
+        if "profile-rank-string" in h:
+            prof["rank"] = str(prof["rank"])
+        if "profile-size-1e12" in h:
+            prof["num_train"] = 10**12
+        if "profile-alpha-nan" in h:
+            prof["alpha"] = math.nan
+        if "profile-alpha-big" in h:
+            prof["alpha"] = 1e6
+        if "profile-dup-id" in h:
+            prof["client_id"] = "client-00000"
+        return reply
+
+    @app.evaluate()
+    def e(msg: Message, context):  # noqa: ANN001, ANN202
+        reply = real(msg, context)
+        h = how(context)
+        m = reply.content["metrics"]
+        if "eval-no-accuracy" in h:
+            del m["accuracy"]
+        if "eval-out-of-range" in h:
+            m["accuracy"], m["loss"], m["num-examples"] = 5.0, math.nan, -100
+        return reply
+
+    @app.train()
+    def t(msg: Message, context):  # noqa: ANN001, ANN202
+        h = how(context)
+        if "crash" in h:
+            raise ValueError("disk on fire")
+        if "slow" in h and int(msg.content["config"]["server-round"]) >= 2:
+            import time
+
+            time.sleep(45)
+        reply = real(msg, context)
+        arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+        if "drop-b" in h:
+            del arrays[next(k for k in arrays.keys() if k.endswith("/B"))]
+        if "drop-bias" in h:
+            del arrays["head/classifier.bias"]
+        if "rank-nan" in h:
+            metrics["rank"] = math.nan
+        if "rank-inf" in h:
+            metrics["rank"] = math.inf
+        if "rank-frac" in h:
+            metrics["rank"] = 4.7
+        if "examples-frac" in h:
+            metrics["num-examples"] = 2.5
+        if "examples-cap" in h:
+            metrics["num-examples"] = 1000
+        if "base-key" in h:
+            key = next(k for k in arrays.keys() if k.endswith("/A"))
+            arrays["base/" + key] = arrays[key]
+        for key in list(arrays.keys()):
+            if "scale-1e6" in h:
+                arrays[key] = codec.encode_tensor(codec.decode_tensor(key, arrays[key]) * 1e6)
+            if "near-max" in h:
+                arrays[key] = codec.encode_tensor(torch.full(tuple(arrays[key].shape), 3e38))
+        return reply
+
+    return app

@@ -24,17 +24,37 @@ def test_store_is_atomic_and_keyed_by_client(tmp_path, monkeypatch):
     assert store.clients() == ["client-1", "client-2"]
 
     # A crash while writing leaves the previous state intact and no stray temp file.
+    import os
+
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", boom)
+    monkeypatch.setattr(os, "fsync", boom)
     try:
         store.save("client-1", "private", {"x": torch.full((3,), 7.0)})
     except OSError:
         pass
     monkeypatch.undo()
     assert torch.equal(store.load("client-1", "private")["x"], torch.ones(3))
-    assert [p.name for p in (tmp_path / "client-1").iterdir()] == ["private.pt"]
+    assert [p.name for p in (tmp_path / "client-1").iterdir()] == ["private.safetensors"]
+
+
+def test_store_never_unpickles_and_round_trips_factors_and_json(tmp_path):
+    from fedlora.factors import LoraFactors, ModuleFactors
+
+    store = ClientStateStore(tmp_path)
+    f = LoraFactors(modules={"l.q": ModuleFactors(A=torch.randn(2, 3), B=torch.randn(4, 2), alpha=5.0)},
+                    extras={"classifier.weight": torch.randn(2, 3)})
+    store.save("c", "private", f)
+    back = store.load("c", "private")
+    assert torch.equal(back.modules["l.q"].A, f.modules["l.q"].A) and back.modules["l.q"].alpha == 5.0
+    assert torch.equal(back.extras["classifier.weight"], f.extras["classifier.weight"])
+    store.save("c", "rank", 6)
+    assert store.load("c", "rank") == 6
+    # A pickle planted where state lives is never executed: the store reads only safetensors and JSON.
+    planted = tmp_path / "c" / "evil.pt"
+    planted.write_bytes(b"not read")
+    assert store.load("c", "evil") is None
 
 
 def _context(partition: int, state=None) -> Context:
@@ -103,7 +123,6 @@ def test_fedsa_private_b_survives_skipped_rounds_and_restarts(tmp_path, shared_d
     # A crashed client process: caches and node state are gone; its store on disk is not.
     session_mod._CONFIGS.clear()
     model_mod._PEFT_CACHE.clear()
-    model_mod._PRISTINE.clear()
     fresh = _context(1)
     _setup(app, fresh, cfg)
     session = session_mod.ClientSession.from_context(fresh, cfg.digest())

@@ -85,9 +85,34 @@ def test_more_clients_than_examples(tmp_path, shared_data):
 
 
 def test_per_client_ranks_from_device_classes():
-    cfg = FedLoraConfig.load(None, ["hetero.device_classes={edge=2, laptop=8}",
+    cfg = FedLoraConfig.load(None, ["federation.strategy=hetlora", "hetero.device_classes={edge=2, laptop=8}",
                                     "hetero.client_classes=[\"edge\", \"edge\", \"laptop\"]"])
     assert [cfg.client_rank(i) for i in range(4)] == [2, 2, 8, 2]
-    cfg = FedLoraConfig.load(None, ["hetero.device_classes={edge=2, server=16}",
+    cfg = FedLoraConfig.load(None, ["federation.strategy=flexlora", "hetero.device_classes={edge=2, server=16}",
                                     "hetero.class_distribution={edge=0.7, server=0.3}"])
     assert [cfg.client_rank(i) for i in range(10)] == [2] * 7 + [16] * 3
+
+
+def test_mixed_ranks_with_a_single_rank_strategy_fail_on_load_with_the_reason():
+    with pytest.raises(ConfigError, match="fedit cannot mix ranks \\[2, 8\\].*use hetlora, flora or flexlora"):
+        FedLoraConfig.load(None, ["hetero.client_ranks=[2, 8]"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("robust.aggregation=mode", "robust.aggregation"),
+    ("robust.trim_fraction=0.5", "robust.trim_fraction"),
+    ("robust.max_client_share=0", "robust.max_client_share"),
+    ("robust.update_norm_bound=-1", "robust.update_norm_bound"),
+    ("robust.norm_action=ignore", "robust.norm_action"),
+    ("federation.min_accepted=0", "federation.min_accepted"),
+    ("federation.round_timeout=0", "federation.round_timeout"),
+    ("data.validation_fraction=0.8", "data.validation_fraction"),
+])
+def test_robustness_settings_are_validated(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", "\\.")):
+        FedLoraConfig.load(None, [override])
+
+
+def test_robust_aggregation_is_refused_for_heterogeneous_ranks():
+    with pytest.raises(ConfigError, match="robust.aggregation.*different ranks"):
+        FedLoraConfig.load(None, ["federation.strategy=hetlora", "robust.aggregation=median"])

@@ -144,3 +144,94 @@ def test_prune_rank_drops_small_tail():
 def test_weights_must_be_positive():
     with pytest.raises(ValueError, match="non-negative with a positive sum"):
         weighted_mean([_client(2, 2.0, 0)], [0])
+
+
+def _orthonormal_rows(r: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(IN, r, generator=torch.Generator().manual_seed(3)))
+    return q.T.contiguous()
+
+
+def test_prune_rank_threshold_is_the_tail_share_exactly():
+    # Orthonormal A rows, B columns of norms 10, 5, 1, 0.5: contributions 10, 5, 1, 0.5 (total 16.5).
+    A = _orthonormal_rows(4)
+    B = torch.zeros(OUT, 4)
+    for i, n in enumerate([10.0, 5.0, 1.0, 0.5]):
+        B[i, i] = n
+    m = ModuleFactors(A=A, B=B, alpha=4.0)
+    assert prune_rank(m, 0.05) == 3          # 0.5/16.5 = 0.030 < 0.05; 1.5/16.5 = 0.091 is not
+    assert prune_rank(m, 0.1) == 2           # 1.5/16.5 < 0.1; 6.5/16.5 is not
+    assert prune_rank(m, 0.03) == 4          # 0.5/16.5 = 0.0303 is not below 0.03
+    assert prune_rank(m, 0.99) == 1          # never below rank 1
+
+
+@pytest.mark.parametrize("alpha_mode_alpha", [16.0, None])
+def test_pruning_keeps_the_kept_components_update_exactly(alpha_mode_alpha):
+    from fedlora.lora_math import prune_to_rank
+
+    f = _client(8, 16.0, 5, head=False)
+    new_alpha = 16.0 if alpha_mode_alpha else 16.0 * 6 / 8  # fixed: alpha kept; proportional: alpha follows r
+    pruned = prune_to_rank(f, 6, new_alpha)
+    for name, m in f.modules.items():
+        want = m.scaling * (m.B[:, :6].double() @ m.A[:6].double())
+        p = pruned.modules[name]
+        assert p.rank == 6 and p.alpha == new_alpha
+        assert torch.allclose(p.scaling * (p.B.double() @ p.A.double()), want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ property tests
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def _factor_sets(draw, same_rank=True):
+    k = draw(st.integers(1, 4))
+    ranks = [draw(st.integers(1, 5))] * k if same_rank else [draw(st.integers(1, 5)) for _ in range(k)]
+    seed = draw(st.integers(0, 10_000))
+    weights = [draw(st.floats(0.1, 100.0)) for _ in range(k)]
+    alphas = [draw(st.sampled_from([1.0, 4.0, 16.0])) for _ in range(k)]
+    return [_client(r, a, seed + i) for i, (r, a) in enumerate(zip(ranks, alphas))], weights
+
+
+@settings(max_examples=40, deadline=None)
+@given(_factor_sets(same_rank=False))
+def test_stacking_is_exact_for_any_ranks_and_weights(sets):
+    clients, w = sets
+    eff = [to_effective(c) for c in clients]
+    stacked = aggregate_stacked(eff, w)
+    for name in clients[0].modules:
+        want = _true_mean_delta(clients, w, name)
+        got = (stacked.modules[name].B.double() @ stacked.modules[name].A.double()).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        assert stacked.modules[name].rank == sum(c.modules[name].rank for c in clients)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_factor_sets(same_rank=True))
+def test_mean_of_identical_updates_is_the_update_and_weights_are_normalised(sets):
+    clients, w = sets
+    same = [clients[0]] * len(clients)
+    mean = weighted_mean(same, w)
+    for key, t in clients[0].tensors():
+        got = dict(mean.tensors())[key]
+        assert torch.allclose(got, t, atol=1e-5, rtol=1e-5)
+    scaled = weighted_mean(clients, [x * 7.5 for x in w])
+    plain = weighted_mean(clients, w)
+    for (k1, t1), (k2, t2) in zip(scaled.tensors(), plain.tensors()):
+        assert k1 == k2 and torch.allclose(t1, t2, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_factor_sets(same_rank=False), st.integers(1, 6))
+def test_client_form_round_trip_and_svd_optimality(sets, rank):
+    clients, w = sets
+    c = clients[0]
+    back = to_client(to_effective(c), c.modules["l0.q"].rank, c.modules["l0.q"].alpha)
+    for name, m in c.modules.items():
+        assert torch.allclose(back.modules[name].delta(), m.delta(), atol=1e-4, rtol=1e-4)
+    svd = aggregate_svd([to_effective(x) for x in clients], w, rank)
+    for name in c.modules:
+        M = _true_mean_delta(clients, w, name)
+        U, S, Vt = np.linalg.svd(M)
+        best = (U[:, :rank] * S[:rank]) @ Vt[:rank]
+        got = (svd.modules[name].B.double() @ svd.modules[name].A.double()).numpy()
+        np.testing.assert_allclose(got, best, rtol=1e-3, atol=1e-3 * max(1.0, float(S[0])))

@@ -10,6 +10,7 @@ import torch
 
 import fleet
 from fedlora import codec
+from fedlora.config import FedLoraConfig
 from fedlora.simulate import simulate
 
 from conftest import make_config
@@ -70,6 +71,25 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     base = AutoModelForSequenceClassification.from_pretrained(packaged_minilm_dir(), num_labels=4)
     model = PeftModel.from_pretrained(base, str(run_dir.path / "adapter"))
     task = load_task(cfg)
+
+    # The README's one line, as a user on another machine runs it: the adapter names its base by hub
+    # id (resolved there; here, offline, the same weights are pointed at locally) and brings its labels.
+    import json
+    import shutil
+
+    from peft import AutoPeftModelForSequenceClassification
+
+    adapter_cfg = json.loads((run_dir.path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(run_dir.path / "adapter", elsewhere)
+    adapter_cfg["base_model_name_or_path"] = str(packaged_minilm_dir())
+    (elsewhere / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    d = str(elsewhere)
+    user_model = AutoPeftModelForSequenceClassification.from_pretrained(d, **json.load(open(f"{d}/labels.json")))
+    assert user_model.config.id2label == {0: "World", 1: "Sports", 2: "Business", 3: "Science or Technology"}
+    user = evaluate(user_model, task.test, 64, torch.device("cpu"))
+    assert user["accuracy"] == pytest.approx(rows[-1]["server-accuracy"], abs=1e-9)
     res = evaluate(model, task.test, 64, torch.device("cpu"))
     assert res["accuracy"] == pytest.approx(rows[-1]["server-accuracy"], abs=1e-9)
     assert res["loss"] == pytest.approx(rows[-1]["server-loss"], rel=1e-5)
@@ -77,8 +97,8 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     # this process; the model it evaluated and saved is the one cached for the run's base model).
     from fedlora import model as model_mod
 
-    live = model_mod._PEFT_CACHE[(cfg.model.name, 4, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                                  tuple(cfg.lora.target_modules))]
+    live = model_mod.cached_peft_model(cfg, 4, model_mod.AdapterSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                                                                      tuple(cfg.lora.target_modules)))
     saved_logits = predict(model, task.test, 64, torch.device("cpu"))
     assert saved_logits.shape == (len(task.test), 4)
     assert torch.allclose(saved_logits, predict(live, task.test, 64, torch.device("cpu")), atol=1e-5)
@@ -147,12 +167,9 @@ def test_mixed_ranks_are_refused_by_fedit(tmp_path, shared_data):
 
 def test_fedsa_refuses_mixed_ranks_with_the_reason():
     from fedlora.config import ConfigError
-    from fedlora.protocol import NodeProfile
-    from fedlora.strategies import FedSALoRA
 
-    profiles = [NodeProfile(i, f"c{i}", i, r, 8.0, 10, 2) for i, r in enumerate([4, 8])]
     with pytest.raises(ConfigError, match="fedsa cannot mix ranks \\[4, 8\\].*private B"):
-        FedSALoRA.check_profiles(object.__new__(FedSALoRA), profiles)
+        FedLoraConfig.load(None, ["federation.strategy=fedsa", "federation.num_clients=2", "hetero.client_ranks=[4, 8]"])
 
 
 @pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "flora"])

@@ -55,7 +55,7 @@ def test_fedit_accepts_a_good_reply():
 
 
 @pytest.mark.parametrize("mutate, reason", [
-    (lambda f: f.modules["l0.query"].__setattr__("A", torch.randn(3, IN)), "A has rank 3 but B has rank 4"),
+    (lambda f: f.modules["l0.query"].__setattr__("A", torch.randn(3, IN)), "0/A: shape (3, 16), expected (4, 16)"),
     (lambda f: f.modules["l0.value"].__setattr__("B", torch.randn(OUT + 1, 4)), "shape (17, 4), expected (16, 4)"),
     (lambda f: f.modules["l0.value"].A.__setitem__((0, 0), math.inf), "holds NaN or Inf"),
     (lambda f: f.extras.__setitem__("classifier.weight", torch.zeros(2, IN)), "head/classifier.weight"),
@@ -71,15 +71,17 @@ def test_malformed_factors_are_rejected_with_reason(mutate, reason):
 
 def test_rank_reports_and_weights_are_checked():
     s = _strategy("fedit")
-    with pytest.raises(RejectedReply, match="reports rank 8 but its factors have rank 4"):
+    with pytest.raises(RejectedReply, match="'rank'=8 is not in 1..4"):
         s.validate_reply(_prof(), _reply(_factors(4, 8.0), rank=8))
-    with pytest.raises(RejectedReply, match="factors of rank 2, but the client trains rank 4"):
+    with pytest.raises(RejectedReply, match="reports rank 2, but the client trains rank 4"):
         s.validate_reply(_prof(), _reply(_factors(2, 8.0), rank=2))
+    with pytest.raises(RejectedReply, match=r"0/A: shape \(2, 16\), expected \(4, 16\)"):
+        s.validate_reply(_prof(), _reply(_factors(2, 8.0), rank=4))  # a rank report that lies
     with pytest.raises(RejectedReply, match="'num-examples'=1000 is not in 1..50"):
         s.validate_reply(_prof(), _reply(_factors(4, 8.0), n=1000))
     extra = _factors(4, 8.0)
     extra.modules["l1.query"] = extra.modules["l0.query"]  # a module the run does not adapt
-    with pytest.raises(RejectedReply, match="module index '2' is outside the run's 2 modules"):
+    with pytest.raises(RejectedReply, match=r"unexpected \['2/A', '2/B'\]"):
         s.validate_reply(_prof(), _reply(extra, rank=4, names=NAMES + ["l1.query"]))
 
 
@@ -95,7 +97,7 @@ def test_policies_are_enforced_on_replies():
 
 def test_hetlora_accepts_self_pruned_rank_only_when_enabled():
     f2 = _factors(2, 8.0)
-    with pytest.raises(RejectedReply, match="factors of rank 2, but the client trains rank 4"):
+    with pytest.raises(RejectedReply, match="reports rank 2, but the client trains rank 4"):
         _strategy("hetlora").validate_reply(_prof(), _reply(f2, rank=2))
     s = _strategy("hetlora", hetlora_prune="true")
     prof = _prof()

@@ -1,0 +1,104 @@
+"""Bounding what one client can do to the global adapter: pure functions on factors.
+
+* **Norm bound** (``robust.update_norm_bound``): a client's update is its change from what it
+  started the round with, measured in effective form over the parts it shares (A, s*B, head; for
+  FFA-LoRA the product's change is exactly s*(B - B0)*A). Above the bound it is scaled back onto
+  the bound (``clip``) or dropped (``reject``). The differential-privacy layer reuses this clip.
+* **Robust aggregation** (``robust.aggregation``): coordinate-wise median or trimmed mean over the
+  clients' effective factors. A and B alone are not identifiable (A R, R^-1 B give the same
+  product), but in a round every client starts from the same global adapter, so their factors are
+  coordinates in one fixed basis, that adapter's, and a coordinate statistic is meaningful. Both
+  ignore example counts, as Flower's FedMedian and FedTrimmedAvg do.
+* **Share cap** (``robust.max_client_share``): no client's normalised weight exceeds the cap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedlora.factors import LoraFactors, ModuleFactors
+from fedlora.lora_math import flatten, unflatten
+
+
+def cap_shares(weights: Sequence[float], max_share: float) -> list[float]:
+    """Normalised weights with none above ``max_share`` (water-filling: the excess of capped
+    clients is spread over the others in proportion to their weights). With fewer than
+    1/max_share clients the cap cannot hold and the weights become uniform."""
+    w = [float(x) for x in weights]
+    total = sum(w)
+    if not w or total <= 0 or any(x < 0 for x in w):
+        raise ValueError(f"weights must be non-negative with a positive sum, got {w}")
+    p = [x / total for x in w]
+    if max_share >= 1.0:
+        return p
+    if max_share * len(p) <= 1.0:
+        return [1.0 / len(p)] * len(p)
+    capped = [False] * len(p)
+    while True:
+        over = [i for i, x in enumerate(p) if x > max_share + 1e-12 and not capped[i]]
+        if not over:
+            return p
+        for i in over:
+            capped[i] = True
+        free = 1.0 - max_share * sum(capped)
+        rest = sum(x for i, x in enumerate(w) if not capped[i])
+        p = [max_share if capped[i] else free * w[i] / rest for i in range(len(w))]
+
+
+def update_norm(start: LoraFactors, new: LoraFactors) -> float:
+    """L2 norm of ``new - start`` in effective form over the tensors ``new`` carries.
+
+    ``start`` may hold more rank than ``new`` (a self-pruned client): its first components count.
+    """
+    sq = 0.0
+    for name, m in new.modules.items():
+        s0 = start.modules[name]
+        r = m.rank
+        if m.A is not None:
+            sq += float(((m.A - s0.A[:r]).double() ** 2).sum())
+        if m.B is not None:
+            sq += float(((m.scaling * m.B - s0.scaling * s0.B[:, :r]).double() ** 2).sum())
+    for k, t in new.extras.items():
+        sq += float(((t - start.extras[k]).double() ** 2).sum())
+    return math.sqrt(sq)
+
+
+def clip_update(start: LoraFactors, new: LoraFactors, bound: float) -> tuple[LoraFactors, float]:
+    """``start + c * (new - start)`` in effective form, with c = min(1, bound / norm); returned in
+    ``new``'s own form (its alpha), together with the norm before clipping."""
+    norm = update_norm(start, new)
+    c = 1.0 if norm <= bound else bound / norm
+    if c == 1.0:
+        return new, norm
+    out = LoraFactors()
+    for name, m in new.modules.items():
+        s0 = start.modules[name]
+        r = m.rank
+        A = None if m.A is None else s0.A[:r] + c * (m.A - s0.A[:r])
+        B = None
+        if m.B is not None:
+            start_eff = s0.scaling * s0.B[:, :r]
+            B = (start_eff + c * (m.scaling * m.B - start_eff)) / m.scaling
+        out.modules[name] = ModuleFactors(A=A, B=B, alpha=m.alpha)
+    out.extras = {k: start.extras[k] + c * (t - start.extras[k]) for k, t in new.extras.items()}
+    return out, norm
+
+
+def coordinate_median(updates: Sequence[LoraFactors]) -> LoraFactors:
+    """Element-wise median of same-shaped factor sets (the lower median for an even count)."""
+    keys, shapes, alpha, rows = flatten(updates)
+    return unflatten(torch.stack(rows).median(dim=0).values, keys, shapes, alpha)
+
+
+def trimmed_mean(updates: Sequence[LoraFactors], fraction: float) -> LoraFactors:
+    """Element-wise mean after dropping the ``floor(fraction * K)`` largest and smallest values."""
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"trim fraction must be in [0, 0.5), got {fraction}")
+    keys, shapes, alpha, rows = flatten(updates)
+    k = int(math.floor(fraction * len(rows)))
+    stacked = torch.stack(rows).sort(dim=0).values
+    kept = stacked[k: len(rows) - k]
+    return unflatten(kept.mean(dim=0), keys, shapes, alpha)

@@ -1,0 +1,151 @@
+"""Hostile clients against real Flower simulations with honest clients present: every run
+finishes every round, the bad client is named with its reason in metrics.jsonl, and the final
+global adapter is finite and matches (or, for finite poisoning under a defence, stays within
+tolerance of) an honest-only run of the same federation."""
+
+from __future__ import annotations
+
+import cloudpickle
+import pytest
+import torch
+
+import fleet
+from fedlora.simulate import simulate
+
+from conftest import make_config
+
+cloudpickle.register_pickle_by_value(fleet)
+
+
+def _run(cfg, bad):
+    run_dir = simulate(cfg, client_app=fleet.hostile_app(bad))
+    return run_dir, run_dir.read_metrics()
+
+
+def _adapter(run_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir.path / "adapter" / "adapter_model.safetensors"))
+
+
+def _delta(ad: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every module's B @ A (the update the adapter makes), concatenated."""
+    out = []
+    for k, a in sorted(ad.items()):
+        if k.endswith("lora_A.weight"):
+            out.append((ad[k.replace("lora_A", "lora_B")].double() @ a.double()).flatten())
+    return torch.cat(out)
+
+
+def _all_finite(ad) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ad.values())
+
+
+def _text(rows, key="rejected") -> str:
+    return " | ".join(x for r in rows for x in (r.get(key) or []))
+
+
+def test_malformed_replies_are_dropped_and_the_result_equals_the_honest_only_run(tmp_path, shared_data):
+    cfg = make_config(tmp_path, federation={"num_clients": 8, "min_train_clients": 8, "min_evaluate_clients": 8})
+    bad = {1: "drop-b", 2: "drop-bias", 3: "rank-nan", 4: "examples-frac", 5: "base-key",
+           6: {"rank-frac", "eval-out-of-range"}, 7: "eval-no-accuracy"}
+    run_dir, rows = _run(cfg, bad)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    text = _text(rows)
+    for part, reason in [(1, "missing ['"), (2, "missing ['head/classifier.bias']"), (3, "'rank'=nan"),
+                         (4, "'num-examples'=2.5 is not an integer"), (5, "unexpected ['base/"),
+                         (6, "'rank'=4.7 is not an integer")]:
+        assert f"client client-0000{part}" in text and reason in text, (part, reason, text)
+    ev = _text(rows, "rejected-evaluate")
+    assert "client-00006" in ev and "'loss'=nan is not a finite number" in ev
+    assert "client-00007" in ev and "no 'accuracy'" in ev
+    assert all(r["clients-accepted"] == 2 for r in rows[1:])  # partitions 0 and 7 train honestly
+    assert 0.0 <= rows[-1]["personal-accuracy-mean"] <= 1.0
+
+    # Honest-only: the same federation where the bad clients' replies never arrive (they crash).
+    ref_dir, _ = _run(make_config(tmp_path / "ref", federation={"num_clients": 8, "min_train_clients": 8,
+                                                                "min_evaluate_clients": 8}),
+                      {p: "crash" for p in range(1, 7)})
+    got, ref = _adapter(run_dir), _adapter(ref_dir)
+    assert _all_finite(got)
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-6), k
+
+
+def test_lying_profiles_drop_the_node_not_the_run(tmp_path, shared_data):
+    cfg = make_config(tmp_path, federation={"num_clients": 7, "min_train_clients": 7, "min_evaluate_clients": 7,
+                                            "max_declared_examples": 1000},
+                      robust={"max_client_share": 0.4})
+    bad = {1: "profile-rank-double", 2: "profile-rank-string", 3: "profile-dup-id",
+           4: {"profile-size-1e12", "examples-cap"}, 5: "profile-alpha-nan", 6: "profile-alpha-big"}
+    run_dir, rows = _run(cfg, bad)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    text = _text(rows)
+    assert "rank 8 contradicts the run: fedit trains every client at rank 4" in text
+    assert "rank='4' is not a number" in text
+    assert "client id 'client-00000' is already held by node" in text
+    flagged = _text(rows, "flagged")
+    assert "client-00004" in flagged and "capped at federation.max_declared_examples (1000)" in flagged
+    assert "client-00005" in flagged and "declared alpha nan ignored" in flagged
+    assert "client-00006" in flagged and "declared alpha 1000000.0 ignored" in flagged
+    # 0, 4, 5, 6 train (4's claimed 1000 examples are capped to 40% of the weight), and 3 of 7 are out
+    assert all(r["clients-accepted"] == 4 for r in rows[1:]), [r["clients-accepted"] for r in rows]
+    assert _all_finite(_adapter(run_dir))
+
+
+def test_hetlora_rank_zero_profile_and_infinite_rank_metric(tmp_path, shared_data):
+    cfg = make_config(tmp_path, federation={"strategy": "hetlora", "num_clients": 4, "min_train_clients": 4},
+                      hetero={"client_ranks": [2, 4, 4, 2]})
+    run_dir, rows = _run(cfg, {1: "profile-rank-zero", 2: "rank-inf"})
+    text = _text(rows)
+    assert "rank=0 is not in 1.." in text and "'rank'=inf" in text and "client-00002" in text
+    assert all(r["clients-accepted"] == 2 for r in rows[1:])
+    assert _all_finite(_adapter(run_dir))
+
+
+def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, shared_data):
+    base = {"federation": {"num_clients": 4, "min_train_clients": 4}, "run": {"rounds": 2}}
+
+    def cfg(sub, **robust):
+        return make_config(tmp_path / sub, robust=robust, **base)
+
+    def distance(run_dir, ref_dir) -> float:
+        ref = _delta(_adapter(ref_dir))
+        return float((_delta(_adapter(run_dir)) - ref).norm() / ref.norm())
+
+    # Each defence against the honest-only run under the same defence (client 3's reply never arrives).
+    clip_ref, _ = _run(cfg("clip-ref", update_norm_bound=1.0), {3: "crash"})
+    clip_dir, clip_rows = _run(cfg("clip", update_norm_bound=1.0), {3: "scale-1e6"})
+    raw_dir, raw_rows = _run(cfg("raw"), {3: "scale-1e6"})
+    assert distance(raw_dir, clip_ref) > 100  # undefended, one client wrecks the adapter
+    assert distance(clip_dir, clip_ref) < 0.5
+    assert "client-00003: update norm" in _text(clip_rows, "clipped")
+    assert clip_rows[-1]["server-loss"] < 2.0 < raw_rows[-1]["server-loss"]
+    # The coordinate median of 3 honest clients and one sending 3e38 everywhere is the honest median.
+    med_ref, _ = _run(cfg("median-ref", aggregation="median"), {3: "crash"})
+    med_dir, _ = _run(cfg("median", aggregation="median"), {3: "near-max"})
+    assert _all_finite(_adapter(med_dir)) and distance(med_dir, med_ref) < 1e-5
+
+
+def test_an_overflowing_aggregate_keeps_the_last_good_adapter(tmp_path, shared_data):
+    cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3}, run={"rounds": 2})
+    run_dir, rows = _run(cfg, {2: "near-max"})
+    assert all("not finite" in (r["aggregation-error"] or "") for r in rows[1:])
+    ad = _adapter(run_dir)
+    assert _all_finite(ad)
+    assert float(_delta(ad).abs().max()) == 0.0  # never moved from the initial adapter (B = 0)
+    assert rows[-1]["server-loss"] == pytest.approx(rows[0]["server-loss"], rel=1e-6)
+
+
+def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data):
+    cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3,
+                                            "round_timeout": 30, "min_accepted": 2, "evaluate_every": 5})
+    run_dir, rows = _run(cfg, {1: "crash", 2: "slow"})
+    r1, r2 = rows[1], rows[2]
+    line = next(x for x in r1["rejected"] if "client-00001" in x)
+    assert line.endswith("failed: ValueError: disk on fire") or "disk on fire" in line
+    assert "\n" not in line and len(line) < 300
+    assert r1["clients-accepted"] == 2 and not r1["skipped"]
+    assert any("client-00002" in x and "no reply within federation.round_timeout (30 s)" in x for x in r2["rejected"])
+    assert r2["clients-accepted"] == 1 and "fewer than federation.min_accepted (2)" in r2["skipped"]
+    assert _all_finite(_adapter(run_dir))

@@ -1,0 +1,107 @@
+"""The pure checks behind reply and profile validation: every scalar's type and range."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import Array
+
+from fedlora import codec
+from fedlora.factors import LoraFactors, ModuleFactors
+from fedlora.validation import (RejectedReply, as_float, as_int, check_arrays, check_eval_metrics,
+                                check_profile_fields, check_train_metrics, expected_arrays, short_reason)
+
+
+@pytest.mark.parametrize("value, why", [(2.5, "not an integer"), (math.nan, "not an integer"), (math.inf, "not an integer"),
+                                        (True, "not a number"), ("3", "not a number"), (0, "not in 1..10"),
+                                        (11, "not in 1..10"), (-100, "not in 1..10")])
+def test_as_int_refuses(value, why):
+    with pytest.raises(RejectedReply, match=why):
+        as_int(value, "x", 1, 10)
+
+
+def test_as_int_and_as_float_accept():
+    assert as_int(4.0, "x", 1, 10) == 4 and as_int(10, "x", 1, 10) == 10 and as_int(1, "x", 1, 10) == 1
+    assert as_float(0.0, "a", 0, 1) == 0.0 and as_float(1, "a", 0, 1) == 1.0
+    for bad in (1.0001, -0.1, math.nan, "x"):
+        with pytest.raises(RejectedReply):
+            as_float(bad, "a", 0.0, 1.0)
+
+
+def test_train_metrics():
+    assert check_train_metrics({"num-examples": 5, "rank": 4, "train-loss": 0.3}, max_examples=5, max_rank=4,
+                               weight_key="num-examples") == (5, 4)
+    assert check_train_metrics({"num-examples": 5}, max_examples=5, max_rank=4, weight_key="num-examples") == (5, None)
+    for m, why in [({"rank": 4}, "no 'num-examples'"), ({"num-examples": 6}, "not in 1..5"),
+                   ({"num-examples": 2.5}, "not an integer"), ({"num-examples": 3, "rank": 4.7}, "not an integer"),
+                   ({"num-examples": 3, "rank": math.nan}, "not a finite number"),
+                   ({"num-examples": 3, "train-loss": -1.0}, "not in"), ({"num-examples": 3, "x": math.inf}, "'x'")]:
+        with pytest.raises(RejectedReply, match=why):
+            check_train_metrics(m, max_examples=5, max_rank=4, weight_key="num-examples")
+
+
+def test_eval_metrics():
+    ok = check_eval_metrics({"accuracy": 0.5, "loss": 1.2, "num-examples": 4}, max_examples=10,
+                            weight_key="num-examples")
+    assert ok["accuracy"] == 0.5 and ok["num-examples"] == 4
+    for m, why in [({"loss": 1.0, "num-examples": 3}, "no 'accuracy'"),
+                   ({"accuracy": 5.0, "loss": 1.0, "num-examples": 3}, "'accuracy'=5.0 is not in"),
+                   ({"accuracy": 0.5, "loss": math.nan, "num-examples": 3}, "not a finite number"),
+                   ({"accuracy": 0.5, "loss": 1.0, "num-examples": -100}, "not in 1..10"),
+                   ({"accuracy": 0.5, "loss": 1.0, "num-examples": 3, "val-accuracy": 2}, "'val-accuracy'")]:
+        with pytest.raises(RejectedReply, match=why):
+            check_eval_metrics(m, max_examples=10, weight_key="num-examples")
+
+
+def test_profile_fields():
+    good = {"client_id": "c-1", "partition_id": 0, "rank": 4, "num_train": 10, "num_test": 2, "alpha": 8.0}
+    assert check_profile_fields(good, max_rank=8)["rank"] == 4
+    for change, why in [({"rank": 0}, "rank=0 is not in 1..8"), ({"rank": "4"}, "rank='4' is not a number"),
+                        ({"rank": 4.5}, "not an integer"), ({"client_id": ""}, "printable"),
+                        ({"client_id": "x" * 500}, "printable"), ({"num_train": 0}, "num_train"),
+                        ({"client_id": 5}, "not text")]:
+        with pytest.raises(RejectedReply, match=why):
+            check_profile_fields({**good, **change}, max_rank=8)
+    with pytest.raises(RejectedReply, match="profile has no 'rank'"):
+        check_profile_fields({k: v for k, v in good.items() if k != "rank"}, max_rank=8)
+
+
+def _template():
+    return LoraFactors(modules={"a.q": ModuleFactors(A=torch.zeros(8, 6), B=torch.zeros(5, 8), alpha=16.0),
+                                "a.v": ModuleFactors(A=torch.zeros(8, 6), B=torch.zeros(5, 8), alpha=16.0)},
+                       extras={"classifier.weight": torch.zeros(3, 6), "classifier.bias": torch.zeros(3)})
+
+
+def test_expected_arrays_and_check_arrays():
+    t = _template()
+    names = list(t.modules)
+    exp = expected_arrays(t, {"A", "B", "head"}, 4, names)
+    assert exp == {"0/A": (4, 6), "0/B": (5, 4), "1/A": (4, 6), "1/B": (5, 4),
+                   "head/classifier.weight": (3, 6), "head/classifier.bias": (3,)}
+    good = LoraFactors(modules={n: ModuleFactors(A=torch.ones(4, 6), B=torch.ones(5, 4), alpha=8.0) for n in names},
+                       extras={"classifier.weight": torch.ones(3, 6), "classifier.bias": torch.ones(3)})
+    rec = codec.encode(good, "float32", modules=names)
+    check_arrays(rec, exp, "float32")
+    missing = codec.encode(good, "float32", modules=names)
+    del missing["1/B"]
+    with pytest.raises(RejectedReply, match=r"missing \['1/B'\]"):
+        check_arrays(missing, exp, "float32")
+    extra = codec.encode(good, "float32", modules=names)
+    extra["base/0/A"] = codec.encode_tensor(torch.ones(4, 6))
+    with pytest.raises(RejectedReply, match=r"unexpected \['base/0/A'\]"):
+        check_arrays(extra, exp, "float32")
+    wrong_dtype = codec.encode(good, "float16", modules=names)
+    with pytest.raises(RejectedReply, match="encoding float16/raw, expected float32/raw"):
+        check_arrays(wrong_dtype, exp, "float32")
+    short = codec.encode(good, "float32", modules=names)
+    short["0/A"] = Array(dtype="float32", shape=(4, 6), stype="raw", data=b"\0" * 10)
+    with pytest.raises(RejectedReply, match="10 bytes do not hold"):
+        check_arrays(short, exp, "float32")
+
+
+def test_short_reason_keeps_one_line():
+    tb = "Traceback (most recent call last):\n  File x\n    raise\n\nValueError: disk on fire\n\n"
+    assert short_reason(tb) == "ValueError: disk on fire"
+    assert len(short_reason("x" * 1000)) == 200 and short_reason("") == "no reason given"
