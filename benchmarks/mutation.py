@@ -57,6 +57,7 @@ def stage(ref: str | None, dest: Path) -> None:
         "[tool.mutmut]\n"
         f"source_paths = {json.dumps(targets)}\n"
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+        'also_copy = ["fedlora/"]\n'
         'pytest_add_cli_args = ["-q", "-x"]\n')
     if ref:
         shutil.rmtree(src)

@@ -16,7 +16,7 @@ import time
 
 from benchmarks.common import RESULTS, ROOT, setup_env
 
-ALL = ["wire", "aggregation", "throughput", "overhead", "scale"]
+ALL = ["wire", "aggregation", "robust", "throughput", "overhead", "scale"]
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -73,6 +73,13 @@ def report() -> str:
         for key, v in agg["linearity"].items():
             lines.append(f"| aggregation: FedIT time at {int(v['clients_ratio'] * 10)} / at 10 clients ({key}) "
                          f"| {v['fedit_time_ratio']:.1f}x for {v['clients_ratio']:.0f}x clients | linear |")
+    rb = _load("robust")
+    if rb:
+        for r in rb["rows"]:
+            lines.append(f"| robust options, server ms per round at {r['clients']} clients (MiniLM r=8): mean / median / "
+                         f"trimmed mean / norm clip / full reply validation | {1000 * r['mean_s']:.1f} / "
+                         f"{1000 * r['median_s']:.1f} / {1000 * r['trimmed_mean_s']:.1f} / {1000 * r['norm_clip_s']:.1f} / "
+                         f"{1000 * r['validate_s']:.1f} | - |")
     sc = _load("scale")
     if sc:
         a, b = sc["rows"]

@@ -45,10 +45,14 @@ def train(msg: Message, context: Context) -> Message:
     model = session.model()
     session.prepare(model, received, server_round)
     params = [p for p in model.parameters() if p.requires_grad]
-    result = train_local(model, params, session.data.train, session.cfg.train,
-                         seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
-                         device=session.device)
-    out = session.finish_training(model)
+    dylora_rank = int(config.get("dylora-rank", 0)) or None
+    hooks = session.training_hooks(server_round)
+    with session.rank_mask(model, dylora_rank):
+        result = train_local(model, params, session.data.train, session.cfg.train,
+                             seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
+                             device=session.device, hooks=hooks)
+    session.finish_hooks(hooks)
+    out = session.finish_training(model, dylora_rank)
     arrays = codec.encode(out, session.cfg.federation.wire_dtype, modules=session.modules)
     metrics = MetricRecord({
         "num-examples": result.num_examples,
@@ -60,6 +64,7 @@ def train(msg: Message, context: Context) -> Message:
         "bytes-up": codec.wire_bytes(arrays),
         "rank": int(next(iter(out.modules.values())).rank) if out.modules else session.profile.rank,
         "partition-id": session.profile.partition_id,
+        **{k: float(v) for k, v in result.metrics.items()},
     })
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
 

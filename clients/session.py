@@ -6,6 +6,7 @@ Used by the ClientApp handlers; every step is driven by the run's sharing policy
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from fedlora import codec
 from fedlora.cache import BoundedCache
-from fedlora.config import FedLoraConfig
+from fedlora.config import FedLoraConfig, digest_of
 from fedlora.data import ClientData, client_data
 from fedlora.factors import LoraFactors, extract_factors, load_factors
-from fedlora.lora_math import prune_rank, prune_to_rank
+from fedlora.lora_math import block, prune_rank, prune_to_rank
 from fedlora.model import (AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, save_adapter,
                            set_trainable)
 from fedlora.protocol import BASE_PREFIX, NodeProfile
@@ -50,9 +51,11 @@ class ClientSession:
     @staticmethod
     def remember_config(context: Context, run_config_json: str) -> FedLoraConfig:
         cfg = FedLoraConfig.from_json(run_config_json)
-        context.state.config_records[STATE_KEY] = ConfigRecord({"run-config": run_config_json,
-                                                                "digest": cfg.digest()})
-        _CONFIGS[cfg.digest()] = cfg
+        # The digest of the text the server sent (what the server's own digest is), not of this
+        # client's re-serialisation: a client whose fedlora knows more config keys still agrees.
+        digest = digest_of(run_config_json)
+        context.state.config_records[STATE_KEY] = ConfigRecord({"run-config": run_config_json, "digest": digest})
+        _CONFIGS[digest] = cfg
         return cfg
 
     @classmethod
@@ -63,7 +66,7 @@ class ClientSession:
         if digest and rec["digest"] != digest:
             raise SetupMissing(f"run config digest {digest} differs from this node's {rec['digest']}")
         cfg = _CONFIGS.get(str(rec["digest"])) or FedLoraConfig.from_json(str(rec["run-config"]))
-        _CONFIGS[cfg.digest()] = cfg
+        _CONFIGS[str(rec["digest"])] = cfg
         nc = context.node_config
         partition = int(nc.get("partition-id", 0))
         client_id = str(nc.get("client-id", f"client-{partition:05d}"))
@@ -115,11 +118,57 @@ class ClientSession:
         set_trainable(model, policy.trained)
         return incoming
 
-    def finish_training(self, model: torch.nn.Module) -> LoraFactors:
-        """Keep private parts, apply rank self-pruning if asked, return the factors to send."""
+    # --------------------------------------------------------------------- training hooks
+    def training_hooks(self, server_round: int) -> list:
+        """The hooks of this client's training step (example-level DP-SGD when configured)."""
+        p = self.cfg.privacy
+        if not p.example_dp:
+            return []
+        from fedlora.privacy.accounting import example_noise_for_target
+        from fedlora.privacy.example_level import STATE_NAME, DPSGDHook, steps_per_round
+
+        n, tc = len(self.data.train), self.cfg.train
+        rate = DPSGDHook.sample_rate(n, tc.batch_size)
+        z = p.example_noise_multiplier
+        if p.example_target_epsilon > 0:
+            # Calibrated for a client that takes part in every round: a conservative bound for the others.
+            steps = self.cfg.run.rounds * steps_per_round(n, tc.batch_size, tc.local_steps, tc.local_epochs)
+            z = example_noise_for_target(p.example_target_epsilon, p.example_delta, rate, steps)
+        seed = None if p.noise_seed < 0 else p.noise_seed * 7919 + server_round * 31 + self.profile.partition_id
+        history = self.store.load(self.profile.client_id, STATE_NAME, {"history": []})["history"]
+        return [DPSGDHook(z, p.example_clip, p.example_delta, history=history, noise_seed=seed)]
+
+    def finish_hooks(self, hooks: list) -> None:
+        from fedlora.privacy.example_level import STATE_NAME, DPSGDHook
+
+        for h in hooks:
+            if isinstance(h, DPSGDHook):
+                self.store.save(self.profile.client_id, STATE_NAME,
+                                {"history": [list(x) for x in h.history], "delta": h.delta, "epsilon": h.epsilon()})
+
+    @contextmanager
+    def rank_mask(self, model: torch.nn.Module, rank: int | None):
+        """DyLoRA: train (and evaluate) the adapter at rank ``rank`` while inside; nothing when None."""
+        if rank is None:
+            yield None
+            return
+        from fedlora.dylora import RankMask
+
+        mask = RankMask(model)
+        try:
+            mask.set(rank)
+            yield mask
+        finally:
+            mask.remove()
+
+    def finish_training(self, model: torch.nn.Module, dylora_rank: int | None = None) -> LoraFactors:
+        """Keep private parts, apply rank self-pruning if asked, return the factors to send
+        (under DyLoRA only the round's leading rank-b block)."""
         out = extract_factors(model)
         if self.policy.private:
             self.store.save(self.profile.client_id, "private", out.select(self.policy.private))
+        if dylora_rank is not None:
+            return block(out, dylora_rank).select(self.policy.shared)
         h = self.cfg.hetero
         if h.hetlora_prune and self.policy.heterogeneous_ranks:
             new_rank = min(prune_rank(m, h.hetlora_prune_ratio) for m in out.modules.values())

@@ -58,6 +58,10 @@ def simulate(
                                ("personal-accuracy-worst", "worst")):
                 if row.get(key) is not None:
                     parts.append(f"{label} {row[key]:.3f}")
+            if row.get("client-epsilon") is not None:
+                parts.append(f"eps {row['client-epsilon']:.2f}")
+            if row.get("dp-sgd-epsilon-max") is not None:
+                parts.append(f"dp-sgd eps {row['dp-sgd-epsilon-max']:.2f}")
             if row.get("bytes-up-per-client"):
                 parts.append(f"up {row['bytes-up-per-client'] / 1e3:.1f} kB/client")
             parts.append(f"{row['seconds']:.1f}s")

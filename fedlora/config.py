@@ -248,6 +248,63 @@ class RobustConfig:
 
 
 @dataclass
+class PrivacySection:
+    client_dp: bool = _meta(
+        "Client-level DP (DP-FedAvg): clip each accepted update to client_clip, average over the sampled "
+        "clients, add Gaussian noise of std client_noise_multiplier * clip / sampled; accounted over rounds.",
+        default=False)
+    client_noise_multiplier: float = _meta("z of the client-level Gaussian mechanism (ignored when "
+                                           "client_target_epsilon > 0).", default=1.0)
+    client_target_epsilon: float = _meta("Calibrate z so the whole run spends this epsilon (0 = use z).", default=0.0)
+    client_clip: float = _meta("L2 bound C on a client's update (the initial bound under adaptive clipping).",
+                               default=0.1)
+    client_clipping: str = _meta("'fixed' or 'adaptive' (Andrew et al. 2021: C tracks a quantile of update norms).",
+                                 default="fixed")
+    adaptive_quantile: float = _meta("Adaptive clipping: target share of clients whose update is under C.",
+                                     default=0.5)
+    adaptive_lr: float = _meta("Adaptive clipping: geometric learning rate of C.", default=0.2)
+    delta: float = _meta("Client-level delta (0 = 1 / num_clients^1.1).", default=0.0)
+    example_dp: bool = _meta("Example-level DP-SGD on each client (Opacus, Poisson sampling, per-sample clipping).",
+                             default=False)
+    example_noise_multiplier: float = _meta("DP-SGD noise multiplier (ignored when example_target_epsilon > 0).",
+                                            default=1.0)
+    example_target_epsilon: float = _meta("Calibrate DP-SGD noise so a client taking part in every round spends "
+                                          "this epsilon over the run (0 = use the noise multiplier).", default=0.0)
+    example_clip: float = _meta("DP-SGD per-sample gradient bound.", default=1.0)
+    example_delta: float = _meta("DP-SGD delta.", default=1e-5)
+    noise_seed: int = _meta("-1: noise from the operating system's randomness (use this); >= 0: reproducible "
+                            "noise, for tests only.", default=-1)
+
+    def validate(self) -> None:
+        for key in ("client_noise_multiplier", "example_noise_multiplier"):
+            _require(getattr(self, key) >= 0, f"privacy.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key in ("client_clip", "example_clip"):
+            _require(getattr(self, key) > 0, f"privacy.{key}", f"a clip bound must be > 0, got {getattr(self, key)}")
+        for key in ("client_target_epsilon", "example_target_epsilon"):
+            _require(getattr(self, key) >= 0, f"privacy.{key}", "must be >= 0 (0 = off)")
+        _require(self.client_clipping in ("fixed", "adaptive"), "privacy.client_clipping", "must be 'fixed' or 'adaptive'")
+        _require(0 < self.adaptive_quantile < 1, "privacy.adaptive_quantile", "must be in (0, 1)")
+        _require(self.adaptive_lr > 0, "privacy.adaptive_lr", "must be > 0")
+        _require(0 <= self.delta < 1, "privacy.delta", "must be in [0, 1) (0 = 1 / num_clients^1.1)")
+        _require(0 < self.example_delta < 1, "privacy.example_delta", "must be in (0, 1)")
+
+
+@dataclass
+class DyLoraSection:
+    enabled: bool = _meta("DyLoRA (DP-DyLoRA's form): the server draws one rank b per round for every sampled "
+                          "client; clients train A[:b], B[:, :b] at scaling alpha/b and send only that block.",
+                          default=False)
+    min_rank: int = _meta("Smallest rank the schedule draws.", default=1)
+    eval_ranks: list[int] = _meta("Ranks at which the server also evaluates the global adapter (truncated, "
+                                  "scaling alpha/b), every evaluation round; [] = none.", default_factory=list)
+
+    def validate(self) -> None:
+        _require(self.min_rank >= 1, "dylora.min_rank", "must be >= 1")
+        for r in self.eval_ranks:
+            _require(r >= 1, "dylora.eval_ranks", f"every rank must be >= 1, got {r}")
+
+
+@dataclass
 class SimulationConfig:
     num_cpus_per_client: int = _meta("Ray CPUs per virtual client (actors = cores / this).", default=1)
     num_gpus_per_client: float = _meta("Ray GPUs per virtual client.", default=0.0)
@@ -264,6 +321,8 @@ class FedLoraConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     hetero: HeteroConfig = field(default_factory=HeteroConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    dylora: DyLoraSection = field(default_factory=DyLoraSection)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     # ------------------------------------------------------------------ construction
@@ -313,6 +372,7 @@ class FedLoraConfig:
             raise ConfigError(
                 f"invalid config for 'federation.strategy': {self.federation.strategy} cannot mix ranks {ranks}: "
                 f"{why}; use hetlora, flora or flexlora for mixed ranks")
+        self._validate_privacy(policy, ranks)
         if self.robust.aggregation != "mean" and policy.heterogeneous_ranks:
             raise ConfigError(
                 f"invalid config value for 'robust.aggregation': {self.robust.aggregation!r} compares clients "
@@ -331,12 +391,49 @@ class FedLoraConfig:
         return cls.from_dict(json.loads(text))
 
     def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        return digest_of(self.to_json())
 
     def to_toml(self) -> str:
         import tomli_w
 
         return tomli_w.dumps(self.to_dict())
+
+    def client_delta(self) -> float:
+        """Client-level delta: privacy.delta, or 1 / N^1.1 (below 1/N, as a delta must be)."""
+        return self.privacy.delta or 1.0 / self.federation.num_clients ** 1.1
+
+    def _validate_privacy(self, policy, ranks: list[int]) -> None:  # noqa: ANN001
+        p, name = self.privacy, self.federation.strategy
+        if p.client_dp:
+            if policy.merge_global_into_base:
+                raise ConfigError(
+                    f"invalid config for 'privacy.client_dp': {name} publishes every sampled client's factors side "
+                    "by side in the stacked adapter; there is no sum to add noise to, so client-level DP cannot "
+                    "protect it (example-level DP-SGD, privacy.example_dp, can)")
+            if name == "flexlora":
+                raise ConfigError(
+                    "invalid config for 'privacy.client_dp': flexlora redistributes an SVD of the summed products, "
+                    "which the factor-space Gaussian mechanism does not cover; use fedit, ffa, fedsa or hetlora "
+                    "with client-level DP (or privacy.example_dp with flexlora)")
+            n = self.federation.num_clients
+            if p.delta and p.delta >= 1.0 / n:
+                raise ConfigError(f"invalid config value for 'privacy.delta': {p.delta} must be below 1 / num_clients "
+                                  f"(= {1.0 / n:.3g}); a delta that large allows releasing one client's data outright")
+            if self.robust.aggregation != "mean":
+                raise ConfigError("invalid config for 'privacy.client_dp': the Gaussian mechanism is analysed for the "
+                                  "clipped mean; robust.aggregation must be 'mean'")
+            if p.client_target_epsilon > 0:
+                from fedlora.privacy.accounting import client_noise_for_target
+
+                client_noise_for_target(self)  # raises ConfigError when the rounds and sampling cannot meet it
+        if self.dylora.enabled:
+            if policy.heterogeneous_ranks:
+                raise ConfigError(f"invalid config for 'dylora.enabled': DyLoRA's per-round rank replaces per-client "
+                                  f"ranks; {name} aggregates clients of different ranks. Use fedit, ffa or fedsa")
+            _require(self.dylora.min_rank <= self.lora.rank, "dylora.min_rank",
+                     f"({self.dylora.min_rank}) must not exceed lora.rank ({self.lora.rank})")
+        for r in self.dylora.eval_ranks:
+            _require(r <= max(ranks), "dylora.eval_ranks", f"rank {r} is above the run's largest rank {max(ranks)}")
 
     def run_name(self) -> str:
         """``run.name``, or ``<dataset>-<strategy>`` when it is left empty."""
@@ -376,6 +473,11 @@ class FedLoraConfig:
 
 
 _SECTIONS = [f.name for f in fields(FedLoraConfig)]
+
+
+def digest_of(config_json: str) -> str:
+    """The short digest that names a run config in every train/evaluate message."""
+    return hashlib.sha256(config_json.encode()).hexdigest()[:16]
 
 
 def reference_toml(cfg: FedLoraConfig) -> str:

@@ -375,12 +375,16 @@ def batches(ex: Examples, batch_size: int, shuffle: bool, seed: int = 0, pad_id:
     if shuffle:
         random.Random(seed).shuffle(order)
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        seqs = [ex.input_ids[i] for i in idx]
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, x in enumerate(seqs):
-            ids[j, : len(x)] = x
-            mask[j, : len(x)] = 1
-        yield {"input_ids": ids, "attention_mask": mask}, ex.labels[idx]
+        yield collate(ex, order[s:s + batch_size], pad_id)
+
+
+def collate(ex: Examples, idx: list[int], pad_id: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Examples ``idx`` as one padded batch: ({input_ids, attention_mask}, labels)."""
+    seqs = [ex.input_ids[i] for i in idx]
+    width = max((len(x) for x in seqs), default=1)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, x in enumerate(seqs):
+        ids[j, : len(x)] = x
+        mask[j, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask}, ex.labels[idx] if idx else ex.labels[:0]

@@ -45,3 +45,13 @@ class RankMask:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def round_rank(seed: int, server_round: int, min_rank: int, max_rank: int) -> int:
+    """DP-DyLoRA's schedule: the one rank b every client sampled in ``server_round`` trains, drawn
+    uniformly from min_rank..max_rank by the server, reproducibly from the run seed. (Per-client,
+    per-step ranks, as naive DyLoRA would draw them, make what a client contributes data-dependent
+    in shape and break the client-level DP analysis.)"""
+    import random
+
+    return random.Random(f"dylora:{seed}:{server_round}").randint(min_rank, max_rank)

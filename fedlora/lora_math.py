@@ -58,6 +58,24 @@ def to_client(global_eff: LoraFactors, rank: int, alpha: float) -> LoraFactors:
     return out
 
 
+def fit_rank(f: LoraFactors, rank: int) -> LoraFactors:
+    """The same factors with exactly ``rank`` components: truncated, or zero-padded. Alpha kept."""
+    out = LoraFactors(extras=dict(f.extras))
+    for name, m in f.modules.items():
+        out.modules[name] = ModuleFactors(A=None if m.A is None else _fit_rows(m.A, rank),
+                                          B=None if m.B is None else _fit_cols(m.B, rank), alpha=m.alpha)
+    return out
+
+
+def block(f: LoraFactors, rank: int) -> LoraFactors:
+    """DyLoRA's rank-``rank`` block: A[:b], B[:, :b], stored with the alpha that keeps each raw
+    component's scaling (alpha * b / r), so effective forms of blocks and full adapters agree."""
+    out = fit_rank(f, rank)
+    for name, m in out.modules.items():
+        m.alpha = f.modules[name].scaling * rank
+    return out
+
+
 def _fit_rows(A: torch.Tensor, r: int) -> torch.Tensor:
     if A.shape[0] >= r:
         return A[:r].clone()

@@ -86,6 +86,12 @@ class RunDir:
             pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
                 ax1.plot(*zip(*pts), marker="o", label=label)
+        eps = [(r["round"], r.get("client-epsilon", r.get("dp-sgd-epsilon-max"))) for r in rows
+               if r.get("client-epsilon", r.get("dp-sgd-epsilon-max")) is not None]
+        if eps:
+            twin = ax1.twinx()
+            twin.plot(*zip(*eps), color="tab:red", linestyle=":", marker="x", label="epsilon spent")
+            twin.set_ylabel("epsilon spent", color="tab:red")
         for i, (name, value) in enumerate(sorted((baselines or {}).items())):
             ax1.axhline(value, linestyle="--", color=("0.5", "0.7", "0.3")[i % 3], label=f"{name} ({value:.2f})")
         from matplotlib.ticker import MaxNLocator

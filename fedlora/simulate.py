@@ -41,6 +41,9 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
     from fedlora.data import load_task, partition_indices
 
     partition_indices(cfg, load_task(cfg).train_labels)
+    from fedlora.privacy.accounting import check_example_targets
+
+    check_example_targets(cfg)
 
     server_app = ServerApp()
 

@@ -1,10 +1,16 @@
-"""The local training step and evaluation: plain PyTorch, shared by clients, server and benchmarks."""
+"""The one local training loop and evaluation: plain PyTorch, shared by clients, server and benchmarks.
+
+Everything that changes how a step is taken plugs into this loop as a :class:`TrainingHook`
+(example-level DP-SGD wraps the model, optimizer and batches; continual-learning regularisers add
+to the loss; other task types bring their own loss) instead of growing a second loop.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,7 @@ class TrainResult:
     num_examples: int
     steps: int
     seconds: float
+    metrics: dict = field(default_factory=dict)  # what hooks report (e.g. DP-SGD's epsilon)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
@@ -33,8 +40,53 @@ def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.o
     return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
 
 
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_loss(outputs, labels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a transformers output
+    return F.cross_entropy(outputs.logits, labels)
+
+
+@dataclass
+class TrainContext:
+    """What a hook may read and replace before the loop starts."""
+
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    data: Examples
+    tc: TrainConfig
+    seed: int
+    device: torch.device
+    target_steps: int
+    batch_source: Callable[[int], Iterable[Batch | None]]  # epoch -> batches (None: an empty batch)
+    task_loss: Callable = cross_entropy_loss
+    clip_grad: bool = True  # the loop's own global-norm clip (off under per-sample clipping)
+
+
+class TrainingHook:
+    """An extension point of the training loop; every method is optional."""
+
+    def begin(self, ctx: TrainContext) -> None:
+        """Before the first step: may replace ``ctx.model``, ``ctx.optimizer``, ``ctx.batch_source``."""
+
+    def loss(self, ctx: TrainContext, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to minimise, given the task loss of this batch (add regularisers here)."""
+        return loss
+
+    def empty_batch(self, ctx: TrainContext) -> None:
+        """A step whose batch is empty (Poisson sampling on a small client)."""
+
+    def end(self, ctx: TrainContext) -> dict:
+        """After the last step: metrics to report."""
+        return {}
+
+    def close(self, ctx: TrainContext) -> None:
+        """Always called last, also when training failed: undo what ``begin`` did to shared objects."""
+
+
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], data: Examples, tc: TrainConfig,
-                seed: int, device: torch.device) -> TrainResult:
+                seed: int, device: torch.device, hooks: Sequence[TrainingHook] = ()) -> TrainResult:
     """``local_steps`` steps (or ``local_epochs`` epochs) of the task loss on ``data``.
 
     Deterministic given ``seed``: dropout draws from the process's global RNG, which virtual
@@ -44,37 +96,65 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], data: 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return _train(model, params, data, tc, seed, device)
+        return _train(model, params, data, tc, seed, device, hooks)
 
 
 def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], data: Examples, tc: TrainConfig,
-           seed: int, device: torch.device) -> TrainResult:
+           seed: int, device: torch.device, hooks: Sequence[TrainingHook]) -> TrainResult:
     t0 = time.perf_counter()
     model.train()
-    opt = make_optimizer(params, tc)
+    ctx = TrainContext(
+        model=model, params=params, optimizer=make_optimizer(params, tc), data=data, tc=tc, seed=seed, device=device,
+        target_steps=tc.local_steps or tc.local_epochs * math.ceil(len(data) / tc.batch_size),
+        batch_source=lambda epoch: batches(data, tc.batch_size, shuffle=True, seed=seed * 7919 + epoch),
+        clip_grad=tc.max_grad_norm > 0)
+    try:
+        for h in hooks:
+            h.begin(ctx)
+        return _loop(ctx, hooks, t0)
+    finally:
+        for h in hooks:
+            h.close(ctx)
+
+
+def _loop(ctx: TrainContext, hooks: Sequence[TrainingHook], t0: float) -> TrainResult:
+    tc, device, data = ctx.tc, ctx.device, ctx.data
     total_loss, seen, steps, epoch = 0.0, 0, 0, 0
-    target_steps = tc.local_steps or tc.local_epochs * math.ceil(len(data) / tc.batch_size)
-    while steps < target_steps:
-        for batch, labels in batches(data, tc.batch_size, shuffle=True, seed=seed * 7919 + epoch):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = labels.to(device)
-            logits = model(**batch).logits
-            loss = F.cross_entropy(logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            opt.step()
-            total_loss += float(loss.detach()) * len(labels)
-            seen += len(labels)
+    while steps < ctx.target_steps:
+        for item in _items(ctx.batch_source(epoch)):
+            if item is None:
+                for h in hooks:
+                    h.empty_batch(ctx)
+            else:
+                batch, labels = item
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = labels.to(device)
+                loss = ctx.task_loss(ctx.model(**batch), labels)
+                for h in hooks:
+                    loss = h.loss(ctx, loss)
+                ctx.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if ctx.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(ctx.params, tc.max_grad_norm)
+                ctx.optimizer.step()
+                total_loss += float(loss.detach()) * len(labels)
+                seen += len(labels)
             steps += 1
-            if steps >= target_steps:
+            if steps >= ctx.target_steps:
                 break
         epoch += 1
     if not math.isfinite(total_loss):
         raise FloatingPointError("local training diverged (non-finite loss)")
+    metrics: dict = {}
+    for h in hooks:
+        metrics.update(h.end(ctx))
     return TrainResult(loss=total_loss / max(seen, 1), num_examples=len(data), steps=steps,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, metrics=metrics)
+
+
+def _items(source: Iterable) -> Iterator[Batch | None]:
+    for item in source:
+        yield item
 
 
 @torch.no_grad()

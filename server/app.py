@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora import codec
 from fedlora.config import FedLoraConfig
 from fedlora.data import load_task, server_validation
+from fedlora.dylora import RankMask
 from fedlora.factors import LoraFactors, load_factors
 from fedlora.lora_math import to_client, to_effective
 from fedlora.model import AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, save_adapter
@@ -108,6 +109,15 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             if val is not None:
                 row["server-val-accuracy"] = evaluate(gm.load(strategy), val, cfg.train.eval_batch_size,
                                                       gm.device)["accuracy"]
+            for r in cfg.dylora.eval_ranks:  # the global adapter truncated to rank r (scaling alpha/r)
+                model = gm.load(strategy)
+                mask = RankMask(model)
+                try:
+                    mask.set(min(r, mask.max_rank))
+                    row[f"server-accuracy-rank-{r}"] = evaluate(model, task.test, cfg.train.eval_batch_size,
+                                                               gm.device)["accuracy"]
+                finally:
+                    mask.remove()
         rl = strategy.rounds.get(server_round)
         if rl is not None:
             row.update({
@@ -125,6 +135,10 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
                             for c in rl.eval_clients],
             })
         row["global-rank"] = strategy.global_rank()
+        if rl is not None:
+            if rl.dylora_rank is not None:
+                row["dylora-rank"] = rl.dylora_rank
+            row.update(rl.privacy)
         row["raw-factor-bytes-per-client"] = raw_template[cfg.federation.wire_dtype]
         now = time.perf_counter()
         row["seconds"] = now - timer["t"]
@@ -150,12 +164,28 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         run_dir.write_summary({
             "strategy": strategy.strategy_name, "rounds": cfg.run.rounds, "seconds": time.perf_counter() - t_start,
             "baselines": baselines, "label-names": task.label_names,
+            "privacy": privacy_summary(cfg, strategy, rows),
             "final": {k: v for k, v in last.items() if k != "clients"},
             "bytes-up-total": sum(r.get("bytes-up-total", 0) for r in rows),
             "bytes-down-total": sum(r.get("bytes-down-total", 0) for r in rows),
         })
         run_dir.plot(baselines)
     return result
+
+
+def privacy_summary(cfg: FedLoraConfig, strategy, rows: list[dict]) -> dict:  # noqa: ANN001
+    """The (epsilon, delta) the run spent, at client level and (largest over clients) example level."""
+    out: dict = {}
+    if strategy.dp is not None:
+        out["client-level"] = {"epsilon": strategy.dp.epsilon() if strategy.dp.noise_multiplier > 0 else None,
+                               "delta": strategy.dp.delta, "noise-multiplier": strategy.dp.noise_multiplier,
+                               "released-rounds": strategy.dp.released, "accountant": "flwr RdpAccountant "
+                               "(sampling without replacement, replace-one)"}
+    eps = [r["dp-sgd-epsilon-max"] for r in rows if r.get("dp-sgd-epsilon-max") is not None]
+    if cfg.privacy.example_dp:
+        out["example-level"] = {"epsilon-max-over-clients": max(eps) if eps else None,
+                                "delta": cfg.privacy.example_delta, "accountant": "opacus RDPAccountant"}
+    return out
 
 
 def accuracy_baselines(labels: torch.Tensor, num_labels: int) -> dict[str, float]:

@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora import codec
 from fedlora.config import FedLoraConfig
 from fedlora.factors import LoraFactors
-from fedlora.lora_math import to_client, weighted_mean
+from fedlora.lora_math import fit_rank, keep_uncovered, to_client, weighted_mean
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, PROFILE, SETUP, NodeProfile
 from fedlora.robust import cap_shares, clip_update, coordinate_median, trimmed_mean
 from fedlora.sharing import SharingPolicy
@@ -76,6 +76,8 @@ class RoundLog:
     payload_down: list[int] = field(default_factory=list)
     payload_up: list[int] = field(default_factory=list)
     aggregate_seconds: float = 0.0
+    dylora_rank: int | None = None
+    privacy: dict = field(default_factory=dict)
     train_metrics: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
     eval_clients: list[dict] = field(default_factory=list)
@@ -106,6 +108,11 @@ class LoraStrategy(FedAvg):
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}
         self._digest = cfg.digest()
+        self.dp = None
+        if cfg.privacy.client_dp:
+            from fedlora.privacy.client_level import ClientLevelDP
+
+            self.dp = ClientLevelDP(cfg)
 
     # ------------------------------------------------------------------ subclass API
     def aggregate(self, server_round: int, updates: list[Update]) -> None:
@@ -232,7 +239,13 @@ class LoraStrategy(FedAvg):
         node_ids = self.ensure_profiles(grid, self._sample(grid, self.fraction_train, self.min_train_nodes), rl)
         rl.sampled = len(node_ids)
         rl.sent[MessageType.TRAIN] = list(node_ids)
-        return self._messages(node_ids, server_round, config, MessageType.TRAIN, rl, extra={})
+        extra = {}
+        if self.cfg.dylora.enabled:
+            from fedlora.dylora import round_rank
+
+            rl.dylora_rank = round_rank(self.cfg.run.seed, server_round, self.cfg.dylora.min_rank, self.max_rank)
+            extra["dylora-rank"] = rl.dylora_rank
+        return self._messages(node_ids, server_round, config, MessageType.TRAIN, rl, extra=extra)
 
     def _messages(self, node_ids: list[int], server_round: int, config: ConfigRecord, mtype: str,
                   rl: RoundLog | None, extra: dict) -> list[Message]:
@@ -303,7 +316,16 @@ class LoraStrategy(FedAvg):
         previous = self.global_eff
         t0 = time.perf_counter()
         try:
-            self.aggregate(server_round, updates)
+            if self.dp is not None:
+                starts = [self.start_factors(u.profile, server_round) for u in updates]
+                self.global_eff, rl.privacy = self.dp.release(
+                    self.global_eff, starts, [u.factors for u in updates], rl.sampled, server_round,
+                    rl.dylora_rank or self.global_rank())
+            else:
+                self.aggregate(server_round, updates)
+                if rl.dylora_rank is not None:  # only the leading block was trained and sent
+                    self.global_eff = keep_uncovered(fit_rank(self.global_eff, self.max_rank), previous,
+                                                     rl.dylora_rank)
             for key, t in self.global_eff.tensors():
                 if not bool(torch.isfinite(t).all()):
                     raise FloatingPointError(f"the aggregate's {key} is not finite")
@@ -313,6 +335,9 @@ class LoraStrategy(FedAvg):
             log.error("round %d: aggregation failed: %s", server_round, rl.aggregation_error)
             return None, None
         rl.aggregate_seconds = time.perf_counter() - t0
+        eps = [u.metrics["dp-sgd-epsilon"] for u in updates if "dp-sgd-epsilon" in u.metrics]
+        if eps:
+            rl.privacy["dp-sgd-epsilon-max"] = max(eps)
         metrics = _weighted_metrics([u.metrics for u in updates], [float(u.num_examples) for u in updates])
         rl.train_metrics = metrics
         return codec.encode(self.global_eff), MetricRecord(metrics)
@@ -343,7 +368,11 @@ class LoraStrategy(FedAvg):
                                           weight_key=self.weighted_by_key)
         rank = prof.rank if reported is None else reported
         pruning = self.cfg.hetero.hetlora_prune and policy.heterogeneous_ranks
-        if rank != prof.rank and not pruning:
+        block_rank = rl.dylora_rank if rl is not None else None
+        if block_rank is not None:
+            if rank != block_rank:
+                raise RejectedReply(f"reports rank {rank}, but this round's DyLoRA rank is {block_rank}")
+        elif rank != prof.rank and not pruning:
             raise RejectedReply(f"reports rank {rank}, but the client trains rank {prof.rank}")
         parts = set(policy.shared) - ({"head"} if not self.template.extras else set())
         record = content.array_records[self.arrayrecord_key]
@@ -357,13 +386,15 @@ class LoraStrategy(FedAvg):
         check_arrays(record, expected_arrays(self.template, parts, rank, self.module_names),
                      self.cfg.federation.wire_dtype)
         alpha = self.cfg.lora.alpha_for_rank(rank)
+        if block_rank is not None:  # a DyLoRA block keeps the full adapter's per-component scaling
+            alpha = prof.alpha * block_rank / prof.rank
         try:
             factors = codec.decode(record, alpha=alpha, modules=self.module_names)
         except codec.CodecError as exc:  # checked above already; kept as a second line of defence
             raise RejectedReply(str(exc)) from None
         check_finite(factors)
         factors = self._bound(prof, factors, server_round, rl)
-        if rank != prof.rank:  # an accepted self-pruning: later payloads are truncated to the new rank
+        if rank != prof.rank and block_rank is None:  # an accepted self-pruning: later payloads are truncated to the new rank
             prof.rank, prof.alpha = rank, alpha
         return Update(profile=prof, factors=factors, weight=float(n), metrics=metrics, num_examples=n)
 

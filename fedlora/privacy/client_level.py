@@ -1,0 +1,131 @@
+"""Client-level differential privacy (DP-FedAvg; with DyLoRA, DP-DyLoRA) on the server.
+
+Each round, every accepted update is turned into its change from what that client started the
+round with, in effective form over the parts its strategy shares (FedIT: A and s*B and the head;
+FFA-LoRA: s*B and the head; FedSA-LoRA: A only, the private B never leaves the client and is
+never released; HetLoRA: zero-padded to the global rank). Each change is clipped to L2 norm C,
+the clipped changes are summed, divided by the number m of clients sampled (a fixed denominator,
+so a dropped reply does not change the sensitivity), and Gaussian noise of std z*C/m is added to
+every released coordinate. The new global adapter is the old one plus that noisy mean: the
+strategy's own weighting (example counts, HetLoRA's norm-based weights) is data-dependent and is
+not used under DP; every client weighs the same. Under DyLoRA the round's release is the leading
+rank-b block only, and only it is noised; the rest of the adapter is not touched.
+
+Adaptive clipping (Andrew et al., 2021, as Flower's ``DifferentialPrivacyServerSideAdaptiveClipping``):
+C follows the ``adaptive_quantile`` of update norms through a noisy count of the clients under
+it (count noise std m/20); the update noise then uses z_delta = (z^-2 - (2 * m/20)^-2)^-1/2 so the
+round's total privacy cost is that of noise multiplier z.
+
+Accounting: Flower's ``RdpAccountant`` (see :mod:`fedlora.privacy.accounting`), composed once per
+released round; its state is part of the strategy's state.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import torch
+
+from fedlora.config import FedLoraConfig
+from fedlora.factors import LoraFactors, ModuleFactors
+from fedlora.lora_math import fit_rank, flatten, to_effective, unflatten
+from fedlora.privacy import accounting
+
+
+def effective_change(start: LoraFactors, update: LoraFactors, rank: int) -> LoraFactors:
+    """``update - start`` in effective form, both at the update's rank, zero-padded to ``rank``."""
+    r = next(iter(update.modules.values())).rank if update.modules else rank
+    u, s0 = to_effective(update), to_effective(fit_rank(start, max(r, 1)))
+    out = LoraFactors(extras={k: t - s0.extras[k] for k, t in u.extras.items()})
+    for name, m in u.modules.items():
+        b0 = s0.modules[name]
+        out.modules[name] = ModuleFactors(A=None if m.A is None else m.A - b0.A[:r],
+                                          B=None if m.B is None else m.B - b0.B[:, :r], alpha=float(r))
+    return fit_rank(out, rank)
+
+
+def add_to_block(global_eff: LoraFactors, change: LoraFactors, rank: int) -> LoraFactors:
+    """``global_eff`` with ``change`` added to its leading ``rank`` components (and the head)."""
+    out = LoraFactors(extras={k: t + change.extras[k] if k in change.extras else t
+                              for k, t in global_eff.extras.items()})
+    for name, m in global_eff.modules.items():
+        c = change.modules.get(name)
+        A, B = m.A, m.B
+        if c is not None and c.A is not None:
+            A = A.clone()
+            A[:rank] += c.A
+        if c is not None and c.B is not None:
+            B = B.clone()
+            B[:, :rank] += c.B
+        out.modules[name] = ModuleFactors(A=A, B=B, alpha=m.alpha)
+    return out
+
+
+class ClientLevelDP:
+    """The Gaussian mechanism on the clipped mean of client updates, with its accountant."""
+
+    def __init__(self, cfg: FedLoraConfig) -> None:
+        p = cfg.privacy
+        self.cfg = cfg
+        self.num_clients = cfg.federation.num_clients
+        self.delta = cfg.client_delta()
+        self.noise_multiplier = (accounting.client_noise_for_target(cfg) if p.client_target_epsilon > 0
+                                 else p.client_noise_multiplier)
+        self.clip = p.client_clip
+        self.adaptive = p.client_clipping == "adaptive"
+        self.accountant = accounting.client_accountant(self.num_clients, self.delta)
+        self.released = 0
+
+    # -------------------------------------------------------------------- state (checkpointable)
+    def state_dict(self) -> dict:
+        return {"clip": self.clip, "noise_multiplier": self.noise_multiplier, "released": self.released,
+                "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clip = float(state["clip"])
+        self.noise_multiplier = float(state["noise_multiplier"])
+        self.released = int(state["released"])
+        self.accountant.load_state_dict(state["accountant"])
+
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(self.delta)) if self.released else 0.0
+
+    # -------------------------------------------------------------------- one round
+    def _generator(self, server_round: int) -> torch.Generator:
+        seed = self.cfg.privacy.noise_seed
+        return torch.Generator().manual_seed(seed * 1_000_003 + server_round if seed >= 0 else secrets.randbits(63))
+
+    def release(self, global_eff: LoraFactors, starts: list[LoraFactors], updates: list[LoraFactors],
+                sampled: int, server_round: int, rank: int) -> tuple[LoraFactors, dict]:
+        """The new global adapter and what the round spent: ``global + mean(clip(change)) + noise``."""
+        m = max(sampled, len(updates))
+        changes = [effective_change(s, u, rank) for s, u in zip(starts, updates)]
+        keys, shapes, alpha, rows = flatten(changes)
+        norms = [float(r.norm()) for r in rows]
+        clip = self.clip
+        total = torch.zeros_like(rows[0])
+        for r, n in zip(rows, norms):
+            total += r * min(1.0, clip / n) if n > 0 else r
+        gen = self._generator(server_round)
+        z = self.noise_multiplier
+        info = {"client-clip": clip, "client-noise-multiplier": z,
+                "client-update-norm-mean": sum(norms) / len(norms),
+                "clients-clipped": sum(n > clip for n in norms)}
+        if self.adaptive:
+            count_std = m / 20.0
+            z_delta = (z ** -2 - (2 * count_std) ** -2) ** -0.5 if z > 0 and 2 * count_std > z else z
+            under = sum(n <= clip for n in norms) + float(torch.randn((), generator=gen)) * count_std
+            p = self.cfg.privacy
+            self.clip = clip * math.exp(-p.adaptive_lr * (under / m - p.adaptive_quantile))
+            z = z_delta
+            info["client-clip-next"] = self.clip
+        noise = torch.randn(total.shape, generator=gen) * (z * clip)
+        mean = (total + noise) / m
+        new = add_to_block(global_eff, unflatten(mean, keys, shapes, alpha), rank)
+        if self.noise_multiplier > 0:
+            self.accountant.compose(accounting.client_event(self.noise_multiplier, sampled, self.num_clients))
+            self.released += 1
+        info["client-epsilon"] = self.epsilon() if self.noise_multiplier > 0 else math.inf
+        info["client-delta"] = self.delta
+        return new, info
