@@ -16,7 +16,7 @@ import time
 
 from benchmarks.common import RESULTS, ROOT, setup_env
 
-ALL = ["wire", "aggregation", "robust", "throughput", "overhead", "scale"]
+ALL = ["wire", "aggregation", "robust", "privacy", "throughput", "overhead", "scale"]
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -80,6 +80,15 @@ def report() -> str:
                          f"trimmed mean / norm clip / full reply validation | {1000 * r['mean_s']:.1f} / "
                          f"{1000 * r['median_s']:.1f} / {1000 * r['trimmed_mean_s']:.1f} / {1000 * r['norm_clip_s']:.1f} / "
                          f"{1000 * r['validate_s']:.1f} | - |")
+    pv = _load("privacy")
+    if pv:
+        st = pv["seconds_per_step"]
+        lines.append(f"| DP-SGD (Opacus hook on fedlora's training loop) / non-private, seconds per step, MiniLM r=8, "
+                     f"batch 16, CPU | {pv['dp_sgd_over_plain']:.2f}x ({st['dp-sgd']:.3f} s vs {st['lora']:.3f} s) | "
+                     f"<= {pv['goal']} |")
+        sv = pv["server"]
+        lines.append(f"| client-level DP release / plain mean, server, {sv['clients']} MiniLM-sized updates | "
+                     f"{sv['ratio']:.1f}x ({1000 * sv['dp_release_s']:.0f} ms vs {1000 * sv['plain_mean_s']:.0f} ms) | - |")
     sc = _load("scale")
     if sc:
         a, b = sc["rows"]

@@ -137,6 +137,8 @@ def summarise(result: dict) -> dict:
         "aggregate-ms-per-round": 1000 * sum(r.get("aggregate-seconds", 0) for r in rows[1:]) / max(len(rows) - 1, 1),
         "global-rank": last.get("global-rank"),
         "seconds": round(result["seconds"], 1),
+        **{k: v for k, v in last.items() if k.startswith("server-accuracy-rank-")},
+        **{k: last[k] for k in ("client-epsilon", "dp-sgd-epsilon-max") if last.get(k) is not None},
         "chosen": " ".join(result.get("grid-point") or []) or None,
         "validation-score": None if result.get("selection-score", float("-inf")) == float("-inf")
         else result["selection-score"],
@@ -157,6 +159,10 @@ def markdown_table(table: list[dict]) -> str:
             return f"{v:,}"
         return str(v)
 
+    extra = sorted({k for row in table for k in row if k.startswith("server-accuracy-rank-")},
+                   key=lambda k: int(k.rsplit("-", 1)[1]))
+    extra += [k for k in ("client-epsilon", "dp-sgd-epsilon-max") if any(k in row for row in table)]
+    cols = cols[:3] + extra + cols[3:]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in table]
     return "\n".join(lines) + "\n"
