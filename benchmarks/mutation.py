@@ -58,7 +58,9 @@ def stage(ref: str | None, dest: Path) -> None:
         f"source_paths = {json.dumps(targets)}\n"
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         'also_copy = ["fedlora/"]\n'
-        'pytest_add_cli_args = ["-q", "-x"]\n')
+        'pytest_add_cli_args = ["-q", "-x"]\n'
+        # A loaded 2-core machine slows tests several-fold: a tight timeout would count slowness as a kill.
+        "timeout_multiplier = 60.0\n")
     if ref:
         shutil.rmtree(src)
 
@@ -77,9 +79,10 @@ def run(ref: str | None) -> dict:
     report = {}
     for module, c in sorted(per_module.items()):
         total = sum(c.values())
-        killed = c.get("killed", 0) + c.get("timeout", 0)
+        killed = c.get("killed", 0)
         report[module] = {"mutants": total, "killed": killed, "score": killed / total if total else None,
-                          **{k: v for k, v in c.items() if k not in ("killed",)}}
+                          "score-counting-timeouts": (killed + c.get("timeout", 0)) / total if total else None,
+                          **{k: v for k, v in c.items() if k != "killed"}}
     return {"ref": ref or "working tree", "modules": report, "scratch": str(work)}
 
 

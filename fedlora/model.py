@@ -170,10 +170,8 @@ def cached_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) ->
 def save_adapter(model: torch.nn.Module, path: str | Path, model_name: str, label_names: list[str]) -> Path:
     """``save_pretrained`` plus what a user needs to use the adapter elsewhere: the base model as a
     reference another machine resolves (the hub id, not this machine's cache path) in
-    ``adapter_config.json``, and the label names as transformers' ``id2label``/``label2id`` in
-    ``labels.json``, which ``from_pretrained(..., **labels)`` takes as they are::
-
-        AutoPeftModelForSequenceClassification.from_pretrained(d, **json.load(open(f"{d}/labels.json")))
+    ``adapter_config.json``, and the label names (and transformers' ``id2label``/``label2id``) in
+    ``labels.json``; :func:`load_adapter` puts them together.
     """
     import json
 
@@ -183,10 +181,30 @@ def save_adapter(model: torch.nn.Module, path: str | Path, model_name: str, labe
     adapter_cfg = json.loads(cfg_path.read_text())
     adapter_cfg["base_model_name_or_path"] = portable_reference(model_name)
     cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True))
-    labels = {"id2label": {str(i): n for i, n in enumerate(label_names)},
+    labels = {"names": list(label_names), "id2label": {str(i): n for i, n in enumerate(label_names)},
               "label2id": {n: i for i, n in enumerate(label_names)}}
     (path / LABELS_FILE).write_text(json.dumps(labels, indent=2))
     return path
+
+
+def load_adapter(path: str | Path, base_model: str | None = None) -> torch.nn.Module:
+    """A saved adapter as a ready classifier: its base model (the hub id it records, or
+    ``base_model``), its LoRA and head, and its label names as ``config.id2label``::
+
+        model = fedlora.model.load_adapter("runs/<run>/adapter")
+    """
+    import json
+
+    from peft import AutoPeftModelForSequenceClassification, PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    path = Path(path)
+    names = json.loads((path / LABELS_FILE).read_text())["names"]
+    labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    if base_model is None:
+        return AutoPeftModelForSequenceClassification.from_pretrained(str(path), **labels)
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base_model), **labels)
+    return PeftModel.from_pretrained(base, str(path))
 
 
 def _check_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> None:

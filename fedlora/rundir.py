@@ -65,6 +65,33 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
+    def write_checkpoint(self, tensors: dict, state: dict) -> None:
+        """The strategy's state after a round, written atomically (tensors first, then the JSON that
+        names the round: a crash between the two leaves the previous round's JSON, which a reader
+        detects by its digest of the tensor file)."""
+        import hashlib
+
+        from fedlora.state import atomic_write_bytes, tensors_to_bytes
+
+        data = tensors_to_bytes(tensors)
+        atomic_write_bytes(self.path / "checkpoint" / "global.safetensors", data)
+        state = {**state, "tensors-sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write(self.path / "checkpoint" / "state.json", json.dumps(state, indent=1, sort_keys=True))
+
+    def read_checkpoint(self) -> tuple[dict, dict] | None:
+        import hashlib
+
+        from fedlora.state import tensors_from_file
+
+        sp, tp = self.path / "checkpoint" / "state.json", self.path / "checkpoint" / "global.safetensors"
+        if not sp.exists() or not tp.exists():
+            return None
+        state = json.loads(sp.read_text())
+        if hashlib.sha256(tp.read_bytes()).hexdigest() != state.get("tensors-sha256"):
+            raise ValueError(f"checkpoint in {self.path} is torn: its tensors do not match its state")
+        tensors, _ = tensors_from_file(tp)
+        return tensors, state
+
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 

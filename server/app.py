@@ -145,6 +145,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         timer["t"] = now
         if run_dir is not None:
             run_dir.append_metrics(row)
+            run_dir.write_checkpoint(*strategy.state_dict())
         if on_round is not None:
             on_round(row)
         if "server-accuracy" in row:

@@ -154,6 +154,31 @@ class LoraStrategy(FedAvg):
         prof = self.profiles.get(node)
         return f"client {prof.client_id} (node {node})" if prof else f"node {node}"
 
+    # ------------------------------------------------------------------ state (checkpoint / resume)
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able state): the global adapter, the node profiles and refusals, and the
+        privacy layer's state (clip, accountant). Everything a resumed server needs of the strategy."""
+        tensors = dict(self.global_eff.tensors())
+        state = {
+            "strategy": self.strategy_name,
+            "config-digest": self._digest,
+            "alpha": {n: m.alpha for n, m in self.global_eff.modules.items()},
+            "profiles": [p.to_record() for p in self.profiles.values()],
+            "refused": {str(k): v for k, v in self.refused.items()},
+            "last-round": max(self.rounds, default=0),
+            "privacy": self.dp.state_dict() if self.dp is not None else None,
+        }
+        return tensors, state
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        if state["strategy"] != self.strategy_name:
+            raise ValueError(f"checkpoint of strategy {state['strategy']!r} cannot resume {self.strategy_name!r}")
+        self.global_eff = LoraFactors.from_tensors(tensors, state["alpha"])
+        self.profiles = {int(p["node_id"]): NodeProfile.from_record(p) for p in state["profiles"]}
+        self.refused = {int(k): v for k, v in state["refused"].items()}
+        if self.dp is not None and state.get("privacy"):
+            self.dp.load_state_dict(state["privacy"])
+
     # ------------------------------------------------------------------ setup of nodes
     def ensure_profiles(self, grid: Grid, node_ids: list[int], rl: RoundLog) -> list[int]:
         """Send the run config to nodes seen for the first time; return the nodes ready to work.

@@ -173,7 +173,8 @@ def test_saved_adapter_carries_labels_and_a_portable_base_reference(tmp_path):
     assert adapter_cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert "/.cache/" not in json.dumps(adapter_cfg)
     labels = json.loads((tmp_path / "a" / LABELS_FILE).read_text())
-    assert labels == {"id2label": {"0": "x", "1": "y", "2": "z"}, "label2id": {"x": 0, "y": 1, "z": 2}}
+    assert labels == {"names": ["x", "y", "z"], "id2label": {"0": "x", "1": "y", "2": "z"},
+                      "label2id": {"x": 0, "y": 1, "z": 2}}
     assert portable_reference("my/model") == "my/model"
 
 
@@ -256,3 +257,29 @@ def test_model_build_and_partitioning_are_quiet(tmp_path, shared_data, capfd):
     assert "LOAD REPORT" not in out + err and "MISSING" not in out + err and "Loading weights" not in out + err
     noisy = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, UserWarning))]
     assert not noisy, noisy
+
+
+# The strategy's state is checkpointed atomically after every round (the seam resume builds on) --
+def test_strategy_state_round_trips_through_an_atomic_checkpoint(tmp_path):
+    from fedlora.rundir import RunDir
+    from test_strategy_maths import _run_round, _setup
+
+    cfg, s, profiles, template = _setup("hetlora", "fixed", [2, 4, 8], **{"privacy.client_dp": "true",
+                                                                         "privacy.noise_seed": 1})
+    s.refused[999] = "lied"
+    from fedlora.strategies.base import RoundLog
+
+    s.rounds[1] = RoundLog(server_round=1)
+    rd = RunDir(tmp_path)
+    rd.write_checkpoint(*s.state_dict())
+    tensors, state = rd.read_checkpoint()
+    _, again, _, _ = _setup("hetlora", "fixed", [2, 4, 8], **{"privacy.client_dp": "true"})
+    again.load_state_dict(tensors, state)
+    assert {k: v.to_record() for k, v in again.profiles.items()} == {k: v.to_record() for k, v in s.profiles.items()}
+    assert again.refused == {999: "lied"} and state["last-round"] == 1
+    for (k1, a), (k2, b) in zip(again.global_eff.tensors(), s.global_eff.tensors()):
+        assert k1 == k2 and torch.equal(a, b)
+    # a torn checkpoint (tensors replaced after the state was written) is detected, not loaded
+    (tmp_path / "checkpoint" / "global.safetensors").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="torn"):
+        rd.read_checkpoint()
