@@ -16,7 +16,7 @@ import time
 
 from benchmarks.common import RESULTS, ROOT, setup_env
 
-ALL = ["wire", "aggregation", "robust", "privacy", "throughput", "overhead", "scale"]
+ALL = ["wire", "aggregation", "robust", "privacy", "hetlora_coverage", "throughput", "overhead", "scale"]
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -89,6 +89,12 @@ def report() -> str:
         sv = pv["server"]
         lines.append(f"| client-level DP release / plain mean, server, {sv['clients']} MiniLM-sized updates | "
                      f"{sv['ratio']:.1f}x ({1000 * sv['dp_release_s']:.0f} ms vs {1000 * sv['plain_mean_s']:.0f} ms) | - |")
+    hc = _load("hetlora-coverage")
+    if hc:
+        lines.append(f"| HetLoRA, 3 of 10 clients (ranks 2-8) sampled per round, {hc['rounds']} rounds: dead rank components "
+                     f"(A row and B column both zero) | paper formula {hc['dead_components_paper_formula'][-1]}/"
+                     f"{hc['components_total']}, keep_uncovered {hc['dead_components_keep_uncovered'][-1]}/"
+                     f"{hc['components_total']} | 0 |")
     sc = _load("scale")
     if sc:
         a, b = sc["rows"]
