@@ -60,7 +60,7 @@ def stage(ref: str | None, dest: Path) -> None:
         'also_copy = ["fedlora/"]\n'
         'pytest_add_cli_args = ["-q", "-x"]\n'
         # A loaded 2-core machine slows tests several-fold: a tight timeout would count slowness as a kill.
-        "timeout_multiplier = 60.0\n")
+        "timeout_multiplier = 10.0\n")
     if ref:
         shutil.rmtree(src)
 
@@ -69,7 +69,10 @@ def run(ref: str | None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fedlora-mutation-"))
     stage(ref, work)
     mutmut = str(Path(sys.executable).with_name("mutmut"))
-    subprocess.run([mutmut, "run"], cwd=work, check=False, stdout=subprocess.DEVNULL)
+    import os
+
+    env = {**os.environ, "FEDLORA_HYPOTHESIS": "mutation"}
+    subprocess.run([mutmut, "run", "--max-children", "2"], cwd=work, check=False, stdout=subprocess.DEVNULL, env=env)
     out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True).stdout
     per_module: dict[str, Counter] = {}
     for line in out.splitlines():

@@ -94,19 +94,24 @@ def _fit_cols(B: torch.Tensor, r: int) -> torch.Tensor:
 def flatten(updates: Sequence[LoraFactors]) -> tuple[list[str], list[torch.Size], dict[str, float], list[torch.Tensor]]:
     """(keys, shapes, per-module alpha, one flat float vector per update); every update must carry
     the same tensors with the same shapes."""
+    keys, shapes = check_same_tensors(updates)
+    rows = [torch.cat([t.reshape(-1).float() for _, t in u.tensors()]) for u in updates]
+    return keys, shapes, {n: m.alpha for n, m in updates[0].modules.items()}, rows
+
+
+def check_same_tensors(updates: Sequence[LoraFactors]) -> tuple[list[str], list[torch.Size]]:
+    """(keys, shapes) shared by every update; the first update that differs is named."""
     if not updates:
         raise ValueError("aggregation needs at least one update")
     first = list(updates[0].tensors())
     keys, shapes = [k for k, _ in first], [t.shape for _, t in first]
-    rows = []
     for i, u in enumerate(updates):
         items = list(u.tensors())
         if [k for k, _ in items] != keys:
             raise ValueError(f"update {i} carries different tensors than update 0")
         if [t.shape for _, t in items] != shapes:
             raise ValueError("updates disagree on tensor shapes; use a heterogeneous-rank strategy")
-        rows.append(torch.cat([t.reshape(-1).float() for _, t in items]))
-    return keys, shapes, {n: m.alpha for n, m in updates[0].modules.items()}, rows
+    return keys, shapes
 
 
 def unflatten(flat: torch.Tensor, keys: list[str], shapes: list[torch.Size], alpha: dict[str, float]) -> LoraFactors:
@@ -135,18 +140,12 @@ def weighted_mean(updates: Sequence[LoraFactors], weights: Sequence[float]) -> L
     if not updates:
         raise ValueError("weighted_mean needs at least one update")
     p = normalise(weights).to(torch.float32)
+    check_same_tensors(updates)  # every update, before any arithmetic
     mean = None
-    keys = shapes = alpha = None
     # Chunks of clients bound memory (1000 updates of a 7B adapter do not fit stacked at once)
     # while each chunk is still one matmul.
     for start in range(0, len(updates), _CHUNK):
-        k, sh, al, rows = flatten(list(updates[start:start + _CHUNK]))
-        if keys is None:
-            keys, shapes, alpha = k, sh, al
-        elif k != keys:
-            raise ValueError(f"update {start} carries different tensors than update 0")
-        elif sh != shapes:
-            raise ValueError("updates disagree on tensor shapes; use a heterogeneous-rank strategy")
+        keys, shapes, alpha, rows = flatten(list(updates[start:start + _CHUNK]))
         part = p[start:start + _CHUNK] @ torch.stack(rows)
         mean = part if mean is None else mean.add_(part)
     return unflatten(mean, keys, shapes, alpha)

@@ -20,6 +20,14 @@ os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlora-flwr-home-")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# Property tests: 40 examples each in the suite; a handful per mutant under mutation testing
+# (benchmarks/mutation.py sets FEDLORA_HYPOTHESIS=mutation), where they run once per mutant.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("suite", max_examples=40, deadline=None)
+settings.register_profile("mutation", max_examples=6, deadline=None, database=None)
+settings.load_profile(os.environ.get("FEDLORA_HYPOTHESIS", "suite"))
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -117,7 +117,7 @@ def test_compact_keys_use_the_module_list(tmp_path):
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=4),
        st.sampled_from(["float32", "float16", "bfloat16"]), st.booleans(), st.integers(0, 1000))
 def test_codec_round_trip_any_shapes_and_dtypes(mods, wire, head, seed):

@@ -192,7 +192,7 @@ def _factor_sets(draw, same_rank=True):
     return [_client(r, a, seed + i) for i, (r, a) in enumerate(zip(ranks, alphas))], weights
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(_factor_sets(same_rank=False))
 def test_stacking_is_exact_for_any_ranks_and_weights(sets):
     clients, w = sets
@@ -205,7 +205,7 @@ def test_stacking_is_exact_for_any_ranks_and_weights(sets):
         assert stacked.modules[name].rank == sum(c.modules[name].rank for c in clients)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(_factor_sets(same_rank=True))
 def test_mean_of_identical_updates_is_the_update_and_weights_are_normalised(sets):
     clients, w = sets
@@ -220,7 +220,7 @@ def test_mean_of_identical_updates_is_the_update_and_weights_are_normalised(sets
         assert k1 == k2 and torch.allclose(t1, t2, atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(_factor_sets(same_rank=False), st.integers(1, 6))
 def test_client_form_round_trip_and_svd_optimality(sets, rank):
     clients, w = sets
@@ -235,3 +235,37 @@ def test_client_form_round_trip_and_svd_optimality(sets, rank):
         best = (U[:, :rank] * S[:rank]) @ Vt[:rank]
         got = (svd.modules[name].B.double() @ svd.modules[name].A.double()).numpy()
         np.testing.assert_allclose(got, best, rtol=1e-3, atol=1e-3 * max(1.0, float(S[0])))
+
+
+def test_fit_rank_truncates_or_pads_and_block_keeps_each_components_scaling():
+    from fedlora.lora_math import block, fit_rank
+
+    f = _client(4, 8.0, 1)
+    f.modules["l0.v"].B = None  # a part that is absent stays absent
+    up, down = fit_rank(f, 6), fit_rank(f, 2)
+    assert up.modules["l0.q"].A.shape == (6, IN) and up.modules["l0.q"].B.shape == (OUT, 6)
+    assert torch.equal(up.modules["l0.q"].A[:4], f.modules["l0.q"].A) and float(up.modules["l0.q"].A[4:].abs().sum()) == 0
+    assert float(up.modules["l0.q"].B[:, 4:].abs().sum()) == 0
+    assert torch.equal(down.modules["l0.q"].B, f.modules["l0.q"].B[:, :2])
+    assert down.modules["l0.v"].B is None and torch.equal(down.modules["l0.v"].A, f.modules["l0.v"].A[:2])
+    assert up.modules["l0.q"].alpha == 8.0 and set(up.extras) == {"classifier.weight"}
+    assert torch.equal(up.extras["classifier.weight"], f.extras["classifier.weight"])
+    b = block(_client(8, 16.0, 2), 3)
+    assert b.modules["l0.q"].rank == 3 and b.modules["l0.q"].alpha == pytest.approx(16.0 / 8 * 3)
+    assert b.modules["l0.q"].scaling == pytest.approx(16.0 / 8)
+
+
+def test_weighted_mean_checks_every_chunk():
+    with pytest.raises(ValueError, match="^weighted_mean needs at least one update$"):
+        weighted_mean([], [])
+    many = [_client(2, 2.0, i) for i in range(40)]  # two chunks of clients
+    odd = _client(2, 2.0, 99)
+    odd.modules["l0.x"] = odd.modules.pop("l0.v")
+    with pytest.raises(ValueError, match="^update 32 carries different tensors than update 0$"):
+        weighted_mean(many[:32] + [odd] + many[33:], [1.0] * 40)
+    wide = _client(3, 2.0, 98)
+    with pytest.raises(ValueError, match="^updates disagree on tensor shapes; use a heterogeneous-rank strategy$"):
+        weighted_mean(many[:32] + [wide] + many[33:], [1.0] * 40)
+    mean = weighted_mean(many, [1.0] * 40)
+    want = sum(c.modules["l0.q"].A for c in many) / 40
+    assert torch.allclose(mean.modules["l0.q"].A, want, atol=1e-6)

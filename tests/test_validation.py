@@ -105,3 +105,72 @@ def test_short_reason_keeps_one_line():
     tb = "Traceback (most recent call last):\n  File x\n    raise\n\nValueError: disk on fire\n\n"
     assert short_reason(tb) == "ValueError: disk on fire"
     assert len(short_reason("x" * 1000)) == 200 and short_reason("") == "no reason given"
+
+
+def test_messages_and_returned_values_exactly():
+    """The exact sentences (operators read them in metrics.jsonl) and every returned field."""
+    with pytest.raises(RejectedReply) as e:
+        as_int("3", "x", 1, 10)
+    assert str(e.value) == "x='3' is not a number"
+    with pytest.raises(RejectedReply) as e:
+        as_int(2.5, "x", 1, 10)
+    assert str(e.value) == "x=2.5 is not an integer"
+    with pytest.raises(RejectedReply) as e:
+        as_int(11, "x", 1, 10)
+    assert str(e.value) == "x=11 is not in 1..10"
+    with pytest.raises(RejectedReply) as e:
+        as_float("a", "y")
+    assert str(e.value) == "y='a' is not a number"
+    with pytest.raises(RejectedReply) as e:
+        as_float(math.inf, "y")
+    assert str(e.value) == "y=inf is not finite"
+    with pytest.raises(RejectedReply) as e:
+        as_float(2.0, "y", 0.0, 1.0)
+    assert str(e.value) == "y=2.0 is not in [0, 1]"
+    out = check_eval_metrics({"accuracy": 0.5, "loss": 1.25, "num-examples": 4.0, "val-accuracy": 0.75,
+                              "global-accuracy": 1}, max_examples=10, weight_key="num-examples")
+    assert out == {"accuracy": 0.5, "loss": 1.25, "num-examples": 4, "val-accuracy": 0.75, "global-accuracy": 1.0}
+    assert isinstance(out["num-examples"], int) and isinstance(out["global-accuracy"], float)
+    assert check_eval_metrics({"accuracy": 0.5, "loss": 0.0, "num-examples": 1}, max_examples=0,
+                              weight_key="num-examples")["num-examples"] == 1
+    rec = {"client_id": "c-1", "partition_id": 3.0, "rank": 4, "num_train": 10, "num_test": 0, "device_class": "edge"}
+    assert check_profile_fields(rec, max_rank=8) == {"client_id": "c-1", "partition_id": 3, "rank": 4, "num_train": 10,
+                                                     "num_test": 0, "device_class": "edge"}
+    assert check_profile_fields({k: v for k, v in rec.items() if k != "device_class"}, max_rank=8)["device_class"] == ""
+    with pytest.raises(RejectedReply) as e:
+        check_profile_fields({**rec, "device_class": "x" * 65}, max_rank=8)
+    assert "device_class" in str(e.value) and "1..64 printable" in str(e.value)
+    with pytest.raises(RejectedReply) as e:
+        check_profile_fields({**rec, "num_test": -1}, max_rank=8)
+    assert str(e.value) == "num_test=-1 is not in 0..1000000000000000"
+    with pytest.raises(RejectedReply) as e:
+        check_profile_fields({**rec, "partition_id": -1}, max_rank=8)
+    assert str(e.value) == "partition_id=-1 is not in 0..1000000000"
+    with pytest.raises(RejectedReply) as e:
+        check_train_metrics({"num-examples": 3, "loss": "x"}, max_examples=5, max_rank=4, weight_key="num-examples")
+    assert str(e.value) == "metric 'loss'='x' is not a finite number"
+    with pytest.raises(RejectedReply) as e:
+        check_eval_metrics({"accuracy": 0.5, "num-examples": 3}, max_examples=5, weight_key="num-examples")
+    assert str(e.value) == "no 'loss' in the evaluation metrics"
+    assert check_train_metrics({"num-examples": 3, "rank": 2, "train-loss": 0.0, "lst": [1, 2.5]}, max_examples=5,
+                               max_rank=4, weight_key="num-examples") == (3, 2)
+
+
+def test_short_reason_strips_rays_wrapping():
+    assert short_reason("Traceback...\nException ClientAppException occurred. Message: disk on fire'>") == \
+        "Exception ClientAppException occurred. Message: disk on fire"
+    assert short_reason('x\n  ValueError: "quoted" \n') == 'ValueError: "quoted'
+    assert short_reason("a" * 199 + "bc", limit=200) == "a" * 197 + "..."
+    assert short_reason("a" * 200) == "a" * 200
+
+
+def test_check_arrays_counts_what_it_does_not_list():
+    t = _template()
+    names = list(t.modules)
+    exp = expected_arrays(t, {"A", "B", "head"}, 4, names)
+    with pytest.raises(RejectedReply) as e:
+        check_arrays({}, exp, "float32")
+    assert str(e.value) == ("tensors differ from what this client must send: missing ['0/A', '0/B', '1/A'] and 3 more")
+    only_a = expected_arrays(t, {"A"}, 2, names)
+    assert only_a == {"0/A": (2, 6), "1/A": (2, 6)}
+    assert expected_arrays(t, {"B", "head"}, 3, None)["a.q/B"] == (5, 3)
