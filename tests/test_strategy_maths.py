@@ -265,3 +265,20 @@ def test_flexlora_sends_each_client_the_best_approximation_at_its_rank(alpha_mod
                 adapter, _ = s.client_payload(prof, rnd + 1)
                 np.testing.assert_allclose(_dense(adapter.modules[n]), _best_rank(avg, prof.rank), rtol=1e-4, atol=1e-4)
         _check_head(s, trained, p)
+
+
+def test_flora_start_is_the_rounds_fresh_adapter_and_the_global_head():
+    from fedlora.factors import seeded_A
+    from fedlora.robust import update_norm
+
+    cfg, s, profiles, template = _setup("flora", "fixed", [2, 4, 8], **{"hetero.flora_max_rank": 1000})
+    _run_round(s, profiles, template, 1)
+    prof = profiles[1]
+    start = s.start_factors(prof, 2)
+    for n, m in start.modules.items():
+        assert torch.equal(m.A, seeded_A(cfg.lora.init_seed + 2, n, prof.rank, IN))
+        assert m.B.shape == (OUT, prof.rank) and float(m.B.abs().sum()) == 0 and m.alpha == prof.alpha
+    for k, t in s.global_eff.extras.items():
+        assert torch.equal(start.extras[k], t)
+    assert update_norm(start, start) == 0.0
+    assert s.global_rank_of(s.global_eff) == 14 and s.global_rank_of(LoraFactors()) == 0
