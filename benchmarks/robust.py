@@ -9,19 +9,9 @@ through the strategy's real ``validate_reply``. Writes benchmarks/results/robust
 
 from __future__ import annotations
 
-import time
-
+from benchmarks.aggregation import _time as _best
 from benchmarks.aggregation import pool
 from benchmarks.common import RESULTS, write
-
-
-def _best(fn, repeat: int) -> float:  # noqa: ANN001
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def run(quick: bool = False) -> dict:

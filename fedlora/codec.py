@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedlora.factors import LoraFactors, ModuleFactors
+from fedlora.factors import LoraFactors
 
 STYPE = "raw"
 NAMESPACES = ("base/",)  # prefixes of second factor sets sharing a record (FLoRA's global delta)
@@ -81,14 +81,15 @@ def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "
     """ArrayRecord -> factors (float32). ``alpha`` is one value or a per-module mapping;
     ``modules`` is the run's module list when keys are compact."""
     names = None if modules is None else sorted(modules)
-    out = LoraFactors()
+    flat: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
     for key, arr in record.items():
         if not key.startswith(prefix) or (not prefix and key.split("/", 1)[0] + "/" in NAMESPACES):
             continue
         name = key[len(prefix):]
         t = decode_tensor(key, arr)
         if name.startswith("head/"):
-            out.extras[name[len("head/"):]] = t
+            flat[name] = t
             continue
         module, sep, part = name.rpartition("/")
         if not sep or part not in ("A", "B"):
@@ -100,12 +101,8 @@ def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "
         a = alpha if isinstance(alpha, (int, float)) else alpha.get(module)
         if a is None:
             raise CodecError(f"{key}: no alpha known for module {module!r}")
-        m = out.modules.setdefault(module, ModuleFactors(A=None, B=None, alpha=float(a)))
-        if part == "A":
-            m.A = t
-        else:
-            m.B = t
-    return out
+        flat[f"{module}/{part}"], alphas[module] = t, float(a)
+    return LoraFactors.from_tensors(flat, alphas)
 
 
 def wire_bytes(record: ArrayRecord) -> int:
