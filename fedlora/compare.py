@@ -200,3 +200,18 @@ def plot(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    ranked = [r for r in results if any(k.startswith("server-accuracy-rank-") for k in r["rounds"][-1])]
+    if ranked:  # accuracy of the final global adapter truncated to each evaluated rank
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in ranked:
+            pts = sorted((int(k.rsplit("-", 1)[1]), v) for k, v in r["rounds"][-1].items()
+                         if k.startswith("server-accuracy-rank-") and v is not None)
+            ax.plot(*zip(*pts), marker="o", label=f"{r['arm']} ({r['split']})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank the global adapter is truncated to")
+        ax.set_ylabel("server accuracy (held-out)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path.with_name("plot-ranks.png"), dpi=100)
+        plt.close(fig)
