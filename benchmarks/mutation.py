@@ -35,7 +35,7 @@ TESTS = ["tests/test_lora_math.py", "tests/test_factors_codec.py", "tests/test_s
          "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py"]
 
 
-def stage(ref: str | None, dest: Path) -> None:
+def stage(ref: str | None, dest: Path, only: str = "") -> None:
     """The package laid out as installed: fedlora/{clients,server,strategies}, plus tests/."""
     src = dest / "_src"
     if ref:
@@ -48,7 +48,7 @@ def stage(ref: str | None, dest: Path) -> None:
     for sub in ("clients", "server", "strategies"):
         shutil.copytree(src / sub, dest / "fedlora" / sub, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(src / "tests", dest / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-    targets = [t for t in TARGETS if (dest / t).exists()]
+    targets = [t for t in TARGETS if (dest / t).exists() and only in t]
     tests = [t for t in TESTS if (dest / t).exists()]
     (dest / "pyproject.toml").write_text(
         "[tool.pytest.ini_options]\n"
@@ -65,9 +65,9 @@ def stage(ref: str | None, dest: Path) -> None:
         shutil.rmtree(src)
 
 
-def run(ref: str | None) -> dict:
+def run(ref: str | None, only: str = "") -> dict:
     work = Path(tempfile.mkdtemp(prefix="fedlora-mutation-"))
-    stage(ref, work)
+    stage(ref, work, only)
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     import os
 
@@ -92,9 +92,12 @@ def run(ref: str | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref", default=None, help="a git commit to test instead of the working tree")
+    ap.add_argument("--only", default="", help="mutate only the targets whose path contains this, e.g. flora")
     args = ap.parse_args()
-    result = run(args.ref)
+    result = run(args.ref, args.only)
     name = "mutation.json" if not args.ref else f"mutation-{args.ref}.json"
+    if args.only:
+        name = name.replace(".json", f"-{args.only.replace('/', '_')}.json")
     (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(result, indent=1))
     print(f"mutation score, {result['ref']}:")
     for module, r in result["modules"].items():
