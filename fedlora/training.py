@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,7 +121,7 @@ def _loop(ctx: TrainContext, hooks: Sequence[TrainingHook], t0: float) -> TrainR
     tc, device, data = ctx.tc, ctx.device, ctx.data
     total_loss, seen, steps, epoch = 0.0, 0, 0, 0
     while steps < ctx.target_steps:
-        for item in _items(ctx.batch_source(epoch)):
+        for item in ctx.batch_source(epoch):
             if item is None:
                 for h in hooks:
                     h.empty_batch(ctx)
@@ -150,11 +150,6 @@ def _loop(ctx: TrainContext, hooks: Sequence[TrainingHook], t0: float) -> TrainR
         metrics.update(h.end(ctx))
     return TrainResult(loss=total_loss / max(seen, 1), num_examples=len(data), steps=steps,
                        seconds=time.perf_counter() - t0, metrics=metrics)
-
-
-def _items(source: Iterable) -> Iterator[Batch | None]:
-    for item in source:
-        yield item
 
 
 @torch.no_grad()

@@ -303,6 +303,7 @@ class LoraStrategy(FedAvg):
             if node not in answered:
                 into.append(f"{self.who(node)}: no reply within federation.round_timeout "
                             f"({self.cfg.federation.round_timeout:g} s)")
+                log.warning("round %d: %s", rl.server_round, into[-1])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
@@ -326,9 +327,6 @@ class LoraStrategy(FedAvg):
                 rl.rejected.append(f"{who}: {exc}")
                 log.warning("round %d: rejected reply from %s: %s", server_round, who, exc)
         rl.accepted = len(updates)
-        for line in rl.rejected:
-            if line.endswith("s)") and "no reply" in line:
-                log.warning("round %d: %s", server_round, line)
         need = self.cfg.federation.min_accepted
         if len(updates) < need:
             rl.skipped = (f"{len(updates)} of {rl.sampled} replies accepted, fewer than federation.min_accepted "
