@@ -104,18 +104,18 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         row: dict = {"round": server_round, "strategy": strategy.strategy_name}
         if cfg.federation.server_eval and strategy.has_global_model:
-            res = evaluate(gm.load(strategy), task.test, cfg.train.eval_batch_size, gm.device)
+            model = gm.load(strategy)  # once per round: every evaluation below reads the same adapter
+            bs = cfg.train.eval_batch_size
+            res = evaluate(model, task.test, bs, gm.device)
             row["server-accuracy"], row["server-loss"] = res["accuracy"], res["loss"]
             if val is not None:
-                row["server-val-accuracy"] = evaluate(gm.load(strategy), val, cfg.train.eval_batch_size,
-                                                      gm.device)["accuracy"]
-            for r in cfg.dylora.eval_ranks:  # the global adapter truncated to rank r (scaling alpha/r)
-                model = gm.load(strategy)
+                row["server-val-accuracy"] = evaluate(model, val, bs, gm.device)["accuracy"]
+            if cfg.dylora.eval_ranks:  # the global adapter truncated to rank r (scaling alpha/r)
                 mask = RankMask(model)
                 try:
-                    mask.set(min(r, mask.max_rank))
-                    row[f"server-accuracy-rank-{r}"] = evaluate(model, task.test, cfg.train.eval_batch_size,
-                                                               gm.device)["accuracy"]
+                    for r in cfg.dylora.eval_ranks:
+                        mask.set(min(r, mask.max_rank))
+                        row[f"server-accuracy-rank-{r}"] = evaluate(model, task.test, bs, gm.device)["accuracy"]
                 finally:
                     mask.remove()
         rl = strategy.rounds.get(server_round)

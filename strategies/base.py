@@ -105,6 +105,7 @@ class LoraStrategy(FedAvg):
         self.max_rank = template.modules[next(iter(template.modules))].rank if template.modules else cfg.lora.rank
         self.profiles: dict[int, NodeProfile] = {}
         self.refused: dict[int, str] = {}  # node id -> why its setup was refused (it is never sampled again)
+        self._outliers: set[int] = set()  # nodes already flagged for an outsized declared data size
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}
         self._digest = cfg.digest()
@@ -245,10 +246,10 @@ class LoraStrategy(FedAvg):
         median = sizes[len(sizes) // 2]
         factor = self.cfg.federation.outlier_factor
         for p in self.profiles.values():
-            if p.num_train > factor * median and not getattr(p, "_flagged", False):
+            if p.num_train > factor * median and p.node_id not in self._outliers:
                 rl.flagged.append(f"client {p.client_id} (node {p.node_id}): declares {p.num_train} training "
                                   f"examples, over {factor:g}x the federation's median ({median})")
-                object.__setattr__(p, "_flagged", True)
+                self._outliers.add(p.node_id)
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         from flwr.serverapp.strategy.strategy_utils import sample_nodes

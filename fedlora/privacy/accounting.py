@@ -13,6 +13,7 @@ Example level: Opacus' RDP accountant over Poisson-sampled DP-SGD steps (add/rem
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from fedlora.config import ConfigError, FedLoraConfig
 
@@ -50,8 +51,14 @@ def sampled_per_round(cfg: FedLoraConfig) -> int:
 
 def client_noise_for_target(cfg: FedLoraConfig) -> float:
     """Smallest z (bisection, 1e-3 relative) with which the whole run spends at most the target epsilon."""
-    n, m, t = cfg.federation.num_clients, sampled_per_round(cfg), cfg.run.rounds
-    target, delta = cfg.privacy.client_target_epsilon, cfg.client_delta()
+    return _calibrate_client_noise(cfg.federation.num_clients, sampled_per_round(cfg), cfg.run.rounds,
+                                   cfg.privacy.client_target_epsilon, cfg.client_delta())
+
+
+@lru_cache(maxsize=32)
+def _calibrate_client_noise(n: int, m: int, t: int, target: float, delta: float) -> float:
+    # Cached: every party that validates the config (the server, each client process) asks the same
+    # question, and one bisection is some fifty accountant evaluations.
     if client_epsilon(MAX_NOISE, m, n, t, delta) > target:
         raise ConfigError(
             f"invalid config value for 'privacy.client_target_epsilon': {target} cannot be met with {t} rounds of "

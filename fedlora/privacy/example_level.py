@@ -48,6 +48,7 @@ class DPSGDHook(TrainingHook):
         self.noise_seed = noise_seed
         self.engine = None
         self.empty_steps = 0
+        self._params: list[torch.nn.Parameter] = []
 
     @staticmethod
     def sample_rate(num_examples: int, batch_size: int) -> float:
@@ -95,7 +96,7 @@ class DPSGDHook(TrainingHook):
         # the next message, also when training failed.
         if hasattr(ctx.model, "_close"):
             ctx.model._close()
-        for p in self._params if hasattr(self, "_params") else []:
+        for p in self._params:
             for attr in ("grad_sample", "summed_grad"):
                 if hasattr(p, attr):
                     delattr(p, attr)
