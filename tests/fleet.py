@@ -34,49 +34,11 @@ class RecordingGrid:
         return replies
 
 
-def misbehaving_app(bad: dict[int, str]) -> ClientApp:
-    """fedlora's ClientApp, except that partition p corrupts its train reply as ``bad[p]`` says:
-    'leak-b' (adds a B tensor), 'nan' (a NaN in A), 'shape' (drops a row of A), 'rank' (reports
-    a wrong rank), 'weight' (claims 1e12 examples)."""
-    from fedlora.clients.app import app as real
-
-    app = ClientApp()
-
-    @app.query()
-    def q(msg: Message, context):  # noqa: ANN001, ANN202
-        return real(msg, context)
-
-    @app.evaluate()
-    def e(msg: Message, context):  # noqa: ANN001, ANN202
-        return real(msg, context)
-
-    @app.train()
-    def t(msg: Message, context):  # noqa: ANN001, ANN202
-        reply = real(msg, context)
-        how = bad.get(int(context.node_config["partition-id"]))
-        arrays = reply.content["arrays"]
-        key = next(k for k in arrays.keys() if k.endswith("/A"))
-        a = codec.decode_tensor(key, arrays[key])
-        if how == "leak-b":
-            arrays[key[:-2] + "/B"] = codec.encode_tensor(torch.zeros(a.shape[1], a.shape[0]))
-        elif how == "nan":
-            a[0, 0] = math.nan
-            arrays[key] = codec.encode_tensor(a)
-        elif how == "shape":
-            arrays[key] = codec.encode_tensor(a[1:])
-        elif how == "rank":
-            reply.content["metrics"]["rank"] = a.shape[0] + 1
-        elif how == "weight":
-            reply.content["metrics"]["num-examples"] = 10**12
-        return reply
-
-    return app
-
-
 def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
     """fedlora's ClientApp, except that partition p misbehaves in the ways ``bad[p]`` names.
 
-    Train replies: 'drop-b' (one module's B missing), 'drop-bias' (the head's bias missing),
+    Train replies: 'leak-b' (adds a B, which FedSA keeps private), 'nan' (a NaN in A), 'shape'
+    (drops a row of A), 'rank' (reports its rank + 1), 'weight' (claims 1e12 examples), 'drop-b' (one module's B missing), 'drop-bias' (the head's bias missing),
     'rank-nan', 'rank-inf', 'rank-frac' (4.7), 'examples-frac' (2.5), 'examples-cap' (claims the
     federation's declared-size cap), 'base-key' (a FLoRA key outside FLoRA), 'scale-1e6' (every
     tensor x1e6), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 45 s from
@@ -134,6 +96,20 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
             time.sleep(45)
         reply = real(msg, context)
         arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+        key_a = next(k for k in arrays.keys() if k.endswith("/A"))
+        if "leak-b" in h:
+            a = codec.decode_tensor(key_a, arrays[key_a])
+            arrays[key_a[:-2] + "/B"] = codec.encode_tensor(torch.zeros(a.shape[1], a.shape[0]))
+        if "nan" in h:
+            a = codec.decode_tensor(key_a, arrays[key_a])
+            a[0, 0] = math.nan
+            arrays[key_a] = codec.encode_tensor(a)
+        if "shape" in h:
+            arrays[key_a] = codec.encode_tensor(codec.decode_tensor(key_a, arrays[key_a])[1:])
+        if "rank" in h:
+            metrics["rank"] = int(metrics["rank"]) + 1
+        if "weight" in h:
+            metrics["num-examples"] = 10**12
         if "drop-b" in h:
             del arrays[next(k for k in arrays.keys() if k.endswith("/B"))]
         if "drop-bias" in h:
@@ -149,8 +125,7 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
         if "examples-cap" in h:
             metrics["num-examples"] = 1000
         if "base-key" in h:
-            key = next(k for k in arrays.keys() if k.endswith("/A"))
-            arrays["base/" + key] = arrays[key]
+            arrays["base/" + key_a] = arrays[key_a]
         for key in list(arrays.keys()):
             if "scale-1e6" in h:
                 arrays[key] = codec.encode_tensor(codec.decode_tensor(key, arrays[key]) * 1e6)

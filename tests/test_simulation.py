@@ -150,7 +150,7 @@ def test_wire_carries_only_what_the_policy_shares(tmp_path, shared_data, strateg
 
 def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path, shared_data):
     cfg = make_config(tmp_path, federation={"strategy": "fedsa", "num_clients": 6, "min_train_clients": 6})
-    app = fleet.misbehaving_app({1: "leak-b", 2: "nan", 3: "weight", 4: "shape", 5: "rank"})
+    app = fleet.hostile_app({1: "leak-b", 2: "nan", 3: "weight", 4: "shape", 5: "rank"})
     _, rows, _ = _run(cfg, client_app=app)
     for row in rows[1:]:
         assert row["clients-accepted"] == 1 and row["clients-sampled"] == 6
