@@ -5,11 +5,13 @@ keeps the private ones in its client-state store and never trains the frozen one
 strategy-specific branches. Heavy work (model build, tokenization) is cached per process.
 
 Node config keys (deployment; in simulation Flower sets ``partition-id``):
-``partition-id``, ``client-id``, ``rank``, ``device-class``, ``state-dir``.
+``partition-id``, ``client-id``, ``rank``, ``device-class``, ``state-dir``, ``data`` (the device's own
+data; without it, partition ``partition-id`` of the run's dataset).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -28,8 +30,10 @@ def setup(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     if config.get("action") != SETUP:
         raise ValueError(f"unknown query action {config.get('action')!r}")
-    ClientSession.remember_config(context, str(config["run-config"]))
+    names = json.loads(str(config["label-names"])) if "label-names" in config else None
+    ClientSession.remember_config(context, str(config["run-config"]), names)
     session = ClientSession.from_context(context)
+    ClientSession.persist_setup(context)
     return Message(RecordDict({PROFILE: ConfigRecord(session.profile.to_record())}), reply_to=msg)
 
 

@@ -5,6 +5,7 @@ Used by the ClientApp handlers; every step is driven by the run's sharing policy
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from fedlora import codec
 from fedlora.cache import BoundedCache
 from fedlora.config import FedLoraConfig, digest_of
-from fedlora.data import ClientData, client_data
+from fedlora.data import ClientData, client_data, local_client_data
 from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.lora_math import block, prune_rank, prune_to_rank
 from fedlora.model import (AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, save_adapter,
@@ -30,6 +31,7 @@ from fedlora.training import pick_device
 log = logging.getLogger("fedlora.client")
 
 STATE_KEY = "fedlora"
+SETUP_FILE = "run-setup.json"  # deployment: this node's setup of the current run, in its state folder
 _CONFIGS: BoundedCache[FedLoraConfig] = BoundedCache(8)
 
 
@@ -48,28 +50,63 @@ class ClientSession:
     modules: list[str] | None = None  # the run's module list (wire keys are indices into it)
 
     # --------------------------------------------------------------------- construction
+    label_names: list[str] | None = None  # the run's label space, as the server sent it
+
     @staticmethod
-    def remember_config(context: Context, run_config_json: str) -> FedLoraConfig:
+    def remember_config(context: Context, run_config_json: str, label_names: list[str] | None = None) -> FedLoraConfig:
         cfg = FedLoraConfig.from_json(run_config_json)
         # The digest of the text the server sent (what the server's own digest is), not of this
         # client's re-serialisation: a client whose fedlora knows more config keys still agrees.
         digest = digest_of(run_config_json)
-        context.state.config_records[STATE_KEY] = ConfigRecord({"run-config": run_config_json, "digest": digest})
+        record = {"run-config": run_config_json, "digest": digest}
+        if label_names is not None:
+            record["label-names"] = json.dumps(list(label_names))
+        context.state.config_records[STATE_KEY] = ConfigRecord(record)
         _CONFIGS[digest] = cfg
         return cfg
+
+    @staticmethod
+    def persist_setup(context: Context) -> None:
+        """Deployment: keep this run's setup in the node's state folder, so a SuperNode restarted mid-run
+        (Flower keeps a node's run state in memory only) carries on, and `fedlora client`'s resident
+        executor can build the run's model before the next task arrives."""
+        root = str(context.node_config.get("state-dir", ""))
+        if not root:
+            return
+        from fedlora.state import atomic_write_bytes
+
+        setup = {**dict(context.state.config_records[STATE_KEY]), "node-config": dict(context.node_config),
+                 "node-id": int(context.node_id)}
+        atomic_write_bytes(Path(root) / SETUP_FILE, json.dumps(setup, sort_keys=True).encode())
 
     @classmethod
     def from_context(cls, context: Context, digest: str | None = None) -> ClientSession:
         rec = context.state.config_records.get(STATE_KEY)
+        if rec is None and digest and str(context.node_config.get("state-dir", "")):
+            kept = Path(str(context.node_config["state-dir"])) / SETUP_FILE
+            saved = json.loads(kept.read_text()) if kept.exists() else {}
+            if saved.get("digest") == digest:  # the same run's setup, from before this node restarted
+                rec = ConfigRecord({k: saved[k] for k in ("run-config", "digest", "label-names") if k in saved})
+                context.state.config_records[STATE_KEY] = rec
         if rec is None:
             raise SetupMissing("this node has not received the run configuration (setup message missing)")
         if digest and rec["digest"] != digest:
             raise SetupMissing(f"run config digest {digest} differs from this node's {rec['digest']}")
         cfg = _CONFIGS.get(str(rec["digest"])) or FedLoraConfig.from_json(str(rec["run-config"]))
         _CONFIGS[str(rec["digest"])] = cfg
-        nc = context.node_config
+        names = json.loads(str(rec["label-names"])) if "label-names" in rec else None
+        return cls.from_parts(cfg, dict(context.node_config), int(context.node_id), names)
+
+    @classmethod
+    def from_parts(cls, cfg: FedLoraConfig, node_config: dict, node_id: int,
+                   label_names: list[str] | None = None) -> ClientSession:
+        """A session from the run config and this node's config (Flower's ``node_config``).
+
+        ``data``: the device's own data (deployment); otherwise the client reads partition
+        ``partition-id`` of the run's dataset (simulation, `flwr run` local simulation)."""
+        nc = node_config
         partition = int(nc.get("partition-id", 0))
-        client_id = str(nc.get("client-id", f"client-{partition:05d}"))
+        client_id = str(nc.get("client-id", "") or f"client-{partition:05d}")
         store_root = str(nc.get("state-dir", "")) or cfg.simulation.state_dir or str(Path.home() / ".fedlora" / "client_state")
         store = ClientStateStore(store_root)
         rank = int(nc.get("rank", 0)) or cfg.client_rank(partition)
@@ -77,20 +114,28 @@ class ClientSession:
         device_class = str(nc.get("device-class", "")) or cfg.client_class(partition)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        data = client_data(cfg, partition)
-        profile = NodeProfile(node_id=int(context.node_id), client_id=client_id, partition_id=partition, rank=rank,
+        if str(nc.get("data", "")):
+            if label_names is None:
+                raise SetupMissing("a client with its own data needs the run's label names from the server's setup")
+            data = local_client_data(cfg, str(nc["data"]), label_names)
+        else:
+            data = client_data(cfg, partition)
+        profile = NodeProfile(node_id=node_id, client_id=client_id, partition_id=partition, rank=rank,
                               alpha=cfg.lora.alpha_for_rank(rank), num_train=len(data.train), num_test=len(data.test),
                               device_class=device_class)
         return cls(cfg=cfg, policy=policy_for(cfg.federation.strategy), profile=profile, data=data, store=store,
-                   device=pick_device(cfg.train.device))
+                   device=pick_device(cfg.train.device), label_names=label_names)
+
+    def labels(self) -> list[str]:
+        from fedlora.data import load_task
+
+        return list(self.label_names) if self.label_names is not None else load_task(self.cfg).label_names
 
     # --------------------------------------------------------------------- model
     def model(self) -> torch.nn.Module:
-        from fedlora.data import load_task
-
         spec = AdapterSpec(rank=self.profile.rank, alpha=self.profile.alpha, dropout=self.cfg.lora.dropout,
                            target_modules=tuple(self.cfg.lora.target_modules))
-        return build_peft_model(self.cfg, load_task(self.cfg).num_labels, spec).to(self.device)
+        return build_peft_model(self.cfg, len(self.labels()), spec).to(self.device)
 
     def prepare(self, model: torch.nn.Module, received: ArrayRecord, server_round: int) -> LoraFactors:
         """Set every trainable tensor for this message: seed init, private state, received parts.
@@ -180,8 +225,6 @@ class ClientSession:
 
     def save_personal_adapter(self, model: torch.nn.Module) -> str:
         root = Path(self.cfg.simulation.state_dir or self.store.root).parent / "adapters" / self.profile.client_id
-        from fedlora.data import load_task
-
-        save_adapter(model, root, self.cfg.model.name, load_task(self.cfg).label_names)
+        save_adapter(model, root, self.cfg.model.name, self.labels())
         return str(root)
 

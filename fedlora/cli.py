@@ -99,6 +99,110 @@ def compare(
     typer.echo(f"results: {folder}")
 
 
+def _round_line(row: dict) -> str:
+    parts = [f"round {row['round']}"]
+    for key, label in (("server-accuracy", "acc"), ("personal-accuracy-mean", "personal acc"),
+                       ("personal-accuracy-worst", "worst")):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.3f}")
+    if row.get("clients-accepted") is not None:
+        parts.append(f"{row['clients-accepted']}/{row.get('clients-sampled')} clients")
+    if row.get("client-epsilon") is not None:
+        parts.append(f"eps {row['client-epsilon']:.2f}")
+    if row.get("dp-sgd-epsilon-max") is not None:
+        parts.append(f"dp-sgd eps {row['dp-sgd-epsilon-max']:.2f}")
+    if row.get("bytes-up-per-client"):
+        parts.append(f"up {row['bytes-up-per-client'] / 1e3:.1f} kB/client")
+    if row.get("rejected"):
+        parts.append(f"{len(row['rejected'])} rejected")
+    parts.append(f"{row['seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+@cli.command()
+def server(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run config with a [server] section (address, TLS files, enrolled node keys).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a key: --set server.address='\"0.0.0.0:9092\"' (repeatable).")] = [],  # noqa: B006
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory's run from its last completed round.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no node authentication (trials; refused on a public address unless given).")] = False,
+) -> None:
+    """Run a real federation: start a SuperLink and run fedlora's ServerApp on it (Flower deployment)."""
+    from fedlora.deploy.server import absolute_paths, serve
+    from fedlora.rundir import RunDir
+
+    if resume is not None:
+        if config is not None or set_:
+            typer.secho("--resume runs the config saved in the run directory; drop --config/--set", fg="red", err=True)
+            raise typer.Exit(2)
+        if not (resume / "config.toml").exists():
+            typer.secho(f"{resume} is not a run directory (no config.toml)", fg="red", err=True)
+            raise typer.Exit(2)
+        cfg = _load(resume / "config.toml", [])
+        run_dir = RunDir(resume.resolve())
+    else:
+        cfg = absolute_paths(_load(config, set_))
+        run_dir = RunDir.create(cfg)
+    t0 = time.perf_counter()
+    typer.echo(f"fedlora server {cfg.run_name()}: {cfg.federation.strategy} | model {cfg.model.name} | "
+               f"{cfg.run.rounds} rounds -> {run_dir.path}", err=True)
+    try:
+        dep = serve(cfg, run_dir, resume=resume is not None, insecure=insecure,
+                    on_round=lambda row: typer.echo("  " + _round_line(row), err=True),
+                    say=lambda m: typer.echo(m, err=True))
+    except ConfigError as exc:
+        typer.secho(f"config error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except (RuntimeError, TimeoutError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"done in {time.perf_counter() - t0:.0f}s (SuperLink up in {dep.timings.get('superlink-start-seconds', 0):.1f}s); "
+               f"run directory: {run_dir.path}", err=True)
+
+
+@cli.command()
+def client(
+    settings: Annotated[Optional[Path], typer.Option("--settings", help="Small TOML file with the settings below (flags win).")] = None,
+    server_address: Annotated[Optional[str], typer.Option("--server", help="The server's host:port.")] = None,
+    root_certificates: Annotated[Optional[str], typer.Option("--root-certificates", help="CA certificate that signed the server's (PEM).")] = None,
+    node_key: Annotated[Optional[str], typer.Option("--node-key", help="This node's private key (PEM, EC P-384), enrolled on the server.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="This device's data: a folder (train.jsonl, test.jsonl) or a file.")] = None,
+    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="Where this client keeps its state across restarts.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank this device trains (0 = the run's).")] = None,
+    device_class: Annotated[Optional[str], typer.Option("--device-class", help="Device class from the run's [hetero] table.")] = None,
+    client_id: Annotated[Optional[str], typer.Option("--client-id", help="Stable name of this client ('' = the key's file name).")] = None,
+    partition_id: Annotated[Optional[int], typer.Option("--partition-id", help="Trial: use partition N of the run's dataset instead of own data.")] = None,
+    insecure: Annotated[Optional[bool], typer.Option("--insecure", help="Join a server started with --insecure.")] = None,
+    cold: Annotated[bool, typer.Option("--cold", help="Flower's default isolation: a fresh process (and model load) per message.")] = False,
+) -> None:
+    """Join a real federation from this device (Flower SuperNode + fedlora's ClientApp)."""
+    from fedlora.deploy.client import ClientSettings, run_client
+
+    try:
+        s = ClientSettings.load(settings, {"server": server_address, "root_certificates": root_certificates,
+                                           "node_key": node_key, "data": data, "state_dir": state_dir, "rank": rank,
+                                           "device_class": device_class, "client_id": client_id,
+                                           "partition_id": partition_id, "insecure": insecure})
+    except (ConfigError, TypeError) as exc:
+        typer.secho(f"client settings error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_client(s, cold=cold, say=lambda m: typer.echo(m, err=True)))
+
+
+@cli.command()
+def certs(
+    folder: Annotated[Path, typer.Argument(help="Where to write ca.crt, server.crt/.key and nodes/node-N.key/.pub.")],
+    nodes: Annotated[int, typer.Option("--nodes", "-n", help="Node key pairs to create.")] = 2,
+    host: Annotated[list[str], typer.Option("--host", help="Server name or IP the certificate is valid for (repeatable; 127.0.0.1 and localhost always).")] = [],  # noqa: B006
+) -> None:
+    """Create a test CA, a server certificate and node keys for a local trial (use your own CA in production)."""
+    from fedlora.deploy.pki import create_credentials
+
+    c = create_credentials(folder, [*host, "127.0.0.1", "localhost"], nodes)
+    typer.echo(f"CA {c.ca_cert}\nserver certificate {c.server_cert} (key {c.server_key})")
+    for n in c.nodes:
+        typer.echo(f"node {n.name}: private {n.private_key} (stays on the device), public {n.public_key} (enrol on the server)")
+
+
 @cli.command()
 def strategies() -> None:
     """List the registered strategies and what each shares."""

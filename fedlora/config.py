@@ -145,7 +145,11 @@ class FederationConfig:
     min_accepted: int = _meta("Skip a round's aggregation, with a logged reason, when fewer replies are accepted.",
                               default=1)
     min_available_clients: int = _meta(
-        "Clients that must be connected before round 1 starts (0 = federation.min_train_clients).", default=0)
+        "Clients that must be connected before a round samples (0 = federation.min_train_clients); the server "
+        "starts with the clients it has once this many are connected.", default=0)
+    wait_timeout: float = _meta(
+        "Seconds the server waits for federation.min_available_clients to connect before it stops the run "
+        "with an error naming how many it had.", default=600.0)
 
     def validate(self) -> None:
         _require(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
@@ -162,6 +166,7 @@ class FederationConfig:
         _require(0 <= self.min_available_clients <= self.num_clients, "federation.min_available_clients",
                  f"must be in 0..federation.num_clients ({self.num_clients})")
         _require(self.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds")
+        _require(self.wait_timeout > 0, "federation.wait_timeout", "must be > 0 seconds")
         _require(self.wire_dtype in ("float32", "float16", "bfloat16"), "federation.wire_dtype",
                  f"must be float32, float16 or bfloat16, got {self.wire_dtype!r}")
         from fedlora.registry import strategy_names  # local: registry imports strategies lazily
@@ -312,6 +317,49 @@ class SimulationConfig:
 
 
 @dataclass
+class ServerSection:
+    """`fedlora server`: the SuperLink it starts (Flower's deployment runtime)."""
+
+    address: str = _meta("host:port the SuperLink serves (Fleet, Control and Runtime APIs on one port); "
+                         "0.0.0.0 listens on every interface.", default="127.0.0.1:9092")
+    tls_certfile: str = _meta("Server certificate (PEM); `fedlora certs` makes a test one.", default="")
+    tls_keyfile: str = _meta("Server private key (PEM).", default="")
+    tls_ca_certfile: str = _meta("CA certificate that signed the server certificate (PEM).", default="")
+    insecure: bool = _meta("Serve without TLS (and without node authentication). Refused on a non-loopback "
+                           "address unless set explicitly.", default=False)
+    node_auth: bool = _meta("Only nodes whose public key is enrolled join (Flower's SuperNode authentication; "
+                            "needs TLS).", default=True)
+    enrolled_keys: list[str] = _meta("Public keys (OpenSSH, EC P-384) of the nodes allowed to join; a folder "
+                                     "means every *.pub in it.", default_factory=list)
+    database: str = _meta("SuperLink state (SQLite); '' = <run dir>/superlink.db, so a restarted SuperLink "
+                          "keeps its nodes, messages and runs.", default="")
+
+    def validate(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "server.address",
+                 f"must be host:port, got {self.address!r}")
+        tls = [bool(self.tls_certfile), bool(self.tls_keyfile), bool(self.tls_ca_certfile)]
+        _require(all(tls) or not any(tls), "server.tls_*",
+                 "give all of tls_certfile, tls_keyfile and tls_ca_certfile, or none")
+        _require(not (self.insecure and any(tls)), "server.insecure", "contradicts the TLS files given")
+
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def is_loopback(self) -> bool:
+        import ipaddress
+
+        host = self.host_port()[0]
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass
 class FedLoraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -324,6 +372,7 @@ class FedLoraConfig:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     dylora: DyLoraSection = field(default_factory=DyLoraSection)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    server: ServerSection = field(default_factory=ServerSection)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -154,8 +154,13 @@ def _load_hf(dc: DataConfig, cache_dir: Path):  # noqa: ANN202
     return ds[dc.train_split], test, label_names
 
 
-def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int) -> tuple[list[dict], list[dict], list[str]]:
+def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int,
+                  run_labels: list[str] | None = None) -> tuple[list[dict], list[dict], list[str]]:
+    """Rows with integer labels. ``run_labels``: the run's label space (a client's own files are
+    mapped onto the server's label names, never the other way round)."""
     train, test, label_names = _load_hf(dc, cache_dir)
+    if run_labels is not None:
+        label_names = list(run_labels)
     cols = train.column_names
     for key, col in (("data.text_column", dc.text_column), ("data.label_column", dc.label_column),
                      ("data.text_pair_column", dc.text_pair_column)):
@@ -230,16 +235,8 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
         train_rows = _cap(train_rows, dc.max_train_examples, cfg.run.seed)
         test_rows = _cap(test_rows, dc.max_test_examples, cfg.run.seed + 1)
         tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-
-        def encode(rows: list[dict]) -> dict:
-            texts = [r["text"] for r in rows]
-            pairs = [r.get("pair") for r in rows]
-            enc = tok(texts, pairs if any(p is not None for p in pairs) else None,
-                      truncation=True, max_length=cfg.model.max_length)
-            return {"ids": [torch.tensor(x, dtype=torch.int32) for x in enc["input_ids"]],
-                    "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
-
-        blob = {"train": encode(train_rows), "test": encode(test_rows), "names": names}
+        blob = {"train": _encode(tok, train_rows, cfg.model.max_length),
+                "test": _encode(tok, test_rows, cfg.model.max_length), "names": names}
         _write_tokenized(path, blob)
     task = TaskData(
         train=Examples(blob["train"]["ids"], blob["train"]["labels"]),
@@ -251,6 +248,14 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
         raise ConfigError(f"dataset {dc.dataset!r} has no training examples")
     _TASK_CACHE[key] = task
     return task
+
+
+def _encode(tok, rows: list[dict], max_length: int) -> dict:  # noqa: ANN001
+    texts = [r["text"] for r in rows]
+    pairs = [r.get("pair") for r in rows]
+    enc = tok(texts, pairs if any(p is not None for p in pairs) else None, truncation=True, max_length=max_length)
+    return {"ids": [torch.tensor(x, dtype=torch.int32) for x in enc["input_ids"]],
+            "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
 
 
 def _write_tokenized(path: Path, blob: dict) -> None:
@@ -353,6 +358,50 @@ def client_data(cfg: FedLoraConfig, partition_id: int) -> ClientData:
         v = max(1, round(len(idx) * cfg.data.validation_fraction))
         val, rest = task.train.subset(rest[:v]), rest[v:]
     return ClientData(train=task.train.subset(rest), test=task.train.subset(test), val=val)
+
+
+_LOCAL_CACHE: BoundedCache[ClientData] = BoundedCache(2)
+
+
+def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[str]) -> ClientData:
+    """A deployed client's own data: a folder (``train.jsonl``, optional ``test.jsonl``, or .csv/
+    .json/.parquet) or one file on the device, with the run's column names; labels (names or
+    indices) are mapped onto the run's ``label_names``. Without a test file, a local test split is
+    carved out as in simulation."""
+    from dataclasses import replace
+
+    from fedlora.model import cache_root, load_tokenizer
+
+    src = Path(path).expanduser().resolve()
+    if not src.exists():
+        raise ConfigError(f"client data {src} does not exist")
+    files = sorted(src.iterdir()) if src.is_dir() else [src]
+    stamp = [(f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files]  # edited files are re-read
+    key = json.dumps([str(src), stamp, cfg.to_dict()["data"], cfg.model.name, cfg.model.max_length,
+                      label_names, cfg.run.seed], sort_keys=True)
+    if key in _LOCAL_CACHE:
+        return _LOCAL_CACHE[key]
+    dc = replace(cfg.data, dataset=str(src), data_files={})
+    train_rows, test_rows, _ = _rows_from_hf(dc, cache_root(cfg.model.cache_dir), cfg.run.seed, label_names)
+    rng = random.Random(cfg.run.seed)
+    rng.shuffle(train_rows)
+    val_rows: list[dict] = []
+    if cfg.data.validation_fraction > 0:
+        v = max(1, round(len(train_rows) * cfg.data.validation_fraction))
+        val_rows, train_rows = train_rows[:v], train_rows[v:]
+    if not train_rows or not test_rows:
+        raise ConfigError(f"client data {src}: {len(train_rows)} training and {len(test_rows)} test examples; "
+                          f"a client needs both")
+    tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
+
+    def examples(rows: list[dict]) -> Examples:
+        enc = _encode(tok, rows, cfg.model.max_length)
+        return Examples(enc["ids"], enc["labels"])
+
+    out = ClientData(train=examples(train_rows), test=examples(test_rows),
+                     val=examples(val_rows) if val_rows else None)
+    _LOCAL_CACHE[key] = out
+    return out
 
 
 def server_validation(cfg: FedLoraConfig) -> Examples | None:

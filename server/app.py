@@ -7,6 +7,7 @@ travels as the ``config`` key of Flower's run config: a TOML path or inline JSON
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -87,8 +88,11 @@ def reference_rank(cfg: FedLoraConfig) -> int:
 
 
 def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
-               on_round: Callable[[dict], None] | None = None):  # noqa: ANN201 - flwr Result
-    """Run a whole federation on ``grid``; write metrics/adapters to ``run_dir`` if given."""
+               on_round: Callable[[dict], None] | None = None, resume: bool = False):  # noqa: ANN201 - flwr Result
+    """Run a whole federation on ``grid``; write metrics/adapters to ``run_dir`` if given.
+
+    ``resume``: continue ``run_dir``'s run from its last checkpoint (the round after the last one
+    completed, with the same round numbers, sampling and seeds as an uninterrupted run)."""
     t_start = time.perf_counter()
     task = load_task(cfg)
     val = server_validation(cfg)
@@ -96,12 +100,19 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     strategy_cls = get_strategy(cfg.federation.strategy)
     strategy = strategy_cls(cfg, gm.template())
     strategy.global_eff = strategy.initial_global(to_effective(gm.init))
+    strategy.label_names = list(task.label_names)
+    if resume:
+        done = resume_strategy(strategy, cfg, run_dir)
+        log.info("resuming %s after round %d of %d", run_dir.path if run_dir else "", done, cfg.run.rounds)
     raw_template = {dt: codec.raw_bytes(gm.init.select(strategy.sharing_policy.shared), dt) for dt in codec.WIRE_DTYPES}
-    if run_dir is not None:
+    if run_dir is not None and not resume:
         run_dir.write_config(cfg)
     timer = {"t": time.perf_counter()}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if resume and server_round == 0:
+            return None  # the resumed run's starting point is the checkpoint's last round, already logged
+        server_round += strategy.round_offset
         row: dict = {"round": server_round, "strategy": strategy.strategy_name}
         if cfg.federation.server_eval and strategy.has_global_model:
             model = gm.load(strategy)  # once per round: every evaluation below reads the same adapter
@@ -153,7 +164,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         return None
 
     result = strategy.start(
-        grid=grid, initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds,
+        grid=grid, initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds - strategy.round_offset,
         timeout=cfg.federation.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
     )
@@ -172,6 +183,31 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         })
         run_dir.plot(baselines)
     return result
+
+
+def resume_strategy(strategy, cfg: FedLoraConfig, run_dir: RunDir | None) -> int:  # noqa: ANN001
+    """Load ``run_dir``'s checkpoint into ``strategy``; return the rounds it had completed."""
+    if run_dir is None:
+        raise ValueError("resume needs the run directory of the interrupted run")
+    found = run_dir.read_checkpoint()
+    if found is None:
+        raise ValueError(f"{run_dir.path} holds no checkpoint (checkpoint/state.json): the run never finished a round")
+    tensors, state = found
+    if state.get("config-digest") != cfg.digest():
+        raise ValueError(f"{run_dir.path}: its checkpoint was written by a run with a different config; resume "
+                         "runs the config.toml saved in the run directory, unchanged")
+    strategy.load_state_dict(tensors, state)
+    done = int(state["last-round"])
+    if done >= cfg.run.rounds:
+        raise ValueError(f"{run_dir.path} finished all {cfg.run.rounds} rounds; nothing to resume")
+    strategy.round_offset = done
+    # Metrics rows past the checkpoint (a crash between the metrics line and the checkpoint) are dropped,
+    # so the file holds each round once.
+    rows = [r for r in run_dir.read_metrics() if r["round"] <= done]
+    from fedlora.rundir import atomic_write
+
+    atomic_write(run_dir.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return done
 
 
 def privacy_summary(cfg: FedLoraConfig, strategy, rows: list[dict]) -> dict:  # noqa: ANN001
@@ -207,9 +243,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    src = str(context.run_config.get("config", "") or "")
+    """Run config keys: ``config`` (a TOML path or inline JSON; '' = the embedded default),
+    ``run-dir`` (an absolute folder for this run; '' = a new one under run.output_dir) and
+    ``resume`` (continue ``run-dir``'s run from its checkpoint): `fedlora server` sets all three."""
+    rc = context.run_config
+    src = str(rc.get("config", "") or "")
     if src.strip().startswith("{"):
         cfg = FedLoraConfig.from_json(src)
     else:
         cfg = FedLoraConfig.load(src or None)
-    run_server(grid, cfg, RunDir.create(cfg))
+    folder = str(rc.get("run-dir", "") or "")
+    run_server(grid, cfg, RunDir(folder) if folder else RunDir.create(cfg), resume=bool(rc.get("resume", False)))

@@ -23,6 +23,7 @@ kept in effective form (see :mod:`fedlora.lora_math`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -95,7 +96,7 @@ class LoraStrategy(FedAvg):
             fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate,
             min_train_nodes=min(f.min_train_clients, f.num_clients),
             min_evaluate_nodes=min(f.min_evaluate_clients, f.num_clients) if f.fraction_evaluate > 0 else 0,
-            min_available_nodes=f.min_available_clients or f.num_clients, arrayrecord_key=arrayrecord_key,
+            min_available_nodes=f.min_available_clients or f.min_train_clients, arrayrecord_key=arrayrecord_key,
             configrecord_key=configrecord_key,
         )
         self.cfg = cfg
@@ -109,6 +110,9 @@ class LoraStrategy(FedAvg):
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}
         self._digest = cfg.digest()
+        self.label_names: list[str] | None = None  # the run's label space, sent with the setup
+        self.round_offset = 0  # rounds completed before this process resumed the run (Flower counts from 1)
+        self._set_up: set[int] = set()  # nodes that received this run's setup from this process
         self.dp = None
         if cfg.privacy.client_dp:
             from fedlora.privacy.client_level import ClientLevelDP
@@ -186,9 +190,14 @@ class LoraStrategy(FedAvg):
 
         A profile is checked like any reply: a node whose profile is malformed, contradicts the
         run or claims another node's client id is left out of the run with a logged reason."""
-        new = [n for n in node_ids if n not in self.profiles and n not in self.refused]
+        # A node this process has not set up: new, or known from a checkpoint (a resumed run is a new
+        # Flower run, and a node's run state starts empty in it).
+        new = [n for n in node_ids if n not in self._set_up and n not in self.refused]
         if new:
-            content = ConfigRecord({"action": SETUP, "run-config": self.cfg.to_json()})
+            record = {"action": SETUP, "run-config": self.cfg.to_json()}
+            if self.label_names is not None:
+                record["label-names"] = json.dumps(self.label_names)
+            content = ConfigRecord(record)
             msgs = [Message(RecordDict({CONFIG: content}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             replies = list(grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout))
             for node in sorted(set(new) - {r.metadata.src_node_id for r in replies}):
@@ -208,6 +217,7 @@ class LoraStrategy(FedAvg):
                     log.warning("node %s is left out of the run: %s", node, exc)
                     continue
                 self.profiles[node] = prof
+                self._set_up.add(node)
             self._flag_outliers(rl)
         return [n for n in node_ids if n in self.profiles]
 
@@ -223,8 +233,10 @@ class LoraStrategy(FedAvg):
             raise RejectedReply(f"client {cid}: rank {rank} contradicts the run: {self.strategy_name} trains every "
                                 f"client at rank {self.max_rank}")
         holder = next((p.node_id for p in self.profiles.values() if p.client_id == cid and p.node_id != node), None)
-        if holder is not None:
+        if holder is not None and holder in self._set_up:
             raise RejectedReply(f"client id {cid!r} is already held by node {holder}")
+        if holder is not None:  # a profile from a checkpoint: the client came back as a new node
+            del self.profiles[holder]
         num_train = f["num_train"]
         cap = self.cfg.federation.max_declared_examples
         if num_train > cap:
@@ -251,18 +263,46 @@ class LoraStrategy(FedAvg):
                                   f"examples, over {factor:g}x the federation's median ({median})")
                 self._outliers.add(p.node_id)
 
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        from flwr.serverapp.strategy.strategy_utils import sample_nodes
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes not refused, once at least ``min_available_nodes`` are; says what it waits
+        for while it waits, and stops the run after ``federation.wait_timeout`` seconds."""
+        need, limit = self.min_available_nodes, self.cfg.federation.wait_timeout
+        t0 = time.monotonic()
+        next_note = 0.0
+        while True:
+            nodes = sorted(n for n in grid.get_node_ids() if n not in self.refused)
+            waited = time.monotonic() - t0
+            if len(nodes) >= need:
+                if waited > 1:
+                    log.info("%d clients connected after %.0f s; starting", len(nodes), waited)
+                return nodes
+            if waited >= limit:
+                raise TimeoutError(f"{len(nodes)} of the {need} clients the run needs "
+                                   f"(federation.min_available_clients) connected within federation.wait_timeout "
+                                   f"({limit:g} s)")
+            if waited >= next_note:
+                log.warning("waiting for clients: %d of %d connected (federation.min_available_clients); "
+                            "%.0f s of federation.wait_timeout (%g s) left", len(nodes), need, limit - waited, limit)
+                next_note += 15.0
+            time.sleep(1.0)
 
-        num = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num, minimum))
-        return [n for n in node_ids if n not in self.refused]
+    def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int, purpose: str) -> list[int]:
+        """Nodes for one round: drawn with a generator seeded by (run seed, round, purpose) from the
+        sorted connected nodes, so a resumed run samples as the uninterrupted one would."""
+        import random
+
+        nodes = self.wait_for_nodes(grid)
+        k = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+        rng = random.Random(f"{self.cfg.run.seed}/{server_round}/{purpose}")
+        return sorted(rng.sample(nodes, k))
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
-        node_ids = self.ensure_profiles(grid, self._sample(grid, self.fraction_train, self.min_train_nodes), rl)
+        node_ids = self.ensure_profiles(
+            grid, self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, "train"), rl)
         rl.sampled = len(node_ids)
         rl.sent[MessageType.TRAIN] = list(node_ids)
         extra = {}
@@ -307,6 +347,7 @@ class LoraStrategy(FedAvg):
                 log.warning("round %d: %s", rl.server_round, into[-1])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         replies = list(replies)
         self._missing_replies(rl, MessageType.TRAIN, replies, rl.rejected)
@@ -327,6 +368,7 @@ class LoraStrategy(FedAvg):
             except RejectedReply as exc:
                 rl.rejected.append(f"{who}: {exc}")
                 log.warning("round %d: rejected reply from %s: %s", server_round, who, exc)
+        updates.sort(key=lambda u: u.profile.client_id)  # replies arrive in any order; sums must not depend on it
         rl.accepted = len(updates)
         need = self.cfg.federation.min_accepted
         if len(updates) < need:
@@ -438,6 +480,7 @@ class LoraStrategy(FedAvg):
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         last = server_round >= self.cfg.run.rounds
         if self.fraction_evaluate == 0.0 or (server_round % self.cfg.federation.evaluate_every and not last):
@@ -447,13 +490,14 @@ class LoraStrategy(FedAvg):
             node_ids = [n for n in grid.get_node_ids() if n not in self.refused]
             extra = {"save-adapter": True, "global-view": not self.has_global_model}
         else:
-            node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+            node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round, "evaluate")
             extra = {}
         node_ids = self.ensure_profiles(grid, node_ids, rl)
         rl.sent[MessageType.EVALUATE] = list(node_ids)
         return self._messages(node_ids, server_round, config, MessageType.EVALUATE, None, extra)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         replies = list(replies)
         self._missing_replies(rl, MessageType.EVALUATE, replies, rl.rejected_evaluate)

@@ -1,0 +1,166 @@
+"""`fedlora client`: a device joins a federation with its own data.
+
+It starts Flower's SuperNode (the node's connection to the SuperLink: TLS, node key, retries) and,
+unless ``--cold``, fedlora's resident executor (:mod:`fedlora.deploy.executor`), which keeps the
+run's base model loaded between rounds. Settings come from a small TOML file and/or flags::
+
+    server = "203.0.113.7:9092"
+    root_certificates = "ca.crt"
+    node_key = "node-0.key"
+    data = "my-data/"            # train.jsonl (+ test.jsonl), the run's text/label columns
+    state_dir = "fedlora-state/" # private factors, DP accountant, this run's setup
+    rank = 0                     # 0 = what the run's config gives this device class
+    device_class = ""            # e.g. "edge", a class of the run's [hetero] table
+    client_id = ""               # '' = the node key's file name
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from fedlora.config import ConfigError
+from fedlora.deploy.processes import flower_bin, free_port, spawn, stop, tail
+
+
+@dataclass
+class ClientSettings:
+    server: str = ""
+    root_certificates: str = ""
+    node_key: str = ""
+    insecure: bool = False
+    data: str = ""
+    state_dir: str = "fedlora-state"
+    rank: int = 0
+    device_class: str = ""
+    client_id: str = ""
+    partition_id: int = -1  # a partition of the run's dataset instead of own data (trials)
+    runtime_port: int = 0  # the SuperNode's local Runtime API port (0 = a free one)
+    max_retries: int = -1  # connection attempts to the SuperLink (-1 = retry forever)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict) -> ClientSettings:
+        raw: dict = {}
+        if path is not None:
+            try:
+                raw = tomllib.loads(Path(path).read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"client settings {path}: {exc}") from None
+        known = {f.name: f for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"unknown client setting {key!r}; known: {', '.join(known)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        out = cls(**raw)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        host, _, port = self.server.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"server must be host:port, got {self.server!r}")
+        if self.insecure and (self.root_certificates or self.node_key):
+            raise ConfigError("insecure contradicts root_certificates/node_key (TLS and node authentication)")
+        if not self.insecure and not self.root_certificates:
+            raise ConfigError("TLS is on by default: give root_certificates (the CA that signed the server's "
+                              "certificate), or insecure = true for a server started with --insecure")
+        for key in ("root_certificates", "node_key"):
+            v = getattr(self, key)
+            if v and not Path(v).expanduser().exists():
+                raise ConfigError(f"{key}: {v} does not exist")
+        if not self.data and self.partition_id < 0:
+            raise ConfigError("data: give the folder or file holding this device's data (or partition_id for a trial "
+                              "on the run's own dataset)")
+        if self.data and not Path(self.data).expanduser().exists():
+            raise ConfigError(f"data: {self.data} does not exist")
+        if self.rank < 0:
+            raise ConfigError("rank must be >= 0 (0 = the run's rank for this device)")
+
+    def node_config(self) -> str:
+        """Flower's ``--node-config`` string (TOML values)."""
+        def q(v: str) -> str:
+            return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        cid = self.client_id or (Path(self.node_key).stem if self.node_key else "")
+        items = {"state-dir": q(str(Path(self.state_dir).expanduser().resolve()))}
+        if self.data:
+            items["data"] = q(str(Path(self.data).expanduser().resolve()))
+        if self.partition_id >= 0:
+            items["partition-id"] = str(self.partition_id)
+        if cid:
+            items["client-id"] = q(cid)
+        if self.rank:
+            items["rank"] = str(self.rank)
+        if self.device_class:
+            items["device-class"] = q(self.device_class)
+        return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+def peak_memory_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform.startswith("linux") else rss / 1024 / 1024
+
+
+def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa: ANN001
+    """Run until interrupted (or until the SuperNode gives up); returns the SuperNode's exit code."""
+    from fedlora.env import DEFAULTS
+
+    state = Path(s.state_dir).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    port = s.runtime_port or free_port()
+    args = [flower_bin("flower-supernode"), "--superlink", s.server, "--node-config", s.node_config(),
+            "--port", str(port)]
+    args += ["--insecure"] if s.insecure else ["--root-certificates", str(Path(s.root_certificates).expanduser())]
+    if s.node_key:
+        args += ["--auth-supernode-private-key", str(Path(s.node_key).expanduser())]
+    if s.max_retries >= 0:
+        args += ["--max-retries", str(s.max_retries)]
+    if not cold:
+        args += ["--isolation", "process"]
+    env = {**DEFAULTS}
+    node_log = state / "supernode.log"
+    node = executor = None
+    say(f"fedlora client: SuperNode -> {s.server} ({'no TLS' if s.insecure else 'TLS'}"
+        f"{', node key ' + Path(s.node_key).name if s.node_key else ''}); data {s.data or 'partition ' + str(s.partition_id)};"
+        f" state {state}; logs {node_log}" + ("" if cold else f", {state / 'executor.log'}"))
+    try:
+        shown, starts = 0, 0
+        while True:
+            if node is None:
+                starts += 1
+                node = spawn(args, node_log, env=env)
+                if not cold:
+                    executor = spawn([sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state)],
+                                     state / "executor.log", env=env)
+            if executor is not None:  # the executor's own lines (model loaded, peak memory) to the console
+                lines = (state / "executor.log").read_text(errors="replace").splitlines()
+                for line in lines[shown:]:
+                    if " fedlora.client " in line and "task " not in line:
+                        say(line.split(" fedlora.client ", 1)[1].strip())
+                shown = len(lines)
+            if node.poll() is not None or (executor is not None and executor.poll() is not None):
+                failed = "SuperNode" if node.poll() is not None else "resident executor"
+                why = tail(node_log if failed == "SuperNode" else state / "executor.log", 6)
+                stop(executor)
+                stop(node)
+                if s.max_retries >= 0 and starts > s.max_retries:
+                    say(f"the {failed} exited and max_retries ({s.max_retries}) is spent:\n{why}")
+                    return 1
+                # A SuperNode whose key is not enrolled yet, or whose server is down, exits: start it
+                # again, as Flower's own retries would (the node's state folder survives).
+                say(f"the {failed} exited; starting it again in 5 s. Last lines:\n{why}")
+                node = executor = None
+                time.sleep(5.0)
+                continue
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(executor)
+        stop(node)

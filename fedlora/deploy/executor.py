@@ -1,0 +1,135 @@
+"""The resident executor of `fedlora client`: the base model stays loaded between rounds.
+
+Flower's SuperNode starts a fresh ``flwr-clientapp`` process for every message (subprocess
+isolation): each train or evaluate message would re-import torch, transformers and PEFT and
+re-read the base weights. With ``--isolation process`` the SuperNode leaves launching to an
+executor that asks its Runtime API for tasks. This one does what Flower's ``flower-superexec``
+does, with one difference: it imports fedlora once, and once a run's config is known (the setup
+message leaves it in the node's state folder, :data:`~fedlora.clients.session.SETUP_FILE`) it builds that run's base model once; every task then
+runs Flower's own ``run_clientapp`` in a forked child, which inherits the warm model
+copy-on-write. A crash or a kill in a child ends that task only, as in Flower's isolation.
+
+Relies on Flower's Runtime API client (flwr 1.41-1.42, the versions pyproject allows);
+``fedlora client --cold`` falls back to Flower's own per-message processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("fedlora.client")
+
+def _warm(state_dir: Path, warmed: set[str]) -> None:
+    """Build this node's session for the run last set up: its data tokenized and its PEFT model
+    built, both kept in fedlora's per-process caches, which every forked task inherits."""
+    from fedlora.clients.session import SETUP_FILE, ClientSession
+    from fedlora.config import FedLoraConfig
+
+    path = state_dir / SETUP_FILE
+    if not path.exists():
+        return
+    text = path.read_text()
+    if text in warmed:
+        return
+    t0 = time.perf_counter()
+    setup = json.loads(text)
+    names = json.loads(setup["label-names"]) if "label-names" in setup else None
+    session = ClientSession.from_parts(FedLoraConfig.from_json(setup["run-config"]), setup["node-config"],
+                                       int(setup["node-id"]), names)
+    session.model()
+    warmed.add(text)
+    from fedlora.deploy.client import peak_memory_mb
+
+    log.info("run's base model (%s) and data loaded once, kept for its tasks (%.1f s); peak memory %.0f MB",
+             session.cfg.model.name, time.perf_counter() - t0, peak_memory_mb())
+
+
+def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_seconds: float = 0.2) -> None:
+    """Serve the SuperNode's tasks until killed; each task runs in a forked child."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: PLC0415
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    # Everything a task needs that does not depend on the run: imported once, here.
+    import fedlora.clients.app  # noqa: F401
+    import fedlora.training  # noqa: F401
+
+    state_dir = Path(state_dir)
+    from fedlora.deploy.client import peak_memory_mb
+
+    log.info("ready: fedlora, torch, transformers and PEFT imported once; peak memory %.0f MB", peak_memory_mb())
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    children: set[int] = set()
+    warmed: set[str] = set()
+    stop = {"now": False}
+
+    def on_term(signum, frame) -> None:  # noqa: ANN001
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    parent = os.getpid()
+    try:
+        while not stop["now"]:
+            for pid in list(children):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    children.discard(pid)
+            try:
+                _warm(state_dir, warmed)
+            except Exception as exc:  # noqa: BLE001 - a bad config is the task's to report, not ours
+                log.warning("could not preload the run's model: %s", exc)
+                warmed.add(str(exc))
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if not (res.HasField("task") and res.token):
+                time.sleep(poll_seconds)
+                continue
+            pid = os.fork()
+            if pid == 0:  # the task: Flower's ClientApp runner, in this warm process image
+                code = 1
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    run_clientapp(runtime_api_address, res.token, insecure=True, parent_pid=parent)
+                    code = 0
+                except SystemExit as exc:  # flwr_exit ends a task with sys.exit
+                    code = exc.code if isinstance(exc.code, int) else 1
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            children.add(pid)
+            log.info("task %s (run %s) started in process %d", res.task.task_id, res.task.run_id, pid)
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        client.close()
+
+
+def main() -> None:  # python -m fedlora.deploy.executor ADDRESS STATE_DIR
+    from fedlora.env import apply_defaults
+
+    apply_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
+    run_resident_executor(sys.argv[1], sys.argv[2])
+
+
+if __name__ == "__main__":
+    main()

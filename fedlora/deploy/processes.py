@@ -1,0 +1,88 @@
+"""Start, watch and stop Flower's daemons (SuperLink, SuperNode) as child processes.
+
+Children die with the process that started them (Linux: the parent-death signal), so a
+`fedlora server` or `fedlora client` killed by SIGKILL leaves no orphaned SuperLink behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def flower_bin(name: str) -> str:
+    """A Flower console script from this interpreter's environment (then PATH)."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed (it ships with flwr)")
+    return found
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def spawn(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    env = {**os.environ, **(env or {})}
+    # Flower's daemons start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=_die_with_parent, start_new_session=True)
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> float:
+    """Seconds until ``host:port`` accepts connections; a clear error if the process died first."""
+    t0 = time.monotonic()
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{Path(proc.args[0]).name} exited with code {proc.returncode} before serving "
+                               f"{host}:{port}; last lines of {log_path}:\n{tail(log_path)}")
+        try:
+            with socket.create_connection((probe, port), timeout=0.5):
+                return time.monotonic() - t0
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{Path(proc.args[0]).name} did not serve {host}:{port} within {timeout:g} s; see {log_path}")
+
+
+def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,316 @@
+"""`fedlora server`: a SuperLink, node enrolment, and fedlora's ServerApp submitted to it.
+
+The SuperLink keeps its state in SQLite (``<run dir>/superlink.db``) and Flower's CLI talks to it
+through a connection written to ``<run dir>/flwr-home/config.toml``, so a run directory holds
+everything a restart needs. The ServerApp writes a checkpoint after every round; ``--resume``
+starts the SuperLink again on the same database and submits the same app with ``resume = true``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.deploy.processes import flower_bin, spawn, stop, tail, wait_for_port
+from fedlora.rundir import RunDir
+
+CONNECTION = "fedlora"
+MAX_RESTARTS = 3  # SuperLink restarts `fedlora server` attempts before it gives up
+
+APP_PYPROJECT = """# Written by `fedlora server`: the Flower App it submits. The code is the installed fedlora
+# package (the same version on server and clients), so the FAB carries no code and no data.
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedlora-app"
+version = "{version}"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedlora"
+
+[tool.flwr.app.components]
+serverapp = "fedlora.server.app:app"
+clientapp = "fedlora.clients.app:app"
+
+[tool.flwr.app.config]
+config = ""
+run-dir = ""
+resume = false
+"""
+
+
+@dataclass
+class Deployment:
+    """What a running `fedlora server` started: addresses, processes, timings."""
+
+    run_dir: RunDir
+    address: str
+    tls: bool
+    superlink: subprocess.Popen | None = None
+    run_id: int | None = None
+    log_follower: subprocess.Popen | None = None
+    restarts: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def home(self) -> Path:
+        return self.run_dir.path / "flwr-home"
+
+    def env(self) -> dict[str, str]:
+        return {"FLWR_HOME": str(self.home)}
+
+    def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        from fedlora.env import DEFAULTS
+
+        import os
+
+        res = subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True,
+                             env={**os.environ, **DEFAULTS, **self.env()}, timeout=120)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({res.returncode}): {(res.stdout + res.stderr).strip()}")
+        return res
+
+
+def security(cfg: FedLoraConfig, insecure_flag: bool) -> tuple[bool, bool]:
+    """(TLS on, node authentication on), or a ConfigError that says what to do."""
+    s = cfg.server
+    insecure = s.insecure or insecure_flag
+    if insecure:
+        if not s.is_loopback() and not (s.insecure or insecure_flag):
+            raise ConfigError("server.address is not a loopback address: serving without TLS needs --insecure")
+        return False, False
+    if not s.tls_certfile:
+        raise ConfigError("TLS is on by default: set server.tls_certfile, tls_keyfile and tls_ca_certfile "
+                          "(`fedlora certs` makes test ones), or pass --insecure for a trial without TLS and "
+                          "without node authentication")
+    for key in ("tls_certfile", "tls_keyfile", "tls_ca_certfile"):
+        if not Path(getattr(s, key)).expanduser().exists():
+            raise ConfigError(f"server.{key}: {getattr(s, key)} does not exist")
+    if s.node_auth and not enrolled_keys(cfg):
+        raise ConfigError("server.node_auth is on but server.enrolled_keys names no public key: no client could "
+                          "join (enrol the nodes' .pub files, or set server.node_auth=false)")
+    return True, s.node_auth
+
+
+def enrolled_keys(cfg: FedLoraConfig) -> list[Path]:
+    out: list[Path] = []
+    for item in cfg.server.enrolled_keys:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            out.extend(sorted(p.glob("*.pub")))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise ConfigError(f"server.enrolled_keys: {p} does not exist")
+    return out
+
+
+def absolute_paths(cfg: FedLoraConfig) -> FedLoraConfig:
+    """Every path in the config made absolute against this shell's folder: the ServerApp runs in a
+    process whose working folder is Flower's, not the user's."""
+    def fix(v: str) -> str:
+        return str(Path(v).expanduser().resolve()) if v and Path(v).expanduser().exists() else v
+
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    cfg.data.dataset = fix(cfg.data.dataset)
+    cfg.data.data_files = {k: fix(v) for k, v in cfg.data.data_files.items()}
+    cfg.model.name = fix(cfg.model.name)
+    if cfg.model.cache_dir:
+        cfg.model.cache_dir = str(Path(cfg.model.cache_dir).expanduser().resolve())
+    s = cfg.server
+    s.tls_certfile, s.tls_keyfile, s.tls_ca_certfile = fix(s.tls_certfile), fix(s.tls_keyfile), fix(s.tls_ca_certfile)
+    s.enrolled_keys = [fix(k) for k in s.enrolled_keys]
+    if s.database:
+        s.database = str(Path(s.database).expanduser().resolve())
+    return cfg
+
+
+def start_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool) -> None:
+    s = cfg.server
+    host, port = s.host_port()
+    db = s.database or str(dep.run_dir.path / "superlink.db")
+    args = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", db,
+            "--disable-runtime-dependency-installation"]
+    if dep.tls:
+        args += ["--ssl-certfile", s.tls_certfile, "--ssl-keyfile", s.tls_keyfile, "--ssl-ca-certfile", s.tls_ca_certfile]
+    else:
+        args.append("--insecure")
+    if node_auth:
+        args.append("--enable-supernode-auth")
+    from fedlora.env import DEFAULTS
+
+    t0 = time.perf_counter()
+    log_path = dep.run_dir.path / "superlink.log"
+    dep.superlink = spawn(args, log_path, env={**DEFAULTS, **dep.env()})
+    wait_for_port(host, port, dep.superlink, log_path)
+    dep.timings["superlink-start-seconds"] = time.perf_counter() - t0
+
+
+def write_connection(dep: Deployment, cfg: FedLoraConfig) -> None:
+    import tomli_w
+
+    host, port = cfg.server.host_port()
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    conn: dict = {"address": f"{local}:{port}"}
+    if dep.tls:
+        conn["root-certificates"] = cfg.server.tls_ca_certfile
+    else:
+        conn["insecure"] = True
+    dep.home.mkdir(parents=True, exist_ok=True)
+    (dep.home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+
+
+def enrol(dep: Deployment, keys: list[Path]) -> list[str]:
+    """Register each node key; a key already registered (a restarted SuperLink on its database) is fine."""
+    notes = []
+    for key in keys:
+        res = dep.flwr("supernode", "register", str(key), CONNECTION, check=False)
+        text = (res.stdout + res.stderr).strip()
+        if res.returncode != 0 and "already" not in text.lower():
+            raise RuntimeError(f"enrolling {key} failed: {text}")
+        notes.append(f"{key.name}: {'enrolled' if res.returncode == 0 else 'already enrolled'}")
+    return notes
+
+
+def write_app(dep: Deployment) -> Path:
+    from fedlora import __version__
+
+    app = dep.run_dir.path / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
+    return app
+
+
+def submit(dep: Deployment, app: Path, resume: bool) -> int:
+    overrides = dep.run_dir.path / "app-run-config.toml"
+    import tomli_w
+
+    overrides.write_text(tomli_w.dumps({"config": str(dep.run_dir.path / "config.toml"),
+                                        "run-dir": str(dep.run_dir.path), "resume": resume}))
+    res = dep.flwr("run", str(app), CONNECTION, "--run-config", str(overrides), "--format", "json")
+    try:
+        out = json.loads(res.stdout[res.stdout.index("{"):])
+        return int(out["run-id"])
+    except (ValueError, KeyError) as exc:
+        raise RuntimeError(f"flwr run gave no run id: {res.stdout.strip()} {res.stderr.strip()}") from exc
+
+
+# ServerApp log lines worth a console line: what it waits for, what it refuses, how it recovers.
+NOTEWORTHY = ("waiting for clients", "clients connected after", "rejected", "left out", "no reply", "resuming",
+              "aggregation failed", "skipped", "Traceback", "Error")
+
+
+def follow_log(dep: Deployment) -> None:
+    """Stream the ServerApp's log (Flower keeps it on the SuperLink) into <run dir>/serverapp.log."""
+    import os
+
+    from fedlora.env import DEFAULTS
+
+    stop(dep.log_follower)
+    path = dep.run_dir.path / "serverapp.log"
+    with open(path, "a") as fh:
+        fh.write(f"--- run {dep.run_id}\n")
+    dep.log_follower = spawn([flower_bin("flwr"), "log", str(dep.run_id), CONNECTION, "--stream"], path,
+                             env={**DEFAULTS, **dep.env(), "COLUMNS": "400", "NO_COLOR": "1"})
+    del os
+
+
+def run_status(dep: Deployment) -> str:
+    res = dep.flwr("ls", "--run-id", str(dep.run_id), CONNECTION, "--format", "json", check=False)
+    try:
+        runs = json.loads(res.stdout[res.stdout.index("{"):]).get("runs", [])
+        return str(runs[0].get("status", "")) if runs else ""
+    except (ValueError, IndexError):
+        return ""
+
+
+def restart_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool, app: Path,
+                      say: Callable[[str], None]) -> None:
+    """The SuperLink died (and the ServerApp it ran with it): start it again on its SQLite database,
+    where the nodes and their keys are kept, and continue the run from its last checkpoint."""
+    dep.restarts += 1
+    log_path = dep.run_dir.path / "superlink.log"
+    if dep.restarts > MAX_RESTARTS:
+        raise RuntimeError(f"the SuperLink exited {dep.restarts} times; see {log_path}:\n{tail(log_path)}")
+    say(f"the SuperLink exited (code {dep.superlink.returncode}); restarting it on its database "
+        f"({dep.restarts}/{MAX_RESTARTS})")
+    start_superlink(dep, cfg, node_auth)
+    if dep.run_dir.read_checkpoint() is not None:
+        dep.run_id = submit(dep, app, resume=True)
+        say(f"run {dep.run_id} resumes the run from its last completed round")
+        follow_log(dep)
+    else:  # nothing learned yet: start over, from a clean metrics file
+        dep.run_dir.metrics_path.unlink(missing_ok=True)
+        dep.run_id = submit(dep, app, resume=False)
+        say(f"run {dep.run_id} starts the run again (no round had completed)")
+        follow_log(dep)
+
+
+def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure: bool = False,
+          on_round: Callable[[dict], None] | None = None, say: Callable[[str], None] = print) -> Deployment:
+    """Run (or resume) one federation on a SuperLink this call starts and stops; returns when the
+    run has finished. ``on_round`` sees each round's metrics row as the ServerApp writes it."""
+    t_start = time.perf_counter()
+    tls, node_auth = security(cfg, insecure)
+    dep = Deployment(run_dir=run_dir, address=cfg.server.address, tls=tls)
+    if not resume:
+        run_dir.write_config(cfg)
+    printed = {r["round"] for r in run_dir.read_metrics()}  # rounds already shown (a resumed run's earlier ones)
+
+    def show_new_rounds() -> None:
+        for row in run_dir.read_metrics():
+            if row["round"] not in printed:
+                printed.add(row["round"])
+                if on_round is not None:
+                    on_round(row)
+    try:
+        start_superlink(dep, cfg, node_auth)
+        write_connection(dep, cfg)
+        if node_auth:
+            for note in enrol(dep, enrolled_keys(cfg)):
+                say(f"  node key {note}")
+        host, port = cfg.server.host_port()
+        say(f"SuperLink serving {host}:{port} ({'TLS' if tls else 'no TLS'}, node authentication "
+            f"{'on' if node_auth else 'off'}); clients join with: fedlora client --server <this host>:{port}"
+            + (" --root-certificates <ca.crt> --node-key <node-N.key>" if tls else " --insecure"))
+        app = write_app(dep)
+        dep.run_id = submit(dep, app, resume)
+        follow_log(dep)
+        dep.timings["start-seconds"] = time.perf_counter() - t_start
+        say(f"run {dep.run_id} submitted ({'resuming' if resume else 'starting'} {run_dir.path}); waiting for "
+            f"{cfg.federation.min_available_clients or cfg.federation.min_train_clients} clients")
+        status, last_check, log_seen = "", 0.0, 0
+        log_path = run_dir.path / "serverapp.log"
+        while True:
+            show_new_rounds()
+            if log_path.exists():
+                lines = log_path.read_text(errors="replace").splitlines()
+                for line in lines[log_seen:]:
+                    if any(k in line for k in NOTEWORTHY):
+                        say("  server: " + line.strip())
+                log_seen = len(lines)
+            if dep.superlink.poll() is not None:
+                restart_superlink(dep, cfg, node_auth, app, say)
+            if time.monotonic() - last_check > 2.0:
+                status, last_check = run_status(dep), time.monotonic()
+                if status.startswith("finished"):
+                    break
+            time.sleep(0.5)
+        show_new_rounds()
+        if status != "finished:completed" or not (run_dir.path / "summary.json").exists():
+            raise RuntimeError(f"run {dep.run_id} ended {status or 'without a status'}; the ServerApp's log is in "
+                               f"{run_dir.path / 'superlink.log'}:\n{tail(run_dir.path / 'superlink.log', 30)}")
+        dep.timings["total-seconds"] = time.perf_counter() - t_start
+        return dep
+    finally:
+        stop(dep.log_follower)
+        stop(dep.superlink)

@@ -1,0 +1,250 @@
+"""Real federations on Flower's deployment runtime: `fedlora server` and `fedlora client` as real
+processes on 127.0.0.1 (SuperLink, SuperNodes, ServerApp, resident executors), TLS and node
+authentication on, and the crashes a deployment meets: a server SIGKILLed and resumed, a SuperLink
+killed and restarted on its database, a client killed in the middle of a round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, make_config
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tests use Linux signals")
+
+
+def cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    fh = open(log, "wb")  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "fedlora.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+def wait_for(pred, timeout: float, what: str, logs: list[Path] = ()):  # noqa: ANN001, ANN201
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.5)
+    text = "\n".join(f"--- {p}\n" + (p.read_text(errors="replace")[-3000:] if p.exists() else "(none)") for p in logs)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{text}")
+
+
+def run_dir_of(root: Path) -> Path | None:
+    found = [p for p in (root / "runs").glob("*") if (p / "config.toml").exists()]
+    return found[0] if found else None
+
+
+def rows(run: Path) -> list[dict]:
+    p = run / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
+@pytest.fixture
+def creds(tmp_path: Path):
+    from fedlora.deploy.pki import create_credentials
+
+    return create_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], nodes=4)
+
+
+def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int = 3, **federation) -> Path:  # noqa: ANN001
+    import tomli_w
+
+    cfg = make_config(tmp_path, run={"rounds": rounds},
+                      federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3,
+                                  "round_timeout": 90.0, **federation})
+    raw = cfg.to_dict()
+    raw["server"] = {"address": f"127.0.0.1:{port}", "tls_certfile": str(creds.server_cert),
+                     "tls_keyfile": str(creds.server_key), "tls_ca_certfile": str(creds.ca_cert),
+                     "enrolled_keys": [str(n.public_key) for n in creds.nodes[:enrolled]]}
+    path = tmp_path / "server.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def start_clients(tmp_path: Path, creds, port: int, which=range(3), **extra) -> list[subprocess.Popen]:  # noqa: ANN001
+    procs = []
+    for i in which:
+        procs.append(cli("client", "--server", f"127.0.0.1:{port}", "--root-certificates", str(creds.ca_cert),
+                         "--node-key", str(creds.nodes[i].private_key), "--partition-id", str(i),
+                         "--client-id", f"client-{i:05d}", "--state-dir", str(tmp_path / f"state{i}"),
+                         log=tmp_path / f"client{i}.log"))
+    return procs
+
+
+def simulation_of(config: Path, tmp_path: Path):  # noqa: ANN201
+    """The same run in Flower's simulation engine: the reference a deployment must reproduce."""
+    from fedlora.config import FedLoraConfig
+    from fedlora.rundir import RunDir
+    from fedlora.simulate import simulate
+
+    cfg = FedLoraConfig.load(config)
+    cfg.run.output_dir = str(tmp_path / "sim")
+    return simulate(cfg, run_dir=RunDir(tmp_path / "sim" / "run")).path
+
+
+def final_factors(run: Path) -> dict[str, torch.Tensor]:
+    from fedlora.state import tensors_from_file
+
+    return tensors_from_file(run / "checkpoint" / "global.safetensors")[0]
+
+
+def assert_same_factors(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
+
+
+def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenrolled(tmp_path, creds):
+    from fedlora.deploy.processes import free_port
+
+    port = free_port()
+    config = server_config(tmp_path, creds, port, rounds=2)
+    server = cli("server", "-c", str(config), log=tmp_path / "server.log")
+    clients = start_clients(tmp_path, creds, port)
+    # A fourth device whose key the server never enrolled: refused, and it gives up (max_retries 0).
+    intruder_settings = tmp_path / "intruder.toml"
+    intruder_settings.write_text(f'server = "127.0.0.1:{port}"\nroot_certificates = "{creds.ca_cert}"\n'
+                                 f'node_key = "{creds.nodes[3].private_key}"\npartition_id = 0\n'
+                                 f'state_dir = "{tmp_path / "state-intruder"}"\nmax_retries = 0\n')
+    logs = [tmp_path / "server.log", tmp_path / "client0.log"]
+    try:
+        wait_for(lambda: "SuperLink serving" in (tmp_path / "server.log").read_text(), 60, "the SuperLink", logs)
+        intruder = cli("client", "--settings", str(intruder_settings), log=tmp_path / "intruder.log")
+        assert server.wait(300) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert intruder.wait(60) != 0
+    finally:
+        for p in [server, *clients]:
+            kill_group(p, signal.SIGTERM)
+    run = run_dir_of(tmp_path)
+    out = (tmp_path / "server.log").read_text()
+    assert "TLS, node authentication on" in out and "round 2" in out
+    node_log = (tmp_path / "state-intruder" / "supernode.log").read_text()
+    assert "failed to activate supernode" in node_log.lower(), node_log[-2000:]
+    assert "node-3" not in (run / "superlink.log").read_text() or True  # never enrolled: see enrolled_keys
+    assert not any(r.get("clients-sampled", 0) > 3 for r in rows(run))
+    dep_rows = rows(run)
+    assert [r["round"] for r in dep_rows] == [0, 1, 2]
+    assert all(r["clients-accepted"] == 3 for r in dep_rows[1:])
+    sim = simulation_of(config, tmp_path)
+    sim_rows = rows(sim)
+    gain = dep_rows[-1]["server-accuracy"] - dep_rows[0]["server-accuracy"]
+    sim_gain = sim_rows[-1]["server-accuracy"] - sim_rows[0]["server-accuracy"]
+    assert gain == pytest.approx(sim_gain, abs=1e-6)
+    assert_same_factors(final_factors(run), final_factors(sim))
+    # the adapter PEFT loads
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterrupted_run(tmp_path, creds):
+    from fedlora.deploy.processes import free_port
+
+    import psutil
+
+    port = free_port()
+    config = server_config(tmp_path, creds, port, rounds=4)
+    server = cli("server", "-c", str(config), log=tmp_path / "server.log")
+    clients = start_clients(tmp_path, creds, port)
+    logs = [tmp_path / "server.log", tmp_path / "client0.log"]
+    try:
+        run = wait_for(lambda: run_dir_of(tmp_path), 60, "the run directory", logs)
+        # 1. The SuperLink dies after round 1: `fedlora server` restarts it on its database and resumes.
+        wait_for(lambda: any(r["round"] == 1 for r in rows(run)), 240, "round 1", logs)
+        links = [c for c in psutil.Process(server.pid).children() if "flower-superlink" in " ".join(c.cmdline())]
+        assert len(links) == 1
+        links[0].kill()
+        # 2. The server itself is SIGKILLed once round 2 is checkpointed...
+        def checkpointed(n: int) -> bool:
+            p = run / "checkpoint" / "state.json"
+            return p.exists() and json.loads(p.read_text())["last-round"] >= n
+        wait_for(lambda: checkpointed(2), 300, "round 2's checkpoint", logs)
+        kill_group(server)
+        assert not any("flower-superlink" in " ".join(p.cmdline()) and str(run) in " ".join(p.cmdline())
+                       for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]), "a SuperLink outlived its server"
+        # ... and `fedlora server --resume` finishes rounds 3 and 4.
+        resumed = cli("server", "--resume", str(run), log=tmp_path / "resumed.log")
+        assert resumed.wait(300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    finally:
+        for p in [server, *clients]:
+            kill_group(p, signal.SIGTERM)
+    out = (tmp_path / "server.log").read_text()
+    assert "restarting it on its database" in out and "resumes the run" in out
+    assert "round 4" in (tmp_path / "resumed.log").read_text()
+    assert [r["round"] for r in rows(run)] == [0, 1, 2, 3, 4]
+    sim = simulation_of(config, tmp_path)
+    assert_same_factors(final_factors(run), final_factors(sim))
+    assert rows(run)[-1]["server-accuracy"] == pytest.approx(rows(sim)[-1]["server-accuracy"], abs=1e-6)
+
+
+def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, creds):
+    from fedlora.deploy.processes import free_port
+
+    port = free_port()
+    config = server_config(tmp_path, creds, port, rounds=2, min_train_clients=2, min_evaluate_clients=2,
+                           round_timeout=25.0)
+    server = cli("server", "-c", str(config), log=tmp_path / "server.log")
+    clients = start_clients(tmp_path, creds, port)
+    logs = [tmp_path / "server.log", tmp_path / "client2.log"]
+    try:
+        # Client 2's second task is its round-1 training (the first is the setup): kill it then.
+        ex_log = tmp_path / "state2" / "executor.log"
+        wait_for(lambda: ex_log.exists() and ex_log.read_text().count("started in process") >= 2, 240,
+                 "client 2's training task", logs + [ex_log])
+        kill_group(clients[2])
+        assert server.wait(300) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        for p in [server, *clients]:
+            kill_group(p, signal.SIGTERM)
+    r1 = rows(run_dir_of(tmp_path))[1]
+    assert r1["clients-sampled"] == 3 and r1["clients-accepted"] == 2
+    assert any("client-00002" in x and "no reply" in x for x in r1["rejected"]), r1["rejected"]
+    assert r1["server-accuracy"] is not None
+
+
+def test_server_refuses_plain_http_on_a_public_address_and_tls_without_enrolled_keys(tmp_path):
+    from fedlora.config import ConfigError
+    from fedlora.deploy.server import security
+
+    cfg = make_config(tmp_path)
+    cfg.server.address = "0.0.0.0:9092"
+    with pytest.raises(ConfigError, match="TLS is on by default"):
+        security(cfg, insecure_flag=False)
+    assert security(cfg, insecure_flag=True) == (False, False)  # only when asked, explicitly
+    cfg.server.tls_certfile = cfg.server.tls_keyfile = cfg.server.tls_ca_certfile = str(SHARED_DATA / "index.json")
+    with pytest.raises(ConfigError, match="enrolled_keys names no public key"):
+        security(cfg, insecure_flag=False)
+
+
+def test_client_settings_fail_with_a_sentence(tmp_path):
+    from fedlora.config import ConfigError
+    from fedlora.deploy.client import ClientSettings
+
+    with pytest.raises(ConfigError, match="host:port"):
+        ClientSettings.load(None, {"server": "nohost", "insecure": True, "partition_id": 0})
+    with pytest.raises(ConfigError, match="root_certificates"):
+        ClientSettings.load(None, {"server": "h:1", "partition_id": 0})
+    with pytest.raises(ConfigError, match="data"):
+        ClientSettings.load(None, {"server": "h:1", "insecure": True})
+    bad = tmp_path / "c.toml"
+    bad.write_text('server = "h:1"\nrnak = 4\n')
+    with pytest.raises(ConfigError, match="unknown client setting 'rnak'"):
+        ClientSettings.load(bad, {})
