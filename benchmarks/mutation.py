@@ -8,6 +8,8 @@ score per module to ``benchmarks/results/mutation.json`` (and prints a table).
 
     python -m benchmarks.mutation              # the working tree (~15 minutes on 2 cores)
     python -m benchmarks.mutation --ref 45d7828 # the same modules and tests as they were at a commit
+    python -m benchmarks.mutation --recheck /tmp/fedlora-mutation-XXXX --match lora_math --sample 20
+                                                # rerun a sample of an earlier run's timeouts, alone
 
 What is mutated: ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
 ``fedlora/validation.py`` and every strategy file except ``base.py``, whose Grid orchestration
@@ -89,11 +91,50 @@ def run(ref: str | None, only: str = "") -> dict:
     return {"ref": ref or "working tree", "modules": report, "scratch": str(work)}
 
 
+def recheck_timeouts(scratch: Path, match: str, sample: int, limit: float, seed: int = 0) -> dict:
+    """Rerun mutants mutmut marked 'timeout' (or 'survived'), one at a time, with nothing else on
+    the machine and ``limit`` seconds each: a mutant whose tests fail is killed (the tests caught it;
+    typically hypothesis spent the time shrinking the failing example), one whose tests pass is a
+    survivor, one still running after ``limit`` seconds is a hang (also a kill: the suite never passes)."""
+    import os
+    import random
+
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=scratch, capture_output=True, text=True).stdout
+    names = [m.group(1) for line in out.splitlines()
+             if (m := re.match(r"\s*(\S+__mutmut_\d+): timeout$", line)) and match in m.group(1)]
+    chosen = sorted(random.Random(seed).sample(names, min(sample, len(names))))
+    tests = re.search(r"pytest_add_cli_args_test_selection = (\[.*\])", (scratch / "pyproject.toml").read_text())
+    env = {**os.environ, "FEDLORA_HYPOTHESIS": "mutation"}
+    verdicts: dict[str, str] = {}
+    for name in chosen:
+        try:
+            res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                  *json.loads(tests.group(1))], cwd=scratch / "mutants", capture_output=True,
+                                 env={**env, "MUTANT_UNDER_TEST": name}, timeout=limit)
+            verdicts[name] = "killed" if res.returncode != 0 else "survived"
+        except subprocess.TimeoutExpired:
+            verdicts[name] = "hang"
+        print(f"  {name}: {verdicts[name]}", flush=True)
+    return {"scratch": str(scratch), "match": match, "timeouts": len(names), "rechecked": len(chosen),
+            "limit-seconds": limit, "verdicts": verdicts, "counts": dict(Counter(verdicts.values()))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--recheck", default=None, help="a scratch folder of an earlier run: rerun its timeouts")
+    ap.add_argument("--match", default="", help="with --recheck: only mutants whose name contains this")
+    ap.add_argument("--sample", type=int, default=20, help="with --recheck: how many timeouts to rerun")
+    ap.add_argument("--limit", type=float, default=300.0, help="with --recheck: seconds per mutant")
     ap.add_argument("--ref", default=None, help="a git commit to test instead of the working tree")
     ap.add_argument("--only", default="", help="mutate only the targets whose path contains this, e.g. flora")
     args = ap.parse_args()
+    if args.recheck:
+        res = recheck_timeouts(Path(args.recheck), args.match, args.sample, args.limit)
+        name = f"mutation-recheck-{args.match.replace('.', '_') or 'all'}.json"
+        (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(res, indent=1))
+        print(json.dumps(res["counts"]), f"of {res['rechecked']} rechecked ({res['timeouts']} timeouts)")
+        return
     result = run(args.ref, args.only)
     name = "mutation.json" if not args.ref else f"mutation-{args.ref}.json"
     if args.only:

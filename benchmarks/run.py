@@ -16,7 +16,7 @@ import time
 
 from benchmarks.common import RESULTS, ROOT, setup_env
 
-ALL = ["wire", "aggregation", "robust", "privacy", "hetlora_coverage", "throughput", "overhead", "scale"]
+ALL = ["wire", "aggregation", "robust", "privacy", "hetlora_coverage", "throughput", "overhead", "scale", "deploy"]
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 

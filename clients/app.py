@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora import codec
 from fedlora.clients.session import ClientSession
+from fedlora.continual import client as continual
 from fedlora.protocol import ARRAYS, CONFIG, METRICS, PROFILE, SETUP
 
 app = ClientApp()
@@ -45,13 +46,16 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     server_round = int(config["server-round"])
     session = ClientSession.from_context(context, str(config.get("config-digest", "")) or None)
+    session.use_round(server_round)
     received = msg.content[ARRAYS]
     model = session.model()
     session.prepare(model, received, server_round)
+    past = continual.past_tasks(session, received, server_round)
     params = [p for p in model.parameters() if p.requires_grad]
     dylora_rank = int(config.get("dylora-rank", 0)) or None
     hooks = session.training_hooks(server_round)
-    with session.rank_mask(model, dylora_rank):
+    with session.rank_mask(model, dylora_rank), continual.task_lora(session, model, past) as mixer:
+        hooks += continual.hooks(session, mixer, past)
         result = train_local(model, params, session.data.train, session.cfg.train,
                              seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
                              device=session.device, hooks=hooks)
@@ -69,6 +73,7 @@ def train(msg: Message, context: Context) -> Message:
         "rank": int(next(iter(out.modules.values())).rank) if out.modules else session.profile.rank,
         "partition-id": session.profile.partition_id,
         **{k: float(v) for k, v in result.metrics.items()},
+        **continual.reply_metrics(session),
     })
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
 
@@ -82,22 +87,26 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     server_round = int(config["server-round"])
     session = ClientSession.from_context(context, str(config.get("config-digest", "")) or None)
+    session.use_round(server_round)
     model = session.model()
     session.prepare(model, msg.content[ARRAYS], server_round)
+    past = continual.past_tasks(session, msg.content[ARRAYS], server_round)
     bs = session.cfg.train.eval_batch_size
-    local = run_eval(model, session.data.test, bs, session.device)
-    metrics = {
-        "num-examples": local["num-examples"],
-        "accuracy": local["accuracy"],
-        "loss": local["loss"],
-        "partition-id": session.profile.partition_id,
-    }
-    if session.data.val is not None and len(session.data.val):
-        metrics["val-accuracy"] = run_eval(model, session.data.val, bs, session.device)["accuracy"]
-    if bool(config.get("global-view", False)):
-        # The personalized model on the held-out set every client shares: how far it generalises.
-        glob = run_eval(model, load_task(session.cfg).test, bs, session.device)
-        metrics["global-accuracy"] = glob["accuracy"]
-    if bool(config.get("save-adapter", False)):
-        session.save_personal_adapter(model)
+    with continual.task_lora(session, model, past):
+        local = run_eval(model, session.data.test, bs, session.device)
+        metrics = {
+            "num-examples": local["num-examples"],
+            "accuracy": local["accuracy"],
+            "loss": local["loss"],
+            "partition-id": session.profile.partition_id,
+            **continual.reply_metrics(session),
+        }
+        if session.data.val is not None and len(session.data.val):
+            metrics["val-accuracy"] = run_eval(model, session.data.val, bs, session.device)["accuracy"]
+        if bool(config.get("global-view", False)):
+            # The personalized model on the held-out set every client shares: how far it generalises.
+            glob = run_eval(model, load_task(session.cfg).test, bs, session.device)
+            metrics["global-accuracy"] = glob["accuracy"]
+        if bool(config.get("save-adapter", False)):
+            session.save_personal_adapter(model)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

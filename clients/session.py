@@ -106,6 +106,13 @@ class ClientSession:
         ``partition-id`` of the run's dataset (simulation, `flwr run` local simulation)."""
         nc = node_config
         partition = int(nc.get("partition-id", 0))
+        parts = int(nc.get("num-partitions", 0) or 0)
+        if parts and parts != cfg.federation.num_clients and not str(nc.get("data", "")):
+            # `flwr run` simulation: Flower numbers its virtual nodes; the run's config splits its data.
+            log.warning("Flower runs %d nodes but the run config splits its data into federation.num_clients=%d "
+                        "partitions: node %d trains on partition %d of %d (set num_clients to the node count to "
+                        "use all the data)", parts, cfg.federation.num_clients, partition, partition,
+                        cfg.federation.num_clients)
         client_id = str(nc.get("client-id", "") or f"client-{partition:05d}")
         store_root = str(nc.get("state-dir", "")) or cfg.simulation.state_dir or str(Path.home() / ".fedlora" / "client_state")
         store = ClientStateStore(store_root)
@@ -114,14 +121,26 @@ class ClientSession:
         device_class = str(nc.get("device-class", "")) or cfg.client_class(partition)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        if str(nc.get("data", "")):
+        if cfg.continual.enabled:
+            if str(nc.get("data", "")):
+                raise SetupMissing("a task sequence reads each task's dataset from the run config; a device's own "
+                                   "data per task is not supported (continual runs are simulations or partitions)")
+            from fedlora.continual.tasks import task_client_data
+
+            # Declared sizes bound what a reply may claim in any task: the largest over the tasks.
+            per_task = [task_client_data(cfg, partition, t) for t in range(len(cfg.continual.tasks))]
+            data = per_task[0]
+            sizes = (max(len(d.train) for d in per_task), max(len(d.test) for d in per_task))
+        elif str(nc.get("data", "")):
             if label_names is None:
                 raise SetupMissing("a client with its own data needs the run's label names from the server's setup")
             data = local_client_data(cfg, str(nc["data"]), label_names)
         else:
             data = client_data(cfg, partition)
+        if not cfg.continual.enabled:
+            sizes = (len(data.train), len(data.test))
         profile = NodeProfile(node_id=node_id, client_id=client_id, partition_id=partition, rank=rank,
-                              alpha=cfg.lora.alpha_for_rank(rank), num_train=len(data.train), num_test=len(data.test),
+                              alpha=cfg.lora.alpha_for_rank(rank), num_train=sizes[0], num_test=sizes[1],
                               device_class=device_class)
         return cls(cfg=cfg, policy=policy_for(cfg.federation.strategy), profile=profile, data=data, store=store,
                    device=pick_device(cfg.train.device), label_names=label_names)
@@ -129,13 +148,27 @@ class ClientSession:
     def labels(self) -> list[str]:
         from fedlora.data import load_task
 
-        return list(self.label_names) if self.label_names is not None else load_task(self.cfg).label_names
+        if self.label_names is not None:
+            return list(self.label_names)
+        if self.cfg.continual.enabled:
+            from fedlora.continual.tasks import union_labels
+
+            return union_labels(self.cfg)
+        return load_task(self.cfg).label_names
+
+    def use_round(self, server_round: int) -> None:
+        """A task sequence: this round's task's data (the same clients, the next task's split)."""
+        if self.cfg.continual.enabled:
+            from fedlora.continual.tasks import task_client_data, task_of_round
+
+            self.data = task_client_data(self.cfg, self.profile.partition_id, task_of_round(self.cfg, server_round))
 
     # --------------------------------------------------------------------- model
     def model(self) -> torch.nn.Module:
         spec = AdapterSpec(rank=self.profile.rank, alpha=self.profile.alpha, dropout=self.cfg.lora.dropout,
                            target_modules=tuple(self.cfg.lora.target_modules))
-        return build_peft_model(self.cfg, len(self.labels()), spec).to(self.device)
+        labels = self.labels()
+        return build_peft_model(self.cfg, len(labels), spec, labels).to(self.device)
 
     def prepare(self, model: torch.nn.Module, received: ArrayRecord, server_round: int) -> LoraFactors:
         """Set every trainable tensor for this message: seed init, private state, received parts.
@@ -145,6 +178,11 @@ class ClientSession:
         policy = self.policy
         # A fresh adapter each round when the global update is merged into the base (FLoRA).
         seed = self.cfg.lora.init_seed + (server_round if policy.merge_global_into_base else 0)
+        if self.cfg.continual.enabled:  # each task's new LoRA starts from its own seed
+            from fedlora.continual.federation import task_seed
+            from fedlora.continual.tasks import task_of_round
+
+            seed = task_seed(self.cfg, task_of_round(self.cfg, server_round))
         start = initial_factors(model, seed)
         private = self.store.load(self.profile.client_id, "private")
         if private is not None:

@@ -53,19 +53,7 @@ def simulate(
         task = progress.add_task("starting (Ray, model, data)", total=cfg.run.rounds)
 
         def on_round(row: dict) -> None:
-            parts = [f"round {row['round']}"]
-            for key, label in (("server-accuracy", "acc"), ("personal-accuracy-mean", "personal acc"),
-                               ("personal-accuracy-worst", "worst")):
-                if row.get(key) is not None:
-                    parts.append(f"{label} {row[key]:.3f}")
-            if row.get("client-epsilon") is not None:
-                parts.append(f"eps {row['client-epsilon']:.2f}")
-            if row.get("dp-sgd-epsilon-max") is not None:
-                parts.append(f"dp-sgd eps {row['dp-sgd-epsilon-max']:.2f}")
-            if row.get("bytes-up-per-client"):
-                parts.append(f"up {row['bytes-up-per-client'] / 1e3:.1f} kB/client")
-            parts.append(f"{row['seconds']:.1f}s")
-            progress.console.print("  " + " | ".join(parts))
+            progress.console.print("  " + _round_line(row))
             progress.update(task, completed=row["round"], description=f"round {row['round']}/{cfg.run.rounds}")
 
         try:

@@ -139,10 +139,23 @@ def summarise(result: dict) -> dict:
         "seconds": round(result["seconds"], 1),
         **{k: v for k, v in last.items() if k.startswith("server-accuracy-rank-")},
         **{k: last[k] for k in ("client-epsilon", "dp-sgd-epsilon-max") if last.get(k) is not None},
+        **_continual_figures(result),
         "chosen": " ".join(result.get("grid-point") or []) or None,
         "validation-score": None if result.get("selection-score", float("-inf")) == float("-inf")
         else result["selection-score"],
     }
+
+
+def _continual_figures(result: dict) -> dict:
+    """A task sequence's average accuracy, BWT, forgetting and R, from the run's summary."""
+    path = Path(result.get("run_dir", "")) / "summary.json"
+    if not result.get("run_dir") or not path.exists():
+        return {}
+    cont = json.loads(path.read_text()).get("continual")
+    if not cont:
+        return {}
+    return {"continual-average-accuracy": cont.get("average-accuracy"), "continual-bwt": cont.get("bwt"),
+            "continual-forgetting": cont.get("forgetting"), "continual-R": cont.get("R")}
 
 
 def markdown_table(table: list[dict]) -> str:
@@ -161,7 +174,8 @@ def markdown_table(table: list[dict]) -> str:
 
     extra = sorted({k for row in table for k in row if k.startswith("server-accuracy-rank-")},
                    key=lambda k: int(k.rsplit("-", 1)[1]))
-    extra += [k for k in ("client-epsilon", "dp-sgd-epsilon-max") if any(k in row for row in table)]
+    extra += [k for k in ("client-epsilon", "dp-sgd-epsilon-max", "continual-average-accuracy", "continual-bwt",
+                          "continual-forgetting") if any(k in row for row in table)]
     cols = cols[:3] + extra + cols[3:]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in table]

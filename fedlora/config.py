@@ -317,6 +317,75 @@ class SimulationConfig:
 
 
 @dataclass
+class ContinualTask:
+    """One task of a sequence: a dataset as ``[data]`` takes it, its columns, and its rounds."""
+
+    name: str = _meta("Task name (reports and plots).", default="")
+    dataset: str = _meta("Local folder/file or hub dataset, as data.dataset.", default="")
+    text_column: str = _meta("Column holding the text.", default="text")
+    text_pair_column: str = _meta("Optional second text column.", default="")
+    label_column: str = _meta("Column holding the label.", default="label")
+    rounds: int = _meta("Federated rounds spent on this task.", default=1)
+    max_train_examples: int = _meta("Cap on this task's training examples (0 = data.max_train_examples).", default=0)
+    max_test_examples: int = _meta("Cap on this task's held-out examples (0 = data.max_test_examples).", default=0)
+
+
+CONTINUAL_METHODS = ("seq", "inclora", "olora", "amlora", "multitask")
+
+
+@dataclass
+class ContinualSection:
+    """A sequence of tasks learned one after the other by the whole federation (see fedlora/continual)."""
+
+    method: str = _meta(
+        "'' (off), 'seq' (one LoRA trained on task after task), 'inclora' (a new LoRA per task, earlier ones "
+        "frozen), 'olora' (inclora + orthogonality to earlier tasks' A), 'amlora' (inclora + an attention "
+        "mixture over task LoRAs with L1 sparsity), 'multitask' (all tasks' data at once: the upper bound).",
+        default="")
+    tasks: list[ContinualTask] = _meta("The task sequence, in order ([[continual.tasks]] tables).",
+                                       default_factory=list)
+    olora_lambda1: float = _meta("O-LoRA's orthogonality weight (the code's 4-task default).", default=0.5)
+    olora_lambda2: float = _meta("O-LoRA's L2 weight on the new LoRA.", default=0.0)
+    olora_form: str = _meta("'abs' (the code: sum of |entries|) or 'squared' (the paper).", default="abs")
+    amlora_l1: float = _meta("AM-LoRA's L1 weight on the attention over task LoRAs.", default=0.01)
+    head: str = _meta(
+        "'label-names': a frozen head whose rows are the encoder's own features of each label name (it cannot "
+        "forget; needs a linear classifier); 'trainable': the usual trained, shared head.", default="label-names")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.method)
+
+    def validate(self) -> None:
+        if not self.method:
+            return
+        _require(self.method in CONTINUAL_METHODS, "continual.method",
+                 f"must be '' or one of {', '.join(CONTINUAL_METHODS)}, got {self.method!r}")
+        _require(len(self.tasks) >= 1, "continual.tasks", "must list at least one task")
+        for i, t in enumerate(self.tasks):
+            where = f"continual.tasks[{i}]"
+            _require(bool(t.dataset), f"{where}.dataset", "must name a dataset")
+            local = not t.dataset.startswith("builtin:") and ("/" in t.dataset or t.dataset.startswith("."))
+            _require(not local or Path(t.dataset).expanduser().exists(), f"{where}.dataset",
+                     f"{t.dataset} does not exist")
+            _require(bool(t.label_column), f"{where}.label_column", "must name the label column")
+            _require(bool(t.text_column), f"{where}.text_column", "must name the text column")
+            _require(t.rounds >= 1, f"{where}.rounds", "must be >= 1")
+        names = [t.name or Path(t.dataset).name for t in self.tasks]
+        _require(len(set(names)) == len(names), "continual.tasks", f"task names must differ, got {names}")
+        _require(self.olora_form in ("abs", "squared"), "continual.olora_form", "must be 'abs' or 'squared'")
+        _require(self.olora_lambda1 >= 0 and self.olora_lambda2 >= 0, "continual.olora_lambda*", "must be >= 0")
+        _require(self.amlora_l1 >= 0, "continual.amlora_l1", "must be >= 0")
+        _require(self.head in ("label-names", "trainable"), "continual.head", "must be 'label-names' or 'trainable'")
+
+    def task_names(self) -> list[str]:
+        return [t.name or Path(t.dataset).name for t in self.tasks]
+
+    def total_rounds(self) -> int:
+        return sum(t.rounds for t in self.tasks)
+
+
+@dataclass
 class ServerSection:
     """`fedlora server`: the SuperLink it starts (Flower's deployment runtime)."""
 
@@ -373,6 +442,7 @@ class FedLoraConfig:
     dylora: DyLoraSection = field(default_factory=DyLoraSection)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     server: ServerSection = field(default_factory=ServerSection)
+    continual: ContinualSection = field(default_factory=ContinualSection)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -422,6 +492,7 @@ class FedLoraConfig:
                 f"invalid config for 'federation.strategy': {self.federation.strategy} cannot mix ranks {ranks}: "
                 f"{why}; use hetlora, flora or flexlora for mixed ranks")
         self._validate_privacy(policy, ranks)
+        self._validate_continual(policy)
         if self.robust.aggregation != "mean" and policy.heterogeneous_ranks:
             raise ConfigError(
                 f"invalid config value for 'robust.aggregation': {self.robust.aggregation!r} compares clients "
@@ -483,6 +554,34 @@ class FedLoraConfig:
                      f"({self.dylora.min_rank}) must not exceed lora.rank ({self.lora.rank})")
         for r in self.dylora.eval_ranks:
             _require(r <= max(ranks), "dylora.eval_ranks", f"rank {r} is above the run's largest rank {max(ranks)}")
+
+    def _validate_continual(self, policy) -> None:  # noqa: ANN001
+        c, name = self.continual, self.federation.strategy
+        if not c.enabled:
+            return
+        if "B" in policy.private:
+            raise ConfigError(
+                f"invalid config for 'continual.method': {name} keeps every client's B private, so the server holds "
+                "no model to measure the accuracy matrix on every task with (each client would freeze its own B "
+                "at a task switch; that variant is not built). Use fedit, ffa, hetlora or flexlora")
+        if policy.merge_global_into_base:
+            raise ConfigError(
+                f"invalid config for 'continual.method': {name} merges each round's global update into the base "
+                "weights, so no task's LoRA stays separate to freeze or keep orthogonal. Use fedit, ffa, hetlora "
+                "or flexlora")
+        if self.dylora.enabled:
+            raise ConfigError("invalid config for 'continual.method': DyLoRA's per-round rank and a task sequence's "
+                              "frozen task LoRAs do not compose (each past task would keep a different rank)")
+        if self.privacy.example_dp and (c.method == "amlora" or (c.method == "olora" and (c.olora_lambda1 or
+                                                                                          c.olora_lambda2))):
+            raise ConfigError(
+                f"invalid config for 'continual.method': {c.method}'s penalty is a function of the parameters, not "
+                "of each example: Opacus' per-example clipping would drop its gradient silently. Use client-level "
+                "DP (privacy.client_dp) with it, or inclora with example-level DP")
+        if self.run.rounds != c.total_rounds():
+            raise ConfigError(f"invalid config for 'run.rounds': {self.run.rounds} differs from the task sequence's "
+                              f"{c.total_rounds()} rounds (the sum of continual.tasks[*].rounds); set run.rounds = "
+                              f"{c.total_rounds()}")
 
     def run_name(self) -> str:
         """``run.name``, or ``<dataset>-<strategy>`` when it is left empty."""
@@ -585,6 +684,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"invalid config value for '{key}': expected a string, got {value!r}")
         return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid config value for '{key}': expected a table, got {value!r}")
+        hints = get_type_hints(hint)
+        known = {f.name for f in fields(hint)}
+        for k in value:
+            if k not in known:
+                raise ConfigError(f"unknown config key '{key}.{k}'; known keys: {', '.join(sorted(known))}")
+        return hint(**{k: _coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()})
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

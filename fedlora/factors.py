@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 ADAPTER = "default"
+SELECTOR_PREFIX = "fedlora_selector."  # AM-LoRA's attention selector (fedlora.continual.mixing)
+
+
+def extra_part(name: str) -> str:
+    """The sharing part an extra tensor belongs to: 'selector' (AM-LoRA) or 'head'."""
+    return "selector" if name.startswith(SELECTOR_PREFIX) else "head"
 _PEFT_PREFIX = "base_model.model."
 _SAVE_WRAPPER = ".modules_to_save." + ADAPTER
 
@@ -65,7 +71,7 @@ class LoraFactors:
                 for name, m in self.modules.items()
                 if ("A" in parts and m.A is not None) or ("B" in parts and m.B is not None)
             },
-            extras=dict(self.extras) if "head" in parts else {},
+            extras={k: v for k, v in self.extras.items() if extra_part(k) in parts},
         )
 
     def merged_with(self, other: LoraFactors) -> LoraFactors:
@@ -117,8 +123,7 @@ class LoraFactors:
                 out.add("A")
             if m.B is not None:
                 out.add("B")
-        if self.extras:
-            out.add("head")
+        out.update(extra_part(k) for k in self.extras)
         return out
 
     def clone(self) -> LoraFactors:
@@ -148,10 +153,13 @@ def lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]
 
 
 def head_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """Trainable non-LoRA parameters PEFT saves with the adapter (``modules_to_save``, e.g. the head)."""
+    """Trainable non-LoRA parameters that travel as extras: what PEFT saves with the adapter
+    (``modules_to_save``, e.g. the head) and AM-LoRA's selector (names start with SELECTOR_PREFIX)."""
     for name, param in model.named_parameters():
         if _SAVE_WRAPPER in name:
             yield _strip(name).replace(_SAVE_WRAPPER, ""), param
+        elif name.startswith(SELECTOR_PREFIX):
+            yield name, param
 
 
 def extract_factors(model: torch.nn.Module, with_head: bool = True) -> LoraFactors:

@@ -26,7 +26,8 @@ import torch
 
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.factors import ADAPTER, LoraFactors, ModuleFactors, head_parameters, lora_layers, seeded_A
+from fedlora.factors import (ADAPTER, SELECTOR_PREFIX, LoraFactors, ModuleFactors, head_parameters, lora_layers,
+                             seeded_A)
 
 MINILM = "builtin:all-MiniLM-L6-v2"
 TINY_BERT = "builtin:tiny-bert"
@@ -130,15 +131,25 @@ class AdapterSpec:
 _PEFT_CACHE: BoundedCache[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = BoundedCache(4)
 
 
-def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) -> torch.nn.Module:
-    """A PEFT model for ``spec``, cached per process. Base weights are pristine on return."""
-    key = (cfg.model.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules)
+def _cache_key(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None) -> tuple:
+    c = cfg.continual
+    extra = (c.method, len(c.tasks), c.head, tuple(label_names or ())) if c.enabled else None
+    return (cfg.model.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules, extra)
+
+
+def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
+                     label_names: list[str] | None = None) -> torch.nn.Module:
+    """A PEFT model for ``spec``, cached per process. Base weights are pristine on return.
+
+    Continual runs (``[continual]``): with ``head = "label-names"`` the classifier is the frozen
+    label-name head (``label_names`` required) and PEFT saves no head; AM-LoRA adds its selector."""
+    key = _cache_key(cfg, num_labels, spec, label_names)
     entry = _PEFT_CACHE.get(key)
     if entry is None:
         # PEFT's own init draws from the global RNG too; its draws are overwritten by the seed-built
         # adapter every message, so they must not consume the caller's random stream either.
         with torch.random.fork_rng(devices=[]):
-            model = _new_peft_model(cfg, num_labels, spec)
+            model = _new_peft_model(cfg, num_labels, spec, label_names)
         _PEFT_CACHE[key] = (model, {n: l.base_layer.weight.detach().clone() for n, l in lora_layers(model)})
     else:
         model, pristine = entry
@@ -146,24 +157,39 @@ def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) -> 
     return model
 
 
-def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) -> torch.nn.Module:
+def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
+                    label_names: list[str] | None = None) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
+    c = cfg.continual
+    frozen_head = c.enabled and c.head == "label-names"
     base = _build_base(cfg.model.name, num_labels, cfg.model.cache_dir)
     _check_targets(base, spec.target_modules)
+    if frozen_head:
+        from fedlora.continual.head import install_label_name_head
+
+        if label_names is None:
+            raise ValueError("a frozen label-name head (continual.head) needs the run's label names")
+        install_label_name_head(base, load_tokenizer(cfg.model.name, cfg.model.cache_dir), label_names)
     lcfg = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=spec.rank, lora_alpha=spec.alpha,
+        # Without a task type PEFT adds no modules_to_save: the frozen head stays part of the base.
+        task_type=None if frozen_head else TaskType.SEQ_CLS, r=spec.rank, lora_alpha=spec.alpha,
         lora_dropout=spec.dropout, target_modules=list(spec.target_modules),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecations raised inside PEFT
-        return get_peft_model(base, lcfg)
+        model = get_peft_model(base, lcfg)
+    if c.method == "amlora":
+        from fedlora.continual.mixing import attach_selector
+
+        attach_selector(model, len(c.tasks))
+    return model
 
 
-def cached_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec) -> torch.nn.Module | None:
+def cached_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
+                      label_names: list[str] | None = None) -> torch.nn.Module | None:
     """The cached PEFT model for ``spec`` as it is now (no restore), or None."""
-    key = (cfg.model.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules)
-    entry = _PEFT_CACHE.get(key)
+    entry = _PEFT_CACHE.get(_cache_key(cfg, num_labels, spec, label_names))
     return None if entry is None else entry[0]
 
 
@@ -244,7 +270,9 @@ def initial_factors(model: torch.nn.Module, seed: int) -> LoraFactors:
             alpha=float(layer.lora_alpha[ADAPTER]))
     gen = _seeded(seed, "head")
     for name, p in head_parameters(model):
-        if name.endswith("bias"):
+        if name.startswith(SELECTOR_PREFIX):  # AM-LoRA's selector starts at uniform attention
+            factors.extras[name] = torch.zeros_like(p, device="cpu")
+        elif name.endswith("bias"):
             factors.extras[name] = torch.zeros_like(p, device="cpu")
         else:
             factors.extras[name] = torch.randn(p.shape, generator=gen) * 0.02
@@ -275,9 +303,12 @@ def set_trainable(model: torch.nn.Module, trained_parts: frozenset[str]) -> list
             mod.weight.requires_grad_(on)
             if on:
                 params.append(mod.weight)
-    for _, p in head_parameters(model):
-        p.requires_grad_("head" in trained_parts)
-        if "head" in trained_parts:
+    from fedlora.factors import extra_part
+
+    for name, p in head_parameters(model):
+        on = extra_part(name) in trained_parts
+        p.requires_grad_(on)
+        if on:
             params.append(p)
     return params
 

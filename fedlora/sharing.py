@@ -3,15 +3,17 @@
 Every strategy class carries a :class:`SharingPolicy`. The client reads the policy for the run's
 strategy and acts on it; no client code branches on strategy names.
 
-Parts are ``"A"`` (LoRA down-projections), ``"B"`` (up-projections) and ``"head"`` (the task
-head, PEFT's ``modules_to_save``).
+Parts are ``"A"`` (LoRA down-projections), ``"B"`` (up-projections), ``"head"`` (the task
+head, PEFT's ``modules_to_save``) and ``"selector"`` (AM-LoRA's attention over task LoRAs, present
+only in such runs). A policy that does not place the selector puts it where it puts the head: it
+is a small dense layer trained with the adapter, and federated like the head by default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PARTS = ("A", "B", "head")
+PARTS = ("A", "B", "head", "selector")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class SharingPolicy:
     """Clients may train different ranks; the strategy sends each client factors of its own rank."""
 
     def __post_init__(self) -> None:
+        if "selector" not in self.shared | self.private | self.frozen:
+            for attr in ("shared", "private", "frozen"):
+                if "head" in getattr(self, attr):
+                    object.__setattr__(self, attr, getattr(self, attr) | {"selector"})
         for name, parts in (("shared", self.shared), ("private", self.private), ("frozen", self.frozen)):
             unknown = set(parts) - set(PARTS)
             if unknown:

@@ -75,8 +75,10 @@ def expected_arrays(template: LoraFactors, parts: Iterable[str], rank: int,
             out[f"{key}/A"] = (rank, int(m.A.shape[1]))
         if "B" in parts:
             out[f"{key}/B"] = (int(m.B.shape[0]), rank)
-    if "head" in parts:
-        for name, t in template.extras.items():
+    from fedlora.factors import extra_part
+
+    for name, t in template.extras.items():
+        if extra_part(name) in parts:
             out[f"head/{name}"] = tuple(int(s) for s in t.shape)
     return out
 

@@ -44,7 +44,7 @@ class GlobalModel:
                            target_modules=tuple(cfg.lora.target_modules))
         self.num_labels = num_labels
         self.device = pick_device(cfg.train.device)
-        self.model = build_peft_model(cfg, num_labels, spec).to(self.device)
+        self.model = build_peft_model(cfg, num_labels, spec, self.label_names).to(self.device)
         self.init = initial_factors(self.model, cfg.lora.init_seed)
 
     def template(self) -> LoraFactors:
@@ -56,7 +56,7 @@ class GlobalModel:
         policy = strategy.sharing_policy
         spec = AdapterSpec(rank=self.rank, alpha=self.alpha, dropout=self.cfg.lora.dropout,
                            target_modules=tuple(self.cfg.lora.target_modules))
-        model = build_peft_model(self.cfg, self.num_labels, spec).to(self.device)
+        model = build_peft_model(self.cfg, self.num_labels, spec, self.label_names).to(self.device)
         if policy.merge_global_into_base:
             zero = LoraFactors(modules={n: type(m)(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha)
                                         for n, m in self.init.modules.items()}, extras=self.init.extras)
@@ -75,10 +75,31 @@ class GlobalModel:
             r = next(iter(g.modules.values())).rank
             spec = AdapterSpec(rank=r, alpha=float(r), dropout=self.cfg.lora.dropout,
                                target_modules=tuple(self.cfg.lora.target_modules))
-            model = build_peft_model(self.cfg, self.num_labels, spec)
+            model = build_peft_model(self.cfg, self.num_labels, spec, self.label_names)
             load_factors(model, LoraFactors(modules=dict(g.modules), extras=dict(g.extras)))
+        elif getattr(strategy, "past_tasks", None) and self.cfg.continual.method in ("inclora", "olora"):
+            # The task LoRAs add up: one PEFT LoRA of the summed rank holds exactly their sum.
+            from fedlora.lora_math import concat_rank
+
+            total = strategy.global_eff
+            for past in reversed(strategy.past_tasks):
+                total = concat_rank(LoraFactors(modules=dict(past.modules)), total)
+            r = next(iter(total.modules.values())).rank
+            spec = AdapterSpec(rank=r, alpha=float(r), dropout=self.cfg.lora.dropout,
+                               target_modules=tuple(self.cfg.lora.target_modules))
+            model = build_peft_model(self.cfg, self.num_labels, spec, self.label_names)
+            load_factors(model, LoraFactors(modules=dict(total.modules), extras=dict(strategy.global_eff.extras)))
         else:
             model = self.load(strategy)
+            if getattr(strategy, "past_tasks", None):
+                # AM-LoRA: the current task's LoRA is the PEFT adapter; the finished tasks' factors and the
+                # selector (which a PEFT adapter cannot express) sit beside it.
+                from fedlora.state import atomic_write_bytes, tensors_to_bytes
+
+                past = {f"task{t}/{k}": v for t, p in enumerate(strategy.past_tasks) for k, v in p.tensors()}
+                sel = {k: v for k, v in strategy.global_eff.extras.items()}
+                path.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path / "continual_tasks.safetensors", tensors_to_bytes({**past, **sel}))
         return save_adapter(model, path, self.cfg.model.name, self.label_names)
 
 
@@ -94,13 +115,20 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     ``resume``: continue ``run_dir``'s run from its last checkpoint (the round after the last one
     completed, with the same round numbers, sampling and seeds as an uninterrupted run)."""
     t_start = time.perf_counter()
-    task = load_task(cfg)
-    val = server_validation(cfg)
-    gm = GlobalModel(cfg, task.label_names, reference_rank(cfg))
+    continual = cfg.continual.enabled
+    if continual:  # a task sequence: one label space over the tasks, each task's own held-out set
+        from fedlora.continual import tasks as ctasks
+
+        task, val, label_names = None, None, ctasks.union_labels(cfg)
+    else:
+        task = load_task(cfg)
+        val = server_validation(cfg)
+        label_names = task.label_names
+    gm = GlobalModel(cfg, label_names, reference_rank(cfg))
     strategy_cls = get_strategy(cfg.federation.strategy)
     strategy = strategy_cls(cfg, gm.template())
     strategy.global_eff = strategy.initial_global(to_effective(gm.init))
-    strategy.label_names = list(task.label_names)
+    strategy.label_names = list(label_names)
     if resume:
         done = resume_strategy(strategy, cfg, run_dir)
         log.info("resuming %s after round %d of %d", run_dir.path if run_dir else "", done, cfg.run.rounds)
@@ -109,6 +137,37 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         run_dir.write_config(cfg)
     timer = {"t": time.perf_counter()}
 
+    def evaluate_global(model: torch.nn.Module, server_round: int) -> dict:
+        row: dict = {}
+        bs = cfg.train.eval_batch_size
+        test = task.test if not continual else ctasks.task_test(cfg, ctasks.task_of_round(cfg, server_round))
+        res = evaluate(model, test, bs, gm.device)
+        row["server-accuracy"], row["server-loss"] = res["accuracy"], res["loss"]
+        if val is not None:
+            row["server-val-accuracy"] = evaluate(model, val, bs, gm.device)["accuracy"]
+        if cfg.dylora.eval_ranks:  # the global adapter truncated to rank r (scaling alpha/r)
+            mask = RankMask(model)
+            try:
+                for r in cfg.dylora.eval_ranks:
+                    mask.set(min(r, mask.max_rank))
+                    row[f"server-accuracy-rank-{r}"] = evaluate(model, test, bs, gm.device)["accuracy"]
+            finally:
+                mask.remove()
+        if continual and server_round > 0 and ctasks.last_round_of_task(cfg, server_round):
+            # The accuracy matrix's row for the task that ends now: every task seen so far.
+            k = ctasks.task_of_round(cfg, server_round)
+            names = cfg.continual.task_names()
+            seen = range(len(names)) if cfg.continual.method == "multitask" else range(k + 1)
+            row["continual-task"] = k
+            row["continual-accuracy"] = {names[j]: evaluate(model, ctasks.task_test(cfg, j), bs, gm.device)["accuracy"]
+                                         for j in seen}
+            if cfg.data.validation_fraction > 0:  # the same on the clients' validation parts (model selection)
+                vals = {names[j]: evaluate(model, server_validation(ctasks.task_config(cfg, j)), bs,
+                                           gm.device)["accuracy"] for j in seen}
+                row["continual-val-accuracy"] = vals
+                row["continual-val-average"] = sum(vals.values()) / len(vals)
+        return row
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if resume and server_round == 0:
             return None  # the resumed run's starting point is the checkpoint's last round, already logged
@@ -116,19 +175,10 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         row: dict = {"round": server_round, "strategy": strategy.strategy_name}
         if cfg.federation.server_eval and strategy.has_global_model:
             model = gm.load(strategy)  # once per round: every evaluation below reads the same adapter
-            bs = cfg.train.eval_batch_size
-            res = evaluate(model, task.test, bs, gm.device)
-            row["server-accuracy"], row["server-loss"] = res["accuracy"], res["loss"]
-            if val is not None:
-                row["server-val-accuracy"] = evaluate(model, val, bs, gm.device)["accuracy"]
-            if cfg.dylora.eval_ranks:  # the global adapter truncated to rank r (scaling alpha/r)
-                mask = RankMask(model)
-                try:
-                    for r in cfg.dylora.eval_ranks:
-                        mask.set(min(r, mask.max_rank))
-                        row[f"server-accuracy-rank-{r}"] = evaluate(model, task.test, bs, gm.device)["accuracy"]
-                finally:
-                    mask.remove()
+            from fedlora.continual.federation import server_task_lora
+
+            with server_task_lora(strategy, model):  # a task sequence: finished tasks' LoRAs too
+                row.update(evaluate_global(model, server_round))
         rl = strategy.rounds.get(server_round)
         if rl is not None:
             row.update({
@@ -172,16 +222,27 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         gm.save(strategy, run_dir.path / "adapter")
         rows = run_dir.read_metrics()
         last = rows[-1] if rows else {}
-        baselines = accuracy_baselines(task.test.labels, task.num_labels)
+        baselines = (accuracy_baselines(task.test.labels, task.num_labels) if task is not None
+                     else {"chance": 1.0 / len(label_names)})
         run_dir.write_summary({
             "strategy": strategy.strategy_name, "rounds": cfg.run.rounds, "seconds": time.perf_counter() - t_start,
-            "baselines": baselines, "label-names": task.label_names,
+            "baselines": baselines, "label-names": label_names,
             "privacy": privacy_summary(cfg, strategy, rows),
             "final": {k: v for k, v in last.items() if k != "clients"},
             "bytes-up-total": sum(r.get("bytes-up-total", 0) for r in rows),
             "bytes-down-total": sum(r.get("bytes-down-total", 0) for r in rows),
         })
         run_dir.plot(baselines)
+        if continual:
+            from fedlora.continual import metrics as cmetrics
+
+            cont = cmetrics.from_rows(rows, cfg.continual.task_names(), cfg.continual.method == "multitask")
+            summary = json.loads((run_dir.path / "summary.json").read_text())
+            summary["continual"] = {"method": cfg.continual.method, **cont}
+            run_dir.write_summary(summary)
+            if cont.get("average-accuracy") is not None and cfg.continual.method != "multitask":
+                cmetrics.plot_matrix(cont["R"], cont["tasks"], run_dir.path / "continual.png",
+                                     f"{cfg.continual.method}: avg {cont['average-accuracy']:.3f}, BWT {cont['bwt']:+.3f}")
     return result
 
 
@@ -241,6 +302,25 @@ def _mean(xs: list[int]) -> float:
 app = ServerApp()
 
 
+def resolve_app_path(path: str) -> Path:
+    """A run config path given to `flwr run`: absolute, or relative to the working folder of the
+    process running the ServerApp, or relative to the Flower App as installed (FAB) under
+    ``$FLWR_HOME/apps`` (a SuperLink runs the app from there, not from the user's folder)."""
+    import os
+
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    apps = sorted((home / "apps").glob("fedlora.*"), key=lambda d: d.stat().st_mtime, reverse=True)
+    for app_dir in apps:
+        if (app_dir / p).exists():
+            return app_dir / p
+    raise FileNotFoundError(f"run config {path!r} is relative and found neither in {Path.cwd()} (where Flower "
+                            f"runs the ServerApp) nor in the installed app under {home / 'apps'}; pass an absolute "
+                            f"path: --run-config \"config='$PWD/{path}'\", or use `fedlora server`")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run config keys: ``config`` (a TOML path or inline JSON; '' = the embedded default),
@@ -251,6 +331,6 @@ def main(grid: Grid, context: Context) -> None:
     if src.strip().startswith("{"):
         cfg = FedLoraConfig.from_json(src)
     else:
-        cfg = FedLoraConfig.load(src or None)
+        cfg = FedLoraConfig.load(resolve_app_path(src) if src else None)
     folder = str(rc.get("run-dir", "") or "")
     run_server(grid, cfg, RunDir(folder) if folder else RunDir.create(cfg), resume=bool(rc.get("resume", False)))

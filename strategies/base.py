@@ -37,11 +37,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
 from fedlora.config import FedLoraConfig
-from fedlora.factors import LoraFactors
+from fedlora.factors import LoraFactors, extra_part
 from fedlora.lora_math import fit_rank, keep_uncovered, to_client, weighted_mean
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, PROFILE, SETUP, NodeProfile
 from fedlora.robust import cap_shares, clip_update, coordinate_median, trimmed_mean
-from fedlora.sharing import SharingPolicy
+from fedlora.sharing import PARTS, SharingPolicy
 from fedlora.validation import (RejectedReply, check_arrays, check_eval_metrics, check_finite, check_profile_fields,
                                 check_train_metrics, expected_arrays, short_reason)
 
@@ -113,6 +113,8 @@ class LoraStrategy(FedAvg):
         self.label_names: list[str] | None = None  # the run's label space, sent with the setup
         self.round_offset = 0  # rounds completed before this process resumed the run (Flower counts from 1)
         self._set_up: set[int] = set()  # nodes that received this run's setup from this process
+        self.past_tasks: list[LoraFactors] = []  # continual: finished tasks' frozen factors (effective form)
+        self._past_held: dict[int, int] = {}  # continual: how many of them each node reported holding
         self.dp = None
         if cfg.privacy.client_dp:
             from fedlora.privacy.client_level import ClientLevelDP
@@ -163,7 +165,10 @@ class LoraStrategy(FedAvg):
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able state): the global adapter, the node profiles and refusals, and the
         privacy layer's state (clip, accountant). Everything a resumed server needs of the strategy."""
+        from fedlora.continual.federation import past_tensors
+
         tensors = dict(self.global_eff.tensors())
+        tensors.update(past_tensors(self))
         state = {
             "strategy": self.strategy_name,
             "config-digest": self._digest,
@@ -172,13 +177,18 @@ class LoraStrategy(FedAvg):
             "refused": {str(k): v for k, v in self.refused.items()},
             "last-round": max(self.rounds, default=0),
             "privacy": self.dp.state_dict() if self.dp is not None else None,
+            "past-tasks": len(self.past_tasks),
         }
         return tensors, state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         if state["strategy"] != self.strategy_name:
             raise ValueError(f"checkpoint of strategy {state['strategy']!r} cannot resume {self.strategy_name!r}")
-        self.global_eff = LoraFactors.from_tensors(tensors, state["alpha"])
+        from fedlora.continual.federation import load_past
+
+        load_past(self, tensors, int(state.get("past-tasks", 0)))
+        own = {k: v for k, v in tensors.items() if not (k.startswith("past") and k.split("/", 1)[0][4:].isdigit())}
+        self.global_eff = LoraFactors.from_tensors(own, state["alpha"])
         self.profiles = {int(p["node_id"]): NodeProfile.from_record(p) for p in state["profiles"]}
         self.refused = {int(k): v for k, v in state["refused"].items()}
         if self.dp is not None and state.get("privacy"):
@@ -264,25 +274,28 @@ class LoraStrategy(FedAvg):
                 self._outliers.add(p.node_id)
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
-        """The connected nodes not refused, once at least ``min_available_nodes`` are; says what it waits
-        for while it waits, and stops the run after ``federation.wait_timeout`` seconds."""
+        """The connected nodes not refused, once at least ``min_available_nodes`` are connected; says
+        what it waits for while it waits, and stops the run after ``federation.wait_timeout`` seconds."""
         need, limit = self.min_available_nodes, self.cfg.federation.wait_timeout
         t0 = time.monotonic()
         next_note = 0.0
         while True:
-            nodes = sorted(n for n in grid.get_node_ids() if n not in self.refused)
+            # Connected nodes count towards the minimum even when refused (as in Flower's sampling): a
+            # refused node must not make the run wait for a replacement that may never come.
+            connected = sorted(grid.get_node_ids())
+            nodes = [n for n in connected if n not in self.refused]
             waited = time.monotonic() - t0
-            if len(nodes) >= need:
+            if len(connected) >= need:
                 if waited > 1:
-                    log.info("%d clients connected after %.0f s; starting", len(nodes), waited)
+                    log.info("%d clients connected after %.0f s; starting", len(connected), waited)
                 return nodes
             if waited >= limit:
-                raise TimeoutError(f"{len(nodes)} of the {need} clients the run needs "
+                raise TimeoutError(f"{len(connected)} of the {need} clients the run needs "
                                    f"(federation.min_available_clients) connected within federation.wait_timeout "
                                    f"({limit:g} s)")
             if waited >= next_note:
                 log.warning("waiting for clients: %d of %d connected (federation.min_available_clients); "
-                            "%.0f s of federation.wait_timeout (%g s) left", len(nodes), need, limit - waited, limit)
+                            "%.0f s of federation.wait_timeout (%g s) left", len(connected), need, limit - waited, limit)
                 next_note += 15.0
             time.sleep(1.0)
 
@@ -301,6 +314,10 @@ class LoraStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
+        if self.cfg.continual.enabled:
+            from fedlora.continual.federation import switch_task
+
+            switch_task(self, server_round)
         node_ids = self.ensure_profiles(
             grid, self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, "train"), rl)
         rl.sampled = len(node_ids)
@@ -320,10 +337,15 @@ class LoraStrategy(FedAvg):
         messages = []
         for node in node_ids:
             prof = self.profiles[node]
-            key = (prof.rank, prof.alpha)
+            need_past = self._past_held.get(node, 0) < len(self.past_tasks)
+            key = (prof.rank, prof.alpha, need_past)
             if key not in cache:
                 adapter, base = self.client_payload(prof, server_round)
                 rec = codec.encode(adapter, self.cfg.federation.wire_dtype, modules=self.module_names)
+                if need_past:
+                    from fedlora.continual.federation import add_past_tasks
+
+                    add_past_tasks(self, rec, need_past)
                 if base is not None:
                     for k, v in codec.encode(base, self.cfg.federation.wire_dtype, prefix=BASE_PREFIX,
                                              modules=self.module_names).items():
@@ -336,6 +358,15 @@ class LoraStrategy(FedAvg):
                 rl.payload_down.append(codec.wire_bytes(cache[key]))
             messages.append(msg)
         return messages
+
+    def _note_past_held(self, node: int, metrics: dict) -> None:
+        """Continual: the finished tasks a node says it holds (bounded: a lie only costs it bytes)."""
+        from fedlora.continual.federation import PAST_KEY
+
+        if PAST_KEY in metrics:
+            held = metrics[PAST_KEY]
+            ok = isinstance(held, (int, float)) and float(held).is_integer()
+            self._past_held[node] = min(max(int(held), 0), len(self.past_tasks)) if ok else 0
 
     def _missing_replies(self, rl: RoundLog, mtype: str, replies: list[Message], into: list[str]) -> None:
         """Nodes messaged this round that never answered: named, with the timeout they missed."""
@@ -364,6 +395,7 @@ class LoraStrategy(FedAvg):
                 rl.bytes_up.append(codec.message_bytes(reply))
                 u = self.validate_reply(prof, reply.content, server_round, rl)
                 updates.append(u)
+                self._note_past_held(node, u.metrics)
                 rl.payload_up.append(codec.wire_bytes(reply.content[self.arrayrecord_key]))
             except RejectedReply as exc:
                 rl.rejected.append(f"{who}: {exc}")
@@ -440,10 +472,10 @@ class LoraStrategy(FedAvg):
                 raise RejectedReply(f"reports rank {rank}, but this round's DyLoRA rank is {block_rank}")
         elif rank != prof.rank and not pruning:
             raise RejectedReply(f"reports rank {rank}, but the client trains rank {prof.rank}")
-        parts = set(policy.shared) - ({"head"} if not self.template.extras else set())
+        parts = set(policy.shared) & (self.template.parts() | {"A", "B"})  # a head or selector only if the model has one
         record = content.array_records[self.arrayrecord_key]
-        sent = {"head" if k.startswith("head/") else k.rpartition("/")[2] for k in record.keys()}
-        leaked = sent & {"A", "B", "head"} - set(policy.shared)
+        sent = {extra_part(k[len("head/"):]) if k.startswith("head/") else k.rpartition("/")[2] for k in record.keys()}
+        leaked = sent & set(PARTS) - set(policy.shared)
         if leaked:
             raise RejectedReply(f"carries {', '.join(sorted(leaked))}, which the {self.strategy_name} policy "
                                 f"({policy.describe()}) never lets leave a client")
@@ -512,6 +544,7 @@ class LoraStrategy(FedAvg):
                     raise RejectedReply("no metrics" if prof else "reply from a node that was never set up")
                 m = check_eval_metrics(dict(reply.content.metric_records[self.metricrecord_key]),
                                        max_examples=prof.num_test, weight_key=self.weighted_by_key)
+                self._note_past_held(node, m)
             except RejectedReply as exc:
                 rl.rejected_evaluate.append(f"{self.who(node)}: {exc}")
                 log.warning("round %d: evaluation from %s dropped: %s", server_round, self.who(node), exc)

@@ -248,3 +248,22 @@ def test_client_settings_fail_with_a_sentence(tmp_path):
     bad.write_text('server = "h:1"\nrnak = 4\n')
     with pytest.raises(ConfigError, match="unknown client setting 'rnak'"):
         ClientSettings.load(bad, {})
+
+
+def test_resident_executor_tasks_run_parallel_torch_after_the_parent_loaded_a_model(tmp_path):
+    """A forked task must not inherit a dead OpenMP pool (it would wait forever in its first
+    parallel op, as it did with MiniLM before the executor kept its own work single-threaded)."""
+    code = f"""
+import os, sys, torch
+torch.set_num_threads(2)
+from fedlora.deploy.executor import fork_task, single_threaded_parent
+threads = single_threaded_parent()
+x = torch.randn(2000, 2000)
+(x @ x).sum()                      # the parent's own work: loading and copying weights
+pid = fork_task(lambda: print(float((torch.randn(2000, 2000) @ x).sum()) != 0, torch.get_num_threads()), threads)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "2"]

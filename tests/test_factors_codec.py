@@ -68,6 +68,7 @@ def test_codec_bytes_equal_numel_times_width(tmp_path, dtype, width):
     f = extract_factors(m)
     rec = codec.encode(f, dtype)
     assert codec.wire_bytes(rec) == f.numel() * width == codec.raw_bytes(f, dtype)
+    assert codec.raw_bytes(f) == f.numel() * 4  # float32 unless told otherwise
     back = codec.decode(rec, alpha=8.0)
     for (k, a), (_, b) in zip(f.tensors(), back.tensors()):
         if dtype == "float32":
@@ -141,3 +142,15 @@ def test_codec_round_trip_any_shapes_and_dtypes(mods, wire, head, seed):
         assert k1 == k2 and t1.shape == t2.shape
         assert torch.equal(t1.to(dt).float(), t2)  # exactly what the wire dtype holds
     assert {n: m.alpha for n, m in back.modules.items()} == {n: m.alpha for n, m in f.modules.items()}
+
+
+def test_message_bytes_is_flowers_serialised_size_and_counts_the_framing(task_identity):
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.serde import message_to_proto
+
+    f = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(2, 8), B=torch.ones(8, 2), alpha=2.0)})
+    msg = Message(RecordDict({"arrays": codec.encode(f), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=5, message_type="train")
+    n = codec.message_bytes(msg)
+    assert n == message_to_proto(msg).ByteSize()
+    assert n > codec.wire_bytes(msg.content["arrays"]) == 32 * 4

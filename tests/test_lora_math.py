@@ -269,3 +269,83 @@ def test_weighted_mean_checks_every_chunk():
     mean = weighted_mean(many, [1.0] * 40)
     want = sum(c.modules["l0.q"].A for c in many) / 40
     assert torch.allclose(mean.modules["l0.q"].A, want, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Edge cases the mutation run found untested (benchmarks/results/mutation*.json)
+# --------------------------------------------------------------------------------------------
+def _one(A, B, alpha):  # noqa: ANN001, ANN202
+    from fedlora.factors import LoraFactors, ModuleFactors
+
+    return LoraFactors(modules={"m": ModuleFactors(A=A, B=B, alpha=alpha)})
+
+
+def test_fit_rank_of_b_only_factors_keeps_a_absent():
+    import torch
+
+    from fedlora.lora_math import fit_rank
+
+    out = fit_rank(_one(None, torch.ones(3, 2), 2.0), 4)
+    assert out.modules["m"].A is None
+    assert torch.equal(out.modules["m"].B, torch.cat([torch.ones(3, 2), torch.zeros(3, 2)], 1))
+
+
+def test_zero_padded_defaults_to_sparsity_weights_and_handles_zero_and_small_updates():
+    import torch
+
+    from fedlora.lora_math import aggregate_zero_padded
+
+    a = _one(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.3]]), 1.0)   # ||BA|| = 0.3
+    b = _one(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.1]]), 1.0)   # ||BA|| = 0.1
+    default = aggregate_zero_padded([a, b], [1.0, 1.0], 2)
+    weighted = aggregate_zero_padded([a, b], [1.0, 1.0], 2, sparsity_weighted=True)
+    plain = aggregate_zero_padded([a, b], [1.0, 1.0], 2, sparsity_weighted=False)
+    assert torch.equal(default.modules["m"].A, weighted.modules["m"].A)
+    # norms sum to 0.4 (< 1): the weights are still normalised norms, 0.75 and 0.25, not the plain 0.5/0.5
+    assert torch.allclose(weighted.modules["m"].A, torch.tensor([[0.75, 0.25], [0.0, 0.0]]))
+    assert not torch.allclose(weighted.modules["m"].A, plain.modules["m"].A)
+    assert weighted.modules["m"].alpha == 2.0
+    # every update zero: the weights fall back to the example weights, never 0/0
+    z = _one(torch.zeros(1, 2), torch.zeros(1, 1), 1.0)
+    out = aggregate_zero_padded([z, z], [1.0, 3.0], 2)
+    assert torch.isfinite(out.modules["m"].A).all() and torch.isfinite(out.modules["m"].B).all()
+
+
+def test_keep_uncovered_each_guard():
+    import torch
+
+    from fedlora.factors import LoraFactors, ModuleFactors
+    from fedlora.lora_math import keep_uncovered
+
+    new = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(3, 2), B=torch.ones(2, 3), alpha=3.0),
+                               "n": ModuleFactors(A=torch.ones(3, 2), B=torch.ones(2, 3), alpha=3.0)},
+                      extras={"h": torch.ones(1)})
+    prev_full = ModuleFactors(A=torch.full((3, 2), 7.0), B=torch.full((2, 3), 7.0), alpha=3.0)
+    # previous B missing on "m" (FFA-style A-only history would be the mirror case): leave "m" alone,
+    # and the loop goes on to "n", which is kept from the previous global past the covered rank.
+    prev = LoraFactors(modules={"m": ModuleFactors(A=torch.full((3, 2), 7.0), B=None, alpha=3.0), "n": prev_full})
+    out = keep_uncovered(new, prev, 1)
+    assert torch.equal(out.modules["m"].A, torch.ones(3, 2))
+    assert torch.equal(out.modules["n"].A[1:], torch.full((2, 2), 7.0)) and torch.equal(out.modules["n"].A[:1], torch.ones(1, 2))
+    assert out.modules["n"].alpha == 3.0 and torch.equal(out.extras["h"], torch.ones(1))
+    prev_no_a = LoraFactors(modules={"m": ModuleFactors(A=None, B=torch.full((2, 3), 7.0), alpha=3.0), "n": prev_full})
+    assert torch.equal(keep_uncovered(new, prev_no_a, 1).modules["m"].B, torch.ones(2, 3))
+    # covered_rank equal to the rank: nothing is uncovered
+    assert torch.equal(keep_uncovered(new, prev, 3).modules["n"].A, torch.ones(3, 2))
+    # covered_rank just below the rank: the last component is the previous one
+    assert torch.equal(keep_uncovered(new, prev, 2).modules["n"].A[2], torch.full((2,), 7.0))
+
+
+def test_prune_to_rank_keeps_the_head_and_refuses_half_factors_by_name():
+    import pytest
+    import torch
+
+    from fedlora.factors import LoraFactors, ModuleFactors
+    from fedlora.lora_math import prune_to_rank
+
+    f = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(4, 2), B=torch.ones(2, 4), alpha=4.0)},
+                    extras={"head": torch.ones(2)})
+    assert torch.equal(prune_to_rank(f, 2, 4.0).extras["head"], torch.ones(2))
+    for A, B in ((None, torch.ones(2, 4)), (torch.ones(4, 2), None)):
+        with pytest.raises(ValueError, match="m: pruning needs both A and B"):
+            prune_to_rank(LoraFactors(modules={"m": ModuleFactors(A=A, B=B, alpha=4.0)}), 2, 4.0)

@@ -20,4 +20,7 @@ def test_wheel_has_only_the_fedlora_namespace(tmp_path):
     for module in ("fedlora/clients/app.py", "fedlora/server/app.py", "fedlora/strategies/fedsa.py",
                    "fedlora/defaults.toml"):
         assert module in names
+    # every subpackage of the source tree is in the wheel (a non-editable install imports them all)
+    for init in sorted((ROOT / "fedlora").glob("*/__init__.py")):
+        assert f"fedlora/{init.parent.name}/__init__.py" in names, f"fedlora.{init.parent.name} is not packaged"
     assert not [n for n in names if n.startswith(("server/", "clients/", "strategies/", "tests/"))]

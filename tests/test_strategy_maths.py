@@ -275,6 +275,7 @@ def test_flora_start_is_the_rounds_fresh_adapter_and_the_global_head():
     _run_round(s, profiles, template, 1)
     prof = profiles[1]
     start = s.start_factors(prof, 2)
+    assert set(start.modules) == set(NAMES)  # every adapted module, not an empty adapter
     for n, m in start.modules.items():
         assert torch.equal(m.A, seeded_A(cfg.lora.init_seed + 2, n, prof.rank, IN))
         assert m.B.shape == (OUT, prof.rank) and float(m.B.abs().sum()) == 0 and m.alpha == prof.alpha

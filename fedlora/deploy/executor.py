@@ -42,12 +42,52 @@ def _warm(state_dir: Path, warmed: set[str]) -> None:
     names = json.loads(setup["label-names"]) if "label-names" in setup else None
     session = ClientSession.from_parts(FedLoraConfig.from_json(setup["run-config"]), setup["node-config"],
                                        int(setup["node-id"]), names)
+    import torch
+
+    torch.set_num_threads(1)  # see run_resident_executor: the parent never starts a thread pool
     session.model()
     warmed.add(text)
     from fedlora.deploy.client import peak_memory_mb
 
     log.info("run's base model (%s) and data loaded once, kept for its tasks (%.1f s); peak memory %.0f MB",
              session.cfg.model.name, time.perf_counter() - t0, peak_memory_mb())
+
+
+def single_threaded_parent() -> int:
+    """OpenMP's thread pool does not survive fork(): a child whose parent ever ran a parallel region
+    waits forever in its first one. The executor computes single-threaded (it only loads and copies
+    weights); each task gets the returned thread count back (:func:`fork_task`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def fork_task(task, threads: int) -> int:  # noqa: ANN001
+    """Run ``task()`` in a forked child with ``threads`` torch threads; return the child's pid. The
+    child dies with this process and exits with the task's code (Flower ends a task with sys.exit)."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    code = 1
+    try:
+        import torch
+
+        from fedlora.deploy.processes import die_with_parent
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        die_with_parent()
+        torch.set_num_threads(threads)  # train.num_threads, if set, applies inside the task
+        task()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_seconds: float = 0.2) -> None:
@@ -62,6 +102,8 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     # Everything a task needs that does not depend on the run: imported once, here.
     import fedlora.clients.app  # noqa: F401
     import fedlora.training  # noqa: F401
+
+    task_threads = single_threaded_parent()
 
     state_dir = Path(state_dir)
     from fedlora.deploy.client import peak_memory_mb
@@ -97,20 +139,9 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
             if not (res.HasField("task") and res.token):
                 time.sleep(poll_seconds)
                 continue
-            pid = os.fork()
-            if pid == 0:  # the task: Flower's ClientApp runner, in this warm process image
-                code = 1
-                try:
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    run_clientapp(runtime_api_address, res.token, insecure=True, parent_pid=parent)
-                    code = 0
-                except SystemExit as exc:  # flwr_exit ends a task with sys.exit
-                    code = exc.code if isinstance(exc.code, int) else 1
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
+            token = res.token
+            pid = fork_task(lambda: run_clientapp(runtime_api_address, token, insecure=True, parent_pid=parent),
+                            task_threads)
             children.add(pid)
             log.info("task %s (run %s) started in process %d", res.task.task_id, res.task.run_id, pid)
     finally:

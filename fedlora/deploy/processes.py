@@ -26,7 +26,8 @@ def flower_bin(name: str) -> str:
     return found
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent exits."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -41,7 +42,7 @@ def spawn(args: list[str], log_path: Path, env: dict | None = None) -> subproces
     # Flower's daemons start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=_die_with_parent, start_new_session=True)
+                            preexec_fn=die_with_parent, start_new_session=True)
 
 
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> float:

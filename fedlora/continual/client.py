@@ -1,0 +1,93 @@
+"""A client's side of a task sequence: this round's task data, the finished tasks' frozen LoRAs in
+the forward pass, and the method's loss terms on the one training loop.
+
+Finished tasks arrive from the server (wire namespace ``past<t>/``, effective form) and are kept in
+the client-state store under the run's config digest, so a client restarted between tasks recovers
+them from disk; its replies say how many it holds (``past-tasks``), and the server resends what is
+missing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from fedlora.continual.federation import PAST_KEY, PAST_PREFIX, keeps_past_tasks
+from fedlora.continual.tasks import task_of_round
+from fedlora.factors import LoraFactors
+
+
+class MissingPastTask(RuntimeError):
+    """The client holds neither in its message nor in its store a finished task it needs."""
+
+
+def _store_name(session, t: int) -> str:  # noqa: ANN001
+    return f"continual-{session.cfg.digest()}-task{t}"
+
+
+def past_tasks(session, received, server_round: int) -> list[LoraFactors]:  # noqa: ANN001
+    """Finished tasks' factors for ``server_round``: from the message when it carries them (then
+    stored), else from the client-state store."""
+    from fedlora import codec
+
+    cfg = session.cfg
+    if not keeps_past_tasks(cfg):
+        return []
+    task = task_of_round(cfg, server_round)
+    out = []
+    for t in range(task):
+        got = codec.decode(received, alpha=1.0, prefix=PAST_PREFIX.format(t), modules=session.modules)
+        if got.modules:
+            for m in got.modules.values():
+                m.alpha = float(m.rank)  # effective form: the scaling lives in B
+            session.store.save(session.profile.client_id, _store_name(session, t), got)
+        else:
+            got = session.store.load(session.profile.client_id, _store_name(session, t))
+        if got is None:
+            raise MissingPastTask(f"client {session.profile.client_id} holds no factors of finished task {t}; "
+                                  "the server resends them with its next message")
+        out.append(got)
+    return out
+
+
+def held(session) -> int:  # noqa: ANN001
+    """How many finished tasks this client holds, consecutively from the first."""
+    n = 0
+    while session.store.has(session.profile.client_id, _store_name(session, n)):
+        n += 1
+    return n
+
+
+@contextmanager
+def task_lora(session, model: torch.nn.Module, past: list[LoraFactors]):  # noqa: ANN001
+    """The method's forward pass for as long as the block runs (the cached model is restored after)."""
+    from fedlora.continual.mixing import TaskLoraMixer
+
+    method = session.cfg.continual.method
+    if method not in ("inclora", "olora", "amlora"):
+        yield None
+        return
+    mixer = TaskLoraMixer(model, past, "attention" if method == "amlora" else "sum")
+    try:
+        yield mixer
+    finally:
+        mixer.remove()
+
+
+def hooks(session, mixer, past: list[LoraFactors]) -> list:  # noqa: ANN001
+    from fedlora.continual.hooks import AttentionL1, OLoraPenalty
+
+    c = session.cfg.continual
+    if c.method == "olora" and (past or c.olora_lambda2):
+        past_a = {n: torch.cat([p.modules[n].A for p in past], 0) for n in (past[0].modules if past else {})}
+        return [OLoraPenalty(past_a, c.olora_lambda1, c.olora_lambda2, c.olora_form)]
+    if c.method == "amlora" and mixer is not None and c.amlora_l1:
+        return [AttentionL1(mixer, c.amlora_l1)]
+    return []
+
+
+def reply_metrics(session) -> dict:  # noqa: ANN001
+    if not keeps_past_tasks(session.cfg):
+        return {}
+    return {PAST_KEY: held(session)}

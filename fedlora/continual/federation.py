@@ -1,0 +1,102 @@
+"""What the server does for a task sequence: switch tasks, hand every client the finished tasks'
+factors, keep them in the checkpoint.
+
+When a task ends, the global adapter at that moment (effective form, full rank) becomes that task's
+frozen LoRA, the same for every client; the next task starts a fresh adapter: A from the seed
+``lora.init_seed + 1000 * task`` (every party rebuilds it), B zero, and the head and selector as they
+were. A client that does not hold every finished task yet (it reports ``past-tasks`` in each reply)
+receives them all with its next message, under the wire prefix ``past<t>/``; it keeps them in its
+client-state store. Sequential LoRA ('seq') and multi-task training keep one adapter throughout.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from fedlora.factors import LoraFactors, ModuleFactors, seeded_A
+
+PAST_PREFIX = "past{}/"  # wire namespace of finished task t (fedlora.codec skips it unless asked)
+PAST_KEY = "past-tasks"  # reply metric: how many finished tasks' factors the client holds
+
+
+def keeps_past_tasks(cfg) -> bool:  # noqa: ANN001
+    return cfg.continual.method in ("inclora", "olora", "amlora")
+
+
+def task_seed(cfg, task: int) -> int:  # noqa: ANN001
+    """The seed of task ``task``'s fresh adapter (a new LoRA per task starts from its own A)."""
+    return cfg.lora.init_seed + (1000 * task if keeps_past_tasks(cfg) else 0)
+
+
+def fresh_adapter(template: LoraFactors, seed: int) -> LoraFactors:
+    """Seed-built A, zero B, at the template's shapes and alphas (client form)."""
+    return LoraFactors(modules={
+        n: ModuleFactors(A=seeded_A(seed, n, m.A.shape[0], m.A.shape[1]), B=torch.zeros_like(m.B), alpha=m.alpha)
+        for n, m in template.modules.items()})
+
+
+def switch_task(strategy, server_round: int) -> None:  # noqa: ANN001
+    """Before ``server_round`` trains: freeze every task that has ended since the last round."""
+    from fedlora.continual.tasks import task_of_round
+    from fedlora.lora_math import to_effective
+
+    cfg = strategy.cfg
+    if not keeps_past_tasks(cfg):
+        return
+    task = task_of_round(cfg, server_round)
+    while len(strategy.past_tasks) < task:
+        finished = len(strategy.past_tasks)
+        done = LoraFactors()
+        for n, m in strategy.global_eff.modules.items():
+            a = m.A
+            if a is None:  # FFA-LoRA: A never travels; it is the finished task's seed-built A
+                fan_in = strategy.template.modules[n].A.shape[1]
+                a = seeded_A(task_seed(cfg, finished), n, m.B.shape[1], fan_in)
+            done.modules[n] = ModuleFactors(A=a.clone(), B=m.B.clone(), alpha=float(m.B.shape[1]))
+        strategy.past_tasks.append(done)
+        start = fresh_adapter(strategy.template, task_seed(cfg, len(strategy.past_tasks)))
+        fresh = strategy.initial_global(to_effective(start))
+        strategy.global_eff = LoraFactors(modules=fresh.modules, extras=dict(strategy.global_eff.extras))
+
+
+def add_past_tasks(strategy, record, need: bool) -> None:  # noqa: ANN001
+    """Put every finished task's factors into an outgoing ArrayRecord (when the node lacks one)."""
+    from fedlora import codec
+
+    if not need:
+        return
+    for t, past in enumerate(strategy.past_tasks):
+        for k, v in codec.encode(past, strategy.cfg.federation.wire_dtype, prefix=PAST_PREFIX.format(t),
+                                 modules=strategy.module_names).items():
+            record[k] = v
+
+
+def past_tensors(strategy) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return {f"past{t}/{k}": v for t, p in enumerate(strategy.past_tasks) for k, v in p.tensors()}
+
+
+def load_past(strategy, tensors: dict[str, torch.Tensor], count: int) -> None:  # noqa: ANN001
+    strategy.past_tasks = []
+    for t in range(count):
+        pre = f"past{t}/"
+        flat = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        alpha = {k.rpartition("/")[0]: float(v.shape[0]) for k, v in flat.items() if k.endswith("/A")}
+        strategy.past_tasks.append(LoraFactors.from_tensors(flat, alpha))
+
+
+@contextmanager
+def server_task_lora(strategy, model):  # noqa: ANN001
+    """The server's global model as the clients run it: finished tasks' LoRAs added or mixed."""
+    from fedlora.continual.mixing import TaskLoraMixer
+
+    method = strategy.cfg.continual.method
+    if method not in ("inclora", "olora", "amlora"):
+        yield None
+        return
+    mixer = TaskLoraMixer(model, strategy.past_tasks, "attention" if method == "amlora" else "sum")
+    try:
+        yield mixer
+    finally:
+        mixer.remove()

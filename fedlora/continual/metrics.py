@@ -1,0 +1,102 @@
+"""Continual-learning figures from the accuracy matrix R.
+
+``R[i][j]`` is the accuracy on task j's test set after training on task i (rows: tasks learned so
+far; only j <= i are measured). With T tasks:
+
+* average accuracy = mean_j R[T-1][j]
+* backward transfer BWT = mean_{j < T-1} (R[T-1][j] - R[j][j])      (negative: forgetting)
+* forgetting = mean_{j < T-1} (max_{i < T-1} R[i][j] - R[T-1][j])   (Chaudhry et al. 2018)
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _check(R: list[list[float | None]]) -> int:
+    T = len(R)
+    for i, row in enumerate(R):
+        if len(row) != T:
+            raise ValueError(f"R must be square: row {i} has {len(row)} entries, not {T}")
+        for j in range(i + 1):
+            if row[j] is None or not math.isfinite(row[j]):
+                raise ValueError(f"R[{i}][{j}] (task {j} after task {i}) is missing")
+    return T
+
+
+def average_accuracy(R: list[list[float | None]]) -> float:
+    T = _check(R)
+    return sum(R[T - 1][j] for j in range(T)) / T
+
+
+def backward_transfer(R: list[list[float | None]]) -> float:
+    T = _check(R)
+    if T < 2:
+        return 0.0
+    return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+
+
+def forgetting(R: list[list[float | None]]) -> float:
+    T = _check(R)
+    if T < 2:
+        return 0.0
+    return sum(max(R[i][j] for i in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)
+
+
+def summary(R: list[list[float | None]], tasks: list[str]) -> dict:
+    return {"tasks": list(tasks), "R": R, "average-accuracy": average_accuracy(R),
+            "bwt": backward_transfer(R), "forgetting": forgetting(R)}
+
+
+def plot_matrix(R: list[list[float | None]], tasks: list[str], path, title: str = "") -> None:  # noqa: ANN001
+    """Heat map of R (rows: after task i; columns: evaluated on task j; blank: not yet seen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    T = len(R)
+    m = np.full((T, T), np.nan)
+    for i in range(T):
+        for j in range(T):
+            if R[i][j] is not None:
+                m[i, j] = R[i][j]
+    fig, ax = plt.subplots(figsize=(1.3 * T + 2, 1.1 * T + 1.5))
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+    for i in range(T):
+        for j in range(T):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] < 0.6 else "k")
+    ax.set_xticks(range(T), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(T), [f"after {t}" for t in tasks])
+    ax.set_xlabel("evaluated on")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title or "accuracy matrix R")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def from_rows(rows: list[dict], tasks: list[str], multitask: bool = False) -> dict:
+    """The continual summary from a run's metrics rows (``continual-task``, ``continual-accuracy``).
+
+    Multi-task training has one evaluation (all tasks, at the end): average accuracy only."""
+    measured = [r for r in rows if r.get("continual-accuracy")]
+    if multitask:
+        last = measured[-1]["continual-accuracy"] if measured else {}
+        accs = [last.get(t) for t in tasks]
+        avg = sum(accs) / len(accs) if accs and None not in accs else None
+        return {"tasks": list(tasks), "R": [accs], "average-accuracy": avg, "bwt": None, "forgetting": None}
+    T = len(tasks)
+    R: list[list[float | None]] = [[None] * T for _ in range(T)]
+    for r in measured:
+        i = int(r["continual-task"])
+        for j, t in enumerate(tasks):
+            if t in r["continual-accuracy"]:
+                R[i][j] = float(r["continual-accuracy"][t])
+    try:
+        return summary(R, tasks)
+    except ValueError as exc:  # an unfinished run: report what there is
+        return {"tasks": list(tasks), "R": R, "average-accuracy": None, "bwt": None, "forgetting": None,
+                "incomplete": str(exc)}

@@ -1,0 +1,263 @@
+"""Continual learning on the clients: O-LoRA and AM-LoRA maths, the task LoRAs in the forward pass,
+the client-state store across tasks, the accuracy matrix, and a federated task sequence end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from conftest import SHARED_DATA, make_config
+from fedlora.continual.metrics import average_accuracy, backward_transfer, forgetting
+from fedlora.continual.penalties import attention_l1, l2_norms, orthogonality
+
+
+# ------------------------------------------------------------------------------------ penalties
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(2, 12), st.integers(0, 10_000))
+def test_orthogonality_is_the_formula_in_both_forms(rp, r, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    past, new = torch.randn(rp, d, generator=g), torch.randn(r, d, generator=g)
+    explicit = [[sum(float(past[i, k]) * float(new[j, k]) for k in range(d)) for j in range(r)] for i in range(rp)]
+    assert float(orthogonality(past, new, "abs")) == pytest.approx(sum(abs(x) for row in explicit for x in row), rel=1e-4)
+    assert float(orthogonality(past, new, "squared")) == pytest.approx(sum(x * x for row in explicit for x in row), rel=1e-4)
+
+
+def test_orthogonality_is_zero_for_orthogonal_subspaces_and_positive_otherwise():
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    past, new = q[:, :3].T, q[:, 3:6].T  # rows span orthogonal subspaces
+    for form in ("abs", "squared"):
+        assert float(orthogonality(past, new, form)) == pytest.approx(0.0, abs=1e-5)
+        assert float(orthogonality(past, past + 0.1 * new, form)) > 0.1
+    with pytest.raises(ValueError, match="input features"):
+        orthogonality(torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="'abs' or 'squared'"):
+        orthogonality(past, new, "cubed")
+
+
+def test_l2_is_the_sum_of_unsquared_norms_and_attention_l1_skips_the_zero_lora():
+    assert float(l2_norms([torch.tensor([3.0, 4.0]), torch.tensor([[6.0, 8.0]])])) == pytest.approx(15.0)
+    assert float(l2_norms([])) == 0.0
+    att = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
+    assert float(attention_l1(att)) == pytest.approx(0.25)  # mean of (0.5, 0.0)
+
+
+def test_continual_figures_on_a_known_matrix():
+    R = [[0.9, None, None], [0.6, 0.8, None], [0.5, 0.7, 0.95]]
+    assert average_accuracy(R) == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+    assert backward_transfer(R) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+    assert forgetting(R) == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
+    with pytest.raises(ValueError, match=r"R\[1\]\[0\]"):
+        average_accuracy([[0.9, None], [None, 0.8]])
+
+
+# ------------------------------------------------------------------------------------ forward pass
+def _model(tmp_path, method="inclora", tasks=3):  # noqa: ANN001, ANN202
+    from fedlora.model import AdapterSpec, build_peft_model
+
+    cfg = make_config(tmp_path)
+    cfg.continual.method = method
+    cfg.continual.head = "trainable"
+    from fedlora.config import ContinualTask
+
+    cfg.continual.tasks = [ContinualTask(name=f"t{i}", dataset=str(SHARED_DATA / "agnews")) for i in range(tasks)]
+    spec = AdapterSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("query", "value"))
+    return cfg, build_peft_model(cfg, 4, spec)
+
+
+def _random_past(model, n: int, seed: int = 0):  # noqa: ANN001, ANN202
+    from fedlora.factors import ADAPTER, LoraFactors, ModuleFactors, lora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mods = {}
+        for name, layer in lora_layers(model):
+            r, d = layer.lora_A[ADAPTER].weight.shape
+            o = layer.lora_B[ADAPTER].weight.shape[0]
+            mods[name] = ModuleFactors(A=torch.randn(r, d, generator=g) * 0.1, B=torch.randn(o, r, generator=g) * 0.1,
+                                       alpha=float(r))
+        out.append(LoraFactors(modules=mods))
+    return out
+
+
+def test_sum_of_task_loras_in_forward_equals_an_explicit_computation(tmp_path):
+    from fedlora.continual.mixing import TaskLoraMixer
+    from fedlora.factors import ADAPTER, lora_layers
+
+    _, model = _model(tmp_path)
+    model.eval()
+    past = _random_past(model, 2)
+    name, layer = next(iter(lora_layers(model)))
+    x = torch.randn(2, 5, layer.base_layer.in_features)
+    plain = layer(x)
+    mixer = TaskLoraMixer(model, past)
+    mixed = layer(x)
+    explicit = plain + sum(p.modules[name].scaling * (x @ p.modules[name].A.T @ p.modules[name].B.T) for p in past)
+    assert torch.allclose(mixed, explicit, atol=1e-5)
+    mixer.remove()
+    assert torch.equal(layer(x), plain)  # the cached model is restored exactly
+
+
+def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path):
+    from fedlora.continual.hooks import AttentionL1
+    from fedlora.continual.mixing import TaskLoraMixer, selector_of
+    from fedlora.factors import lora_layers
+
+    _, model = _model(tmp_path, "amlora")
+    assert selector_of(model) is not None
+    model.train()
+    past = _random_past(model, 2)
+    mixer = TaskLoraMixer(model, past, "attention")
+    name, layer = next(iter(lora_layers(model)))
+    layer(torch.randn(3, 4, layer.base_layer.in_features))
+    (att,) = mixer.attention
+    assert att.shape[-1] == 1 + 3  # the zero LoRA, two finished tasks, the current one
+    assert torch.allclose(att.sum(-1), torch.ones(att.shape[:-1]))
+    hook = AttentionL1(mixer, 0.5)
+    base_loss = torch.tensor(1.0)
+    with_l1 = hook.loss(None, base_loss)
+    assert float(with_l1.detach()) == pytest.approx(1.0 + 0.5 * float(attention_l1(att).detach()))
+    assert float(with_l1.detach()) > 1.0 and mixer.attention == []
+    with_l1.backward()  # the selector learns from the L1 term
+    sel = selector_of(model)
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in sel.parameters())
+    mixer.remove()
+
+
+def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
+    from fedlora.continual.hooks import OLoraPenalty
+    from fedlora.factors import ADAPTER, lora_layers
+    from fedlora.training import TrainContext
+
+    _, model = _model(tmp_path, "olora")
+    past = _random_past(model, 2)
+    past_a = {n: torch.cat([p.modules[n].A for p in past]) for n in past[0].modules}
+    hook = OLoraPenalty(past_a, lambda1=0.5, lambda2=0.1, form="abs")
+    ctx = TrainContext(model=model, params=[], optimizer=None, data=None, tc=None, seed=0, device=torch.device("cpu"),
+                       target_steps=1, batch_source=None)
+    hook.begin(ctx)
+    layers = dict(lora_layers(model))
+    orth = sum(float((past_a[n] @ layers[n].lora_A[ADAPTER].weight.T).abs().sum()) for n in past_a)
+    l2 = sum(float(layers[n].lora_A[ADAPTER].weight.norm()) + float(layers[n].lora_B[ADAPTER].weight.norm())
+             for n in layers)
+    out = hook.loss(ctx, torch.tensor(2.0))
+    assert float(out) == pytest.approx(2.0 + 0.5 * orth + 0.1 * l2, rel=1e-5)
+    assert hook.end(ctx)["olora-orthogonality"] == pytest.approx(orth, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ config
+def _continual(tmp_path, method="olora", strategy="fedit", rounds=(1, 1), **extra):  # noqa: ANN001, ANN202
+    from fedlora.config import FedLoraConfig
+
+    cfg = make_config(tmp_path)
+    raw = cfg.to_dict()
+    raw["run"]["rounds"] = sum(rounds)
+    raw["federation"]["strategy"] = strategy
+    raw["continual"] = {"method": method, "tasks": [
+        {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": rounds[0]},
+        {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": rounds[1]}], **extra}
+    for section, values in extra.pop("sections", {}).items() if "sections" in extra else []:
+        raw[section].update(values)
+    return raw, FedLoraConfig
+
+
+def test_bad_task_lists_and_impossible_combinations_fail_before_training(tmp_path, shared_data):
+    from fedlora.config import ConfigError
+
+    raw, C = _continual(tmp_path)
+    C.from_dict(raw)  # the valid one
+    bad = dict(raw, continual={**raw["continual"], "tasks": [{"name": "x", "dataset": str(tmp_path / "nowhere")}]})
+    bad["run"] = {**raw["run"], "rounds": 1}
+    with pytest.raises(ConfigError, match=r"continual.tasks\[0\].dataset.*does not exist"):
+        C.from_dict(bad)
+    no_label = dict(raw, continual={**raw["continual"], "tasks": [{"name": "x", "dataset": str(SHARED_DATA / "agnews"),
+                                                                   "label_column": ""}]})
+    no_label["run"] = {**raw["run"], "rounds": 1}
+    with pytest.raises(ConfigError, match=r"label_column"):
+        C.from_dict(no_label)
+    typo = dict(raw, continual={**raw["continual"], "tasks": [{"name": "x", "datset": "y"}]})
+    with pytest.raises(ConfigError, match=r"unknown config key 'continual.tasks\[0\].datset'"):
+        C.from_dict(typo)
+    with pytest.raises(ConfigError, match=r"run.rounds.*set run.rounds = 2"):
+        C.from_dict(dict(raw, run={**raw["run"], "rounds": 3}))
+    for strategy, words in (("fedsa", "keeps every client's B private"), ("flora", "merges each round")):
+        with pytest.raises(ConfigError, match=words):
+            C.from_dict(dict(raw, federation={**raw["federation"], "strategy": strategy}))
+    with pytest.raises(ConfigError, match="DyLoRA"):
+        C.from_dict(dict(raw, dylora={"enabled": True}))
+    with pytest.raises(ConfigError, match="Opacus"):
+        C.from_dict(dict(raw, privacy={"example_dp": True, "example_noise_multiplier": 1.0}))
+    with pytest.raises(ConfigError, match="continual.method"):
+        C.from_dict(dict(raw, continual={**raw["continual"], "method": "ewc"}))
+
+
+# ------------------------------------------------------------------------------------ federated, end to end
+def test_a_federated_task_sequence_measures_R_and_keeps_past_tasks_frozen(tmp_path, shared_data):
+    import json
+
+    from fedlora.config import FedLoraConfig
+    from fedlora.simulate import simulate
+    from fedlora.state import ClientStateStore
+
+    raw, _ = _continual(tmp_path, "olora")
+    raw["data"]["max_train_examples"] = 150
+    raw["data"]["max_test_examples"] = 60
+    raw["federation"].update(num_clients=2, min_train_clients=2, min_evaluate_clients=2)
+    cfg = FedLoraConfig.from_dict(raw)
+    run = simulate(cfg).path
+    summary = json.loads((run / "summary.json").read_text())["continual"]
+    assert summary["tasks"] == ["agnews", "dbpedia"] and summary["method"] == "olora"
+    R = summary["R"]
+    assert R[0][1] is None and all(0.0 <= x <= 1.0 for x in (R[0][0], R[1][0], R[1][1]))
+    assert summary["bwt"] == pytest.approx(R[1][0] - R[0][0])
+    assert (run / "continual.png").exists()
+    # every client holds task 0 as the server froze it, bit for bit
+    from fedlora.state import tensors_from_file
+
+    ck, _ = tensors_from_file(run / "checkpoint" / "global.safetensors")
+    frozen = {k[len("past0/"):]: v for k, v in ck.items() if k.startswith("past0/")}
+    assert frozen
+    store = ClientStateStore(run / "client_state")
+    for cid in ("client-00000", "client-00001"):
+        held = store.load(cid, f"continual-{cfg.digest()}-task0")
+        assert held is not None
+        for key, t in held.tensors():
+            assert torch.equal(t, frozen[key]), key
+
+
+def test_a_client_restarted_between_tasks_recovers_the_finished_tasks_from_its_store(tmp_path, shared_data):
+    from flwr.app import ArrayRecord
+
+    from fedlora import codec
+    from fedlora.clients.session import ClientSession
+    from fedlora.config import FedLoraConfig
+    from fedlora.continual import client as cclient
+    from fedlora.continual.federation import PAST_PREFIX
+
+    raw, _ = _continual(tmp_path, "inclora")
+    raw["data"]["max_train_examples"] = 100
+    cfg = FedLoraConfig.from_dict(raw)
+    state = {"partition-id": 0, "state-dir": str(tmp_path / "state")}
+    first = ClientSession.from_parts(cfg, state, node_id=1)
+    model = first.model()
+    from fedlora.factors import lora_layers
+
+    first.modules = [n for n, _ in lora_layers(model)]
+    task0 = _random_past(model, 1, seed=3)[0]
+    for m in task0.modules.values():
+        m.alpha = float(m.rank)
+    msg = codec.encode(task0, prefix=PAST_PREFIX.format(0), modules=first.modules)
+    got = cclient.past_tasks(first, msg, server_round=2)  # round 2 trains task 1: task 0 arrives
+    assert cclient.held(first) == 1
+    # a new process: nothing in memory, an empty message; the store has task 0
+    second = ClientSession.from_parts(FedLoraConfig.from_dict(raw), state, node_id=1)
+    second.modules = first.modules
+    again = cclient.past_tasks(second, ArrayRecord(), server_round=2)
+    for (k, a), (_, b) in zip(got[0].tensors(), again[0].tensors()):
+        assert torch.equal(a, b), k
+    assert cclient.reply_metrics(second) == {"past-tasks": 1}
+    # a client that never received task 0 says so instead of training without it
+    third = ClientSession.from_parts(FedLoraConfig.from_dict(raw), {**state, "state-dir": str(tmp_path / "other")}, 1)
+    third.modules = first.modules
+    with pytest.raises(cclient.MissingPastTask, match="finished task 0"):
+        cclient.past_tasks(third, ArrayRecord(), server_round=2)
