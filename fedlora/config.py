@@ -223,6 +223,8 @@ class HeteroConfig:
         if self.class_distribution:
             _require(abs(sum(self.class_distribution.values()) - 1.0) < 1e-6, "hetero.class_distribution", "shares must sum to 1")
         _require(self.flora_max_rank >= 1, "hetero.flora_max_rank", "must be >= 1")
+        _require(0.0 < self.hetlora_prune_ratio < 1.0, "hetero.hetlora_prune_ratio",
+                 f"must be in (0, 1): the norm share pruned from the tail, got {self.hetlora_prune_ratio}")
 
     @property
     def enabled(self) -> bool:

@@ -154,3 +154,27 @@ def test_message_bytes_is_flowers_serialised_size_and_counts_the_framing(task_id
     n = codec.message_bytes(msg)
     assert n == message_to_proto(msg).ByteSize()
     assert n > codec.wire_bytes(msg.content["arrays"]) == 32 * 4
+
+
+def test_decode_keeps_second_factor_sets_apart_and_names_malformed_keys():
+    from flwr.app import ArrayRecord
+
+    main = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(2, 3), B=torch.ones(4, 2), alpha=2.0)})
+    other = LoraFactors(modules={"m": ModuleFactors(A=torch.full((2, 3), 5.0), B=torch.full((4, 2), 5.0), alpha=2.0)})
+    rec = codec.encode(main, modules=["m"])
+    for prefix in ("base/", "past0/", "past12/"):  # FLoRA's merged delta, finished continual tasks
+        for k, v in codec.encode(other, prefix=prefix, modules=["m"]).items():
+            rec[k] = v
+    plain = codec.decode(rec, alpha=2.0, modules=["m"])
+    assert torch.equal(plain.modules["m"].A, torch.ones(2, 3))  # the namespaced sets are not read as the main one
+    for prefix in ("base/", "past0/", "past12/"):
+        got = codec.decode(rec, alpha=2.0, prefix=prefix, modules=["m"])
+        assert torch.equal(got.modules["m"].B, torch.full((4, 2), 5.0))
+    assert not codec.decode(rec, alpha=2.0, prefix="past1/", modules=["m"]).modules  # "past1/" is not "past12/"
+    bad = ArrayRecord()
+    bad["garbage"] = codec.encode_tensor(torch.ones(2))
+    with pytest.raises(codec.CodecError, match="garbage: not a LoRA factor key"):
+        codec.decode(bad, alpha=1.0)
+    pastless = ArrayRecord()
+    pastless["pastry/A"] = codec.encode_tensor(torch.ones(2, 3))  # only past<digits>/ is a namespace
+    assert "pastry" in codec.decode(pastless, alpha=1.0).modules

@@ -349,3 +349,34 @@ def test_prune_to_rank_keeps_the_head_and_refuses_half_factors_by_name():
     for A, B in ((None, torch.ones(2, 4)), (torch.ones(4, 2), None)):
         with pytest.raises(ValueError, match="m: pruning needs both A and B"):
             prune_to_rank(LoraFactors(modules={"m": ModuleFactors(A=A, B=B, alpha=4.0)}), 2, 4.0)
+
+
+def test_low_rank_svd_unbatched_and_batched_padding_shapes():
+    import torch
+
+    from fedlora.lora_math import low_rank_svd
+
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)  # rank-2 product, one module
+    Bn, An, S = low_rank_svd(B, A, 4)  # asks for more than the product has: zero-padded
+    assert Bn.shape == (6, 4) and An.shape == (4, 5) and S.shape == (4,)
+    assert torch.allclose(Bn @ An, B @ A, atol=1e-5) and float(S[2:].abs().sum()) == 0.0
+    Bb, Ab = torch.stack([B, 2 * B]), torch.stack([A, A])  # a batch of two modules
+    Bn, An, S = low_rank_svd(Bb, Ab, 3)
+    assert Bn.shape == (2, 6, 3) and An.shape == (2, 3, 5) and S.shape == (2, 3)
+    assert torch.allclose(Bn @ An, Bb @ Ab, atol=1e-5)
+
+
+def test_prune_rank_never_goes_below_one_and_the_config_bounds_the_ratio(tmp_path):
+    import pytest
+    import torch
+
+    from fedlora.config import ConfigError, FedLoraConfig
+    from fedlora.factors import ModuleFactors
+    from fedlora.lora_math import prune_rank
+
+    m = ModuleFactors(A=torch.ones(3, 4), B=torch.ones(5, 3), alpha=3.0)
+    assert prune_rank(m, 2.0) == 1  # even a ratio no component can meet keeps one component
+    for bad in ("0.0", "1.0", "1.5"):
+        with pytest.raises(ConfigError, match="hetero.hetlora_prune_ratio"):
+            FedLoraConfig.load(None, [f"hetero.hetlora_prune_ratio={bad}"])

@@ -283,3 +283,28 @@ def test_flora_start_is_the_rounds_fresh_adapter_and_the_global_head():
         assert torch.equal(start.extras[k], t)
     assert update_norm(start, start) == 0.0
     assert s.global_rank_of(s.global_eff) == 14 and s.global_rank_of(LoraFactors()) == 0
+
+
+def test_flora_caps_the_cumulative_rank_with_the_best_approximation_and_only_above_the_cap():
+    from fedlora.lora_math import to_effective
+
+    # ranks 2+4+8 stack to 14 per round. A cap of exactly 14 keeps round 1's exact stacking: A is the
+    # clients' A one below the other, untouched by any SVD.
+    cfg, s, profiles, template = _setup("flora", "fixed", [2, 4, 8], **{"hetero.flora_max_rank": 14})
+    head, base = s.client_payload(profiles[0], 1)
+    assert base is None  # nothing merged into the base before the first aggregation
+    trained, _ = _run_round(s, profiles, template, 1)
+    for n in NAMES:
+        stacked_a = torch.cat([to_effective(t).modules[n].A for t in trained], 0)
+        assert torch.allclose(s.global_eff.modules[n].A, stacked_a, atol=1e-6)
+    # A cap of 6: every round ends with the best rank-6 approximation of (previous global + the round's sum).
+    cfg, s, profiles, template = _setup("flora", "fixed", [2, 4, 8], **{"hetero.flora_max_rank": 6})
+    p = _p()
+    previous = {n: np.zeros((OUT, IN)) for n in NAMES}
+    for rnd in (1, 2):
+        trained, _ = _run_round(s, profiles, template, rnd)
+        for n in NAMES:
+            total = previous[n] + sum(pk * _dense(t.modules[n]) for pk, t in zip(p, trained))
+            assert s.global_eff.modules[n].rank == 6
+            previous[n] = _best_rank(total, 6)
+            np.testing.assert_allclose(_eff_dense(s.global_eff.modules[n]), previous[n], rtol=1e-4, atol=1e-4)
