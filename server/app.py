@@ -162,8 +162,8 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             row["continual-accuracy"] = {names[j]: evaluate(model, ctasks.task_test(cfg, j), bs, gm.device)["accuracy"]
                                          for j in seen}
             if cfg.data.validation_fraction > 0:  # the same on the clients' validation parts (model selection)
-                vals = {names[j]: evaluate(model, server_validation(ctasks.task_config(cfg, j)), bs,
-                                           gm.device)["accuracy"] for j in seen}
+                vals = {names[j]: evaluate(model, ctasks.task_validation(cfg, j), bs, gm.device)["accuracy"]
+                        for j in seen}
                 row["continual-val-accuracy"] = vals
                 row["continual-val-average"] = sum(vals.values()) / len(vals)
         return row

@@ -22,10 +22,13 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Property tests: 40 examples each in the suite; a handful per mutant under mutation testing
 # (benchmarks/mutation.py sets FEDLORA_HYPOTHESIS=mutation), where they run once per mutant.
-from hypothesis import settings  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
 
 settings.register_profile("suite", max_examples=40, deadline=None)
-settings.register_profile("mutation", max_examples=6, deadline=None, database=None)
+# No shrinking under mutation testing: a mutant that fails a property test is killed by the first
+# failing example; shrinking it (minutes on a loaded machine) only turned kills into timeouts.
+settings.register_profile("mutation", max_examples=6, deadline=None, database=None,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("FEDLORA_HYPOTHESIS", "suite"))
 
 

@@ -178,3 +178,31 @@ def test_decode_keeps_second_factor_sets_apart_and_names_malformed_keys():
     pastless = ArrayRecord()
     pastless["pastry/A"] = codec.encode_tensor(torch.ones(2, 3))  # only past<digits>/ is a namespace
     assert "pastry" in codec.decode(pastless, alpha=1.0).modules
+
+
+def test_codec_errors_name_the_problem():
+    from flwr.app import Array, ArrayRecord
+
+    f = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(2, 3), B=torch.ones(4, 2), alpha=2.0)})
+    with pytest.raises(codec.CodecError, match=r"unknown wire dtype 'int4'; use one of float32, float16, bfloat16"):
+        codec.encode(f, "int4")
+    with pytest.raises(codec.CodecError, match=r"module 'm' is not in the run's module list"):
+        codec.encode(f, modules=["other"])
+    rec = codec.encode(f, modules=["m"])
+    with pytest.raises(codec.CodecError, match=r"no alpha known for module 'm'"):
+        codec.decode(rec, alpha={"other": 1.0}, modules=["m"])
+    odd = ArrayRecord()
+    odd["0/C"] = codec.encode_tensor(torch.ones(2))
+    with pytest.raises(codec.CodecError, match=r"0/C: not a LoRA factor key"):
+        codec.decode(odd, alpha=1.0, modules=["m"])
+    ints = ArrayRecord()
+    ints["0/A"] = Array(dtype="int8", shape=(2,), stype=codec.STYPE, data=b"\x01\x02")
+    with pytest.raises(codec.CodecError, match=r"0/A: unsupported array encoding \(stype=.*, dtype='int8'\)"):
+        codec.decode(ints, alpha=1.0, modules=["m"])
+
+
+def test_decoded_tensors_are_float32_whatever_the_wire_dtype():
+    f = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(2, 3), B=torch.zeros(4, 2), alpha=2.0)})
+    for wire in ("float16", "bfloat16"):
+        back = codec.decode(codec.encode(f, wire), alpha=2.0)
+        assert back.modules["m"].A.dtype == torch.float32 and back.modules["m"].B.dtype == torch.float32

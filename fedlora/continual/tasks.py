@@ -99,6 +99,15 @@ def task_client_data(cfg: FedLoraConfig, partition: int, index: int) -> ClientDa
                       val=_concat(vals) if vals else None)
 
 
+def task_validation(cfg: FedLoraConfig, index: int) -> Examples | None:
+    """Task ``index``'s validation parts of every client (``data.validation_fraction``), in the union
+    label space: what hyper-parameters are chosen on."""
+    from fedlora.data import server_validation
+
+    tc = task_config(cfg, index)
+    return _remap(server_validation(tc), load_task(tc).label_names, union_labels(cfg))
+
+
 def task_test(cfg: FedLoraConfig, index: int) -> Examples:
     """Task ``index``'s held-out set in the union label space (the server's R matrix reads it)."""
     tc = task_config(cfg, index)
