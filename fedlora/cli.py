@@ -45,7 +45,9 @@ def simulate(
     cfg = _load(config, set_)
     console = Console(stderr=True)
     run_dir = RunDir.create(cfg)
-    console.print(f"[bold]fedlora[/] {cfg.run_name()}: {cfg.federation.strategy} | model {cfg.model.name} | data {cfg.data.dataset} | "
+    data = (" -> ".join(cfg.continual.task_names()) + f" ({cfg.continual.method})" if cfg.continual.enabled
+            else cfg.data.dataset)
+    console.print(f"[bold]fedlora[/] {cfg.run_name()}: {cfg.federation.strategy} | model {cfg.model.name} | data {data} | "
                   f"{cfg.federation.num_clients} clients, {cfg.run.rounds} rounds -> {run_dir.path}")
     t0 = time.perf_counter()
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

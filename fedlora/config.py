@@ -589,6 +589,8 @@ class FedLoraConfig:
         """``run.name``, or ``<dataset>-<strategy>`` when it is left empty."""
         if self.run.name:
             return self.run.name
+        if self.continual.enabled:
+            return f"continual-{self.continual.method}-{self.federation.strategy}"
         ds = self.data.dataset
         slug = ds.split(":", 1)[1] if ds.startswith("builtin:") else Path(ds.rstrip("/")).name or ds
         return f"{slug.replace('/', '-')}-{self.federation.strategy}"

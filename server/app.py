@@ -64,8 +64,18 @@ class GlobalModel:
             if g.modules:
                 merge_delta_into_base(model, g)
         else:
-            load_factors(model, self.init.merged_with(to_client(g, self.rank, self.alpha)))
+            load_factors(model, self.start(strategy).merged_with(to_client(g, self.rank, self.alpha)))
         return model
+
+    def start(self, strategy) -> LoraFactors:  # noqa: ANN001
+        """What the clients start from: the seed-built adapter (in a task sequence, the current
+        task's seed: frozen parts such as FFA's A differ per task) and the initial head."""
+        if getattr(strategy, "past_tasks", None):
+            from fedlora.continual.federation import fresh_adapter, task_seed
+
+            fresh = fresh_adapter(self.init, task_seed(self.cfg, len(strategy.past_tasks)))
+            return LoraFactors(modules=fresh.modules, extras=dict(self.init.extras))
+        return self.init
 
     def save(self, strategy, path: Path) -> Path:  # noqa: ANN001
         """Write the global adapter with PEFT's save_pretrained."""
@@ -81,7 +91,8 @@ class GlobalModel:
             # The task LoRAs add up: one PEFT LoRA of the summed rank holds exactly their sum.
             from fedlora.lora_math import concat_rank
 
-            total = strategy.global_eff
+            current = self.start(strategy).merged_with(to_client(strategy.global_eff, self.rank, self.alpha))
+            total = to_effective(LoraFactors(modules=current.modules))
             for past in reversed(strategy.past_tasks):
                 total = concat_rank(LoraFactors(modules=dict(past.modules)), total)
             r = next(iter(total.modules.values())).rank

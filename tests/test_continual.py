@@ -211,6 +211,8 @@ def test_a_federated_task_sequence_measures_R_and_keeps_past_tasks_frozen(tmp_pa
     assert R[0][1] is None and all(0.0 <= x <= 1.0 for x in (R[0][0], R[1][0], R[1][1]))
     assert summary["bwt"] == pytest.approx(R[1][0] - R[0][0])
     assert (run / "continual.png").exists()
+    # the saved adapter is one PEFT LoRA holding both task LoRAs (ranks 4 + 4), as the forward pass adds them
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 8
     # every client holds task 0 as the server froze it, bit for bit
     from fedlora.state import tensors_from_file
 

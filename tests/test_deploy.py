@@ -267,3 +267,20 @@ sys.exit(os.waitstatus_to_exitcode(status))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "2"]
+
+
+def test_flwr_run_config_paths_resolve_in_the_installed_app_or_fail_with_the_fix(tmp_path, monkeypatch):
+    from fedlora.server.app import resolve_app_path
+
+    home = tmp_path / "flwr-home"
+    app = home / "apps" / "fedlora.fedlora.0.1.0.abcd"
+    (app / "simulations").mkdir(parents=True)
+    (app / "simulations" / "x.toml").write_text("[run]\nrounds = 1\n")
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # where a SuperLink happened to start: no simulations/ here
+    assert resolve_app_path("simulations/x.toml") == app / "simulations" / "x.toml"
+    (tmp_path / "simulations").mkdir()
+    (tmp_path / "simulations" / "x.toml").write_text("")
+    assert resolve_app_path("simulations/x.toml") == Path("simulations/x.toml")  # the working folder first
+    with pytest.raises(FileNotFoundError, match=r"pass an absolute path"):
+        resolve_app_path("simulations/missing.toml")
