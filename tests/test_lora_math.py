@@ -380,3 +380,25 @@ def test_prune_rank_never_goes_below_one_and_the_config_bounds_the_ratio(tmp_pat
     for bad in ("0.0", "1.0", "1.5"):
         with pytest.raises(ConfigError, match="hetero.hetlora_prune_ratio"):
             FedLoraConfig.load(None, [f"hetero.hetlora_prune_ratio={bad}"])
+
+
+def test_small_updates_are_pruned_too_and_concat_keeps_effective_alpha_and_empty_aggregations_say_so():
+    import pytest
+    import torch
+
+    from fedlora.factors import ModuleFactors
+    from fedlora.lora_math import check_same_tensors, concat_rank, prune_rank, weighted_mean
+
+    # norms far below 1: the tail component (share 0.01) is still pruned at ratio 0.05
+    tiny = ModuleFactors(A=torch.diag(torch.tensor([0.1, 0.09, 0.001])), B=torch.eye(3) * 0.1, alpha=3.0)
+    assert prune_rank(tiny, 0.05) == 2
+    a = _one(torch.ones(2, 5), torch.ones(4, 2), 2.0)
+    b = _one(torch.ones(3, 5), torch.ones(4, 3), 3.0)
+    out = concat_rank(a, b).modules["m"]
+    assert out.rank == 5 and out.alpha == 5.0  # effective form: alpha is the rank, not the fan-in (5 here too)
+    c = _one(torch.ones(2, 7), torch.ones(4, 2), 2.0)
+    assert concat_rank(c, c).modules["m"].alpha == 4.0
+    with pytest.raises(ValueError, match="aggregation needs at least one update"):
+        check_same_tensors([])
+    with pytest.raises(ValueError, match="weighted_mean needs at least one update"):
+        weighted_mean([], [])
