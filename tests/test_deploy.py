@@ -214,10 +214,13 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, c
     finally:
         for p in [server, *clients]:
             kill_group(p, signal.SIGTERM)
-    r1 = rows(run_dir_of(tmp_path))[1]
-    assert r1["clients-sampled"] == 3 and r1["clients-accepted"] == 2
-    assert any("client-00002" in x and "no reply" in x for x in r1["rejected"]), r1["rejected"]
-    assert r1["server-accuracy"] is not None
+    # The round client 2 was killed in (its first training task: round 1, or round 2 when the server
+    # started round 1 with the two clients that had connected) completes with the others.
+    hit = [r for r in rows(run_dir_of(tmp_path))
+           if any("client-00002" in x and "no reply" in x for x in r.get("rejected") or [])]
+    assert len(hit) >= 1, rows(run_dir_of(tmp_path))
+    r = hit[0]
+    assert r["clients-sampled"] == 3 and r["clients-accepted"] == 2 and r["server-accuracy"] is not None
 
 
 def test_server_refuses_plain_http_on_a_public_address_and_tls_without_enrolled_keys(tmp_path):
