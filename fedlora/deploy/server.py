@@ -9,6 +9,7 @@ starts the SuperLink again on the same database and submits the same app with ``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -70,8 +71,6 @@ class Deployment:
 
     def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         from fedlora.env import DEFAULTS
-
-        import os
 
         res = subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True,
                              env={**os.environ, **DEFAULTS, **self.env()}, timeout=120)
@@ -211,8 +210,6 @@ NOTEWORTHY = ("waiting for clients", "clients connected after", "rejected", "lef
 
 def follow_log(dep: Deployment) -> None:
     """Stream the ServerApp's log (Flower keeps it on the SuperLink) into <run dir>/serverapp.log."""
-    import os
-
     from fedlora.env import DEFAULTS
 
     stop(dep.log_follower)
@@ -221,7 +218,6 @@ def follow_log(dep: Deployment) -> None:
         fh.write(f"--- run {dep.run_id}\n")
     dep.log_follower = spawn([flower_bin("flwr"), "log", str(dep.run_id), CONNECTION, "--stream"], path,
                              env={**DEFAULTS, **dep.env(), "COLUMNS": "400", "NO_COLOR": "1"})
-    del os
 
 
 def run_status(dep: Deployment) -> str:
