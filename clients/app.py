@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from fedlora import codec
 from fedlora.clients.session import ClientSession
 from fedlora.continual import client as continual
+from fedlora.continual.federation import task_lora
 from fedlora.protocol import ARRAYS, CONFIG, METRICS, PROFILE, SETUP
 
 app = ClientApp()
@@ -54,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     params = [p for p in model.parameters() if p.requires_grad]
     dylora_rank = int(config.get("dylora-rank", 0)) or None
     hooks = session.training_hooks(server_round)
-    with session.rank_mask(model, dylora_rank), continual.task_lora(session, model, past) as mixer:
+    with session.rank_mask(model, dylora_rank), task_lora(session.cfg, model, past) as mixer:
         hooks += continual.hooks(session, mixer, past)
         result = train_local(model, params, session.data.train, session.cfg.train,
                              seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
@@ -92,7 +93,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     session.prepare(model, msg.content[ARRAYS], server_round)
     past = continual.past_tasks(session, msg.content[ARRAYS], server_round)
     bs = session.cfg.train.eval_batch_size
-    with continual.task_lora(session, model, past):
+    with task_lora(session.cfg, model, past):
         local = run_eval(model, session.data.test, bs, session.device)
         metrics = {
             "num-examples": local["num-examples"],

@@ -186,9 +186,9 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         row: dict = {"round": server_round, "strategy": strategy.strategy_name}
         if cfg.federation.server_eval and strategy.has_global_model:
             model = gm.load(strategy)  # once per round: every evaluation below reads the same adapter
-            from fedlora.continual.federation import server_task_lora
+            from fedlora.continual.federation import task_lora
 
-            with server_task_lora(strategy, model):  # a task sequence: finished tasks' LoRAs too
+            with task_lora(cfg, model, strategy.past_tasks):  # a task sequence: finished tasks' LoRAs too
                 row.update(evaluate_global(model, server_round))
         rl = strategy.rounds.get(server_round)
         if rl is not None:

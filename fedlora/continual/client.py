@@ -9,8 +9,6 @@ missing.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from fedlora.continual.federation import PAST_KEY, PAST_PREFIX, keeps_past_tasks
@@ -57,22 +55,6 @@ def held(session) -> int:  # noqa: ANN001
     while session.store.has(session.profile.client_id, _store_name(session, n)):
         n += 1
     return n
-
-
-@contextmanager
-def task_lora(session, model: torch.nn.Module, past: list[LoraFactors]):  # noqa: ANN001
-    """The method's forward pass for as long as the block runs (the cached model is restored after)."""
-    from fedlora.continual.mixing import TaskLoraMixer
-
-    method = session.cfg.continual.method
-    if method not in ("inclora", "olora", "amlora"):
-        yield None
-        return
-    mixer = TaskLoraMixer(model, past, "attention" if method == "amlora" else "sum")
-    try:
-        yield mixer
-    finally:
-        mixer.remove()
 
 
 def hooks(session, mixer, past: list[LoraFactors]) -> list:  # noqa: ANN001

@@ -87,15 +87,15 @@ def load_past(strategy, tensors: dict[str, torch.Tensor], count: int) -> None:  
 
 
 @contextmanager
-def server_task_lora(strategy, model):  # noqa: ANN001
-    """The server's global model as the clients run it: finished tasks' LoRAs added or mixed."""
+def task_lora(cfg, model, past: list[LoraFactors]):  # noqa: ANN001
+    """The method's forward pass while the block runs: finished tasks' LoRAs added (IncLoRA, O-LoRA)
+    or mixed (AM-LoRA); the model (cached per process) is restored after. Server and clients alike."""
     from fedlora.continual.mixing import TaskLoraMixer
 
-    method = strategy.cfg.continual.method
-    if method not in ("inclora", "olora", "amlora"):
+    if not keeps_past_tasks(cfg):
         yield None
         return
-    mixer = TaskLoraMixer(model, strategy.past_tasks, "attention" if method == "amlora" else "sum")
+    mixer = TaskLoraMixer(model, past, "attention" if cfg.continual.method == "amlora" else "sum")
     try:
         yield mixer
     finally:
