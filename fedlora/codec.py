@@ -84,7 +84,7 @@ def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "
     flat: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for key, arr in record.items():
-        if not key.startswith(prefix) or (not prefix and _namespaced(key)):
+        if not key.startswith(prefix) or (not prefix and namespaced(key)):
             continue
         name = key[len(prefix):]
         t = decode_tensor(key, arr)
@@ -105,7 +105,7 @@ def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "
     return LoraFactors.from_tensors(flat, alphas)
 
 
-def _namespaced(key: str) -> bool:
+def namespaced(key: str) -> bool:
     """A key of a second factor set: FLoRA's ``base/`` or a finished continual task's ``past<t>/``."""
     head = key.split("/", 1)[0]
     return head + "/" in NAMESPACES or (head.startswith("past") and head[4:].isdigit())

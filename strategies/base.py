@@ -186,8 +186,7 @@ class LoraStrategy(FedAvg):
             raise ValueError(f"checkpoint of strategy {state['strategy']!r} cannot resume {self.strategy_name!r}")
         from fedlora.continual.federation import load_past
 
-        load_past(self, tensors, int(state.get("past-tasks", 0)))
-        own = {k: v for k, v in tensors.items() if not (k.startswith("past") and k.split("/", 1)[0][4:].isdigit())}
+        own = load_past(self, tensors, int(state.get("past-tasks", 0)))
         self.global_eff = LoraFactors.from_tensors(own, state["alpha"])
         self.profiles = {int(p["node_id"]): NodeProfile.from_record(p) for p in state["profiles"]}
         self.refused = {int(k): v for k, v in state["refused"].items()}

@@ -77,13 +77,17 @@ def past_tensors(strategy) -> dict[str, torch.Tensor]:  # noqa: ANN001
     return {f"past{t}/{k}": v for t, p in enumerate(strategy.past_tasks) for k, v in p.tensors()}
 
 
-def load_past(strategy, tensors: dict[str, torch.Tensor], count: int) -> None:  # noqa: ANN001
+def load_past(strategy, tensors: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Restore the finished tasks from a checkpoint's tensors; return the other (the global's) tensors."""
+    from fedlora.codec import namespaced
+
     strategy.past_tasks = []
     for t in range(count):
         pre = f"past{t}/"
         flat = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
         alpha = {k.rpartition("/")[0]: float(v.shape[0]) for k, v in flat.items() if k.endswith("/A")}
         strategy.past_tasks.append(LoraFactors.from_tensors(flat, alpha))
+    return {k: v for k, v in tensors.items() if not namespaced(k)}
 
 
 @contextmanager
