@@ -17,7 +17,7 @@ import time
 from benchmarks.common import RESULTS, ROOT, setup_env
 
 ALL = ["wire", "aggregation", "robust", "privacy", "hetlora_coverage", "throughput", "overhead", "scale"]
-EXTRA = ["deploy"]  # real processes, about 7 minutes: run with --only deploy
+EXTRA = ["deploy", "causal"]  # deploy: real processes, ~7 minutes; causal: decoder LMs, ~5 minutes (--only NAME)
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {ALL}")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    ap.add_argument("--device", default="cpu", help="device for the throughput benchmark (cpu or cuda)")
+    ap.add_argument("--device", default="cpu", help="device for the throughput and causal benchmarks (cpu or cuda)")
     ap.add_argument("--report", action="store_true", help="only regenerate the summary from existing JSON")
     args = ap.parse_args()
     setup_env()
@@ -36,7 +36,7 @@ def main() -> None:
             t0 = time.perf_counter()
             print(f"[benchmark] {name} ...", flush=True)
             module = __import__(f"benchmarks.{name}", fromlist=["run"])
-            if name == "throughput":
+            if name in ("throughput", "causal"):
                 module.run(quick=args.quick, device=args.device)
             else:
                 module.run(quick=args.quick)
@@ -97,6 +97,17 @@ def report() -> str:
                      f"auth, loopback) | {dp['per_round_deploy_over_sim']:.2f}x ({res['per_round_s']:.1f} s vs "
                      f"{sim['per_round_s']:.1f} s); Flower's per-message processes {dp['per_round_cold_over_resident']:.2f}x "
                      f"the resident executor; client peak RSS {res['client_peak_rss_mb']:.0f} MB | - |")
+    cz = _load("causal")
+    if cz:
+        for r in cz["local"]:
+            lines.append(f"| causal LM training step, {r['model']} (random init) LoRA r=16 on every projection, batch "
+                         f"{r['batch']}, {r['device']} | {r['seconds-per-step']:.3f} s/step, {r['tokens-per-second']:,.0f} "
+                         f"tokens/s, peak {r['peak-memory-bytes'] / 2**20:,.0f} MiB ({r['peak-memory-kind'].split(' (')[0]}) | - |")
+        fed = cz["federation"]
+        rows = [r for r in fed["rows"] if r.get("server-loss") is not None]
+        lines.append(f"| causal LM federation ({fed['config']}): held-out loss round 0 -> {rows[-1]['round']}, "
+                     f"s/round | {rows[0]['server-loss']:.2f} -> {rows[-1]['server-loss']:.2f}, "
+                     f"{sum(fed['seconds-per-round']) / len(fed['seconds-per-round']):.0f} s | falls |")
     hc = _load("hetlora-coverage")
     if hc:
         lines.append(f"| HetLoRA, 3 of 10 clients (ranks 2-8) sampled per round, {hc['rounds']} rounds: dead rank components "

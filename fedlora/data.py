@@ -27,6 +27,7 @@ import sysconfig
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,16 +40,37 @@ FORTUNES_CAP = 771  # murphy 777 + zippy 549 + startrek 203 + 771 = 2,300 entrie
 
 @dataclass
 class Examples:
-    """Tokenized examples: variable-length token ids and integer labels."""
+    """Tokenized examples: variable-length token ids and integer labels.
+
+    Causal-LM examples (``model.task = "causal-lm"``) also carry the number of prompt tokens of
+    each (the rest is the response, the only part scored) and, for classification rows phrased as
+    instructions, what generated-label accuracy needs (``answers``, a
+    :class:`fedlora.tasks.evaluation.AnswerSpec`)."""
 
     input_ids: list[torch.Tensor]
     labels: torch.Tensor
+    prompt_lengths: torch.Tensor | None = None
+    answers: Any = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def causal(self) -> bool:
+        return self.prompt_lengths is not None
+
     def subset(self, idx: list[int]) -> Examples:
-        return Examples([self.input_ids[i] for i in idx], self.labels[idx] if idx else self.labels[:0])
+        pick = (lambda t: t[idx] if idx else t[:0])
+        return Examples([self.input_ids[i] for i in idx], pick(self.labels),
+                        None if self.prompt_lengths is None else pick(self.prompt_lengths), self.answers)
+
+    @staticmethod
+    def concat(parts: list[Examples]) -> Examples:
+        """Several sets of examples as one (they share a task: the first part's answers)."""
+        lengths = [p.prompt_lengths for p in parts]
+        return Examples([x for p in parts for x in p.input_ids], torch.cat([p.labels for p in parts]),
+                        None if any(x is None for x in lengths) else torch.cat(lengths),
+                        parts[0].answers if parts else None)
 
 
 @dataclass
@@ -154,19 +176,36 @@ def _load_hf(dc: DataConfig, cache_dir: Path):  # noqa: ANN202
     return ds[dc.train_split], test, label_names
 
 
-def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int,
-                  run_labels: list[str] | None = None) -> tuple[list[dict], list[dict], list[str]]:
+def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[str] | None = None,
+                  cfg: FedLoraConfig | None = None) -> tuple[list[dict], list[dict], list[str]]:
     """Rows with integer labels. ``run_labels``: the run's label space (a client's own files are
-    mapped onto the server's label names, never the other way round)."""
+    mapped onto the server's label names, never the other way round). ``cfg``: a causal-lm run's
+    config, whose ``data.prompt_format`` decides the columns read."""
     train, test, label_names = _load_hf(dc, cache_dir)
     if run_labels is not None:
         label_names = list(run_labels)
     cols = train.column_names
-    for key, col in (("data.text_column", dc.text_column), ("data.label_column", dc.label_column),
-                     ("data.text_pair_column", dc.text_pair_column)):
+    causal = cfg is not None and cfg.model.task == "causal-lm"
+    if causal:
+        from fedlora.tasks.causal import columns_needed
+
+        needed = columns_needed(cfg)
+    else:
+        needed = [("data.text_column", dc.text_column), ("data.label_column", dc.label_column),
+                  ("data.text_pair_column", dc.text_pair_column)]
+    for key, col in needed:
         if col and col not in cols:
             raise ConfigError(f"invalid config value for '{key}': column {col!r} is not in the dataset; "
                               f"its columns are {', '.join(cols)}")
+    if causal and cfg.data.prompt_format != "label":
+        from fedlora.tasks.causal import instruction_rows
+
+        train_rows = instruction_rows(train, cfg)
+        if test is None:
+            random.Random(seed).shuffle(train_rows)
+            k = max(1, len(train_rows) // 5)
+            return train_rows[k:], train_rows[:k], []
+        return train_rows, instruction_rows(test, cfg), []
     feat = train.features.get(dc.label_column)
     if label_names is None and getattr(feat, "names", None):
         label_names = list(feat.names)
@@ -219,8 +258,12 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
     from fedlora.model import cache_root, load_tokenizer
 
     dc = cfg.data
-    key_src = json.dumps({"data": cfg.to_dict()["data"], "model": cfg.model.name,
-                          "max_length": cfg.model.max_length, "seed": cfg.run.seed, "v": 1}, sort_keys=True)
+    if cfg.model.task == "causal-lm":
+        from fedlora.model import check_context
+
+        check_context(cfg)  # before any tokenizing: model.max_length must fit the model
+    key_src = json.dumps({"data": cfg.to_dict()["data"], "model": cfg.model.name, "task": cfg.model.task,
+                          "max_length": cfg.model.max_length, "seed": cfg.run.seed, "v": 2}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     if key in _TASK_CACHE:
         return _TASK_CACHE[key]
@@ -231,16 +274,16 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
         if dc.dataset == "builtin:fortunes":
             train_rows, test_rows, names = _fortune_rows(cfg.run.seed)
         else:
-            train_rows, test_rows, names = _rows_from_hf(dc, root, cfg.run.seed)
+            train_rows, test_rows, names = _rows_from_hf(dc, root, cfg.run.seed, cfg=cfg)
         train_rows = _cap(train_rows, dc.max_train_examples, cfg.run.seed)
         test_rows = _cap(test_rows, dc.max_test_examples, cfg.run.seed + 1)
         tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-        blob = {"train": _encode(tok, train_rows, cfg.model.max_length),
-                "test": _encode(tok, test_rows, cfg.model.max_length), "names": names}
+        blob = {"train": _encode(tok, train_rows, cfg, names), "test": _encode(tok, test_rows, cfg, names),
+                "names": names}
         _write_tokenized(path, blob)
+    answers = answer_spec(cfg, blob["names"])
     task = TaskData(
-        train=Examples(blob["train"]["ids"], blob["train"]["labels"]),
-        test=Examples(blob["test"]["ids"], blob["test"]["labels"]),
+        train=_examples(blob["train"], answers), test=_examples(blob["test"], answers),
         label_names=blob["names"],
         train_labels=blob["train"]["labels"].tolist(),
     )
@@ -250,12 +293,37 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
     return task
 
 
-def _encode(tok, rows: list[dict], max_length: int) -> dict:  # noqa: ANN001
+def _encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: list[str]) -> dict:  # noqa: ANN001
+    if cfg.model.task == "causal-lm":
+        from fedlora.tasks.causal import encode
+
+        return encode(tok, rows, cfg, label_names)
     texts = [r["text"] for r in rows]
     pairs = [r.get("pair") for r in rows]
-    enc = tok(texts, pairs if any(p is not None for p in pairs) else None, truncation=True, max_length=max_length)
+    enc = tok(texts, pairs if any(p is not None for p in pairs) else None, truncation=True,
+              max_length=cfg.model.max_length)
     return {"ids": [torch.tensor(x, dtype=torch.int32) for x in enc["input_ids"]],
             "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+
+
+def _examples(split: dict, answers: Any = None) -> Examples:
+    return Examples(split["ids"], split["labels"], split.get("prompt_lengths"), answers)
+
+
+def answer_spec(cfg: FedLoraConfig, label_names: list[str]):  # noqa: ANN201 - AnswerSpec | None
+    """Causal-LM classification rows: what generated-label accuracy needs (None otherwise)."""
+    if cfg.model.task != "causal-lm" or cfg.data.prompt_format != "label" or not label_names:
+        return None
+    from fedlora.model import load_tokenizer, model_context
+    from fedlora.tasks.causal import special_ids
+    from fedlora.tasks.evaluation import AnswerSpec
+
+    tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
+    eos, pad = special_ids(tok)
+    longest = max(len(tok(" " + n, add_special_tokens=False)["input_ids"]) for n in label_names)
+    return AnswerSpec(label_names=tuple(label_names), model_name=cfg.model.name, cache_dir=cfg.model.cache_dir,
+                      max_new_tokens=cfg.train.max_new_tokens or longest + 2, eos_id=eos, pad_id=pad,
+                      context=model_context(cfg))
 
 
 def _write_tokenized(path: Path, blob: dict) -> None:
@@ -269,6 +337,8 @@ def _write_tokenized(path: Path, blob: dict) -> None:
         tensors[f"{split}/ids"] = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32)
         tensors[f"{split}/lengths"] = lengths
         tensors[f"{split}/labels"] = blob[split]["labels"]
+        if "prompt_lengths" in blob[split]:
+            tensors[f"{split}/prompt_lengths"] = blob[split]["prompt_lengths"]
     atomic_write_bytes(path, tensors_to_bytes(tensors, {"names": json.dumps(blob["names"])}))
 
 
@@ -283,6 +353,8 @@ def _read_tokenized(path: Path) -> dict | None:
     for split in ("train", "test"):
         ids = list(torch.split(tensors[f"{split}/ids"], tensors[f"{split}/lengths"].tolist()))
         blob[split] = {"ids": ids, "labels": tensors[f"{split}/labels"]}
+        if f"{split}/prompt_lengths" in tensors:
+            blob[split]["prompt_lengths"] = tensors[f"{split}/prompt_lengths"]
     return blob
 
 
@@ -382,7 +454,7 @@ def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[st
     if key in _LOCAL_CACHE:
         return _LOCAL_CACHE[key]
     dc = replace(cfg.data, dataset=str(src), data_files={})
-    train_rows, test_rows, _ = _rows_from_hf(dc, cache_root(cfg.model.cache_dir), cfg.run.seed, label_names)
+    train_rows, test_rows, _ = _rows_from_hf(dc, cache_root(cfg.model.cache_dir), cfg.run.seed, label_names, cfg)
     rng = random.Random(cfg.run.seed)
     rng.shuffle(train_rows)
     val_rows: list[dict] = []
@@ -394,9 +466,10 @@ def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[st
                           f"a client needs both")
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
 
+    answers = answer_spec(cfg, label_names)
+
     def examples(rows: list[dict]) -> Examples:
-        enc = _encode(tok, rows, cfg.model.max_length)
-        return Examples(enc["ids"], enc["labels"])
+        return _examples(_encode(tok, rows, cfg, label_names), answers)
 
     out = ClientData(train=examples(train_rows), test=examples(test_rows),
                      val=examples(val_rows) if val_rows else None)
@@ -410,9 +483,7 @@ def server_validation(cfg: FedLoraConfig) -> Examples | None:
     if cfg.data.validation_fraction <= 0:
         return None
     parts = [client_data(cfg, i).val for i in range(cfg.federation.num_clients)]
-    ids = [x for p in parts if p is not None for x in p.input_ids]
-    labels = torch.cat([p.labels for p in parts if p is not None])
-    return Examples(ids, labels)
+    return Examples.concat([p for p in parts if p is not None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +499,9 @@ def batches(ex: Examples, batch_size: int, shuffle: bool, seed: int = 0, pad_id:
 
 
 def collate(ex: Examples, idx: list[int], pad_id: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Examples ``idx`` as one padded batch: ({input_ids, attention_mask}, labels)."""
+    """Examples ``idx`` as one right-padded batch: ({input_ids, attention_mask}, labels). The labels
+    are the class indices, or for causal-LM examples the token ids with prompt and padding
+    tokens ignored (:func:`fedlora.tasks.causal.token_labels`)."""
     seqs = [ex.input_ids[i] for i in idx]
     width = max((len(x) for x in seqs), default=1)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -436,4 +509,10 @@ def collate(ex: Examples, idx: list[int], pad_id: int = 0) -> tuple[dict[str, to
     for j, x in enumerate(seqs):
         ids[j, : len(x)] = x
         mask[j, : len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask}, ex.labels[idx] if idx else ex.labels[:0]
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if ex.causal:
+        from fedlora.tasks.causal import token_labels
+
+        lengths = ex.prompt_lengths[idx] if idx else ex.prompt_lengths[:0]
+        return batch, token_labels(ids, mask, lengths)
+    return batch, ex.labels[idx] if idx else ex.labels[:0]

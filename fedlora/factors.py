@@ -22,7 +22,7 @@ SELECTOR_PREFIX = "fedlora_selector."  # AM-LoRA's attention selector (fedlora.c
 def extra_part(name: str) -> str:
     """The sharing part an extra tensor belongs to: 'selector' (AM-LoRA) or 'head'."""
     return "selector" if name.startswith(SELECTOR_PREFIX) else "head"
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 _SAVE_WRAPPER = ".modules_to_save." + ADAPTER
 
 
@@ -227,4 +227,4 @@ def load_factors(model: torch.nn.Module, factors: LoraFactors) -> None:
 
 
 def _strip(name: str) -> str:
-    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name

@@ -26,11 +26,17 @@ import torch
 
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.factors import (ADAPTER, SELECTOR_PREFIX, LoraFactors, ModuleFactors, head_parameters, lora_layers,
-                             seeded_A)
+from fedlora.factors import (ADAPTER, PEFT_PREFIX, SELECTOR_PREFIX, LoraFactors, ModuleFactors, extract_factors,
+                             head_parameters, lora_layers, seeded_A)
 
 MINILM = "builtin:all-MiniLM-L6-v2"
 TINY_BERT = "builtin:tiny-bert"
+# Random decoders built from a config, with the packaged MiniLM tokenizer's vocabulary: causal-LM
+# mechanics offline (no pretrained decoder weights install from a package registry).
+TINY_GPT2 = "builtin:tiny-gpt2"
+TINY_LLAMA = "builtin:tiny-llama"
+TINY_DECODERS = (TINY_GPT2, TINY_LLAMA)
+BUILTIN_CONTEXT = 512  # the tiny decoders' positions
 # What the builtin names are elsewhere: an adapter records a base model another machine can resolve.
 HUB_IDS = {MINILM: "sentence-transformers/all-MiniLM-L6-v2"}
 LABELS_FILE = "labels.json"
@@ -73,7 +79,7 @@ def packaged_minilm_dir(cache_dir: str = "") -> Path:
 
 
 def resolve_model_path(name: str, cache_dir: str = "") -> str:
-    if name in (MINILM, TINY_BERT):
+    if name in (MINILM, TINY_BERT, *TINY_DECODERS):
         return str(packaged_minilm_dir(cache_dir))
     return name  # hub id or local folder: transformers resolves both
 
@@ -93,14 +99,121 @@ def load_tokenizer(name: str, cache_dir: str = ""):  # noqa: ANN201
     return AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir))
 
 
-def _build_base(name: str, num_labels: int, cache_dir: str) -> torch.nn.Module:
+def _tiny_decoder_config(name: str):  # noqa: ANN202 - a transformers PretrainedConfig
+    from transformers import GPT2Config, LlamaConfig
+
+    # The MiniLM tokenizer's ids: [PAD] 0, [CLS] 101 (begins), [SEP] 102 (ends a response).
+    ids = {"vocab_size": 30522, "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
+    if name == TINY_GPT2:
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=BUILTIN_CONTEXT, **ids)
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=BUILTIN_CONTEXT, **ids)
+
+
+def _tiny_decoder(name: str) -> torch.nn.Module:
+    """A builtin decoder: the same random weights in every process (and wherever its adapter is loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(_tiny_decoder_config(name))
+
+
+def model_context(cfg: FedLoraConfig) -> int:
+    """How many positions the run's model attends over (its context window)."""
+    name = cfg.model.name
+    if name in TINY_DECODERS:
+        return BUILTIN_CONTEXT
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(resolve_model_path(name, cfg.model.cache_dir))
+    conf = getattr(conf, "text_config", None) or conf
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(conf, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30  # no declared limit (relative positions)
+
+
+def check_context(cfg: FedLoraConfig) -> None:
+    """model.max_length must fit the model: a longer prompt cannot be attended to, so it is refused."""
+    ctx = model_context(cfg)
+    if cfg.model.max_length > ctx:
+        raise ConfigError(f"invalid config value for 'model.max_length': {cfg.model.max_length} tokens exceed "
+                          f"{cfg.model.name}'s context of {ctx} positions; a prompt that long cannot be processed. "
+                          f"Lower model.max_length to at most {ctx}")
+
+
+def check_device(cfg: FedLoraConfig, device: torch.device) -> None:
+    """Half-precision and quantized bases are for GPUs: refused on a CPU with a sentence, before work."""
+    m = cfg.model
+    if device.type == "cuda":
+        if m.quantization != "none":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError(f"model.quantization={m.quantization!r} needs the bitsandbytes package: "
+                                  "pip install bitsandbytes")
+        return
+    if m.quantization != "none":
+        raise ConfigError(f"model.quantization={m.quantization!r} quantizes the base with bitsandbytes, which needs a "
+                          "CUDA GPU; this process runs on the CPU (train.device / no GPU found). Use "
+                          "model.quantization='none' on a CPU")
+    if m.dtype == "float16":
+        raise ConfigError("model.dtype='float16' is for GPUs (CPU float16 kernels are missing or slow); use "
+                          "'bfloat16' or 'float32' on a CPU")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _build_causal(cfg: FedLoraConfig, weights: bool = True) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    dtype = _DTYPES[m.dtype]
+    if m.name in TINY_DECODERS:
+        base = _tiny_decoder(m.name).to(dtype)
+    elif not weights:
+        from transformers import AutoConfig
+
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(m.name, m.cache_dir)))
+    else:
+        kwargs: dict = {"dtype": dtype}
+        if m.quantization != "none":
+            from transformers import BitsAndBytesConfig
+
+            compute = torch.bfloat16 if m.dtype == "float32" else dtype
+            kwargs["quantization_config"] = (
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=compute) if m.quantization == "4bit"
+                else BitsAndBytesConfig(load_in_8bit=True))
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+            kwargs["dtype"] = compute
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(m.name, m.cache_dir), **kwargs)
+        if m.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=m.gradient_checkpointing)
+    base.config.use_cache = False  # training; generation turns its cache on per call
+    if m.gradient_checkpointing and m.quantization == "none":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base
+
+
+def _build_base(cfg: FedLoraConfig, num_labels: int, weights: bool = True) -> torch.nn.Module:
+    """The base model; ``weights=False``: its structure only (called under the meta device)."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     from fedlora.env import quiet_transformers
 
     # The new head is reported "MISSING" by transformers' load report before PEFT takes it over.
     quiet_transformers()
-
+    name, cache_dir = cfg.model.name, cfg.model.cache_dir
+    if cfg.model.task == "causal-lm":
+        return _build_causal(cfg, weights)
+    if name in TINY_DECODERS:
+        raise ConfigError(f"model.name={name!r} is a decoder for model.task='causal-lm'")
     if name == TINY_BERT:
         # Random, small, same vocabulary as the packaged tokenizer: fast tests of the plumbing.
         config = BertConfig(
@@ -112,6 +225,10 @@ def _build_base(name: str, num_labels: int, cache_dir: str) -> torch.nn.Module:
             torch.manual_seed(0)
             return BertForSequenceClassification(config)
     path = resolve_model_path(name, cache_dir)
+    if not weights:
+        from transformers import AutoConfig
+
+        return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, num_labels=num_labels))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the new classifier's init is the same in every process
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
@@ -124,7 +241,13 @@ class AdapterSpec:
     rank: int
     alpha: float
     dropout: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...]  # empty: the architecture's defaults (default_targets)
+
+    @classmethod
+    def for_rank(cls, cfg: FedLoraConfig, rank: int, alpha: float | None = None) -> AdapterSpec:
+        """The run's adapter at ``rank`` (alpha: the run's convention for that rank unless given)."""
+        return cls(rank=rank, alpha=cfg.lora.alpha_for_rank(rank) if alpha is None else alpha,
+                   dropout=cfg.lora.dropout, target_modules=tuple(cfg.lora.target_modules))
 
 
 # (PEFT model, its pristine adapted base weights): evicted together, so no orphan weight copies.
@@ -134,7 +257,12 @@ _PEFT_CACHE: BoundedCache[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = Bou
 def _cache_key(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None) -> tuple:
     c = cfg.continual
     extra = (c.method, len(c.tasks), c.head, tuple(label_names or ())) if c.enabled else None
-    return (cfg.model.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules, extra)
+    from fedlora.registry import policy_for
+
+    m = cfg.model
+    built = (m.task, m.dtype, m.quantization, m.gradient_checkpointing, tuple(cfg.lora.modules_to_save),
+             policy_for(cfg.federation.strategy).merge_global_into_base)  # the last: a pristine copy is kept
+    return (m.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules, extra, built)
 
 
 def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
@@ -150,31 +278,62 @@ def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
         # adapter every message, so they must not consume the caller's random stream either.
         with torch.random.fork_rng(devices=[]):
             model = _new_peft_model(cfg, num_labels, spec, label_names)
-        _PEFT_CACHE[key] = (model, {n: l.base_layer.weight.detach().clone() for n, l in lora_layers(model)})
+        # Only a strategy that merges updates into the base (FLoRA) changes base weights; a pristine
+        # copy of the adapted weights (for a 7B model, gigabytes) is kept for it alone.
+        from fedlora.registry import policy_for
+
+        merges = policy_for(cfg.federation.strategy).merge_global_into_base
+        _PEFT_CACHE[key] = (model, {n: l.base_layer.weight.detach().clone() for n, l in lora_layers(model)}
+                            if merges else {})
     else:
         model, pristine = entry
         restore_base(model, pristine)
     return model
 
 
+def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``; a quantized base is placed by bitsandbytes when it is loaded."""
+    if getattr(getattr(model, "base_model", model), "is_quantized", False) or _quantized(model):
+        return model
+    return model.to(device)
+
+
+def _quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "quantization_config", None))
+
+
+def skeleton_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
+                        label_names: list[str] | None = None) -> torch.nn.Module:
+    """The PEFT model's structure without weights (meta tensors, no memory): its module names,
+    factor shapes, head shapes and LoRA config. A server that only aggregates factors
+    (``federation.server_eval = false``) needs no more than this, even for a 7B model."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        return _new_peft_model(cfg, num_labels, spec, label_names, weights=False)
+
+
 def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
-                    label_names: list[str] | None = None) -> torch.nn.Module:
+                    label_names: list[str] | None = None, weights: bool = True) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     c = cfg.continual
     frozen_head = c.enabled and c.head == "label-names"
-    base = _build_base(cfg.model.name, num_labels, cfg.model.cache_dir)
-    _check_targets(base, spec.target_modules)
+    causal = cfg.model.task == "causal-lm"
+    base = _build_base(cfg, num_labels, weights)
+    targets = spec.target_modules or default_targets(base, cfg.model.task)
+    _check_targets(base, targets)
+    if cfg.lora.modules_to_save:
+        _refuse_modules_to_save(base, cfg.lora.modules_to_save, cfg.federation.wire_dtype)
     if frozen_head:
         from fedlora.continual.head import install_label_name_head
 
         if label_names is None:
             raise ValueError("a frozen label-name head (continual.head) needs the run's label names")
         install_label_name_head(base, load_tokenizer(cfg.model.name, cfg.model.cache_dir), label_names)
+    task_type = TaskType.CAUSAL_LM if causal else None if frozen_head else TaskType.SEQ_CLS
     lcfg = LoraConfig(
         # Without a task type PEFT adds no modules_to_save: the frozen head stays part of the base.
-        task_type=None if frozen_head else TaskType.SEQ_CLS, r=spec.rank, lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout, target_modules=list(spec.target_modules),
+        task_type=task_type, r=spec.rank, lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout, target_modules=list(targets), fan_in_fan_out=_conv1d_targets(base, targets),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecations raised inside PEFT
@@ -201,12 +360,35 @@ def save_adapter(model: torch.nn.Module, path: str | Path, model_name: str, labe
     """
     import json
 
+    return write_adapter(path, model, extract_factors(model), model_name, label_names)
+
+
+def write_adapter(path: str | Path, structure: torch.nn.Module, factors: LoraFactors, model_name: str,
+                  label_names: list[str]) -> Path:
+    """``factors`` as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+    the files ``save_pretrained`` writes, in PEFT's key names) without a model holding them:
+    ``structure`` (a PEFT model, or its weightless :func:`skeleton_peft_model`) gives the LoRA
+    config; rank and alpha are the factors' own. Also ``labels.json`` (see :func:`save_adapter`)."""
+    import copy
+    import json
+
+    from safetensors.torch import save_file
+
     path = Path(path)
-    model.save_pretrained(str(path))
-    cfg_path = path / "adapter_config.json"
-    adapter_cfg = json.loads(cfg_path.read_text())
-    adapter_cfg["base_model_name_or_path"] = portable_reference(model_name)
-    cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True))
+    path.mkdir(parents=True, exist_ok=True)
+    first = next(iter(factors.modules.values()))
+    lcfg = copy.deepcopy(structure.peft_config[ADAPTER])
+    lcfg.r, lcfg.lora_alpha = int(first.rank), float(first.alpha)
+    lcfg.base_model_name_or_path = portable_reference(model_name)
+    lcfg.save_pretrained(str(path))
+    tensors = {}
+    for name, m in factors.modules.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.A.detach().float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.B.detach().float().cpu().contiguous()
+    for name, v in factors.extras.items():
+        if not name.startswith(SELECTOR_PREFIX):  # AM-LoRA's selector is not a PEFT module
+            tensors[f"{PEFT_PREFIX}{name}"] = v.detach().float().cpu().contiguous()
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     labels = {"names": list(label_names), "id2label": {str(i): n for i, n in enumerate(label_names)},
               "label2id": {n: i for i, n in enumerate(label_names)}}
     (path / LABELS_FILE).write_text(json.dumps(labels, indent=2))
@@ -225,6 +407,18 @@ def load_adapter(path: str | Path, base_model: str | None = None) -> torch.nn.Mo
     from transformers import AutoModelForSequenceClassification
 
     path = Path(path)
+    adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+    if adapter_cfg.get("task_type") == "CAUSAL_LM":  # a decoder: no labels on the model itself
+        from peft import AutoPeftModelForCausalLM
+
+        name = base_model or adapter_cfg.get("base_model_name_or_path", "")
+        if name in TINY_DECODERS:
+            return PeftModel.from_pretrained(_tiny_decoder(name), str(path))
+        if base_model is None:
+            return AutoPeftModelForCausalLM.from_pretrained(str(path))
+        from transformers import AutoModelForCausalLM
+
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path(name)), str(path))
     names = json.loads((path / LABELS_FILE).read_text())["names"]
     labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
     if base_model is None:
@@ -233,11 +427,76 @@ def load_adapter(path: str | Path, base_model: str | None = None) -> torch.nn.Mo
     return PeftModel.from_pretrained(base, str(path))
 
 
+def _linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+
+    return (torch.nn.Linear, Conv1D)
+
+
+def _linear_leaves(base: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in base.named_modules() if isinstance(m, _linear_types())]
+
+
+# Attention query/value projections by architecture, the classification default (LoRA's paper adapts W_q, W_v).
+_QUERY_VALUE = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"), ("c_attn",), ("qkv",),
+                ("query_key_value",), ("Wqkv",))
+
+
+def default_targets(base: torch.nn.Module, task: str) -> tuple[str, ...]:
+    """The layers LoRA adapts when ``lora.target_modules`` is empty, read from the model itself.
+
+    causal-lm: every linear layer inside the repeated blocks (attention q/k/v/o and the MLP
+    projections; QLoRA's choice), never the LM head or embeddings. classification: the attention
+    query and value projections."""
+    leaves = _linear_leaves(base)
+    names = {n.rsplit(".", 1)[-1] for n, _ in leaves}
+    if task == "causal-lm":
+        out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        in_blocks = sorted({n.rsplit(".", 1)[-1] for n, m in leaves
+                            if m is not out_emb and any(part.isdigit() for part in n.split("."))})
+        if in_blocks:
+            return tuple(in_blocks)
+    else:
+        for pair in _QUERY_VALUE:
+            if all(p in names for p in pair):
+                return pair
+    raise ConfigError(f"no default LoRA targets for this {task} model; set lora.target_modules to some of its "
+                      f"linear layers: {', '.join(sorted(names))}")
+
+
+def _conv1d_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> bool:
+    """PEFT's fan_in_fan_out: the targets are GPT-2 Conv1D layers (weights stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    hits = [m for n, m in base.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    conv = [isinstance(m, Conv1D) for m in hits]
+    if any(conv) and not all(conv):
+        raise ConfigError("lora.target_modules mixes GPT-2 Conv1D layers with nn.Linear ones; PEFT adapts one kind "
+                          "per adapter (fan_in_fan_out), so target one kind")
+    return any(conv)
+
+
+def _refuse_modules_to_save(base: torch.nn.Module, names: list[str], wire_dtype: str) -> None:
+    """Whole modules on the wire: refused, with what they would cost per message."""
+    from fedlora.codec import WIRE_DTYPES
+
+    width = torch.tensor([], dtype=WIRE_DTYPES[wire_dtype]).element_size()
+    found = {n: m for n, m in base.named_modules() if any(n == t or n.endswith("." + t) for t in names)}
+    if not found:
+        raise ConfigError(f"invalid config value for 'lora.modules_to_save': no module named {names}")
+    params = {id(p): p.numel() for m in found.values() for p in m.parameters()}
+    raise ConfigError(
+        f"invalid config value for 'lora.modules_to_save': {', '.join(sorted(found))} would add "
+        f"{sum(params.values()) * width:,} bytes ({sum(params.values()):,} parameters in {wire_dtype}) to every "
+        "message in each direction, more than LoRA factors are meant to carry; adapt them with LoRA "
+        "(lora.target_modules) instead")
+
+
 def _check_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> None:
     names = [n for n, _ in base.named_modules()]
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in names):
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in _linear_leaves(base)})
             raise ConfigError(
                 f"invalid config value for 'lora.target_modules': module {t!r} is not in the model; "
                 f"its linear layers are named {', '.join(leaves)}"
@@ -246,6 +505,8 @@ def _check_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> None:
 
 @torch.no_grad()
 def restore_base(model: torch.nn.Module, pristine: dict[str, torch.Tensor]) -> None:
+    if not pristine:
+        return
     for name, layer in lora_layers(model):
         layer.base_layer.weight.copy_(pristine[name])
 

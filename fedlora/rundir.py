@@ -102,9 +102,14 @@ class RunDir:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         rounds = [r["round"] for r in rows]
-        for key, label in (("server-accuracy", "global (server, held-out)"),
-                           ("personal-accuracy-mean", "personalized mean"),
-                           ("personal-accuracy-worst", "personalized worst client")):
+        scored = any(r.get("server-accuracy") is not None or r.get("personal-accuracy-mean") is not None
+                     for r in rows)
+        curves = ((("server-accuracy", "global (server, held-out)"),
+                   ("personal-accuracy-mean", "personalized mean"),
+                   ("personal-accuracy-worst", "personalized worst client")) if scored else
+                  # a causal LM on free-form instructions: loss per response token
+                  (("server-loss", "global (server, held-out)"), ("personal-loss", "personalized (clients)")))
+        for key, label in curves:
             pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
                 ax1.plot(*zip(*pts), marker="o", label=label)
@@ -121,7 +126,7 @@ class RunDir:
         for ax in (ax1, ax2):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax1.set_xlabel("round")
-        ax1.set_ylabel("accuracy")
+        ax1.set_ylabel("accuracy" if scored else "loss per response token")
         ax1.legend()
         ax1.grid(alpha=0.3)
         ax2.bar([r - 0.2 for r in rounds], [r.get("bytes-up-total", 0) / 1e6 for r in rows], width=0.4, label="up")

@@ -44,6 +44,10 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
     from fedlora.privacy.accounting import check_example_targets
 
     check_example_targets(cfg)
+    from fedlora.model import check_device
+    from fedlora.training import pick_device
+
+    check_device(cfg, pick_device(cfg.train.device))  # e.g. a quantized base on a machine without CUDA
 
     server_app = ServerApp()
 

@@ -47,6 +47,16 @@ def cross_entropy_loss(outputs, labels: torch.Tensor) -> torch.Tensor:  # noqa: 
     return F.cross_entropy(outputs.logits, labels)
 
 
+def task_loss_for(data: Examples) -> Callable:
+    """The loss of the examples' task: next-token cross-entropy on the response tokens of causal-LM
+    examples, cross-entropy over classes otherwise."""
+    if data.causal:
+        from fedlora.tasks.causal import causal_lm_loss
+
+        return causal_lm_loss
+    return cross_entropy_loss
+
+
 @dataclass
 class TrainContext:
     """What a hook may read and replace before the loop starts."""
@@ -107,7 +117,7 @@ def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], data: Examp
         model=model, params=params, optimizer=make_optimizer(params, tc), data=data, tc=tc, seed=seed, device=device,
         target_steps=tc.local_steps or tc.local_epochs * math.ceil(len(data) / tc.batch_size),
         batch_source=lambda epoch: batches(data, tc.batch_size, shuffle=True, seed=seed * 7919 + epoch),
-        clip_grad=tc.max_grad_norm > 0)
+        task_loss=task_loss_for(data), clip_grad=tc.max_grad_norm > 0)
     try:
         for h in hooks:
             h.begin(ctx)
@@ -154,6 +164,12 @@ def _loop(ctx: TrainContext, hooks: Sequence[TrainingHook], t0: float) -> TrainR
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Examples, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Loss and accuracy on ``data`` (causal-LM examples: :func:`fedlora.tasks.evaluation.evaluate_causal`,
+    with perplexity, and accuracy only for classification rows)."""
+    if data.causal:
+        from fedlora.tasks.evaluation import evaluate_causal
+
+        return evaluate_causal(model, data, batch_size, device)
     model.eval()
     loss, correct, n = 0.0, 0, 0
     for batch, labels in batches(data, batch_size, shuffle=False):

@@ -148,9 +148,10 @@ EVAL_FRACTIONS = ("accuracy", "val-accuracy", "global-accuracy")
 
 
 def check_eval_metrics(metrics: Mapping, *, max_examples: int, weight_key: str) -> dict:
-    """An evaluation reply's metrics: accuracies in [0, 1], a finite non-negative loss, a count."""
+    """An evaluation reply's metrics: accuracies in [0, 1], a finite non-negative loss, a count.
+    (Accuracy may be absent: a causal LM on free-form instructions is scored by its loss.)"""
     check_numbers(metrics, "metric")
-    for key in ("accuracy", "loss", weight_key):
+    for key in ("loss", weight_key):
         if key not in metrics:
             raise RejectedReply(f"no '{key}' in the evaluation metrics")
     out = dict(metrics)
@@ -158,6 +159,8 @@ def check_eval_metrics(metrics: Mapping, *, max_examples: int, weight_key: str) 
         if key in metrics:
             out[key] = as_float(metrics[key], f"'{key}'", 0.0, 1.0)
     out["loss"] = as_float(metrics["loss"], "'loss'", 0.0)
+    if "val-loss" in metrics:
+        out["val-loss"] = as_float(metrics["val-loss"], "'val-loss'", 0.0)
     out[weight_key] = as_int(metrics[weight_key], f"'{weight_key}'", 1, max(max_examples, 1))
     return out
 

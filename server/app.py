@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,8 @@ from fedlora.data import load_task, server_validation
 from fedlora.dylora import RankMask
 from fedlora.factors import LoraFactors, load_factors
 from fedlora.lora_math import to_client, to_effective
-from fedlora.model import AdapterSpec, build_peft_model, initial_factors, merge_delta_into_base, save_adapter
+from fedlora.model import (AdapterSpec, build_peft_model, check_device, initial_factors, merge_delta_into_base, place,
+                           skeleton_peft_model, write_adapter)
 from fedlora.registry import get_strategy
 from fedlora.rundir import RunDir
 from fedlora.training import evaluate, pick_device
@@ -32,20 +34,27 @@ log = logging.getLogger("fedlora.server")
 
 
 class GlobalModel:
-    """The server's own copy of the model, to evaluate and save the global adapter."""
+    """The server's view of the model: the adapter's structure (module names, factor shapes, LoRA
+    config) to start, check and save the global adapter, and, when the server evaluates
+    (``federation.server_eval``), a copy of the model to evaluate it with.
+
+    Without server evaluation the server holds no base weights at all: the structure is built on
+    PyTorch's meta device, so aggregating a 7B model's factors costs the factors' memory only."""
 
     def __init__(self, cfg: FedLoraConfig, label_names: list[str], rank: int) -> None:
-        num_labels = len(label_names)
         self.label_names = list(label_names)
+        self.num_labels = len(label_names)
         self.cfg = cfg
         self.rank = rank
         self.alpha = cfg.lora.alpha_for_rank(rank)
-        spec = AdapterSpec(rank=rank, alpha=self.alpha, dropout=cfg.lora.dropout,
-                           target_modules=tuple(cfg.lora.target_modules))
-        self.num_labels = num_labels
         self.device = pick_device(cfg.train.device)
-        self.model = build_peft_model(cfg, num_labels, spec, self.label_names).to(self.device)
-        self.init = initial_factors(self.model, cfg.lora.init_seed)
+        spec = AdapterSpec.for_rank(cfg, rank)
+        check_device(cfg, self.device)
+        if cfg.federation.server_eval or cfg.continual.enabled:  # a task sequence's head needs real embeddings
+            self.structure = place(build_peft_model(cfg, self.num_labels, spec, self.label_names), self.device)
+        else:
+            self.structure = skeleton_peft_model(cfg, self.num_labels, spec, self.label_names)
+        self.init = initial_factors(self.structure, cfg.lora.init_seed)
 
     def template(self) -> LoraFactors:
         return self.init
@@ -53,19 +62,21 @@ class GlobalModel:
     def load(self, strategy) -> torch.nn.Module:  # noqa: ANN001
         """Load the strategy's global adapter; frozen parts come from the shared seed."""
         g = strategy.global_eff
-        policy = strategy.sharing_policy
-        spec = AdapterSpec(rank=self.rank, alpha=self.alpha, dropout=self.cfg.lora.dropout,
-                           target_modules=tuple(self.cfg.lora.target_modules))
-        model = build_peft_model(self.cfg, self.num_labels, spec, self.label_names).to(self.device)
-        if policy.merge_global_into_base:
-            zero = LoraFactors(modules={n: type(m)(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha)
-                                        for n, m in self.init.modules.items()}, extras=self.init.extras)
-            load_factors(model, zero.merged_with(LoraFactors(extras=g.extras)))
+        model = place(build_peft_model(self.cfg, self.num_labels, AdapterSpec.for_rank(self.cfg, self.rank),
+                                       self.label_names), self.device)
+        if strategy.sharing_policy.merge_global_into_base:
+            load_factors(model, self._flora_start(g))
             if g.modules:
                 merge_delta_into_base(model, g)
         else:
             load_factors(model, self.start(strategy).merged_with(to_client(g, self.rank, self.alpha)))
         return model
+
+    def _flora_start(self, g: LoraFactors) -> LoraFactors:
+        """FLoRA's adapter on top of the merged base: the seed's A, a zero B, the global head."""
+        zero = LoraFactors(modules={n: type(m)(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha)
+                                    for n, m in self.init.modules.items()}, extras=self.init.extras)
+        return zero.merged_with(LoraFactors(extras=g.extras))
 
     def start(self, strategy) -> LoraFactors:  # noqa: ANN001
         """What the clients start from: the seed-built adapter (in a task sequence, the current
@@ -78,40 +89,35 @@ class GlobalModel:
         return self.init
 
     def save(self, strategy, path: Path) -> Path:  # noqa: ANN001
-        """Write the global adapter with PEFT's save_pretrained."""
+        """Write the global adapter in PEFT's format, from its factors (no model needed)."""
         g = strategy.global_eff
-        if strategy.sharing_policy.merge_global_into_base and g.modules:
-            # FLoRA: the merged model is base + the cumulative delta; save that delta as an adapter of its rank.
-            r = next(iter(g.modules.values())).rank
-            spec = AdapterSpec(rank=r, alpha=float(r), dropout=self.cfg.lora.dropout,
-                               target_modules=tuple(self.cfg.lora.target_modules))
-            model = build_peft_model(self.cfg, self.num_labels, spec, self.label_names)
-            load_factors(model, LoraFactors(modules=dict(g.modules), extras=dict(g.extras)))
+        if strategy.sharing_policy.merge_global_into_base:
+            # FLoRA: the merged model is base + the cumulative delta; save that delta as an adapter of
+            # its rank, whose scaling is 1 (alpha = r): its B carries the scaling already.
+            factors = (LoraFactors(modules={n: type(m)(A=m.A, B=m.B, alpha=float(m.rank)) for n, m in g.modules.items()},
+                                   extras=dict(g.extras)) if g.modules else self._flora_start(g))
         elif getattr(strategy, "past_tasks", None) and self.cfg.continual.method in ("inclora", "olora"):
             # The task LoRAs add up: one PEFT LoRA of the summed rank holds exactly their sum.
             from fedlora.lora_math import concat_rank
 
-            current = self.start(strategy).merged_with(to_client(strategy.global_eff, self.rank, self.alpha))
+            current = self.start(strategy).merged_with(to_client(g, self.rank, self.alpha))
             total = to_effective(LoraFactors(modules=current.modules))
             for past in reversed(strategy.past_tasks):
                 total = concat_rank(LoraFactors(modules=dict(past.modules)), total)
-            r = next(iter(total.modules.values())).rank
-            spec = AdapterSpec(rank=r, alpha=float(r), dropout=self.cfg.lora.dropout,
-                               target_modules=tuple(self.cfg.lora.target_modules))
-            model = build_peft_model(self.cfg, self.num_labels, spec, self.label_names)
-            load_factors(model, LoraFactors(modules=dict(total.modules), extras=dict(strategy.global_eff.extras)))
+            factors = LoraFactors(modules={n: type(m)(A=m.A, B=m.B, alpha=float(m.rank)) for n, m in total.modules.items()},
+                                  extras=dict(g.extras))
         else:
-            model = self.load(strategy)
+            factors = self.start(strategy).merged_with(to_client(g, self.rank, self.alpha))
             if getattr(strategy, "past_tasks", None):
                 # AM-LoRA: the current task's LoRA is the PEFT adapter; the finished tasks' factors and the
                 # selector (which a PEFT adapter cannot express) sit beside it.
                 from fedlora.state import atomic_write_bytes, tensors_to_bytes
 
                 past = {f"task{t}/{k}": v for t, p in enumerate(strategy.past_tasks) for k, v in p.tensors()}
-                sel = {k: v for k, v in strategy.global_eff.extras.items()}
+                sel = {k: v for k, v in g.extras.items()}
                 path.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(path / "continual_tasks.safetensors", tensors_to_bytes({**past, **sel}))
-        return save_adapter(model, path, self.cfg.model.name, self.label_names)
+        return write_adapter(path, self.structure, factors, self.cfg.model.name, self.label_names)
 
 
 def reference_rank(cfg: FedLoraConfig) -> int:
@@ -153,15 +159,24 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         bs = cfg.train.eval_batch_size
         test = task.test if not continual else ctasks.task_test(cfg, ctasks.task_of_round(cfg, server_round))
         res = evaluate(model, test, bs, gm.device)
-        row["server-accuracy"], row["server-loss"] = res["accuracy"], res["loss"]
+        row["server-loss"] = res["loss"]
+        if "accuracy" in res:  # a causal LM on free-form instructions has loss and perplexity only
+            row["server-accuracy"] = res["accuracy"]
+        if "perplexity" in res:
+            row["server-perplexity"] = res["perplexity"]
+            row["server-unparsed"] = res.get("unparsed")
         if val is not None:
-            row["server-val-accuracy"] = evaluate(model, val, bs, gm.device)["accuracy"]
+            vres = evaluate(model, val, bs, gm.device)
+            row["server-val-accuracy"] = vres.get("accuracy")
+            row["server-val-loss"] = vres["loss"]
         if cfg.dylora.eval_ranks:  # the global adapter truncated to rank r (scaling alpha/r)
             mask = RankMask(model)
             try:
                 for r in cfg.dylora.eval_ranks:
                     mask.set(min(r, mask.max_rank))
-                    row[f"server-accuracy-rank-{r}"] = evaluate(model, test, bs, gm.device)["accuracy"]
+                    at_rank = evaluate(model, test, bs, gm.device)
+                    row[f"server-accuracy-rank-{r}"] = at_rank.get("accuracy")
+                    row[f"server-loss-rank-{r}"] = at_rank["loss"]
             finally:
                 mask.remove()
         if continual and server_round > 0 and ctasks.last_round_of_task(cfg, server_round):
@@ -220,8 +235,9 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             run_dir.write_checkpoint(*strategy.state_dict())
         if on_round is not None:
             on_round(row)
-        if "server-accuracy" in row:
-            return MetricRecord({"accuracy": row["server-accuracy"], "loss": row["server-loss"]})
+        if "server-loss" in row:
+            return MetricRecord({k: row[f"server-{k}"] for k in ("accuracy", "loss", "perplexity")
+                                 if row.get(f"server-{k}") is not None and math.isfinite(row[f"server-{k}"])})
         return None
 
     result = strategy.start(
@@ -233,8 +249,8 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         gm.save(strategy, run_dir.path / "adapter")
         rows = run_dir.read_metrics()
         last = rows[-1] if rows else {}
-        baselines = (accuracy_baselines(task.test.labels, task.num_labels) if task is not None
-                     else {"chance": 1.0 / len(label_names)})
+        baselines = (accuracy_baselines(task.test.labels, task.num_labels) if task is not None and task.num_labels
+                     else {"chance": 1.0 / len(label_names)} if label_names else {})
         run_dir.write_summary({
             "strategy": strategy.strategy_name, "rounds": cfg.run.rounds, "seconds": time.perf_counter() - t_start,
             "baselines": baselines, "label-names": label_names,

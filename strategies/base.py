@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -554,15 +555,18 @@ class LoraStrategy(FedAvg):
             return None
         clients.sort(key=lambda m: m["client-id"])
         rl.eval_clients = clients
-        accs = [float(m["accuracy"]) for m in clients]
         ns = [float(m[self.weighted_by_key]) for m in clients]
-        out = {
-            "personal-accuracy-mean": sum(accs) / len(accs),
-            "personal-accuracy-worst": min(accs),
-            "personal-accuracy-weighted": sum(a * n for a, n in zip(accs, ns)) / max(sum(ns), 1.0),
-            "personal-loss": sum(float(m["loss"]) * n for m, n in zip(clients, ns)) / max(sum(ns), 1.0),
-            "num-clients": len(clients),
-        }
+        loss = sum(float(m["loss"]) * n for m, n in zip(clients, ns)) / max(sum(ns), 1.0)
+        out = {"personal-loss": loss, "num-clients": len(clients)}
+        if all("accuracy" in m for m in clients):
+            accs = [float(m["accuracy"]) for m in clients]
+            out.update({
+                "personal-accuracy-mean": sum(accs) / len(accs),
+                "personal-accuracy-worst": min(accs),
+                "personal-accuracy-weighted": sum(a * n for a, n in zip(accs, ns)) / max(sum(ns), 1.0),
+            })
+        if self.cfg.model.task == "causal-lm" and loss < 700:
+            out["personal-perplexity"] = math.exp(loss)  # of the example-weighted mean loss per response token
         vals = [float(m["val-accuracy"]) for m in clients if "val-accuracy" in m]
         if vals:
             out["personal-val-accuracy-mean"] = sum(vals) / len(vals)

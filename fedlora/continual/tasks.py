@@ -54,9 +54,6 @@ def _remap(ex: Examples | None, names: list[str], union: list[str]) -> Examples 
     return Examples(ex.input_ids, index[ex.labels] if len(ex) else ex.labels)
 
 
-def _concat(parts: list[Examples]) -> Examples:
-    return Examples([x for p in parts for x in p.input_ids], torch.cat([p.labels for p in parts]))
-
 
 def task_of_round(cfg: FedLoraConfig, server_round: int) -> int:
     """The task trained in ``server_round`` (round 0, before training, counts as the first task's)."""
@@ -95,8 +92,8 @@ def task_client_data(cfg: FedLoraConfig, partition: int, index: int) -> ClientDa
     if len(parts) == 1:
         return parts[0]
     vals = [p.val for p in parts if p.val is not None]
-    return ClientData(train=_concat([p.train for p in parts]), test=_concat([p.test for p in parts]),
-                      val=_concat(vals) if vals else None)
+    return ClientData(train=Examples.concat([p.train for p in parts]), test=Examples.concat([p.test for p in parts]),
+                      val=Examples.concat(vals) if vals else None)
 
 
 def task_validation(cfg: FedLoraConfig, index: int) -> Examples | None:
