@@ -12,7 +12,9 @@ score per module to ``benchmarks/results/mutation.json`` (and prints a table).
                                                 # rerun a sample of an earlier run's timeouts, alone
 
 What is mutated: ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
-``fedlora/validation.py`` and every strategy file except ``base.py``, whose Grid orchestration
+``fedlora/validation.py``, the causal-LM task's token and answer functions (``fedlora/tasks/``;
+their dataset and model plumbing is left to tests/test_causal.py, whose simulations cannot run per
+mutant, and shows as "no tests") and every strategy file except ``base.py``, whose Grid orchestration
 (sampling, messages, setup) is exercised by the Flower simulation tests, which take seconds per
 run and so cannot run once per mutant.
 """
@@ -32,9 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["fedlora/lora_math.py", "fedlora/codec.py", "fedlora/robust.py", "fedlora/validation.py",
            "fedlora/strategies/fedit.py", "fedlora/strategies/fedsa.py", "fedlora/strategies/ffa.py",
-           "fedlora/strategies/hetlora.py", "fedlora/strategies/flora.py", "fedlora/strategies/flexlora.py"]
+           "fedlora/strategies/hetlora.py", "fedlora/strategies/flora.py", "fedlora/strategies/flexlora.py",
+           "fedlora/tasks/causal.py", "fedlora/tasks/evaluation.py"]
 TESTS = ["tests/test_lora_math.py", "tests/test_factors_codec.py", "tests/test_strategy_maths.py",
-         "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py"]
+         "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py", "tests/test_causal_maths.py"]
 
 
 def stage(ref: str | None, dest: Path, only: str = "") -> None:

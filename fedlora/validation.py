@@ -147,11 +147,12 @@ def check_train_metrics(metrics: Mapping, *, max_examples: int, max_rank: int, w
 EVAL_FRACTIONS = ("accuracy", "val-accuracy", "global-accuracy")
 
 
-def check_eval_metrics(metrics: Mapping, *, max_examples: int, weight_key: str) -> dict:
+def check_eval_metrics(metrics: Mapping, *, max_examples: int, weight_key: str, scored: bool = True) -> dict:
     """An evaluation reply's metrics: accuracies in [0, 1], a finite non-negative loss, a count.
-    (Accuracy may be absent: a causal LM on free-form instructions is scored by its loss.)"""
+    ``scored=False``: the task has no labels to score (a causal LM on free-form instructions), so
+    accuracy is not required."""
     check_numbers(metrics, "metric")
-    for key in ("loss", weight_key):
+    for key in ("accuracy", "loss", weight_key) if scored else ("loss", weight_key):
         if key not in metrics:
             raise RejectedReply(f"no '{key}' in the evaluation metrics")
     out = dict(metrics)

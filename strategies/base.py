@@ -543,7 +543,8 @@ class LoraStrategy(FedAvg):
                 if prof is None or self.metricrecord_key not in reply.content.metric_records:
                     raise RejectedReply("no metrics" if prof else "reply from a node that was never set up")
                 m = check_eval_metrics(dict(reply.content.metric_records[self.metricrecord_key]),
-                                       max_examples=prof.num_test, weight_key=self.weighted_by_key)
+                                       max_examples=prof.num_test, weight_key=self.weighted_by_key,
+                                       scored=self.cfg.model.task != "causal-lm" or self.cfg.data.prompt_format == "label")
                 self._note_past_held(node, m)
             except RejectedReply as exc:
                 rl.rejected_evaluate.append(f"{self.who(node)}: {exc}")

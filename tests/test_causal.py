@@ -11,8 +11,6 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from fedlora import codec
 from fedlora.config import ConfigError
@@ -20,8 +18,7 @@ from fedlora.data import collate, load_task
 from fedlora.factors import extract_factors, load_factors
 from fedlora.model import (AdapterSpec, build_peft_model, check_device, initial_factors, load_adapter,
                            load_tokenizer, merge_delta_into_base, skeleton_peft_model, write_adapter)
-from fedlora.tasks.causal import IGNORE, TAIL_TOKENS, fit, token_labels
-from fedlora.tasks.evaluation import normalise, parse_label
+from fedlora.tasks.causal import IGNORE
 
 from conftest import make_config
 
@@ -126,61 +123,6 @@ def test_too_long_prompts_error_or_lose_their_middle(tmp_path, shared_data):
     for ids, p in zip(task.train.input_ids, task.train.prompt_lengths):
         assert len(ids) <= 24
         assert tok.decode(ids[:p]).endswith("answer :")  # the cue the response follows survives
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, 80), st.integers(1, 80), st.integers(4, 64))
-def test_fit_keeps_within_the_limit_and_the_prompt_ends(p_len, r_len, limit):
-    p, r = list(range(1000, 1000 + p_len)), list(range(r_len))
-    p2, r2, cut_p, cut_r = fit(p, r, limit)
-    if p_len + r_len <= limit:
-        assert (p2, r2, cut_p, cut_r) == (p, r, False, False)
-        return
-    assert len(p2) + len(r2) == limit
-    assert r2 == r[: len(r2)] and cut_r == (len(r2) < r_len)
-    assert len(p2) >= min(p_len, limit // 2)  # a long response never crowds the prompt out
-    if cut_p:  # the prompt's start and its last tokens (the cue before the response) are what is kept
-        tail = min(TAIL_TOKENS, len(p2) // 2)
-        assert p2 == p[: len(p2) - tail] + p[p_len - tail:]
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 11)), min_size=1, max_size=6))
-def test_token_labels_ignore_prompt_and_padding(specs):
-    lengths = [n for n, _ in specs]
-    prompts = [min(p, n - 1) for n, p in specs]
-    width = max(lengths)
-    ids = torch.arange(len(specs) * width).reshape(len(specs), width) + 5
-    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
-    labels = token_labels(ids, mask, torch.tensor(prompts))
-    for j, (n, p) in enumerate(zip(lengths, prompts)):
-        expect = [IGNORE] * p + ids[j, p:n].tolist() + [IGNORE] * (width - n)
-        assert labels[j].tolist() == expect
-
-
-# ------------------------------------------------------------------------------------ answers
-@pytest.mark.parametrize("text, label", [
-    (" Sports", 1), ("sports", 1), ("SPORTS.\nQuestion: which", 1), ("  science or technology ", 3),
-    ("science  or\ttechnology!", 3), ("sci / tech", 4), ("Sci/Tech", 4), ("\n\nWorld\n", 0),
-])
-def test_generated_labels_parse_despite_whitespace_and_case(text, label):
-    names = ["World", "Sports", "Business", "Science or Technology", "Sci/Tech"]
-    assert parse_label(text, names) == label
-
-
-@pytest.mark.parametrize("text", ["", "   ", "sportsman", "the sports", "World Sports", "business news"])
-def test_answers_naming_no_label_exactly_are_wrong(text):
-    assert parse_label(text, ["World", "Sports", "Business"]) is None
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["World", "Sports", "Science or Technology"]), st.sampled_from(["", " ", "\n", "\t "]),
-       st.sampled_from(["", ".", "\n more text"]), st.booleans())
-def test_every_label_survives_padding_case_and_a_second_line(name, pad, tail, upper):
-    text = pad + (name.upper() if upper else name.lower()) + tail
-    assert parse_label(text, ["World", "Sports", "Science or Technology"]) == ["World", "Sports",
-                                                                                "Science or Technology"].index(name)
-    assert normalise(name) == normalise(pad + name + pad)
 
 
 # ------------------------------------------------------------------------------------ model and wire

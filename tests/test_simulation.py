@@ -130,7 +130,7 @@ def test_wire_carries_only_what_the_policy_shares(tmp_path, shared_data, strateg
 
         store = ClientStateStore(run_dir.path / "client_state")
         for cid in ("client-00000", "client-00002"):
-            model = PeftModel.from_pretrained(_build_base(cfg.model.name, 4, ""), str(run_dir.path / "adapters" / cid))
+            model = PeftModel.from_pretrained(_build_base(cfg, 4), str(run_dir.path / "adapters" / cid))
             private = store.load(cid, "private")
             live = extract_factors(model)
             name = next(iter(private.modules))

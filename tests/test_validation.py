@@ -53,6 +53,11 @@ def test_eval_metrics():
                    ({"accuracy": 0.5, "loss": 1.0, "num-examples": 3, "val-accuracy": 2}, "'val-accuracy'")]:
         with pytest.raises(RejectedReply, match=why):
             check_eval_metrics(m, max_examples=10, weight_key="num-examples")
+    # A task without labels (a causal LM on free-form instructions) is scored by its loss alone.
+    assert check_eval_metrics({"loss": 1.0, "num-examples": 3}, max_examples=10, weight_key="num-examples",
+                              scored=False)["loss"] == 1.0
+    with pytest.raises(RejectedReply, match="no 'loss'"):
+        check_eval_metrics({"num-examples": 3}, max_examples=10, weight_key="num-examples", scored=False)
 
 
 def test_profile_fields():
