@@ -406,6 +406,9 @@ class ContinualSection:
     head: str = _meta(
         "'label-names': a frozen head whose rows are the encoder's own features of each label name (it cannot "
         "forget; needs a linear classifier); 'trainable': the usual trained, shared head.", default="label-names")
+    head_scale: float = _meta(
+        "The label-name head's logits: this times the cosine of an input's feature and a label name's (a "
+        "temperature, as CLIP's); 0: the raw dot product with the unit label rows.", default=16.0)
 
     @property
     def enabled(self) -> bool:

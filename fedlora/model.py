@@ -256,7 +256,7 @@ _PEFT_CACHE: BoundedCache[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = Bou
 
 def _cache_key(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None) -> tuple:
     c = cfg.continual
-    extra = (c.method, len(c.tasks), c.head, tuple(label_names or ())) if c.enabled else None
+    extra = (c.method, len(c.tasks), c.head, c.head_scale, tuple(label_names or ())) if c.enabled else None
     from fedlora.registry import policy_for
 
     m = cfg.model
@@ -328,7 +328,8 @@ def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
 
         if label_names is None:
             raise ValueError("a frozen label-name head (continual.head) needs the run's label names")
-        install_label_name_head(base, load_tokenizer(cfg.model.name, cfg.model.cache_dir), label_names)
+        install_label_name_head(base, load_tokenizer(cfg.model.name, cfg.model.cache_dir), label_names,
+                                c.head_scale)
     task_type = TaskType.CAUSAL_LM if causal else None if frozen_head else TaskType.SEQ_CLS
     lcfg = LoraConfig(
         # Without a task type PEFT adds no modules_to_save: the frozen head stays part of the base.

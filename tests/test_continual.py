@@ -263,3 +263,31 @@ def test_a_client_restarted_between_tasks_recovers_the_finished_tasks_from_its_s
     third.modules = first.modules
     with pytest.raises(cclient.MissingPastTask, match="finished task 0"):
         cclient.past_tasks(third, ArrayRecord(), server_round=2)
+
+
+@pytest.mark.parametrize("scale", [0.0, 16.0])
+def test_label_name_head_logits_are_scaled_cosines(scale):
+    """The frozen head's rows are unit label-name features; with a scale, its input is a unit vector
+    times the scale, so every logit is scale * cosine (and the scale never changes the argmax)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlora.continual.head import install_label_name_head
+    from fedlora.model import load_tokenizer
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=3))
+    tok = load_tokenizer("builtin:tiny-bert")
+    rows = install_label_name_head(base, tok, ["World", "Sports", "Business"], scale)
+    assert torch.allclose(rows.norm(dim=-1), torch.ones(3), atol=1e-5)
+    feats = []
+    base.classifier.register_forward_pre_hook(lambda m, a: feats.append(a[0].detach()), prepend=True)
+    base.eval()
+    enc = tok(["a match report", "a market report"], padding=True, return_tensors="pt")
+    logits = base(**enc).logits
+    f = feats[0]
+    cos = torch.nn.functional.normalize(f, dim=-1) @ rows.T
+    want = scale * cos if scale else f @ rows.T
+    assert torch.allclose(logits, want, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), cos.argmax(-1))
+    assert not base.classifier.weight.requires_grad

@@ -6,6 +6,11 @@ can hide what the adapters do. This head cannot forget: row c is the feature the
 L2-normalised; the bias is zero. Logits are then the agreement of an input's feature with each
 label name's, the way T5's frozen vocabulary serves O-LoRA. It is rebuilt identically by the server
 and every client from the base weights, so it never travels.
+
+With ``scale > 0`` the input feature is L2-normalised too and the logits are ``scale`` times the
+cosines (CLIP's temperature). Without it, a softmax over cosines in [-1, 1] is nearly uniform: the
+loss barely moves the features, and what decides a prediction is whichever label name the base
+features of every input happen to lie closest to, so every input gets the same label.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ def classifier_of(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def install_label_name_head(model: torch.nn.Module, tokenizer, label_names: list[str]) -> torch.Tensor:  # noqa: ANN001
-    """Set (and freeze) ``model``'s classifier to the label-name features; returns the weight."""
+def install_label_name_head(model: torch.nn.Module, tokenizer, label_names: list[str],  # noqa: ANN001
+                            scale: float = 0.0) -> torch.Tensor:
+    """Set (and freeze) ``model``'s classifier to the label-name features, its input scaled to
+    ``scale`` times the unit vector when ``scale > 0``; returns the weight."""
     head = classifier_of(model)
     if head.out_features != len(label_names):
         raise ValueError(f"the classifier has {head.out_features} outputs for {len(label_names)} label names")
@@ -49,4 +56,6 @@ def install_label_name_head(model: torch.nn.Module, tokenizer, label_names: list
     head.weight.requires_grad_(False)
     if head.bias is not None:
         head.bias.requires_grad_(False)
+    if scale > 0:
+        head.register_forward_pre_hook(lambda mod, args: (scale * F.normalize(args[0], dim=-1), *args[1:]))
     return head.weight.detach().clone()
