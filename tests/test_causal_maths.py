@@ -54,9 +54,13 @@ def test_generated_labels_parse_despite_whitespace_and_case(text, label):
     assert parse_label(text, names) == label
 
 
-@pytest.mark.parametrize("text", ["", "   ", "sportsman", "the sports", "World Sports", "business news"])
+@pytest.mark.parametrize("text", ["", "   ", " \n ", "sportsman", "the sports", "World Sports", "business news"])
 def test_answers_naming_no_label_exactly_are_wrong(text):
-    assert parse_label(text, ["World", "Sports", "Business"]) is None
+    assert parse_label(text, ["World", "Sports", "Business", "xxxx"]) is None
+
+
+def test_only_punctuation_is_stripped_from_an_answers_end():
+    assert parse_label("Tax", ["Ta", "Tax"]) == 1 and parse_label("ta.", ["Ta", "Tax"]) == 0
 
 
 @settings(max_examples=200, deadline=None)

@@ -159,7 +159,7 @@ def fit(p: list[int], r: list[int], limit: int) -> tuple[list[int], list[int], b
     cut_p = len(p) > budget
     if cut_p:
         tail = min(TAIL_TOKENS, budget // 2)
-        p = p[: budget - tail] + (p[len(p) - tail:] if tail else [])
+        p = p[: budget - tail] + p[len(p) - tail:]
     return p, r, cut_p, cut_r
 
 

@@ -35,8 +35,9 @@ class AnswerSpec:
 def normalise(text: str) -> str:
     """The form answers and label names are compared in (see the module docstring)."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    first = lines[0] if lines else ""
-    return "".join(first.casefold().split()).rstrip(".,;:!?'\"")
+    if not lines:
+        return ""
+    return "".join(lines[0].casefold().split()).rstrip(".,;:!?'\"")
 
 
 def parse_label(text: str, label_names: Sequence[str]) -> int | None:
