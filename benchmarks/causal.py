@@ -156,8 +156,11 @@ def plot(payload: dict) -> None:
 
 def run(quick: bool = False, device: str = "cpu", models: tuple[str, ...] = DEFAULT_MODELS, dtype: str = "float32",
         quantization: str = "none") -> None:
+    import os
+
     payload = {"local": [local(m, device, dtype, quantization, steps=5 if quick else 20) for m in models],
                "federation": federation(quick)}
+    payload["machine-load"] = f"load average {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores"
     write("causal", payload)
     plot(payload)
     for r in payload["local"]:

@@ -103,6 +103,8 @@ def report() -> str:
             lines.append(f"| causal LM training step, {r['model']} (random init) LoRA r=16 on every projection, batch "
                          f"{r['batch']}, {r['device']} | {r['seconds-per-step']:.3f} s/step, {r['tokens-per-second']:,.0f} "
                          f"tokens/s, peak {r['peak-memory-bytes'] / 2**20:,.0f} MiB ({r['peak-memory-kind'].split(' (')[0]}) | - |")
+        if cz.get("machine-load"):
+            lines.append(f"| (causal rows: {cz['machine-load']}) | | |")
         fed = cz["federation"]
         rows = [r for r in fed["rows"] if r.get("server-loss") is not None]
         lines.append(f"| causal LM federation ({fed['config']}): held-out loss round 0 -> {rows[-1]['round']}, "
