@@ -202,9 +202,7 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[s
 
         train_rows = instruction_rows(train, cfg)
         if test is None:
-            random.Random(seed).shuffle(train_rows)
-            k = max(1, len(train_rows) // 5)
-            return train_rows[k:], train_rows[:k], []
+            return (*_carve_test(train_rows, seed), [])
         return train_rows, instruction_rows(test, cfg), []
     feat = train.features.get(dc.label_column)
     if label_names is None and getattr(feat, "names", None):
@@ -215,14 +213,7 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[s
         pairs = split[dc.text_pair_column] if dc.text_pair_column else [None] * len(texts)
         return [{"text": t, "pair": p, "label": l} for t, p, l in zip(texts, pairs, split[dc.label_column])]
 
-    train_rows = rows(train)
-    if test is None:  # carve a held-out split deterministically
-        rng = random.Random(seed)
-        rng.shuffle(train_rows)
-        k = max(1, len(train_rows) // 5)
-        test_rows, train_rows = train_rows[:k], train_rows[k:]
-    else:
-        test_rows = rows(test)
+    train_rows, test_rows = _carve_test(rows(train), seed) if test is None else (rows(train), rows(test))
     raw_labels = [r["label"] for r in train_rows + test_rows]
     if label_names is None:
         label_names = sorted({str(l) for l in raw_labels}) if any(
@@ -237,6 +228,14 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[s
         elif not 0 <= int(lab) < len(label_names):
             raise ConfigError(f"label {lab!r} is outside 0..{len(label_names) - 1}")
     return train_rows, test_rows, list(label_names)
+
+
+def _carve_test(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) of a dataset without a test split: a fifth held out, deterministic by seed."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    k = max(1, len(rows) // 5)
+    return rows[k:], rows[:k]
 
 
 # ---------------------------------------------------------------------------------------------
