@@ -27,6 +27,7 @@ DEFAULT_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-llama")
 
 def TokenCounter():  # noqa: N802, ANN201 - a TrainingHook, defined once torch is imported
     """Counts the tokens of the batches the training loop takes."""
+    from fedlora.tasks.causal import IGNORE
     from fedlora.training import TrainingHook
 
     class _TokenCounter(TrainingHook):
@@ -42,7 +43,7 @@ def TokenCounter():  # noqa: N802, ANN201 - a TrainingHook, defined once torch i
                 if item is not None:
                     batch, labels = item
                     self.attended += int(batch["attention_mask"].sum())
-                    self.scored += int((labels[:, 1:] != -100).sum())
+                    self.scored += int((labels[:, 1:] != IGNORE).sum())
                 yield item
 
     return _TokenCounter()

@@ -180,11 +180,17 @@ def causal_lm_loss(outputs, labels: torch.Tensor) -> torch.Tensor:  # noqa: ANN0
     then the mean over the batch. Not the mean over all the batch's tokens: under DP-SGD each
     example's gradient must not depend on the other examples of its batch (their token counts),
     or per-example clipping would no longer bound what one example changes."""
-    logits = outputs.logits[:, :-1].float()
+    per_token, scored = response_nll(outputs.logits, labels)
+    return (per_token.sum(dim=1) / scored.sum(dim=1).clamp(min=1)).mean()
+
+
+def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token negative log-likelihood of every position ([batch, length - 1], 0 where not
+    scored) and the mask of scored (response) positions: token t is predicted at position t - 1."""
     target = labels[:, 1:]
-    per_token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-    scored = (target != IGNORE).sum(dim=1).clamp(min=1)
-    return (per_token.sum(dim=1) / scored).mean()
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE,
+                                reduction="none")
+    return per_token, target != IGNORE
 
 
 def perplexity(loss: float) -> float:

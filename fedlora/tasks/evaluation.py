@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from fedlora.tasks.causal import IGNORE, perplexity
+from fedlora.tasks.causal import perplexity, response_nll
 
 
 @dataclass(frozen=True)
@@ -87,11 +86,9 @@ def evaluate_causal(model: torch.nn.Module, data, batch_size: int, device: torch
     model.eval()
     nll, tokens = 0.0, 0
     for batch, labels in batches(data, batch_size, shuffle=False):
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, :-1].float()
-        target = labels[:, 1:].to(device)
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                     ignore_index=IGNORE, reduction="sum"))
-        tokens += int((target != IGNORE).sum())
+        per_token, scored = response_nll(model(**{k: v.to(device) for k, v in batch.items()}).logits, labels.to(device))
+        nll += float(per_token.sum())
+        tokens += int(scored.sum())
     loss = nll / max(tokens, 1)
     out = {"loss": loss, "perplexity": perplexity(loss), "num-examples": len(data), "tokens": tokens}
     if data.answers is not None and len(data):
