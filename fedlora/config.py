@@ -184,6 +184,9 @@ class FederationConfig:
     min_evaluate_clients: int = _meta("Minimum clients sampled for evaluation.", default=2)
     evaluate_every: int = _meta("Run federated (client-side) evaluation every N rounds; the last round always.", default=1)
     server_eval: bool = _meta("Evaluate the global adapter on the held-out split on the server each round.", default=True)
+    server_eval_every: int = _meta(
+        "Evaluate on the server every N rounds (round 0, the last round and a task sequence's task ends always): "
+        "a large held-out set or several dylora.eval_ranks can cost more than a round of training.", default=1)
     wire_dtype: str = _meta("Dtype of factors on the wire: float32, float16 or bfloat16.", default="float32")
     round_timeout: float = _meta("Seconds to wait for replies in a round.", default=3600.0)
     max_num_examples: int = _meta("Reject replies claiming more examples than this (0 = the client's declared size).", default=0)
@@ -210,6 +213,7 @@ class FederationConfig:
         _require(self.min_train_clients <= self.num_clients, "federation.min_train_clients",
                  f"({self.min_train_clients}) must not exceed federation.num_clients ({self.num_clients})")
         _require(self.evaluate_every >= 1, "federation.evaluate_every", "must be >= 1")
+        _require(self.server_eval_every >= 1, "federation.server_eval_every", "must be >= 1")
         _require(self.max_declared_examples >= 1, "federation.max_declared_examples", "must be >= 1")
         _require(self.outlier_factor > 1, "federation.outlier_factor", "must be > 1")
         _require(1 <= self.min_accepted <= self.num_clients, "federation.min_accepted",

@@ -120,6 +120,19 @@ class GlobalModel:
         return write_adapter(path, self.structure, factors, self.cfg.model.name, self.label_names)
 
 
+def server_evaluates(cfg: FedLoraConfig, server_round: int) -> bool:
+    """Whether the server evaluates the global adapter after ``server_round`` (``federation.server_eval_every``):
+    round 0 (the starting point), every N-th round, the last round and, in a task sequence, the end of
+    every task (the accuracy matrix's rows) always."""
+    if server_round == 0 or server_round >= cfg.run.rounds or server_round % cfg.federation.server_eval_every == 0:
+        return True
+    if cfg.continual.enabled:
+        from fedlora.continual.tasks import last_round_of_task
+
+        return last_round_of_task(cfg, server_round)
+    return False
+
+
 def reference_rank(cfg: FedLoraConfig) -> int:
     """The rank the global adapter is kept at: the largest any client trains."""
     return max(cfg.client_rank(i) for i in range(cfg.federation.num_clients))
@@ -199,7 +212,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             return None  # the resumed run's starting point is the checkpoint's last round, already logged
         server_round += strategy.round_offset
         row: dict = {"round": server_round, "strategy": strategy.strategy_name}
-        if cfg.federation.server_eval and strategy.has_global_model:
+        if cfg.federation.server_eval and strategy.has_global_model and server_evaluates(cfg, server_round):
             model = gm.load(strategy)  # once per round: every evaluation below reads the same adapter
             from fedlora.continual.federation import task_lora
 

@@ -38,6 +38,7 @@ def test_overrides_are_typed():
         ("data.partitioner=random", "'data.partitioner'"),
         ("federation.min_train_clients=20", "must not exceed federation.num_clients"),
         ("hetero.client_classes=[\"phone\"]", "device class 'phone' is not defined"),
+        ("federation.server_eval_every=0", "'federation.server_eval_every': must be >= 1"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):

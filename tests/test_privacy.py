@@ -359,10 +359,14 @@ def test_dp_dylora_every_accepted_reply_has_the_round_rank(tmp_path, shared_data
 
     cfg = make_config(tmp_path, run={"rounds": 3}, lora={"rank": 8, "alpha": 16},
                       privacy={"client_dp": True, "client_noise_multiplier": 0.3, "client_clip": 0.5},
-                      dylora={"enabled": True, "eval_ranks": [1, 8]})
+                      dylora={"enabled": True, "eval_ranks": [1, 8]},
+                      federation={"server_eval_every": 2})
     run_dir = simulate(cfg, wrap_grid=wrap)
     rows = run_dir.read_metrics()
     by_round = {r["round"]: r for r in rows}
+    # server_eval_every = 2: round 0, every 2nd round and the last are evaluated (at every rank), round 1 is not.
+    assert [r["round"] for r in rows if "server-accuracy" in r] == [0, 2, 3]
+    assert "server-accuracy-rank-1" not in by_round[1] and "client-epsilon" in by_round[1]
     for m in box["grid"].received:
         if m.metadata.message_type == "train" and not m.has_error():
             b = int(m.content["metrics"]["rank"])
