@@ -154,8 +154,11 @@ def _continual_figures(result: dict) -> dict:
     cont = json.loads(path.read_text()).get("continual")
     if not cont:
         return {}
+    aware = cont.get("task-aware") or {}
     return {"continual-average-accuracy": cont.get("average-accuracy"), "continual-bwt": cont.get("bwt"),
-            "continual-forgetting": cont.get("forgetting"), "continual-R": cont.get("R")}
+            "continual-forgetting": cont.get("forgetting"), "continual-R": cont.get("R"),
+            "continual-task-aware-average-accuracy": aware.get("average-accuracy"),
+            "continual-task-aware-bwt": aware.get("bwt"), "continual-task-aware-R": aware.get("R")}
 
 
 def markdown_table(table: list[dict]) -> str:
@@ -175,7 +178,8 @@ def markdown_table(table: list[dict]) -> str:
     extra = sorted({k for row in table for k in row if k.startswith("server-accuracy-rank-")},
                    key=lambda k: int(k.rsplit("-", 1)[1]))
     extra += [k for k in ("client-epsilon", "dp-sgd-epsilon-max", "continual-average-accuracy", "continual-bwt",
-                          "continual-forgetting") if any(k in row for row in table)]
+                          "continual-forgetting", "continual-task-aware-average-accuracy", "continual-task-aware-bwt")
+              if any(k in row for row in table)]
     cols = cols[:3] + extra + cols[3:]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in table]

@@ -134,6 +134,10 @@ class DataConfig:
     prompt_template: str = _meta(
         "causal-lm 'label' format: the prompt, with {text}, {text_pair} and {labels} (the label names, comma "
         "separated); the response is ' <label name>'.", default="{text}\nQuestion: which of {labels}?\nAnswer:")
+    instruction: str = _meta(
+        "Classification: text put before every input, {labels} = the label names comma separated (a task cue, as "
+        "O-LoRA's inputs carry their task's instruction and options); '' = none. Counts against model.max_length.",
+        default="")
     instruction_column: str = _meta("causal-lm 'alpaca' format: the instruction column.", default="instruction")
     input_column: str = _meta("causal-lm 'alpaca' format: the optional input column ('' = none).", default="input")
     output_column: str = _meta("causal-lm 'alpaca' format: the response column.", default="output")
@@ -164,6 +168,11 @@ class DataConfig:
             except (KeyError, IndexError, ValueError) as exc:
                 raise ConfigError(f"invalid config value for 'data.prompt_template': {exc!r}; it may use {{text}}, "
                                   "{text_pair} and {labels} (write {{ and }} for literal braces)") from None
+        try:
+            self.instruction.format(labels="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"invalid config value for 'data.instruction': {exc!r}; it may use {{labels}} "
+                              "(write {{ and }} for literal braces)") from None
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _require(self.labels_per_client >= 1, "data.labels_per_client", "must be >= 1")
         _require(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
@@ -384,6 +393,8 @@ class ContinualTask:
     text_column: str = _meta("Column holding the text.", default="text")
     text_pair_column: str = _meta("Optional second text column.", default="")
     label_column: str = _meta("Column holding the label.", default="label")
+    instruction: str = _meta("This task's cue before every input, as data.instruction ({labels}: this task's "
+                             "label names); '' = data.instruction.", default="")
     rounds: int = _meta("Federated rounds spent on this task.", default=1)
     max_train_examples: int = _meta("Cap on this task's training examples (0 = data.max_train_examples).", default=0)
     max_test_examples: int = _meta("Cap on this task's held-out examples (0 = data.max_test_examples).", default=0)
@@ -433,6 +444,11 @@ class ContinualSection:
             _require(bool(t.label_column), f"{where}.label_column", "must name the label column")
             _require(bool(t.text_column), f"{where}.text_column", "must name the text column")
             _require(t.rounds >= 1, f"{where}.rounds", "must be >= 1")
+            try:
+                t.instruction.format(labels="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(f"invalid config value for '{where}.instruction': {exc!r}; it may use {{labels}}") \
+                    from None
         names = [t.name or Path(t.dataset).name for t in self.tasks]
         _require(len(set(names)) == len(names), "continual.tasks", f"task names must differ, got {names}")
         _require(self.olora_form in ("abs", "squared"), "continual.olora_form", "must be 'abs' or 'squared'")
@@ -650,6 +666,9 @@ class FedLoraConfig:
         m, d = self.model, self.data
         if m.task != "causal-lm":
             return
+        if d.instruction:
+            raise ConfigError("invalid config value for 'data.instruction': it is a classifier's task cue; a causal "
+                              "LM's prompt is data.prompt_template (with {labels} for the options)")
         if d.prompt_format != "label" and d.partitioner != "iid":
             raise ConfigError(f"invalid config value for 'data.partitioner': {d.partitioner!r} splits clients by "
                               f"label, but data.prompt_format={d.prompt_format!r} rows carry no label; use 'iid' "

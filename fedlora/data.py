@@ -298,6 +298,13 @@ def _encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: list[str]) -
 
         return encode(tok, rows, cfg, label_names)
     texts = [r["text"] for r in rows]
+    if cfg.data.instruction:  # a task cue before the text: truncation cuts the text's end, never the cue
+        cue = cfg.data.instruction.format(labels=", ".join(label_names))
+        cue_tokens = len(tok(cue)["input_ids"])
+        if cue_tokens >= cfg.model.max_length - 1:
+            raise ConfigError(f"invalid config value for 'data.instruction': the cue alone is {cue_tokens} tokens, "
+                              f"leaving no room for the text in model.max_length={cfg.model.max_length}")
+        texts = [f"{cue}\n{t}" for t in texts]
     pairs = [r.get("pair") for r in rows]
     enc = tok(texts, pairs if any(p is not None for p in pairs) else None, truncation=True,
               max_length=cfg.model.max_length)

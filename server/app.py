@@ -28,7 +28,7 @@ from fedlora.model import (AdapterSpec, build_peft_model, check_device, initial_
                            skeleton_peft_model, write_adapter)
 from fedlora.registry import get_strategy
 from fedlora.rundir import RunDir
-from fedlora.training import evaluate, pick_device
+from fedlora.training import evaluate, pick_device, predict
 
 log = logging.getLogger("fedlora.server")
 
@@ -147,6 +147,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     t_start = time.perf_counter()
     continual = cfg.continual.enabled
     if continual:  # a task sequence: one label space over the tasks, each task's own held-out set
+        from fedlora.continual import metrics as cmetrics
         from fedlora.continual import tasks as ctasks
 
         task, val, label_names = None, None, ctasks.union_labels(cfg)
@@ -198,8 +199,13 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             names = cfg.continual.task_names()
             seen = range(len(names)) if cfg.continual.method == "multitask" else range(k + 1)
             row["continual-task"] = k
-            row["continual-accuracy"] = {names[j]: evaluate(model, ctasks.task_test(cfg, j), bs, gm.device)["accuracy"]
-                                         for j in seen}
+            row["continual-accuracy"], row["continual-accuracy-task-aware"] = {}, {}
+            for j in seen:  # one forward pass per task serves both inference settings
+                test_j = ctasks.task_test(cfg, j)
+                agnostic, aware = cmetrics.accuracies(predict(model, test_j, bs, gm.device), test_j.labels,
+                                                      ctasks.task_label_indices(cfg, j))
+                row["continual-accuracy"][names[j]] = agnostic
+                row["continual-accuracy-task-aware"][names[j]] = aware
             if cfg.data.validation_fraction > 0:  # the same on the clients' validation parts (model selection)
                 vals = {names[j]: evaluate(model, ctasks.task_validation(cfg, j), bs, gm.device)["accuracy"]
                         for j in seen}
@@ -276,13 +282,17 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         if continual:
             from fedlora.continual import metrics as cmetrics
 
-            cont = cmetrics.from_rows(rows, cfg.continual.task_names(), cfg.continual.method == "multitask")
+            multitask = cfg.continual.method == "multitask"
+            cont = cmetrics.from_rows(rows, cfg.continual.task_names(), multitask)
+            aware = cmetrics.from_rows(rows, cfg.continual.task_names(), multitask, key="continual-accuracy-task-aware")
             summary = json.loads((run_dir.path / "summary.json").read_text())
-            summary["continual"] = {"method": cfg.continual.method, **cont}
+            summary["continual"] = {"method": cfg.continual.method, **cont, "task-aware": aware}
             run_dir.write_summary(summary)
-            if cont.get("average-accuracy") is not None and cfg.continual.method != "multitask":
-                cmetrics.plot_matrix(cont["R"], cont["tasks"], run_dir.path / "continual.png",
-                                     f"{cfg.continual.method}: avg {cont['average-accuracy']:.3f}, BWT {cont['bwt']:+.3f}")
+            for c, name, what in ((cont, "continual.png", "task-agnostic"), (aware, "continual-task-aware.png",
+                                                                             "task id known")):
+                if c.get("average-accuracy") is not None and not multitask:
+                    cmetrics.plot_matrix(c["R"], c["tasks"], run_dir.path / name, f"{cfg.continual.method} "
+                                         f"({what}): avg {c['average-accuracy']:.3f}, BWT {c['bwt']:+.3f}")
     return result
 
 

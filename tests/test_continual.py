@@ -50,6 +50,62 @@ def test_continual_figures_on_a_known_matrix():
         average_accuracy([[0.9, None], [None, 0.8]])
 
 
+def test_task_aware_accuracy_takes_the_argmax_over_the_tasks_own_labels():
+    from fedlora.continual.metrics import accuracies
+
+    # union of 5 labels; the task owns labels 3 and 4; example 0 is drawn to label 0 (another task's)
+    logits = torch.tensor([[9.0, 0, 0, 1, 2], [0, 0, 0, 5, 1], [0, 8, 0, 3, 1]])
+    labels = torch.tensor([4, 3, 3])
+    agnostic, aware = accuracies(logits, labels, [3, 4])
+    assert agnostic == pytest.approx(1 / 3) and aware == pytest.approx(1.0)
+
+
+@given(st.integers(2, 8), st.integers(1, 20), st.integers(0, 10_000))
+def test_task_aware_accuracy_is_never_below_agnostic_and_equal_with_every_label(n, batch, seed):
+    from fedlora.continual.metrics import accuracies
+
+    g = torch.Generator().manual_seed(seed)
+    own = sorted(torch.randperm(n, generator=g)[: max(1, n // 2)].tolist())
+    logits = torch.randn(batch, n, generator=g)
+    labels = torch.tensor(own)[torch.randint(len(own), (batch,), generator=g)]
+    agnostic, aware = accuracies(logits, labels, own)
+    assert aware >= agnostic
+    assert accuracies(logits, labels, list(range(n))) == (agnostic, agnostic)
+
+
+def test_a_task_cue_precedes_every_input_and_must_leave_room_for_the_text(tmp_path, shared_data):
+    from fedlora.config import ConfigError
+    from fedlora.data import load_task
+    from fedlora.model import load_tokenizer
+
+    plain = load_task(make_config(tmp_path))
+    cued_cfg = make_config(tmp_path, data={"instruction": "Topic? Option: {labels}."})
+    cued = load_task(cued_cfg)
+    tok = load_tokenizer(cued_cfg.model.name, "")
+    cue = tok("Topic? Option: " + ", ".join(cued.label_names) + ".")["input_ids"][:-1]  # without [SEP]
+    assert all(x.tolist()[: len(cue)] == cue for x in cued.train.input_ids)
+    assert not all(x.tolist()[: len(cue)] == cue for x in plain.train.input_ids)
+    assert torch.equal(cued.train.labels, plain.train.labels)
+    # a task sequence: each task's own cue (its own label names), else data.instruction
+    from fedlora.continual.tasks import task_config, task_test
+
+    raw, C = _continual(tmp_path)
+    raw["data"]["instruction"] = "Option: {labels}."
+    raw["model"]["max_length"] = 96  # dbpedia's 14 options take 40 tokens
+    raw["continual"]["tasks"][1]["instruction"] = "Topic of this paragraph? Option: {labels}."
+    seq = C.from_dict(raw)
+    assert task_config(seq, 0).data.instruction == "Option: {labels}."
+    dbpedia = load_task(task_config(seq, 1))
+    cue = tok("Topic of this paragraph? Option: " + ", ".join(dbpedia.label_names) + ".")["input_ids"][:-1]
+    assert all(x.tolist()[: len(cue)] == cue for x in task_test(seq, 1).input_ids)
+    with pytest.raises(ConfigError, match=r"data.instruction.*leaving no room"):
+        load_task(make_config(tmp_path, data={"instruction": "Option: {labels} " * 8}))
+    with pytest.raises(ConfigError, match=r"data.instruction.*\{labels\}"):
+        make_config(tmp_path, data={"instruction": "{label}"})
+    with pytest.raises(ConfigError, match=r"data.instruction.*prompt_template"):
+        make_config(tmp_path, model={"name": "builtin:tiny-gpt2", "task": "causal-lm"}, data={"instruction": "x"})
+
+
 # ------------------------------------------------------------------------------------ forward pass
 def _model(tmp_path, method="inclora", tasks=3):  # noqa: ANN001, ANN202
     from fedlora.model import AdapterSpec, build_peft_model
@@ -210,7 +266,10 @@ def test_a_federated_task_sequence_measures_R_and_keeps_past_tasks_frozen(tmp_pa
     R = summary["R"]
     assert R[0][1] is None and all(0.0 <= x <= 1.0 for x in (R[0][0], R[1][0], R[1][1]))
     assert summary["bwt"] == pytest.approx(R[1][0] - R[0][0])
-    assert (run / "continual.png").exists()
+    assert (run / "continual.png").exists() and (run / "continual-task-aware.png").exists()
+    # the task id known at test time: an argmax over the task's own labels is never worse than over all
+    aware = summary["task-aware"]["R"]
+    assert all(aware[i][j] >= R[i][j] for i in range(2) for j in range(i + 1))
     # the saved adapter is one PEFT LoRA holding both task LoRAs (ranks 4 + 4), as the forward pass adds them
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 8
     # every client holds task 0 as the server froze it, bit for bit

@@ -12,6 +12,23 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+
+def accuracies(logits: torch.Tensor, labels: torch.Tensor, task_labels: list[int]) -> tuple[float, float]:
+    """(task-agnostic, task-aware) accuracy of one task's predictions over the union label space.
+
+    Task-agnostic: the argmax over every label of every task (O-LoRA's setting, the default).
+    Task-aware (task-incremental learning: the task id is known at test time): the argmax over the
+    task's own labels only, so confusing one task's inputs with another task's labels costs nothing
+    and what remains is forgetting within the task."""
+    if len(labels) == 0:
+        return 0.0, 0.0
+    agnostic = (logits.argmax(-1) == labels).float().mean().item()
+    allowed = torch.as_tensor(task_labels, dtype=torch.long)
+    aware = allowed[logits[:, allowed].argmax(-1)]
+    return agnostic, (aware == labels).float().mean().item()
+
 
 def _check(R: list[list[float | None]]) -> int:
     T = len(R)
@@ -78,13 +95,14 @@ def plot_matrix(R: list[list[float | None]], tasks: list[str], path, title: str 
     plt.close(fig)
 
 
-def from_rows(rows: list[dict], tasks: list[str], multitask: bool = False) -> dict:
-    """The continual summary from a run's metrics rows (``continual-task``, ``continual-accuracy``).
+def from_rows(rows: list[dict], tasks: list[str], multitask: bool = False, key: str = "continual-accuracy") -> dict:
+    """The continual summary from a run's metrics rows (``continual-task`` and ``key``: the task-agnostic
+    ``continual-accuracy`` or ``continual-accuracy-task-aware``).
 
     Multi-task training has one evaluation (all tasks, at the end): average accuracy only."""
-    measured = [r for r in rows if r.get("continual-accuracy")]
+    measured = [r for r in rows if r.get(key)]
     if multitask:
-        last = measured[-1]["continual-accuracy"] if measured else {}
+        last = measured[-1][key] if measured else {}
         accs = [last.get(t) for t in tasks]
         avg = sum(accs) / len(accs) if accs and None not in accs else None
         return {"tasks": list(tasks), "R": [accs], "average-accuracy": avg, "bwt": None, "forgetting": None}
@@ -93,8 +111,8 @@ def from_rows(rows: list[dict], tasks: list[str], multitask: bool = False) -> di
     for r in measured:
         i = int(r["continual-task"])
         for j, t in enumerate(tasks):
-            if t in r["continual-accuracy"]:
-                R[i][j] = float(r["continual-accuracy"][t])
+            if t in r[key]:
+                R[i][j] = float(r[key][t])
     try:
         return summary(R, tasks)
     except ValueError as exc:  # an unfinished run: report what there is

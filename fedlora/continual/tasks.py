@@ -26,7 +26,7 @@ def task_config(cfg: FedLoraConfig, index: int) -> FedLoraConfig:
     t = cfg.continual.tasks[index]
     raw = cfg.to_dict()
     raw["data"].update(dataset=t.dataset, data_files={}, text_column=t.text_column, label_column=t.label_column,
-                       text_pair_column=t.text_pair_column)
+                       text_pair_column=t.text_pair_column, instruction=t.instruction or cfg.data.instruction)
     if t.max_train_examples:
         raw["data"]["max_train_examples"] = t.max_train_examples
     if t.max_test_examples:
@@ -103,6 +103,12 @@ def task_validation(cfg: FedLoraConfig, index: int) -> Examples | None:
 
     tc = task_config(cfg, index)
     return _remap(server_validation(tc), load_task(tc).label_names, union_labels(cfg))
+
+
+def task_label_indices(cfg: FedLoraConfig, index: int) -> list[int]:
+    """Task ``index``'s own labels as positions in the union label space (task-aware inference)."""
+    union = union_labels(cfg)
+    return [union.index(n) for n in load_task(task_config(cfg, index)).label_names]
 
 
 def task_test(cfg: FedLoraConfig, index: int) -> Examples:
