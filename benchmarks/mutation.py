@@ -35,9 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["fedlora/lora_math.py", "fedlora/codec.py", "fedlora/robust.py", "fedlora/validation.py",
            "fedlora/strategies/fedit.py", "fedlora/strategies/fedsa.py", "fedlora/strategies/ffa.py",
            "fedlora/strategies/hetlora.py", "fedlora/strategies/flora.py", "fedlora/strategies/flexlora.py",
-           "fedlora/tasks/causal.py", "fedlora/tasks/evaluation.py"]
+           "fedlora/tasks/causal.py", "fedlora/tasks/evaluation.py", "fedlora/continual/penalties.py",
+           "fedlora/continual/metrics.py"]
 TESTS = ["tests/test_lora_math.py", "tests/test_factors_codec.py", "tests/test_strategy_maths.py",
-         "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py", "tests/test_causal_maths.py"]
+         "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py", "tests/test_causal_maths.py",
+         "tests/test_continual_maths.py"]
 
 
 def stage(ref: str | None, dest: Path, only: str = "") -> None:

@@ -1,76 +1,12 @@
-"""Continual learning on the clients: O-LoRA and AM-LoRA maths, the task LoRAs in the forward pass,
+"""Continual learning on the clients (the pure maths: test_continual_maths.py): the task LoRAs in the forward pass,
 the client-state store across tasks, the accuracy matrix, and a federated task sequence end to end."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
 
 from conftest import SHARED_DATA, make_config
-from fedlora.continual.metrics import average_accuracy, backward_transfer, forgetting
-from fedlora.continual.penalties import attention_l1, l2_norms, orthogonality
-
-
-# ------------------------------------------------------------------------------------ penalties
-@given(st.integers(1, 6), st.integers(1, 6), st.integers(2, 12), st.integers(0, 10_000))
-def test_orthogonality_is_the_formula_in_both_forms(rp, r, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    past, new = torch.randn(rp, d, generator=g), torch.randn(r, d, generator=g)
-    explicit = [[sum(float(past[i, k]) * float(new[j, k]) for k in range(d)) for j in range(r)] for i in range(rp)]
-    assert float(orthogonality(past, new, "abs")) == pytest.approx(sum(abs(x) for row in explicit for x in row), rel=1e-4)
-    assert float(orthogonality(past, new, "squared")) == pytest.approx(sum(x * x for row in explicit for x in row), rel=1e-4)
-
-
-def test_orthogonality_is_zero_for_orthogonal_subspaces_and_positive_otherwise():
-    q, _ = torch.linalg.qr(torch.randn(8, 8))
-    past, new = q[:, :3].T, q[:, 3:6].T  # rows span orthogonal subspaces
-    for form in ("abs", "squared"):
-        assert float(orthogonality(past, new, form)) == pytest.approx(0.0, abs=1e-5)
-        assert float(orthogonality(past, past + 0.1 * new, form)) > 0.1
-    with pytest.raises(ValueError, match="input features"):
-        orthogonality(torch.ones(2, 3), torch.ones(2, 4))
-    with pytest.raises(ValueError, match="'abs' or 'squared'"):
-        orthogonality(past, new, "cubed")
-
-
-def test_l2_is_the_sum_of_unsquared_norms_and_attention_l1_skips_the_zero_lora():
-    assert float(l2_norms([torch.tensor([3.0, 4.0]), torch.tensor([[6.0, 8.0]])])) == pytest.approx(15.0)
-    assert float(l2_norms([])) == 0.0
-    att = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
-    assert float(attention_l1(att)) == pytest.approx(0.25)  # mean of (0.5, 0.0)
-
-
-def test_continual_figures_on_a_known_matrix():
-    R = [[0.9, None, None], [0.6, 0.8, None], [0.5, 0.7, 0.95]]
-    assert average_accuracy(R) == pytest.approx((0.5 + 0.7 + 0.95) / 3)
-    assert backward_transfer(R) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
-    assert forgetting(R) == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
-    with pytest.raises(ValueError, match=r"R\[1\]\[0\]"):
-        average_accuracy([[0.9, None], [None, 0.8]])
-
-
-def test_task_aware_accuracy_takes_the_argmax_over_the_tasks_own_labels():
-    from fedlora.continual.metrics import accuracies
-
-    # union of 5 labels; the task owns labels 3 and 4; example 0 is drawn to label 0 (another task's)
-    logits = torch.tensor([[9.0, 0, 0, 1, 2], [0, 0, 0, 5, 1], [0, 8, 0, 3, 1]])
-    labels = torch.tensor([4, 3, 3])
-    agnostic, aware = accuracies(logits, labels, [3, 4])
-    assert agnostic == pytest.approx(1 / 3) and aware == pytest.approx(1.0)
-
-
-@given(st.integers(2, 8), st.integers(1, 20), st.integers(0, 10_000))
-def test_task_aware_accuracy_is_never_below_agnostic_and_equal_with_every_label(n, batch, seed):
-    from fedlora.continual.metrics import accuracies
-
-    g = torch.Generator().manual_seed(seed)
-    own = sorted(torch.randperm(n, generator=g)[: max(1, n // 2)].tolist())
-    logits = torch.randn(batch, n, generator=g)
-    labels = torch.tensor(own)[torch.randint(len(own), (batch,), generator=g)]
-    agnostic, aware = accuracies(logits, labels, own)
-    assert aware >= agnostic
-    assert accuracies(logits, labels, list(range(n))) == (agnostic, agnostic)
 
 
 def test_a_task_cue_precedes_every_input_and_must_leave_room_for_the_text(tmp_path, shared_data):
@@ -157,6 +93,7 @@ def test_sum_of_task_loras_in_forward_equals_an_explicit_computation(tmp_path):
 def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path):
     from fedlora.continual.hooks import AttentionL1
     from fedlora.continual.mixing import TaskLoraMixer, selector_of
+    from fedlora.continual.penalties import attention_l1
     from fedlora.factors import lora_layers
 
     _, model = _model(tmp_path, "amlora")
