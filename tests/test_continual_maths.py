@@ -70,3 +70,44 @@ def test_task_aware_accuracy_is_never_below_agnostic_and_equal_with_every_label(
     agnostic, aware = accuracies(logits, labels, own)
     assert aware >= agnostic
     assert accuracies(logits, labels, list(range(n))) == (agnostic, agnostic)
+
+
+def test_attention_l1_sums_over_tasks_per_input_then_averages():
+    # (batch 2, tokens 3, zero LoRA + 2 tasks); per-token task weights 0.9, 0.5, 0.0 / 0.2, 0.2, 0.2
+    att = torch.tensor([[[0.1, 0.6, 0.3], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]],
+                        [[0.8, 0.1, 0.1], [0.8, 0.2, 0.0], [0.8, 0.0, 0.2]]])
+    assert float(attention_l1(att)) == pytest.approx((0.9 + 0.5 + 0.0 + 0.2 * 3) / 6)
+
+
+def test_figures_of_one_and_two_tasks_and_malformed_matrices():
+    assert backward_transfer([[0.7]]) == 0.0 and forgetting([[0.7]]) == 0.0 and average_accuracy([[0.7]]) == 0.7
+    R2 = [[0.9, None], [0.6, 0.8]]
+    assert backward_transfer(R2) == pytest.approx(-0.3) and forgetting(R2) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="R must be square: row 1 has 1 entries, not 2"):
+        average_accuracy([[0.9, None], [0.6]])
+
+
+def test_empty_task_accuracy_is_zero_not_nan():
+    from fedlora.continual.metrics import accuracies
+
+    assert accuracies(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), [1]) == (0.0, 0.0)
+
+
+def test_summary_from_metrics_rows_reads_either_inference_setting():
+    from fedlora.continual.metrics import from_rows
+
+    rows = [{"round": 0},
+            {"round": 1, "continual-task": 0, "continual-accuracy": {"a": 0.9},
+             "continual-accuracy-task-aware": {"a": 0.95}},
+            {"round": 2, "continual-task": 1, "continual-accuracy": {"a": 0.5, "b": 0.8},
+             "continual-accuracy-task-aware": {"a": 0.7, "b": 0.85}}]
+    agnostic = from_rows(rows, ["a", "b"])
+    assert agnostic["R"] == [[0.9, None], [0.5, 0.8]]
+    assert agnostic["average-accuracy"] == pytest.approx(0.65) and agnostic["bwt"] == pytest.approx(-0.4)
+    assert agnostic["forgetting"] == pytest.approx(0.4)
+    aware = from_rows(rows, ["a", "b"], key="continual-accuracy-task-aware")
+    assert aware["R"] == [[0.95, None], [0.7, 0.85]] and aware["bwt"] == pytest.approx(-0.25)
+    unfinished = from_rows(rows[:2], ["a", "b"])
+    assert unfinished["average-accuracy"] is None and "R[1][0]" in unfinished["incomplete"]
+    multi = from_rows([{"continual-task": 0, "continual-accuracy": {"a": 0.8, "b": 0.6}}], ["a", "b"], multitask=True)
+    assert multi["average-accuracy"] == pytest.approx(0.7) and multi["R"] == [[0.8, 0.6]] and multi["bwt"] is None
