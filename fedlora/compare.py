@@ -186,6 +186,14 @@ def markdown_table(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_metric(results: list[dict]) -> tuple[str, str]:
+    """What a comparison's curves show: the clients' personalized accuracy where they evaluated, else the
+    server's accuracy of the global adapter (a federation without client evaluation, e.g. 500 DP clients)."""
+    if any(x.get("personal-accuracy-mean") is not None for r in results for x in r["rounds"]):
+        return "personal-accuracy-mean", "mean client accuracy (personalized)"
+    return "server-accuracy", "server accuracy (global adapter, held-out)"
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -195,26 +203,29 @@ def plot(results: list[dict], path: Path) -> None:
     splits = sorted({r["split"] for r in results})
     fig, axes = plt.subplots(len(splits), 2, figsize=(11, 4 * len(splits)), squeeze=False)
     for i, split in enumerate(splits):
-        for r in [r for r in results if r["split"] == split]:
-            rows = [x for x in r["rounds"] if x.get("personal-accuracy-mean") is not None]
+        in_split = [r for r in results if r["split"] == split]
+        metric, what = curve_metric(in_split)
+        for r in in_split:
+            rows = [x for x in r["rounds"] if x.get(metric) is not None]
             if not rows:
                 continue
             cum, total = [], 0
             for x in r["rounds"]:
                 total += x.get("bytes-up-total", 0) + x.get("bytes-down-total", 0)
-                if x.get("personal-accuracy-mean") is not None:
+                if x.get(metric) is not None:
                     cum.append(total / 1e6)
-            acc = [x["personal-accuracy-mean"] for x in rows]
+            acc = [x[metric] for x in rows]
             axes[i][0].plot([x["round"] for x in rows], acc, marker="o", label=r["arm"])
             axes[i][1].plot(cum, acc, marker="o", label=r["arm"])
-        axes[i][0].set_title(f"{split}: personalized accuracy vs round")
-        axes[i][1].set_title(f"{split}: personalized accuracy vs cumulative MB")
+        axes[i][0].set_title(f"{split}: {what} vs round")
+        axes[i][1].set_title(f"{split}: {what} vs cumulative MB")
         axes[i][0].set_xlabel("round")
         axes[i][1].set_xlabel("cumulative MB on the wire (all clients)")
         for ax in axes[i]:
-            ax.set_ylabel("mean client accuracy")
+            ax.set_ylabel(what)
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -38,3 +38,20 @@ def test_a_grid_without_a_validation_split_is_refused(tmp_path):
     f.write_text('[[arm]]\nname = "a"\ngrid = {"train.learning_rate" = 3}\n')
     with pytest.raises(ConfigError, match="grid must map keys to non-empty lists"):
         load_comparison(f)
+
+
+def test_curves_show_server_accuracy_when_no_client_evaluated(tmp_path):
+    import warnings
+
+    from fedlora.compare import curve_metric, plot
+
+    server_only = [{"arm": a, "split": "s", "rounds": [{"round": 0, "server-accuracy": 0.25},
+                                                       {"round": 1, "bytes-up-total": 10},
+                                                       {"round": 2, "server-accuracy": 0.8}]} for a in ("x", "y")]
+    assert curve_metric(server_only)[0] == "server-accuracy"
+    personal = [{"arm": "x", "split": "s", "rounds": [{"round": 1, "server-accuracy": 0.5, "personal-accuracy-mean": 0.7}]}]
+    assert curve_metric(personal)[0] == "personal-accuracy-mean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a legend has no lines: the old, empty plot
+        plot(server_only, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
