@@ -27,6 +27,7 @@ def test_orthogonality_is_zero_for_orthogonal_subspaces_and_positive_otherwise()
     for form in ("abs", "squared"):
         assert float(orthogonality(past, new, form)) == pytest.approx(0.0, abs=1e-5)
         assert float(orthogonality(past, past + 0.1 * new, form)) > 0.1
+    assert float(orthogonality(past, past)) == float(orthogonality(past, past, "abs"))  # the code's form by default
     with pytest.raises(ValueError, match="input features"):
         orthogonality(torch.ones(2, 3), torch.ones(2, 4))
     with pytest.raises(ValueError, match="'abs' or 'squared'"):
