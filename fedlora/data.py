@@ -298,7 +298,7 @@ def _encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: list[str]) -
 
         return encode(tok, rows, cfg, label_names)
     texts = [r["text"] for r in rows]
-    if cfg.data.instruction:  # a task cue before the text: truncation cuts the text's end, never the cue
+    if cfg.data.instruction:  # a task cue before the text; truncation then cuts the text's end (single texts)
         cue = cfg.data.instruction.format(labels=", ".join(label_names))
         cue_tokens = len(tok(cue)["input_ids"])
         if cue_tokens >= cfg.model.max_length - 1:
