@@ -163,16 +163,8 @@ class DataConfig:
         _require(self.prompt_format in PROMPT_FORMATS, "data.prompt_format",
                  f"must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         if self.prompt_format == "label":
-            try:
-                self.prompt_template.format(text="", text_pair="", labels="")
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigError(f"invalid config value for 'data.prompt_template': {exc!r}; it may use {{text}}, "
-                                  "{text_pair} and {labels} (write {{ and }} for literal braces)") from None
-        try:
-            self.instruction.format(labels="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"invalid config value for 'data.instruction': {exc!r}; it may use {{labels}} "
-                              "(write {{ and }} for literal braces)") from None
+            _require_template(self.prompt_template, "data.prompt_template", "text", "text_pair", "labels")
+        _require_template(self.instruction, "data.instruction", "labels")
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _require(self.labels_per_client >= 1, "data.labels_per_client", "must be >= 1")
         _require(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
@@ -444,11 +436,7 @@ class ContinualSection:
             _require(bool(t.label_column), f"{where}.label_column", "must name the label column")
             _require(bool(t.text_column), f"{where}.text_column", "must name the text column")
             _require(t.rounds >= 1, f"{where}.rounds", "must be >= 1")
-            try:
-                t.instruction.format(labels="")
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigError(f"invalid config value for '{where}.instruction': {exc!r}; it may use {{labels}}") \
-                    from None
+            _require_template(t.instruction, f"{where}.instruction", "labels")
         names = [t.name or Path(t.dataset).name for t in self.tasks]
         _require(len(set(names)) == len(names), "continual.tasks", f"task names must differ, got {names}")
         _require(self.olora_form in ("abs", "squared"), "continual.olora_form", "must be 'abs' or 'squared'")
@@ -758,6 +746,16 @@ def _toml_key(key: str) -> str:
 def _require(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"invalid config value for '{key}': {why}")
+
+
+def _require_template(template: str, key: str, *fields: str) -> None:
+    """A ``str.format`` template may use only ``fields``: a typo fails on load, not mid-run."""
+    try:
+        template.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError) as exc:
+        names = ", ".join("{" + f + "}" for f in fields)
+        raise ConfigError(f"invalid config value for '{key}': {exc!r}; it may use {names} "
+                          "(write {{ and }} for literal braces)") from None
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
