@@ -279,9 +279,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             "bytes-down-total": sum(r.get("bytes-down-total", 0) for r in rows),
         })
         run_dir.plot(baselines)
-        if continual:
-            from fedlora.continual import metrics as cmetrics
-
+        if continual:  # cmetrics was imported with the task sequence's other modules at the start
             multitask = cfg.continual.method == "multitask"
             cont = cmetrics.from_rows(rows, cfg.continual.task_names(), multitask)
             aware = cmetrics.from_rows(rows, cfg.continual.task_names(), multitask, key="continual-accuracy-task-aware")
