@@ -78,15 +78,20 @@ def compare(
     file: Annotated[Path, typer.Argument(help="Comparison file: [base] config, [[arm]] and [[split]] tables.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default runs/compare-<name>).")] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override applied to every run.")] = [],  # noqa: B006
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse the cells the output folder's results.json already "
+                                         "holds (a finished run with the cell's exact config); run the rest.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate every cell and list what would run; run nothing.")] = False,
 ) -> None:
     """Run several strategies on the same data, splits, seed and budget; write a table and a plot."""
     from fedlora.compare import compare as run
 
     try:
-        folder = run(file, out, set_, log=lambda m: typer.echo(m, err=True))
+        folder = run(file, out, set_, log=lambda m: typer.echo(m, err=True), resume=resume, dry_run=dry_run)
     except ConfigError as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    if dry_run:
+        return
     typer.echo((folder / "table.md").read_text())
     typer.echo(f"results: {folder}")
 

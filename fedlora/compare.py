@@ -11,6 +11,9 @@ several keys form their product). Every grid point runs; the one whose final
 ``[compare] select_on`` metric (default ``personal-val-accuracy-mean``, the clients' local
 validation splits) is highest represents the arm, and its *test* figures are reported. Choosing
 needs ``data.validation_fraction > 0``: a grid is never chosen on a test split.
+
+Every cell is validated before any runs (``--dry-run`` stops there). ``--resume`` reuses the cells an
+earlier ``results.json`` in the output folder holds, when the saved config of that run is the cell's.
 """
 
 from __future__ import annotations
@@ -67,14 +70,11 @@ def _config(base: dict, overrides: list[str], out: Path, label: str) -> FedLoraC
     return FedLoraConfig.from_dict(raw)
 
 
-def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print) -> Path:  # noqa: ANN001
-    from fedlora.simulate import simulate
-
+def comparison_cells(path: Path, out: Path, extra: list[str] | None = None) -> tuple[str, str, list[dict]]:
+    """Every cell of a comparison (arm x split x grid point) as a validated config: a bad arm, split or
+    grid point fails here, before any cell has run. Returns (name, select_on, cells)."""
     base, arms, splits, name = load_comparison(path)
     select_on = tomllib.loads(Path(path).read_text()).get("compare", {}).get("select_on", "personal-val-accuracy-mean")
-    out = Path(out or Path("runs") / f"compare-{name}")
-    out.mkdir(parents=True, exist_ok=True)
-    # Validate every cell before running any.
     cells = []
     for s in splits:
         for a in arms:
@@ -86,18 +86,83 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
                 if len(points) > 1 and cfg.data.validation_fraction <= 0:
                     raise ConfigError(f"[[arm]] {a['name']!r} has a grid, which is chosen on validation splits: "
                                       "set data.validation_fraction > 0 in [base.data]")
-                cells.append((a, s, point, cfg))
+                cells.append({"arm": a["name"], "split": s["name"], "grid-point": point, "config": cfg})
+    return name, select_on, cells
+
+
+OTHER_CELL, OTHER_CONFIG = "another arm or split", "its config differs from this cell's"
+
+
+def reusable(result: dict, cell: dict) -> str | None:
+    """Why an earlier result cannot stand for ``cell`` (None when it can): the same arm and split, and a
+    finished run whose saved config.toml is this cell's config. The config is compared, not the cell's
+    label or grid point, so a result stands only for the experiment it ran."""
+    if (result.get("arm"), result.get("split")) != (cell["arm"], cell["split"]):
+        return OTHER_CELL
+    cfg_path = Path(result.get("run_dir", "")) / "config.toml"
+    if not result.get("run_dir") or not cfg_path.exists():
+        return f"its run folder {result.get('run_dir')!r} has no config.toml"
+    if not (Path(result["run_dir"]) / "summary.json").exists():
+        return f"its run {result['run_dir']} did not finish (no summary.json)"
+    try:
+        ran = FedLoraConfig.load(cfg_path)
+    except ConfigError as exc:
+        return f"its config no longer loads ({exc})"
+    if ran.experiment() != cell["config"].experiment():
+        return OTHER_CONFIG
+    return None
+
+
+def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print,  # noqa: ANN001
+            resume: bool = False, dry_run: bool = False) -> Path:
+    """Run every cell and write results.json (after each cell), table.md/json and plot.png.
+
+    ``resume``: a cell whose experiment an earlier ``<out>/results.json`` already holds (same arm and
+    split, a finished run with this cell's exact config) is not run again; a comparison stopped halfway
+    goes on where it stopped, and one whose file gained a grid point runs only the new point.
+    ``dry_run``: validate every cell and log what would run (or be reused), run nothing."""
+    out = Path(out or Path("runs") / f"compare-{load_comparison(path)[3]}")
+    name, select_on, cells = comparison_cells(path, out, extra)
+    earlier = []
+    if resume and (out / "results.json").exists():
+        earlier = json.loads((out / "results.json").read_text())
+    plan = []
+    for cell in cells:
+        why = {r.get("run_dir"): reusable(r, cell) for r in earlier}
+        found = next((r for r in earlier if why[r.get("run_dir")] is None), None)
+        plan.append((cell, found))
+        what = f"{cell['arm']} on {cell['split']} {' '.join(cell['grid-point'])}".rstrip()
+        if found is not None:
+            log(f"[compare {name}] {what}: reusing {found['run_dir']}")
+            continue
+        for run_dir, reason in why.items():
+            if reason not in (None, OTHER_CELL, OTHER_CONFIG):  # only a same-config run gone wrong is news
+                log(f"[compare {name}] {what}: not reusing {run_dir}: {reason}")
+        if dry_run:
+            log(f"[compare {name}] {what}: would run ({cell['config'].run.rounds} rounds, "
+                f"{cell['config'].federation.strategy})")
+    if dry_run:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    from fedlora.simulate import simulate
+
     results = []
-    for arm, split, point, cfg in cells:
-        log(f"[compare {name}] {arm['name']} on {split['name']} {' '.join(point)} ...")
+    for cell, found in plan:
+        if found is not None:
+            results.append({**found, "grid-point": cell["grid-point"],
+                            "selection-score": selection_score(found["rounds"], select_on)})
+            continue
+        cfg = cell["config"]
+        log(f"[compare {name}] {cell['arm']} on {cell['split']} {' '.join(cell['grid-point'])} ...")
         t0 = time.perf_counter()
         run_dir = simulate(cfg)
         rows = run_dir.read_metrics()
-        results.append({"arm": arm["name"], "split": split["name"], "strategy": cfg.federation.strategy,
-                        "grid-point": point, "selection-score": selection_score(rows, select_on),
+        results.append({"arm": cell["arm"], "split": cell["split"], "strategy": cfg.federation.strategy,
+                        "grid-point": cell["grid-point"], "selection-score": selection_score(rows, select_on),
                         "run_dir": str(run_dir.path), "seconds": time.perf_counter() - t0, "rounds": rows})
         atomic_write(out / "results.json", json.dumps(results, indent=1))
-        log(f"[compare {name}] {arm['name']} on {split['name']}: {summarise(results[-1])}")
+        log(f"[compare {name}] {cell['arm']} on {cell['split']}: {summarise(results[-1])}")
+    atomic_write(out / "results.json", json.dumps(results, indent=1))
     chosen = choose(results)
     table = [summarise(r) for r in chosen]
     atomic_write(out / "table.json", json.dumps(table, indent=2))

@@ -570,6 +570,15 @@ class FedLoraConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def experiment(self) -> dict[str, Any]:
+        """``to_dict()`` without the keys that say where a run's files go (its name, folders, caches),
+        which a run fills in: two configs with equal experiments compute the same thing."""
+        d = self.to_dict()
+        for key in PLACEMENT_KEYS:
+            section, name = key.split(".")
+            d[section].pop(name)
+        return d
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
@@ -709,6 +718,7 @@ class FedLoraConfig:
 
 
 _SECTIONS = [f.name for f in fields(FedLoraConfig)]
+PLACEMENT_KEYS = ("run.name", "run.output_dir", "model.cache_dir", "simulation.state_dir")
 
 
 def digest_of(config_json: str) -> str:

@@ -55,3 +55,88 @@ def test_curves_show_server_accuracy_when_no_client_evaluated(tmp_path):
         warnings.simplefilter("error")  # matplotlib warns when a legend has no lines: the old, empty plot
         plot(server_only, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def _comparison(tmp_path, grid="[1e-3, 5e-3]"):  # noqa: ANN001, ANN202
+    f = tmp_path / "c.toml"
+    f.write_text(f"""[compare]
+name = "t"
+select_on = "server-val-accuracy"
+[base.run]
+rounds = 1
+[base.data]
+dataset = "../shared/data/agnews"
+validation_fraction = 0.1
+[[arm]]
+name = "a"
+set = ["lora.rank=4"]
+grid = {{"train.learning_rate" = {grid}}}
+""")
+    return f
+
+
+def _finished_run(folder, cfg, accuracy):  # noqa: ANN001, ANN202
+    """What a finished run leaves behind that a comparison reads: its config and summary."""
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(cfg.to_toml())
+    (folder / "summary.json").write_text("{}")
+    return {"arm": "a", "split": "default", "strategy": cfg.federation.strategy, "grid-point": [],
+            "selection-score": 0.0, "run_dir": str(folder), "seconds": 1.0,
+            "rounds": [{"round": 1, "server-accuracy": accuracy, "server-val-accuracy": accuracy}]}
+
+
+def test_resume_reuses_a_finished_run_only_for_the_cell_whose_config_it_ran(tmp_path):
+    import json
+
+    from fedlora.compare import OTHER_CELL, OTHER_CONFIG, comparison_cells, reusable
+
+    f, out = _comparison(tmp_path), tmp_path / "out"
+    _, _, cells = comparison_cells(f, out)
+    assert [c["grid-point"] for c in cells] == [["train.learning_rate=0.001"], ["train.learning_rate=0.005"]]
+    # Runs made before the grid existed (other names, other folders) stand for the grid points they equal.
+    earlier = [_finished_run(tmp_path / "r1", cells[0]["config"], 0.5), _finished_run(tmp_path / "r2", cells[1]["config"], 0.7)]
+    assert reusable(earlier[0], cells[0]) is None and reusable(earlier[1], cells[0]) == OTHER_CONFIG
+    assert reusable({**earlier[0], "arm": "b"}, cells[0]) == OTHER_CELL
+    (tmp_path / "r1" / "summary.json").unlink()
+    assert "did not finish" in reusable(earlier[0], cells[0])
+    (tmp_path / "r1" / "summary.json").write_text("{}")
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(earlier[::-1]))
+    log: list[str] = []
+    compare(f, out, resume=True, log=log.append)  # nothing left to run: no simulation starts
+    assert sum("reusing" in m for m in log) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert [r["grid-point"] for r in results] == [c["grid-point"] for c in cells]  # in the file's order
+    table = json.loads((out / "table.json").read_text())
+    assert table[0]["chosen"] == "train.learning_rate=0.005" and table[0]["validation-score"] == 0.7
+    assert (out / "plot.png").exists()
+
+
+def test_dry_run_validates_every_cell_and_runs_none(tmp_path):
+    f, out = _comparison(tmp_path), tmp_path / "out"
+    log: list[str] = []
+    compare(f, out, dry_run=True, log=log.append)
+    assert sum("would run" in m for m in log) == 2 and not out.exists()
+    f = _comparison(tmp_path, grid="[1e-3, -1.0]")
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        compare(f, out, dry_run=True, log=log.append)
+
+
+def test_every_shipped_config_and_comparison_validates():
+    """simulations/ is what the README tells users to run: each file must load, every comparison cell too."""
+    import tomllib
+    from pathlib import Path
+
+    from fedlora.compare import comparison_cells
+    from fedlora.config import FedLoraConfig
+
+    root = Path(__file__).resolve().parents[1] / "simulations"
+    files = sorted(root.glob("*.toml"))
+    assert len(files) >= 10
+    for path in files:
+        raw = tomllib.loads(path.read_text())
+        if "arm" in raw:
+            _, _, cells = comparison_cells(path, Path("/nonexistent"))
+            assert cells, path
+        else:
+            FedLoraConfig.load(path)
