@@ -266,7 +266,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     splits = sorted({r["split"] for r in results})
-    fig, axes = plt.subplots(len(splits), 2, figsize=(11, 4 * len(splits)), squeeze=False)
+    fig, axes = plt.subplots(len(splits), 2, figsize=(13, 4.5 * len(splits)), squeeze=False)
     for i, split in enumerate(splits):
         in_split = [r for r in results if r["split"] == split]
         metric, what = curve_metric(in_split)
@@ -282,8 +282,8 @@ def plot(results: list[dict], path: Path) -> None:
             acc = [x[metric] for x in rows]
             axes[i][0].plot([x["round"] for x in rows], acc, marker="o", label=r["arm"])
             axes[i][1].plot(cum, acc, marker="o", label=r["arm"])
-        axes[i][0].set_title(f"{split}: {what} vs round")
-        axes[i][1].set_title(f"{split}: {what} vs cumulative MB")
+        axes[i][0].set_title(f"{split}: by round", fontsize=10)
+        axes[i][1].set_title(f"{split}: by cumulative MB on the wire", fontsize=10)
         axes[i][0].set_xlabel("round")
         axes[i][1].set_xlabel("cumulative MB on the wire (all clients)")
         for ax in axes[i]:
