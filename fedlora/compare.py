@@ -128,16 +128,16 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
         earlier = json.loads((out / "results.json").read_text())
     plan = []
     for cell in cells:
-        why = {r.get("run_dir"): reusable(r, cell) for r in earlier}
-        found = next((r for r in earlier if why[r.get("run_dir")] is None), None)
+        why = [(r, reusable(r, cell)) for r in earlier]
+        found = next((r for r, reason in why if reason is None), None)
         plan.append((cell, found))
         what = f"{cell['arm']} on {cell['split']} {' '.join(cell['grid-point'])}".rstrip()
         if found is not None:
             log(f"[compare {name}] {what}: reusing {found['run_dir']}")
             continue
-        for run_dir, reason in why.items():
-            if reason not in (None, OTHER_CELL, OTHER_CONFIG):  # only a same-config run gone wrong is news
-                log(f"[compare {name}] {what}: not reusing {run_dir}: {reason}")
+        for r, reason in why:
+            if reason not in (None, OTHER_CELL, OTHER_CONFIG):  # only a same-cell run gone wrong is news
+                log(f"[compare {name}] {what}: not reusing {r.get('run_dir')}: {reason}")
         if dry_run:
             log(f"[compare {name}] {what}: would run ({cell['config'].run.rounds} rounds, "
                 f"{cell['config'].federation.strategy})")
