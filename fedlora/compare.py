@@ -28,7 +28,8 @@ from fedlora.config import ConfigError, FedLoraConfig, apply_override
 from fedlora.rundir import atomic_write
 
 
-def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str]:
+def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str, str]:
+    """A comparison file's (base, arms, splits, name, select_on), its tables checked."""
     raw = tomllib.loads(Path(path).read_text())
     unknown = set(raw) - {"base", "arm", "split", "compare"}
     if unknown:
@@ -38,6 +39,7 @@ def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str]:
     if not arms:
         raise ConfigError(f"comparison file {path} has no [[arm]]")
     name = raw.get("compare", {}).get("name", Path(path).stem)
+    select_on = raw.get("compare", {}).get("select_on", "personal-val-accuracy-mean")
     for item in arms + splits:
         if "name" not in item:
             raise ConfigError(f"every [[arm]] and [[split]] needs a name (in {path})")
@@ -45,7 +47,7 @@ def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str]:
         grid = arm.get("grid", {})
         if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
             raise ConfigError(f"[[arm]] {arm['name']!r}: grid must map keys to non-empty lists of values")
-    return raw.get("base", {}), arms, splits, name
+    return raw.get("base", {}), arms, splits, name, select_on
 
 
 def grid_points(arm: dict) -> list[list[str]]:
@@ -70,11 +72,12 @@ def _config(base: dict, overrides: list[str], out: Path, label: str) -> FedLoraC
     return FedLoraConfig.from_dict(raw)
 
 
-def comparison_cells(path: Path, out: Path, extra: list[str] | None = None) -> tuple[str, str, list[dict]]:
+def comparison_cells(path: Path, out: Path | None = None, extra: list[str] | None = None) -> tuple[str, str, list[dict], Path]:
     """Every cell of a comparison (arm x split x grid point) as a validated config: a bad arm, split or
-    grid point fails here, before any cell has run. Returns (name, select_on, cells)."""
-    base, arms, splits, name = load_comparison(path)
-    select_on = tomllib.loads(Path(path).read_text()).get("compare", {}).get("select_on", "personal-val-accuracy-mean")
+    grid point fails here, before any cell has run. Returns (name, select_on, cells, out), ``out``
+    defaulting to runs/compare-<name>."""
+    base, arms, splits, name, select_on = load_comparison(path)
+    out = Path(out or Path("runs") / f"compare-{name}")
     cells = []
     for s in splits:
         for a in arms:
@@ -87,7 +90,7 @@ def comparison_cells(path: Path, out: Path, extra: list[str] | None = None) -> t
                     raise ConfigError(f"[[arm]] {a['name']!r} has a grid, which is chosen on validation splits: "
                                       "set data.validation_fraction > 0 in [base.data]")
                 cells.append({"arm": a["name"], "split": s["name"], "grid-point": point, "config": cfg})
-    return name, select_on, cells
+    return name, select_on, cells, out
 
 
 OTHER_CELL, OTHER_CONFIG = "another arm or split", "its config differs from this cell's"
@@ -99,18 +102,22 @@ def reusable(result: dict, cell: dict) -> str | None:
     label or grid point, so a result stands only for the experiment it ran."""
     if (result.get("arm"), result.get("split")) != (cell["arm"], cell["split"]):
         return OTHER_CELL
-    cfg_path = Path(result.get("run_dir", "")) / "config.toml"
-    if not result.get("run_dir") or not cfg_path.exists():
+    run = Path(result.get("run_dir") or "")
+    if not result.get("run_dir") or not (run / "config.toml").exists():
         return f"its run folder {result.get('run_dir')!r} has no config.toml"
-    if not (Path(result["run_dir"]) / "summary.json").exists():
-        return f"its run {result['run_dir']} did not finish (no summary.json)"
+    if not (run / "summary.json").exists():
+        return f"its run {run} did not finish (no summary.json)"
     try:
-        ran = FedLoraConfig.load(cfg_path)
+        ran = FedLoraConfig.load(run / "config.toml")
     except ConfigError as exc:
         return f"its config no longer loads ({exc})"
     if ran.experiment() != cell["config"].experiment():
         return OTHER_CONFIG
     return None
+
+
+def _cell_label(cell: dict) -> str:
+    return f"{cell['arm']} on {cell['split']} {' '.join(cell['grid-point'])}".rstrip()
 
 
 def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print,  # noqa: ANN001
@@ -121,8 +128,7 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
     split, a finished run with this cell's exact config) is not run again; a comparison stopped halfway
     goes on where it stopped, and one whose file gained a grid point runs only the new point.
     ``dry_run``: validate every cell and log what would run (or be reused), run nothing."""
-    out = Path(out or Path("runs") / f"compare-{load_comparison(path)[3]}")
-    name, select_on, cells = comparison_cells(path, out, extra)
+    name, select_on, cells, out = comparison_cells(path, out, extra)
     earlier = []
     if resume and (out / "results.json").exists():
         earlier = json.loads((out / "results.json").read_text())
@@ -131,7 +137,7 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
         why = [(r, reusable(r, cell)) for r in earlier]
         found = next((r for r, reason in why if reason is None), None)
         plan.append((cell, found))
-        what = f"{cell['arm']} on {cell['split']} {' '.join(cell['grid-point'])}".rstrip()
+        what = _cell_label(cell)
         if found is not None:
             log(f"[compare {name}] {what}: reusing {found['run_dir']}")
             continue
@@ -153,7 +159,7 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
                             "selection-score": selection_score(found["rounds"], select_on)})
             continue
         cfg = cell["config"]
-        log(f"[compare {name}] {cell['arm']} on {cell['split']} {' '.join(cell['grid-point'])} ...")
+        log(f"[compare {name}] {_cell_label(cell)} ...")
         t0 = time.perf_counter()
         run_dir = simulate(cfg)
         rows = run_dir.read_metrics()

@@ -91,7 +91,7 @@ def test_resume_reuses_a_finished_run_only_for_the_cell_whose_config_it_ran(tmp_
     from fedlora.compare import OTHER_CELL, OTHER_CONFIG, comparison_cells, reusable
 
     f, out = _comparison(tmp_path), tmp_path / "out"
-    _, _, cells = comparison_cells(f, out)
+    _, _, cells, _ = comparison_cells(f, out)
     assert [c["grid-point"] for c in cells] == [["train.learning_rate=0.001"], ["train.learning_rate=0.005"]]
     # Runs made before the grid existed (other names, other folders) stand for the grid points they equal.
     earlier = [_finished_run(tmp_path / "r1", cells[0]["config"], 0.5), _finished_run(tmp_path / "r2", cells[1]["config"], 0.7)]
@@ -136,7 +136,7 @@ def test_every_shipped_config_and_comparison_validates():
     for path in files:
         raw = tomllib.loads(path.read_text())
         if "arm" in raw:
-            _, _, cells = comparison_cells(path, Path("/nonexistent"))
+            _, _, cells, _ = comparison_cells(path, Path("/nonexistent"))
             assert cells, path
         else:
             FedLoraConfig.load(path)
