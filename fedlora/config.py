@@ -410,6 +410,9 @@ class ContinualSection:
     olora_lambda2: float = _meta("O-LoRA's L2 weight on the new LoRA.", default=0.0)
     olora_form: str = _meta("'abs' (the code: sum of |entries|) or 'squared' (the paper).", default="abs")
     amlora_l1: float = _meta("AM-LoRA's L1 weight on the attention over task LoRAs.", default=0.01)
+    amlora_selector_lr: float = _meta(
+        "AM-LoRA's selector's learning rate (0: train.learning_rate). The selector must leave uniform "
+        "attention within a task's few local steps, which the LoRA's rate is too small for.", default=0.0)
     head: str = _meta(
         "'label-names': a frozen head whose rows are the encoder's own features of each label name (it cannot "
         "forget; needs a linear classifier); 'trainable': the usual trained, shared head.", default="label-names")
@@ -442,6 +445,7 @@ class ContinualSection:
         _require(self.olora_form in ("abs", "squared"), "continual.olora_form", "must be 'abs' or 'squared'")
         _require(self.olora_lambda1 >= 0 and self.olora_lambda2 >= 0, "continual.olora_lambda*", "must be >= 0")
         _require(self.amlora_l1 >= 0, "continual.amlora_l1", "must be >= 0")
+        _require(self.amlora_selector_lr >= 0, "continual.amlora_selector_lr", "must be >= 0 (0: train.learning_rate)")
         _require(self.head in ("label-names", "trainable"), "continual.head", "must be 'label-names' or 'trainable'")
 
     def task_names(self) -> list[str]:

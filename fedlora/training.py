@@ -34,7 +34,9 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)  # what hooks report (e.g. DP-SGD's epsilon)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict], tc: TrainConfig) -> torch.optim.Optimizer:
+    """``tc``'s optimizer over ``params``, or over parameter groups (dicts, as torch takes them: a group
+    without its own ``lr`` gets ``tc.learning_rate``)."""
     if tc.optimizer == "sgd":
         return torch.optim.SGD(params, lr=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay)
     return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)

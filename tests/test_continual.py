@@ -91,7 +91,7 @@ def test_sum_of_task_loras_in_forward_equals_an_explicit_computation(tmp_path):
 
 
 def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path):
-    from fedlora.continual.hooks import AttentionL1
+    from fedlora.continual.hooks import AmLoraTraining
     from fedlora.continual.mixing import TaskLoraMixer, selector_of
     from fedlora.continual.penalties import attention_l1
     from fedlora.factors import lora_layers
@@ -106,7 +106,7 @@ def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path)
     (att,) = mixer.attention
     assert att.shape[-1] == 1 + 3  # the zero LoRA, two finished tasks, the current one
     assert torch.allclose(att.sum(-1), torch.ones(att.shape[:-1]))
-    hook = AttentionL1(mixer, 0.5)
+    hook = AmLoraTraining(mixer, 0.5)
     base_loss = torch.tensor(1.0)
     with_l1 = hook.loss(None, base_loss)
     assert float(with_l1.detach()) == pytest.approx(1.0 + 0.5 * float(attention_l1(att).detach()))
@@ -115,6 +115,39 @@ def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path)
     sel = selector_of(model)
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in sel.parameters())
     mixer.remove()
+
+
+def test_amlora_selector_trains_at_its_own_learning_rate_and_the_loras_at_theirs(tmp_path, shared_data):
+    from dataclasses import replace
+
+    from fedlora.continual.hooks import AmLoraTraining
+    from fedlora.continual.mixing import TaskLoraMixer, selector_of
+    from fedlora.data import load_task
+    from fedlora.factors import ADAPTER, lora_layers
+    from fedlora.training import train_local
+
+    cfg, _ = _model(tmp_path, "amlora")
+    data = load_task(cfg).train
+    tc = replace(cfg.train, local_steps=4, batch_size=8, learning_rate=1e-3, weight_decay=0.0)
+    moved = {}
+    for selector_lr in (0.0, 0.05):
+        _, model = _model(tmp_path, "amlora")
+        mixer = TaskLoraMixer(model, _random_past(model, 2), "attention")
+        sel = selector_of(model)
+        lora_b = [layer.lora_B[ADAPTER].weight for _, layer in lora_layers(model)]
+        before_sel = [p.detach().clone() for p in sel.parameters()]
+        before_b = [p.detach().clone() for p in lora_b]
+        params = [p for p in model.parameters() if p.requires_grad]
+        train_local(model, params, data, tc, seed=0, device=torch.device("cpu"),
+                    hooks=[AmLoraTraining(mixer, 0.01, selector_lr)])
+        mixer.remove()
+        moved[selector_lr] = (max(float((p.detach() - b).abs().max()) for p, b in zip(sel.parameters(), before_sel)),
+                              max(float((p.detach() - b).abs().max()) for p, b in zip(lora_b, before_b)))
+    # AdamW moves a parameter by about its rate per step: 4 steps at 1e-3 leave the selector near
+    # uniform attention; its own rate moves it; the LoRAs keep train.learning_rate either way.
+    assert moved[0.0][0] <= 4 * 1e-3 * 1.05
+    assert moved[0.05][0] > 0.05 and moved[0.05][0] > 10 * moved[0.0][0]
+    assert 0 < moved[0.05][1] <= 4 * 1e-3 * 1.05 and 0 < moved[0.0][1] <= 4 * 1e-3 * 1.05
 
 
 def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
@@ -130,7 +163,7 @@ def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
                        target_steps=1, batch_source=None)
     hook.begin(ctx)
     layers = dict(lora_layers(model))
-    orth = sum(float((past_a[n] @ layers[n].lora_A[ADAPTER].weight.T).abs().sum()) for n in past_a)
+    orth = sum(float((past_a[n] @ layers[n].lora_A[ADAPTER].weight.detach().T).abs().sum()) for n in past_a)
     l2 = sum(float(layers[n].lora_A[ADAPTER].weight.norm()) + float(layers[n].lora_B[ADAPTER].weight.norm())
              for n in layers)
     out = hook.loss(ctx, torch.tensor(2.0))

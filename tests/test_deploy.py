@@ -214,13 +214,17 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, c
     finally:
         for p in [server, *clients]:
             kill_group(p, signal.SIGTERM)
-    # The round client 2 was killed in (its first training task: round 1, or round 2 when the server
-    # started round 1 with the two clients that had connected) completes with the others.
-    hit = [r for r in rows(run_dir_of(tmp_path))
-           if any("client-00002" in x and "no reply" in x for x in r.get("rejected") or [])]
-    assert len(hit) >= 1, rows(run_dir_of(tmp_path))
+    # The round client 2 was killed in completes with the others. Which round that is, and how many it
+    # sampled, depends on connection order: the server starts once two clients are connected
+    # (min_available_clients = min_train_clients = 2), so round 1 may sample client 2 and one other
+    # (2 sampled, 1 accepted) or all three (3 sampled, 2 accepted). Either way exactly client 2 is missing.
+    run_rows = rows(run_dir_of(tmp_path))
+    hit = [r for r in run_rows if any("client-00002" in x and "no reply" in x for x in r.get("rejected") or [])]
+    assert len(hit) >= 1, run_rows
     r = hit[0]
-    assert r["clients-sampled"] == 3 and r["clients-accepted"] == 2 and r["server-accuracy"] is not None
+    assert r["clients-sampled"] in (2, 3), r
+    assert r["clients-accepted"] == r["clients-sampled"] - 1 and r["server-accuracy"] is not None, r
+    assert [x["round"] for x in run_rows] == [0, 1, 2]
 
 
 def test_server_refuses_plain_http_on_a_public_address_and_tls_without_enrolled_keys(tmp_path):

@@ -58,14 +58,14 @@ def held(session) -> int:  # noqa: ANN001
 
 
 def hooks(session, mixer, past: list[LoraFactors]) -> list:  # noqa: ANN001
-    from fedlora.continual.hooks import AttentionL1, OLoraPenalty
+    from fedlora.continual.hooks import AmLoraTraining, OLoraPenalty
 
     c = session.cfg.continual
     if c.method == "olora" and (past or c.olora_lambda2):
         past_a = {n: torch.cat([p.modules[n].A for p in past], 0) for n in (past[0].modules if past else {})}
         return [OLoraPenalty(past_a, c.olora_lambda1, c.olora_lambda2, c.olora_form)]
-    if c.method == "amlora" and mixer is not None and c.amlora_l1:
-        return [AttentionL1(mixer, c.amlora_l1)]
+    if c.method == "amlora" and mixer is not None and (c.amlora_l1 or c.amlora_selector_lr):
+        return [AmLoraTraining(mixer, c.amlora_l1, c.amlora_selector_lr)]
     return []
 
 

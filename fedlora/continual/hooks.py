@@ -6,7 +6,7 @@ import torch
 
 from fedlora.continual.penalties import attention_l1, l2_norms, orthogonality
 from fedlora.factors import ADAPTER, lora_layers
-from fedlora.training import TrainContext, TrainingHook
+from fedlora.training import TrainContext, TrainingHook, make_optimizer
 
 
 class OLoraPenalty(TrainingHook):
@@ -44,13 +44,28 @@ class OLoraPenalty(TrainingHook):
         return dict(self.last)
 
 
-class AttentionL1(TrainingHook):
-    """AM-LoRA: loss + lambda * L1 of the task entries of the attention, averaged over the layers
-    of this step's forward pass (the mixer records them)."""
+class AmLoraTraining(TrainingHook):
+    """AM-LoRA's part of a step: the selector's own learning rate, and loss + lambda * L1 of the task
+    entries of the attention, averaged over the layers of this step's forward pass (the mixer
+    records them).
 
-    def __init__(self, mixer, lam: float) -> None:  # noqa: ANN001 - a TaskLoraMixer
-        self.mixer, self.lam = mixer, lam
+    Why its own rate: the selector starts at uniform attention and has only a few steps per task to
+    leave it. At the LoRA's rate (1e-3 with AdamW, about 12 steps a task in the continual comparison)
+    its scores moved by under 0.02 over a whole run, so the attention stayed uniform and task t's
+    LoRA kept a weight of 1/(t+2): a scaled-down IncLoRA, not a selection."""
+
+    def __init__(self, mixer, lam: float, selector_lr: float = 0.0) -> None:  # noqa: ANN001 - a TaskLoraMixer
+        self.mixer, self.lam, self.selector_lr = mixer, lam, selector_lr
         self.last = 0.0
+
+    def begin(self, ctx: TrainContext) -> None:
+        if not self.selector_lr or self.mixer.selector is None:
+            return
+        own = {id(p) for p in self.mixer.selector.parameters()}
+        groups = [{"params": [p for p in ctx.params if id(p) not in own]},
+                  {"params": [p for p in ctx.params if id(p) in own], "lr": self.selector_lr}]
+        # A selector the sharing policy froze is not among ctx.params: its group is empty, dropped.
+        ctx.optimizer = make_optimizer([g for g in groups if g["params"]], ctx.tc)
 
     def loss(self, ctx: TrainContext, loss: torch.Tensor) -> torch.Tensor:
         att = self.mixer.attention
@@ -59,7 +74,7 @@ class AttentionL1(TrainingHook):
         pen = torch.stack([attention_l1(a) for a in att]).mean()
         att.clear()
         self.last = float(pen.detach())
-        return loss + self.lam * pen
+        return loss + self.lam * pen if self.lam else loss
 
     def end(self, ctx: TrainContext) -> dict:
         return {"amlora-attention-l1": self.last}

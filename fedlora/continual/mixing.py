@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fedlora.factors import ADAPTER, LoraFactors, lora_layers
-
-SELECTOR_PREFIX = "fedlora_selector."
+from fedlora.factors import ADAPTER, SELECTOR_PREFIX, LoraFactors, lora_layers
 
 
 class AttentionSelector(torch.nn.Module):
