@@ -164,7 +164,7 @@ def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
     hook.begin(ctx)
     layers = dict(lora_layers(model))
     orth = sum(float((past_a[n] @ layers[n].lora_A[ADAPTER].weight.detach().T).abs().sum()) for n in past_a)
-    l2 = sum(float(layers[n].lora_A[ADAPTER].weight.norm()) + float(layers[n].lora_B[ADAPTER].weight.norm())
+    l2 = sum(float(layers[n].lora_A[ADAPTER].weight.detach().norm()) + float(layers[n].lora_B[ADAPTER].weight.detach().norm())
              for n in layers)
     out = hook.loss(ctx, torch.tensor(2.0))
     assert float(out) == pytest.approx(2.0 + 0.5 * orth + 0.1 * l2, rel=1e-5)
