@@ -140,6 +140,7 @@ def test_amlora_selector_trains_at_its_own_learning_rate_and_the_loras_at_theirs
         params = [p for p in model.parameters() if p.requires_grad]
         train_local(model, params, data, tc, seed=0, device=torch.device("cpu"),
                     hooks=[AmLoraTraining(mixer, 0.01, selector_lr)])
+        assert mixer.attention == []  # read and cleared every step: no graph kept across steps
         mixer.remove()
         moved[selector_lr] = (max(float((p.detach() - b).abs().max()) for p, b in zip(sel.parameters(), before_sel)),
                               max(float((p.detach() - b).abs().max()) for p, b in zip(lora_b, before_b)))
@@ -148,6 +149,14 @@ def test_amlora_selector_trains_at_its_own_learning_rate_and_the_loras_at_theirs
     assert moved[0.0][0] <= 4 * 1e-3 * 1.05
     assert moved[0.05][0] > 0.05 and moved[0.05][0] > 10 * moved[0.0][0]
     assert 0 < moved[0.05][1] <= 4 * 1e-3 * 1.05 and 0 < moved[0.0][1] <= 4 * 1e-3 * 1.05
+    # The client installs the hook at amlora_l1 = 0 too, else the recorded attention piles up.
+    from types import SimpleNamespace
+
+    from fedlora.continual.client import hooks
+
+    cfg.continual.amlora_l1 = 0.0
+    (hook,) = hooks(SimpleNamespace(cfg=cfg), mixer, [])
+    assert isinstance(hook, AmLoraTraining) and hook.lam == 0.0
 
 
 def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
@@ -167,7 +176,7 @@ def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
     l2 = sum(float(layers[n].lora_A[ADAPTER].weight.detach().norm()) + float(layers[n].lora_B[ADAPTER].weight.detach().norm())
              for n in layers)
     out = hook.loss(ctx, torch.tensor(2.0))
-    assert float(out) == pytest.approx(2.0 + 0.5 * orth + 0.1 * l2, rel=1e-5)
+    assert float(out.detach()) == pytest.approx(2.0 + 0.5 * orth + 0.1 * l2, rel=1e-5)
     assert hook.end(ctx)["olora-orthogonality"] == pytest.approx(orth, rel=1e-5)
 
 

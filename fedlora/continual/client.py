@@ -64,7 +64,9 @@ def hooks(session, mixer, past: list[LoraFactors]) -> list:  # noqa: ANN001
     if c.method == "olora" and (past or c.olora_lambda2):
         past_a = {n: torch.cat([p.modules[n].A for p in past], 0) for n in (past[0].modules if past else {})}
         return [OLoraPenalty(past_a, c.olora_lambda1, c.olora_lambda2, c.olora_form)]
-    if c.method == "amlora" and mixer is not None and (c.amlora_l1 or c.amlora_selector_lr):
+    if c.method == "amlora" and mixer is not None:
+        # Also at amlora_l1 = 0: the hook clears the attention the mixer records each training
+        # forward, which would otherwise pile up (with its autograd graph) for the whole round.
         return [AmLoraTraining(mixer, c.amlora_l1, c.amlora_selector_lr)]
     return []
 
