@@ -622,10 +622,16 @@ class FedLoraConfig:
             if self.robust.aggregation != "mean":
                 raise ConfigError("invalid config for 'privacy.client_dp': the Gaussian mechanism is analysed for the "
                                   "clipped mean; robust.aggregation must be 'mean'")
-            if p.client_target_epsilon > 0:
-                from fedlora.privacy.accounting import client_noise_for_target
+            if p.client_target_epsilon > 0 or p.client_clipping == "adaptive":
+                from fedlora.privacy.accounting import adaptive_update_noise, client_noise_for_target, sampled_per_round
 
-                client_noise_for_target(self)  # raises ConfigError when the rounds and sampling cannot meet it
+                # Calibration raises ConfigError when the rounds and sampling cannot meet the target.
+                z = client_noise_for_target(self) if p.client_target_epsilon > 0 else p.client_noise_multiplier
+                if p.client_clipping == "adaptive":
+                    try:
+                        adaptive_update_noise(z, sampled_per_round(self))
+                    except ValueError as exc:
+                        raise ConfigError(f"invalid config value for 'privacy.client_clipping': {exc}") from None
         if self.dylora.enabled:
             if policy.heterogeneous_ranks:
                 raise ConfigError(f"invalid config for 'dylora.enabled': DyLoRA's per-round rank replaces per-client "

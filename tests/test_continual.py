@@ -90,6 +90,39 @@ def test_sum_of_task_loras_in_forward_equals_an_explicit_computation(tmp_path):
     assert torch.equal(layer(x), plain)  # the cached model is restored exactly
 
 
+def test_past_task_loras_see_the_same_dropped_input_as_the_new_lora_in_training(tmp_path):
+    """O-LoRA's lora.py: lora_dropout is applied to the input once and the result feeds both the past
+    (lora_A/B) and the new (loranew_A/B) factors."""
+    from fedlora.continual.mixing import TaskLoraMixer
+    from fedlora.factors import ADAPTER, lora_layers
+    from fedlora.model import AdapterSpec, build_peft_model
+
+    cfg, _ = _model(tmp_path)
+    model = build_peft_model(cfg, 4, AdapterSpec(rank=4, alpha=8.0, dropout=0.5, target_modules=("query", "value")))
+    model.train()
+    past = _random_past(model, 2)
+    name, layer = next(iter(lora_layers(model)))
+    with torch.no_grad():
+        layer.lora_B[ADAPTER].weight.normal_(0, 0.1)  # a non-zero current LoRA too
+    seen: list[torch.Tensor] = []
+    spy = layer.lora_dropout[ADAPTER].register_forward_hook(lambda m, a, out: seen.append(out))
+    mixer = TaskLoraMixer(model, past)
+    x = torch.randn(2, 5, layer.base_layer.in_features)
+    with torch.no_grad():
+        mixed = layer(x)
+        d = seen[-1]
+        assert not torch.equal(d, x)  # dropout 0.5 did drop something
+        a, b, s = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.scaling[ADAPTER]
+        expected = layer.base_layer(x) + s * (d @ a.T @ b.T) + sum(
+            p.modules[name].scaling * (d @ p.modules[name].A.T @ p.modules[name].B.T) for p in past)
+        on_raw = layer.base_layer(x) + s * (d @ a.T @ b.T) + sum(
+            p.modules[name].scaling * (x @ p.modules[name].A.T @ p.modules[name].B.T) for p in past)
+    assert torch.allclose(mixed, expected, atol=1e-5)
+    assert not torch.allclose(mixed, on_raw, atol=1e-3)  # the former behaviour: past LoRAs on the raw input
+    spy.remove()
+    mixer.remove()
+
+
 def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path):
     from fedlora.continual.hooks import AmLoraTraining
     from fedlora.continual.mixing import TaskLoraMixer, selector_of

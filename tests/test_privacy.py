@@ -107,10 +107,63 @@ def test_client_epsilon_matches_an_independent_accountant_and_never_decreases():
 
 
 def test_adaptive_clip_moves_towards_the_quantile():
-    cfg, s, profiles, template = _dp_strategy(1.0, 1e-4, **{"privacy.client_clipping": "adaptive"})
+    cfg, s, profiles, template = _dp_strategy(0.25, 1e-4, **{"privacy.client_clipping": "adaptive"})
     rl = _round(s, profiles, template, 1)
     assert rl.privacy["client-clip-next"] > 1e-4  # every update is above a tiny bound: the bound grows
     assert s.dp.clip == rl.privacy["client-clip-next"]
+
+
+def test_adaptive_clipping_that_cannot_split_z_is_refused_at_load_with_the_figures():
+    # The reviewer's case: N = 500, m = 50, target epsilon 1 over 20 rounds calibrates z = 5.606, and the
+    # count's noise (std m/20 = 2.5) alone costs noise multiplier 5: the update could get no noise at all.
+    with pytest.raises(ConfigError, match=r"privacy.client_clipping.*z = 5.60.*50 clients.*2 \* m/20 = 5\b.*"
+                                          r"more than 10 \* z = 56"):
+        FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_clipping=adaptive",
+                                  "privacy.client_target_epsilon=1", "federation.num_clients=500",
+                                  "federation.fraction_train=0.1", "run.rounds=20"])
+    with pytest.raises(ConfigError, match="privacy.client_clipping"):  # a fixed z fares the same
+        FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_clipping=adaptive",
+                                  "privacy.client_noise_multiplier=0.3", "federation.num_clients=3"])
+    # the same cohort with fixed clipping, or with enough clients a round, loads
+    FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_target_epsilon=1", "federation.num_clients=500",
+                              "federation.fraction_train=0.1", "run.rounds=20"])
+    FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_clipping=adaptive",
+                              "privacy.client_target_epsilon=1", "federation.num_clients=1000",
+                              "federation.fraction_train=0.1", "run.rounds=20"])
+
+
+def test_adaptive_clipping_reports_the_epsilon_of_the_mechanism_it_runs():
+    """Count (std sigma_b = m/20, sensitivity 1 under replace-one) and update (std z_delta*C, sensitivity
+    2C) composed with Google's dp_accounting equal the reported epsilon; the update's noise has std
+    z_delta*C/m, and the round's C, not the next one, scales it."""
+    import dp_accounting
+
+    z, clip = 0.25, 1e-4
+    cfg, s, profiles, template = _dp_strategy(z, clip, **{"privacy.client_clipping": "adaptive"})
+    before = _flat(s.global_eff)
+    rl = _round(s, profiles, template, 1)
+    sigma_b = 3 / 20
+    z_delta = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+    assert rl.privacy["client-update-noise-multiplier"] == pytest.approx(z_delta, rel=1e-12)
+    diff = _flat(s.global_eff) - before
+    assert float(diff.std()) == pytest.approx(z_delta * clip / 3, rel=0.1)
+    assert rl.privacy["client-clip-next"] != clip  # the next round's bound moved; this one was noised with clip
+    for rnd in (2, 3):
+        rl = _round(s, profiles, template, rnd)
+    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    mechanism = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_delta / 2),
+                                               dp_accounting.GaussianDpEvent(sigma_b)])
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(3, 3, mechanism), 3)
+    assert rl.privacy["client-epsilon"] == pytest.approx(acc.get_epsilon(cfg.client_delta()), rel=1e-6)
+
+
+def test_an_adaptive_round_that_samples_too_few_to_split_z_releases_and_spends_nothing():
+    cfg, s, profiles, template = _dp_strategy(0.25, 0.05, **{"privacy.client_clipping": "adaptive"})
+    before = _flat(s.global_eff)
+    rl = _round(s, profiles[:1], template, 1)  # m = 1: sigma_b = 0.05, and z = 0.25 >= 2 sigma_b
+    assert "adaptive clipping cannot spend noise multiplier z = 0.25 with 1 clients" in rl.aggregation_error
+    assert torch.equal(_flat(s.global_eff), before) and s.dp.released == 0 and s.dp.epsilon() == 0.0
+    assert s.dp.clip == 0.05
 
 
 def test_accountant_state_round_trips():
@@ -175,6 +228,41 @@ def test_dylora_round_accepts_only_the_round_rank_and_updates_only_that_block():
         assert not torch.equal(m.A[:2], A0[:2])
         # the block keeps the full adapter's per-component scaling: raw B of the client = global B / (alpha/r)
         assert torch.allclose(m.B[:, :2] / (8.0 / 4), full.modules[n].B[:, :2], atol=1e-6)
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 4])
+def test_dp_dylora_measures_a_block_change_at_the_full_adapters_scaling(b):
+    """At every round rank b: a client whose block equals its start contributes exactly zero, and a
+    known change dB of its raw block moves the global effective B by (alpha/r) dB (one client, z = 0,
+    no clipping): the block is decoded at alpha*b/r, and the start must be measured at the same
+    per-component scaling (an earlier version rescaled it by alpha/b and released -(r/b - 1) B_eff)."""
+    from flwr.app import MessageType
+
+    from fedlora.lora_math import block
+    from fedlora.strategies.base import RoundLog
+
+    cfg, s, profiles, template = _dp_strategy(0.0, 1e9, **{"dylora.enabled": "true"})
+    g = torch.Generator().manual_seed(b)
+    for m in s.global_eff.modules.values():  # a trained global adapter: B is not zero
+        m.B = torch.randn(m.B.shape, generator=g)
+    prof = profiles[0]
+    alpha, r = prof.alpha, prof.rank
+    for rnd, step in ((1, 0.0), (2, 0.01)):
+        rl = RoundLog(server_round=rnd, dylora_rank=b, sampled=1)
+        rl.sent[MessageType.TRAIN] = [prof.node_id]
+        s.rounds[rnd] = rl
+        start = s.client_payload(prof, rnd)[0].merged_with(LoraFactors(extras=dict(template.extras)))
+        reply = block(start, b)
+        dB = {n: torch.randn(m.B.shape, generator=g) * step for n, m in reply.modules.items()}
+        for n, m in reply.modules.items():
+            m.B = m.B + dB[n]
+        before = {n: m.B.clone() for n, m in s.global_eff.modules.items()}
+        s.aggregate_train(rnd, [_Reply(prof.node_id, _reply(s, reply, 10, b))])
+        assert not rl.aggregation_error, rl.aggregation_error
+        for n, m in s.global_eff.modules.items():
+            moved = m.B - before[n]
+            assert torch.allclose(moved[:, :b], (alpha / r) * dB[n], atol=1e-6), (b, n, float(moved.abs().max()))
+            assert float(moved[:, b:].abs().sum()) == 0.0
 
 
 def test_dylora_schedule_is_seeded_and_covers_the_ranks():

@@ -4,9 +4,13 @@ The PEFT adapter ``default`` is always the *current* task's LoRA: the one that t
 so factors, codec, sharing policy and strategies stay as they are. Earlier tasks' LoRAs are frozen
 tensors held here and applied by forward hooks on each LoRA layer:
 
-* ``sum``: the layer adds every past task's ``s_t * B_t A_t x`` (O-LoRA's code concatenates the
+* ``sum``: the layer adds every past task's ``s_t * B_t A_t x'`` (O-LoRA's code concatenates the
   past LoRAs along the rank dimension into one frozen LoRA; with each B_t carrying its scaling, the
-  concatenation is exactly this sum, and that is how it is computed: one matmul pair);
+  concatenation is exactly this sum, and that is how it is computed: one matmul pair). ``x'`` is
+  the input after the layer's ``lora_dropout``, the very tensor the current LoRA sees: O-LoRA's
+  ``lora.py`` applies ``lora_dropout`` to the input once and feeds the result to both the past
+  (``lora_A/B``) and the new (``loranew_A/B``) factors. Dropout is the identity in evaluation, so
+  this matters only while training;
 * ``attention`` (AM-LoRA): the layer's output is ``base(x) + sum_t a_t(x) o_t(x)`` over the task
   LoRAs' outputs ``o_t`` (past ones and the current one) and a zero LoRA (index 0, output 0), with
   ``a = softmax(e)``, ``e_t = w_t . o_t + b_t`` (each task LoRA's output through its own dense layer
@@ -73,14 +77,21 @@ class TaskLoraMixer:
                     continue
                 a_cat = torch.cat([a for a, _ in ws], 0)
                 b_cat = torch.cat([b for _, b in ws], 1)
-                self._handles.append(layer.register_forward_hook(self._sum_hook(a_cat, b_cat)))
+                dropped: list[torch.Tensor] = []  # the layer's dropped input of this forward, if any
+                self._handles.append(layer.lora_dropout[ADAPTER].register_forward_hook(
+                    lambda mod, args, out, slot=dropped: slot.append(out)))
+                self._handles.append(layer.register_forward_hook(self._sum_hook(a_cat, b_cat, dropped)))
             else:
                 self._handles.append(layer.register_forward_hook(self._attention_hook(name, layer, ws)))
 
     @staticmethod
-    def _sum_hook(a_cat: torch.Tensor, b_cat: torch.Tensor):  # noqa: ANN205
+    def _sum_hook(a_cat: torch.Tensor, b_cat: torch.Tensor, dropped: list[torch.Tensor]):  # noqa: ANN205
         def hook(module, args, output):  # noqa: ANN001, ANN202
-            x = args[0].to(a_cat.dtype)
+            # The current LoRA's dropped input when the layer computed one in this forward (PEFT skips
+            # the LoRA branch of a merged or disabled adapter); the raw input otherwise.
+            x = dropped.pop() if dropped else args[0]
+            dropped.clear()
+            x = x.to(a_cat.dtype)
             return output + F.linear(F.linear(x, a_cat), b_cat).to(output.dtype)
         return hook
 

@@ -44,6 +44,31 @@ def client_epsilon(noise_multiplier: float, sampled: int, num_clients: int, roun
     return float(acc.get_epsilon(delta))
 
 
+def adaptive_count_std(sampled: int) -> float:
+    """Std of the noise on adaptive clipping's count of clients under C: m/20 (Andrew et al.'s
+    recommended sigma_b = m/20)."""
+    return sampled / 20.0
+
+
+def adaptive_update_noise(noise_multiplier: float, sampled: int) -> float:
+    """The update's noise multiplier z_delta under adaptive clipping, so that the update and the
+    count together cost exactly noise multiplier z: z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2
+    (Andrew et al. 2021, Theorem 1). Needs z < 2 sigma_b: the count alone, released with noise
+    sigma_b, already costs as much as noise multiplier 2 sigma_b, so a smaller total is impossible.
+    Raises :class:`ValueError` with the figures otherwise; z = 0 (no privacy) returns 0."""
+    z = noise_multiplier
+    if z <= 0:
+        return 0.0
+    sigma_b = adaptive_count_std(sampled)
+    if z >= 2 * sigma_b:
+        raise ValueError(
+            f"adaptive clipping cannot spend noise multiplier z = {z:.4g} with {sampled} clients a round: the "
+            f"clip count's noise (std m/20 = {sigma_b:.4g}) alone costs noise multiplier 2 * m/20 = {2 * sigma_b:.4g}, "
+            f"so z must be below it. Sample more than 10 * z = {10 * z:.4g} clients a round, use "
+            "privacy.client_clipping = 'fixed', or allow more privacy loss (a larger target epsilon, a smaller z)")
+    return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+
+
 def sampled_per_round(cfg: FedLoraConfig) -> int:
     f = cfg.federation
     return min(f.num_clients, max(int(f.num_clients * f.fraction_train), f.min_train_clients))

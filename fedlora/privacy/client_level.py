@@ -11,10 +11,18 @@ strategy's own weighting (example counts, HetLoRA's norm-based weights) is data-
 not used under DP; every client weighs the same. Under DyLoRA the round's release is the leading
 rank-b block only, and only it is noised; the rest of the adapter is not touched.
 
-Adaptive clipping (Andrew et al., 2021, as Flower's ``DifferentialPrivacyServerSideAdaptiveClipping``):
-C follows the ``adaptive_quantile`` of update norms through a noisy count of the clients under
-it (count noise std m/20); the update noise then uses z_delta = (z^-2 - (2 * m/20)^-2)^-1/2 so the
-round's total privacy cost is that of noise multiplier z.
+Adaptive clipping follows Andrew et al. (2021, Algorithm 1) and TF Privacy's
+``QuantileAdaptiveClipSumQuery``: each round counts the clients whose update norm is *at or under*
+the round's C, releases that count with noise of std sigma_b = m/20, noises the sum with the
+*round's own* C (the bound the updates were clipped to, which is what the sum's sensitivity is),
+and only then moves C geometrically towards the ``adaptive_quantile`` of norms for the next round.
+The update noise is z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2, so count and update together cost
+exactly noise multiplier z, which is what is accounted; z >= 2 sigma_b cannot be split this way and
+is refused (at config load for the configured cohort, and here for a round that sampled fewer).
+Flower 1.42's ``DifferentialPrivacyServerSideAdaptiveClipping`` differs: it counts the *clipped*
+updates and adds the noise with the C already updated for the next round. fedlora keeps the
+paper's form because noise must be scaled to the bound that actually clipped the sum: with
+Flower's order, a round in which C shrinks is noised for a smaller sensitivity than it had.
 
 Accounting: Flower's ``RdpAccountant`` (see :mod:`fedlora.privacy.accounting`), composed once per
 released round; its state is part of the strategy's state.
@@ -34,9 +42,15 @@ from fedlora.privacy import accounting
 
 
 def effective_change(start: LoraFactors, update: LoraFactors, rank: int) -> LoraFactors:
-    """``update - start`` in effective form, both at the update's rank, zero-padded to ``rank``."""
+    """``update - start`` in effective form, both at the update's rank, zero-padded to ``rank``.
+
+    The start is converted to effective form at its own rank *before* it is cut to the update's
+    rank: a DyLoRA block of rank b is decoded with the full adapter's per-component scaling
+    (alpha/r, see :func:`fedlora.lora_math.block`), and cutting first would rescale the start by
+    alpha/b instead (an idle client would then contribute -(r/b - 1) * B_eff[:, :b]).
+    :func:`fedlora.robust.update_norm` measures the same change the same way."""
     r = next(iter(update.modules.values())).rank if update.modules else rank
-    u, s0 = to_effective(update), to_effective(fit_rank(start, max(r, 1)))
+    u, s0 = to_effective(update), fit_rank(to_effective(start), max(r, 1))
     out = LoraFactors(extras={k: t - s0.extras[k] for k, t in u.extras.items()})
     for name, m in u.modules.items():
         b0 = s0.modules[name]
@@ -113,13 +127,15 @@ class ClientLevelDP:
                 "client-update-norm-mean": sum(norms) / len(norms),
                 "clients-clipped": sum(n > clip for n in norms)}
         if self.adaptive:
-            count_std = m / 20.0
-            z_delta = (z ** -2 - (2 * count_std) ** -2) ** -0.5 if z > 0 and 2 * count_std > z else z
+            count_std = accounting.adaptive_count_std(m)
+            z_delta = accounting.adaptive_update_noise(z, m)  # raises before anything is released or spent
             under = sum(n <= clip for n in norms) + float(torch.randn((), generator=gen)) * count_std
             p = self.cfg.privacy
             self.clip = clip * math.exp(-p.adaptive_lr * (under / m - p.adaptive_quantile))
             z = z_delta
             info["client-clip-next"] = self.clip
+            info["client-update-noise-multiplier"] = z_delta
+            info["client-count-noise-std"] = count_std
         noise = torch.randn(total.shape, generator=gen) * (z * clip)
         mean = (total + noise) / m
         new = add_to_block(global_eff, unflatten(mean, keys, shapes, alpha), rank)
