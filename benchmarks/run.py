@@ -17,7 +17,9 @@ import time
 from benchmarks.common import RESULTS, ROOT, setup_env
 
 ALL = ["wire", "aggregation", "robust", "privacy", "hetlora_coverage", "throughput", "overhead", "scale"]
-EXTRA = ["deploy", "causal"]  # deploy: real processes, ~7 minutes; causal: decoder LMs, ~5 minutes (--only NAME)
+# deploy: real processes, ~7 minutes; causal: decoder LMs, ~5 minutes; server_scale: 7B-shaped rounds of up to
+# 1,000 replies, ~20 minutes; cohort: 10,000 virtual clients, ~15 minutes (--only NAME)
+EXTRA = ["deploy", "causal", "server_scale", "cohort"]
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 

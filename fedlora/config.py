@@ -120,7 +120,9 @@ class DataConfig:
         "or a Hugging Face hub dataset name.",
         default="builtin:fortunes",
     )
-    data_files: dict[str, str] = _meta("Explicit files per split, e.g. {train='a.csv', test='b.csv'}.", default_factory=dict)
+    data_files: dict[str, list[str]] = _meta(
+        "Explicit files per split, e.g. {train='a.csv', test='b.csv'}; a split may list several files of one "
+        "type, which are pooled (e.g. {train=['part1.jsonl', 'part2.jsonl']}).", default_factory=dict)
     subset: str = _meta("Hub dataset configuration name, if any.", default="")
     train_split: str = _meta("Name of the training split.", default="train")
     test_split: str = _meta("Name of the held-out split ('' = carve one out of train).", default="test")
@@ -269,6 +271,14 @@ class HeteroConfig:
     hetlora_keep_uncovered: bool = _meta(
         "HetLoRA: keep the previous global's rank components that no client sampled this round covers "
         "(false = the paper's zero-padding formula, which zeroes them for good).", default=True)
+    sketch_from_clients: int = _meta(
+        "FlexLoRA, FLoRA: from this many sampled clients a round on, the sum of products is folded into a "
+        "single-pass randomized sketch as replies arrive, instead of stacking every reply (exact, but it holds "
+        "them all).", default=32)
+    sketch_oversampling: int = _meta("Sketch size beyond the rank read from it (range sketch k = rank + this; "
+                                     "co-range 2k + 1). Exact while the summed update's rank is <= k.", default=16)
+    sketch_rank: int = _meta("Rank the sketch is read at (0: FlexLoRA's largest client rank, FLoRA's "
+                             "flora_max_rank).", default=0)
 
     def validate(self) -> None:
         for name, r in self.device_classes.items():
@@ -283,6 +293,9 @@ class HeteroConfig:
         _require(self.flora_max_rank >= 1, "hetero.flora_max_rank", "must be >= 1")
         _require(0.0 < self.hetlora_prune_ratio < 1.0, "hetero.hetlora_prune_ratio",
                  f"must be in (0, 1): the norm share pruned from the tail, got {self.hetlora_prune_ratio}")
+        _require(self.sketch_from_clients >= 1, "hetero.sketch_from_clients", "must be >= 1")
+        _require(self.sketch_oversampling >= 0, "hetero.sketch_oversampling", "must be >= 0")
+        _require(self.sketch_rank >= 0, "hetero.sketch_rank", "must be >= 0 (0 = the strategy's own rank)")
 
     @property
     def enabled(self) -> bool:
@@ -294,7 +307,17 @@ class RobustConfig:
     update_norm_bound: float = _meta(
         "Bound on each client's update (its change from what it started the round with, effective form, "
         "shared parts) in L2 norm; 0 = off.", default=0.0)
-    norm_action: str = _meta("Above the bound: 'clip' (scale onto the bound) or 'reject' (drop the reply).",
+    relative_norm_bound: float = _meta(
+        "Bound on each client's update norm, as a multiple of the median update norm of the previous round "
+        "(the first round: of its first reference_window replies); above it the update is clipped onto it (or "
+        "rejected, norm_action) and the client named. On by default so one client cannot move the global "
+        "adapter far; 0 = off. Off under client-level DP (its clip bounds every client).", default=4.0)
+    max_weight_factor: float = _meta(
+        "Cap on a reply's aggregation weight (its example count): this many times the median training-set size "
+        "the clients declared. On by default; 0 = off.", default=10.0)
+    reference_window: int = _meta("relative_norm_bound: replies held in the first round to measure the median "
+                                  "from.", default=8)
+    norm_action: str = _meta("Above a bound: 'clip' (scale onto the bound) or 'reject' (drop the reply).",
                              default="clip")
     aggregation: str = _meta(
         "'mean' (the strategy's own weighted average), 'median' or 'trimmed-mean' (coordinate-wise, over "
@@ -302,14 +325,24 @@ class RobustConfig:
     trim_fraction: float = _meta("trimmed-mean: share of clients dropped at each end, per coordinate.", default=0.2)
     max_client_share: float = _meta("Cap on any one client's normalised aggregation weight (1 = no cap).",
                                     default=1.0)
+    held_updates_budget_mb: float = _meta(
+        "median and trimmed-mean hold every reply of a round (the other aggregations fold each reply as it "
+        "arrives): a run whose cohort x adapter size exceeds this many MiB is refused before it starts.",
+        default=4096.0)
 
     def validate(self) -> None:
         _require(self.update_norm_bound >= 0, "robust.update_norm_bound", "must be >= 0 (0 = off)")
+        _require(self.relative_norm_bound == 0 or self.relative_norm_bound >= 1, "robust.relative_norm_bound",
+                 f"must be 0 (off) or >= 1 (a multiple of the median norm), got {self.relative_norm_bound}")
+        _require(self.reference_window >= 1, "robust.reference_window", "must be >= 1")
+        _require(self.max_weight_factor == 0 or self.max_weight_factor >= 1, "robust.max_weight_factor",
+                 f"must be 0 (off) or >= 1, got {self.max_weight_factor}")
         _require(self.norm_action in ("clip", "reject"), "robust.norm_action", "must be 'clip' or 'reject'")
         _require(self.aggregation in ("mean", "median", "trimmed-mean"), "robust.aggregation",
                  f"must be 'mean', 'median' or 'trimmed-mean', got {self.aggregation!r}")
         _require(0.0 <= self.trim_fraction < 0.5, "robust.trim_fraction", "must be in [0, 0.5)")
         _require(0.0 < self.max_client_share <= 1.0, "robust.max_client_share", "must be in (0, 1]")
+        _require(self.held_updates_budget_mb > 0, "robust.held_updates_budget_mb", "must be > 0")
 
 
 @dataclass
@@ -470,6 +503,10 @@ class ServerSection:
                             "needs TLS).", default=True)
     enrolled_keys: list[str] = _meta("Public keys (OpenSSH, EC P-384) of the nodes allowed to join; a folder "
                                      "means every *.pub in it.", default_factory=list)
+    expose_control_api: bool = _meta(
+        "Allow a non-loopback server.address. flwr 1.42 serves its Control API (runs, node keys, app submission) "
+        "on the devices' port, unauthenticated in the open-source distribution; fedlora refuses to expose it "
+        "unless this is set knowingly.", default=False)
     database: str = _meta("SuperLink state (SQLite); '' = <run dir>/superlink.db, so a restarted SuperLink "
                           "keeps its nodes, messages and runs.", default="")
 
@@ -843,7 +880,9 @@ def load_default_toml() -> dict[str, Any]:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``section.key=value`` override; the value is parsed as TOML when it can be."""
+    """Apply one ``section.key=value`` override. The value is TOML; a bare word that is not TOML
+    (``model.name=builtin:tiny-bert``) is taken as a string for convenience, but a value that starts
+    like a TOML array, table or quoted string and does not parse is an error, never a string."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     dotted, text = item.split("=", 1)
@@ -852,7 +891,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override key {dotted!r} must be section.key (e.g. lora.rank=4)")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if text.strip()[:1] in ("[", "{", '"', "'"):
+            raise ConfigError(f"override {dotted.strip()}={text}: the value is not valid TOML ({exc}); "
+                              "e.g. --set 'lora.target_modules=[\"query\", \"value\"]'") from None
         value = text
     node = raw
     for p in parts[:-1]:

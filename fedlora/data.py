@@ -160,13 +160,19 @@ def _load_hf(dc: DataConfig, cache_dir: Path):  # noqa: ANN202
         else:
             files[dc.train_split] = str(src)
     if files:
-        ext = Path(next(iter(files.values()))).suffix.lstrip(".")
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
-        if builder is None:
-            raise ConfigError(f"data.data_files: unsupported file type .{ext} (use .jsonl, .json, .csv or .parquet)")
-        for split, f in files.items():
-            if not Path(f).exists():
-                raise ConfigError(f"data file for split {split!r} not found: {f}")
+        files = {split: [f] if isinstance(f, str) else list(f) for split, f in files.items()}
+        exts = {Path(f).suffix.lstrip(".") for fs in files.values() for f in fs}
+        builders = {{"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(e) for e in exts}
+        if None in builders or len(builders) != 1:
+            raise ConfigError(f"data.data_files: files of one type only, .jsonl, .json, .csv or .parquet; got "
+                              f"{', '.join('.' + e for e in sorted(exts))}")
+        builder = builders.pop()
+        for split, fs in files.items():
+            if not fs:
+                raise ConfigError(f"data.data_files: split {split!r} lists no file")
+            for f in fs:
+                if not Path(f).exists():
+                    raise ConfigError(f"data file for split {split!r} not found: {f}")
         ds = load_dataset(builder, data_files=files, cache_dir=str(cache_dir / "datasets"))
     else:
         ds = load_dataset(dc.dataset, dc.subset or None, cache_dir=str(cache_dir / "datasets"))

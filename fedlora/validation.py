@@ -115,11 +115,21 @@ def _width(dtype: str) -> int:
 
 
 def check_finite(factors: LoraFactors) -> None:
+    """Every tensor finite, and every B still finite in float32 once its scaling is applied (the
+    effective form every aggregation works in): a client sending float32's largest values must be
+    named and dropped here, not turn the round's aggregate into Inf."""
     import torch
 
     for key, t in factors.tensors():
         if not bool(torch.isfinite(t).all()):
             raise RejectedReply(f"{key} holds NaN or Inf")
+    limit = torch.finfo(torch.float32).max
+    for name, m in factors.modules.items():
+        if m.B is not None and m.B.numel():
+            largest = float(m.B.abs().max())
+            if largest * m.scaling > limit:
+                raise RejectedReply(f"{name}/B times its scaling {m.scaling:g} overflows float32 (largest |entry| "
+                                    f"{largest:.3g}): its effective factors are not finite")
 
 
 # ----------------------------------------------------------------------------------- metrics

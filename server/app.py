@@ -233,7 +233,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
                 "bytes-up-total": sum(rl.bytes_up), "bytes-down-total": sum(rl.bytes_down),
                 "bytes-up-per-client": _mean(rl.bytes_up), "bytes-down-per-client": _mean(rl.bytes_down),
                 "payload-up-per-client": _mean(rl.payload_up), "payload-down-per-client": _mean(rl.payload_down),
-                "aggregate-seconds": rl.aggregate_seconds,
+                "aggregate-seconds": rl.aggregate_seconds, "server-seconds": rl.server_seconds,
                 "train-loss": rl.train_metrics.get("train-loss"),
                 "client-train-seconds": rl.train_metrics.get("train-seconds"),
                 **{k: v for k, v in rl.eval_metrics.items()},
@@ -259,8 +259,10 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
                                  if row.get(f"server-{k}") is not None and math.isfinite(row[f"server-{k}"])})
         return None
 
+    from fedlora.aggregation.streaming import StreamingGrid
+
     result = strategy.start(
-        grid=grid, initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds - strategy.round_offset,
+        grid=StreamingGrid(grid), initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds - strategy.round_offset,
         timeout=cfg.federation.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
     )

@@ -1,24 +1,30 @@
-"""The base of every fedlora strategy: Flower's ``FedAvg`` round loop, LoRA-aware messages.
+"""The base of every fedlora strategy: the round protocol on Flower's ``FedAvg``.
 
-What it adds to ``FedAvg``:
+This file is the protocol: which nodes a round asks, what each receives, and how the replies of a
+round become the new global adapter. The work on each reply is a pipeline of small stages, each
+in its own file under :mod:`fedlora.aggregation`, run on every reply *as it arrives* (the server
+wraps Flower's Grid in :class:`~fedlora.aggregation.streaming.StreamingGrid`) and then dropped:
+
+    validate (replies.py) -> bound (bound.py) -> privatize (fedlora/privacy/client_level.py)
+    or the strategy's fold (folds.py; the robust statistics keep every reply) -> finish, once
+
+What the protocol does itself:
 
 * **setup**: the first time a node is sampled it is sent the run config (a ``query`` message) and
-  answers with its :class:`~fedlora.protocol.NodeProfile` (identity, rank, data sizes);
+  answers with its :class:`~fedlora.protocol.NodeProfile` (identity, rank, data sizes), checked
+  like any reply;
 * **per-node payloads**: each node receives the global adapter in its own form (its rank, its
   scaling) and only the parts the strategy's :class:`~fedlora.sharing.SharingPolicy` shares;
-* **reply validation** (:mod:`fedlora.validation`): every reply and profile is checked completely
-  (exact tensor set, shapes and dtype for that client and round; every scalar's type and range)
-  before any arithmetic; a bad one is dropped with a logged reason naming the client, and the
+* **the round's outcome**: a bad reply is dropped with a logged reason naming the client and the
   round aggregates the rest (Flower's own consistency check would end the run instead); a node
-  that never replies is named too; an aggregation that fails or is not finite leaves the global
-  adapter at its last good value;
-* **bounded influence** (:mod:`fedlora.robust`): optional norm bound, robust average, share cap,
-  and a minimum number of accepted replies per round;
+  that never replies is named too; too few accepted replies skip the round; an aggregation that
+  fails or is not finite leaves the global adapter at its last good value;
 * **accounting**: the bytes of every message, as Flower's protobuf framing serialises it.
 
-Subclasses declare ``sharing_policy`` and implement :meth:`aggregate` (and, when their download
-differs from "the global adapter at your rank", :meth:`client_payload`). The global adapter is
-kept in effective form (see :mod:`fedlora.lora_math`).
+Subclasses declare ``sharing_policy`` and, where the weighted mean is not their aggregation,
+:meth:`new_fold` / :meth:`finish_fold` (and, when their download differs from "the global adapter
+at your rank", :meth:`client_payload`). The global adapter is kept in effective form (see
+:mod:`fedlora.lora_math`).
 """
 
 from __future__ import annotations
@@ -37,27 +43,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
-from fedlora.config import FedLoraConfig
-from fedlora.factors import LoraFactors, extra_part
-from fedlora.lora_math import fit_rank, keep_uncovered, to_client, weighted_mean
+from fedlora.aggregation.folds import Fold, KeepAll, ShareCapped, WeightedMean
+from fedlora.aggregation.bound import RelativeBound
+from fedlora.aggregation.replies import Update
+from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.factors import LoraFactors
+from fedlora.lora_math import fit_rank, keep_uncovered, to_client, to_effective
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, PROFILE, SETUP, NodeProfile
-from fedlora.robust import cap_shares, clip_update, coordinate_median, trimmed_mean
-from fedlora.sharing import PARTS, SharingPolicy
-from fedlora.validation import (RejectedReply, check_arrays, check_eval_metrics, check_finite, check_profile_fields,
-                                check_train_metrics, expected_arrays, short_reason)
+from fedlora.robust import coordinate_median, trimmed_mean
+from fedlora.sharing import SharingPolicy
+from fedlora.validation import (RejectedReply, check_eval_metrics, check_profile_fields,
+                                short_reason)
 
 log = logging.getLogger("fedlora.server")
-
-
-@dataclass
-class Update:
-    """One accepted client update, in the client's own form."""
-
-    profile: NodeProfile
-    factors: LoraFactors
-    weight: float  # aggregation weight (example count, capped by robust.max_client_share)
-    metrics: dict
-    num_examples: int = 0
 
 
 @dataclass
@@ -78,6 +76,7 @@ class RoundLog:
     payload_down: list[int] = field(default_factory=list)
     payload_up: list[int] = field(default_factory=list)
     aggregate_seconds: float = 0.0
+    server_seconds: float = 0.0  # validating, bounding and folding replies, and finishing the round
     dylora_rank: int | None = None
     privacy: dict = field(default_factory=dict)
     train_metrics: dict = field(default_factory=dict)
@@ -121,11 +120,66 @@ class LoraStrategy(FedAvg):
             from fedlora.privacy.client_level import ClientLevelDP
 
             self.dp = ClientLevelDP(cfg)
+        self._starts: dict = {}  # start_factors of this round's global adapter, per (rank, alpha)
+        self.norm_reference: float | None = None  # median update norm of the last round (robust.relative_norm_bound)
+        self._check_held_budget()
 
-    # ------------------------------------------------------------------ subclass API
+    def _check_held_budget(self) -> None:
+        """The coordinate median and trimmed mean hold every reply of a round: say how much, and
+        refuse a run over ``robust.held_updates_budget_mb`` before it starts."""
+        r, f = self.cfg.robust, self.cfg.federation
+        if r.aggregation == "mean":
+            return
+        cohort = min(f.num_clients, max(int(f.num_clients * f.fraction_train), f.min_train_clients))
+        need_mb = cohort * self.template.select(self.sharing_policy.shared).numel() * 4 / 2**20
+        log.info("robust.aggregation = %s holds every reply of a round: %d clients x %.1f MiB = %.0f MiB",
+                 r.aggregation, cohort, need_mb / max(cohort, 1), need_mb)
+        if need_mb > r.held_updates_budget_mb:
+            raise ConfigError(
+                f"invalid config for 'robust.aggregation': {r.aggregation} holds every reply of a round, "
+                f"{cohort} clients x {need_mb / cohort:.1f} MiB = {need_mb:.0f} MiB, above "
+                f"robust.held_updates_budget_mb ({r.held_updates_budget_mb:g}); sample fewer clients, raise the "
+                "budget, or use 'mean' with robust.update_norm_bound (folded as replies arrive)")
+
+    # ------------------------------------------------------------------ subclass API: the round's fold
+    def fold_input(self, update: Update) -> LoraFactors:
+        """What the strategy's fold takes of an accepted update: its shared parts, effective form."""
+        return to_effective(update.factors)
+
+    def new_fold(self, server_round: int, sampled: int) -> Fold:
+        """The round's accumulator (:mod:`fedlora.aggregation.folds`). The single-rank strategies'
+        default: the weighted mean, or the coordinate median / trimmed mean (``robust.aggregation``),
+        which need every update and ignore weights, as Flower's FedMedian and FedTrimmedAvg do."""
+        r = self.cfg.robust
+        if r.aggregation == "median":
+            return KeepAll(coordinate_median)
+        if r.aggregation == "trimmed-mean":
+            return KeepAll(lambda updates: trimmed_mean(updates, r.trim_fraction))
+        return WeightedMean()
+
+    def finish_fold(self, server_round: int, fold: Fold) -> LoraFactors:
+        """The new global adapter (effective form) from the round's fold."""
+        return fold.finish()
+
+    def product_fold(self, server_round: int, sampled: int, rank: int) -> Fold:
+        """FLoRA's and FlexLoRA's sum of products: the exact stack for small cohorts, a single-pass
+        sketch of size ``rank`` (or ``hetero.sketch_rank``) plus ``hetero.sketch_oversampling`` from
+        ``hetero.sketch_from_clients`` sampled clients on."""
+        from fedlora.aggregation.folds import ExactProductSum, SketchedProductSum
+
+        h = self.cfg.hetero
+        if sampled < h.sketch_from_clients:
+            return ExactProductSum()
+        return SketchedProductSum(h.sketch_rank or rank, h.sketch_oversampling,
+                                  seed=self.cfg.run.seed * 1_000_003 + server_round)
+
     def aggregate(self, server_round: int, updates: list[Update]) -> None:
-        """Fold accepted updates into ``self.global_eff``."""
-        raise NotImplementedError
+        """Fold a list of accepted updates into ``self.global_eff`` (tests, benchmarks): the same
+        fold the server runs over replies as they arrive, without the round's share cap."""
+        fold = self.new_fold(server_round, len(updates))
+        for u in updates:
+            fold.add(self.fold_input(u), u.weight)
+        self.global_eff = self.finish_fold(server_round, fold)
 
     def initial_global(self, init_eff: LoraFactors) -> LoraFactors:
         """The global adapter before round 1, from the seed-built initial adapter (effective form)."""
@@ -139,15 +193,6 @@ class LoraStrategy(FedAvg):
         """The shared parts as the client held them when it started training this round (client form):
         what an update is measured from (``robust.update_norm_bound``)."""
         return self.client_payload(profile, server_round)[0]
-
-    def average(self, updates_eff: list[LoraFactors], weights: list[float]) -> LoraFactors:
-        """The same-shape average of the single-rank strategies: weighted mean, or a robust statistic."""
-        r = self.cfg.robust
-        if r.aggregation == "median":
-            return coordinate_median(updates_eff)
-        if r.aggregation == "trimmed-mean":
-            return trimmed_mean(updates_eff, r.trim_fraction)
-        return weighted_mean(updates_eff, weights)
 
     @property
     def has_global_model(self) -> bool:
@@ -179,6 +224,7 @@ class LoraStrategy(FedAvg):
             "last-round": max(self.rounds, default=0),
             "privacy": self.dp.state_dict() if self.dp is not None else None,
             "past-tasks": len(self.past_tasks),
+            "norm-reference": self.norm_reference,
         }
         return tensors, state
 
@@ -193,6 +239,7 @@ class LoraStrategy(FedAvg):
         self.refused = {int(k): v for k, v in state["refused"].items()}
         if self.dp is not None and state.get("privacy"):
             self.dp.load_state_dict(state["privacy"])
+        self.norm_reference = state.get("norm-reference")
 
     # ------------------------------------------------------------------ setup of nodes
     def ensure_profiles(self, grid: Grid, node_ids: list[int], rl: RoundLog) -> list[int]:
@@ -368,23 +415,59 @@ class LoraStrategy(FedAvg):
             ok = isinstance(held, (int, float)) and float(held).is_integer()
             self._past_held[node] = min(max(int(held), 0), len(self.past_tasks)) if ok else 0
 
-    def _missing_replies(self, rl: RoundLog, mtype: str, replies: list[Message], into: list[str]) -> None:
+    def _missing_replies(self, rl: RoundLog, mtype: str, answered: set[int], into: list[str]) -> None:
         """Nodes messaged this round that never answered: named, with the timeout they missed."""
-        answered = {r.metadata.src_node_id for r in replies}
         for node in rl.sent.get(mtype, []):
             if node not in answered:
                 into.append(f"{self.who(node)}: no reply within federation.round_timeout "
                             f"({self.cfg.federation.round_timeout:g} s)")
                 log.warning("round %d: %s", rl.server_round, into[-1])
 
+    def round_fold(self, server_round: int, rl: RoundLog):  # noqa: ANN201 - a Fold or a ClippedSum
+        """The round's running state: client-level DP's clipped sum, or the strategy's fold behind
+        the share cap (``robust.max_client_share``)."""
+        if self.dp is not None:
+            return self.dp.begin(rl.sampled, server_round, rl.dylora_rank or self.global_rank())
+        fold = self.new_fold(server_round, rl.sampled)
+        cap = self.cfg.robust.max_client_share
+        return ShareCapped(fold, cap) if cap < 1.0 and not isinstance(fold, KeepAll) else fold
+
+    def fold_in(self, fold, update: Update, server_round: int) -> None:  # noqa: ANN001
+        """Add one accepted update to the round's running state, or :class:`RejectedReply` (the
+        state is untouched: every fold checks its input before it adds)."""
+        try:
+            if self.dp is not None:
+                fold.add(self.round_start(update.profile, server_round), update.factors)
+            else:
+                fold.add(self.fold_input(update), update.weight)
+        except ValueError as exc:
+            raise RejectedReply(f"cannot be aggregated: {exc}") from None
+
+    def _fold_accepted(self, fold, u: Update, server_round: int, rl: RoundLog,  # noqa: ANN001
+                       accepted: list[tuple[dict, int]]) -> None:
+        try:
+            self.fold_in(fold, u, server_round)
+        except RejectedReply as exc:
+            rl.rejected.append(f"{self.who(u.profile.node_id)}: {exc}")
+            log.warning("round %d: rejected reply from %s: %s", server_round, self.who(u.profile.node_id), exc)
+            return
+        self._note_past_held(u.profile.node_id, u.metrics)
+        accepted.append((u.metrics, u.num_examples))
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, bound and fold each reply as it arrives (``replies`` may be a stream: see
+        :class:`fedlora.aggregation.streaming.StreamingGrid`), then finish the round once."""
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
-        replies = list(replies)
-        self._missing_replies(rl, MessageType.TRAIN, replies, rl.rejected)
-        updates: list[Update] = []
+        fold = self.round_fold(server_round, rl)
+        relative = RelativeBound(self, rl, server_round)
+        answered: set[int] = set()
+        accepted: list[tuple[dict, int]] = []  # (metrics, examples) per accepted reply: scalars only
+        busy = 0.0  # the server's own work on replies, not its wait for them
         for reply in replies:
+            t_reply = time.perf_counter()
             node = reply.metadata.src_node_id
+            answered.add(node)
             prof = self.profiles.get(node)
             who = self.who(node)
             try:
@@ -394,36 +477,40 @@ class LoraStrategy(FedAvg):
                     raise RejectedReply("reply from a node that was not asked to train this round")
                 rl.bytes_up.append(codec.message_bytes(reply))
                 u = self.validate_reply(prof, reply.content, server_round, rl)
-                updates.append(u)
-                self._note_past_held(node, u.metrics)
                 rl.payload_up.append(codec.wire_bytes(reply.content[self.arrayrecord_key]))
             except RejectedReply as exc:
                 rl.rejected.append(f"{who}: {exc}")
                 log.warning("round %d: rejected reply from %s: %s", server_round, who, exc)
-        updates.sort(key=lambda u: u.profile.client_id)  # replies arrive in any order; sums must not depend on it
-        rl.accepted = len(updates)
+                busy += time.perf_counter() - t_reply
+                continue
+            for ready in relative.offer(u):
+                self._fold_accepted(fold, ready, server_round, rl, accepted)
+            busy += time.perf_counter() - t_reply
+        t_finish = time.perf_counter()
+        for ready in relative.flush():
+            self._fold_accepted(fold, ready, server_round, rl, accepted)
+        self.norm_reference = relative.next_reference()
+        self._missing_replies(rl, MessageType.TRAIN, answered, rl.rejected)
+        rl.accepted = len(accepted)
         need = self.cfg.federation.min_accepted
-        if len(updates) < need:
-            rl.skipped = (f"{len(updates)} of {rl.sampled} replies accepted, fewer than federation.min_accepted "
+        if len(accepted) < need:
+            rl.skipped = (f"{len(accepted)} of {rl.sampled} replies accepted, fewer than federation.min_accepted "
                           f"({need}): the round is skipped and the global adapter is unchanged")
             log.warning("round %d: %s", server_round, rl.skipped)
             return None, None
-        shares = cap_shares([u.weight for u in updates], self.cfg.robust.max_client_share)
-        for u, share in zip(updates, shares):
-            u.weight = share
         previous = self.global_eff
         t0 = time.perf_counter()
         try:
             if self.dp is not None:
-                starts = [self.start_factors(u.profile, server_round) for u in updates]
-                self.global_eff, rl.privacy = self.dp.release(
-                    self.global_eff, starts, [u.factors for u in updates], rl.sampled, server_round,
-                    rl.dylora_rank or self.global_rank())
+                self.global_eff, rl.privacy = fold.finish(self.global_eff)
             else:
-                self.aggregate(server_round, updates)
+                self.global_eff = self.finish_fold(server_round, fold)
                 if rl.dylora_rank is not None:  # only the leading block was trained and sent
                     self.global_eff = keep_uncovered(fit_rank(self.global_eff, self.max_rank), previous,
                                                      rl.dylora_rank)
+                error = getattr(getattr(fold, "inner", fold), "last_error", None)
+                if error is not None:
+                    rl.privacy["sketch-relative-error"] = error
             for key, t in self.global_eff.tensors():
                 if not bool(torch.isfinite(t).all()):
                     raise FloatingPointError(f"the aggregate's {key} is not finite")
@@ -433,81 +520,31 @@ class LoraStrategy(FedAvg):
             log.error("round %d: aggregation failed: %s", server_round, rl.aggregation_error)
             return None, None
         rl.aggregate_seconds = time.perf_counter() - t0
-        eps = [u.metrics["dp-sgd-epsilon"] for u in updates if "dp-sgd-epsilon" in u.metrics]
+        rl.server_seconds = busy + (time.perf_counter() - t_finish)
+        eps = [m["dp-sgd-epsilon"] for m, _ in accepted if "dp-sgd-epsilon" in m]
         if eps:
             rl.privacy["dp-sgd-epsilon-max"] = max(eps)
-        metrics = _weighted_metrics([u.metrics for u in updates], [float(u.num_examples) for u in updates])
+        metrics = _weighted_metrics([m for m, _ in accepted], [float(n) for _, n in accepted])
         rl.train_metrics = metrics
         return codec.encode(self.global_eff), MetricRecord(metrics)
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ the stages before the fold
     def validate_reply(self, prof: NodeProfile, content: RecordDict, server_round: int = 0,
                        rl: RoundLog | None = None) -> Update:
-        """Check a train reply completely before any arithmetic; return it as an :class:`Update`.
+        """A train reply checked completely, decoded and bounded (:func:`fedlora.aggregation.replies.accept_train_reply`)."""
+        from fedlora.aggregation.replies import accept_train_reply
 
-        The reply must hold exactly the records ``arrays`` and ``metrics``; ``arrays`` exactly the
-        tensors this client shares at its rank (names, shapes, wire dtype); every metric a finite
-        number, ``num-examples`` an integer in 1..the client's declared size, ``rank`` its rank
-        (or lower, for HetLoRA self-pruning when enabled). Then the decoded factors must be finite,
-        and the update within ``robust.update_norm_bound`` (clipped or rejected above it)."""
-        policy = self.sharing_policy
-        records = set(content.array_records) | set(content.metric_records) | set(content.config_records)
-        if self.arrayrecord_key not in content.array_records:
-            raise RejectedReply(f"no '{self.arrayrecord_key}' record in the reply")
-        if self.metricrecord_key not in content.metric_records:
-            raise RejectedReply(f"no '{self.metricrecord_key}' record in the reply")
-        extra_records = sorted(records - {self.arrayrecord_key, self.metricrecord_key})
-        if extra_records:
-            raise RejectedReply(f"unexpected record(s) {extra_records[:3]} in the reply")
-        metrics = dict(content.metric_records[self.metricrecord_key])
-        cap = self.cfg.federation.max_num_examples
-        limit = min(cap, prof.num_train) if cap else prof.num_train
-        n, reported = check_train_metrics(metrics, max_examples=limit, max_rank=prof.rank,
-                                          weight_key=self.weighted_by_key)
-        rank = prof.rank if reported is None else reported
-        pruning = self.cfg.hetero.hetlora_prune and policy.heterogeneous_ranks
-        block_rank = rl.dylora_rank if rl is not None else None
-        if block_rank is not None:
-            if rank != block_rank:
-                raise RejectedReply(f"reports rank {rank}, but this round's DyLoRA rank is {block_rank}")
-        elif rank != prof.rank and not pruning:
-            raise RejectedReply(f"reports rank {rank}, but the client trains rank {prof.rank}")
-        parts = set(policy.shared) & (self.template.parts() | {"A", "B"})  # a head or selector only if the model has one
-        record = content.array_records[self.arrayrecord_key]
-        sent = {extra_part(k[len("head/"):]) if k.startswith("head/") else k.rpartition("/")[2] for k in record.keys()}
-        leaked = sent & set(PARTS) - set(policy.shared)
-        if leaked:
-            raise RejectedReply(f"carries {', '.join(sorted(leaked))}, which the {self.strategy_name} policy "
-                                f"({policy.describe()}) never lets leave a client")
-        if parts - sent:
-            raise RejectedReply(f"lacks the shared part(s) {', '.join(sorted(parts - sent))}")
-        check_arrays(record, expected_arrays(self.template, parts, rank, self.module_names),
-                     self.cfg.federation.wire_dtype)
-        alpha = self.cfg.lora.alpha_for_rank(rank)
-        if block_rank is not None:  # a DyLoRA block keeps the full adapter's per-component scaling
-            alpha = prof.alpha * block_rank / prof.rank
-        try:
-            factors = codec.decode(record, alpha=alpha, modules=self.module_names)
-        except codec.CodecError as exc:  # checked above already; kept as a second line of defence
-            raise RejectedReply(str(exc)) from None
-        check_finite(factors)
-        factors = self._bound(prof, factors, server_round, rl)
-        if rank != prof.rank and block_rank is None:  # an accepted self-pruning: later payloads are truncated to the new rank
-            prof.rank, prof.alpha = rank, alpha
-        return Update(profile=prof, factors=factors, weight=float(n), metrics=metrics, num_examples=n)
+        return accept_train_reply(self, prof, content, server_round, rl)
 
-    def _bound(self, prof: NodeProfile, factors: LoraFactors, server_round: int, rl: RoundLog | None) -> LoraFactors:
-        bound = self.cfg.robust.update_norm_bound
-        if bound <= 0:
-            return factors
-        start = self.start_factors(prof, server_round)
-        clipped, norm = clip_update(start, factors, bound)
-        if norm > bound:
-            if self.cfg.robust.norm_action == "reject":
-                raise RejectedReply(f"update norm {norm:.4g} is above robust.update_norm_bound ({bound:g})")
-            if rl is not None:
-                rl.clipped.append(f"client {prof.client_id}: update norm {norm:.4g} clipped to {bound:g}")
-        return clipped
+    def round_start(self, prof: NodeProfile, server_round: int) -> LoraFactors:
+        """:meth:`start_factors`, computed once per (round, rank, alpha) for the current global adapter:
+        a round of 1,000 clients of one rank measures every update from the same start."""
+        if self._starts.get("of") is not self.global_eff or self._starts.get("round") != server_round:
+            self._starts = {"of": self.global_eff, "round": server_round}  # a new global: every start changes
+        key = (prof.rank, prof.alpha)
+        if key not in self._starts:
+            self._starts[key] = self.start_factors(prof, server_round)
+        return self._starts[key]
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -531,11 +568,10 @@ class LoraStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
-        replies = list(replies)
-        self._missing_replies(rl, MessageType.EVALUATE, replies, rl.rejected_evaluate)
-        clients = []
-        for reply in replies:
+        clients, answered = [], set()
+        for reply in replies:  # folded as they arrive: only each client's scalar metrics are kept
             node = reply.metadata.src_node_id
+            answered.add(node)
             prof = self.profiles.get(node)
             try:
                 if reply.has_error():
@@ -552,6 +588,7 @@ class LoraStrategy(FedAvg):
                 continue
             m["client-id"] = prof.client_id
             clients.append(m)
+        self._missing_replies(rl, MessageType.EVALUATE, answered, rl.rejected_evaluate)
         if not clients:
             return None
         clients.sort(key=lambda m: m["client-id"])

@@ -7,15 +7,13 @@ products; that aggregation error is what FFA-LoRA, FLoRA and FlexLoRA remove.
 
 from __future__ import annotations
 
-from fedlora.lora_math import to_effective
 from fedlora.registry import register_strategy
 from fedlora.sharing import SharingPolicy
-from fedlora.strategies.base import LoraStrategy, Update
+from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("fedit")
 class FedIT(LoraStrategy):
-    sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}))
+    """The base's fold as it is: the weighted mean of the effective factors (A, s*B, head)."""
 
-    def aggregate(self, server_round: int, updates: list[Update]) -> None:
-        self.global_eff = self.average([to_effective(u.factors) for u in updates], [u.weight for u in updates])
+    sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}))

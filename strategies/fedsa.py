@@ -11,6 +11,7 @@ private B is paired with the rows of its own A, so padding would silently change
 
 from __future__ import annotations
 
+from fedlora.factors import LoraFactors
 from fedlora.registry import register_strategy
 from fedlora.sharing import SharingPolicy
 from fedlora.strategies.base import LoraStrategy, Update
@@ -20,5 +21,5 @@ from fedlora.strategies.base import LoraStrategy, Update
 class FedSALoRA(LoraStrategy):
     sharing_policy = SharingPolicy(shared=frozenset({"A"}), private=frozenset({"B", "head"}))
 
-    def aggregate(self, server_round: int, updates: list[Update]) -> None:
-        self.global_eff = self.average([u.factors.select({"A"}) for u in updates], [u.weight for u in updates])
+    def fold_input(self, update: Update) -> LoraFactors:
+        return update.factors.select({"A"})  # A carries no scaling: its client form is its effective form

@@ -8,15 +8,13 @@ the products equals the product of the averages: aggregation is exact, and uploa
 
 from __future__ import annotations
 
-from fedlora.lora_math import to_effective
 from fedlora.registry import register_strategy
 from fedlora.sharing import SharingPolicy
-from fedlora.strategies.base import LoraStrategy, Update
+from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("ffa")
 class FFALoRA(LoraStrategy):
-    sharing_policy = SharingPolicy(shared=frozenset({"B", "head"}), frozen=frozenset({"A"}))
+    """The base's fold as it is: the weighted mean of s*B and the head (A never travels)."""
 
-    def aggregate(self, server_round: int, updates: list[Update]) -> None:
-        self.global_eff = self.average([to_effective(u.factors) for u in updates], [u.weight for u in updates])
+    sharing_policy = SharingPolicy(shared=frozenset({"B", "head"}), frozen=frozenset({"A"}))

@@ -6,20 +6,32 @@ between the two factors. It never materialises an out x in matrix: the sum of ra
 has rank <= sum r_k, so a QR of the stacked factors and an SVD of the small core suffice
 (:func:`fedlora.lora_math.low_rank_svd`). The global adapter is kept at the largest client rank;
 its first r_k components are exactly the best rank-r_k approximation.
+
+From ``hetero.sketch_from_clients`` clients a round on, the stack is replaced by a single-pass
+randomized sketch of the weighted sum of products (:class:`fedlora.aggregation.folds.SketchedProductSum`):
+each reply is folded into it from its factors and dropped, so the server's memory does not grow
+with the cohort; the result is exact while the sum's rank is at most the sketch size, and the
+estimated relative error of every round is logged (``sketch-relative-error``).
 """
 
 from __future__ import annotations
 
-from fedlora.lora_math import aggregate_svd, to_effective
+from fedlora.aggregation.folds import Fold
+from fedlora.factors import LoraFactors
 from fedlora.registry import register_strategy
 from fedlora.sharing import SharingPolicy
-from fedlora.strategies.base import LoraStrategy, Update
+from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("flexlora")
 class FlexLoRA(LoraStrategy):
     sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}), heterogeneous_ranks=True)
 
-    def aggregate(self, server_round: int, updates: list[Update]) -> None:
-        rank = max([self.global_rank()] + [p.rank for p in self.profiles.values()])
-        self.global_eff = aggregate_svd([to_effective(u.factors) for u in updates], [u.weight for u in updates], rank)
+    def target_rank(self) -> int:
+        return max([self.global_rank()] + [p.rank for p in self.profiles.values()])
+
+    def new_fold(self, server_round: int, sampled: int) -> Fold:
+        return self.product_fold(server_round, sampled, self.target_rank())
+
+    def finish_fold(self, server_round: int, fold: Fold) -> LoraFactors:
+        return fold.result(self.target_rank())

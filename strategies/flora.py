@@ -10,19 +10,22 @@ that skipped rounds catches up in one message.
 The stacked rank grows by sum_k r_k per round. ``hetero.flora_max_rank`` bounds it: above the
 cap the cumulative delta is recompressed by an SVD of its small core (exact while the true rank
 is under the cap, the best approximation otherwise). The download size follows the stacked rank
-and is reported per round.
+and is reported per round. From ``hetero.sketch_from_clients`` clients a round on, the round's
+sum of products is folded into a randomized sketch instead of stacked (see FlexLoRA) and read at
+``min(flora_max_rank, sketch size)``: the server no longer holds every reply.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fedlora.aggregation.folds import ExactProductSum, Fold
 from fedlora.factors import LoraFactors, ModuleFactors, seeded_A
-from fedlora.lora_math import aggregate_stacked, concat_rank, svd_redistribute, to_effective
+from fedlora.lora_math import concat_rank, svd_redistribute
 from fedlora.protocol import NodeProfile
 from fedlora.registry import register_strategy
 from fedlora.sharing import SharingPolicy
-from fedlora.strategies.base import LoraStrategy, Update
+from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("flora")
@@ -47,14 +50,19 @@ class FLoRA(LoraStrategy):
                      for n, m in self.template.modules.items()},
             extras=dict(self.global_eff.extras))
 
-    def aggregate(self, server_round: int, updates: list[Update]) -> None:
-        stacked = aggregate_stacked([to_effective(u.factors) for u in updates], [u.weight for u in updates])
-        cumulative = concat_rank(LoraFactors(modules=dict(self.global_eff.modules)), stacked)
+    def new_fold(self, server_round: int, sampled: int) -> Fold:
+        return self.product_fold(server_round, sampled, self.cfg.hetero.flora_max_rank)
+
+    def finish_fold(self, server_round: int, fold: Fold) -> LoraFactors:
         cap = self.cfg.hetero.flora_max_rank
+        inner = getattr(fold, "inner", fold)
+        # The exact stack (rank sum r_k), or the sketch's best factors at the cap (or its own size).
+        stacked = fold.result(None if isinstance(inner, ExactProductSum) else min(cap, inner.k))
+        cumulative = concat_rank(LoraFactors(modules=dict(self.global_eff.modules)), stacked)
         if self.global_rank_of(cumulative) > cap:
             cumulative = svd_redistribute(cumulative, cap)
         cumulative.extras = stacked.extras
-        self.global_eff = cumulative
+        return cumulative
 
     @staticmethod
     def global_rank_of(f: LoraFactors) -> int:

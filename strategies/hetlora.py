@@ -19,21 +19,24 @@ scalings add up correctly; see :mod:`fedlora.lora_math`.
 
 from __future__ import annotations
 
-from fedlora.lora_math import aggregate_zero_padded, keep_uncovered, to_effective
+from fedlora.aggregation.folds import Fold, ZeroPaddedMean
+from fedlora.factors import LoraFactors
+from fedlora.lora_math import keep_uncovered
 from fedlora.registry import register_strategy
 from fedlora.sharing import SharingPolicy
-from fedlora.strategies.base import LoraStrategy, Update
+from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("hetlora")
 class HetLoRA(LoraStrategy):
     sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}), heterogeneous_ranks=True)
 
-    def aggregate(self, server_round: int, updates: list[Update]) -> None:
-        covered = max(u.factors.modules[next(iter(u.factors.modules))].rank for u in updates)
-        max_rank = max(self.global_rank(), covered)
-        new = aggregate_zero_padded([to_effective(u.factors) for u in updates],
-                                    [u.weight for u in updates], max_rank, sparsity_weighted=True)
-        if self.cfg.hetero.hetlora_keep_uncovered:
-            new = keep_uncovered(new, self.global_eff, covered)
-        self.global_eff = new
+    def new_fold(self, server_round: int, sampled: int) -> Fold:
+        # Norm weights are per update: the fold keeps the norm-weighted sums and their weight total.
+        return ZeroPaddedMean(max(self.global_rank(), self.max_rank), sparsity_weighted=True,
+                              min_rank=max(self.global_rank(), 1))
+
+    def finish_fold(self, server_round: int, fold: Fold) -> LoraFactors:
+        new = fold.finish()
+        covered = getattr(fold, "inner", fold).covered
+        return keep_uncovered(new, self.global_eff, covered) if self.cfg.hetero.hetlora_keep_uncovered else new

@@ -16,7 +16,8 @@ from fedlora import codec
 
 
 class RecordingGrid:
-    """Flower's Grid, unchanged, but keeps every message sent and every reply received."""
+    """Flower's Grid, unchanged, but keeps every message pushed and every reply pulled (the server
+    wraps it in its StreamingGrid, which pushes and pulls through it)."""
 
     def __init__(self, grid) -> None:  # noqa: ANN001
         self._grid = grid
@@ -26,12 +27,20 @@ class RecordingGrid:
     def __getattr__(self, name):  # noqa: ANN001, ANN204
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
         messages = list(messages)
         self.sent.extend(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        replies = list(self._grid.pull_messages(message_ids))
         self.received.extend(replies)
         return replies
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        from fedlora.aggregation.streaming import StreamingGrid
+
+        return list(StreamingGrid(self).send_and_receive(messages, timeout=timeout))
 
 
 def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
@@ -41,7 +50,7 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
     (drops a row of A), 'rank' (reports its rank + 1), 'weight' (claims 1e12 examples), 'drop-b' (one module's B missing), 'drop-bias' (the head's bias missing),
     'rank-nan', 'rank-inf', 'rank-frac' (4.7), 'examples-frac' (2.5), 'examples-cap' (claims the
     federation's declared-size cap), 'base-key' (a FLoRA key outside FLoRA), 'scale-1e6' (every
-    tensor x1e6), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 45 s from
+    tensor x1e6), 'boost' (start + 1e6 x its own change), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 45 s from
     round 2). Evaluation: 'eval-no-accuracy', 'eval-out-of-range'. Setup profile:
     'profile-rank-double', 'profile-rank-zero', 'profile-rank-string', 'profile-size-1e12',
     'profile-alpha-nan', 'profile-alpha-big', 'profile-dup-id' (claims client-00000's id)."""
@@ -131,6 +140,10 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
                 arrays[key] = codec.encode_tensor(codec.decode_tensor(key, arrays[key]) * 1e6)
             if "near-max" in h:
                 arrays[key] = codec.encode_tensor(torch.full(tuple(arrays[key].shape), 3e38))
+            if "boost" in h and key in msg.content["arrays"].keys():  # start + 1e6 x its own change
+                start = codec.decode_tensor(key, msg.content["arrays"][key])
+                new = codec.decode_tensor(key, arrays[key])
+                arrays[key] = codec.encode_tensor(start + 1e6 * (new - start))
         return reply
 
     return app

@@ -39,6 +39,10 @@ def test_overrides_are_typed():
         ("federation.min_train_clients=20", "must not exceed federation.num_clients"),
         ("hetero.client_classes=[\"phone\"]", "device class 'phone' is not defined"),
         ("federation.server_eval_every=0", "'federation.server_eval_every': must be >= 1"),
+        ("lora.target_modules=[\"query\"", "lora.target_modules=[\"query\": the value is not valid TOML"),
+        ("data.instruction=\"unterminated", "the value is not valid TOML"),
+        ("hetero.sketch_oversampling=-1", "'hetero.sketch_oversampling': must be >= 0"),
+        ("robust.held_updates_budget_mb=0", "'robust.held_updates_budget_mb': must be > 0"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):
@@ -117,3 +121,19 @@ def test_robustness_settings_are_validated(override, fragment):
 def test_robust_aggregation_is_refused_for_heterogeneous_ranks():
     with pytest.raises(ConfigError, match="robust.aggregation.*different ranks"):
         FedLoraConfig.load(None, ["federation.strategy=hetlora", "robust.aggregation=median"])
+
+
+def test_a_split_may_pool_several_files(tmp_path, shared_data):
+    from fedlora.data import load_task
+
+    ag = shared_data / "agnews"
+    cfg = make_config(tmp_path, data={"data_files": {"train": [str(ag / "train.jsonl"), str(ag / "test.jsonl")]},
+                                      "test_split": "", "max_train_examples": 0, "max_test_examples": 0})
+    assert cfg.data.data_files == {"train": [str(ag / "train.jsonl"), str(ag / "test.jsonl")]}
+    task = load_task(cfg)
+    assert len(task.train.labels) + len(task.test.labels) == 4000 + 7600  # both files, carved into two splits
+    single = make_config(tmp_path, data={"data_files": {"train": str(ag / "train.jsonl")}, "test_split": ""})
+    assert single.data.data_files == {"train": [str(ag / "train.jsonl")]}  # one file is a list of one
+    with pytest.raises(ConfigError, match="files of one type only"):
+        load_task(make_config(tmp_path, data={"data_files": {"train": [str(ag / "train.jsonl"), str(ag / "labels.json")
+                                                                      + ".csv"]}, "test_split": ""}))

@@ -116,7 +116,7 @@ def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, s
     # Each defence against the honest-only run under the same defence (client 3's reply never arrives).
     clip_ref, _ = _run(cfg("clip-ref", update_norm_bound=1.0), {3: "crash"})
     clip_dir, clip_rows = _run(cfg("clip", update_norm_bound=1.0), {3: "scale-1e6"})
-    raw_dir, raw_rows = _run(cfg("raw"), {3: "scale-1e6"})
+    raw_dir, raw_rows = _run(cfg("raw", relative_norm_bound=0.0), {3: "scale-1e6"})  # every default bound off
     assert distance(raw_dir, clip_ref) > 100  # undefended, one client wrecks the adapter
     assert distance(clip_dir, clip_ref) < 0.5
     assert "client-00003: update norm" in _text(clip_rows, "clipped")
@@ -127,14 +127,37 @@ def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, s
     assert _all_finite(_adapter(med_dir)) and distance(med_dir, med_ref) < 1e-5
 
 
-def test_an_overflowing_aggregate_keeps_the_last_good_adapter(tmp_path, shared_data):
+@pytest.mark.parametrize("attack", ["scale-1e6", "boost"])
+def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(tmp_path, shared_data, attack):
+    """The default relative norm bound: one client sending x1e6 its factors, or its start plus 1e6
+    times its own change, among three honest ones, leaves the global adapter within 2x the honest
+    run's (the same federation with that client's reply never arriving), and is named."""
+    base = {"federation": {"num_clients": 4, "min_train_clients": 4}, "run": {"rounds": 2}}
+    ref_dir, _ = _run(make_config(tmp_path / "ref", **base), {3: "crash"})
+    run_dir, rows = _run(make_config(tmp_path / attack, **base), {3: attack})
+    ad, ref = _adapter(run_dir), _adapter(ref_dir)
+    assert _all_finite(ad)
+    norm = float(torch.cat([t.flatten().double() for _, t in sorted(ad.items())]).norm())
+    ref_norm = float(torch.cat([t.flatten().double() for _, t in sorted(ref.items())]).norm())
+    assert norm < 2 * ref_norm, (norm, ref_norm)
+    change, ref_change = float(_delta(ad).norm()), float(_delta(ref).norm())
+    assert change < 2 * ref_change, (change, ref_change)
+    named = _text(rows, "clipped")
+    assert "client-00003: update norm" in named and "robust.relative_norm_bound" in named
+    assert "client-0000" not in named.replace("client-00003", "")  # no honest client was bounded
+
+
+def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_on(tmp_path, shared_data):
+    # Every value 3e38: finite in float32, but B times its scaling (alpha/r = 2) is not. It used to turn
+    # every round's aggregate into Inf ("aggregation failed", the global never moved, nobody named).
     cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3}, run={"rounds": 2})
     run_dir, rows = _run(cfg, {2: "near-max"})
-    assert all("not finite" in (r["aggregation-error"] or "") for r in rows[1:])
+    for r in rows[1:]:
+        assert not r["aggregation-error"] and r["clients-accepted"] == 2
+        assert any("client-00002" in x and "effective factors are not finite" in x for x in r["rejected"])
     ad = _adapter(run_dir)
     assert _all_finite(ad)
-    assert float(_delta(ad).abs().max()) == 0.0  # never moved from the initial adapter (B = 0)
-    assert rows[-1]["server-loss"] == pytest.approx(rows[0]["server-loss"], rel=1e-6)
+    assert float(_delta(ad).abs().max()) > 0.0  # the honest clients' rounds were applied
 
 
 def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data):

@@ -4,6 +4,13 @@ Flower's SuperLink serves TLS with a certificate signed by a CA the SuperNodes t
 (``--root-certificates``); node authentication uses one EC P-384 key pair per node: the private
 key stays on the device (OpenSSH PEM), the public key is enrolled on the SuperLink (OpenSSH format, what
 ``flwr supernode register`` reads). For production, use your organisation's CA.
+
+Layout of a credentials folder: ``ca.crt``, ``server.crt``, ``server.key`` (the server's),
+``enrol/node-N.pub`` (the folder the server enrols: public keys only) and
+``devices/node-N.key`` (each private key, to be copied to its one device and deleted here).
+Private keys are created with mode 0600 (never world-readable, not even for an instant), and
+nothing existing is overwritten unless asked (``force``): a second ``fedlora certs`` on the same
+folder would otherwise replace the CA every enrolled device trusts.
 """
 
 from __future__ import annotations
@@ -30,35 +37,72 @@ class Credentials:
     nodes: tuple[NodeKey, ...]
 
 
-def _write_private(path: Path, data: bytes) -> None:
+ENROL_DIR, DEVICES_DIR = "enrol", "devices"
+
+
+class CredentialsExist(FileExistsError):
+    """A file ``fedlora certs`` would write exists already (pass ``force`` to replace it)."""
+
+
+def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
+    """Write ``data`` to a new file created with ``mode`` (so a private key is 0600 from its first
+    byte); an existing file is an error unless ``force``, and then it is replaced atomically."""
+    import os
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(0o600)
+    if path.exists() and not force:
+        raise CredentialsExist(f"{path} exists; refusing to overwrite it (pass --force to replace it, and with it "
+                               "what every device trusts or holds)")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
-def node_key_pair(folder: Path, name: str) -> NodeKey:
-    """One node's EC P-384 key pair: ``<name>.key`` (private, PEM) and ``<name>.pub`` (OpenSSH)."""
+def node_key_pair(folder: Path, name: str, force: bool = False) -> NodeKey:
+    """One node's EC P-384 key pair: ``devices/<name>.key`` (private, PEM, 0600) and
+    ``enrol/<name>.pub`` (OpenSSH) under ``folder``."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"node name {name!r} must be a plain file name")
+    priv, pub = folder / DEVICES_DIR / f"{name}.key", folder / ENROL_DIR / f"{name}.pub"
+    for p in (priv, pub):
+        if p.exists() and not force:
+            raise CredentialsExist(f"{p} exists; refusing to overwrite it (pass --force, or choose another name)")
     key = ec.generate_private_key(ec.SECP384R1())
-    priv, pub = folder / f"{name}.key", folder / f"{name}.pub"
     # OpenSSH formats on both sides: what flower-supernode and `flwr supernode register` read.
-    _write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                  serialization.PublicFormat.OpenSSH))
+    _write(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                   serialization.NoEncryption()), 0o600, force)
+    _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+           0o644, force)
     return NodeKey(name=name, private_key=priv, public_key=pub)
 
 
-def create_credentials(folder: str | Path, hosts: list[str], nodes: int, days: int = 30) -> Credentials:
-    """A CA, a server certificate valid for ``hosts`` (names or IP addresses) and ``nodes`` node keys."""
+def create_credentials(folder: str | Path, hosts: list[str], nodes: int, days: int = 30,
+                       force: bool = False) -> Credentials:
+    """A CA, a server certificate valid for ``hosts`` (names or IP addresses) and ``nodes`` node keys.
+    Refuses (:class:`CredentialsExist`, before writing anything) if any of them exists, unless ``force``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     folder = Path(folder)
+    planned = [folder / n for n in ("ca.crt", "server.crt", "server.key")] + [
+        folder / d / f"node-{i}.{ext}" for i in range(nodes) for d, ext in ((DEVICES_DIR, "key"), (ENROL_DIR, "pub"))]
+    existing = [p for p in planned if p.exists()]
+    if existing and not force:
+        raise CredentialsExist(f"{existing[0]} exists ({len(existing)} of the files to write do); refusing to "
+                               "overwrite them: a new CA would lock out every device that trusts the old one. Pass "
+                               "--force to replace them, or `fedlora certs add-node` to add a node")
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
@@ -91,10 +135,10 @@ def create_credentials(folder: str | Path, hosts: list[str], nodes: int, days: i
 
     pem = serialization.Encoding.PEM
     ca_cert, server_cert, server_key_path = folder / "ca.crt", folder / "server.crt", folder / "server.key"
-    ca_cert.write_bytes(ca.public_bytes(pem))
-    server_cert.write_bytes(server.public_bytes(pem))
-    _write_private(server_key_path, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
+    _write(server_key_path, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()), 0o600, force)
+    _write(server_cert, server.public_bytes(pem), 0o644, force)
+    _write(ca_cert, ca.public_bytes(pem), 0o644, force)
     # The CA's key is not kept: this CA signs one server certificate and is then done.
-    keys = tuple(node_key_pair(folder / "nodes", f"node-{i}") for i in range(nodes))
+    keys = tuple(node_key_pair(folder, f"node-{i}", force) for i in range(nodes))
     return Credentials(folder=folder, ca_cert=ca_cert, server_cert=server_cert, server_key=server_key_path, nodes=keys)

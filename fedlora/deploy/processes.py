@@ -1,7 +1,9 @@
 """Start, watch and stop Flower's daemons (SuperLink, SuperNode) as child processes.
 
-Children die with the process that started them (Linux: the parent-death signal), so a
-`fedlora server` or `fedlora client` killed by SIGKILL leaves no orphaned SuperLink behind."""
+Each daemon runs under :mod:`fedlora.deploy.reaper`, the leader of its own process group: when the
+process that started it dies (even by SIGKILL: the parent-death signal, Linux) or stops it, the
+reaper ends the daemon *and every helper it started* (``flower-superexec``, ``flwr-serverapp``,
+``flwr-clientapp``), so a crashed `fedlora server` or `fedlora client` leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -41,8 +43,14 @@ def spawn(args: list[str], log_path: Path, env: dict | None = None) -> subproces
     env = {**os.environ, **(env or {})}
     # Flower's daemons start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=die_with_parent, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "fedlora.deploy.reaper", *args], stdout=fh,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def daemon_name(proc: subprocess.Popen) -> str:
+    """The daemon's name (``flower-superlink``), not the reaper's interpreter."""
+    args = list(proc.args)
+    return Path(args[3] if args[1:3] == ["-m", "fedlora.deploy.reaper"] and len(args) > 3 else args[0]).name
 
 
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> float:
@@ -51,14 +59,14 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, 
     probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"{Path(proc.args[0]).name} exited with code {proc.returncode} before serving "
+            raise RuntimeError(f"{daemon_name(proc)} exited with code {proc.returncode} before serving "
                                f"{host}:{port}; last lines of {log_path}:\n{tail(log_path)}")
         try:
             with socket.create_connection((probe, port), timeout=0.5):
                 return time.monotonic() - t0
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(f"{Path(proc.args[0]).name} did not serve {host}:{port} within {timeout:g} s; see {log_path}")
+    raise TimeoutError(f"{daemon_name(proc)} did not serve {host}:{port} within {timeout:g} s; see {log_path}")
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:

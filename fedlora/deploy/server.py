@@ -82,6 +82,14 @@ class Deployment:
 def security(cfg: FedLoraConfig, insecure_flag: bool) -> tuple[bool, bool]:
     """(TLS on, node authentication on), or a ConfigError that says what to do."""
     s = cfg.server
+    if not s.is_loopback() and not s.expose_control_api:
+        raise ConfigError(
+            f"server.address {s.address} is not a loopback address, and flwr's SuperLink serves its Control API "
+            "(list runs, register node keys, submit and stop apps) on the same port as the devices' Fleet API, "
+            "without authentication in Flower's open-source distribution: anyone who reaches the port with "
+            "ca.crt could enrol a node of their own or submit code to run. Keep the SuperLink on 127.0.0.1 and let "
+            "devices reach it through a tunnel or a proxy that forwards only /v1/fleet/ and /health, or set "
+            "server.expose_control_api = true to accept that risk on a network you control")
     insecure = s.insecure or insecure_flag
     if insecure:
         if not s.is_loopback() and not (s.insecure or insecure_flag):
@@ -121,7 +129,7 @@ def absolute_paths(cfg: FedLoraConfig) -> FedLoraConfig:
 
     cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
     cfg.data.dataset = fix(cfg.data.dataset)
-    cfg.data.data_files = {k: fix(v) for k, v in cfg.data.data_files.items()}
+    cfg.data.data_files = {k: [fix(f) for f in v] for k, v in cfg.data.data_files.items()}
     cfg.model.name = fix(cfg.model.name)
     if cfg.model.cache_dir:
         cfg.model.cache_dir = str(Path(cfg.model.cache_dir).expanduser().resolve())
@@ -220,13 +228,52 @@ def follow_log(dep: Deployment) -> None:
                              env={**DEFAULTS, **dep.env(), "COLUMNS": "400", "NO_COLOR": "1"})
 
 
-def run_status(dep: Deployment) -> str:
-    res = dep.flwr("ls", "--run-id", str(dep.run_id), CONNECTION, "--format", "json", check=False)
-    try:
-        runs = json.loads(res.stdout[res.stdout.index("{"):]).get("runs", [])
-        return str(runs[0].get("status", "")) if runs else ""
-    except (ValueError, IndexError):
-        return ""
+class RunStatus:
+    """The run's status ("running", "finished:completed", ...) from Flower's Control API, asked in
+    this process over one HTTP client (as `flwr ls` asks it, without starting a `flwr` process each
+    time: that cost about 2.3 CPU-seconds every 2 s, half a core for the whole run). "" while the
+    SuperLink cannot answer (it is restarting); the client is then made anew."""
+
+    def __init__(self, dep: Deployment) -> None:
+        self.dep = dep
+        self._client = None
+
+    def __call__(self) -> str:
+        from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
+
+        try:
+            if self._client is None:
+                self._client = self._connect()
+            res = self._client.ListRuns(ListRunsRequest(run_id=self.dep.run_id))
+            run = res.run_dict.get(self.dep.run_id)
+            if run is None:
+                return ""
+            return run.status.status + (f":{run.status.sub_status}" if run.status.sub_status else "")
+        except Exception:  # noqa: BLE001 - the SuperLink may be restarting; the caller asks again
+            self.close()
+            return ""
+
+    def _connect(self):  # noqa: ANN202 - flwr's ControlHttpClient
+        from flwr.cli.flower_config import read_superlink_connection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        saved = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = str(self.dep.home)  # the connection this deployment wrote
+        try:
+            return init_http_client_from_connection(read_superlink_connection(CONNECTION))
+        finally:
+            if saved is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = saved
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001 - closing a broken client
+                pass
+            self._client = None
 
 
 def restart_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool, app: Path,
@@ -284,6 +331,7 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
         dep.timings["start-seconds"] = time.perf_counter() - t_start
         say(f"run {dep.run_id} submitted ({'resuming' if resume else 'starting'} {run_dir.path}); waiting for "
             f"{cfg.federation.min_available_clients or cfg.federation.min_train_clients} clients")
+        run_status = RunStatus(dep)
         status, last_check, log_seen = "", 0.0, 0
         log_path = run_dir.path / "serverapp.log"
         while True:
@@ -297,10 +345,11 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
             if dep.superlink.poll() is not None:
                 restart_superlink(dep, cfg, node_auth, app, say)
             if time.monotonic() - last_check > 2.0:
-                status, last_check = run_status(dep), time.monotonic()
+                status, last_check = run_status(), time.monotonic()
                 if status.startswith("finished"):
                     break
             time.sleep(0.5)
+        run_status.close()
         show_new_rounds()
         if status != "finished:completed" or not (run_dir.path / "summary.json").exists():
             raise RuntimeError(f"run {dep.run_id} ended {status or 'without a status'}; the ServerApp's log is in "

@@ -110,38 +110,78 @@ class ClientLevelDP:
         seed = self.cfg.privacy.noise_seed
         return torch.Generator().manual_seed(seed * 1_000_003 + server_round if seed >= 0 else secrets.randbits(63))
 
+    def begin(self, sampled: int, server_round: int, rank: int) -> ClippedSum:
+        """A round's release, folded one client at a time: ``add`` clips each change into the running
+        sum, ``finish`` adds the noise once and accounts the round."""
+        return ClippedSum(self, sampled, server_round, rank)
+
     def release(self, global_eff: LoraFactors, starts: list[LoraFactors], updates: list[LoraFactors],
                 sampled: int, server_round: int, rank: int) -> tuple[LoraFactors, dict]:
-        """The new global adapter and what the round spent: ``global + mean(clip(change)) + noise``."""
-        m = max(sampled, len(updates))
-        changes = [effective_change(s, u, rank) for s, u in zip(starts, updates)]
-        keys, shapes, alpha, rows = flatten(changes)
-        norms = [float(r.norm()) for r in rows]
-        clip = self.clip
-        total = torch.zeros_like(rows[0])
-        for r, n in zip(rows, norms):
-            total += r * min(1.0, clip / n) if n > 0 else r
-        gen = self._generator(server_round)
-        z = self.noise_multiplier
+        """The new global adapter and what the round spent: ``global + mean(clip(change)) + noise``
+        (the fold of :meth:`begin` over a list)."""
+        release = self.begin(sampled, server_round, rank)
+        for start, update in zip(starts, updates):
+            release.add(start, update)
+        return release.finish(global_eff)
+
+
+class ClippedSum:
+    """One round of the Gaussian mechanism as a fold: the running sum of clipped changes (float64,
+    one adapter's worth) and the norms seen; the noise is drawn and the round accounted at
+    :meth:`finish`, with the same generator stream as a batch release would use."""
+
+    def __init__(self, dp: ClientLevelDP, sampled: int, server_round: int, rank: int) -> None:
+        self.dp, self.sampled, self.server_round, self.rank = dp, sampled, server_round, rank
+        self.clip = dp.clip  # the round's own bound: the one the sum's sensitivity is
+        self.total: torch.Tensor | None = None
+        self.layout: tuple | None = None  # (keys, shapes, alpha) of the flattened change
+        self.norms: list[float] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.norms)
+
+    def add(self, start: LoraFactors, update: LoraFactors) -> None:
+        keys, shapes, alpha, rows = flatten([effective_change(start, update, self.rank)])
+        if self.layout is not None and (keys, shapes) != self.layout[:2]:
+            raise ValueError("the update's change carries different tensors than the changes folded before it")
+        row = rows[0].double()
+        n = float(row.norm())
+        if self.total is None:
+            self.total, self.layout = torch.zeros_like(row), (keys, shapes, alpha)
+        self.total.add_(row, alpha=min(1.0, self.clip / n) if n > 0 else 1.0)
+        self.norms.append(n)
+
+    def finish(self, global_eff: LoraFactors) -> tuple[LoraFactors, dict]:
+        """The new global adapter and what the round spent: ``global + (sum + noise) / m``."""
+        if self.total is None:
+            raise ValueError("client-level DP needs at least one accepted update to release")
+        dp, norms, clip = self.dp, self.norms, self.clip
+        m = max(self.sampled, len(norms))
+        gen = dp._generator(self.server_round)
+        z = dp.noise_multiplier
         info = {"client-clip": clip, "client-noise-multiplier": z,
                 "client-update-norm-mean": sum(norms) / len(norms),
                 "clients-clipped": sum(n > clip for n in norms)}
-        if self.adaptive:
+        next_clip = clip
+        if dp.adaptive:
             count_std = accounting.adaptive_count_std(m)
             z_delta = accounting.adaptive_update_noise(z, m)  # raises before anything is released or spent
             under = sum(n <= clip for n in norms) + float(torch.randn((), generator=gen)) * count_std
-            p = self.cfg.privacy
-            self.clip = clip * math.exp(-p.adaptive_lr * (under / m - p.adaptive_quantile))
+            p = dp.cfg.privacy
+            next_clip = clip * math.exp(-p.adaptive_lr * (under / m - p.adaptive_quantile))
             z = z_delta
-            info["client-clip-next"] = self.clip
+            info["client-clip-next"] = next_clip
             info["client-update-noise-multiplier"] = z_delta
             info["client-count-noise-std"] = count_std
-        noise = torch.randn(total.shape, generator=gen) * (z * clip)
-        mean = (total + noise) / m
-        new = add_to_block(global_eff, unflatten(mean, keys, shapes, alpha), rank)
-        if self.noise_multiplier > 0:
-            self.accountant.compose(accounting.client_event(self.noise_multiplier, sampled, self.num_clients))
-            self.released += 1
-        info["client-epsilon"] = self.epsilon() if self.noise_multiplier > 0 else math.inf
-        info["client-delta"] = self.delta
+        noise = torch.randn(self.total.shape, generator=gen, dtype=torch.float32).double() * (z * clip)
+        mean = ((self.total + noise) / m).to(torch.float32)
+        keys, shapes, alpha = self.layout
+        new = add_to_block(global_eff, unflatten(mean, keys, shapes, alpha), self.rank)
+        dp.clip = next_clip
+        if dp.noise_multiplier > 0:
+            dp.accountant.compose(accounting.client_event(dp.noise_multiplier, self.sampled, dp.num_clients))
+            dp.released += 1
+        info["client-epsilon"] = dp.epsilon() if dp.noise_multiplier > 0 else math.inf
+        info["client-delta"] = dp.delta
         return new, info

@@ -1,0 +1,215 @@
+"""The server at scale: peak memory and time of one round through the strategy's real path.
+
+Messages in, adapter out: every reply is a Flower ``Message`` whose ``ArrayRecord`` holds a
+**distinct** 7B-shaped adapter (32 layers x q, v of 4096 x 4096, LoRA r=16: 33.5 MB in float32),
+generated one at a time as replies would arrive, and handed to ``aggregate_train`` as a stream
+(what :class:`fedlora.aggregation.streaming.StreamingGrid` gives it). Each cell runs in a fresh
+process; its peak RSS (sampled every 0.2 s) is compared with the same process's RSS after setup
+(the idle server: strategy, global adapter, one template). Generating a reply is the clients'
+work, not the server's: its time is measured and subtracted from the round's.
+
+Cells:
+* FedIT with 10, 100 and 1,000 replies: peak RSS must be flat in the cohort (1,000 / 10 <= 1.2,
+  increase over idle <= 1 GB);
+* FlexLoRA with 1,000 replies of ranks 4, 8, 12, 16 (mixed): seconds per round through the
+  single-pass sketch (goal <= 60 s on 2 cores);
+* the sketch's relative error against the exact path at the largest cohort where the exact stack
+  fits here (100 clients). The synthetic updates share a 32-dimensional subspace plus noise, as
+  the updates of one federation are correlated; with unrelated random factors every rank-16
+  approximation of a 1,000-term sum is poor, the exact one included.
+
+    .venv/bin/python -m benchmarks.server_scale            # about 20 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.server_scale --quick    # 10 and 100 replies only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from benchmarks.common import RESULTS, ROOT, write
+
+LAYERS, DIM, RANK = 32, 4096, 16
+MODULES = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(LAYERS) for p in "qv"]
+
+
+def _template(rank: int):  # noqa: ANN202
+    import torch
+
+    from fedlora.factors import LoraFactors, ModuleFactors
+
+    return LoraFactors(modules={n: ModuleFactors(A=torch.zeros(rank, DIM), B=torch.zeros(DIM, rank), alpha=2.0 * rank)
+                                for n in MODULES})
+
+
+def _client_factors(i: int, rank: int, shared):  # noqa: ANN001, ANN202
+    """Client i's adapter: A rows in a shared 32-dim subspace plus noise; B random; all distinct."""
+    import torch
+
+    from fedlora.factors import LoraFactors, ModuleFactors
+
+    g = torch.Generator().manual_seed(1000 + i)
+    mods = {}
+    for n in MODULES:
+        A = torch.randn(rank, shared.shape[0], generator=g) @ shared + 0.05 * torch.randn(rank, DIM, generator=g)
+        mods[n] = ModuleFactors(A=A * 0.01, B=torch.randn(DIM, rank, generator=g) * 0.01, alpha=2.0 * rank)
+    return LoraFactors(modules=mods)
+
+
+def cell(strategy_name: str, clients: int, exact_check: bool = False) -> dict:
+    """One round in this process; returns its figures."""
+    import psutil
+    import torch
+    from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
+
+    from benchmarks.common import PeakRSS, set_task_identity
+    from fedlora import codec
+    from fedlora.config import FedLoraConfig
+    from fedlora.lora_math import to_effective
+    from fedlora.protocol import NodeProfile
+    from fedlora.registry import get_strategy
+    from fedlora.strategies.base import RoundLog
+
+    set_task_identity()
+    torch.set_num_threads(2)
+    hetero = strategy_name != "fedit"
+    cfg = FedLoraConfig.load(None, [f"federation.strategy={strategy_name}", f"lora.rank={RANK}", "lora.alpha_mode=proportional",
+                                    f"federation.num_clients={max(clients, 2)}", "federation.fraction_train=1.0",
+                                    f"federation.min_train_clients={clients}", "model.name=builtin:tiny-llama",
+                                    "model.task=causal-lm"]
+                             + (["hetero.client_ranks=[4, 8, 12, 16]"] if hetero else []))
+    strategy = get_strategy(strategy_name)(cfg, _template(RANK))
+    strategy.global_eff = strategy.initial_global(to_effective(_template(RANK)))
+    ranks = [[4, 8, 12, 16][i % 4] if hetero else RANK for i in range(clients)]
+    for i in range(clients):
+        strategy.profiles[100 + i] = NodeProfile(node_id=100 + i, client_id=f"c{i:05d}", partition_id=i, rank=ranks[i],
+                                                 alpha=cfg.lora.alpha_for_rank(ranks[i]), num_train=100, num_test=10)
+    rl = strategy.rounds.setdefault(1, RoundLog(server_round=1))
+    rl.sampled = clients
+    rl.sent[MessageType.TRAIN] = [100 + i for i in range(clients)]
+    shared = torch.randn(32, DIM, generator=torch.Generator().manual_seed(7))
+    idle = psutil.Process().memory_info().rss
+    gen_seconds = [0.0]
+
+    def replies():  # noqa: ANN202 - one reply at a time, as they arrive
+        for i in range(clients):
+            t0 = time.perf_counter()
+            f = _client_factors(i, ranks[i], shared)
+            content = RecordDict({"arrays": codec.encode(f, modules=strategy.module_names),
+                                  "metrics": MetricRecord({"num-examples": 50 + i % 50, "rank": ranks[i]})})
+            md = Metadata(run_id=1, message_id=f"m{i}", src_node_id=100 + i, dst_node_id=0, reply_to_message_id=f"q{i}",
+                          group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+            msg = Message(content=content, metadata=md)
+            del f, content
+            gen_seconds[0] += time.perf_counter() - t0
+            yield msg
+
+    t0 = time.perf_counter()
+    with PeakRSS() as peak:
+        strategy.aggregate_train(1, replies())
+    wall = time.perf_counter() - t0
+    assert rl.accepted == clients, rl.rejected[:3]
+    out = {"strategy": strategy_name, "clients": clients, "idle_rss_mb": idle / 2**20, "peak_rss_mb": peak.peak / 2**20,
+           "increase_mb": (peak.peak - idle) / 2**20, "round_seconds": wall, "reply_generation_seconds": gen_seconds[0],
+           "server_seconds": wall - gen_seconds[0], "aggregate_seconds": rl.aggregate_seconds,
+           "sketched": "sketch-relative-error" in rl.privacy,
+           "sketch_relative_error_estimate": rl.privacy.get("sketch-relative-error")}
+    if exact_check:  # the same replies through the exact stack (memory grows with the cohort here)
+        from fedlora.aggregation.folds import ExactProductSum, SketchedProductSum
+
+        def dense(f, n):  # noqa: ANN001, ANN202
+            m = f.modules[n]
+            return m.B.double() @ m.A.double()
+
+        exact, sketch = ExactProductSum(), SketchedProductSum(RANK, cfg.hetero.sketch_oversampling, seed=1)
+        for i in range(clients):
+            u = to_effective(_client_factors(i, ranks[i], shared))
+            exact.add(u, 50 + i % 50)
+            sketch.add(u, 50 + i % 50)
+        t1 = time.perf_counter()
+        best = exact.result(RANK)
+        out["exact_seconds"] = time.perf_counter() - t1
+        approx = sketch.result(RANK)
+        full = exact.result(None)
+        num_s = num_b = den = num_sb = 0.0
+        for n in MODULES[:8]:  # 8 modules: forming 4096 x 4096 products for all 64 is slow and says no more
+            x = dense(full, n)
+            num_b += float(((x - dense(best, n)) ** 2).sum())
+            num_s += float(((x - dense(approx, n)) ** 2).sum())
+            num_sb += float(((dense(best, n) - dense(approx, n)) ** 2).sum())
+            den += float((x ** 2).sum())
+        out.update({"exact_truncation_error": (num_b / den) ** 0.5, "sketch_error": (num_s / den) ** 0.5,
+                    "sketch_vs_exact_flexlora": (num_sb / den) ** 0.5,
+                    "sketch_error_estimate": sketch.last_error})
+    return out
+
+
+CELLS = [("fedit", 10, False), ("fedit", 100, False), ("fedit", 1000, False), ("flexlora", 1000, False),
+         ("flexlora", 100, True)]
+
+
+def run(quick: bool = False) -> dict:
+    rows = []
+    for name, clients, exact in CELLS:
+        if quick and clients > 100:
+            continue
+        args = [sys.executable, "-m", "benchmarks.server_scale", "--cell", f"{name}:{clients}:{int(exact)}"]
+        res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True)
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        print(row, flush=True)
+        rows.append(row)
+    fedit = {r["clients"]: r for r in rows if r["strategy"] == "fedit"}
+    summary = {}
+    if 10 in fedit and max(fedit) > 10:
+        top = max(fedit)
+        summary.update({f"fedit_peak_rss_{top}_over_10": fedit[top]["peak_rss_mb"] / fedit[10]["peak_rss_mb"],
+                        f"fedit_increase_mb_at_{top}": fedit[top]["increase_mb"]})
+    _plot(rows)
+    write("server_scale", {"shape": f"{LAYERS} layers x q,v of {DIM}x{DIM}, LoRA r={RANK} (FlexLoRA: ranks 4-16)",
+                           "rows": rows, "summary": summary})
+    return {"rows": rows, "summary": summary}
+
+
+def _plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fedit = [r for r in rows if r["strategy"] == "fedit"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot([r["clients"] for r in fedit], [r["peak_rss_mb"] for r in fedit], "o-", label="peak RSS")
+    ax[0].plot([r["clients"] for r in fedit], [r["idle_rss_mb"] for r in fedit], "s--", label="idle server RSS")
+    ax[0].set_xscale("log")
+    ax[0].set_xlabel("distinct 7B-shaped replies in the round")
+    ax[0].set_ylabel("MiB")
+    ax[0].set_title("FedIT server memory: replies folded as they arrive")
+    ax[0].legend()
+    ax[1].bar([f"{r['strategy']}\n{r['clients']}" for r in rows], [r["server_seconds"] for r in rows])
+    ax[1].set_ylabel("server seconds per round (reply generation excluded)")
+    ax[1].set_title("round time at 7B")
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "server_scale.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cell", default="")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if a.cell:
+        from benchmarks.common import setup_env
+
+        setup_env()
+        name, n, exact = a.cell.split(":")
+        print(json.dumps(cell(name, int(n), bool(int(exact)))))
+    else:
+        from benchmarks.common import setup_env
+
+        setup_env()
+        print(json.dumps(run(quick=a.quick)["summary"], indent=2))

@@ -1,0 +1,118 @@
+"""Stage 2 of a round's aggregation: what one client's update may do to the global adapter.
+
+``robust.update_norm_bound``: a client's update is its change from what it started the round
+with, measured in effective form over the parts it shares (:func:`fedlora.robust.update_norm`);
+above the bound it is scaled back onto it (``clip``) or dropped (``reject``), and named.
+"""
+
+from __future__ import annotations
+
+from fedlora.factors import LoraFactors
+from fedlora.protocol import NodeProfile
+from fedlora.robust import clip_update
+from fedlora.validation import RejectedReply
+
+
+def bound_update(strategy, prof: NodeProfile, factors: LoraFactors, server_round: int, rl) -> LoraFactors:  # noqa: ANN001
+    bound = strategy.cfg.robust.update_norm_bound
+    if bound <= 0:
+        return factors
+    start = strategy.round_start(prof, server_round)
+    clipped, norm = clip_update(start, factors, bound)
+    if norm > bound:
+        if strategy.cfg.robust.norm_action == "reject":
+            raise RejectedReply(f"update norm {norm:.4g} is above robust.update_norm_bound ({bound:g})")
+        if rl is not None:
+            rl.clipped.append(f"client {prof.client_id}: update norm {norm:.4g} clipped to {bound:g}")
+    return clipped
+
+
+def bound_weight(strategy, prof: NodeProfile, examples: int, rl) -> float:  # noqa: ANN001
+    """``robust.max_weight_factor`` (on by default): a reply's aggregation weight (its example count)
+    is at most that many times the median training-set size the federation's clients declared, so
+    a client claiming a large data set inside every other cap cannot carry the round (the share cap,
+    ``robust.max_client_share``, is the exact but opt-in form). Named when it applies."""
+    factor = strategy.cfg.robust.max_weight_factor
+    if factor <= 0 or not strategy.profiles:
+        return float(examples)
+    sizes = sorted(p.num_train for p in strategy.profiles.values())
+    limit = factor * max(sizes[len(sizes) // 2], 1)
+    if examples <= limit:
+        return float(examples)
+    if rl is not None:
+        rl.clipped.append(f"client {prof.client_id}: weight {examples} examples capped at {limit:g} "
+                          f"(robust.max_weight_factor {factor:g} x the median declared size {sizes[len(sizes) // 2]})")
+    return float(limit)
+
+
+class RelativeBound:
+    """``robust.relative_norm_bound`` (on by default): no update's norm may exceed that many times a
+    reference, the median update norm of the previous round's accepted replies (a robust statistic:
+    fewer than half the clients cannot move it). Above it the update is clipped onto it (or
+    rejected, ``robust.norm_action``) and the client named. It needs no absolute figure, so it suits
+    any model and learning rate, and an honest client in an honest round is far below it.
+
+    The first round has no reference: its first ``robust.reference_window`` replies are held (a few
+    adapters, once) and their median becomes the reference, so a round with at most that many
+    clients is bounded by its own exact median, whatever the arrival order. Off under client-level
+    DP: a threshold computed from other clients' updates would make each client's clip depend on
+    the others' data, which the Gaussian mechanism's analysis does not allow (its own clip C
+    bounds every client there).
+
+    ``offer`` takes an accepted update and returns those ready to fold (none while the first
+    window fills); ``flush`` returns what is still held when the round's replies end."""
+
+    def __init__(self, strategy, rl, server_round: int) -> None:  # noqa: ANN001
+        r = strategy.cfg.robust
+        self.strategy, self.rl, self.server_round = strategy, rl, server_round
+        self.factor = r.relative_norm_bound if strategy.dp is None else 0.0
+        self.window = max(1, r.reference_window)
+        self.reference = strategy.norm_reference
+        self.norms: list[float] = []
+        self._held: list[tuple] = []
+
+    def offer(self, update) -> list:  # noqa: ANN001 - an Update
+        if self.factor <= 0:
+            return [update]
+        from fedlora.robust import update_norm
+
+        norm = update_norm(self.strategy.round_start(update.profile, self.server_round), update.factors)
+        self.norms.append(norm)
+        if self.reference is None:
+            self._held.append((update, norm))
+            return self.flush() if len(self._held) >= self.window else []
+        return [x for x in [self._bounded(update, norm)] if x is not None]
+
+    def flush(self) -> list:
+        if not self._held:
+            return []
+        if self.reference is None:
+            self.reference = _median([n for _, n in self._held])
+        held, self._held = self._held, []
+        return [x for x in (self._bounded(u, n) for u, n in held) if x is not None]
+
+    def next_reference(self) -> float | None:
+        """The next round's reference: this round's median (the previous one if no norm was seen)."""
+        return _median(self.norms) if self.norms else self.strategy.norm_reference
+
+    def _bounded(self, update, norm: float):  # noqa: ANN001, ANN202
+        ref = self.reference
+        if ref is None or ref <= 0 or norm <= self.factor * ref:
+            return update
+        limit = self.factor * ref
+        who = f"client {update.profile.client_id}"
+        why = (f"update norm {norm:.4g} is {norm / ref:.3g}x the reference {ref:.4g} (the median update norm), "
+               f"above robust.relative_norm_bound ({self.factor:g}x)")
+        if self.strategy.cfg.robust.norm_action == "reject":
+            self.rl.rejected.append(f"{who} (node {update.profile.node_id}): {why}")
+            return None
+        start = self.strategy.round_start(update.profile, self.server_round)
+        update.factors, _ = clip_update(start, update.factors, limit)
+        self.rl.clipped.append(f"{who}: {why}; clipped to {limit:.4g}")
+        return update
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])

@@ -1,0 +1,455 @@
+"""Aggregation as a fold: updates are added one at a time and the aggregate is read at the end.
+
+Each accumulator here takes a client's update (effective form, see :mod:`fedlora.lora_math`) and
+its aggregation weight, folds it into a running state at once, and lets the caller drop it. The
+state's size does not depend on how many updates were added (except :class:`KeepAll`, which the
+coordinate median and trimmed mean need), so a round's memory is a few adapters whatever the
+cohort. Every ``add`` checks its input completely before it touches the state: an update that
+does not fit leaves no trace.
+
+Running sums are kept in float64: the result no longer depends on the order replies arrive in
+(beyond float64 rounding, far below the float32 the adapters are stored in), which is what lets
+the server fold replies as they come instead of sorting a list first.
+
+These are the same maths as the batch functions of :mod:`fedlora.lora_math` (which the tests use
+as oracles): :class:`WeightedMean` is ``weighted_mean``, :class:`ZeroPaddedMean` is
+``aggregate_zero_padded``, :class:`ExactProductSum` is ``aggregate_stacked`` (and, at a rank,
+``aggregate_svd``). :class:`SketchedProductSum` replaces the stack for large cohorts by a
+single-pass randomized sketch of the weighted sum of products.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import zlib
+from collections.abc import Callable
+
+import torch
+
+from fedlora.factors import LoraFactors, ModuleFactors
+from fedlora.lora_math import _fit_cols, _fit_rows, _product_norm, aggregate_stacked, normalise, svd_redistribute
+
+
+class Fold:
+    """The protocol: ``add(update_eff, weight)`` any number of times, then ``finish()`` once."""
+
+    count: int = 0
+
+    def check(self, update_eff: LoraFactors) -> None:
+        """Raise :class:`ValueError` if ``update_eff`` cannot be folded with what came before (the
+        first update checked sets the reference). ``add`` calls it before touching any state."""
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> LoraFactors:
+        raise NotImplementedError
+
+    def held_bytes(self) -> int:
+        """Bytes of tensors the running state holds now (the benchmark and the README's table)."""
+        return 0
+
+
+def _check_weight(weight: float) -> float:
+    w = float(weight)
+    if not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"aggregation weight must be finite and >= 0, got {weight!r}")
+    return w
+
+
+class _Signature:
+    """What every update of a fold must share: its tensor keys and shapes (``ranks=False``), or its
+    modules, with A and B present and their ranks at most ``max_rank`` (``ranks=True``), and its heads."""
+
+    def __init__(self, ranks: bool, max_rank: int | None = None) -> None:
+        self.ranks, self.max_rank = ranks, max_rank
+        self.ref = None
+
+    def check(self, u: LoraFactors) -> None:
+        if self.ranks:
+            for name, m in u.modules.items():
+                if m.A is None or m.B is None:
+                    raise ValueError(f"{name}: a heterogeneous-rank fold needs both A and B")
+                if self.max_rank is not None and m.rank > self.max_rank:
+                    raise ValueError(f"{name}: rank {m.rank} is above the fold's {self.max_rank}")
+            sig = (sorted(u.modules), sorted((k, tuple(t.shape)) for k, t in u.extras.items()))
+        else:
+            sig = [(k, tuple(t.shape)) for k, t in u.tensors()]
+        if self.ref is None:
+            self.ref = sig
+        elif sig != self.ref:
+            raise ValueError("the update carries different tensors or shapes than the updates folded before it; "
+                             "mixed ranks need a heterogeneous-rank strategy")
+
+
+class _TensorSums:
+    """Per-key float64 running sums of same-shaped tensors (the first update fixes keys and shapes)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, items: list[tuple[str, torch.Tensor]], weight: float) -> None:
+        if not self.sums:
+            self.sums = {k: torch.zeros(t.shape, dtype=torch.float64) for k, t in items}
+        for k, t in items:
+            self.sums[k].add_(t.double(), alpha=weight)
+
+    def mean(self, total: float) -> dict[str, torch.Tensor]:
+        return {k: (s / total).to(torch.float32) for k, s in self.sums.items()}
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.sums.values())
+
+
+class WeightedMean(Fold):
+    """``sum_k w_k x_k / sum_k w_k`` of every tensor (same keys and shapes in every update): FedIT,
+    FFA-LoRA and FedSA-LoRA's average, and client-level DP's sum. Holds one adapter (float64)."""
+
+    def __init__(self) -> None:
+        self._sums = _TensorSums()
+        self._sig = _Signature(ranks=False)
+        self.alpha: dict[str, float] = {}
+        self.total = 0.0
+        self.count = 0
+
+    def check(self, update_eff: LoraFactors) -> None:
+        self._sig.check(update_eff)
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        w = _check_weight(weight)
+        self.check(update_eff)
+        items = list(update_eff.tensors())
+        if not self.count:
+            self.alpha = {n: m.alpha for n, m in update_eff.modules.items()}
+        self._sums.add(items, w)
+        self.total += w
+        self.count += 1
+
+    def finish(self) -> LoraFactors:
+        if not self.count or self.total <= 0:
+            raise ValueError(f"aggregation weights must have a positive sum; {self.count} update(s) folded, "
+                             f"total weight {self.total}")
+        return LoraFactors.from_tensors(self._sums.mean(self.total), self.alpha)
+
+    def held_bytes(self) -> int:
+        return self._sums.nbytes()
+
+
+class _HeadMean:
+    """The weighted mean of the heads (extras), beside a fold of the modules."""
+
+    def __init__(self) -> None:
+        self._sums = _TensorSums()
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        items = sorted(update_eff.extras.items())
+        if items:
+            self._sums.add(items, weight)
+
+    def mean(self, total: float) -> dict[str, torch.Tensor]:
+        return self._sums.mean(total) if self._sums.sums else {}
+
+
+class ZeroPaddedMean(Fold):
+    """HetLoRA (Cho et al., 2024): each update's A rows and B columns zero-padded to ``max_rank``;
+    with ``sparsity_weighted`` a module's weights are ``w_k * ||B_k A_k||_F`` normalised over the
+    clients (when every product is zero, the plain weights). Heads: the plain weighted mean.
+    ``finish`` returns rank ``max(min_rank, largest rank folded)``; :attr:`covered` is that largest
+    rank. Holds four padded adapters (float64): the norm-weighted and the plain sums."""
+
+    def __init__(self, max_rank: int, sparsity_weighted: bool = True, min_rank: int = 1) -> None:
+        self.max_rank, self.sparsity_weighted, self.min_rank = max_rank, sparsity_weighted, min_rank
+        self._norm_sums: dict[str, list] = {}  # module -> [sum w n A, sum w n B, sum w n]
+        self._plain_sums: dict[str, list] = {}  # module -> [sum w A, sum w B]
+        self._heads = _HeadMean()
+        self._sig = _Signature(ranks=True, max_rank=max_rank)
+        self.total = 0.0
+        self.count = 0
+        self.covered = 0
+
+    def check(self, update_eff: LoraFactors) -> None:
+        self._sig.check(update_eff)
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        w = _check_weight(weight)
+        self.check(update_eff)
+        parts = {}
+        for name, m in update_eff.modules.items():
+            A, B = _fit_rows(m.A, self.max_rank).double(), _fit_cols(m.B, self.max_rank).double()
+            parts[name] = (A, B, float(_product_norm(m.B.double(), m.A.double())) if self.sparsity_weighted else 1.0)
+        for name, (A, B, n) in parts.items():
+            if name not in self._plain_sums:
+                self._norm_sums[name] = [torch.zeros_like(A), torch.zeros_like(B), 0.0]
+                self._plain_sums[name] = [torch.zeros_like(A), torch.zeros_like(B)]
+            ns, ps = self._norm_sums[name], self._plain_sums[name]
+            ns[0].add_(A, alpha=w * n)
+            ns[1].add_(B, alpha=w * n)
+            ns[2] += w * n
+            ps[0].add_(A, alpha=w)
+            ps[1].add_(B, alpha=w)
+        self._heads.add(update_eff, w)
+        self.total += w
+        self.count += 1
+        self.covered = max(self.covered, max((m.rank for m in update_eff.modules.values()), default=0))
+
+    def finish(self) -> LoraFactors:
+        if not self.count or self.total <= 0:
+            raise ValueError(f"aggregation weights must have a positive sum; {self.count} update(s) folded")
+        rank = max(self.min_rank, self.covered)
+        out = LoraFactors(extras=self._heads.mean(self.total))
+        for name, (sA, sB, sn) in self._norm_sums.items():
+            if sn > 0:
+                A, B = sA / sn, sB / sn
+            else:
+                pA, pB = self._plain_sums[name]
+                A, B = pA / self.total, pB / self.total
+            out.modules[name] = ModuleFactors(A=A[:rank].to(torch.float32), B=B[:, :rank].to(torch.float32),
+                                              alpha=float(rank))
+        return out
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in (*self._norm_sums.values(), *self._plain_sums.values())
+                   for t in s if isinstance(t, torch.Tensor)) + self._heads._sums.nbytes()
+
+
+class ProductSum(Fold):
+    """``sum_k p_k B_k A_k`` per module (p: the normalised weights), read at a rank: FLoRA's stack
+    and FlexLoRA's SVD redistribution. Heads: the weighted mean."""
+
+    def result(self, rank: int | None) -> LoraFactors:
+        raise NotImplementedError
+
+    def finish(self) -> LoraFactors:
+        return self.result(None)
+
+
+class ExactProductSum(ProductSum):
+    """Keeps every update: ``result(None)`` is the exact stack (rank sum r_k, FLoRA), ``result(r)``
+    its best rank-r factors by QR of the stack and an SVD of its small core (FlexLoRA). For small
+    cohorts, and the oracle the sketch is tested against. Holds every update."""
+
+    def __init__(self) -> None:
+        self.updates: list[LoraFactors] = []
+        self.weights: list[float] = []
+        self._sig = _Signature(ranks=True)
+        self.count = 0
+
+    def check(self, update_eff: LoraFactors) -> None:
+        self._sig.check(update_eff)
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        w = _check_weight(weight)
+        self.check(update_eff)
+        self.updates.append(update_eff)
+        self.weights.append(w)
+        self.count += 1
+
+    def result(self, rank: int | None) -> LoraFactors:
+        stacked = aggregate_stacked(self.updates, self.weights)
+        return stacked if rank is None else svd_redistribute(stacked, rank)
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for u in self.updates for _, t in u.tensors())
+
+
+class SketchedProductSum(ProductSum):
+    """The weighted sum of products through a single-pass randomized sketch, never stacked.
+
+    Per module, with the sum X = sum_k w_k B_k A_k (out x in), it accumulates from each update's
+    factors the range sketch Y = X Omega (out x k), the co-range sketch W = Psi X (l x in) and a
+    test sketch T = Theta X (q x in), Omega, Psi, Theta Gaussian and drawn once from ``seed``.
+    ``result(r)`` reconstructs as Tropp, Yurtsever, Udell and Cevher (SIMAX 2017, "Practical
+    sketching algorithms for low-rank matrix approximation", Algorithm 7 with the fixed-rank
+    truncation of their section 5): Q = orth(Y), X_hat = Q (Psi Q)^+ W, then the best rank-r
+    factors of X_hat, sqrt(S) split between them as FlexLoRA does. X_hat equals X exactly when X's
+    rank is at most k (Halko, Martinsson and Tropp 2011). ``k = rank + oversampling``,
+    ``l = 2k + 1`` (Tropp et al.'s recommendation). :meth:`relative_error` estimates
+    ||X - X_r|| / ||X|| from the test sketch (Tropp et al. 2019, SISC, "Streaming low-rank matrix
+    approximation with an application to scientific simulation", section 6), so every round can
+    log it without the exact stack. Holds per module (k + l + q) x (out or in) floats."""
+
+    def __init__(self, rank: int, oversampling: int, seed: int = 0, test_size: int = 8) -> None:
+        self.rank, self.k = rank, rank + oversampling
+        self.l, self.q = 2 * self.k + 1, test_size
+        self.seed = seed
+        self._maps: dict[tuple, torch.Tensor] = {}
+        self._sketch: dict[str, list[torch.Tensor]] = {}  # module -> [Y, W, T]
+        self._heads = _HeadMean()
+        self._sig = _Signature(ranks=True)
+        self.total = 0.0
+        self.count = 0
+        self.last_error: float | None = None
+
+    def _gaussian(self, kind: str, shape: tuple[int, int]) -> torch.Tensor:
+        key = (kind, shape)
+        if key not in self._maps:  # one map per shape: modules of one shape share it (the sketch is linear)
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{kind}/{shape}".encode()))
+            self._maps[key] = torch.randn(shape, generator=g)
+        return self._maps[key]
+
+    def check(self, update_eff: LoraFactors) -> None:
+        self._sig.check(update_eff)
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        w = _check_weight(weight)
+        self.check(update_eff)
+        parts = {}
+        for name, m in update_eff.modules.items():
+            out_dim, in_dim = m.B.shape[0], m.A.shape[1]
+            A, B = m.A.float(), m.B.float()
+            omega = self._gaussian("omega", (in_dim, self.k))
+            psi = self._gaussian("psi", (self.l, out_dim))
+            theta = self._gaussian("theta", (self.q, out_dim))
+            # r x k, l x r and q x r cores first: never an out x in matrix. The products in the factors'
+            # float32 (the bulk of the work), the running sums in float64.
+            parts[name] = tuple(x.double() for x in (B @ (A @ omega), (psi @ B) @ A, (theta @ B) @ A))
+        for name, (y, wk, t) in parts.items():
+            if name not in self._sketch:
+                self._sketch[name] = [torch.zeros_like(y), torch.zeros_like(wk), torch.zeros_like(t)]
+            s = self._sketch[name]
+            s[0].add_(y, alpha=w)
+            s[1].add_(wk, alpha=w)
+            s[2].add_(t, alpha=w)
+        self._heads.add(update_eff, w)
+        self.total += w
+        self.count += 1
+
+    def result(self, rank: int | None) -> LoraFactors:
+        if not self.count or self.total <= 0:
+            raise ValueError(f"aggregation weights must have a positive sum; {self.count} update(s) folded")
+        rank = self.rank if rank is None else rank
+        if rank > self.k:
+            raise ValueError(f"the sketch (size {self.k}) cannot give rank {rank}")
+        out = LoraFactors(extras=self._heads.mean(self.total))
+        num = den = 0.0
+        for name, (Y, W, T) in self._sketch.items():
+            Y, W, T = Y / self.total, W / self.total, T / self.total
+            Q, _ = torch.linalg.qr(Y)
+            psi = self._gaussian("psi", (self.l, Y.shape[0])).double()
+            Z = torch.linalg.lstsq(psi @ Q, W).solution  # k x in: X_hat = Q Z
+            U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+            r = min(rank, S.shape[0])
+            sq = S[:r].sqrt()
+            Bn, An = (Q @ U[:, :r]) * sq, sq.unsqueeze(1) * Vh[:r]
+            if r < rank:
+                Bn = torch.cat([Bn, Bn.new_zeros(Bn.shape[0], rank - r)], 1)
+                An = torch.cat([An, An.new_zeros(rank - r, An.shape[1])], 0)
+            theta = self._gaussian("theta", (self.q, Y.shape[0])).double()
+            num += float(((T - (theta @ Bn) @ An) ** 2).sum())
+            den += float((T ** 2).sum())
+            out.modules[name] = ModuleFactors(A=An.to(torch.float32), B=Bn.to(torch.float32), alpha=float(rank))
+        self.last_error = math.sqrt(num / den) if den > 0 else 0.0
+        return out
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self._sketch.values() for t in s) + sum(
+            t.numel() * t.element_size() for t in self._maps.values())
+
+
+class KeepAll(Fold):
+    """Holds every update for a statistic that needs them all at once (coordinate median, trimmed
+    mean): ``finish`` applies ``statistic`` to the list. Memory grows with the cohort; the server
+    states it and refuses it above ``robust.held_updates_budget_mb`` before the run starts."""
+
+    def __init__(self, statistic: Callable[[list[LoraFactors]], LoraFactors]) -> None:
+        self.statistic = statistic
+        self.updates: list[LoraFactors] = []
+        self._sig = _Signature(ranks=False)
+        self.count = 0
+
+    def check(self, update_eff: LoraFactors) -> None:
+        self._sig.check(update_eff)
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        _check_weight(weight)
+        self.check(update_eff)
+        self.updates.append(update_eff)
+        self.count += 1
+
+    def finish(self) -> LoraFactors:
+        return self.statistic(self.updates)
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for u in self.updates for _, t in u.tensors())
+
+
+class ShareCapped(Fold):
+    """``robust.max_client_share`` around a fold that normalises its weights (every fold here but
+    :class:`KeepAll`): no client's normalised weight exceeds the cap, exactly as
+    :func:`fedlora.robust.cap_shares` (water-filling) gives for the whole round, yet folded.
+
+    Why this can stream: water-filling caps the heaviest clients, and fewer than 1/cap of them
+    (each capped client holds exactly the cap). So the ``ceil(1/cap)`` heaviest updates seen so
+    far are held back; every other one can only end uncapped, with a share proportional to its
+    weight, and is folded at once with its raw weight. At ``finish`` the held updates are folded
+    with their water-filled share rescaled to the same proportion. Holds ceil(1/cap) updates."""
+
+    def __init__(self, inner: Fold, max_share: float) -> None:
+        from fedlora.robust import cap_shares
+
+        self._cap_shares = cap_shares
+        self.inner, self.max_share = inner, max_share
+        self.held_max = math.ceil(1.0 / max_share - 1e-9) if max_share < 1.0 else 0
+        self._held: list[tuple[float, int, LoraFactors]] = []  # a min-heap on (weight, arrival)
+        self.weights: list[float] = []
+        self._folded: int | None = None  # the arrival index of one update folded with its raw weight
+        self.count = 0
+
+    def check(self, update_eff: LoraFactors) -> None:
+        self.inner.check(update_eff)
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        w = _check_weight(weight)
+        self.inner.check(update_eff)  # a held update must fit when it is folded at the end
+        if not self.held_max:
+            self.inner.add(update_eff, w)
+        else:
+            item = (w, len(self.weights), update_eff)
+            if len(self._held) < self.held_max:
+                heapq.heappush(self._held, item)
+            elif (w, item[1]) > self._held[0][:2]:
+                light = self._held[0]
+                self.inner.add(light[2], light[0])
+                heapq.heapreplace(self._held, item)
+                self._folded = light[1]
+            else:
+                self.inner.add(update_eff, w)
+                self._folded = item[1]
+        self.weights.append(w)
+        self.count += 1
+
+    def finish(self) -> LoraFactors:
+        self._fold_held()
+        return self.inner.finish()
+
+    def result(self, rank: int | None) -> LoraFactors:
+        """For a :class:`ProductSum` inside: its product sum at ``rank``."""
+        self._fold_held()
+        return self.inner.result(rank)
+
+    def _fold_held(self) -> None:
+        if not self._held:
+            return
+        shares = self._cap_shares(self.weights, self.max_share)
+        # Uncapped updates have share c * weight; the inner fold holds them at their raw weight.
+        c = 1.0 if self._folded is None else shares[self._folded] / self.weights[self._folded]
+        for _, i, u in sorted(self._held, key=lambda h: h[1]):
+            self.inner.add(u, shares[i] / c)
+        self._held = []
+
+    def held_bytes(self) -> int:
+        return self.inner.held_bytes() + sum(t.numel() * t.element_size() for _, _, u in self._held
+                                             for _, t in u.tensors())
+
+
+def batch(fold: Fold, updates_eff: list[LoraFactors], weights: list[float]) -> Fold:
+    """Fold a list (tests, benchmarks): the same path the server takes one reply at a time."""
+    normalise(weights)  # the batch functions' own check: non-negative with a positive sum
+    for u, w in zip(updates_eff, weights):
+        fold.add(u, w)
+    return fold
+
+
+__all__ = ["ExactProductSum", "Fold", "KeepAll", "ProductSum", "ShareCapped", "SketchedProductSum", "WeightedMean",
+           "ZeroPaddedMean", "batch"]
