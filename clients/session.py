@@ -51,6 +51,7 @@ class ClientSession:
 
     # --------------------------------------------------------------------- construction
     label_names: list[str] | None = None  # the run's label space, as the server sent it
+    device_dir: str = ""  # a deployed device's own state folder (its owner's): every file it writes goes there
 
     @staticmethod
     def remember_config(context: Context, run_config_json: str, label_names: list[str] | None = None) -> FedLoraConfig:
@@ -119,8 +120,9 @@ class ClientSession:
         rank = int(nc.get("rank", 0)) or cfg.client_rank(partition)
         rank = int(store.load(client_id, "rank", rank))  # HetLoRA self-pruning may have lowered it
         device_class = str(nc.get("device-class", "")) or cfg.client_class(partition)
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
+        threads = int(nc.get("threads", 0) or 0) or cfg.train.num_threads  # the device's own setting wins
+        if threads:
+            torch.set_num_threads(threads)
         if cfg.continual.enabled:
             if str(nc.get("data", "")):
                 raise SetupMissing("a task sequence reads each task's dataset from the run config; a device's own "
@@ -145,7 +147,7 @@ class ClientSession:
         device = pick_device(cfg.train.device)
         check_device(cfg, device)  # a quantized or float16 base on a CPU: refused before any training
         return cls(cfg=cfg, policy=policy_for(cfg.federation.strategy), profile=profile, data=data, store=store,
-                   device=device, label_names=label_names)
+                   device=device, label_names=label_names, device_dir=str(nc.get("state-dir", "")))
 
     def labels(self) -> list[str]:
         from fedlora.data import load_task
@@ -263,7 +265,12 @@ class ClientSession:
         return out.select(self.policy.shared)
 
     def save_personal_adapter(self, model: torch.nn.Module) -> str:
-        root = Path(self.cfg.simulation.state_dir or self.store.root).parent / "adapters" / self.profile.client_id
+        # A device writes inside the state folder its owner gave (--state-dir), never where the run config
+        # points; a simulation keeps its clients' adapters beside their state, in the run directory.
+        if self.device_dir:
+            root = Path(self.device_dir) / "adapters" / self.profile.client_id
+        else:
+            root = Path(self.cfg.simulation.state_dir or self.store.root).parent / "adapters" / self.profile.client_id
         save_adapter(model, root, self.cfg.model.name, self.labels())
         return str(root)
 

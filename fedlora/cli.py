@@ -166,6 +166,7 @@ def client(
     state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="Where this client keeps its state across restarts.")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank this device trains (0 = the run's).")] = None,
     device_class: Annotated[Optional[str], typer.Option("--device-class", help="Device class from the run's [hetero] table.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads on this device (0 = the run's train.num_threads); size it to the device, not the server's guess.")] = None,
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Stable name of this client ('' = the key's file name).")] = None,
     partition_id: Annotated[Optional[int], typer.Option("--partition-id", help="Trial: use partition N of the run's dataset instead of own data.")] = None,
     insecure: Annotated[Optional[bool], typer.Option("--insecure", help="Join a server started with --insecure.")] = None,
@@ -178,7 +179,7 @@ def client(
         s = ClientSettings.load(settings, {"server": server_address, "root_certificates": root_certificates,
                                            "node_key": node_key, "data": data, "state_dir": state_dir, "rank": rank,
                                            "device_class": device_class, "client_id": client_id,
-                                           "partition_id": partition_id, "insecure": insecure})
+                                           "partition_id": partition_id, "insecure": insecure, "threads": threads})
     except (ConfigError, TypeError) as exc:
         typer.secho(f"client settings error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -129,6 +129,27 @@ def message_bytes(message) -> int:  # noqa: ANN001 - flwr.app.Message
     return message_to_proto(message).ByteSize()
 
 
+class MessageSizer:
+    """Message sizes for a round's byte accounting: exact (:func:`message_bytes`) for the first
+    ``sample`` messages, then each message's own array bytes plus the mean framing (metadata, keys,
+    shapes, metrics) of those exact ones. Serialising a message copies its payload: for a round of
+    1,000 7B-sized replies that was minutes of the server's time spent measuring itself, while the
+    framing of one round's messages differs by a few bytes."""
+
+    def __init__(self, sample: int = 8) -> None:
+        self.sample = sample
+        self.framing: list[int] = []
+
+    def __call__(self, message) -> int:  # noqa: ANN001 - flwr.app.Message
+        payload = sum(len(arr.data) for rec in message.content.array_records.values() for arr in rec.values()) \
+            if message.has_content() else 0
+        if len(self.framing) < self.sample:
+            total = message_bytes(message)
+            self.framing.append(total - payload)
+            return total
+        return payload + round(sum(self.framing) / len(self.framing))
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -118,18 +118,28 @@ def check_finite(factors: LoraFactors) -> None:
     """Every tensor finite, and every B still finite in float32 once its scaling is applied (the
     effective form every aggregation works in): a client sending float32's largest values must be
     named and dropped here, not turn the round's aggregate into Inf."""
+    import math
+
     import torch
 
+    largest: dict[str, float] = {}
     for key, t in factors.tensors():
-        if not bool(torch.isfinite(t).all()):
+        if not t.numel():
+            continue
+        # One pass per tensor, no copy: min and max propagate NaN, and Inf shows in one of them
+        # (a 7B reply has 128 tensors of 65k values; isfinite().all() was 20x slower).
+        lo, hi = torch.aminmax(t.detach())
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise RejectedReply(f"{key} holds NaN or Inf")
+        largest[key] = max(-lo, hi)
     limit = torch.finfo(torch.float32).max
     for name, m in factors.modules.items():
         if m.B is not None and m.B.numel():
-            largest = float(m.B.abs().max())
-            if largest * m.scaling > limit:
+            biggest = largest[f"{name}/B"]
+            if biggest * m.scaling > limit:
                 raise RejectedReply(f"{name}/B times its scaling {m.scaling:g} overflows float32 (largest |entry| "
-                                    f"{largest:.3g}): its effective factors are not finite")
+                                    f"{biggest:.3g}): its effective factors are not finite")
 
 
 # ----------------------------------------------------------------------------------- metrics

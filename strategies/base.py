@@ -83,6 +83,8 @@ class RoundLog:
     eval_metrics: dict = field(default_factory=dict)
     eval_clients: list[dict] = field(default_factory=list)
     sent: dict[str, list[int]] = field(default_factory=dict)  # message type -> nodes messaged
+    sizer_up: codec.MessageSizer = field(default_factory=codec.MessageSizer)  # exact for a sample, then estimated
+    sizer_down: codec.MessageSizer = field(default_factory=codec.MessageSizer)
 
 
 class LoraStrategy(FedAvg):
@@ -401,7 +403,7 @@ class LoraStrategy(FedAvg):
             msg = Message(RecordDict({self.arrayrecord_key: cache[key], self.configrecord_key: cfg}),
                           dst_node_id=node, message_type=mtype)
             if rl is not None and mtype == MessageType.TRAIN:
-                rl.bytes_down.append(codec.message_bytes(msg))
+                rl.bytes_down.append(rl.sizer_down(msg))
                 rl.payload_down.append(codec.wire_bytes(cache[key]))
             messages.append(msg)
         return messages
@@ -475,7 +477,7 @@ class LoraStrategy(FedAvg):
                     raise RejectedReply(f"failed: {short_reason(reply.error.reason)}")
                 if prof is None or node not in rl.sent.get(MessageType.TRAIN, [node]):
                     raise RejectedReply("reply from a node that was not asked to train this round")
-                rl.bytes_up.append(codec.message_bytes(reply))
+                rl.bytes_up.append(rl.sizer_up(reply))
                 u = self.validate_reply(prof, reply.content, server_round, rl)
                 rl.payload_up.append(codec.wire_bytes(reply.content[self.arrayrecord_key]))
             except RejectedReply as exc:

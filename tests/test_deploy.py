@@ -250,6 +250,24 @@ def test_server_refuses_plain_http_on_a_public_address_and_tls_without_enrolled_
         security(cfg, insecure_flag=False)
 
 
+def test_server_prechecks_fail_before_the_superlink_starts(tmp_path):
+    from fedlora.config import ConfigError
+    from fedlora.deploy.server import serve
+    from fedlora.rundir import RunDir
+
+    cfg = make_config(tmp_path, data={"dataset": str(tmp_path / "no-such-folder")})
+    run_dir = RunDir.create(cfg)
+    with pytest.raises(ConfigError, match="'data.dataset'.*does not exist on this machine"):
+        serve(cfg, run_dir, insecure=True)
+    assert not (run_dir.path / "superlink.log").exists()  # nothing was started
+    ok = make_config(tmp_path)
+    done = RunDir.create(ok)
+    (done.path / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="finished its 2 rounds already"):
+        serve(ok, done, resume=True, insecure=True)
+    assert not (done.path / "superlink.log").exists()
+
+
 def test_client_settings_fail_with_a_sentence(tmp_path):
     from fedlora.config import ConfigError
     from fedlora.deploy.client import ClientSettings
@@ -264,6 +282,33 @@ def test_client_settings_fail_with_a_sentence(tmp_path):
     bad.write_text('server = "h:1"\nrnak = 4\n')
     with pytest.raises(ConfigError, match="unknown client setting 'rnak'"):
         ClientSettings.load(bad, {})
+    with pytest.raises(ConfigError, match="threads must be >= 0"):
+        ClientSettings.load(None, {"server": "h:1", "insecure": True, "partition_id": 0, "threads": -1})
+
+
+def test_a_device_sizes_its_own_threads_and_keeps_its_files_in_its_own_folder(tmp_path, shared_data):
+    """Device-side settings: the thread count a device sets wins over the run config's, and its personal
+    adapter is written inside the state folder its owner gave, not next to it."""
+    from fedlora.clients.session import ClientSession
+    from fedlora.deploy.client import ClientSettings
+
+    s = ClientSettings.load(None, {"server": "h:1", "insecure": True, "data": str(shared_data / "agnews"),
+                                   "state_dir": str(tmp_path / "state"), "threads": 1})
+    nc = dict(x.split("=", 1) for x in s.node_config().split(" "))
+    assert nc["threads"] == "1" and nc["state-dir"].strip('"') == str((tmp_path / "state").resolve())
+    cfg = make_config(tmp_path, train={"num_threads": 2})
+    node_config = {"threads": 1, "state-dir": str(tmp_path / "state"), "partition-id": 0}
+    before = torch.get_num_threads()
+    try:
+        session = ClientSession.from_parts(cfg, node_config, node_id=7)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    from fedlora.model import AdapterSpec, build_peft_model
+
+    model = build_peft_model(cfg, 4, AdapterSpec.for_rank(cfg, session.profile.rank))
+    where = Path(session.save_personal_adapter(model)).resolve()
+    assert where.is_relative_to((tmp_path / "state").resolve()), where
 
 
 def test_resident_executor_tasks_run_parallel_torch_after_the_parent_loaded_a_model(tmp_path):

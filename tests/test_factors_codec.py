@@ -206,3 +206,27 @@ def test_decoded_tensors_are_float32_whatever_the_wire_dtype():
     for wire in ("float16", "bfloat16"):
         back = codec.decode(codec.encode(f, wire), alpha=2.0)
         assert back.modules["m"].A.dtype == torch.float32 and back.modules["m"].B.dtype == torch.float32
+
+
+def test_message_sizes_are_exact_for_a_sample_then_payload_plus_their_framing():
+    import time
+
+    from flwr.app import Message, Metadata, MetricRecord, RecordDict
+
+    from fedlora.codec import MessageSizer, encode, message_bytes
+    from fedlora.factors import LoraFactors, ModuleFactors
+
+    def msg(i: int, rank: int) -> Message:
+        f = LoraFactors(modules={"m": ModuleFactors(A=torch.randn(rank, 32), B=torch.randn(16, rank), alpha=8.0)})
+        content = RecordDict({"arrays": encode(f), "metrics": MetricRecord({"num-examples": 10 + i, "rank": rank})})
+        md = Metadata(run_id=1, message_id=f"m{i}", src_node_id=100 + i, dst_node_id=0, reply_to_message_id="x",
+                      group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+        return Message(content=content, metadata=md)
+
+    sizer = MessageSizer(sample=4)
+    exact = [message_bytes(msg(i, 4)) for i in range(10)]
+    got = [sizer(msg(i, 4)) for i in range(10)]
+    assert got[:4] == exact[:4] and len(sizer.framing) == 4
+    assert all(abs(g - e) <= 4 for g, e in zip(got[4:], exact[4:]))  # same structure: the framing barely moves
+    bigger = msg(20, 8)  # a larger payload is counted in full, with the sampled framing
+    assert abs(sizer(bigger) - message_bytes(bigger)) <= 8

@@ -274,7 +274,8 @@ class SketchedProductSum(ProductSum):
         self.l, self.q = 2 * self.k + 1, test_size
         self.seed = seed
         self._maps: dict[tuple, torch.Tensor] = {}
-        self._sketch: dict[str, list[torch.Tensor]] = {}  # module -> [Y, W, T]
+        # Modules of one shape are sketched together, stacked: (out, in) -> (names, [Y, W, T] of G x ... each).
+        self._groups: dict[tuple[int, int], tuple[list[str], list[torch.Tensor]]] = {}
         self._heads = _HeadMean()
         self._sig = _Signature(ranks=True)
         self.total = 0.0
@@ -294,23 +295,25 @@ class SketchedProductSum(ProductSum):
     def add(self, update_eff: LoraFactors, weight: float) -> None:
         w = _check_weight(weight)
         self.check(update_eff)
-        parts = {}
-        for name, m in update_eff.modules.items():
-            out_dim, in_dim = m.B.shape[0], m.A.shape[1]
-            A, B = m.A.float(), m.B.float()
+        if not self._groups:
+            for name in sorted(update_eff.modules):
+                m = update_eff.modules[name]
+                self._groups.setdefault((m.B.shape[0], m.A.shape[1]), ([], []))[0].append(name)
+        parts = []
+        for (out_dim, in_dim), (names, _) in self._groups.items():
+            # One batched product per shape group (a 7B adapter: 64 modules, 2 groups); r x k, l x r and
+            # q x r cores first, never an out x in matrix; float32 products, float64 running sums.
+            A = torch.stack([update_eff.modules[n].A for n in names]).float()
+            B = torch.stack([update_eff.modules[n].B for n in names]).float()
             omega = self._gaussian("omega", (in_dim, self.k))
             psi = self._gaussian("psi", (self.l, out_dim))
             theta = self._gaussian("theta", (self.q, out_dim))
-            # r x k, l x r and q x r cores first: never an out x in matrix. The products in the factors'
-            # float32 (the bulk of the work), the running sums in float64.
-            parts[name] = tuple(x.double() for x in (B @ (A @ omega), (psi @ B) @ A, (theta @ B) @ A))
-        for name, (y, wk, t) in parts.items():
-            if name not in self._sketch:
-                self._sketch[name] = [torch.zeros_like(y), torch.zeros_like(wk), torch.zeros_like(t)]
-            s = self._sketch[name]
-            s[0].add_(y, alpha=w)
-            s[1].add_(wk, alpha=w)
-            s[2].add_(t, alpha=w)
+            parts.append((B @ (A @ omega), (psi @ B) @ A, (theta @ B) @ A))
+        for (_, sums), new in zip(self._groups.values(), parts):
+            if not sums:
+                sums.extend(torch.zeros(x.shape, dtype=torch.float64) for x in new)
+            for s, x in zip(sums, new):
+                s.add_(x, alpha=w)
         self._heads.add(update_eff, w)
         self.total += w
         self.count += 1
@@ -323,7 +326,8 @@ class SketchedProductSum(ProductSum):
             raise ValueError(f"the sketch (size {self.k}) cannot give rank {rank}")
         out = LoraFactors(extras=self._heads.mean(self.total))
         num = den = 0.0
-        for name, (Y, W, T) in self._sketch.items():
+        per_module = [(n, *(s[i] for s in sums)) for names, sums in self._groups.values() for i, n in enumerate(names)]
+        for name, Y, W, T in per_module:
             Y, W, T = Y / self.total, W / self.total, T / self.total
             Q, _ = torch.linalg.qr(Y)
             psi = self._gaussian("psi", (self.l, Y.shape[0])).double()
@@ -343,7 +347,7 @@ class SketchedProductSum(ProductSum):
         return out
 
     def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self._sketch.values() for t in s) + sum(
+        return sum(t.numel() * t.element_size() for _, s in self._groups.values() for t in s) + sum(
             t.numel() * t.element_size() for t in self._maps.values())
 
 

@@ -12,6 +12,7 @@ run's base model loaded between rounds. Settings come from a small TOML file and
     rank = 0                     # 0 = what the run's config gives this device class
     device_class = ""            # e.g. "edge", a class of the run's [hetero] table
     client_id = ""               # '' = the node key's file name
+    threads = 0                  # torch threads on this device (0 = the run's train.num_threads)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ClientSettings:
     partition_id: int = -1  # a partition of the run's dataset instead of own data (trials)
     runtime_port: int = 0  # the SuperNode's local Runtime API port (0 = a free one)
     max_retries: int = -1  # connection attempts to the SuperLink (-1 = retry forever)
+    threads: int = 0  # torch threads on this device (0 = the run's train.num_threads): the device's to size
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict) -> ClientSettings:
@@ -79,6 +81,8 @@ class ClientSettings:
             raise ConfigError(f"data: {self.data} does not exist")
         if self.rank < 0:
             raise ConfigError("rank must be >= 0 (0 = the run's rank for this device)")
+        if self.threads < 0:
+            raise ConfigError("threads must be >= 0 (0 = the run's train.num_threads)")
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string (TOML values)."""
@@ -97,6 +101,8 @@ class ClientSettings:
             items["rank"] = str(self.rank)
         if self.device_class:
             items["device-class"] = q(self.device_class)
+        if self.threads:
+            items["threads"] = str(self.threads)
         return " ".join(f"{k}={v}" for k, v in items.items())
 
 

@@ -298,12 +298,31 @@ def restart_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool, app:
         follow_log(dep)
 
 
+def preflight(cfg: FedLoraConfig, run_dir: RunDir, resume: bool) -> None:
+    """What can be checked without a client, checked before the SuperLink starts: a resume of a run
+    that already finished, and local data paths that do not exist (the server evaluates on
+    ``data.dataset``). A ConfigError says which."""
+    if resume and (run_dir.path / "summary.json").exists():
+        raise ConfigError(f"{run_dir.path} finished its {cfg.run.rounds} rounds already (it has summary.json): "
+                          "nothing to resume; start a new run instead")
+    d = cfg.data
+    local = d.dataset and not d.dataset.startswith("builtin:") and d.dataset.startswith(("/", ".", "~"))
+    if local and not Path(d.dataset).expanduser().exists():
+        raise ConfigError(f"invalid config value for 'data.dataset': {d.dataset} does not exist on this machine "
+                          f"(relative paths are taken from the folder fedlora server runs in, {Path.cwd()})")
+    for split, files in d.data_files.items():
+        for f in files:
+            if not Path(f).expanduser().exists():
+                raise ConfigError(f"invalid config value for 'data.data_files.{split}': {f} does not exist")
+
+
 def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure: bool = False,
           on_round: Callable[[dict], None] | None = None, say: Callable[[str], None] = print) -> Deployment:
     """Run (or resume) one federation on a SuperLink this call starts and stops; returns when the
     run has finished. ``on_round`` sees each round's metrics row as the ServerApp writes it."""
     t_start = time.perf_counter()
     tls, node_auth = security(cfg, insecure)
+    preflight(cfg, run_dir, resume)
     dep = Deployment(run_dir=run_dir, address=cfg.server.address, tls=tls)
     if not resume:
         run_dir.write_config(cfg)
