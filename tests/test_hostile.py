@@ -127,24 +127,25 @@ def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, s
     assert _all_finite(_adapter(med_dir)) and distance(med_dir, med_ref) < 1e-5
 
 
-@pytest.mark.parametrize("attack", ["scale-1e6", "boost"])
-def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(tmp_path, shared_data, attack):
+def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(tmp_path, shared_data):
     """The default relative norm bound: one client sending x1e6 its factors, or its start plus 1e6
     times its own change, among three honest ones, leaves the global adapter within 2x the honest
     run's (the same federation with that client's reply never arriving), and is named."""
     base = {"federation": {"num_clients": 4, "min_train_clients": 4}, "run": {"rounds": 2}}
     ref_dir, _ = _run(make_config(tmp_path / "ref", **base), {3: "crash"})
-    run_dir, rows = _run(make_config(tmp_path / attack, **base), {3: attack})
-    ad, ref = _adapter(run_dir), _adapter(ref_dir)
-    assert _all_finite(ad)
-    norm = float(torch.cat([t.flatten().double() for _, t in sorted(ad.items())]).norm())
+    ref = _adapter(ref_dir)
     ref_norm = float(torch.cat([t.flatten().double() for _, t in sorted(ref.items())]).norm())
-    assert norm < 2 * ref_norm, (norm, ref_norm)
-    change, ref_change = float(_delta(ad).norm()), float(_delta(ref).norm())
-    assert change < 2 * ref_change, (change, ref_change)
-    named = _text(rows, "clipped")
-    assert "client-00003: update norm" in named and "robust.relative_norm_bound" in named
-    assert "client-0000" not in named.replace("client-00003", "")  # no honest client was bounded
+    for attack in ("scale-1e6", "boost"):
+        run_dir, rows = _run(make_config(tmp_path / attack, **base), {3: attack})
+        ad = _adapter(run_dir)
+        assert _all_finite(ad)
+        norm = float(torch.cat([t.flatten().double() for _, t in sorted(ad.items())]).norm())
+        assert norm < 2 * ref_norm, (attack, norm, ref_norm)
+        change, ref_change = float(_delta(ad).norm()), float(_delta(ref).norm())
+        assert change < 2 * ref_change, (attack, change, ref_change)
+        named = _text(rows, "clipped")
+        assert "client-00003: update norm" in named and "robust.relative_norm_bound" in named, (attack, named)
+        assert "client-0000" not in named.replace("client-00003", ""), named  # no honest client was bounded
 
 
 def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_on(tmp_path, shared_data):
