@@ -125,6 +125,29 @@ def report() -> str:
                      f"({b['peak_rss_mb']:.0f} MB vs {a['peak_rss_mb']:.0f} MB) | flat (~1.0) |")
         lines.append(f"| scale: seconds per round 1000 / 100 clients | {sc['round_time_ratio_1000_over_100']:.3f} "
                      f"({b['seconds_per_round']:.2f} s vs {a['seconds_per_round']:.2f} s) | - |")
+    ss = _load("server_scale")
+    if ss:
+        fedit = {r["clients"]: r for r in ss["rows"] if r["strategy"] == "fedit"}
+        if 10 in fedit and 1000 in fedit:
+            a, b = fedit[10], fedit[1000]
+            lines.append(f"| server at scale: peak RSS, 1,000 / 10 distinct 7B-shaped FedIT replies (r=16, q,v, 32 layers), "
+                         f"real strategy path | {b['peak_rss_mb'] / a['peak_rss_mb']:.3f} ({b['peak_rss_mb']:.0f} MB vs "
+                         f"{a['peak_rss_mb']:.0f} MB; +{b['increase_mb']:.0f} MB over the idle server) | <= 1.2; <= 1 GB |")
+        for r in ss["rows"]:
+            if r["strategy"] == "flexlora" and not r.get("exact_truncation_error"):
+                lines.append(f"| server at scale: FlexLoRA round, {r['clients']} 7B-shaped replies of ranks 4-16, sketched "
+                             f"(server seconds, reply generation excluded) | {r['server_seconds']:.1f} s | <= 60 s |")
+            if r.get("exact_truncation_error") is not None:
+                lines.append(f"| server at scale: FlexLoRA sketch vs exact at {r['clients']} clients: relative error of the "
+                             f"rank-16 result against the exact summed update, sketch / exact SVD (estimate) | "
+                             f"{r['sketch_error']:.4f} / {r['exact_truncation_error']:.4f} ({r['sketch_error_estimate']:.4f}); "
+                             f"sketch vs exact FlexLoRA {r['sketch_vs_exact_flexlora']:.4f} | - |")
+    co = _load("cohort")
+    if co:
+        for r in co["rows"]:
+            lines.append(f"| simulation cohort: {r['clients']:,} virtual clients, {r['sampled_per_round']:,} per round (MiniLM, "
+                         f"one step each): peak RSS, s/round, server share | {r['peak_rss_mb']:.0f} MB, "
+                         f"{r['seconds_per_round']:.1f} s, {100 * r['server_share']:.1f}% | share <= 10% |")
     for dev in ("cpu", "cuda"):
         tp = _load(f"throughput-{dev}")
         if tp:

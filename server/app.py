@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import codec
+from fedlora.aggregation.streaming import StreamingGrid
 from fedlora.config import FedLoraConfig
 from fedlora.data import load_task, server_validation
 from fedlora.dylora import RankMask
@@ -258,8 +259,6 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             return MetricRecord({k: row[f"server-{k}"] for k in ("accuracy", "loss", "perplexity")
                                  if row.get(f"server-{k}") is not None and math.isfinite(row[f"server-{k}"])})
         return None
-
-    from fedlora.aggregation.streaming import StreamingGrid
 
     result = strategy.start(
         grid=StreamingGrid(grid), initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds - strategy.round_offset,

@@ -43,9 +43,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
-from fedlora.aggregation.folds import Fold, KeepAll, ShareCapped, WeightedMean
+from fedlora.aggregation.folds import ExactProductSum, Fold, KeepAll, SketchedProductSum, WeightedMean
+from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.aggregation.bound import RelativeBound
-from fedlora.aggregation.replies import Update
+from fedlora.aggregation.replies import Update, accept_train_reply
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import fit_rank, keep_uncovered, to_client, to_effective
@@ -167,8 +168,6 @@ class LoraStrategy(FedAvg):
         """FLoRA's and FlexLoRA's sum of products: the exact stack for small cohorts, a single-pass
         sketch of size ``rank`` (or ``hetero.sketch_rank``) plus ``hetero.sketch_oversampling`` from
         ``hetero.sketch_from_clients`` sampled clients on."""
-        from fedlora.aggregation.folds import ExactProductSum, SketchedProductSum
-
         h = self.cfg.hetero
         if sampled < h.sketch_from_clients:
             return ExactProductSum()
@@ -534,8 +533,6 @@ class LoraStrategy(FedAvg):
     def validate_reply(self, prof: NodeProfile, content: RecordDict, server_round: int = 0,
                        rl: RoundLog | None = None) -> Update:
         """A train reply checked completely, decoded and bounded (:func:`fedlora.aggregation.replies.accept_train_reply`)."""
-        from fedlora.aggregation.replies import accept_train_reply
-
         return accept_train_reply(self, prof, content, server_round, rl)
 
     def round_start(self, prof: NodeProfile, server_round: int) -> LoraFactors:
