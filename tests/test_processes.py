@@ -12,8 +12,10 @@ import time
 
 import psutil
 
-# A "daemon" that starts a helper of its own (as flower-superlink starts flower-superexec), then waits.
-DAEMON = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"
+# A "daemon" that starts a helper of its own, detached in a new session as flower-superlink starts
+# flower-superexec (out of any process group a supervisor could signal), then waits.
+DAEMON = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+          "start_new_session=True); time.sleep(600)")
 
 
 def _tree_of(pid: int, want: int, timeout: float = 20.0) -> list[psutil.Process]:
@@ -26,7 +28,7 @@ def _tree_of(pid: int, want: int, timeout: float = 20.0) -> list[psutil.Process]
     raise AssertionError(f"the process tree of {pid} did not grow to {want}")
 
 
-def test_a_sigkilled_parent_takes_the_daemon_and_its_helpers_with_it(tmp_path):
+def test_a_sigkilled_parent_takes_the_daemon_and_its_detached_helpers_with_it(tmp_path):
     parent_code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path

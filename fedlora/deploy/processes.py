@@ -1,9 +1,10 @@
 """Start, watch and stop Flower's daemons (SuperLink, SuperNode) as child processes.
 
-Each daemon runs under :mod:`fedlora.deploy.reaper`, the leader of its own process group: when the
-process that started it dies (even by SIGKILL: the parent-death signal, Linux) or stops it, the
-reaper ends the daemon *and every helper it started* (``flower-superexec``, ``flwr-serverapp``,
-``flwr-clientapp``), so a crashed `fedlora server` or `fedlora client` leaves nothing behind."""
+Each daemon runs under :mod:`fedlora.deploy.reaper`, a child subreaper in a session of its own:
+when the process that started it dies (even by SIGKILL: the parent-death signal, Linux) or stops
+it, the reaper ends the daemon *and every process the daemon started*, detached ones included
+(``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``), so a crashed `fedlora server` or
+`fedlora client` leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -70,12 +71,15 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, 
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+    """SIGTERM the reaper (it ends the daemon's whole tree, then itself), then SIGKILL the process
+    group of whatever is left after ``grace`` seconds more than the reaper's own grace."""
     if proc is None or proc.poll() is not None:
         return
+    from fedlora.deploy.reaper import GRACE
+
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(grace + GRACE)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         try:
             os.killpg(proc.pid, signal.SIGKILL)

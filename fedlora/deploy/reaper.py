@@ -1,14 +1,16 @@
 """``python -m fedlora.deploy.reaper CMD ...``: run CMD, and end CMD's whole process tree with us.
 
-Flower's daemons start helpers of their own (the SuperLink starts ``flower-superexec``, which
-starts ``flwr-serverapp``; the SuperNode starts ``flwr-clientapp`` processes). A parent-death
-signal on the daemon ends the daemon alone: after ``kill -9`` of ``fedlora server`` its helpers
-were reparented to PID 1 and kept running for minutes (one of them the ServerApp holding the run,
-about 800 MB). This reaper sits between fedlora and the daemon: it is the leader of a new process
-group that the daemon and its helpers inherit, it receives SIGTERM when its own parent dies (the
-parent-death signal, Linux), and on SIGTERM, SIGINT or the daemon's exit it signals the whole
-group (SIGTERM, then SIGKILL after a grace period). ``fedlora.deploy.processes.stop`` signals the
-group the same way.
+Flower's daemons start helpers of their own: the SuperLink starts ``flower-superexec`` *detached*
+(a new session), which starts ``flwr-serverapp``; the SuperNode starts ``flwr-clientapp``
+processes. A parent-death signal on the daemon ends the daemon alone, and a process group misses
+the detached helpers: after ``kill -9`` of ``fedlora server`` they were reparented to PID 1 and
+kept running for minutes (one of them the ServerApp holding the run, about 800 MB).
+
+This reaper sits between fedlora and the daemon. It is a *child subreaper* (Linux
+``PR_SET_CHILD_SUBREAPER``): every descendant whose parent dies is reparented to it, not to PID 1,
+so the whole tree stays its own, detached sessions included. It receives SIGTERM when its own
+parent dies (the parent-death signal), and on SIGTERM, SIGINT or the daemon's exit it ends every
+descendant (SIGTERM, then SIGKILL after a grace period) and then itself.
 """
 
 from __future__ import annotations
@@ -20,44 +22,53 @@ import sys
 import time
 
 GRACE = 8.0
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
-def _end_group(first: int = signal.SIGTERM) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group includes us: finish the job first
-    try:
-        os.killpg(0, first)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + GRACE
-    pgid = os.getpgid(0)
-    while time.monotonic() < deadline and _others_alive(pgid):
-        time.sleep(0.2)
-    try:
-        os.killpg(0, signal.SIGKILL)  # ends us too: nothing of the tree outlives this line
-    except ProcessLookupError:
-        pass
-
-
-def _others_alive(pgid: int) -> bool:
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        return False
-    me = os.getpid()
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.pid != me and os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-            continue
-    return False
-
-
-def _die_with_parent() -> None:
+def _prctl(option: int, value: int) -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
+
+
+def _die_with_parent() -> None:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def end_tree(grace: float = GRACE) -> None:
+    """SIGTERM every descendant of this process, SIGKILL what is left after ``grace`` seconds, and
+    reap them all (as the subreaper, orphaned descendants are our children)."""
+    import psutil
+
+    me = psutil.Process()
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        procs = me.children(recursive=True)
+        if not procs:
+            return
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and me.children(recursive=True):
+            _reap()
+            time.sleep(0.1)
+        _reap()
+
+
+def _reap() -> list[tuple[int, int]]:
+    """Collect every exited child (orphans reparented to us included): [(pid, exit code)]."""
+    out = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, os.waitstatus_to_exitcode(status)))
 
 
 def main(argv: list[str]) -> int:
@@ -65,12 +76,8 @@ def main(argv: list[str]) -> int:
         print("usage: python -m fedlora.deploy.reaper CMD [ARGS...]", file=sys.stderr)
         return 2
     parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getpgid(0) != os.getpid():
-        os.setpgid(0, 0)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     stopping = {"now": False}
 
     def on_signal(signum, frame):  # noqa: ANN001, ANN202, ARG001
@@ -78,17 +85,18 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # The daemon inherits our process group, as do its own children; it also dies if we are SIGKILLed.
+    # The daemon also dies if the reaper itself is SIGKILLed.
     child = subprocess.Popen(argv, preexec_fn=_die_with_parent)
     code = None
-    while code is None and not stopping["now"]:
-        if os.getppid() != parent:  # the parent died before the death signal was armed
-            break
-        try:
-            code = child.wait(0.5)
-        except subprocess.TimeoutExpired:
-            pass
-    _end_group()
+    while code is None and not stopping["now"] and os.getppid() == parent:
+        for pid, status in _reap():
+            if pid == child.pid:
+                code = status
+                child.returncode = status  # reaped here, not by Popen.wait
+        if code is None:
+            time.sleep(0.5)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    end_tree()
     return code if code is not None else 143
 
 
