@@ -21,7 +21,7 @@ from benchmarks.common import SHARED_DATA, PeakRSS, write
 CELLS = [(1_000, 100), (10_000, 1_000)]
 
 
-def config(num_clients: int, per_round: int, out: str, rounds: int = 3):  # noqa: ANN201
+def config(num_clients: int, per_round: int, out: str, rounds: int = 2):  # noqa: ANN201
     from fedlora.config import FedLoraConfig
 
     agnews = SHARED_DATA / "agnews"

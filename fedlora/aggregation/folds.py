@@ -298,21 +298,22 @@ class SketchedProductSum(ProductSum):
             for name in sorted(update_eff.modules):
                 m = update_eff.modules[name]
                 self._groups.setdefault((m.B.shape[0], m.A.shape[1]), ([], []))[0].append(name)
-        parts = []
-        for (out_dim, in_dim), (names, _) in self._groups.items():
-            # One batched product per shape group (a 7B adapter: 64 modules, 2 groups); r x k, l x r and
-            # q x r cores first, never an out x in matrix; float32 products, float64 running sums.
+        for (out_dim, in_dim), (names, sums) in self._groups.items():
+            # One batched product per shape group (a 7B adapter: 64 modules, 2 groups): the small
+            # r x k, l x r and q x r cores first, never an out x in matrix, then one fused
+            # multiply-accumulate into each running sketch (float32: a sketch's own error is far larger
+            # than float32's rounding over thousands of terms).
             A = torch.stack([update_eff.modules[n].A for n in names]).float()
             B = torch.stack([update_eff.modules[n].B for n in names]).float()
             omega = self._gaussian("omega", (in_dim, self.k))
             psi = self._gaussian("psi", (self.l, out_dim))
             theta = self._gaussian("theta", (self.q, out_dim))
-            parts.append((B @ (A @ omega), (psi @ B) @ A, (theta @ B) @ A))
-        for (_, sums), new in zip(self._groups.values(), parts):
             if not sums:
-                sums.extend(torch.zeros(x.shape, dtype=torch.float64) for x in new)
-            for s, x in zip(sums, new):
-                s.add_(x, alpha=w)
+                g = len(names)
+                sums.extend([torch.zeros(g, out_dim, self.k), torch.zeros(g, self.l, in_dim), torch.zeros(g, self.q, in_dim)])
+            sums[0].baddbmm_(B, A @ omega, alpha=w)
+            sums[1].baddbmm_(psi @ B, A, alpha=w)
+            sums[2].baddbmm_(theta @ B, A, alpha=w)
         self._heads.add(update_eff, w)
         self.total += w
         self.count += 1
@@ -327,7 +328,7 @@ class SketchedProductSum(ProductSum):
         num = den = 0.0
         per_module = [(n, *(s[i] for s in sums)) for names, sums in self._groups.values() for i, n in enumerate(names)]
         for name, Y, W, T in per_module:
-            Y, W, T = Y / self.total, W / self.total, T / self.total
+            Y, W, T = (x.double() / self.total for x in (Y, W, T))
             Q, _ = torch.linalg.qr(Y)
             psi = self._gaussian("psi", (self.l, Y.shape[0])).double()
             Z = torch.linalg.lstsq(psi @ Q, W).solution  # k x in: X_hat = Q Z
