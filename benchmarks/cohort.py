@@ -1,11 +1,14 @@
-"""Large cohorts in simulation: 10,000 virtual clients with 1,000 sampled per round, against 1,000
-with 100 per round (MiniLM, AG News: both of its files in ../shared/data pooled, 600 examples held
-out for the server; about one example per client at 10,000, as in cross-device FL).
+"""Large cohorts in simulation: 1,000 clients sampled per round out of 4,500, against 100 out of
+1,000 (MiniLM, AG News: both of its files in ../shared/data pooled, the server's held-out split
+carved out of them: 9,280 training rows, two per client, as in cross-device FL). The issue's
+10,000 clients need more rows than ../shared/data holds (a client needs 2: one to train on, one
+for its local test split); what is measured is the server at 1,000 replies a round.
 
 Measured in one run: peak RSS of this process and every Ray worker (sampled every 0.2 s), seconds
 per training round (rounds after the first, which carries Ray's start), and the server's share of
 a round: ``server-seconds`` (validating, bounding and folding every reply, and finishing the
-round; the server's wait for replies excluded) over the round's seconds. Each client takes one
+round: the ServerApp thread's CPU seconds, its wait for replies excluded) over the round's wall
+seconds. Each client takes one
 local step. Goal: the server's share <= 10%.
 
     .venv/bin/python -m benchmarks.run --only cohort        # about 15 minutes on 2 CPU cores
@@ -18,7 +21,7 @@ import tempfile
 
 from benchmarks.common import SHARED_DATA, PeakRSS, write
 
-CELLS = [(1_000, 100), (10_000, 1_000)]
+CELLS = [(1_000, 100), (4_500, 1_000)]  # 9,280 training rows and at least 2 per client: 4,640 clients at most
 
 
 def config(num_clients: int, per_round: int, out: str, rounds: int = 2):  # noqa: ANN201
@@ -31,7 +34,7 @@ def config(num_clients: int, per_round: int, out: str, rounds: int = 2):  # noqa
         "lora": {"rank": 4, "alpha": 8, "target_modules": ["query", "value"]},
         "data": {"dataset": str(agnews), "data_files": {"train": [str(agnews / "train.jsonl"), str(agnews / "test.jsonl")]},
                  "test_split": "", "max_test_examples": 600, "partitioner": "iid", "min_partition_size": 1,
-                 "local_test_fraction": 0.0},
+                 "local_test_fraction": 0.01},
         "federation": {"strategy": "fedit", "num_clients": num_clients, "fraction_train": per_round / num_clients,
                        "min_train_clients": per_round, "fraction_evaluate": 0.0, "server_eval": False,
                        "round_timeout": 3600},
@@ -59,6 +62,6 @@ def run(quick: bool = False) -> dict:
               f"server {server:.2f} s ({100 * server / secs:.1f}%)", flush=True)
     payload = {"rows": rows}
     if len(rows) == 2:
-        payload["rss_ratio_10000_over_1000"] = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+        payload["rss_ratio_4500_over_1000"] = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     write("cohort", payload)
     return payload

@@ -77,7 +77,7 @@ class RoundLog:
     payload_down: list[int] = field(default_factory=list)
     payload_up: list[int] = field(default_factory=list)
     aggregate_seconds: float = 0.0
-    server_seconds: float = 0.0  # validating, bounding and folding replies, and finishing the round
+    server_seconds: float = 0.0  # CPU seconds validating, bounding and folding replies, and finishing the round
     dylora_rank: int | None = None
     privacy: dict = field(default_factory=dict)
     train_metrics: dict = field(default_factory=dict)
@@ -464,9 +464,12 @@ class LoraStrategy(FedAvg):
         relative = RelativeBound(self, rl, server_round)
         answered: set[int] = set()
         accepted: list[tuple[dict, int]] = []  # (metrics, examples) per accepted reply: scalars only
-        busy = 0.0  # the server's own work on replies, not its wait for them
+        # The server's own work on replies, not its wait for them: CPU seconds of this thread (in a
+        # simulation the ServerApp shares the process and the cores with Flower's engine, so its wall
+        # time would count their work as its own).
+        busy = 0.0
         for reply in replies:
-            t_reply = time.perf_counter()
+            t_reply = time.thread_time()
             node = reply.metadata.src_node_id
             answered.add(node)
             prof = self.profiles.get(node)
@@ -482,12 +485,12 @@ class LoraStrategy(FedAvg):
             except RejectedReply as exc:
                 rl.rejected.append(f"{who}: {exc}")
                 log.warning("round %d: rejected reply from %s: %s", server_round, who, exc)
-                busy += time.perf_counter() - t_reply
+                busy += time.thread_time() - t_reply
                 continue
             for ready in relative.offer(u):
                 self._fold_accepted(fold, ready, server_round, rl, accepted)
-            busy += time.perf_counter() - t_reply
-        t_finish = time.perf_counter()
+            busy += time.thread_time() - t_reply
+        t_finish = time.thread_time()
         for ready in relative.flush():
             self._fold_accepted(fold, ready, server_round, rl, accepted)
         self.norm_reference = relative.next_reference()
@@ -521,7 +524,7 @@ class LoraStrategy(FedAvg):
             log.error("round %d: aggregation failed: %s", server_round, rl.aggregation_error)
             return None, None
         rl.aggregate_seconds = time.perf_counter() - t0
-        rl.server_seconds = busy + (time.perf_counter() - t_finish)
+        rl.server_seconds = busy + (time.thread_time() - t_finish)
         eps = [m["dp-sgd-epsilon"] for m, _ in accepted if "dp-sgd-epsilon" in m]
         if eps:
             rl.privacy["dp-sgd-epsilon-max"] = max(eps)

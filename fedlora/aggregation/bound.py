@@ -35,13 +35,18 @@ def bound_weight(strategy, prof: NodeProfile, examples: int, rl) -> float:  # no
     factor = strategy.cfg.robust.max_weight_factor
     if factor <= 0 or not strategy.profiles:
         return float(examples)
-    sizes = sorted(p.num_train for p in strategy.profiles.values())
-    limit = factor * max(sizes[len(sizes) // 2], 1)
+    key = (len(strategy.profiles), sum(p.num_train for p in strategy.profiles.values()))
+    cached = getattr(strategy, "_median_declared", None)
+    if cached is None or cached[0] != key:  # once per change of the federation, not once per reply
+        sizes = sorted(p.num_train for p in strategy.profiles.values())
+        cached = strategy._median_declared = (key, sizes[len(sizes) // 2])
+    median = cached[1]
+    limit = factor * max(median, 1)
     if examples <= limit:
         return float(examples)
     if rl is not None:
         rl.clipped.append(f"client {prof.client_id}: weight {examples} examples capped at {limit:g} "
-                          f"(robust.max_weight_factor {factor:g} x the median declared size {sizes[len(sizes) // 2]})")
+                          f"(robust.max_weight_factor {factor:g} x the median declared size {median})")
     return float(limit)
 
 
