@@ -35,9 +35,19 @@ class Fold:
 
     count: int = 0
 
+    _sig: _Signature | None = None  # what every update of this fold must share (set by each fold)
+
     def check(self, update_eff: LoraFactors) -> None:
         """Raise :class:`ValueError` if ``update_eff`` cannot be folded with what came before (the
         first update checked sets the reference). ``add`` calls it before touching any state."""
+        if self._sig is not None:
+            self._sig.check(update_eff)
+
+    def _accept(self, update_eff: LoraFactors, weight: float) -> float:
+        """The checks every ``add`` starts with: the weight, then the update's fit. Returns the weight."""
+        w = _check_weight(weight)
+        self.check(update_eff)
+        return w
 
     def add(self, update_eff: LoraFactors, weight: float) -> None:
         raise NotImplementedError
@@ -112,12 +122,8 @@ class WeightedMean(Fold):
         self.total = 0.0
         self.count = 0
 
-    def check(self, update_eff: LoraFactors) -> None:
-        self._sig.check(update_eff)
-
     def add(self, update_eff: LoraFactors, weight: float) -> None:
-        w = _check_weight(weight)
-        self.check(update_eff)
+        w = self._accept(update_eff, weight)
         items = list(update_eff.tensors())
         if not self.count:
             self.alpha = {n: m.alpha for n, m in update_eff.modules.items()}
@@ -167,12 +173,8 @@ class ZeroPaddedMean(Fold):
         self.count = 0
         self.covered = 0
 
-    def check(self, update_eff: LoraFactors) -> None:
-        self._sig.check(update_eff)
-
     def add(self, update_eff: LoraFactors, weight: float) -> None:
-        w = _check_weight(weight)
-        self.check(update_eff)
+        w = self._accept(update_eff, weight)
         parts = {}
         for name, m in update_eff.modules.items():
             A, B = _fit_rows(m.A, self.max_rank).double(), _fit_cols(m.B, self.max_rank).double()
@@ -234,12 +236,8 @@ class ExactProductSum(ProductSum):
         self._sig = _Signature(ranks=True)
         self.count = 0
 
-    def check(self, update_eff: LoraFactors) -> None:
-        self._sig.check(update_eff)
-
     def add(self, update_eff: LoraFactors, weight: float) -> None:
-        w = _check_weight(weight)
-        self.check(update_eff)
+        w = self._accept(update_eff, weight)
         self.updates.append(update_eff)
         self.weights.append(w)
         self.count += 1
@@ -288,12 +286,8 @@ class SketchedProductSum(ProductSum):
             self._maps[key] = torch.randn(shape, generator=g)
         return self._maps[key]
 
-    def check(self, update_eff: LoraFactors) -> None:
-        self._sig.check(update_eff)
-
     def add(self, update_eff: LoraFactors, weight: float) -> None:
-        w = _check_weight(weight)
-        self.check(update_eff)
+        w = self._accept(update_eff, weight)
         if not self._groups:
             for name in sorted(update_eff.modules):
                 m = update_eff.modules[name]
@@ -362,12 +356,8 @@ class KeepAll(Fold):
         self._sig = _Signature(ranks=False)
         self.count = 0
 
-    def check(self, update_eff: LoraFactors) -> None:
-        self._sig.check(update_eff)
-
     def add(self, update_eff: LoraFactors, weight: float) -> None:
-        _check_weight(weight)
-        self.check(update_eff)
+        self._accept(update_eff, weight)
         self.updates.append(update_eff)
         self.count += 1
 
