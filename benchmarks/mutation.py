@@ -11,7 +11,8 @@ score per module to ``benchmarks/results/mutation.json`` (and prints a table).
     python -m benchmarks.mutation --recheck /tmp/fedlora-mutation-XXXX --match lora_math --sample 20
                                                 # rerun a sample of an earlier run's timeouts, alone
 
-What is mutated: ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
+What is mutated: ``fedlora/aggregation/folds.py`` and ``share_cap.py`` (the server's folds; their
+tests: tests/test_folds.py), ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
 ``fedlora/validation.py``, the causal-LM task's token and answer functions (``fedlora/tasks/``;
 their dataset and model plumbing is left to tests/test_causal.py, whose simulations cannot run per
 mutant, and shows as "no tests") and every strategy file except ``base.py``, whose Grid orchestration
@@ -36,10 +37,10 @@ TARGETS = ["fedlora/lora_math.py", "fedlora/codec.py", "fedlora/robust.py", "fed
            "fedlora/strategies/fedit.py", "fedlora/strategies/fedsa.py", "fedlora/strategies/ffa.py",
            "fedlora/strategies/hetlora.py", "fedlora/strategies/flora.py", "fedlora/strategies/flexlora.py",
            "fedlora/tasks/causal.py", "fedlora/tasks/evaluation.py", "fedlora/continual/penalties.py",
-           "fedlora/continual/metrics.py"]
+           "fedlora/continual/metrics.py", "fedlora/aggregation/folds.py", "fedlora/aggregation/share_cap.py"]
 TESTS = ["tests/test_lora_math.py", "tests/test_factors_codec.py", "tests/test_strategy_maths.py",
          "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py", "tests/test_causal_maths.py",
-         "tests/test_continual_maths.py"]
+         "tests/test_continual_maths.py", "tests/test_folds.py"]
 
 
 def stage(ref: str | None, dest: Path, only: str = "") -> None:

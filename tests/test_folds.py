@@ -289,3 +289,31 @@ def test_a_large_flexlora_cohort_is_sketched_and_its_error_logged():
         rel = float((m.B.double() @ m.A.double() - e.B.double() @ e.A.double()).norm() /
                     (e.B.double() @ e.A.double()).norm())
         assert rel < 1e-4, (n, rel)
+
+
+def test_share_capped_product_sums_and_held_bytes_count_what_is_held():
+    ups = [_update(i, rank=r) for i, r in enumerate([2, 4, 3, 4, 1])]
+    weights = [100.0, 1.0, 2.0, 1.0, 3.0]
+    got = batch(ShareCapped(ExactProductSum(), 0.3), ups, weights).result(3)
+    want = aggregate_svd(ups, cap_shares(weights, 0.3), 3)
+    for n in got.modules:
+        torch.testing.assert_close(_dense(got)[n], _dense(want)[n], rtol=1e-5, atol=1e-6)
+    fold = ShareCapped(WeightedMean(), 0.5)
+    one = sum(t.numel() * 4 for _, t in _update(0).tensors())  # float32 updates held as they came
+    fold.add(_update(0), 1.0)
+    fold.add(_update(1), 2.0)
+    assert fold.held_bytes() == 2 * one and fold.inner.held_bytes() == 0
+    fold.add(_update(2), 3.0)  # the lightest is folded into the float64 running sum
+    assert fold.held_bytes() == 2 * one + 2 * one and fold.count == 3
+
+
+def test_keep_all_refuses_a_misfit_and_counts_what_it_holds():
+    fold = KeepAll(coordinate_median)
+    fold.add(_update(0, head=False), 1.0)
+    with pytest.raises(ValueError, match="different tensors or shapes"):
+        fold.add(_update(1, rank=3, head=False), 1.0)
+    with pytest.raises(ValueError, match="weight"):
+        fold.add(_update(1, head=False), -1.0)
+    fold.add(_update(1, head=False), 1.0)
+    assert fold.count == 2 and len(fold.updates) == 2
+    assert fold.held_bytes() == 2 * sum(t.numel() * 4 for _, t in _update(0, head=False).tensors())
