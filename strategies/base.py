@@ -512,7 +512,7 @@ class LoraStrategy(FedAvg):
                 if rl.dylora_rank is not None:  # only the leading block was trained and sent
                     self.global_eff = keep_uncovered(fit_rank(self.global_eff, self.max_rank), previous,
                                                      rl.dylora_rank)
-                error = getattr(getattr(fold, "inner", fold), "last_error", None)
+                error = getattr(fold, "last_error", None)
                 if error is not None:
                     rl.privacy["sketch-relative-error"] = error
             for key, t in self.global_eff.tensors():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.aggregation.folds import ExactProductSum, Fold
+from fedlora.aggregation.folds import Fold
 from fedlora.factors import LoraFactors, ModuleFactors, seeded_A
 from fedlora.lora_math import concat_rank, svd_redistribute
 from fedlora.protocol import NodeProfile
@@ -55,9 +55,9 @@ class FLoRA(LoraStrategy):
 
     def finish_fold(self, server_round: int, fold: Fold) -> LoraFactors:
         cap = self.cfg.hetero.flora_max_rank
-        inner = getattr(fold, "inner", fold)
-        # The exact stack (rank sum r_k), or the sketch's best factors at the cap (or its own size).
-        stacked = fold.result(None if isinstance(inner, ExactProductSum) else min(cap, inner.k))
+        # The exact stack (rank sum r_k), or the sketch's best factors at the cap (or its own size k).
+        k = getattr(fold, "k", None)
+        stacked = fold.result(None if k is None else min(cap, k))
         cumulative = concat_rank(LoraFactors(modules=dict(self.global_eff.modules)), stacked)
         if self.global_rank_of(cumulative) > cap:
             cumulative = svd_redistribute(cumulative, cap)

@@ -38,5 +38,4 @@ class HetLoRA(LoraStrategy):
 
     def finish_fold(self, server_round: int, fold: Fold) -> LoraFactors:
         new = fold.finish()
-        covered = getattr(fold, "inner", fold).covered
-        return keep_uncovered(new, self.global_eff, covered) if self.cfg.hetero.hetlora_keep_uncovered else new
+        return keep_uncovered(new, self.global_eff, fold.covered) if self.cfg.hetero.hetlora_keep_uncovered else new

@@ -317,3 +317,24 @@ def test_keep_all_refuses_a_misfit_and_counts_what_it_holds():
     fold.add(_update(1, head=False), 1.0)
     assert fold.count == 2 and len(fold.updates) == 2
     assert fold.held_bytes() == 2 * sum(t.numel() * 4 for _, t in _update(0, head=False).tensors())
+
+
+def test_flora_sketched_and_hetlora_share_capped_read_their_fold_through_the_cap():
+    from test_strategy_maths import _setup
+
+    ranks = [2, 4, 3, 4, 1, 2]
+    weights = [10, 20, 30, 10, 20, 30]
+    _, fl, profiles, template = _setup("flora", "fixed", ranks, **{"hetero.sketch_from_clients": "5",
+                                                                    "robust.max_client_share": "0.5"})
+    _, ex, _, _ = _setup("flora", "fixed", ranks, **{"robust.max_client_share": "0.5"})
+    replies = _replies(fl, profiles, template, 1, weights)
+    rl = _train_round(fl, profiles, replies, 1)
+    _train_round(ex, profiles, replies, 1)
+    assert rl.accepted == 6 and "sketch-relative-error" in rl.privacy and not rl.aggregation_error
+    for n, m in fl.global_eff.modules.items():  # rank sum 16 <= k: the sketch gives the exact product
+        e = ex.global_eff.modules[n]
+        d, de = m.B.double() @ m.A.double(), e.B.double() @ e.A.double()
+        assert float((d - de).norm() / de.norm()) < 1e-4
+    _, het, profiles, template = _setup("hetlora", "fixed", [2, 4, 3], **{"robust.max_client_share": "0.6"})
+    rl = _train_round(het, profiles, _replies(het, profiles, template, 1, [10, 20, 30]), 1)
+    assert rl.accepted == 3 and not rl.aggregation_error and het.global_rank() == 4

@@ -32,10 +32,6 @@ def _prctl(option: int, value: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
 
 
-def _die_with_parent() -> None:
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def end_tree(grace: float = GRACE) -> None:
     """SIGTERM every descendant of this process, SIGKILL what is left after ``grace`` seconds, and
     reap them all (as the subreaper, orphaned descendants are our children)."""
@@ -86,7 +82,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # The daemon also dies if the reaper itself is SIGKILLed.
-    child = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+    from fedlora.deploy.processes import die_with_parent
+
+    child = subprocess.Popen(argv, preexec_fn=die_with_parent)
     code = None
     while code is None and not stopping["now"] and os.getppid() == parent:
         for pid, status in _reap():
