@@ -19,7 +19,7 @@ from benchmarks.common import RESULTS, ROOT, setup_env
 ALL = ["wire", "aggregation", "robust", "privacy", "hetlora_coverage", "throughput", "overhead", "scale"]
 # deploy: real processes, ~7 minutes; causal: decoder LMs, ~5 minutes; server_scale: 7B-shaped rounds of up to
 # 1,000 replies, ~20 minutes; cohort: 10,000 virtual clients, ~15 minutes (--only NAME)
-EXTRA = ["deploy", "causal", "server_scale", "cohort"]
+EXTRA = ["deploy", "causal", "server_scale", "cohort", "dp_cohorts"]
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
