@@ -73,7 +73,9 @@ def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int =
                       federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3,
                                   "round_timeout": 90.0, **federation})
     raw = cfg.to_dict()
-    raw["server"] = {"address": f"127.0.0.1:{port}", "tls_certfile": str(creds.server_cert),
+    from fedlora.deploy.processes import free_port
+
+    raw["server"] = {"address": f"127.0.0.1:{port}", "control_port": free_port(), "tls_certfile": str(creds.server_cert),
                      "tls_keyfile": str(creds.server_key), "tls_ca_certfile": str(creds.ca_cert),
                      "enrolled_keys": [str(n.public_key) for n in creds.nodes[:enrolled]]}
     path = tmp_path / "server.toml"
@@ -89,6 +91,28 @@ def start_clients(tmp_path: Path, creds, port: int, which=range(3), **extra) -> 
                          "--client-id", f"client-{i:05d}", "--state-dir", str(tmp_path / f"state{i}"),
                          log=tmp_path / f"client{i}.log"))
     return procs
+
+
+def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:  # noqa: ANN001
+    """What someone with only ca.crt tries at the devices' address with Flower's own CLI: list the runs,
+    register a node key of their own, submit an app."""
+    home = tmp_path / "outsider-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "door"\n[superlink.door]\naddress = "127.0.0.1:{port}"\n'
+                                      f'root-certificates = "{creds.ca_cert}"\n')
+    app = tmp_path / "outsider-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+                                        '[project]\nname = "outsider"\nversion = "1.0.0"\ndependencies = []\n'
+                                        '[tool.flwr.app]\npublisher = "outsider"\n'
+                                        '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "x:app"\n')
+    (app / "x.py").write_text("app = None\n")
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    flwr = str(Path(sys.executable).parent / "flwr")
+    attempts = {"list runs": ["ls", "door"], "register a key": ["supernode", "register", str(creds.nodes[3].public_key), "door"],
+                "submit an app": ["run", str(app), "door"]}
+    return {what: subprocess.run([flwr, *args], capture_output=True, text=True, env=env, timeout=120)
+            for what, args in attempts.items()}
 
 
 def simulation_of(config: Path, tmp_path: Path):  # noqa: ANN201
@@ -130,6 +154,7 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     try:
         wait_for(lambda: "SuperLink serving" in (tmp_path / "server.log").read_text(), 60, "the SuperLink", logs)
         intruder = cli("client", "--settings", str(intruder_settings), log=tmp_path / "intruder.log")
+        outsider = outsider_attempts(tmp_path, creds, port)
         assert server.wait(300) == 0, (tmp_path / "server.log").read_text()[-3000:]
         assert intruder.wait(60) != 0
     finally:
@@ -140,7 +165,12 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     assert "TLS, node authentication on" in out and "round 2" in out
     node_log = (tmp_path / "state-intruder" / "supernode.log").read_text()
     assert "failed to activate supernode" in node_log.lower(), node_log[-2000:]
-    assert "node-3" not in (run / "superlink.log").read_text() or True  # never enrolled: see enrolled_keys
+    # A second identity holding only ca.crt, at the devices' address: it cannot list runs, enrol a key
+    # or submit an app (the gate answers 403), and the key it tried to register never trained.
+    for what, res in outsider.items():
+        assert res.returncode != 0, (what, res.stdout, res.stderr)
+        assert "403" in res.stdout + res.stderr or "devices only" in res.stdout + res.stderr, (what, res.stdout, res.stderr)
+    assert "refused POST /v1/control/" in (run / "gate.log").read_text()
     assert not any(r.get("clients-sampled", 0) > 3 for r in rows(run))
     dep_rows = rows(run)
     assert [r["round"] for r in dep_rows] == [0, 1, 2]
@@ -232,22 +262,72 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, c
     assert r["clients-sampled"] == 3 and r["clients-accepted"] == 2 and r["server-accuracy"] is not None, r
 
 
-def test_server_refuses_plain_http_on_a_public_address_and_tls_without_enrolled_keys(tmp_path):
+def test_server_puts_only_the_fleet_api_on_its_address_and_refuses_tls_without_enrolled_keys(tmp_path):
     from fedlora.config import ConfigError
     from fedlora.deploy.server import security
 
     cfg = make_config(tmp_path)
     cfg.server.address = "0.0.0.0:9092"
-    # The Control API shares the devices' port: a public bind is refused unless accepted knowingly.
-    with pytest.raises(ConfigError, match="Control API.*server.expose_control_api = true"):
-        security(cfg, insecure_flag=True)
-    cfg.server.expose_control_api = True
+    # The devices' address gets fedlora's gate; the SuperLink (and its Control API) stays on loopback.
+    assert cfg.server.superlink_host_port() == ("127.0.0.1", 9093)
+    cfg.server.control_port = 9200
+    assert cfg.server.superlink_host_port() == ("127.0.0.1", 9200)
+    cfg.server.expose_control_api = True  # knowingly: the SuperLink itself on the public address
+    assert cfg.server.superlink_host_port() == ("0.0.0.0", 9092)
     with pytest.raises(ConfigError, match="TLS is on by default"):
         security(cfg, insecure_flag=False)
     assert security(cfg, insecure_flag=True) == (False, False)  # only when asked, explicitly
     cfg.server.tls_certfile = cfg.server.tls_keyfile = cfg.server.tls_ca_certfile = str(SHARED_DATA / "index.json")
     with pytest.raises(ConfigError, match="enrolled_keys names no public key"):
         security(cfg, insecure_flag=False)
+
+
+def test_server_refuses_a_certificate_the_gate_cannot_check_on_loopback(tmp_path):
+    from fedlora.config import ConfigError
+    from fedlora.deploy.pki import create_credentials
+    from fedlora.deploy.server import covers_loopback, security
+
+    creds = create_credentials(tmp_path / "creds", ["fl.example.org"], nodes=1)
+    assert covers_loopback(creds.server_cert)  # `fedlora certs` always names 127.0.0.1 for the gate
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl.example.org")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    (tmp_path / "public-only.crt").write_bytes(cert.public_bytes(Encoding.PEM))
+    cfg = make_config(tmp_path)
+    cfg.server.tls_certfile = str(tmp_path / "public-only.crt")
+    cfg.server.tls_keyfile, cfg.server.tls_ca_certfile = str(creds.server_key), str(creds.ca_cert)
+    cfg.server.enrolled_keys = [str(creds.nodes[0].public_key)]
+    with pytest.raises(ConfigError, match="not valid for 127.0.0.1"):
+        security(cfg, insecure_flag=False)
+    cfg.server.expose_control_api = True  # no gate, no loopback hop
+    assert security(cfg, insecure_flag=False) == (True, True)
+
+
+def test_the_gate_refuses_everything_but_the_fleet_api_with_a_sentence():
+    from starlette.testclient import TestClient
+
+    from fedlora.deploy.fleet_gate import create_app
+
+    with TestClient(create_app("127.0.0.1:9", tls=False)) as gate:
+        for method, path in [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"),
+                             ("POST", "/v1/runtime/pull-messages"), ("GET", "/"), ("POST", "/v1/fleetx/a")]:
+            res = gate.request(method, path)
+            assert res.status_code == 403, (path, res.status_code)
+            assert "devices only" in res.json()["detail"] and "loopback" in res.json()["detail"]
+        # A fleet path is forwarded (here to a port nobody serves: the proxy's 502, not the gate's 403).
+        assert gate.post("/v1/fleet/pull-messages", content=b"").status_code == 502
 
 
 def test_server_prechecks_fail_before_the_superlink_starts(tmp_path):

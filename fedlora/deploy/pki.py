@@ -118,7 +118,8 @@ def create_credentials(folder: str | Path, hosts: list[str], nodes: int, days: i
           .sign(ca_key, hashes.SHA384()))
 
     names: list[x509.GeneralName] = []
-    for h in dict.fromkeys(hosts or ["127.0.0.1", "localhost"]):
+    # 127.0.0.1 always: fedlora's gate reaches the SuperLink there and checks this certificate.
+    for h in dict.fromkeys([*(hosts or []), "127.0.0.1", "localhost"]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:

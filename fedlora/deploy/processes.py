@@ -51,7 +51,9 @@ def spawn(args: list[str], log_path: Path, env: dict | None = None) -> subproces
 def daemon_name(proc: subprocess.Popen) -> str:
     """The daemon's name (``flower-superlink``), not the reaper's interpreter."""
     args = list(proc.args)
-    return Path(args[3] if args[1:3] == ["-m", "fedlora.deploy.reaper"] and len(args) > 3 else args[0]).name
+    if args[1:3] == ["-m", "fedlora.deploy.reaper"] and len(args) > 3:
+        args = args[3:]
+    return args[2] if args[1:2] == ["-m"] and len(args) > 2 else Path(args[0]).name  # python -m MODULE: MODULE
 
 
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> float:

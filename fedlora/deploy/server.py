@@ -57,6 +57,7 @@ class Deployment:
     address: str
     tls: bool
     superlink: subprocess.Popen | None = None
+    gate: subprocess.Popen | None = None  # fedlora.deploy.fleet_gate, unless the Control API is exposed
     run_id: int | None = None
     log_follower: subprocess.Popen | None = None
     restarts: int = 0
@@ -82,18 +83,8 @@ class Deployment:
 def security(cfg: FedLoraConfig, insecure_flag: bool) -> tuple[bool, bool]:
     """(TLS on, node authentication on), or a ConfigError that says what to do."""
     s = cfg.server
-    if not s.is_loopback() and not s.expose_control_api:
-        raise ConfigError(
-            f"server.address {s.address} is not a loopback address, and flwr's SuperLink serves its Control API "
-            "(list runs, register node keys, submit and stop apps) on the same port as the devices' Fleet API, "
-            "without authentication in Flower's open-source distribution: anyone who reaches the port with "
-            "ca.crt could enrol a node of their own or submit code to run. Keep the SuperLink on 127.0.0.1 and let "
-            "devices reach it through a tunnel or a proxy that forwards only /v1/fleet/ and /health, or set "
-            "server.expose_control_api = true to accept that risk on a network you control")
     insecure = s.insecure or insecure_flag
     if insecure:
-        if not s.is_loopback() and not (s.insecure or insecure_flag):
-            raise ConfigError("server.address is not a loopback address: serving without TLS needs --insecure")
         return False, False
     if not s.tls_certfile:
         raise ConfigError("TLS is on by default: set server.tls_certfile, tls_keyfile and tls_ca_certfile "
@@ -102,10 +93,29 @@ def security(cfg: FedLoraConfig, insecure_flag: bool) -> tuple[bool, bool]:
     for key in ("tls_certfile", "tls_keyfile", "tls_ca_certfile"):
         if not Path(getattr(s, key)).expanduser().exists():
             raise ConfigError(f"server.{key}: {getattr(s, key)} does not exist")
+    if not s.expose_control_api and not covers_loopback(Path(s.tls_certfile).expanduser()):
+        raise ConfigError(f"server.tls_certfile {s.tls_certfile} is not valid for 127.0.0.1, where the SuperLink "
+                          "listens behind fedlora's gate (the gate checks the SuperLink's certificate): add IP "
+                          "127.0.0.1 to its subject alternative names (`fedlora certs` does)")
     if s.node_auth and not enrolled_keys(cfg):
         raise ConfigError("server.node_auth is on but server.enrolled_keys names no public key: no client could "
                           "join (enrol the nodes' .pub files, or set server.node_auth=false)")
     return True, s.node_auth
+
+
+def covers_loopback(certfile: Path) -> bool:
+    """Whether a PEM certificate names IP 127.0.0.1 among its subject alternative names."""
+    import ipaddress
+
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(certfile.read_bytes())
+    try:
+        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.IPAddress)
+    except x509.ExtensionNotFound:
+        return False
+    return ipaddress.ip_address("127.0.0.1") in ips
 
 
 def enrolled_keys(cfg: FedLoraConfig) -> list[Path]:
@@ -142,8 +152,10 @@ def absolute_paths(cfg: FedLoraConfig) -> FedLoraConfig:
 
 
 def start_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool) -> None:
+    """The SuperLink on 127.0.0.1 (its Control API for the operator only) and, unless the operator
+    exposes it knowingly, fedlora's gate on server.address forwarding the devices' Fleet API to it."""
     s = cfg.server
-    host, port = s.host_port()
+    host, port = s.superlink_host_port()
     db = s.database or str(dep.run_dir.path / "superlink.db")
     args = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", db,
             "--disable-runtime-dependency-installation"]
@@ -159,13 +171,31 @@ def start_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool) -> Non
     log_path = dep.run_dir.path / "superlink.log"
     dep.superlink = spawn(args, log_path, env={**DEFAULTS, **dep.env()})
     wait_for_port(host, port, dep.superlink, log_path)
+    if not s.expose_control_api and (dep.gate is None or dep.gate.poll() is not None):
+        start_gate(dep, cfg)
     dep.timings["superlink-start-seconds"] = time.perf_counter() - t0
+
+
+def start_gate(dep: Deployment, cfg: FedLoraConfig) -> None:
+    """:mod:`fedlora.deploy.fleet_gate` on server.address, in front of the loopback SuperLink."""
+    import sys
+
+    s = cfg.server
+    host, port = s.host_port()
+    up_host, up_port = s.superlink_host_port()
+    args = [sys.executable, "-m", "fedlora.deploy.fleet_gate", "--listen", f"{host}:{port}",
+            "--upstream", f"{up_host}:{up_port}"]
+    if dep.tls:
+        args += ["--certfile", s.tls_certfile, "--keyfile", s.tls_keyfile, "--ca", s.tls_ca_certfile]
+    log_path = dep.run_dir.path / "gate.log"
+    dep.gate = spawn(args, log_path)
+    wait_for_port(host if host not in ("0.0.0.0", "::", "") else "127.0.0.1", port, dep.gate, log_path)
 
 
 def write_connection(dep: Deployment, cfg: FedLoraConfig) -> None:
     import tomli_w
 
-    host, port = cfg.server.host_port()
+    host, port = cfg.server.superlink_host_port()  # the operator's side: the SuperLink itself
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     conn: dict = {"address": f"{local}:{port}"}
     if dep.tls:
@@ -341,7 +371,10 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
             for note in enrol(dep, enrolled_keys(cfg)):
                 say(f"  node key {note}")
         host, port = cfg.server.host_port()
-        say(f"SuperLink serving {host}:{port} ({'TLS' if tls else 'no TLS'}, node authentication "
+        c_host, c_port = cfg.server.superlink_host_port()
+        door = ("the SuperLink itself, Control API included (server.expose_control_api)" if cfg.server.expose_control_api
+                else f"devices only (Fleet API); the Control API is on {c_host}:{c_port}, this machine only")
+        say(f"SuperLink serving {host}:{port} to {door} ({'TLS' if tls else 'no TLS'}, node authentication "
             f"{'on' if node_auth else 'off'}); clients join with: fedlora client --server <this host>:{port}"
             + (" --root-certificates <ca.crt> --node-key <node-N.key>" if tls else " --insecure"))
         app = write_app(dep)
@@ -378,3 +411,4 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
     finally:
         stop(dep.log_follower)
         stop(dep.superlink)
+        stop(dep.gate)
