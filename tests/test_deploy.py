@@ -165,6 +165,12 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     assert "TLS, node authentication on" in out and "round 2" in out
     node_log = (tmp_path / "state-intruder" / "supernode.log").read_text()
     assert "failed to activate supernode" in node_log.lower(), node_log[-2000:]
+    # ... and its owner reads why, once, with the file the operator needs.
+    console = (tmp_path / "intruder.log").read_text()
+    pub = tmp_path / "state-intruder" / "node-3.pub"  # derived from the device's key: the file to send the operator
+    assert console.count(f"the server does not know this node's key: ask the operator to enrol {pub}") == 1, console
+    assert pub.read_text().split()[:2] == creds.nodes[3].public_key.read_text().split()[:2]
+    assert "ref-exit-codes" not in console, console
     # A second identity holding only ca.crt, at the devices' address: it cannot list runs, enrol a key
     # or submit an app (the gate answers 403), and the key it tried to register never trained.
     for what, res in outsider.items():
@@ -364,6 +370,34 @@ def test_client_settings_fail_with_a_sentence(tmp_path):
         ClientSettings.load(bad, {})
     with pytest.raises(ConfigError, match="threads must be >= 0"):
         ClientSettings.load(None, {"server": "h:1", "insecure": True, "partition_id": 0, "threads": -1})
+    # A device's data folder without a training file: said before connecting, naming the flag.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "test.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    with pytest.raises(ConfigError, match=r"--data .*mine: no train.jsonl .* it has test.jsonl"):
+        ClientSettings.load(None, {"server": "h:1", "insecure": True, "data": str(tmp_path / "mine")})
+    with pytest.raises(ConfigError, match=r"--data .*nowhere: does not exist"):
+        ClientSettings.load(None, {"server": "h:1", "insecure": True, "data": str(tmp_path / "nowhere")})
+
+
+def test_a_client_whose_server_is_unreachable_says_so_once_with_the_address(tmp_path):
+    """A real SuperNode pointed at a port nobody serves: after connect_wait seconds the device's console
+    says which address it tried, once, and the client keeps trying."""
+    from fedlora.deploy.processes import free_port
+
+    port = free_port()
+    settings = tmp_path / "c.toml"
+    settings.write_text(f'server = "127.0.0.1:{port}"\ninsecure = true\npartition_id = 0\nconnect_wait = 2.0\n'
+                        f'state_dir = "{tmp_path / "state"}"\n')
+    client = cli("client", "--settings", str(settings), "--cold", log=tmp_path / "client.log")
+    sentence = f"cannot reach the server at 127.0.0.1:{port} after 2 s"
+    try:
+        wait_for(lambda: sentence in (tmp_path / "client.log").read_text(), 60, "the unreachable sentence",
+                 [tmp_path / "client.log", tmp_path / "state" / "supernode.log"])
+        time.sleep(4)
+        assert client.poll() is None  # still trying
+    finally:
+        kill_group(client, signal.SIGTERM)
+    assert (tmp_path / "client.log").read_text().count("cannot reach the server") == 1
 
 
 def test_a_device_sizes_its_own_threads_and_keeps_its_files_in_its_own_folder(tmp_path, shared_data):

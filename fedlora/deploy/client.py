@@ -43,6 +43,7 @@ class ClientSettings:
     runtime_port: int = 0  # the SuperNode's local Runtime API port (0 = a free one)
     max_retries: int = -1  # connection attempts to the SuperLink (-1 = retry forever)
     threads: int = 0  # torch threads on this device (0 = the run's train.num_threads): the device's to size
+    connect_wait: float = 60.0  # seconds without reaching the server before the console says so (it keeps trying)
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict) -> ClientSettings:
@@ -77,8 +78,8 @@ class ClientSettings:
         if not self.data and self.partition_id < 0:
             raise ConfigError("data: give the folder or file holding this device's data (or partition_id for a trial "
                               "on the run's own dataset)")
-        if self.data and not Path(self.data).expanduser().exists():
-            raise ConfigError(f"data: {self.data} does not exist")
+        if self.data:
+            check_data_folder(Path(self.data).expanduser())
         if self.rank < 0:
             raise ConfigError("rank must be >= 0 (0 = the run's rank for this device)")
         if self.threads < 0:
@@ -104,6 +105,81 @@ class ClientSettings:
         if self.threads:
             items["threads"] = str(self.threads)
         return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+DATA_FORMATS = ("jsonl", "json", "csv", "parquet")
+
+
+def check_data_folder(path: Path) -> None:
+    """A device's --data: a folder with a train file (and a test file), or one file; said on the device's
+    own console before it connects, naming the flag."""
+    if not path.exists():
+        raise ConfigError(f"--data {path}: does not exist")
+    if path.is_dir():
+        names = {f.name for f in path.iterdir()}
+        for split in ("train", "test"):
+            if not any(f"{split}.{ext}" in names for ext in DATA_FORMATS):
+                raise ConfigError(f"--data {path}: no {split}.jsonl (or {split}.json/.csv/.parquet) in the folder; "
+                                  f"it has {', '.join(sorted(names)) or 'nothing'}")
+
+
+# What Flower's SuperNode writes to its log (flwr 1.41-1.42) when it reaches the SuperLink, cannot,
+# or is refused activation (its key is not enrolled there).
+CONNECTED = "Connection successful"
+UNREACHABLE = "Connection attempt failed"
+NOT_ENROLLED = "Failed to activate SuperNode"
+
+
+def enrol_hint(node_key: str, state_dir: Path) -> str:
+    """The public key file the operator must enrol: beside the private key, or derived from it into the
+    state folder (`fedlora certs` keeps a device's private key apart from the .pub files it enrols)."""
+    key = Path(node_key).expanduser()
+    pub = key.with_suffix(".pub")
+    if pub.exists():
+        return str(pub)
+    from cryptography.hazmat.primitives import serialization
+
+    blob = key.read_bytes()
+    load = serialization.load_ssh_private_key if b"OPENSSH PRIVATE KEY" in blob else serialization.load_pem_private_key
+    private = load(blob, password=None)
+    pub = Path(state_dir) / f"{key.stem}.pub"
+    pub.write_bytes(private.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                      serialization.PublicFormat.OpenSSH) + b"\n")
+    return str(pub)
+
+
+class ConsoleNotes:
+    """One sentence per cause on the device's console, from the SuperNode's log: not enrolled, the server
+    unreachable for ``connect_wait`` seconds, connected again."""
+
+    def __init__(self, s: ClientSettings, say) -> None:  # noqa: ANN001
+        self.s, self.say = s, say
+        self.state = Path(s.state_dir).expanduser().resolve()
+        self.said: set[str] = set()
+        self.since = time.monotonic()
+        self.connected = False
+
+    def once(self, cause: str, text: str) -> None:
+        if cause not in self.said:
+            self.said.add(cause)
+            self.say(text)
+
+    def read(self, log_text: str) -> None:
+        if CONNECTED in log_text and not self.connected:
+            self.connected = True
+            self.said.discard("unreachable")
+            self.once("connected", f"connected to the server at {self.s.server}")
+        if not self.connected and UNREACHABLE in log_text and time.monotonic() - self.since > self.s.connect_wait:
+            self.once("unreachable", f"cannot reach the server at {self.s.server} after {self.s.connect_wait:g} s: "
+                                     "check the address and port, and that `fedlora server` runs there (still trying)")
+
+    def exited(self, log_text: str) -> bool:
+        """Whether the SuperNode's exit has a cause this device's owner can act on (said once)."""
+        if NOT_ENROLLED in log_text:
+            self.once("not-enrolled", "the server does not know this node's key: ask the operator to enrol "
+                                      f"{enrol_hint(self.s.node_key, self.state)} (trying again every 30 s)")
+            return True
+        return False
 
 
 def peak_memory_mb() -> float:
@@ -135,34 +211,40 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
     say(f"fedlora client: SuperNode -> {s.server} ({'no TLS' if s.insecure else 'TLS'}"
         f"{', node key ' + Path(s.node_key).name if s.node_key else ''}); data {s.data or 'partition ' + str(s.partition_id)};"
         f" state {state}; logs {node_log}" + ("" if cold else f", {state / 'executor.log'}"))
+    notes = ConsoleNotes(s, say)
     try:
         shown, starts = 0, 0
         while True:
             if node is None:
                 starts += 1
+                start_at = node_log.stat().st_size if node_log.exists() else 0  # this start's lines carry its cause
                 node = spawn(args, node_log, env=env)
                 if not cold:
                     executor = spawn([sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state)],
                                      state / "executor.log", env=env)
-            if executor is not None:  # the executor's own lines (model loaded, peak memory) to the console
+            if executor is not None:  # the executor's own lines (model loaded, peak memory, bad data) to the console
                 lines = (state / "executor.log").read_text(errors="replace").splitlines()
                 for line in lines[shown:]:
                     if " fedlora.client " in line and "task " not in line:
                         say(line.split(" fedlora.client ", 1)[1].strip())
                 shown = len(lines)
+            node_text = node_log.read_bytes()[start_at:].decode(errors="replace") if node_log.exists() else ""
+            notes.read(node_text)
             if node.poll() is not None or (executor is not None and executor.poll() is not None):
                 failed = "SuperNode" if node.poll() is not None else "resident executor"
+                known = failed == "SuperNode" and notes.exited(node_text)
                 why = tail(node_log if failed == "SuperNode" else state / "executor.log", 6)
                 stop(executor)
                 stop(node)
                 if s.max_retries >= 0 and starts > s.max_retries:
-                    say(f"the {failed} exited and max_retries ({s.max_retries}) is spent:\n{why}")
+                    say(f"the {failed} exited and max_retries ({s.max_retries}) is spent" + ("" if known else f":\n{why}"))
                     return 1
                 # A SuperNode whose key is not enrolled yet, or whose server is down, exits: start it
                 # again, as Flower's own retries would (the node's state folder survives).
-                say(f"the {failed} exited; starting it again in 5 s. Last lines:\n{why}")
+                if not known:
+                    say(f"the {failed} exited; starting it again in 5 s. Last lines:\n{why}")
                 node = executor = None
-                time.sleep(5.0)
+                time.sleep(30.0 if known else 5.0)
                 continue
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -171,16 +171,17 @@ def start_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool) -> Non
     log_path = dep.run_dir.path / "superlink.log"
     dep.superlink = spawn(args, log_path, env={**DEFAULTS, **dep.env()})
     wait_for_port(host, port, dep.superlink, log_path)
-    if not s.expose_control_api and (dep.gate is None or dep.gate.poll() is not None):
-        start_gate(dep, cfg)
     dep.timings["superlink-start-seconds"] = time.perf_counter() - t0
 
 
 def start_gate(dep: Deployment, cfg: FedLoraConfig) -> None:
-    """:mod:`fedlora.deploy.fleet_gate` on server.address, in front of the loopback SuperLink."""
+    """:mod:`fedlora.deploy.fleet_gate` on server.address, in front of the loopback SuperLink. Opened
+    after the nodes are enrolled, so no device meets a SuperLink that does not know its key yet."""
     import sys
 
     s = cfg.server
+    if s.expose_control_api or (dep.gate is not None and dep.gate.poll() is None):
+        return
     host, port = s.host_port()
     up_host, up_port = s.superlink_host_port()
     args = [sys.executable, "-m", "fedlora.deploy.fleet_gate", "--listen", f"{host}:{port}",
@@ -317,6 +318,7 @@ def restart_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool, app:
     say(f"the SuperLink exited (code {dep.superlink.returncode}); restarting it on its database "
         f"({dep.restarts}/{MAX_RESTARTS})")
     start_superlink(dep, cfg, node_auth)
+    start_gate(dep, cfg)  # still up, unless it died too
     if dep.run_dir.read_checkpoint() is not None:
         dep.run_id = submit(dep, app, resume=True)
         say(f"run {dep.run_id} resumes the run from its last completed round")
@@ -370,6 +372,7 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
         if node_auth:
             for note in enrol(dep, enrolled_keys(cfg)):
                 say(f"  node key {note}")
+        start_gate(dep, cfg)
         host, port = cfg.server.host_port()
         c_host, c_port = cfg.server.superlink_host_port()
         door = ("the SuperLink itself, Control API included (server.expose_control_api)" if cfg.server.expose_control_api
