@@ -33,8 +33,14 @@ def setup(msg: Message, context: Context) -> Message:
     if config.get("action") != SETUP:
         raise ValueError(f"unknown query action {config.get('action')!r}")
     names = json.loads(str(config["label-names"])) if "label-names" in config else None
-    ClientSession.remember_config(context, str(config["run-config"]), names)
-    session = ClientSession.from_context(context)
+    try:
+        ClientSession.remember_config(context, str(config["run-config"]), names)
+        session = ClientSession.from_context(context)
+    except Exception as exc:
+        # The server knows this node only by number until its profile arrives: name the client in the
+        # error Flower carries back, so the operator reads who failed, and why.
+        cid = str(context.node_config.get("client-id", "")) or f"partition {context.node_config.get('partition-id', '?')}"
+        raise RuntimeError(f"client {cid}: {exc}") from exc
     ClientSession.persist_setup(context)
     return Message(RecordDict({PROFILE: ConfigRecord(session.profile.to_record())}), reply_to=msg)
 
@@ -107,7 +113,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         if session.data.val is not None and len(session.data.val):
             val = run_eval(model, session.data.val, bs, session.device)
             metrics.update({"val-accuracy": val["accuracy"]} if "accuracy" in val else {"val-loss": val["loss"]})
-        if bool(config.get("global-view", False)):
+        # A device with its own data never reads the run's data.dataset (a path the server chose).
+        if bool(config.get("global-view", False)) and not str(context.node_config.get("data", "")):
             # The personalized model on the held-out set every client shares: how far it generalises.
             glob = run_eval(model, load_task(session.cfg).test, bs, session.device)
             if "accuracy" in glob:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from fedlora import codec
 from fedlora.cache import BoundedCache
-from fedlora.config import FedLoraConfig, digest_of
+from fedlora.config import ConfigError, FedLoraConfig, digest_of
 from fedlora.data import ClientData, client_data, local_client_data
 from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.lora_math import block, prune_rank, prune_to_rank
@@ -37,6 +38,33 @@ _CONFIGS: BoundedCache[FedLoraConfig] = BoundedCache(8)
 
 class SetupMissing(RuntimeError):
     """A train/evaluate message reached a node that never received the run config."""
+
+
+def is_local_path(name: str) -> bool:
+    """A model name that is a folder on this machine (not a builtin or a hub id)."""
+    if name.startswith("builtin:"):
+        return False
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
+def device_view(cfg: FedLoraConfig, node_config: dict) -> FedLoraConfig:
+    """The run config as a deployed device applies it: what touches the device's file system is its
+    owner's to decide, never the server's. The model cache is the device's own (``cache-dir``, else
+    FEDLORA_CACHE or ~/.cache/fedlora); a base model named by a local path loads only from a folder the
+    owner allowed (``model-dirs``); personal adapters go inside ``state-dir`` (see
+    :meth:`ClientSession.save_personal_adapter`); the run's data.dataset is never read for a device
+    with its own data (global-view evaluation is skipped there)."""
+    from dataclasses import replace
+
+    model = replace(cfg.model, cache_dir=str(node_config.get("cache-dir", "") or ""))
+    if is_local_path(cfg.model.name):
+        wanted = Path(cfg.model.name).expanduser().resolve()
+        allowed = [Path(d).expanduser().resolve() for d in str(node_config.get("model-dirs", "")).split(os.pathsep) if d]
+        if not any(wanted.is_relative_to(d) for d in allowed):
+            raise ConfigError(f"the run asks this device to load its base model from {wanted}, a folder on this "
+                              f"device that its owner has not allowed: start fedlora client with --model-dir "
+                              f"{wanted.parent} to allow it (now: {', '.join(map(str, allowed)) or 'none'})")
+    return replace(cfg, model=model)
 
 
 @dataclass
@@ -106,6 +134,8 @@ class ClientSession:
         ``data``: the device's own data (deployment); otherwise the client reads partition
         ``partition-id`` of the run's dataset (simulation, `flwr run` local simulation)."""
         nc = node_config
+        if str(nc.get("state-dir", "")):
+            cfg = device_view(cfg, nc)
         partition = int(nc.get("partition-id", 0))
         parts = int(nc.get("num-partitions", 0) or 0)
         if parts and parts != cfg.federation.num_clients and not str(nc.get("data", "")):
@@ -136,7 +166,11 @@ class ClientSession:
         elif str(nc.get("data", "")):
             if label_names is None:
                 raise SetupMissing("a client with its own data needs the run's label names from the server's setup")
-            data = local_client_data(cfg, str(nc["data"]), label_names)
+            try:
+                data = local_client_data(cfg, str(nc["data"]), label_names)
+            except ConfigError as exc:  # the device's own files: said on its console, naming its flag
+                log.error("--data %s: %s", nc["data"], exc)
+                raise ConfigError(f"--data {nc['data']}: {exc}") from None
         else:
             data = client_data(cfg, partition)
         if not cfg.continual.enabled:

@@ -170,6 +170,8 @@ def client(
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Stable name of this client ('' = the key's file name).")] = None,
     partition_id: Annotated[Optional[int], typer.Option("--partition-id", help="Trial: use partition N of the run's dataset instead of own data.")] = None,
     insecure: Annotated[Optional[bool], typer.Option("--insecure", help="Join a server started with --insecure.")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="This device's model and data cache (default FEDLORA_CACHE or ~/.cache/fedlora); the server's run config cannot choose it.")] = None,
+    model_dir: Annotated[Optional[list[str]], typer.Option("--model-dir", help="A folder a run may name as its base model on this device (repeatable); hub ids and builtins need none.")] = None,
     cold: Annotated[bool, typer.Option("--cold", help="Flower's default isolation: a fresh process (and model load) per message.")] = False,
 ) -> None:
     """Join a real federation from this device (Flower SuperNode + fedlora's ClientApp)."""
@@ -179,7 +181,8 @@ def client(
         s = ClientSettings.load(settings, {"server": server_address, "root_certificates": root_certificates,
                                            "node_key": node_key, "data": data, "state_dir": state_dir, "rank": rank,
                                            "device_class": device_class, "client_id": client_id,
-                                           "partition_id": partition_id, "insecure": insecure, "threads": threads})
+                                           "partition_id": partition_id, "insecure": insecure, "threads": threads,
+                                           "cache_dir": cache_dir, "model_dirs": model_dir or None})
     except (ConfigError, TypeError) as exc:
         typer.secho(f"client settings error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

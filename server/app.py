@@ -140,7 +140,8 @@ def reference_rank(cfg: FedLoraConfig) -> int:
 
 
 def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
-               on_round: Callable[[dict], None] | None = None, resume: bool = False):  # noqa: ANN201 - flwr Result
+               on_round: Callable[[dict], None] | None = None, resume: bool = False,
+               node_names: Callable[[int], str | None] | None = None):  # noqa: ANN201 - flwr Result
     """Run a whole federation on ``grid``; write metrics/adapters to ``run_dir`` if given.
 
     ``resume``: continue ``run_dir``'s run from its last checkpoint (the round after the last one
@@ -161,6 +162,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     strategy = strategy_cls(cfg, gm.template())
     strategy.global_eff = strategy.initial_global(to_effective(gm.init))
     strategy.label_names = list(label_names)
+    strategy.node_names = node_names
     if resume:
         done = resume_strategy(strategy, cfg, run_dir)
         log.info("resuming %s after round %d of %d", run_dir.path if run_dir else "", done, cfg.run.rounds)
@@ -382,4 +384,10 @@ def main(grid: Grid, context: Context) -> None:
     else:
         cfg = FedLoraConfig.load(resolve_app_path(src) if src else None)
     folder = str(rc.get("run-dir", "") or "")
-    run_server(grid, cfg, RunDir(folder) if folder else RunDir.create(cfg), resume=bool(rc.get("resume", False)))
+    names = None
+    if bool(rc.get("bind-node-names", False)) and folder:
+        from fedlora.deploy.server import EnrolledNames
+
+        names = EnrolledNames(Path(folder) / "flwr-home")
+    run_server(grid, cfg, RunDir(folder) if folder else RunDir.create(cfg), resume=bool(rc.get("resume", False)),
+               node_names=names)

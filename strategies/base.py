@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -109,6 +109,9 @@ class LoraStrategy(FedAvg):
         self.max_rank = template.modules[next(iter(template.modules))].rank if template.modules else cfg.lora.rank
         self.profiles: dict[int, NodeProfile] = {}
         self.refused: dict[int, str] = {}  # node id -> why its setup was refused (it is never sampled again)
+        # Deployment with node authentication: node id -> the name its key was enrolled under (None in a
+        # simulation). A node's client id is that name, never what it declares (see accept_profile).
+        self.node_names: Callable[[int], str | None] | None = None
         self._outliers: set[int] = set()  # nodes already flagged for an outsized declared data size
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}
@@ -283,6 +286,17 @@ class LoraStrategy(FedAvg):
         """A profile the run can use, or :class:`RejectedReply`. Alpha is the run's, never the client's."""
         f = check_profile_fields(record, max_rank=10**6)
         rank, cid = f["rank"], f["client_id"]
+        if self.node_names is not None:
+            # Identity is the authenticated key: the client id is the name bound to it at enrolment, so
+            # a node cannot take another's id by declaring it first.
+            bound = self.node_names(node)
+            if not bound:
+                raise RejectedReply(f"node {node} (declaring client id {cid!r}) has no name bound to its key at "
+                                    "enrolment")
+            if bound != cid:
+                rl.flagged.append(f"node {node} declares client id {cid!r}; its key is enrolled as {bound!r}, "
+                                  f"which is its client id")
+            cid = bound
         if self.sharing_policy.heterogeneous_ranks:
             if rank > self.max_rank:
                 raise RejectedReply(f"client {cid}: rank {rank} is above the largest rank the run's global "

@@ -83,12 +83,13 @@ def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int =
     return path
 
 
-def start_clients(tmp_path: Path, creds, port: int, which=range(3), **extra) -> list[subprocess.Popen]:  # noqa: ANN001
+def start_clients(tmp_path: Path, creds, port: int, which=range(3), ids: dict | None = None,  # noqa: ANN001
+                  **extra) -> list[subprocess.Popen]:
     procs = []
     for i in which:
         procs.append(cli("client", "--server", f"127.0.0.1:{port}", "--root-certificates", str(creds.ca_cert),
                          "--node-key", str(creds.nodes[i].private_key), "--partition-id", str(i),
-                         "--client-id", f"client-{i:05d}", "--state-dir", str(tmp_path / f"state{i}"),
+                         "--client-id", (ids or {}).get(i, f"node-{i}"), "--state-dir", str(tmp_path / f"state{i}"),
                          log=tmp_path / f"client{i}.log"))
     return procs
 
@@ -144,7 +145,8 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     port = free_port()
     config = server_config(tmp_path, creds, port, rounds=2)
     server = cli("server", "-c", str(config), log=tmp_path / "server.log")
-    clients = start_clients(tmp_path, creds, port)
+    # Device 1 declares device 0's client id: identity is the enrolled key, so it stays node-1.
+    clients = start_clients(tmp_path, creds, port, ids={1: "node-0"})
     # A fourth device whose key the server never enrolled: refused, and it gives up (max_retries 0).
     intruder_settings = tmp_path / "intruder.toml"
     intruder_settings.write_text(f'server = "127.0.0.1:{port}"\nroot_certificates = "{creds.ca_cert}"\n'
@@ -181,6 +183,8 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     dep_rows = rows(run)
     assert [r["round"] for r in dep_rows] == [0, 1, 2]
     assert all(r["clients-accepted"] == 3 for r in dep_rows[1:])
+    flagged = [x for r in dep_rows for x in (r.get("flagged") or [])]
+    assert any("declares client id 'node-0'; its key is enrolled as 'node-1'" in x for x in flagged), flagged
     sim = simulation_of(config, tmp_path)
     sim_rows = rows(sim)
     gain = dep_rows[-1]["server-accuracy"] - dep_rows[0]["server-accuracy"]
@@ -264,7 +268,7 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, c
     run_rows = rows(run_dir_of(tmp_path))
     assert [x["round"] for x in run_rows] == [0, 1], run_rows
     r = run_rows[1]
-    assert [x for x in r["rejected"] if "client-00002" in x and "no reply" in x], r
+    assert [x for x in r["rejected"] if "node-2" in x and "no reply" in x], r
     assert r["clients-sampled"] == 3 and r["clients-accepted"] == 2 and r["server-accuracy"] is not None, r
 
 
@@ -423,6 +427,64 @@ def test_a_device_sizes_its_own_threads_and_keeps_its_files_in_its_own_folder(tm
     model = build_peft_model(cfg, 4, AdapterSpec.for_rank(cfg, session.profile.rank))
     where = Path(session.save_personal_adapter(model)).resolve()
     assert where.is_relative_to((tmp_path / "state").resolve()), where
+
+
+def test_the_servers_run_config_cannot_choose_paths_on_a_device(tmp_path):
+    """model.cache_dir and a local model.name are the device owner's to choose: the server's cache
+    folder is never created, and a base model folder loads only from a folder the owner allowed."""
+    from fedlora.clients.session import ClientSession, device_view
+    from fedlora.config import ConfigError
+
+    cfg = make_config(tmp_path)
+    cfg.model.cache_dir = str(tmp_path / "server-chosen-cache")
+    mine = {"state-dir": str(tmp_path / "state"), "partition-id": 0, "cache-dir": str(tmp_path / "my-cache")}
+    session = ClientSession.from_parts(cfg, mine, node_id=3)
+    assert session.cfg.model.cache_dir == str(tmp_path / "my-cache")
+    assert not (tmp_path / "server-chosen-cache").exists()
+    assert cfg.model.cache_dir == str(tmp_path / "server-chosen-cache")  # the run's own config is untouched
+    # A base model named by a folder on the device: refused unless the owner allowed a folder above it.
+    (tmp_path / "models" / "secret").mkdir(parents=True)
+    cfg.model.name = str(tmp_path / "models" / "secret")
+    with pytest.raises(ConfigError, match=r"has not allowed: start fedlora client with --model-dir .*models"):
+        ClientSession.from_parts(cfg, mine, node_id=3)
+    assert device_view(cfg, {**mine, "model-dirs": str(tmp_path / "models")}).model.name == cfg.model.name
+    with pytest.raises(ConfigError, match="has not allowed"):
+        device_view(cfg, {**mine, "model-dirs": str(tmp_path / "other")})
+    # A simulation's virtual clients (no state-dir of their own) keep the run's settings.
+    assert ClientSession.from_parts(make_config(tmp_path), {"partition-id": 0}, node_id=4).cfg.model.cache_dir == \
+        make_config(tmp_path).model.cache_dir
+
+
+def test_a_device_whose_labels_are_not_the_runs_is_named_by_client_id_and_its_flag(tmp_path, caplog):
+    """The setup handler, called as Flower calls it: the error the server reads names the client and the
+    device's own flag (--data, not the run's data.dataset), and the device's log says the same."""
+    import json as _json
+
+    from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+    from fedlora.clients import app as client_app
+    from fedlora.protocol import CONFIG, SETUP
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for split in ("train", "test"):
+        (mine / f"{split}.jsonl").write_text("".join(_json.dumps({"text": f"row {i}", "label": "Cooking"}) + "\n"
+                                                     for i in range(4)))
+    cfg = make_config(tmp_path)
+    ctx = Context(run_id=1, node_id=11, node_config={"data": str(mine), "client-id": "kitchen-07",
+                                                      "state-dir": str(tmp_path / "state")},
+                  state=RecordDict(), run_config={})
+    content = RecordDict({CONFIG: ConfigRecord({"action": SETUP, "run-config": cfg.to_json(),
+                                                "label-names": _json.dumps(["World", "Sports", "Business", "Sci/Tech"])})})
+    msg = Message(content=content, metadata=Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=11,
+                                                     reply_to_message_id="", group_id="", created_at=time.time(),
+                                                     ttl=60.0, message_type=MessageType.QUERY))
+    with caplog.at_level("ERROR", logger="fedlora.client"), pytest.raises(RuntimeError) as err:
+        client_app.setup(msg, ctx)
+    text = str(err.value)
+    assert text.startswith("client kitchen-07: --data ") and "'Cooking' is not among" in text, text
+    assert "data.dataset" not in text
+    assert any(r.getMessage().startswith(f"--data {mine}") for r in caplog.records)
 
 
 def test_resident_executor_tasks_run_parallel_torch_after_the_parent_loaded_a_model(tmp_path):

@@ -13,6 +13,13 @@ run's base model loaded between rounds. Settings come from a small TOML file and
     device_class = ""            # e.g. "edge", a class of the run's [hetero] table
     client_id = ""               # '' = the node key's file name
     threads = 0                  # torch threads on this device (0 = the run's train.num_threads)
+    cache_dir = ""               # this device's model/data cache ('' = FEDLORA_CACHE or ~/.cache/fedlora)
+    model_dirs = []              # folders a run may name as its base model (a hub id or builtin needs none)
+    connect_wait = 60            # seconds unreachable before the console says so (it keeps trying)
+
+What the server's run config may not decide on a device: where its cache, state and personal
+adapters are written, which local folder its base model is read from, and (for a device with its
+own data) any data path: see :func:`fedlora.clients.session.device_view`.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import os
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fedlora.config import ConfigError
@@ -43,6 +50,8 @@ class ClientSettings:
     runtime_port: int = 0  # the SuperNode's local Runtime API port (0 = a free one)
     max_retries: int = -1  # connection attempts to the SuperLink (-1 = retry forever)
     threads: int = 0  # torch threads on this device (0 = the run's train.num_threads): the device's to size
+    cache_dir: str = ""  # this device's model and data cache ('' = FEDLORA_CACHE or ~/.cache/fedlora)
+    model_dirs: list[str] = field(default_factory=list)  # folders a run may name as its base model on this device
     connect_wait: float = 60.0  # seconds without reaching the server before the console says so (it keeps trying)
 
     @classmethod
@@ -104,6 +113,10 @@ class ClientSettings:
             items["device-class"] = q(self.device_class)
         if self.threads:
             items["threads"] = str(self.threads)
+        if self.cache_dir:
+            items["cache-dir"] = q(str(Path(self.cache_dir).expanduser().resolve()))
+        if self.model_dirs:
+            items["model-dirs"] = q(os.pathsep.join(str(Path(d).expanduser().resolve()) for d in self.model_dirs))
         return " ".join(f"{k}={v}" for k, v in items.items())
 
 

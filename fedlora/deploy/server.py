@@ -46,6 +46,7 @@ clientapp = "fedlora.clients.app:app"
 config = ""
 run-dir = ""
 resume = false
+bind-node-names = false
 """
 
 
@@ -61,6 +62,7 @@ class Deployment:
     run_id: int | None = None
     log_follower: subprocess.Popen | None = None
     restarts: int = 0
+    node_auth: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -211,7 +213,9 @@ def enrol(dep: Deployment, keys: list[Path]) -> list[str]:
     """Register each node key; a key already registered (a restarted SuperLink on its database) is fine."""
     notes = []
     for key in keys:
-        res = dep.flwr("supernode", "register", str(key), CONNECTION, check=False)
+        # The key's file name is the node's name, bound to the key in the SuperLink's database: its
+        # client id in this run, whatever the node declares (see EnrolledNames).
+        res = dep.flwr("supernode", "register", str(key), CONNECTION, "--name", key.stem, check=False)
         text = (res.stdout + res.stderr).strip()
         if res.returncode != 0 and "already" not in text.lower():
             raise RuntimeError(f"enrolling {key} failed: {text}")
@@ -233,7 +237,8 @@ def submit(dep: Deployment, app: Path, resume: bool) -> int:
     import tomli_w
 
     overrides.write_text(tomli_w.dumps({"config": str(dep.run_dir.path / "config.toml"),
-                                        "run-dir": str(dep.run_dir.path), "resume": resume}))
+                                        "run-dir": str(dep.run_dir.path), "resume": resume,
+                                        "bind-node-names": dep.node_auth}))
     res = dep.flwr("run", str(app), CONNECTION, "--run-config", str(overrides), "--format", "json")
     try:
         out = json.loads(res.stdout[res.stdout.index("{"):])
@@ -257,6 +262,44 @@ def follow_log(dep: Deployment) -> None:
         fh.write(f"--- run {dep.run_id}\n")
     dep.log_follower = spawn([flower_bin("flwr"), "log", str(dep.run_id), CONNECTION, "--stream"], path,
                              env={**DEFAULTS, **dep.env(), "COLUMNS": "400", "NO_COLOR": "1"})
+
+
+def control_client(home: Path):  # noqa: ANN201 - flwr's ControlHttpClient
+    """Flower's Control API client for the connection `fedlora server` wrote under ``home``."""
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    saved = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(home)
+    try:
+        return init_http_client_from_connection(read_superlink_connection(CONNECTION))
+    finally:
+        if saved is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = saved
+
+
+class EnrolledNames:
+    """node id -> the name its public key was registered under (`fedlora server` registers each key
+    with its file name), from the SuperLink's node table over the operator's loopback Control API.
+    Asked again only for a node id it has not seen."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.names: dict[int, str] = {}
+
+    def __call__(self, node_id: int) -> str | None:
+        if node_id not in self.names:
+            from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=no-name-in-module
+
+            client = control_client(self.home)
+            try:
+                res = client.ListNodes(ListNodesRequest())
+            finally:
+                client.close()
+            self.names.update({int(n.node_id): n.name for n in res.nodes_info if n.name})
+        return self.names.get(node_id)
 
 
 class RunStatus:
@@ -285,18 +328,7 @@ class RunStatus:
             return ""
 
     def _connect(self):  # noqa: ANN202 - flwr's ControlHttpClient
-        from flwr.cli.flower_config import read_superlink_connection
-        from flwr.cli.utils import init_http_client_from_connection
-
-        saved = os.environ.get("FLWR_HOME")
-        os.environ["FLWR_HOME"] = str(self.dep.home)  # the connection this deployment wrote
-        try:
-            return init_http_client_from_connection(read_superlink_connection(CONNECTION))
-        finally:
-            if saved is None:
-                os.environ.pop("FLWR_HOME", None)
-            else:
-                os.environ["FLWR_HOME"] = saved
+        return control_client(self.dep.home)  # the connection this deployment wrote
 
     def close(self) -> None:
         if self._client is not None:
@@ -355,7 +387,7 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
     t_start = time.perf_counter()
     tls, node_auth = security(cfg, insecure)
     preflight(cfg, run_dir, resume)
-    dep = Deployment(run_dir=run_dir, address=cfg.server.address, tls=tls)
+    dep = Deployment(run_dir=run_dir, address=cfg.server.address, tls=tls, node_auth=node_auth)
     if not resume:
         run_dir.write_config(cfg)
     printed = {r["round"] for r in run_dir.read_metrics()}  # rounds already shown (a resumed run's earlier ones)
