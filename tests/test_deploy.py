@@ -383,6 +383,32 @@ def test_client_settings_fail_with_a_sentence(tmp_path):
         ClientSettings.load(None, {"server": "h:1", "insecure": True, "data": str(tmp_path / "nowhere")})
 
 
+def test_a_refused_activation_is_told_apart_a_stale_session_from_an_unknown_key(tmp_path):
+    """Flower refuses activation with the same words to a key it does not know and to a node restarted
+    while its previous session still counts as online: a node that joined this server before is told
+    it waits for the old session to lapse; one that never joined is told to get its key enrolled."""
+    from fedlora.deploy.client import ClientSettings, ConsoleNotes
+    from fedlora.deploy.pki import create_credentials
+
+    creds = create_credentials(tmp_path / "creds", [], nodes=1)
+    refused = ("ERROR :     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+               "[code: 2004] Failed to activate SuperNode.\n")
+    said: list[str] = []
+    s = ClientSettings.load(None, {"server": "10.0.0.5:9092", "root_certificates": str(creds.ca_cert),
+                                   "node_key": str(creds.nodes[0].private_key), "partition_id": 0,
+                                   "state_dir": str(tmp_path / "state")})
+    (tmp_path / "state").mkdir()
+    notes = ConsoleNotes(s, said.append)
+    assert notes.exited("INFO : Starting Flower SuperNode\n") is None
+    assert notes.exited(refused) == 30.0 and notes.exited(refused) == 30.0
+    assert len(said) == 1 and said[0].startswith("the server does not know this node's key: ask the operator to enrol")
+    notes.read("INFO : Connection successful after 0.50 seconds and 1 tries.\n")
+    assert said[-1] == "connected to the server at 10.0.0.5:9092"
+    again = ConsoleNotes(s, said.append)  # the client restarted with the same state folder
+    assert again.exited(refused) == 5.0
+    assert "previous session as online" in said[-1] and "60 s" in said[-1]
+
+
 def test_a_client_whose_server_is_unreachable_says_so_once_with_the_address(tmp_path):
     """A real SuperNode pointed at a port nobody serves: after connect_wait seconds the device's console
     says which address it tried, once, and the client keeps trying."""

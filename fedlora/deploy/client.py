@@ -177,22 +177,35 @@ class ConsoleNotes:
             self.said.add(cause)
             self.say(text)
 
+    @property
+    def _joined(self) -> Path:
+        return self.state / "joined"  # this node once joined the server it names: a refusal now is a stale session
+
     def read(self, log_text: str) -> None:
         if CONNECTED in log_text and not self.connected:
             self.connected = True
             self.said.discard("unreachable")
             self.once("connected", f"connected to the server at {self.s.server}")
+            self._joined.write_text(self.s.server)
         if not self.connected and UNREACHABLE in log_text and time.monotonic() - self.since > self.s.connect_wait:
             self.once("unreachable", f"cannot reach the server at {self.s.server} after {self.s.connect_wait:g} s: "
                                      "check the address and port, and that `fedlora server` runs there (still trying)")
 
-    def exited(self, log_text: str) -> bool:
-        """Whether the SuperNode's exit has a cause this device's owner can act on (said once)."""
-        if NOT_ENROLLED in log_text:
-            self.once("not-enrolled", "the server does not know this node's key: ask the operator to enrol "
-                                      f"{enrol_hint(self.s.node_key, self.state)} (trying again every 30 s)")
-            return True
-        return False
+    def exited(self, log_text: str) -> float | None:
+        """Seconds to wait before starting the SuperNode again when its exit has a known cause (said once),
+        else None. Flower refuses activation both to a key it does not know and to a node it still counts
+        online: a node restarted within two heartbeats of its previous session (Flower 1.42: 2 x 30 s)."""
+        if NOT_ENROLLED not in log_text:
+            return None
+        joined = self._joined.read_text() if self._joined.exists() else ""
+        if joined == self.s.server:
+            self.once("still-online", "the server still counts this node's previous session as online (Flower keeps "
+                                      "a node online for two heartbeats, up to 60 s, after it stops): rejoining "
+                                      "when that lapses, trying every 5 s")
+            return 5.0
+        self.once("not-enrolled", "the server does not know this node's key: ask the operator to enrol "
+                                  f"{enrol_hint(self.s.node_key, self.state)} (trying again every 30 s)")
+        return 30.0
 
 
 def peak_memory_mb() -> float:
@@ -245,7 +258,8 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
             notes.read(node_text)
             if node.poll() is not None or (executor is not None and executor.poll() is not None):
                 failed = "SuperNode" if node.poll() is not None else "resident executor"
-                known = failed == "SuperNode" and notes.exited(node_text)
+                wait = notes.exited(node_text) if failed == "SuperNode" else None
+                known = wait is not None
                 why = tail(node_log if failed == "SuperNode" else state / "executor.log", 6)
                 stop(executor)
                 stop(node)
@@ -257,7 +271,7 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
                 if not known:
                     say(f"the {failed} exited; starting it again in 5 s. Last lines:\n{why}")
                 node = executor = None
-                time.sleep(30.0 if known else 5.0)
+                time.sleep(wait if known else 5.0)
                 continue
             time.sleep(0.5)
     except KeyboardInterrupt:
