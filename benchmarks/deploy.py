@@ -5,7 +5,7 @@ runs three ways in one benchmark: Flower's simulation engine (`fedlora simulate`
 federation on 127.0.0.1 with TLS and node authentication (`fedlora server` + three `fedlora client`
 processes with their resident executors, which keep the model loaded); and the same federation
 with `fedlora client --cold` (Flower's default: a fresh ClientApp process, imports and model load
-per message). One torch thread per client process. Per-round seconds exclude round 1 (setup, first
+per message). Each client process sets one torch thread itself (`--threads 1`). Per-round seconds exclude round 1 (setup, first
 loads). Writes
 benchmarks/results/deploy.json and deploy.png.
 """
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, SHARED_DATA, write
+from fedlora.deploy.processes import free_port
 
 ROUNDS = 3
 
@@ -36,10 +37,10 @@ def config(root: Path, port: int, creds) -> Path:  # noqa: ANN001
         "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 600, "max_test_examples": 300,
                  "partitioner": "iid"},
         "federation": {"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3, "round_timeout": 300.0},
-        # One torch thread per client: three client processes share this machine's cores (in a real
-        # federation each device has its own); the simulation gets the same setting.
-        "train": {"batch_size": 16, "learning_rate": 5e-3, "local_epochs": 1, "num_threads": 1},
-        "server": {"address": f"127.0.0.1:{port}", "tls_certfile": str(creds.server_cert),
+        # No thread count from the server: each device sizes its own (`fedlora client --threads 1`: three
+        # client processes share this machine's cores); the simulation is given the same count.
+        "train": {"batch_size": 16, "learning_rate": 5e-3, "local_epochs": 1},
+        "server": {"address": f"127.0.0.1:{port}", "control_port": free_port(), "tls_certfile": str(creds.server_cert),
                    "tls_keyfile": str(creds.server_key), "tls_ca_certfile": str(creds.ca_cert),
                    "enrolled_keys": [str(n.public_key) for n in creds.nodes]},
     }
@@ -63,6 +64,7 @@ def simulation(cfg_path: Path, root: Path) -> dict:
     from fedlora.simulate import simulate
 
     cfg = FedLoraConfig.load(cfg_path)
+    cfg.train.num_threads = 1  # what each deployed device chooses with --threads 1
     t0 = time.perf_counter()
     run = simulate(cfg, run_dir=RunDir(root / "sim")).path
     rows = _rows(run)
@@ -84,7 +86,7 @@ def deployment(cfg_path: Path, port: int, root: Path, creds, cold: bool) -> dict
     for i in range(3):
         args = [sys.executable, "-m", "fedlora.cli", "client", "--server", f"127.0.0.1:{port}",
                 "--root-certificates", str(creds.ca_cert), "--node-key", str(creds.nodes[i].private_key),
-                "--partition-id", str(i), "--client-id", f"client-{i:05d}", "--state-dir", str(out / f"state{i}")]
+                "--partition-id", str(i), "--threads", "1", "--state-dir", str(out / f"state{i}")]
         clients.append(subprocess.Popen(args + (["--cold"] if cold else []), stdout=open(out / f"client{i}.log", "wb"),
                                         stderr=subprocess.STDOUT, env=env, start_new_session=True))
     try:
