@@ -270,6 +270,13 @@ def show_config(
 ) -> None:
     """Validate a config and print it, as TOML, with every default filled in."""
     cfg = _load(config, set_)
+    from fedlora.privacy.accounting import check_client_targets
+
+    try:
+        check_client_targets(cfg)  # what a run's start checks: a privacy target the run cannot meet
+    except ConfigError as exc:
+        typer.secho(f"config error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
     if reference:
         from fedlora.config import reference_toml
 

@@ -41,9 +41,9 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
     from fedlora.data import load_task, partition_indices
 
     partition_indices(cfg, load_task(cfg).train_labels)
-    from fedlora.privacy.accounting import check_example_targets
+    from fedlora.privacy.accounting import check_targets
 
-    check_example_targets(cfg)
+    check_targets(cfg)  # privacy calibration runs here, when the run starts, not in config validation
     from fedlora.model import check_device
     from fedlora.training import pick_device
 

@@ -147,6 +147,9 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     ``resume``: continue ``run_dir``'s run from its last checkpoint (the round after the last one
     completed, with the same round numbers, sampling and seeds as an uninterrupted run)."""
     t_start = time.perf_counter()
+    from fedlora.privacy.accounting import check_client_targets
+
+    check_client_targets(cfg)  # privacy calibration when the run starts (also under `flwr run`)
     continual = cfg.continual.enabled
     if continual:  # a task sequence: one label space over the tasks, each task's own held-out set
         from fedlora.continual import metrics as cmetrics

@@ -113,21 +113,30 @@ def test_adaptive_clip_moves_towards_the_quantile():
     assert s.dp.clip == rl.privacy["client-clip-next"]
 
 
-def test_adaptive_clipping_that_cannot_split_z_is_refused_at_load_with_the_figures():
+def _start(overrides: list[str]) -> FedLoraConfig:
+    """A config loaded and checked as a run's start checks it (the privacy calibration)."""
+    from fedlora.privacy.accounting import check_targets
+
+    cfg = FedLoraConfig.load(None, overrides)
+    check_targets(cfg)
+    return cfg
+
+
+def test_adaptive_clipping_that_cannot_split_z_is_refused_at_run_start_with_the_figures():
     # The reviewer's case: N = 500, m = 50, target epsilon 1 over 20 rounds calibrates z = 5.606, and the
     # count's noise (std m/20 = 2.5) alone costs noise multiplier 5: the update could get no noise at all.
     with pytest.raises(ConfigError, match=r"privacy.client_clipping.*z = 5.60.*50 clients.*2 \* m/20 = 5\b.*"
                                           r"more than 10 \* z = 56"):
-        FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_clipping=adaptive",
+        _start(["privacy.client_dp=true", "privacy.client_clipping=adaptive",
                                   "privacy.client_target_epsilon=1", "federation.num_clients=500",
                                   "federation.fraction_train=0.1", "run.rounds=20"])
     with pytest.raises(ConfigError, match="privacy.client_clipping"):  # a fixed z fares the same
-        FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_clipping=adaptive",
+        _start(["privacy.client_dp=true", "privacy.client_clipping=adaptive",
                                   "privacy.client_noise_multiplier=0.3", "federation.num_clients=3"])
     # the same cohort with fixed clipping, or with enough clients a round, loads
-    FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_target_epsilon=1", "federation.num_clients=500",
+    _start(["privacy.client_dp=true", "privacy.client_target_epsilon=1", "federation.num_clients=500",
                               "federation.fraction_train=0.1", "run.rounds=20"])
-    FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_clipping=adaptive",
+    _start(["privacy.client_dp=true", "privacy.client_clipping=adaptive",
                               "privacy.client_target_epsilon=1", "federation.num_clients=1000",
                               "federation.fraction_train=0.1", "run.rounds=20"])
 
@@ -188,7 +197,7 @@ def test_accountant_state_round_trips():
 ])
 def test_dp_bad_input_fails_before_training(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        FedLoraConfig.load(None, ["privacy.client_dp=true"] + override)
+        _start(["privacy.client_dp=true"] + override)
 
 
 def test_target_epsilon_is_met_by_the_calibrated_noise():

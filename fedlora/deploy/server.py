@@ -366,6 +366,9 @@ def preflight(cfg: FedLoraConfig, run_dir: RunDir, resume: bool) -> None:
     """What can be checked without a client, checked before the SuperLink starts: a resume of a run
     that already finished, and local data paths that do not exist (the server evaluates on
     ``data.dataset``). A ConfigError says which."""
+    from fedlora.privacy.accounting import check_client_targets
+
+    check_client_targets(cfg)  # the calibration, before the SuperLink starts
     if resume and (run_dir.path / "summary.json").exists():
         raise ConfigError(f"{run_dir.path} finished its {cfg.run.rounds} rounds already (it has summary.json): "
                           "nothing to resume; start a new run instead")

@@ -127,6 +127,28 @@ def example_epsilon(history: list, delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
+def check_client_targets(cfg: FedLoraConfig) -> None:
+    """When a run starts (server set-up, before any round): client-level DP's target epsilon can be
+    met with the run's rounds and sampling (the calibration raises ConfigError otherwise), and adaptive
+    clipping can split the calibrated z between the update and the count (Andrew et al.'s
+    z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 needs z < 2 sigma_b = m/10)."""
+    p = cfg.privacy
+    if not p.client_dp or not (p.client_target_epsilon > 0 or p.client_clipping == "adaptive"):
+        return
+    z = client_noise_for_target(cfg) if p.client_target_epsilon > 0 else p.client_noise_multiplier
+    if p.client_clipping == "adaptive":
+        try:
+            adaptive_update_noise(z, sampled_per_round(cfg))
+        except ValueError as exc:
+            raise ConfigError(f"invalid config value for 'privacy.client_clipping': {exc}") from None
+
+
+def check_targets(cfg: FedLoraConfig) -> None:
+    """Every privacy target of a simulated run, checked before its first round."""
+    check_client_targets(cfg)
+    check_example_targets(cfg)
+
+
 def check_example_targets(cfg: FedLoraConfig) -> None:
     """Before any training: every client's DP-SGD target epsilon can be met with its own data size
     (the simulation driver knows every partition; a deployed client checks its own at setup)."""
