@@ -45,7 +45,7 @@ class Examples:
     Causal-LM examples (``model.task = "causal-lm"``) also carry the number of prompt tokens of
     each (the rest is the response, the only part scored) and, for classification rows phrased as
     instructions, what generated-label accuracy needs (``answers``, a
-    :class:`fedlora.tasks.evaluation.AnswerSpec`)."""
+    :class:`fedlora.tasks.causal.AnswerSpec`)."""
 
     input_ids: list[torch.Tensor]
     labels: torch.Tensor
@@ -286,6 +286,8 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
         blob = {"train": _encode(tok, train_rows, cfg, names), "test": _encode(tok, test_rows, cfg, names),
                 "names": names}
         _write_tokenized(path, blob)
+    from fedlora.tasks.causal import answer_spec
+
     answers = answer_spec(cfg, blob["names"])
     task = TaskData(
         train=_examples(blob["train"], answers), test=_examples(blob["test"], answers),
@@ -320,22 +322,6 @@ def _encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: list[str]) -
 
 def _examples(split: dict, answers: Any = None) -> Examples:
     return Examples(split["ids"], split["labels"], split.get("prompt_lengths"), answers)
-
-
-def answer_spec(cfg: FedLoraConfig, label_names: list[str]):  # noqa: ANN201 - AnswerSpec | None
-    """Causal-LM classification rows: what generated-label accuracy needs (None otherwise)."""
-    if cfg.model.task != "causal-lm" or cfg.data.prompt_format != "label" or not label_names:
-        return None
-    from fedlora.model import load_tokenizer, model_context
-    from fedlora.tasks.causal import special_ids
-    from fedlora.tasks.evaluation import AnswerSpec
-
-    tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-    eos, pad = special_ids(tok)
-    longest = max(len(tok(" " + n, add_special_tokens=False)["input_ids"]) for n in label_names)
-    return AnswerSpec(label_names=tuple(label_names), model_name=cfg.model.name, cache_dir=cfg.model.cache_dir,
-                      max_new_tokens=cfg.train.max_new_tokens or longest + 2, eos_id=eos, pad_id=pad,
-                      context=model_context(cfg))
 
 
 def _write_tokenized(path: Path, blob: dict) -> None:
@@ -477,6 +463,8 @@ def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[st
         raise ConfigError(f"client data {src}: {len(train_rows)} training and {len(test_rows)} test examples; "
                           f"a client needs both")
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
+
+    from fedlora.tasks.causal import answer_spec
 
     answers = answer_spec(cfg, label_names)
 

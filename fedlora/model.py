@@ -359,8 +359,6 @@ def save_adapter(model: torch.nn.Module, path: str | Path, model_name: str, labe
     ``adapter_config.json``, and the label names (and transformers' ``id2label``/``label2id``) in
     ``labels.json``; :func:`load_adapter` puts them together.
     """
-    import json
-
     return write_adapter(path, model, extract_factors(model), model_name, label_names)
 
 

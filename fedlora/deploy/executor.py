@@ -74,7 +74,7 @@ def fork_task(task, threads: int) -> int:  # noqa: ANN001
     try:
         import torch
 
-        from fedlora.deploy.processes import die_with_parent
+        from fedlora.deploy.reaper import die_with_parent
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -72,7 +72,7 @@ def _host_port(text: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from fedlora.deploy.processes import die_with_parent
+    from fedlora.deploy.reaper import die_with_parent
 
     ap = argparse.ArgumentParser(prog="python -m fedlora.deploy.fleet_gate", description=__doc__.splitlines()[0])
     ap.add_argument("--listen", required=True, help="HOST:PORT the devices connect to")

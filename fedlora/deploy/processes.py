@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedlora.deploy.reaper import die_with_parent  # noqa: F401 - the children fedlora starts use it
+
 
 def flower_bin(name: str) -> str:
     """A Flower console script from this interpreter's environment (then PATH)."""
@@ -27,15 +29,6 @@ def flower_bin(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{name} is not installed (it ships with flwr)")
     return found
-
-
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent exits."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def spawn(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:

@@ -67,6 +67,15 @@ def _reap() -> list[tuple[int, int]]:
         out.append((pid, os.waitstatus_to_exitcode(status)))
 
 
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m fedlora.deploy.reaper CMD [ARGS...]", file=sys.stderr)
@@ -82,7 +91,6 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # The daemon also dies if the reaper itself is SIGKILLed.
-    from fedlora.deploy.processes import die_with_parent
 
     child = subprocess.Popen(argv, preexec_fn=die_with_parent)
     code = None

@@ -155,11 +155,19 @@ def check_example_targets(cfg: FedLoraConfig) -> None:
     if not (cfg.privacy.example_dp and cfg.privacy.example_target_epsilon > 0):
         return
     from fedlora.data import client_data
-    from fedlora.privacy.example_level import DPSGDHook, steps_per_round
 
     tc = cfg.train
     for i in range(cfg.federation.num_clients):
         n = len(client_data(cfg, i).train)
         steps = cfg.run.rounds * steps_per_round(n, tc.batch_size, tc.local_steps, tc.local_epochs)
         example_noise_for_target(cfg.privacy.example_target_epsilon, cfg.privacy.example_delta,
-                                 DPSGDHook.sample_rate(n, tc.batch_size), steps)
+                                 example_sample_rate(n, tc.batch_size), steps)
+
+
+def example_sample_rate(num_examples: int, batch_size: int) -> float:
+    """DP-SGD's Poisson sampling rate: a batch of ``batch_size`` expected out of ``num_examples``."""
+    return min(1.0, batch_size / max(num_examples, 1))
+
+
+def steps_per_round(num_examples: int, batch_size: int, local_steps: int, local_epochs: int) -> int:
+    return local_steps or local_epochs * math.ceil(num_examples / batch_size)

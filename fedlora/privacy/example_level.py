@@ -14,12 +14,12 @@ gradient of shape [batch, *shape]; the tests check the factors move and the mode
 
 from __future__ import annotations
 
-import math
 import secrets
 
 import torch
 
 from fedlora.data import Examples, collate
+from fedlora.privacy.accounting import example_epsilon, example_sample_rate, steps_per_round  # noqa: F401 - steps_per_round: re-exported
 from fedlora.training import TrainContext, TrainingHook
 
 STATE_NAME = "dp-sgd-accountant"
@@ -52,7 +52,7 @@ class DPSGDHook(TrainingHook):
 
     @staticmethod
     def sample_rate(num_examples: int, batch_size: int) -> float:
-        return min(1.0, batch_size / max(num_examples, 1))
+        return example_sample_rate(num_examples, batch_size)
 
     def begin(self, ctx: TrainContext) -> None:
         import warnings
@@ -107,7 +107,6 @@ class DPSGDHook(TrainingHook):
                 "dp-sgd-empty-steps": self.empty_steps}
 
     def epsilon(self) -> float:
-        from fedlora.privacy.accounting import example_epsilon
 
         return example_epsilon(self.history, self.delta)
 
@@ -130,7 +129,3 @@ def check_per_sample_gradients(params: list[torch.nn.Parameter], batch_size: int
             gs = torch.cat(gs)
         if tuple(gs.shape) != (batch_size, *p.shape):
             raise RuntimeError(f"per-sample gradient of shape {tuple(gs.shape)}, expected {(batch_size, *p.shape)}")
-
-
-def steps_per_round(num_examples: int, batch_size: int, local_steps: int, local_epochs: int) -> int:
-    return local_steps or local_epochs * math.ceil(num_examples / batch_size)

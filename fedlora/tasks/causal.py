@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -195,3 +196,31 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
+
+
+@dataclass(frozen=True)
+class AnswerSpec:
+    """What generated-label accuracy needs besides the examples: the label names, the tokenizer
+    that decodes the answers, and the generation budget."""
+
+    label_names: tuple[str, ...]
+    model_name: str
+    cache_dir: str
+    max_new_tokens: int
+    eos_id: int
+    pad_id: int
+    context: int  # the model's positions: prompt + new tokens never exceed it
+
+
+def answer_spec(cfg: FedLoraConfig, label_names: list[str]):  # noqa: ANN201 - AnswerSpec | None
+    """Causal-LM classification rows: what generated-label accuracy needs (None otherwise)."""
+    if cfg.model.task != "causal-lm" or cfg.data.prompt_format != "label" or not label_names:
+        return None
+    from fedlora.model import load_tokenizer, model_context
+
+    tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
+    eos, pad = special_ids(tok)
+    longest = max(len(tok(" " + n, add_special_tokens=False)["input_ids"]) for n in label_names)
+    return AnswerSpec(label_names=tuple(label_names), model_name=cfg.model.name, cache_dir=cfg.model.cache_dir,
+                      max_new_tokens=cfg.train.max_new_tokens or longest + 2, eos_id=eos, pad_id=pad,
+                      context=model_context(cfg))

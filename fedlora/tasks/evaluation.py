@@ -10,25 +10,10 @@ answer that names no label, or names one only after other words, is wrong.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from fedlora.tasks.causal import perplexity, response_nll
-
-
-@dataclass(frozen=True)
-class AnswerSpec:
-    """What generated-label accuracy needs besides the examples: the label names, the tokenizer
-    that decodes the answers, and the generation budget."""
-
-    label_names: tuple[str, ...]
-    model_name: str
-    cache_dir: str
-    max_new_tokens: int
-    eos_id: int
-    pad_id: int
-    context: int  # the model's positions: prompt + new tokens never exceed it
+from fedlora.tasks.causal import AnswerSpec, perplexity, response_nll
 
 
 def normalise(text: str) -> str:
