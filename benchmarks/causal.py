@@ -67,7 +67,7 @@ def local(model: str, device: str = "cpu", dtype: str = "float32", quantization:
           batch: int = 8, max_length: int = 128) -> dict:
     import torch
 
-    from fedlora.data import client_data
+    from fedlora.partitions import client_data
     from fedlora.factors import load_factors
     from fedlora.model import AdapterSpec, build_peft_model, check_device, initial_factors, place
     from fedlora.training import evaluate, pick_device, train_local

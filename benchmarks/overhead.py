@@ -38,7 +38,8 @@ def bare_round(cfg) -> float:  # noqa: ANN001
     """The same local training for the same 10 clients, one after another, plain PyTorch + PEFT."""
     import torch
 
-    from fedlora.data import client_data, load_task
+    from fedlora.data import load_task
+    from fedlora.partitions import client_data
     from fedlora.factors import load_factors
     from fedlora.model import AdapterSpec, build_peft_model, initial_factors, set_trainable
     from fedlora.training import train_local

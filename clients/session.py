@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from fedlora import codec
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig, digest_of
-from fedlora.data import ClientData, client_data, local_client_data
+from fedlora.partitions import ClientData, client_data, local_client_data
 from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.lora_math import block, prune_rank, prune_to_rank
 from fedlora.model import (AdapterSpec, build_peft_model, check_device, initial_factors, merge_delta_into_base, place,

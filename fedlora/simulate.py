@@ -38,7 +38,8 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
 
         cfg.model.cache_dir = str(cache_root())
     # Prepare shared artefacts once in the driver (model extraction, tokenization) so workers only read.
-    from fedlora.data import load_task, partition_indices
+    from fedlora.data import load_task
+    from fedlora.partitions import partition_indices
 
     partition_indices(cfg, load_task(cfg).train_labels)
     from fedlora.privacy.accounting import check_targets

@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora import codec
 from fedlora.aggregation.streaming import StreamingGrid
 from fedlora.config import FedLoraConfig
-from fedlora.data import load_task, server_validation
+from fedlora.data import load_task
+from fedlora.partitions import server_validation
 from fedlora.dylora import RankMask
 from fedlora.factors import LoraFactors, load_factors
 from fedlora.lora_math import to_client, to_effective
@@ -389,7 +390,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = str(rc.get("run-dir", "") or "")
     names = None
     if bool(rc.get("bind-node-names", False)) and folder:
-        from fedlora.deploy.server import EnrolledNames
+        from fedlora.deploy.control import EnrolledNames
 
         names = EnrolledNames(Path(folder) / "flwr-home")
     run_server(grid, cfg, RunDir(folder) if folder else RunDir.create(cfg), resume=bool(rc.get("resume", False)),

@@ -224,7 +224,7 @@ def test_quantization_on_cpu_stops_a_simulation_before_training(tmp_path, shared
 
 
 def test_bfloat16_base_trains_float32_factors(tmp_path, shared_data):
-    from fedlora.data import client_data
+    from fedlora.partitions import client_data
     from fedlora.training import train_local
 
     cfg = causal_config(tmp_path, model={"dtype": "bfloat16", "gradient_checkpointing": True},
@@ -311,7 +311,7 @@ def test_an_examples_loss_does_not_depend_on_its_batch_mates(tmp_path, shared_da
 
 @pytest.mark.parametrize("model_name", DECODERS)
 def test_example_level_dp_sgd_trains_a_decoder_with_opacus(tmp_path, shared_data, model_name):
-    from fedlora.data import client_data
+    from fedlora.partitions import client_data
     from fedlora.privacy.example_level import DPSGDHook
     from fedlora.training import train_local
 

@@ -82,7 +82,8 @@ def test_missing_label_column(tmp_path, shared_data):
 
 
 def test_more_clients_than_examples(tmp_path, shared_data):
-    from fedlora.data import load_task, partition_indices
+    from fedlora.data import load_task
+    from fedlora.partitions import partition_indices
 
     cfg = make_config(tmp_path, data={"max_train_examples": 20}, federation={"num_clients": 50})
     with pytest.raises(ConfigError, match="50 clients but only 20 training examples"):

@@ -74,7 +74,7 @@ def _random_past(model, n: int, seed: int = 0):  # noqa: ANN001, ANN202
 
 def test_sum_of_task_loras_in_forward_equals_an_explicit_computation(tmp_path):
     from fedlora.continual.mixing import TaskLoraMixer
-    from fedlora.factors import ADAPTER, lora_layers
+    from fedlora.factors import lora_layers
 
     _, model = _model(tmp_path)
     model.eval()

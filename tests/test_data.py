@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from fedlora.config import FedLoraConfig
-from fedlora.data import FORTUNE_COLLECTIONS, client_data, fortune_dir, load_task, partition_indices, read_fortunes
+from fedlora.data import FORTUNE_COLLECTIONS, fortune_dir, load_task, read_fortunes
+from fedlora.partitions import client_data, partition_indices
 
 from conftest import make_config
 
@@ -35,7 +36,7 @@ def test_partitions_are_deterministic_and_disjoint(tmp_path, shared_data):
                       federation={"num_clients": 4})
     labels = load_task(cfg).train_labels
     a = partition_indices(cfg, labels)
-    from fedlora import data as d
+    from fedlora import partitions as d
 
     d._PARTITION_CACHE.clear()
     b = partition_indices(cfg, labels)

@@ -516,7 +516,7 @@ def test_a_device_whose_labels_are_not_the_runs_is_named_by_client_id_and_its_fl
 def test_resident_executor_tasks_run_parallel_torch_after_the_parent_loaded_a_model(tmp_path):
     """A forked task must not inherit a dead OpenMP pool (it would wait forever in its first
     parallel op, as it did with MiniLM before the executor kept its own work single-threaded)."""
-    code = f"""
+    code = """
 import os, sys, torch
 torch.set_num_threads(2)
 from fedlora.deploy.executor import fork_task, single_threaded_parent

@@ -6,7 +6,6 @@ tolerance of) an honest-only run of the same federation."""
 from __future__ import annotations
 
 import cloudpickle
-import pytest
 import torch
 
 import fleet

@@ -3,17 +3,16 @@ calls), DP-SGD with Opacus on the real LoRA model, DyLoRA's per-round rank, bad 
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.factors import LoraFactors, ModuleFactors
+from fedlora.factors import LoraFactors
 from fedlora.lora_math import to_effective
 
 from conftest import make_config
-from test_strategy_maths import NAMES, WEIGHTS, _local_training, _reply, _setup
+from test_strategy_maths import WEIGHTS, _local_training, _reply, _setup
 
 
 # ------------------------------------------------------------------------------ client level
@@ -284,7 +283,7 @@ def test_dylora_schedule_is_seeded_and_covers_the_ranks():
 
 # ------------------------------------------------------------------------------ example level
 def _tiny(tmp_path, **train):
-    from fedlora.data import client_data
+    from fedlora.partitions import client_data
     from fedlora.model import AdapterSpec, build_peft_model, initial_factors, set_trainable
     from fedlora.factors import load_factors
 

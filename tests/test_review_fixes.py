@@ -106,10 +106,10 @@ def test_model_cache_is_bounded_and_keeps_no_orphan_weights():
 
 
 def test_process_caches_are_bounded():
-    from fedlora import data
+    from fedlora import data, partitions
     from fedlora.clients import session
 
-    for cache in (data._TASK_CACHE, data._PARTITION_CACHE, session._CONFIGS):
+    for cache in (data._TASK_CACHE, partitions._PARTITION_CACHE, partitions._LOCAL_CACHE, session._CONFIGS):
         for i in range(50):
             cache[("k", i)] = i
         assert len(cache) == cache.maxsize < 50
@@ -243,7 +243,8 @@ def test_plot_has_integer_round_ticks_and_baselines(tmp_path):
 
 def test_model_build_and_partitioning_are_quiet(tmp_path, shared_data, capfd):
     from fedlora import model as model_mod
-    from fedlora.data import load_task, partition_indices
+    from fedlora.data import load_task
+    from fedlora.partitions import partition_indices
     from fedlora.model import AdapterSpec, build_peft_model
 
     model_mod._PEFT_CACHE.clear()
@@ -262,7 +263,7 @@ def test_model_build_and_partitioning_are_quiet(tmp_path, shared_data, capfd):
 # The strategy's state is checkpointed atomically after every round (the seam resume builds on) --
 def test_strategy_state_round_trips_through_an_atomic_checkpoint(tmp_path):
     from fedlora.rundir import RunDir
-    from test_strategy_maths import _run_round, _setup
+    from test_strategy_maths import _setup
 
     cfg, s, profiles, template = _setup("hetlora", "fixed", [2, 4, 8], **{"privacy.client_dp": "true",
                                                                          "privacy.noise_seed": 1})

@@ -13,7 +13,8 @@ import torch
 
 from fedlora.cache import BoundedCache
 from fedlora.config import FedLoraConfig
-from fedlora.data import ClientData, Examples, client_data, load_task
+from fedlora.data import Examples, load_task
+from fedlora.partitions import ClientData, client_data
 
 _TASK_CFG: BoundedCache[FedLoraConfig] = BoundedCache(16)
 
@@ -99,7 +100,7 @@ def task_client_data(cfg: FedLoraConfig, partition: int, index: int) -> ClientDa
 def task_validation(cfg: FedLoraConfig, index: int) -> Examples | None:
     """Task ``index``'s validation parts of every client (``data.validation_fraction``), in the union
     label space: what hyper-parameters are chosen on."""
-    from fedlora.data import server_validation
+    from fedlora.partitions import server_validation
 
     tc = task_config(cfg, index)
     return _remap(server_validation(tc), load_task(tc).label_names, union_labels(cfg))

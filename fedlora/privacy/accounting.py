@@ -154,7 +154,7 @@ def check_example_targets(cfg: FedLoraConfig) -> None:
     (the simulation driver knows every partition; a deployed client checks its own at setup)."""
     if not (cfg.privacy.example_dp and cfg.privacy.example_target_epsilon > 0):
         return
-    from fedlora.data import client_data
+    from fedlora.partitions import client_data
 
     tc = cfg.train
     for i in range(cfg.federation.num_clients):

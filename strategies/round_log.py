@@ -1,0 +1,36 @@
+"""What a strategy saw in one round, read by the server to write the round's row of metrics.jsonl."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedlora import codec
+
+
+@dataclass
+class RoundLog:
+    """What the strategy saw in one round (read by the server to write metrics.jsonl)."""
+
+    server_round: int = 0
+    sampled: int = 0
+    accepted: int = 0
+    rejected: list[str] = field(default_factory=list)
+    rejected_evaluate: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+    clipped: list[str] = field(default_factory=list)
+    skipped: str = ""
+    aggregation_error: str = ""
+    bytes_down: list[int] = field(default_factory=list)
+    bytes_up: list[int] = field(default_factory=list)
+    payload_down: list[int] = field(default_factory=list)
+    payload_up: list[int] = field(default_factory=list)
+    aggregate_seconds: float = 0.0
+    server_seconds: float = 0.0  # CPU seconds validating, bounding and folding replies, and finishing the round
+    dylora_rank: int | None = None
+    privacy: dict = field(default_factory=dict)
+    train_metrics: dict = field(default_factory=dict)
+    eval_metrics: dict = field(default_factory=dict)
+    eval_clients: list[dict] = field(default_factory=list)
+    sent: dict[str, list[int]] = field(default_factory=dict)  # message type -> nodes messaged
+    sizer_up: codec.MessageSizer = field(default_factory=codec.MessageSizer)  # exact for a sample, then estimated
+    sizer_down: codec.MessageSizer = field(default_factory=codec.MessageSizer)
