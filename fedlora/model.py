@@ -121,9 +121,9 @@ _PEFT_CACHE: BoundedCache[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = Bou
 
 
 def _cache_key(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None) -> tuple:
-    c = cfg.continual
-    extra = (c.method, len(c.tasks), c.head, c.head_scale, tuple(label_names or ())) if c.enabled else None
-    from fedlora.registry import policy_for
+    from fedlora.registry import model_extensions, policy_for
+
+    extra = tuple(e.cache_key(cfg, label_names) for e in model_extensions(cfg)) or None
 
     m = cfg.model
     built = (m.task, m.dtype, m.quantization, m.gradient_checkpointing, tuple(cfg.lora.modules_to_save),
@@ -181,21 +181,16 @@ def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
                     label_names: list[str] | None = None, weights: bool = True) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    c = cfg.continual
-    frozen_head = c.enabled and c.head == "label-names"
+    from fedlora.registry import model_extensions
+
+    extensions = model_extensions(cfg)  # concerns that shape the model (a continual method's head, selector)
     causal = cfg.model.task == "causal-lm"
     base = _build_base(cfg, num_labels, weights)
     targets = spec.target_modules or default_targets(base, cfg.model.task)
     _check_targets(base, targets)
     if cfg.lora.modules_to_save:
         _refuse_modules_to_save(base, cfg.lora.modules_to_save, cfg.federation.wire_dtype)
-    if frozen_head:
-        from fedlora.continual.head import install_label_name_head
-
-        if label_names is None:
-            raise ValueError("a frozen label-name head (continual.head) needs the run's label names")
-        install_label_name_head(base, load_tokenizer(cfg.model.name, cfg.model.cache_dir), label_names,
-                                c.head_scale)
+    frozen_head = any([e.prepare_base(cfg, base, label_names) for e in extensions])
     task_type = TaskType.CAUSAL_LM if causal else None if frozen_head else TaskType.SEQ_CLS
     lcfg = LoraConfig(
         # Without a task type PEFT adds no modules_to_save: the frozen head stays part of the base.
@@ -205,10 +200,8 @@ def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecations raised inside PEFT
         model = get_peft_model(base, lcfg)
-    if c.method == "amlora":
-        from fedlora.continual.mixing import attach_selector
-
-        attach_selector(model, len(c.tasks))
+    for e in extensions:
+        e.after_peft(cfg, model)
     return model
 
 

@@ -1,7 +1,10 @@
-"""Strategy registry: one explicit registration per strategy file, duplicates refused.
+"""Registries the core asks instead of importing a concern: strategies (one explicit registration
+per strategy file, duplicates refused) and model extensions (a concern that shapes the model the
+core builds, such as a continual method's frozen head and AM-LoRA's selector).
 
 Kept free of heavy imports: ``strategy_names()`` and ``policy_for()`` import the strategy
-package only when first asked, and the strategy package imports Flower, not torch models.
+package only when first asked, and the strategy package imports Flower, not torch models; the
+built-in model extensions are imported by name the first time a model is built.
 """
 
 from __future__ import annotations
@@ -49,3 +52,32 @@ def get_strategy(name: str) -> type:
 
 def policy_for(name: str) -> SharingPolicy:
     return get_strategy(name).sharing_policy
+
+
+# --------------------------------------------------------------------------- model extensions
+# A model extension is an object with:
+#   applies(cfg) -> bool                          does it shape this run's model
+#   cache_key(cfg, label_names) -> tuple          what of the run it depends on (the model cache's key)
+#   prepare_base(cfg, base, label_names) -> bool  change the base model before PEFT wraps it; True when
+#                                                 the classifier head is now part of the frozen base
+#   after_peft(cfg, model) -> None                change the PEFT model after it is built
+_MODEL_EXTENSIONS: list = []
+_BUILTIN_EXTENSIONS = ("fedlora.continual.extension",)
+
+
+def register_model_extension(extension):  # noqa: ANN001, ANN201 - returns its argument
+    """Add a model extension (see the comment above); one per concern."""
+    if any(type(e) is type(extension) for e in _MODEL_EXTENSIONS):
+        raise ValueError(f"a model extension of type {type(extension).__name__} is already registered")
+    _MODEL_EXTENSIONS.append(extension)
+    return extension
+
+
+def model_extensions(cfg) -> list:  # noqa: ANN001 - a FedLoraConfig
+    """The registered model extensions that apply to ``cfg``."""
+    if not _MODEL_EXTENSIONS:
+        import importlib
+
+        for name in _BUILTIN_EXTENSIONS:
+            importlib.import_module(name)  # registers itself
+    return [e for e in _MODEL_EXTENSIONS if e.applies(cfg)]
