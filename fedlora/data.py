@@ -32,6 +32,7 @@ import torch
 
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, DataConfig, FedLoraConfig
+from fedlora.registry import task_of, task_type
 
 FORTUNE_COLLECTIONS = ("fortunes", "murphy", "startrek", "zippy")
 FORTUNES_CAP = 771  # murphy 777 + zippy 549 + startrek 203 + 771 = 2,300 entries
@@ -190,25 +191,16 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[s
     if run_labels is not None:
         label_names = list(run_labels)
     cols = train.column_names
-    causal = cfg is not None and cfg.model.task == "causal-lm"
-    if causal:
-        from fedlora.tasks.causal import columns_needed
-
-        needed = columns_needed(cfg)
-    else:
-        needed = [("data.text_column", dc.text_column), ("data.label_column", dc.label_column),
-                  ("data.text_pair_column", dc.text_pair_column)]
-    for key, col in needed:
+    task = task_type(cfg.model.task if cfg is not None else "classification")
+    for key, col in task.columns(dc, cfg):
         if col and col not in cols:
             raise ConfigError(f"invalid config value for '{key}': column {col!r} is not in the dataset; "
                               f"its columns are {', '.join(cols)}")
-    if causal and cfg.data.prompt_format != "label":
-        from fedlora.tasks.causal import instruction_rows
-
-        train_rows = instruction_rows(train, cfg)
+    free = task.free_rows(train, cfg)  # rows without labels (instruction data), or None
+    if free is not None:
         if test is None:
-            return (*_carve_test(train_rows, seed), [])
-        return train_rows, instruction_rows(test, cfg), []
+            return (*_carve_test(free, seed), [])
+        return free, task.free_rows(test, cfg), []
     feat = train.features.get(dc.label_column)
     if label_names is None and getattr(feat, "names", None):
         label_names = list(feat.names)
@@ -262,10 +254,7 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
     from fedlora.model import cache_root, load_tokenizer
 
     dc = cfg.data
-    if cfg.model.task == "causal-lm":
-        from fedlora.model import check_context
-
-        check_context(cfg)  # before any tokenizing: model.max_length must fit the model
+    task_type(cfg.model.task).prepare(cfg)  # checks before any tokenizing
     key_src = json.dumps({"data": cfg.to_dict()["data"], "model": cfg.model.name, "task": cfg.model.task,
                           "max_length": cfg.model.max_length, "seed": cfg.run.seed, "v": 2}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
@@ -285,9 +274,7 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
         blob = {"train": _encode(tok, train_rows, cfg, names), "test": _encode(tok, test_rows, cfg, names),
                 "names": names}
         _write_tokenized(path, blob)
-    from fedlora.tasks.causal import answer_spec
-
-    answers = answer_spec(cfg, blob["names"])
+    answers = task_type(cfg.model.task).answers(cfg, blob["names"])
     task = TaskData(
         train=_examples(blob["train"], answers), test=_examples(blob["test"], answers),
         label_names=blob["names"],
@@ -300,23 +287,7 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
 
 
 def _encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: list[str]) -> dict:  # noqa: ANN001
-    if cfg.model.task == "causal-lm":
-        from fedlora.tasks.causal import encode
-
-        return encode(tok, rows, cfg, label_names)
-    texts = [r["text"] for r in rows]
-    if cfg.data.instruction:  # a task cue before the text; truncation then cuts the text's end (single texts)
-        cue = cfg.data.instruction.format(labels=", ".join(label_names))
-        cue_tokens = len(tok(cue)["input_ids"])
-        if cue_tokens >= cfg.model.max_length - 1:
-            raise ConfigError(f"invalid config value for 'data.instruction': the cue alone is {cue_tokens} tokens, "
-                              f"leaving no room for the text in model.max_length={cfg.model.max_length}")
-        texts = [f"{cue}\n{t}" for t in texts]
-    pairs = [r.get("pair") for r in rows]
-    enc = tok(texts, pairs if any(p is not None for p in pairs) else None, truncation=True,
-              max_length=cfg.model.max_length)
-    return {"ids": [torch.tensor(x, dtype=torch.int32) for x in enc["input_ids"]],
-            "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+    return task_type(cfg.model.task).encode(tok, rows, cfg, label_names)
 
 
 def _examples(split: dict, answers: Any = None) -> Examples:
@@ -379,9 +350,4 @@ def collate(ex: Examples, idx: list[int], pad_id: int = 0) -> tuple[dict[str, to
         ids[j, : len(x)] = x
         mask[j, : len(x)] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    if ex.causal:
-        from fedlora.tasks.causal import token_labels
-
-        lengths = ex.prompt_lengths[idx] if idx else ex.prompt_lengths[:0]
-        return batch, token_labels(ids, mask, lengths)
-    return batch, ex.labels[idx] if idx else ex.labels[:0]
+    return batch, task_of(ex).targets(ex, ids, mask, idx)

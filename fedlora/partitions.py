@@ -15,6 +15,7 @@ from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.data import Examples, _encode, _examples, _rows_from_hf, load_task
 from fedlora.model_sources import cache_root, load_tokenizer
+from fedlora.registry import task_type
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,9 +122,7 @@ def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[st
                           f"a client needs both")
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
 
-    from fedlora.tasks.causal import answer_spec
-
-    answers = answer_spec(cfg, label_names)
+    answers = task_type(cfg.model.task).answers(cfg, label_names)
 
     def examples(rows: list[dict]) -> Examples:
         return _examples(_encode(tok, rows, cfg, label_names), answers)

@@ -1,6 +1,7 @@
 """Registries the core asks instead of importing a concern: strategies (one explicit registration
-per strategy file, duplicates refused) and model extensions (a concern that shapes the model the
-core builds, such as a continual method's frozen head and AM-LoRA's selector).
+per strategy file, duplicates refused), task types (what a model is trained to do: the columns it
+reads, how rows become examples, its loss and its evaluation) and model extensions (a concern that
+shapes the model the core builds, such as a continual method's frozen head and AM-LoRA's selector).
 
 Kept free of heavy imports: ``strategy_names()`` and ``policy_for()`` import the strategy
 package only when first asked, and the strategy package imports Flower, not torch models; the
@@ -81,3 +82,42 @@ def model_extensions(cfg) -> list:  # noqa: ANN001 - a FedLoraConfig
         for name in _BUILTIN_EXTENSIONS:
             importlib.import_module(name)  # registers itself
     return [e for e in _MODEL_EXTENSIONS if e.applies(cfg)]
+
+
+# --------------------------------------------------------------------------- task types
+# A task type (see fedlora/tasks/classification.py, the reference one) is an object with:
+#   columns(dc, cfg) -> [(config key, column)]     the dataset columns it reads
+#   free_rows(split, cfg) -> list[dict] | None       rows of a split when they carry no label (None: labelled)
+#   prepare(cfg) -> None                             checks before any tokenizing
+#   encode(tok, rows, cfg, label_names) -> dict      tokenized rows: {"ids", "labels", ...}
+#   answers(cfg, label_names)                        what scoring generated answers needs (or None)
+#   targets(examples, ids, mask, idx) -> Tensor      a batch's training targets
+#   loss(outputs, targets) -> Tensor                 the training loss
+#   evaluate(model, examples, batch_size, device) -> {"loss", "accuracy"?, "num-examples", ...}
+_TASK_TYPES: dict[str, object] = {}
+_BUILTIN_TASKS = {"classification": "fedlora.tasks.classification", "causal-lm": "fedlora.tasks.causal_lm"}
+
+
+def register_task_type(name: str, task) -> object:  # noqa: ANN001
+    """Add the task type ``model.task = name`` (duplicates refused)."""
+    if name in _TASK_TYPES and _TASK_TYPES[name] is not task:
+        raise ValueError(f"a task type named {name!r} is already registered")
+    _TASK_TYPES[name] = task
+    return task
+
+
+def task_type(name: str):  # noqa: ANN201
+    """The task type registered as ``name`` (a built-in one is imported the first time it is asked)."""
+    if name not in _TASK_TYPES and name in _BUILTIN_TASKS:
+        import importlib
+
+        importlib.import_module(_BUILTIN_TASKS[name])  # registers itself
+    try:
+        return _TASK_TYPES[name]
+    except KeyError:
+        raise KeyError(f"unknown task type {name!r}; known: {', '.join(sorted(set(_TASK_TYPES) | set(_BUILTIN_TASKS)))}") from None
+
+
+def task_of(examples) -> object:  # noqa: ANN001 - fedlora.data.Examples
+    """The task type of tokenized examples (causal-LM examples carry their prompt lengths)."""
+    return task_type("causal-lm" if examples.causal else "classification")

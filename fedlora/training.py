@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from fedlora.config import TrainConfig
 from fedlora.data import Examples, batches
+from fedlora.registry import task_of
 
 
 def pick_device(name: str) -> torch.device:
@@ -52,11 +53,7 @@ def cross_entropy_loss(outputs, labels: torch.Tensor) -> torch.Tensor:  # noqa: 
 def task_loss_for(data: Examples) -> Callable:
     """The loss of the examples' task: next-token cross-entropy on the response tokens of causal-LM
     examples, cross-entropy over classes otherwise."""
-    if data.causal:
-        from fedlora.tasks.causal import causal_lm_loss
-
-        return causal_lm_loss
-    return cross_entropy_loss
+    return task_of(data).loss
 
 
 @dataclass
@@ -164,24 +161,10 @@ def _loop(ctx: TrainContext, hooks: Sequence[TrainingHook], t0: float) -> TrainR
                        seconds=time.perf_counter() - t0, metrics=metrics)
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Examples, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Loss and accuracy on ``data`` (causal-LM examples: :func:`fedlora.tasks.evaluation.evaluate_causal`,
-    with perplexity, and accuracy only for classification rows)."""
-    if data.causal:
-        from fedlora.tasks.evaluation import evaluate_causal
-
-        return evaluate_causal(model, data, batch_size, device)
-    model.eval()
-    loss, correct, n = 0.0, 0, 0
-    for batch, labels in batches(data, batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = labels.to(device)
-        logits = model(**batch).logits
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        n += len(labels)
-    return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "num-examples": n}
+    """Loss (and accuracy, and what else the examples' task type scores) on ``data``: the task type's
+    own evaluation (:mod:`fedlora.registry`)."""
+    return task_of(data).evaluate(model, data, batch_size, device)
 
 
 @torch.no_grad()
