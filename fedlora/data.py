@@ -51,6 +51,7 @@ class Examples:
     labels: torch.Tensor
     prompt_lengths: torch.Tensor | None = None
     answers: Any = None
+    task: str = ""  # the task type that encoded them (model.task); its loss and evaluation apply
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -62,7 +63,7 @@ class Examples:
     def subset(self, idx: list[int]) -> Examples:
         pick = (lambda t: t[idx] if idx else t[:0])
         return Examples([self.input_ids[i] for i in idx], pick(self.labels),
-                        None if self.prompt_lengths is None else pick(self.prompt_lengths), self.answers)
+                        None if self.prompt_lengths is None else pick(self.prompt_lengths), self.answers, self.task)
 
     @staticmethod
     def concat(parts: list[Examples]) -> Examples:
@@ -70,7 +71,7 @@ class Examples:
         lengths = [p.prompt_lengths for p in parts]
         return Examples([x for p in parts for x in p.input_ids], torch.cat([p.labels for p in parts]),
                         None if any(x is None for x in lengths) else torch.cat(lengths),
-                        parts[0].answers if parts else None)
+                        parts[0].answers if parts else None, parts[0].task if parts else "")
 
 
 @dataclass
@@ -276,7 +277,7 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
         _write_tokenized(path, blob)
     answers = task_type(cfg.model.task).answers(cfg, blob["names"])
     task = TaskData(
-        train=_examples(blob["train"], answers), test=_examples(blob["test"], answers),
+        train=_examples(blob["train"], answers, cfg.model.task), test=_examples(blob["test"], answers, cfg.model.task),
         label_names=blob["names"],
         train_labels=blob["train"]["labels"].tolist(),
     )
@@ -290,8 +291,8 @@ def _encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: list[str]) -
     return task_type(cfg.model.task).encode(tok, rows, cfg, label_names)
 
 
-def _examples(split: dict, answers: Any = None) -> Examples:
-    return Examples(split["ids"], split["labels"], split.get("prompt_lengths"), answers)
+def _examples(split: dict, answers: Any = None, task: str = "") -> Examples:
+    return Examples(split["ids"], split["labels"], split.get("prompt_lengths"), answers, task)
 
 
 def _write_tokenized(path: Path, blob: dict) -> None:

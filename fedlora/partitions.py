@@ -125,7 +125,7 @@ def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[st
     answers = task_type(cfg.model.task).answers(cfg, label_names)
 
     def examples(rows: list[dict]) -> Examples:
-        return _examples(_encode(tok, rows, cfg, label_names), answers)
+        return _examples(_encode(tok, rows, cfg, label_names), answers, cfg.model.task)
 
     out = ClientData(train=examples(train_rows), test=examples(test_rows),
                      val=examples(val_rows) if val_rows else None)

@@ -115,9 +115,15 @@ def task_type(name: str):  # noqa: ANN201
     try:
         return _TASK_TYPES[name]
     except KeyError:
-        raise KeyError(f"unknown task type {name!r}; known: {', '.join(sorted(set(_TASK_TYPES) | set(_BUILTIN_TASKS)))}") from None
+        raise KeyError(f"unknown task type {name!r}; known: {', '.join(task_type_names())}") from None
+
+
+def task_type_names() -> list[str]:
+    """Every task type ``model.task`` may name: the built-in ones and any registered since."""
+    return list(_BUILTIN_TASKS) + sorted(set(_TASK_TYPES) - set(_BUILTIN_TASKS))
 
 
 def task_of(examples) -> object:  # noqa: ANN001 - fedlora.data.Examples
-    """The task type of tokenized examples (causal-LM examples carry their prompt lengths)."""
-    return task_type("causal-lm" if examples.causal else "classification")
+    """The task type of tokenized examples: the one that encoded them (``Examples.task``); examples
+    built without one are causal-LM examples when they carry prompt lengths, else classification."""
+    return task_type(examples.task or ("causal-lm" if examples.causal else "classification"))

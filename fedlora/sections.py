@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fedlora.schema import _meta, _require, _require_template
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm")  # the built-in task types (fedlora.registry knows any others)
 DTYPES = ("float32", "bfloat16", "float16")
 PROMPT_FORMATS = ("label", "alpaca", "chat")
 
@@ -49,7 +49,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         _require(self.max_length >= 4, "model.max_length", "must be >= 4")
-        _require(self.task in TASKS, "model.task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
+        from fedlora.registry import task_type_names  # the registry names task types without importing them
+
+        known = task_type_names()
+        _require(self.task in known, "model.task", f"must be one of {', '.join(known)}, got {self.task!r}")
         _require(self.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _require(self.quantization in ("none", "4bit", "8bit"), "model.quantization",
                  f"must be 'none', '4bit' or '8bit', got {self.quantization!r}")

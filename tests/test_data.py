@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+import torch
+
 from fedlora.config import FedLoraConfig
 from fedlora.data import FORTUNE_COLLECTIONS, fortune_dir, load_task, read_fortunes
 from fedlora.partitions import client_data, partition_indices
@@ -58,3 +61,38 @@ def test_client_local_split(tmp_path, shared_data):
     cd = client_data(cfg, 1)
     assert len(cd.train) > 0 and len(cd.test) > 0
     assert abs(len(cd.test) / (len(cd.train) + len(cd.test)) - 0.2) < 0.05
+
+
+def test_a_new_task_type_plugs_in_through_the_registry_without_editing_the_core(tmp_path, shared_data):
+    """A task type registered by name is what model.task may say, and the core's data, training loop
+    and evaluation use its encoding, loss and scoring (here: classification with label smoothing)."""
+    import torch.nn.functional as F
+
+    from fedlora.config import ConfigError
+    from fedlora.model import AdapterSpec, build_peft_model
+    from fedlora.registry import register_task_type, task_type, task_type_names
+    from fedlora.tasks.classification import Classification
+    from fedlora.training import evaluate, train_local
+
+    with pytest.raises(ConfigError, match="model.task.*must be one of classification, causal-lm"):
+        make_config(tmp_path, model={"task": "smoothed-classification"})
+    losses: list[float] = []
+
+    class Smoothed(Classification):
+        def loss(self, outputs, labels):  # noqa: ANN001, ANN201
+            out = F.cross_entropy(outputs.logits, labels, label_smoothing=0.2)
+            losses.append(float(out))
+            return out
+
+    register_task_type("smoothed-classification", Smoothed())
+    assert "smoothed-classification" in task_type_names() and task_type("classification") is not None
+    cfg = make_config(tmp_path, model={"task": "smoothed-classification"})
+    task = load_task(cfg)
+    assert task.train.task == "smoothed-classification"
+    part = client_data(cfg, 0)
+    assert part.train.task == part.test.task == "smoothed-classification"  # a partition keeps its task
+    model = build_peft_model(cfg, len(task.label_names), AdapterSpec.for_rank(cfg, cfg.lora.rank))
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = train_local(model, params, part.train, cfg.train, seed=1, device=torch.device("cpu"))
+    assert len(losses) == res.steps > 0  # the registered loss is the one the loop minimised
+    assert 0.0 <= evaluate(model, part.test, 16, torch.device("cpu"))["accuracy"] <= 1.0

@@ -52,7 +52,7 @@ def _remap(ex: Examples | None, names: list[str], union: list[str]) -> Examples 
     if ex is None:
         return None
     index = torch.tensor([union.index(n) for n in names], dtype=torch.long)
-    return Examples(ex.input_ids, index[ex.labels] if len(ex) else ex.labels)
+    return Examples(ex.input_ids, index[ex.labels] if len(ex) else ex.labels, task=ex.task)
 
 
 
