@@ -44,11 +44,15 @@ def _out(name: str) -> Path:
     return RESULTS / f"compare-{name}"
 
 
-def chosen_rates(results: list[dict]) -> dict[str, list[str]]:
-    """Each tuned family's chosen grid point (its overrides), by the comparison's own choice."""
-    from fedlora.compare import choose
+def chosen_rates(chosen: list[dict]) -> dict[str, list[str]]:
+    """Each tuned family's chosen grid point (its overrides), from the comparison's own choice
+    (:func:`fedlora.compare.choose`)."""
+    return {r["arm"]: list(r["grid-point"]) for r in chosen}
 
-    return {r["arm"]: list(r["grid-point"]) for r in choose(results)}
+
+def cohort_arm(tuned_arm: str) -> str:
+    """A part-1 arm's name in part 2 (the tuning's non-private arm is FedIT's)."""
+    return tuned_arm.replace("fedit-non-private", "non-private")
 
 
 def cohort_specs(rates: dict[str, list[str]], done: set[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -129,16 +133,14 @@ def extrapolate(law: dict, dim: float, rounds: int, reference_acc: float) -> lis
 
 
 def run(quick: bool = False) -> dict:
-    from fedlora.compare import compare
+    from fedlora.compare import choose, compare
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     tune_out = compare(TUNE, _out("privacy-cohorts-tune"), resume=True, log=log)
     tune = json.loads((tune_out / "results.json").read_text())
-    rates = chosen_rates(tune)
-    from fedlora.compare import choose
-
     tuned = choose(tune)
-    done = {(r["arm"].replace("fedit-non-private", "non-private"), "m100") for r in tuned}
+    rates = chosen_rates(tuned)
+    done = {(cohort_arm(r["arm"]), "m100") for r in tuned}
     parts: dict[str, list[dict]] = {"m100": tuned}
     for split, text in cohort_specs(rates, done):
         out = _out(f"privacy-cohorts-{split}")
@@ -156,7 +158,7 @@ def figures(parts: dict[str, list[dict]], rates: dict[str, list[str]]) -> dict:
     for split, results in parts.items():
         m = int(split[1:])
         for r in results:
-            r = {**r, "arm": r["arm"].replace("fedit-non-private", "non-private")}
+            r = {**r, "arm": cohort_arm(r["arm"])}
             cells.append(cell_figures(r, m))
     reference = {c["m"]: c["server-accuracy"] for c in cells if c["arm"] == "non-private"}
     dp = [c for c in cells if c["epsilon-target"] is not None]

@@ -73,7 +73,7 @@ class ContinualSection:
             _require(bool(t.text_column), f"{where}.text_column", "must name the text column")
             _require(t.rounds >= 1, f"{where}.rounds", "must be >= 1")
             _require_template(t.instruction, f"{where}.instruction", "labels")
-        names = [t.name or Path(t.dataset).name for t in self.tasks]
+        names = self.task_names()
         _require(len(set(names)) == len(names), "continual.tasks", f"task names must differ, got {names}")
         _require(self.olora_form in ("abs", "squared"), "continual.olora_form", "must be 'abs' or 'squared'")
         _require(self.olora_lambda1 >= 0 and self.olora_lambda2 >= 0, "continual.olora_lambda*", "must be >= 0")

@@ -238,12 +238,17 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
         f"{', node key ' + Path(s.node_key).name if s.node_key else ''}); data {s.data or 'partition ' + str(s.partition_id)};"
         f" state {state}; logs {node_log}" + ("" if cold else f", {state / 'executor.log'}"))
     notes = ConsoleNotes(s, say)
+    start_at = 0  # where the current start's lines begin in the SuperNode's log: they carry its cause
+
+    def node_text() -> str:
+        return node_log.read_bytes()[start_at:].decode(errors="replace") if node_log.exists() else ""
+
     try:
         shown, starts = 0, 0
         while True:
             if node is None:
                 starts += 1
-                start_at = node_log.stat().st_size if node_log.exists() else 0  # this start's lines carry its cause
+                start_at = node_log.stat().st_size if node_log.exists() else 0
                 node = spawn(args, node_log, env=env)
                 if not cold:
                     executor = spawn([sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state)],
@@ -254,11 +259,11 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
                     if " fedlora.client " in line and "task " not in line:
                         say(line.split(" fedlora.client ", 1)[1].strip())
                 shown = len(lines)
-            node_text = node_log.read_bytes()[start_at:].decode(errors="replace") if node_log.exists() else ""
-            notes.read(node_text)
+            if not notes.connected:  # once connected, only an exit has anything more to say
+                notes.read(node_text())
             if node.poll() is not None or (executor is not None and executor.poll() is not None):
                 failed = "SuperNode" if node.poll() is not None else "resident executor"
-                wait = notes.exited(node_text) if failed == "SuperNode" else None
+                wait = notes.exited(node_text()) if failed == "SuperNode" else None
                 known = wait is not None
                 why = tail(node_log if failed == "SuperNode" else state / "executor.log", 6)
                 stop(executor)

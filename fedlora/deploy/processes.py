@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.deploy.reaper import die_with_parent  # noqa: F401 - the children fedlora starts use it
-
 
 def flower_bin(name: str) -> str:
     """A Flower console script from this interpreter's environment (then PATH)."""

@@ -69,11 +69,7 @@ def _reap() -> list[tuple[int, int]]:
 
 def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent exits."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def main(argv: list[str]) -> int:
@@ -91,7 +87,6 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # The daemon also dies if the reaper itself is SIGKILLed.
-
     child = subprocess.Popen(argv, preexec_fn=die_with_parent)
     code = None
     while code is None and not stopping["now"] and os.getppid() == parent:

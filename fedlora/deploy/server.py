@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.deploy.control import CONNECTION, EnrolledNames, RunStatus, control_client  # noqa: F401 - re-exported
+from fedlora.deploy.control import CONNECTION, RunStatus
 from fedlora.deploy.processes import flower_bin, spawn, stop, tail, wait_for_port
 from fedlora.rundir import RunDir
 
@@ -153,7 +153,7 @@ def absolute_paths(cfg: FedLoraConfig) -> FedLoraConfig:
     return cfg
 
 
-def start_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool) -> None:
+def start_superlink(dep: Deployment, cfg: FedLoraConfig) -> None:
     """The SuperLink on 127.0.0.1 (its Control API for the operator only) and, unless the operator
     exposes it knowingly, fedlora's gate on server.address forwarding the devices' Fleet API to it."""
     s = cfg.server
@@ -165,7 +165,7 @@ def start_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool) -> Non
         args += ["--ssl-certfile", s.tls_certfile, "--ssl-keyfile", s.tls_keyfile, "--ssl-ca-certfile", s.tls_ca_certfile]
     else:
         args.append("--insecure")
-    if node_auth:
+    if dep.node_auth:
         args.append("--enable-supernode-auth")
     from fedlora.env import DEFAULTS
 
@@ -192,7 +192,7 @@ def start_gate(dep: Deployment, cfg: FedLoraConfig) -> None:
         args += ["--certfile", s.tls_certfile, "--keyfile", s.tls_keyfile, "--ca", s.tls_ca_certfile]
     log_path = dep.run_dir.path / "gate.log"
     dep.gate = spawn(args, log_path)
-    wait_for_port(host if host not in ("0.0.0.0", "::", "") else "127.0.0.1", port, dep.gate, log_path)
+    wait_for_port(host, port, dep.gate, log_path)
 
 
 def write_connection(dep: Deployment, cfg: FedLoraConfig) -> None:
@@ -264,7 +264,7 @@ def follow_log(dep: Deployment) -> None:
                              env={**DEFAULTS, **dep.env(), "COLUMNS": "400", "NO_COLOR": "1"})
 
 
-def restart_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool, app: Path,
+def restart_superlink(dep: Deployment, cfg: FedLoraConfig, app: Path,
                       say: Callable[[str], None]) -> None:
     """The SuperLink died (and the ServerApp it ran with it): start it again on its SQLite database,
     where the nodes and their keys are kept, and continue the run from its last checkpoint."""
@@ -274,7 +274,7 @@ def restart_superlink(dep: Deployment, cfg: FedLoraConfig, node_auth: bool, app:
         raise RuntimeError(f"the SuperLink exited {dep.restarts} times; see {log_path}:\n{tail(log_path)}")
     say(f"the SuperLink exited (code {dep.superlink.returncode}); restarting it on its database "
         f"({dep.restarts}/{MAX_RESTARTS})")
-    start_superlink(dep, cfg, node_auth)
+    start_superlink(dep, cfg)
     start_gate(dep, cfg)  # still up, unless it died too
     if dep.run_dir.read_checkpoint() is not None:
         dep.run_id = submit(dep, app, resume=True)
@@ -327,7 +327,7 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
                 if on_round is not None:
                     on_round(row)
     try:
-        start_superlink(dep, cfg, node_auth)
+        start_superlink(dep, cfg)
         write_connection(dep, cfg)
         if node_auth:
             for note in enrol(dep, enrolled_keys(cfg)):
@@ -358,7 +358,7 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
                         say("  server: " + line.strip())
                 log_seen = len(lines)
             if dep.superlink.poll() is not None:
-                restart_superlink(dep, cfg, node_auth, app, say)
+                restart_superlink(dep, cfg, app, say)
             if time.monotonic() - last_check > 2.0:
                 status, last_check = run_status(), time.monotonic()
                 if status.startswith("finished"):

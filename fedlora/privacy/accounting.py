@@ -82,8 +82,8 @@ def client_noise_for_target(cfg: FedLoraConfig) -> float:
 
 @lru_cache(maxsize=32)
 def _calibrate_client_noise(n: int, m: int, t: int, target: float, delta: float) -> float:
-    # Cached: every party that validates the config (the server, each client process) asks the same
-    # question, and one bisection is some fifty accountant evaluations.
+    # Cached: a run's start checks the target (simulate, the ServerApp) and the server's DP layer then
+    # calibrates with it, the same question each time; one bisection is some fifty accountant evaluations.
     if client_epsilon(MAX_NOISE, m, n, t, delta) > target:
         raise ConfigError(
             f"invalid config value for 'privacy.client_target_epsilon': {target} cannot be met with {t} rounds of "
