@@ -26,9 +26,6 @@ _PARTITION_CACHE: BoundedCache[list[list[int]]] = BoundedCache(8)
 
 def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
     """Indices of each client's partition, from flwr-datasets partitioners, deterministic by seed."""
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
-
     n, dc, seed = cfg.federation.num_clients, cfg.data, cfg.run.seed
     key = (n, dc.partitioner, dc.dirichlet_alpha, dc.labels_per_client, dc.min_partition_size, seed, len(labels),
            hashlib.sha256(bytes(str(labels), "utf8")).hexdigest())
@@ -37,6 +34,43 @@ def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
     if n > len(labels):
         raise ConfigError(f"invalid config value for 'federation.num_clients': {n} clients but only "
                           f"{len(labels)} training examples; every client needs at least one")
+    stored = _partition_file(cfg, key)
+    parts = _read_partitions(stored, n)
+    if parts is None:
+        parts = _split(cfg, labels)
+        from fedlora.state import atomic_write_bytes
+
+        atomic_write_bytes(stored, json.dumps(parts).encode())
+    _PARTITION_CACHE[key] = parts
+    return parts
+
+
+def _partition_file(cfg: FedLoraConfig, key: tuple) -> Path:
+    """Where the partitions for ``key`` are kept on disk. The driver of a simulation splits once; the
+    worker processes read the file instead of importing `datasets` and flwr-datasets again (about 2 s
+    a process). The partitioner's version is part of the key: another version may split differently."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(json.dumps([list(key), version("flwr-datasets")]).encode()).hexdigest()[:32]
+    return cache_root(cfg.model.cache_dir) / "partitions" / f"{digest}.json"
+
+
+def _read_partitions(path: Path, n: int) -> list[list[int]] | None:
+    """The stored partitions, or None when absent or not ``n`` lists of indices (then split again)."""
+    try:
+        parts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(parts, list) and len(parts) == n
+          and all(isinstance(p, list) and all(isinstance(i, int) for i in p) for p in parts))
+    return parts if ok else None
+
+
+def _split(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    n, dc, seed = cfg.federation.num_clients, cfg.data, cfg.run.seed
     ds = Dataset.from_dict({"label": labels, "idx": list(range(len(labels)))})
     if dc.partitioner == "iid":
         p = IidPartitioner(num_partitions=n)
@@ -64,7 +98,6 @@ def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
     if empty:
         raise ConfigError(f"invalid config value for 'federation.num_clients': clients {empty[:5]} get fewer than "
                           f"2 examples ({len(labels)} examples over {n} clients with {dc.partitioner})")
-    _PARTITION_CACHE[key] = parts
     return parts
 
 

@@ -59,12 +59,17 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
     if not verbose:
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    ncpu = os.cpu_count() or 1
+    init_args = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    if os.environ.get("RAY_ADDRESS"):
+        # Ray's own convention: a running cluster (`ray start --head`, one machine or many) hosts the
+        # virtual clients; it keeps running after the run, and its size is its own.
+        init_args["address"] = os.environ["RAY_ADDRESS"]
+    else:
+        init_args.update({"num_cpus": os.cpu_count() or 1, "include_dashboard": False})
     backend = {
         "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client,
                              "num_gpus": cfg.simulation.num_gpus_per_client},
-        "init_args": {"num_cpus": ncpu, "include_dashboard": False, "log_to_driver": verbose,
-                      "logging_level": logging.INFO if verbose else logging.ERROR},
+        "init_args": init_args,
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # run_simulation's deprecation notice; the engine is the same

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,10 +36,45 @@ settings.load_profile(os.environ.get("FEDLORA_HYPOTHESIS", "suite"))
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
+def shared_data(ray_cluster) -> Path:
     if not (SHARED_DATA / "index.json").exists():
         pytest.skip(f"../shared/data is absent ({SHARED_DATA}); it ships beside the project in CI, not in a user's clone")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray cluster (`ray start --head`) that every simulation of the session runs its virtual
+    clients on, through RAY_ADDRESS as a user's cluster would (fedlora.simulate). Each simulation still
+    starts its own actors and ends them; what is shared is Ray's own start and stop, about a third of a
+    small simulation's time. Started with the first test that reads ../shared/data (every simulation
+    does); FEDLORA_TEST_PRIVATE_RAY=1 gives each simulation a private instance instead."""
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("FEDLORA_TEST_PRIVATE_RAY"):
+        yield os.environ.get("RAY_ADDRESS")
+        return
+    import psutil
+
+    from fedlora.deploy.processes import free_port
+
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    temp = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                    f"--num-cpus={os.cpu_count() or 1}", "--include-dashboard=false", "--disable-usage-stats",
+                    f"--temp-dir={temp}"], check=True, capture_output=True, timeout=180)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield os.environ["RAY_ADDRESS"]
+    finally:
+        del os.environ["RAY_ADDRESS"]
+        # This cluster's processes only (`ray stop` would end every Ray on the machine).
+        mine = [p for p in psutil.process_iter(["cmdline"])
+                if any(temp in a or f"127.0.0.1:{port}" in a for a in (p.info["cmdline"] or []))]
+        for p in mine:  # SIGKILL: Ray's daemons outwait a SIGTERM by seconds, and nothing of theirs is kept
+            p.kill()
+        psutil.wait_procs(mine, timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def make_config(tmp_path: Path, **sections):  # noqa: ANN201

@@ -120,10 +120,12 @@ def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, s
     assert distance(clip_dir, clip_ref) < 0.5
     assert "client-00003: update norm" in _text(clip_rows, "clipped")
     assert clip_rows[-1]["server-loss"] < 2.0 < raw_rows[-1]["server-loss"]
-    # The coordinate median of 3 honest clients and one sending 3e38 everywhere is the honest median.
-    med_ref, _ = _run(cfg("median-ref", aggregation="median"), {3: "crash"})
-    med_dir, _ = _run(cfg("median", aggregation="median"), {3: "near-max"})
-    assert _all_finite(_adapter(med_dir)) and distance(med_dir, med_ref) < 1e-5
+    # The coordinate median alone (the default relative bound off, as in the undefended run) keeps the
+    # same x1e6 client inside the honest clients' range: the median of 4 is the mean of the two middle
+    # values, not the honest-only run's, but of its size (the mean's is 10^6 times) and the model learns.
+    med_dir, med_rows = _run(cfg("median", aggregation="median", relative_norm_bound=0.0), {3: "scale-1e6"})
+    assert _all_finite(_adapter(med_dir)) and distance(med_dir, clip_ref) < 3
+    assert med_rows[-1]["server-loss"] < 2.0
 
 
 def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(tmp_path, shared_data):
@@ -162,13 +164,13 @@ def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_o
 
 def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data):
     cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3,
-                                            "round_timeout": 30, "min_accepted": 2, "evaluate_every": 5})
+                                            "round_timeout": 20, "min_accepted": 2, "evaluate_every": 5})
     run_dir, rows = _run(cfg, {1: "crash", 2: "slow"})
     r1, r2 = rows[1], rows[2]
     line = next(x for x in r1["rejected"] if "client-00001" in x)
     assert line.endswith("failed: ValueError: disk on fire") or "disk on fire" in line
     assert "\n" not in line and len(line) < 300
     assert r1["clients-accepted"] == 2 and not r1["skipped"]
-    assert any("client-00002" in x and "no reply within federation.round_timeout (30 s)" in x for x in r2["rejected"])
+    assert any("client-00002" in x and "no reply within federation.round_timeout (20 s)" in x for x in r2["rejected"])
     assert r2["clients-accepted"] == 1 and "fewer than federation.min_accepted (2)" in r2["skipped"]
     assert _all_finite(_adapter(run_dir))
