@@ -103,3 +103,35 @@ def test_hetlora_accepts_self_pruned_rank_only_when_enabled():
     prof = _prof()
     s.validate_reply(prof, _reply(f2, rank=2))
     assert prof.rank == 2  # later payloads for this client are truncated to rank 2
+
+
+def test_a_node_the_superlink_answers_for_is_named_as_itself_once(task_identity):
+    """A node that dies mid-round: Flower's SuperLink answers its message itself (its own error
+    message, from the SuperLink's node id). The stream hands it over as the dead node's reply, so the
+    round names that node once, for what ended the wait, and no node that does not exist."""
+    from flwr.app import Message
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from fedlora.aggregation.streaming import StreamingGrid
+
+    class Link:  # what a SuperLink does with pushes and pulls; its answer for a dead node is Flower's own
+        def __init__(self) -> None:
+            self.pushed: list[Message] = []
+
+        def push_messages(self, messages):  # noqa: ANN001, ANN202
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's grids set it
+                self.pushed.append(m)
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids):  # noqa: ANN001, ANN202
+            alive, dead = self.pushed
+            return [Message(RecordDict(), reply_to=alive),
+                    create_message_error_unavailable_res_message(dead.metadata, "node_unavail")]
+
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12)]
+    replies = list(StreamingGrid(Link()).send_and_receive(sent, timeout=5))
+    assert [r.metadata.src_node_id for r in replies] == [11, 12]
+    assert not replies[0].has_error() and replies[1].has_error()
+    assert "Node Unavailable" in replies[1].error.reason
+    assert replies[1].metadata.reply_to_message_id == "m1"

@@ -8,6 +8,10 @@ returns a generator: each batch of replies pulled is yielded one message at a ti
 here keeps a reference to a reply once it is yielded. Flower's ``Strategy.start`` hands the
 iterable straight to ``aggregate_train`` / ``aggregate_evaluate``, which consume it in order.
 
+A node that stops sending heartbeats mid-round is answered for by Flower's SuperLink (an error from
+the SuperLink's own node id); that error is handed over as the node's (:func:`in_place_of`), so the
+round names the node once, by its client id.
+
 Everything else (node ids, pushes, pulls, run info) is the wrapped grid's own.
 """
 
@@ -30,16 +34,29 @@ class StreamingGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         # Pushed now, as Flower's own call does (the round's clock starts at the push); pulled lazily.
-        msg_ids = set(self._grid.push_messages(messages))
+        messages = list(messages)
+        ids = [i for i in self._grid.push_messages(messages) if i]  # a message that was not pushed has none
+        by_id = {m.metadata.message_id: m for m in messages}  # Flower's grids set it as they push
+        sent: dict[str, Message | None] = {i: by_id.get(i) for i in ids}
         end = time.time() + (timeout if timeout is not None else 0.0)
-        return self._pull(msg_ids, end, timeout is None)
+        return self._pull(sent, end, timeout is None)
 
-    def _pull(self, msg_ids: set[str], end: float, forever: bool) -> Iterator[Message]:
+    def _pull(self, sent: dict[str, Message | None], end: float, forever: bool) -> Iterator[Message]:
         interval = float(getattr(self._grid, "pull_interval", 0.1))
-        while msg_ids and (forever or time.time() < end):
-            replies = list(self._grid.pull_messages(msg_ids))
-            msg_ids.difference_update(r.metadata.reply_to_message_id for r in replies)
+        while sent and (forever or time.time() < end):
+            replies = list(self._grid.pull_messages(list(sent)))
+            for i, r in enumerate(replies):
+                replies[i] = in_place_of(r, sent.pop(r.metadata.reply_to_message_id, None))
             while replies:
                 yield replies.pop(0)  # popped: the consumer's reference is the last one
-            if msg_ids:
+            if sent:
                 time.sleep(interval)
+
+
+def in_place_of(reply: Message, original: Message | None) -> Message:
+    """``reply`` as from the node ``original`` was sent to. When a node stops sending heartbeats,
+    Flower's SuperLink answers its messages itself (an error, from the SuperLink's own node id): the
+    error is passed on as the node's, so the node is named once, for what ended the wait."""
+    if original is None or not reply.has_error() or reply.metadata.src_node_id == original.metadata.dst_node_id:
+        return reply
+    return Message(reply.error, reply_to=original)

@@ -341,14 +341,16 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
             f"{'on' if node_auth else 'off'}); clients join with: fedlora client --server <this host>:{port}"
             + (" --root-certificates <ca.crt> --node-key <node-N.key>" if tls else " --insecure"))
         app = write_app(dep)
+        log_path = run_dir.path / "serverapp.log"
+        # A resumed run's log holds the earlier server's lines (its last error included): echo only ours.
+        log_seen = len(log_path.read_text(errors="replace").splitlines()) if log_path.exists() else 0
         dep.run_id = submit(dep, app, resume)
         follow_log(dep)
         dep.timings["start-seconds"] = time.perf_counter() - t_start
         say(f"run {dep.run_id} submitted ({'resuming' if resume else 'starting'} {run_dir.path}); waiting for "
             f"{cfg.federation.min_available_clients or cfg.federation.min_train_clients} clients")
         run_status = RunStatus(dep)
-        status, last_check, log_seen = "", 0.0, 0
-        log_path = run_dir.path / "serverapp.log"
+        status, last_check = "", 0.0
         while True:
             show_new_rounds()
             if log_path.exists():
