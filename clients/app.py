@@ -21,7 +21,10 @@ from fedlora import codec
 from fedlora.clients.session import ClientSession
 from fedlora.continual import client as continual
 from fedlora.continual.federation import task_lora
+from fedlora.data import load_task
 from fedlora.protocol import ARRAYS, CONFIG, METRICS, PROFILE, SETUP
+from fedlora.training import evaluate as run_eval
+from fedlora.training import train_local
 
 app = ClientApp()
 
@@ -47,7 +50,6 @@ def setup(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedlora.training import train_local
 
     t0 = time.perf_counter()
     config = msg.content[CONFIG]
@@ -88,8 +90,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized evaluation: the global parts plus this client's private parts, on its own test split."""
-    from fedlora.data import load_task
-    from fedlora.training import evaluate as run_eval
 
     config = msg.content[CONFIG]
     server_round = int(config["server-round"])

@@ -18,15 +18,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from fedlora import codec
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig, digest_of
-from fedlora.partitions import ClientData, client_data, local_client_data
+from fedlora.data import load_task
+from fedlora.dylora import RankMask
 from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.lora_math import block, prune_rank, prune_to_rank
-from fedlora.model import (AdapterSpec, build_peft_model, check_device, initial_factors, merge_delta_into_base, place,
-                           save_adapter, set_trainable)
+from fedlora.model import (
+    AdapterSpec,
+    build_peft_model,
+    check_device,
+    initial_factors,
+    merge_delta_into_base,
+    place,
+    save_adapter,
+    set_trainable,
+)
+from fedlora.partitions import ClientData, client_data, local_client_data
+from fedlora.privacy.accounting import example_noise_for_target
+from fedlora.privacy.example_level import STATE_NAME, DPSGDHook, steps_per_round
 from fedlora.protocol import BASE_PREFIX, NodeProfile
 from fedlora.registry import policy_for
 from fedlora.sharing import SharingPolicy
-from fedlora.state import ClientStateStore
+from fedlora.state import ClientStateStore, atomic_write_bytes
 from fedlora.training import pick_device
 
 log = logging.getLogger("fedlora.client")
@@ -102,7 +114,6 @@ class ClientSession:
         root = str(context.node_config.get("state-dir", ""))
         if not root:
             return
-        from fedlora.state import atomic_write_bytes
 
         setup = {**dict(context.state.config_records[STATE_KEY]), "node-config": dict(context.node_config),
                  "node-id": int(context.node_id)}
@@ -157,6 +168,7 @@ class ClientSession:
             if str(nc.get("data", "")):
                 raise SetupMissing("a task sequence reads each task's dataset from the run config; a device's own "
                                    "data per task is not supported (continual runs are simulations or partitions)")
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.tasks import task_client_data
 
             # Declared sizes bound what a reply may claim in any task: the largest over the tasks.
@@ -184,11 +196,11 @@ class ClientSession:
                    device=device, label_names=label_names, device_dir=str(nc.get("state-dir", "")))
 
     def labels(self) -> list[str]:
-        from fedlora.data import load_task
 
         if self.label_names is not None:
             return list(self.label_names)
         if self.cfg.continual.enabled:
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.tasks import union_labels
 
             return union_labels(self.cfg)
@@ -197,6 +209,7 @@ class ClientSession:
     def use_round(self, server_round: int) -> None:
         """A task sequence: this round's task's data (the same clients, the next task's split)."""
         if self.cfg.continual.enabled:
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.tasks import task_client_data, task_of_round
 
             self.data = task_client_data(self.cfg, self.profile.partition_id, task_of_round(self.cfg, server_round))
@@ -216,7 +229,9 @@ class ClientSession:
         # A fresh adapter each round when the global update is merged into the base (FLoRA).
         seed = self.cfg.lora.init_seed + (server_round if policy.merge_global_into_base else 0)
         if self.cfg.continual.enabled:  # each task's new LoRA starts from its own seed
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.federation import task_seed
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.tasks import task_of_round
 
             seed = task_seed(self.cfg, task_of_round(self.cfg, server_round))
@@ -244,8 +259,6 @@ class ClientSession:
         p = self.cfg.privacy
         if not p.example_dp:
             return []
-        from fedlora.privacy.accounting import example_noise_for_target
-        from fedlora.privacy.example_level import STATE_NAME, DPSGDHook, steps_per_round
 
         n, tc = len(self.data.train), self.cfg.train
         rate = DPSGDHook.sample_rate(n, tc.batch_size)
@@ -259,7 +272,6 @@ class ClientSession:
         return [DPSGDHook(z, p.example_clip, p.example_delta, history=history, noise_seed=seed)]
 
     def finish_hooks(self, hooks: list) -> None:
-        from fedlora.privacy.example_level import STATE_NAME, DPSGDHook
 
         for h in hooks:
             if isinstance(h, DPSGDHook):
@@ -272,7 +284,6 @@ class ClientSession:
         if rank is None:
             yield None
             return
-        from fedlora.dylora import RankMask
 
         mask = RankMask(model)
         try:

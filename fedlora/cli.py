@@ -12,6 +12,8 @@ import typer
 
 from fedlora.config import ConfigError, FedLoraConfig
 
+# Each command imports what it runs in its own body (lazy imports below): `fedlora --help` and
+# `fedlora config` load neither torch nor Flower, and one command never pays for another's modules.
 cli = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__,
                   context_settings={"help_option_names": ["-h", "--help"]})
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fedlora.config import ConfigError, FedLoraConfig, apply_override
 from fedlora.rundir import atomic_write
+from fedlora.simulate import simulate
 
 
 def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str, str]:
@@ -150,7 +151,6 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
     if dry_run:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    from fedlora.simulate import simulate
 
     results = []
     for cell, found in plan:

@@ -25,10 +25,23 @@ from fedlora.continual.config import check_with_run as check_continual_with_run
 from fedlora.deploy.config import ServerSection
 from fedlora.privacy.config import PrivacySection
 from fedlora.privacy.config import check_with_run as check_privacy_with_run
+from fedlora.registry import policy_for
 from fedlora.schema import ConfigError, _coerce, _require, _require_template, toml_value  # noqa: F401 - re-exported
-from fedlora.sections import (DTYPES, PROMPT_FORMATS, TASKS, DataConfig, DyLoraSection,  # noqa: F401 - re-exported
-                              FederationConfig, HeteroConfig, LoraSection, ModelConfig, RobustConfig, RunConfig,
-                              SimulationConfig, TrainConfig)
+from fedlora.sections import (  # noqa: F401 - re-exported
+    DTYPES,
+    PROMPT_FORMATS,
+    TASKS,
+    DataConfig,
+    DyLoraSection,
+    FederationConfig,
+    HeteroConfig,
+    LoraSection,
+    ModelConfig,
+    RobustConfig,
+    RunConfig,
+    SimulationConfig,
+    TrainConfig,
+)
 
 
 @dataclass
@@ -83,7 +96,6 @@ class FedLoraConfig:
 
     def _validate_combinations(self) -> None:
         """Rules across sections: refuse, before any work, what the strategy cannot do."""
-        from fedlora.registry import policy_for
 
         policy = policy_for(self.federation.strategy)
         ranks = sorted({self.client_rank(i) for i in range(self.federation.num_clients)})

@@ -32,7 +32,9 @@ import torch
 
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, DataConfig, FedLoraConfig
+from fedlora.model import cache_root, load_tokenizer
 from fedlora.registry import task_of, task_type
+from fedlora.state import atomic_write_bytes, tensors_from_file, tensors_to_bytes
 
 FORTUNE_COLLECTIONS = ("fortunes", "murphy", "startrek", "zippy")
 FORTUNES_CAP = 771  # murphy 777 + zippy 549 + startrek 203 + 771 = 2,300 entries
@@ -252,7 +254,6 @@ def _cap(rows: list[dict], n: int, seed: int) -> list[dict]:
 
 def load_task(cfg: FedLoraConfig) -> TaskData:
     """Tokenized train/test of the run's dataset; cached in memory and on disk."""
-    from fedlora.model import cache_root, load_tokenizer
 
     dc = cfg.data
     task_type(cfg.model.task).prepare(cfg)  # checks before any tokenizing
@@ -297,7 +298,6 @@ def _examples(split: dict, answers: Any = None, task: str = "") -> Examples:
 
 def _write_tokenized(path: Path, blob: dict) -> None:
     """Variable-length ids as one flat tensor plus offsets, per split; label names in metadata."""
-    from fedlora.state import atomic_write_bytes, tensors_to_bytes
 
     tensors = {}
     for split in ("train", "test"):
@@ -312,7 +312,6 @@ def _write_tokenized(path: Path, blob: dict) -> None:
 
 
 def _read_tokenized(path: Path) -> dict | None:
-    from fedlora.state import tensors_from_file
 
     try:
         tensors, meta = tensors_from_file(path)

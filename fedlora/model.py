@@ -20,15 +20,41 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.cache import BoundedCache
-from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.factors import ADAPTER, SELECTOR_PREFIX, LoraFactors, ModuleFactors, head_parameters, lora_layers, seeded_A
 # Re-exported: callers import these from fedlora.model; each lives where its job is.
 from fedlora.adapter_files import load_adapter, save_adapter, write_adapter  # noqa: F401
-from fedlora.model_sources import (BUILTIN_CONTEXT, HUB_IDS, LABELS_FILE, MINILM, TINY_BERT,  # noqa: F401
-                                   TINY_DECODERS, TINY_GPT2, TINY_LLAMA, _tiny_decoder, cache_root, check_context,
-                                   check_device, load_tokenizer, model_context, packaged_minilm_dir,
-                                   portable_reference, resolve_model_path)
+from fedlora.cache import BoundedCache
+from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.env import quiet_transformers
+from fedlora.factors import (
+    ADAPTER,
+    SELECTOR_PREFIX,
+    LoraFactors,
+    ModuleFactors,
+    extra_part,
+    head_parameters,
+    lora_layers,
+    seeded_A,
+)
+from fedlora.model_sources import (  # noqa: F401
+    BUILTIN_CONTEXT,
+    HUB_IDS,
+    LABELS_FILE,
+    MINILM,
+    TINY_BERT,
+    TINY_DECODERS,
+    TINY_GPT2,
+    TINY_LLAMA,
+    _tiny_decoder,
+    cache_root,
+    check_context,
+    check_device,
+    load_tokenizer,
+    model_context,
+    packaged_minilm_dir,
+    portable_reference,
+    resolve_model_path,
+)
+from fedlora.registry import model_extensions, policy_for
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,7 +97,6 @@ def _build_base(cfg: FedLoraConfig, num_labels: int, weights: bool = True) -> to
     """The base model; ``weights=False``: its structure only (called under the meta device)."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-    from fedlora.env import quiet_transformers
 
     # The new head is reported "MISSING" by transformers' load report before PEFT takes it over.
     quiet_transformers()
@@ -121,7 +146,6 @@ _PEFT_CACHE: BoundedCache[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = Bou
 
 
 def _cache_key(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None) -> tuple:
-    from fedlora.registry import model_extensions, policy_for
 
     extra = tuple(e.cache_key(cfg, label_names) for e in model_extensions(cfg)) or None
 
@@ -146,8 +170,6 @@ def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
             model = _new_peft_model(cfg, num_labels, spec, label_names)
         # Only a strategy that merges updates into the base (FLoRA) changes base weights; a pristine
         # copy of the adapted weights (for a 7B model, gigabytes) is kept for it alone.
-        from fedlora.registry import policy_for
-
         merges = policy_for(cfg.federation.strategy).merge_global_into_base
         _PEFT_CACHE[key] = (model, {n: l.base_layer.weight.detach().clone() for n, l in lora_layers(model)}
                             if merges else {})
@@ -181,7 +203,6 @@ def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
                     label_names: list[str] | None = None, weights: bool = True) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from fedlora.registry import model_extensions
 
     extensions = model_extensions(cfg)  # concerns that shape the model (a continual method's head, selector)
     causal = cfg.model.task == "causal-lm"
@@ -265,6 +286,7 @@ def _conv1d_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> bool:
 
 def _refuse_modules_to_save(base: torch.nn.Module, names: list[str], wire_dtype: str) -> None:
     """Whole modules on the wire: refused, with what they would cost per message."""
+    # lazy: pulls in flwr, which this module does not need otherwise
     from fedlora.codec import WIRE_DTYPES
 
     width = torch.tensor([], dtype=WIRE_DTYPES[wire_dtype]).element_size()
@@ -351,7 +373,6 @@ def set_trainable(model: torch.nn.Module, trained_parts: frozenset[str]) -> list
             mod.weight.requires_grad_(on)
             if on:
                 params.append(mod.weight)
-    from fedlora.factors import extra_part
 
     for name, p in head_parameters(model):
         on = extra_part(name) in trained_parts

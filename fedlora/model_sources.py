@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fedlora.config import ConfigError, FedLoraConfig
-
+from fedlora.env import quiet_transformers
 
 MINILM = "builtin:all-MiniLM-L6-v2"
 TINY_BERT = "builtin:tiny-bert"
@@ -80,7 +80,6 @@ def portable_reference(name: str) -> str:
 def load_tokenizer(name: str, cache_dir: str = ""):  # noqa: ANN201
     from transformers import AutoTokenizer
 
-    from fedlora.env import quiet_transformers
 
     quiet_transformers()
     return AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir))

@@ -16,7 +16,7 @@ from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.data import Examples, _encode, _examples, _rows_from_hf, load_task
 from fedlora.model_sources import cache_root, load_tokenizer
 from fedlora.registry import task_type
-
+from fedlora.state import atomic_write_bytes
 
 # ---------------------------------------------------------------------------------------------
 # partitions
@@ -38,8 +38,6 @@ def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
     parts = _read_partitions(stored, n)
     if parts is None:
         parts = _split(cfg, labels)
-        from fedlora.state import atomic_write_bytes
-
         atomic_write_bytes(stored, json.dumps(parts).encode())
     _PARTITION_CACHE[key] = parts
     return parts

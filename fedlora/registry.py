@@ -35,6 +35,8 @@ def register_strategy(name: str):  # noqa: ANN201 - class decorator
 
 def _load() -> None:
     if not _REGISTRY:
+        # The strategies register themselves here as their modules load (the decorator above), so the
+        # table imports them on first use, as a plugin table does; at the top it would be a cycle.
         import fedlora.strategies  # noqa: F401 - registers the built-in strategies
 
 

@@ -22,6 +22,7 @@ from fedlora.config import FedLoraConfig
 
 
 def atomic_write(path: Path, text: str) -> None:
+    # lazy: pulls in torch, which this module does not need otherwise
     from fedlora.state import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
@@ -66,6 +67,7 @@ class RunDir:
         detects by its digest of the tensor file)."""
         import hashlib
 
+        # lazy: pulls in torch, which this module does not need otherwise
         from fedlora.state import atomic_write_bytes, tensors_to_bytes
 
         data = tensors_to_bytes(tensors)
@@ -76,6 +78,7 @@ class RunDir:
     def read_checkpoint(self) -> tuple[dict, dict] | None:
         import hashlib
 
+        # lazy: pulls in torch, which this module does not need otherwise
         from fedlora.state import tensors_from_file
 
         sp, tp = self.path / "checkpoint" / "state.json", self.path / "checkpoint" / "global.safetensors"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedlora.registry import strategy_names, task_type_names
 from fedlora.schema import _meta, _require, _require_template
 
 TASKS = ("classification", "causal-lm")  # the built-in task types (fedlora.registry knows any others)
@@ -49,7 +50,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         _require(self.max_length >= 4, "model.max_length", "must be >= 4")
-        from fedlora.registry import task_type_names  # the registry names task types without importing them
 
         known = task_type_names()
         _require(self.task in known, "model.task", f"must be one of {', '.join(known)}, got {self.task!r}")
@@ -208,7 +208,6 @@ class FederationConfig:
         _require(self.wait_timeout > 0, "federation.wait_timeout", "must be > 0 seconds")
         _require(self.wire_dtype in ("float32", "float16", "bfloat16"), "federation.wire_dtype",
                  f"must be float32, float16 or bfloat16, got {self.wire_dtype!r}")
-        from fedlora.registry import strategy_names  # local: registry imports strategies lazily
 
         _require(self.strategy in strategy_names(), "federation.strategy",
                  f"unknown strategy {self.strategy!r}; known: {', '.join(strategy_names())}")

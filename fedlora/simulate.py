@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from fedlora.config import FedLoraConfig
 from fedlora.env import apply_defaults
+from fedlora.privacy.accounting import check_targets
 from fedlora.rundir import RunDir
 
 
@@ -21,6 +22,7 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
     records every message, for wire inspection).
     """
     apply_defaults()
+    # Flower, torch and the apps load when a run starts, not when the CLI or a config check imports this.
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -42,7 +44,6 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
     from fedlora.partitions import partition_indices
 
     partition_indices(cfg, load_task(cfg).train_labels)
-    from fedlora.privacy.accounting import check_targets
 
     check_targets(cfg)  # privacy calibration runs here, when the run starts, not in config validation
     from fedlora.model import check_device

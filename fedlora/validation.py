@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from numbers import Real
 
 from fedlora.codec import STYPE, WIRE_DTYPES, module_index
-from fedlora.factors import LoraFactors
+from fedlora.factors import LoraFactors, extra_part
 
 MAX_ID_CHARS = 128
 
@@ -75,7 +75,6 @@ def expected_arrays(template: LoraFactors, parts: Iterable[str], rank: int,
             out[f"{key}/A"] = (rank, int(m.A.shape[1]))
         if "B" in parts:
             out[f"{key}/B"] = (int(m.B.shape[0]), rank)
-    from fedlora.factors import extra_part
 
     for name, t in template.extras.items():
         if extra_part(name) in parts:

@@ -22,14 +22,24 @@ from fedlora import codec
 from fedlora.aggregation.streaming import StreamingGrid
 from fedlora.config import FedLoraConfig
 from fedlora.data import load_task
-from fedlora.partitions import server_validation
 from fedlora.dylora import RankMask
 from fedlora.factors import LoraFactors, load_factors
-from fedlora.lora_math import to_client, to_effective
-from fedlora.model import (AdapterSpec, build_peft_model, check_device, initial_factors, merge_delta_into_base, place,
-                           skeleton_peft_model, write_adapter)
+from fedlora.lora_math import concat_rank, to_client, to_effective
+from fedlora.model import (
+    AdapterSpec,
+    build_peft_model,
+    check_device,
+    initial_factors,
+    merge_delta_into_base,
+    place,
+    skeleton_peft_model,
+    write_adapter,
+)
+from fedlora.partitions import server_validation
+from fedlora.privacy.accounting import check_client_targets
 from fedlora.registry import get_strategy
-from fedlora.rundir import RunDir
+from fedlora.rundir import RunDir, atomic_write
+from fedlora.state import atomic_write_bytes, tensors_to_bytes
 from fedlora.training import evaluate, pick_device, predict
 
 log = logging.getLogger("fedlora.server")
@@ -84,6 +94,7 @@ class GlobalModel:
         """What the clients start from: the seed-built adapter (in a task sequence, the current
         task's seed: frozen parts such as FFA's A differ per task) and the initial head."""
         if getattr(strategy, "past_tasks", None):
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.federation import fresh_adapter, task_seed
 
             fresh = fresh_adapter(self.init, task_seed(self.cfg, len(strategy.past_tasks)))
@@ -100,8 +111,6 @@ class GlobalModel:
                                    extras=dict(g.extras)) if g.modules else self._flora_start(g))
         elif getattr(strategy, "past_tasks", None) and self.cfg.continual.method in ("inclora", "olora"):
             # The task LoRAs add up: one PEFT LoRA of the summed rank holds exactly their sum.
-            from fedlora.lora_math import concat_rank
-
             current = self.start(strategy).merged_with(to_client(g, self.rank, self.alpha))
             total = to_effective(LoraFactors(modules=current.modules))
             for past in reversed(strategy.past_tasks):
@@ -113,8 +122,6 @@ class GlobalModel:
             if getattr(strategy, "past_tasks", None):
                 # AM-LoRA: the current task's LoRA is the PEFT adapter; the finished tasks' factors and the
                 # selector (which a PEFT adapter cannot express) sit beside it.
-                from fedlora.state import atomic_write_bytes, tensors_to_bytes
-
                 past = {f"task{t}/{k}": v for t, p in enumerate(strategy.past_tasks) for k, v in p.tensors()}
                 sel = {k: v for k, v in g.extras.items()}
                 path.mkdir(parents=True, exist_ok=True)
@@ -129,6 +136,7 @@ def server_evaluates(cfg: FedLoraConfig, server_round: int) -> bool:
     if server_round == 0 or server_round >= cfg.run.rounds or server_round % cfg.federation.server_eval_every == 0:
         return True
     if cfg.continual.enabled:
+        # lazy: the continual-learning concern, loaded only by a continual run
         from fedlora.continual.tasks import last_round_of_task
 
         return last_round_of_task(cfg, server_round)
@@ -148,12 +156,13 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     ``resume``: continue ``run_dir``'s run from its last checkpoint (the round after the last one
     completed, with the same round numbers, sampling and seeds as an uninterrupted run)."""
     t_start = time.perf_counter()
-    from fedlora.privacy.accounting import check_client_targets
 
     check_client_targets(cfg)  # privacy calibration when the run starts (also under `flwr run`)
     continual = cfg.continual.enabled
     if continual:  # a task sequence: one label space over the tasks, each task's own held-out set
+        # lazy: the continual-learning concern, loaded only by a continual run
         from fedlora.continual import metrics as cmetrics
+        # lazy: the continual-learning concern, loaded only by a continual run
         from fedlora.continual import tasks as ctasks
 
         task, val, label_names = None, None, ctasks.union_labels(cfg)
@@ -227,6 +236,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         row: dict = {"round": server_round, "strategy": strategy.strategy_name}
         if cfg.federation.server_eval and strategy.has_global_model and server_evaluates(cfg, server_round):
             model = gm.load(strategy)  # once per round: every evaluation below reads the same adapter
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.federation import task_lora
 
             with task_lora(cfg, model, strategy.past_tasks):  # a task sequence: finished tasks' LoRAs too
@@ -320,7 +330,6 @@ def resume_strategy(strategy, cfg: FedLoraConfig, run_dir: RunDir | None) -> int
     # Metrics rows past the checkpoint (a crash between the metrics line and the checkpoint) are dropped,
     # so the file holds each round once.
     rows = [r for r in run_dir.read_metrics() if r["round"] <= done]
-    from fedlora.rundir import atomic_write
 
     atomic_write(run_dir.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return done
@@ -390,6 +399,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = str(rc.get("run-dir", "") or "")
     names = None
     if bool(rc.get("bind-node-names", False)) and folder:
+        # lazy: deployment only
         from fedlora.deploy.control import EnrolledNames
 
         names = EnrolledNames(Path(folder) / "flwr-home")

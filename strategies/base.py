@@ -40,11 +40,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
-from fedlora.aggregation.folds import ExactProductSum, Fold, KeepAll, SketchedProductSum, WeightedMean
-from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.aggregation.bound import RelativeBound
+from fedlora.aggregation.folds import ExactProductSum, Fold, KeepAll, SketchedProductSum, WeightedMean
 from fedlora.aggregation.replies import Update, accept_train_reply
+from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.continual.federation import PAST_KEY, load_past, past_tensors
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import fit_rank, keep_uncovered, to_client, to_effective
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, NodeProfile
@@ -95,6 +96,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         self._past_held: dict[int, int] = {}  # continual: how many of them each node reported holding
         self.dp = None
         if cfg.privacy.client_dp:
+            # lazy: the privacy concern, loaded only when DP is on
             from fedlora.privacy.client_level import ClientLevelDP
 
             self.dp = ClientLevelDP(cfg)
@@ -183,7 +185,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able state): the global adapter, the node profiles and refusals, and the
         privacy layer's state (clip, accountant). Everything a resumed server needs of the strategy."""
-        from fedlora.continual.federation import past_tensors
 
         tensors = dict(self.global_eff.tensors())
         tensors.update(past_tensors(self))
@@ -203,7 +204,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         if state["strategy"] != self.strategy_name:
             raise ValueError(f"checkpoint of strategy {state['strategy']!r} cannot resume {self.strategy_name!r}")
-        from fedlora.continual.federation import load_past
 
         own = load_past(self, tensors, int(state.get("past-tasks", 0)))
         self.global_eff = LoraFactors.from_tensors(own, state["alpha"])
@@ -219,6 +219,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         if self.cfg.continual.enabled:
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.federation import switch_task
 
             switch_task(self, server_round)
@@ -228,6 +229,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         rl.sent[MessageType.TRAIN] = list(node_ids)
         extra = {}
         if self.cfg.dylora.enabled:
+            # lazy: DyLoRA, loaded only with dylora.enabled
             from fedlora.dylora import round_rank
 
             rl.dylora_rank = round_rank(self.cfg.run.seed, server_round, self.cfg.dylora.min_rank, self.max_rank)
@@ -247,6 +249,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
                 adapter, base = self.client_payload(prof, server_round)
                 rec = codec.encode(adapter, self.cfg.federation.wire_dtype, modules=self.module_names)
                 if need_past:
+                    # lazy: the continual-learning concern, loaded only by a continual run
                     from fedlora.continual.federation import add_past_tasks
 
                     add_past_tasks(self, rec, need_past)
@@ -265,7 +268,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
 
     def _note_past_held(self, node: int, metrics: dict) -> None:
         """Continual: the finished tasks a node says it holds (bounded: a lie only costs it bytes)."""
-        from fedlora.continual.federation import PAST_KEY
 
         if PAST_KEY in metrics:
             held = metrics[PAST_KEY]

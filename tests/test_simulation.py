@@ -148,10 +148,16 @@ def test_wire_carries_only_what_the_policy_shares(tmp_path, shared_data, strateg
     assert 0 < framing < 2500, framing  # keys, shapes, metrics: small and bounded
 
 
-def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path, shared_data):
+def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path, shared_data, monkeypatch):
+    # Without RAY_ADDRESS, as a user runs it: the simulation starts a private Ray and stops it (every other
+    # simulation of the suite runs on the session's cluster).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = make_config(tmp_path, federation={"strategy": "fedsa", "num_clients": 6, "min_train_clients": 6})
     app = fleet.hostile_app({1: "leak-b", 2: "nan", 3: "weight", 4: "shape", 5: "rank"})
     _, rows, _ = _run(cfg, client_app=app)
+    import ray
+
+    assert not ray.is_initialized()
     for row in rows[1:]:
         assert row["clients-accepted"] == 1 and row["clients-sampled"] == 6
         text = " | ".join(row["rejected"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fedlora.factors import LoraFactors
 from fedlora.protocol import NodeProfile
-from fedlora.robust import clip_update
+from fedlora.robust import clip_update, update_norm
 from fedlora.validation import RejectedReply
 
 
@@ -79,7 +79,6 @@ class RelativeBound:
     def offer(self, update) -> list:  # noqa: ANN001 - an Update
         if self.factor <= 0:
             return [update]
-        from fedlora.robust import update_norm
 
         norm = update_norm(self.strategy.round_start(update.profile, self.server_round), update.factors)
         self.norms.append(norm)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.continual.federation import PAST_KEY, PAST_PREFIX, keeps_past_tasks
+from fedlora.continual.hooks import AmLoraTraining, OLoraPenalty
 from fedlora.continual.tasks import task_of_round
 from fedlora.factors import LoraFactors
 
@@ -27,6 +28,7 @@ def _store_name(session, t: int) -> str:  # noqa: ANN001
 def past_tasks(session, received, server_round: int) -> list[LoraFactors]:  # noqa: ANN001
     """Finished tasks' factors for ``server_round``: from the message when it carries them (then
     stored), else from the client-state store."""
+    # lazy: pulls in flwr, which this module does not need otherwise
     from fedlora import codec
 
     cfg = session.cfg
@@ -58,7 +60,6 @@ def held(session) -> int:  # noqa: ANN001
 
 
 def hooks(session, mixer, past: list[LoraFactors]) -> list:  # noqa: ANN001
-    from fedlora.continual.hooks import AmLoraTraining, OLoraPenalty
 
     c = session.cfg.continual
     if c.method == "olora" and (past or c.olora_lambda2):

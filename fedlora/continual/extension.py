@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from fedlora.continual.head import install_label_name_head
+from fedlora.model_sources import load_tokenizer
 from fedlora.registry import register_model_extension
 
 
@@ -24,8 +26,6 @@ class ContinualModel:
         c = cfg.continual
         if c.head != "label-names":
             return False
-        from fedlora.continual.head import install_label_name_head
-        from fedlora.model_sources import load_tokenizer
 
         if label_names is None:
             raise ValueError("a frozen label-name head (continual.head) needs the run's label names")
@@ -34,6 +34,7 @@ class ContinualModel:
 
     def after_peft(self, cfg, model: torch.nn.Module) -> None:  # noqa: ANN001
         if cfg.continual.method == "amlora":
+            # lazy: the continual-learning concern, loaded only by a continual run
             from fedlora.continual.mixing import attach_selector
 
             attach_selector(model, len(cfg.continual.tasks))

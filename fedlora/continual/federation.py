@@ -15,7 +15,10 @@ from contextlib import contextmanager
 
 import torch
 
+from fedlora.continual.mixing import TaskLoraMixer
+from fedlora.continual.tasks import task_of_round
 from fedlora.factors import LoraFactors, ModuleFactors, seeded_A
+from fedlora.lora_math import to_effective
 
 PAST_PREFIX = "past{}/"  # wire namespace of finished task t (fedlora.codec skips it unless asked)
 PAST_KEY = "past-tasks"  # reply metric: how many finished tasks' factors the client holds
@@ -39,8 +42,6 @@ def fresh_adapter(template: LoraFactors, seed: int) -> LoraFactors:
 
 def switch_task(strategy, server_round: int) -> None:  # noqa: ANN001
     """Before ``server_round`` trains: freeze every task that has ended since the last round."""
-    from fedlora.continual.tasks import task_of_round
-    from fedlora.lora_math import to_effective
 
     cfg = strategy.cfg
     if not keeps_past_tasks(cfg):
@@ -63,6 +64,7 @@ def switch_task(strategy, server_round: int) -> None:  # noqa: ANN001
 
 def add_past_tasks(strategy, record, need: bool) -> None:  # noqa: ANN001
     """Put every finished task's factors into an outgoing ArrayRecord (when the node lacks one)."""
+    # lazy: pulls in flwr, which this module does not need otherwise
     from fedlora import codec
 
     if not need:
@@ -79,6 +81,7 @@ def past_tensors(strategy) -> dict[str, torch.Tensor]:  # noqa: ANN001
 
 def load_past(strategy, tensors: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """Restore the finished tasks from a checkpoint's tensors; return the other (the global's) tensors."""
+    # lazy: pulls in flwr, which this module does not need otherwise
     from fedlora.codec import namespaced
 
     strategy.past_tasks = []
@@ -94,7 +97,6 @@ def load_past(strategy, tensors: dict[str, torch.Tensor], count: int) -> dict[st
 def task_lora(cfg, model, past: list[LoraFactors]):  # noqa: ANN001
     """The method's forward pass while the block runs: finished tasks' LoRAs added (IncLoRA, O-LoRA)
     or mixed (AM-LoRA); the model (cached per process) is restored after. Server and clients alike."""
-    from fedlora.continual.mixing import TaskLoraMixer
 
     if not keeps_past_tasks(cfg):
         yield None

@@ -14,7 +14,7 @@ import torch
 from fedlora.cache import BoundedCache
 from fedlora.config import FedLoraConfig
 from fedlora.data import Examples, load_task
-from fedlora.partitions import ClientData, client_data
+from fedlora.partitions import ClientData, client_data, server_validation
 
 _TASK_CFG: BoundedCache[FedLoraConfig] = BoundedCache(16)
 
@@ -100,7 +100,6 @@ def task_client_data(cfg: FedLoraConfig, partition: int, index: int) -> ClientDa
 def task_validation(cfg: FedLoraConfig, index: int) -> Examples | None:
     """Task ``index``'s validation parts of every client (``data.validation_fraction``), in the union
     label space: what hyper-parameters are chosen on."""
-    from fedlora.partitions import server_validation
 
     tc = task_config(cfg, index)
     return _remap(server_validation(tc), load_task(tc).label_names, union_labels(cfg))

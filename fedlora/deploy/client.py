@@ -33,6 +33,7 @@ from pathlib import Path
 
 from fedlora.config import ConfigError
 from fedlora.deploy.processes import flower_bin, free_port, spawn, stop, tail
+from fedlora.env import DEFAULTS
 
 
 @dataclass
@@ -217,7 +218,6 @@ def peak_memory_mb() -> float:
 
 def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa: ANN001
     """Run until interrupted (or until the SuperNode gives up); returns the SuperNode's exit code."""
-    from fedlora.env import DEFAULTS
 
     state = Path(s.state_dir).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)

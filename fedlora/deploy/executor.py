@@ -28,6 +28,8 @@ log = logging.getLogger("fedlora.client")
 def _warm(state_dir: Path, warmed: set[str]) -> None:
     """Build this node's session for the run last set up: its data tokenized and its PEFT model
     built, both kept in fedlora's per-process caches, which every forked task inherits."""
+    # lazy, here and below: this module is the executor's entry point; what it imports is what the
+    # parent loads once, at the moment it chooses, for its forked tasks to inherit.
     from fedlora.clients.session import SETUP_FILE, ClientSession
     from fedlora.config import FedLoraConfig
 

@@ -24,6 +24,8 @@ import contextlib
 import logging
 import sys
 
+from fedlora.deploy.reaper import die_with_parent
+
 FLEET_PREFIX = "/v1/fleet/"
 REFUSED = ("this address serves devices only (Flower's Fleet API, {prefix}); the Control API and the rest of "
            "the SuperLink listen on the server's loopback, for its operator")
@@ -72,7 +74,6 @@ def _host_port(text: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from fedlora.deploy.reaper import die_with_parent
 
     ap = argparse.ArgumentParser(prog="python -m fedlora.deploy.fleet_gate", description=__doc__.splitlines()[0])
     ap.add_argument("--listen", required=True, help="HOST:PORT the devices connect to")

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedlora.deploy.reaper import GRACE
+
 
 def flower_bin(name: str) -> str:
     """A Flower console script from this interpreter's environment (then PATH)."""
@@ -68,7 +70,6 @@ def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
     group of whatever is left after ``grace`` seconds more than the reaper's own grace."""
     if proc is None or proc.poll() is not None:
         return
-    from fedlora.deploy.reaper import GRACE
 
     try:
         os.kill(proc.pid, signal.SIGTERM)

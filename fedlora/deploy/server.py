@@ -16,9 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedlora import __version__
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.deploy.control import CONNECTION, RunStatus
 from fedlora.deploy.processes import flower_bin, spawn, stop, tail, wait_for_port
+from fedlora.env import DEFAULTS
+from fedlora.privacy.accounting import check_client_targets
 from fedlora.rundir import RunDir
 
 MAX_RESTARTS = 3  # SuperLink restarts `fedlora server` attempts before it gives up
@@ -73,7 +76,6 @@ class Deployment:
         return {"FLWR_HOME": str(self.home)}
 
     def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        from fedlora.env import DEFAULTS
 
         res = subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True,
                              env={**os.environ, **DEFAULTS, **self.env()}, timeout=120)
@@ -167,7 +169,6 @@ def start_superlink(dep: Deployment, cfg: FedLoraConfig) -> None:
         args.append("--insecure")
     if dep.node_auth:
         args.append("--enable-supernode-auth")
-    from fedlora.env import DEFAULTS
 
     t0 = time.perf_counter()
     log_path = dep.run_dir.path / "superlink.log"
@@ -224,7 +225,6 @@ def enrol(dep: Deployment, keys: list[Path]) -> list[str]:
 
 
 def write_app(dep: Deployment) -> Path:
-    from fedlora import __version__
 
     app = dep.run_dir.path / "app"
     app.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,6 @@ NOTEWORTHY = ("waiting for clients", "clients connected after", "rejected", "lef
 
 def follow_log(dep: Deployment) -> None:
     """Stream the ServerApp's log (Flower keeps it on the SuperLink) into <run dir>/serverapp.log."""
-    from fedlora.env import DEFAULTS
 
     stop(dep.log_follower)
     path = dep.run_dir.path / "serverapp.log"
@@ -291,7 +290,6 @@ def preflight(cfg: FedLoraConfig, run_dir: RunDir, resume: bool) -> None:
     """What can be checked without a client, checked before the SuperLink starts: a resume of a run
     that already finished, and local data paths that do not exist (the server evaluates on
     ``data.dataset``). A ConfigError says which."""
-    from fedlora.privacy.accounting import check_client_targets
 
     check_client_targets(cfg)  # the calibration, before the SuperLink starts
     if resume and (run_dir.path / "summary.json").exists():

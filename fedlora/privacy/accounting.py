@@ -154,6 +154,7 @@ def check_example_targets(cfg: FedLoraConfig) -> None:
     (the simulation driver knows every partition; a deployed client checks its own at setup)."""
     if not (cfg.privacy.example_dp and cfg.privacy.example_target_epsilon > 0):
         return
+    # lazy: pulls in torch, which this module does not need otherwise
     from fedlora.partitions import client_data
 
     tc = cfg.train

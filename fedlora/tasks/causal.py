@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.model import load_tokenizer, model_context
 
 log = logging.getLogger("fedlora.data")
 
@@ -216,7 +217,6 @@ def answer_spec(cfg: FedLoraConfig, label_names: list[str]):  # noqa: ANN201 - A
     """Causal-LM classification rows: what generated-label accuracy needs (None otherwise)."""
     if cfg.model.task != "causal-lm" or cfg.data.prompt_format != "label" or not label_names:
         return None
-    from fedlora.model import load_tokenizer, model_context
 
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
     eos, pad = special_ids(tok)

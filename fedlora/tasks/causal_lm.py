@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
+from fedlora.model_sources import check_context
 from fedlora.registry import register_task_type
-from fedlora.tasks.causal import (answer_spec, causal_lm_loss, columns_needed, encode, instruction_rows,
-                                  token_labels)
+from fedlora.tasks.causal import answer_spec, causal_lm_loss, columns_needed, encode, instruction_rows, token_labels
 from fedlora.tasks.evaluation import evaluate_causal
 
 
@@ -25,7 +25,6 @@ class CausalLM:
         return None if cfg.data.prompt_format == "label" else instruction_rows(split, cfg)
 
     def prepare(self, cfg) -> None:  # noqa: ANN001
-        from fedlora.model_sources import check_context
 
         check_context(cfg)  # before any tokenizing: model.max_length must fit the model
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.config import ConfigError
+from fedlora.data import batches
 from fedlora.registry import register_task_type
 from fedlora.training import cross_entropy_loss
 
@@ -48,7 +49,6 @@ class Classification:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, data, batch_size: int, device: torch.device) -> dict[str, float]:  # noqa: ANN001
-        from fedlora.data import batches
 
         model.eval()
         loss, correct, n = 0.0, 0, 0

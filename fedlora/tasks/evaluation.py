@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fedlora.data import batches
+from fedlora.model import load_tokenizer
 from fedlora.tasks.causal import AnswerSpec, perplexity, response_nll
 
 
@@ -39,7 +41,6 @@ def parse_label(text: str, label_names: Sequence[str]) -> int | None:
 def generate_answers(model: torch.nn.Module, data, batch_size: int, device: torch.device) -> list[str]:  # noqa: ANN001
     """Greedy answers to the prompts of ``data`` (left-padded batches, at most
     ``max_new_tokens`` new tokens each), decoded without special tokens."""
-    from fedlora.model import load_tokenizer
 
     spec: AnswerSpec = data.answers
     tok = load_tokenizer(spec.model_name, spec.cache_dir)
@@ -66,7 +67,6 @@ def generate_answers(model: torch.nn.Module, data, batch_size: int, device: torc
 def evaluate_causal(model: torch.nn.Module, data, batch_size: int, device: torch.device) -> dict[str, float]:  # noqa: ANN001
     """Loss (mean cross-entropy per response token) and perplexity; accuracy of the generated
     labels when the examples are classification rows (``data.answers``)."""
-    from fedlora.data import batches
 
     model.eval()
     nll, tokens = 0.0, 0
