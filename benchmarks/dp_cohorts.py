@@ -86,18 +86,13 @@ def cohort_specs(rates: dict[str, list[str]], done: set[tuple[str, str]]) -> lis
     return specs
 
 
-def cell_settings(spec: Path, arm: str, split: str, grid_point: list[str]) -> dict[str, object]:
-    """The settings a cell ran with, from its comparison's spec (base, then split, then arm, then grid
-    point), so the figures need no run folder: only the keys the figures report."""
-    raw = tomllib.loads(spec.read_text())
-    flat = {f"{sec}.{k}": v for sec, values in raw.get("base", {}).items() for k, v in values.items()}
-    sets = [x for s_ in raw.get("split", []) if s_["name"] == split for x in s_["set"]]
-    sets += [x for a in raw["arm"] if a["name"] == arm for x in a.get("set", [])] + list(grid_point or [])
-    for item in sets:
-        key, value = item.split("=", 1)
-        flat[key] = tomllib.loads(f"v = {value}")["v"] if not value.isidentifier() or value in ("true", "false") else value
-    return {"clients": flat.get("federation.num_clients"), "learning-rate": flat.get("train.learning_rate"),
-            "rounds": flat.get("run.rounds"), "client-clip": flat.get("privacy.client_clip", 1.0)}
+def cell_configs(spec: Path) -> dict[tuple[str, str, tuple[str, ...]], object]:
+    """Each cell's validated config, by (arm, split, grid point), as the comparison itself builds them
+    (:func:`fedlora.compare.comparison_cells`): the figures need no run folder."""
+    from fedlora.compare import comparison_cells
+
+    _, _, cells, _ = comparison_cells(spec)
+    return {(c["arm"], c["split"], tuple(c["grid-point"])): c["config"] for c in cells}
 
 
 def _released_dim(rows: list[dict]) -> float:
@@ -150,13 +145,6 @@ def extrapolate(law: dict, dim: float, rounds: int, reference_acc: float) -> lis
     return out
 
 
-def _by_split(results: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in results:
-        out.setdefault(r["split"], []).append(r)
-    return out
-
-
 def run(quick: bool = False, figures_only: bool = False) -> dict:
     """All three parts (each resumes the cells its folder already holds), then the figures.
     ``figures_only``: the figures from the parts' results.json as they are; nothing runs."""
@@ -169,7 +157,7 @@ def run(quick: bool = False, figures_only: bool = False) -> dict:
     tuned = choose(json.loads((tune_out / "results.json").read_text()))
     rates = chosen_rates(tuned)
     done = {(cohort_arm(r["arm"]), "m100") for r in tuned}
-    parts: list[tuple[str, Path, list[dict]]] = [(FIXED, TUNE, [{**r, "split": "m100"} for r in tuned])]
+    parts: list[tuple[str, Path, list[dict]]] = [(FIXED, TUNE, tuned)]
     for split, text in cohort_specs(rates, done):
         out = _out(f"privacy-cohorts-{split}")
         out.mkdir(parents=True, exist_ok=True)
@@ -208,9 +196,14 @@ def _summary(dp: list[dict], reference: dict[int, float]) -> dict:
 def figures(parts: list[tuple[str, Path, list[dict]]], rates: dict[str, list[str]]) -> dict:
     cells = []
     for rule, spec, results in parts:
+        configs = cell_configs(spec)
         for r in results:
-            settings = cell_settings(spec, r["arm"], r["split"], r.get("grid-point") or [])
-            cells.append(cell_figures({**r, "arm": cohort_arm(r["arm"])}, int(r["split"][1:]), settings, rule))
+            cfg = configs[(r["arm"], r["split"], tuple(r.get("grid-point") or []))]
+            settings = {"clients": cfg.federation.num_clients, "learning-rate": cfg.train.learning_rate,
+                        "rounds": cfg.run.rounds, "client-clip": cfg.privacy.client_clip}
+            # m is each spec's min_train_clients (fraction_train * N, every client sampled must train)
+            cells.append(cell_figures({**r, "arm": cohort_arm(r["arm"])}, cfg.federation.min_train_clients,
+                                      settings, rule))
     reference = {c["m"]: c["server-accuracy"] for c in cells if c["arm"] == "non-private"}
     rules = [rule for rule in (FIXED, MATCHED) if any(c["clip-rule"] == rule for c in cells)]
     by_rule = {rule: _summary([c for c in cells if c["clip-rule"] == rule], reference) for rule in rules}

@@ -143,11 +143,10 @@ def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(
     """The default relative norm bound: one client sending x1e6 its factors, or its start plus 1e6
     times its own change, among three honest ones, leaves the global adapter within 2x the honest
     run's (the same federation with that client's reply never arriving), and is named."""
-    base = FOUR
     ref = _adapter(honest_only)
     ref_norm = float(torch.cat([t.flatten().double() for _, t in sorted(ref.items())]).norm())
     for attack in ("scale-1e6", "boost"):
-        run_dir, rows = _run(make_config(tmp_path / attack, **base), {3: attack})
+        run_dir, rows = _run(make_config(tmp_path / attack, **FOUR), {3: attack})
         ad = _adapter(run_dir)
         assert _all_finite(ad)
         norm = float(torch.cat([t.flatten().double() for _, t in sorted(ad.items())]).norm())
