@@ -237,8 +237,11 @@ def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterr
             kill_group(p, signal.SIGTERM)
     out = (tmp_path / "server.log").read_text()
     assert "restarting it on its database" in out and "resumes the run" in out
+    # The dead ServerApp's run is stopped before the new one is submitted (else nodes that take its
+    # undelivered messages wait about 45 s on them), and Flower's `flwr log` error panel is not echoed.
+    assert "stopped: its ServerApp is gone" in out and "╭" not in out, out
     resumed_out = (tmp_path / "resumed.log").read_text()
-    assert "round 3" in resumed_out
+    assert "round 3" in resumed_out and "stopped: its ServerApp is gone" in resumed_out
     assert "Error" not in resumed_out, resumed_out  # the killed server's last log lines are not echoed again
     assert [r["round"] for r in rows(run)] == [0, 1, 2, 3]
     sim = simulation_of(config, tmp_path)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fedlora.config import ConfigError
-from fedlora.deploy.processes import flower_bin, free_port, spawn, stop, tail
+from fedlora.deploy.processes import await_listener, flower_bin, free_port, spawn, stop, tail
 from fedlora.env import DEFAULTS
 
 
@@ -248,11 +248,16 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
         while True:
             if node is None:
                 starts += 1
-                start_at = node_log.stat().st_size if node_log.exists() else 0
-                node = spawn(args, node_log, env=env)
-                if not cold:
+                if not cold:  # first: its imports (seconds) overlap the wait for the server
                     executor = spawn([sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state)],
                                      state / "executor.log", env=env)
+                if starts == 1:
+                    # A device started before its server joins as soon as the server listens, not at the
+                    # SuperNode's next back-off try; after connect_wait the SuperNode starts anyway and
+                    # keeps trying on its own (the console then says the server is unreachable).
+                    await_listener(s.server, s.connect_wait)
+                start_at = node_log.stat().st_size if node_log.exists() else 0
+                node = spawn(args, node_log, env=env)
             if executor is not None:  # the executor's own lines (model loaded, peak memory, bad data) to the console
                 lines = (state / "executor.log").read_text(errors="replace").splitlines()
                 for line in lines[shown:]:

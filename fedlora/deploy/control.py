@@ -4,6 +4,8 @@ enrolled under."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -18,7 +20,10 @@ def control_client(home: Path):  # noqa: ANN201 - flwr's ControlHttpClient
     saved = os.environ.get("FLWR_HOME")
     os.environ["FLWR_HOME"] = str(home)
     try:
-        return init_http_client_from_connection(read_superlink_connection(CONNECTION))
+        # Flower's CLI helper prints "Using SuperLink: ..." for a person at `flwr`; the operator
+        # of `fedlora server` did not type a flwr command.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return init_http_client_from_connection(read_superlink_connection(CONNECTION))
     finally:
         if saved is None:
             os.environ.pop("FLWR_HOME", None)
@@ -83,3 +88,23 @@ class RunStatus:
             except Exception:  # noqa: BLE001 - closing a broken client
                 pass
             self._client = None
+
+
+def stop_orphaned_runs(home: Path) -> list[int]:
+    """Stop every run the SuperLink still lists as unfinished, and return their ids. `fedlora server`
+    runs one run at a time on its own SuperLink, so before it submits one, an unfinished run belongs
+    to a ServerApp that died with the previous SuperLink or server. Flower 1.42 keeps such a run
+    "running" until its ServerApp's heartbeat lapses (about 45 s), and meanwhile keeps handing its
+    undelivered messages to nodes: a node that takes one waits on its content for all that time and
+    pulls nothing else. Stopped, the run's messages are refused at once."""
+    from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest  # pylint: disable=no-name-in-module
+
+    client = control_client(home)
+    try:
+        runs = client.ListRuns(ListRunsRequest()).run_dict
+        orphans = sorted(int(rid) for rid, run in runs.items() if run.status.status != "finished")
+        for rid in orphans:
+            client.StopRun(StopRunRequest(run_id=rid))
+        return orphans
+    finally:
+        client.close()

@@ -111,6 +111,12 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     from fedlora.deploy.client import peak_memory_mb
 
     log.info("ready: fedlora, torch, transformers and PEFT imported once; peak memory %.0f MB", peak_memory_mb())
+    from fedlora.deploy.processes import await_listener
+
+    # `fedlora client` starts this process before its SuperNode (which may wait for the server):
+    # ask the SuperNode's Runtime API port until it listens rather than back off from a refusal.
+    while not await_listener(runtime_api_address, 60.0, every=0.2):
+        pass
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],

@@ -65,6 +65,24 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, 
     raise TimeoutError(f"{daemon_name(proc)} did not serve {host}:{port} within {timeout:g} s; see {log_path}")
 
 
+def await_listener(address: str, timeout: float, every: float = 0.25) -> bool:
+    """True as soon as ``host:port`` accepts a TCP connection, False after ``timeout`` seconds.
+    Flower's SuperNode and Runtime clients back off exponentially (with jitter, up to tens of seconds
+    between tries) from a refused connection: a process started before its peer is listening joins
+    up to that much later than it could. Asking the port first, cheaply, joins within ``every``."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    t0 = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() - t0 >= timeout:
+                return False
+            time.sleep(every)
+
+
 def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
     """SIGTERM the reaper (it ends the daemon's whole tree, then itself), then SIGKILL the process
     group of whatever is left after ``grace`` seconds more than the reaper's own grace."""

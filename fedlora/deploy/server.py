@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedlora import __version__
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.deploy.control import CONNECTION, RunStatus
+from fedlora.deploy.control import CONNECTION, RunStatus, stop_orphaned_runs
 from fedlora.deploy.processes import flower_bin, spawn, stop, tail, wait_for_port
 from fedlora.env import DEFAULTS
 from fedlora.privacy.accounting import check_client_targets
@@ -232,7 +232,9 @@ def write_app(dep: Deployment) -> Path:
     return app
 
 
-def submit(dep: Deployment, app: Path, resume: bool) -> int:
+def submit(dep: Deployment, app: Path, resume: bool, say: Callable[[str], None] = print) -> int:
+    for rid in stop_orphaned_runs(dep.home):
+        say(f"run {rid} stopped: its ServerApp is gone (a server or SuperLink that stopped before it finished)")
     overrides = dep.run_dir.path / "app-run-config.toml"
     import tomli_w
 
@@ -276,12 +278,12 @@ def restart_superlink(dep: Deployment, cfg: FedLoraConfig, app: Path,
     start_superlink(dep, cfg)
     start_gate(dep, cfg)  # still up, unless it died too
     if dep.run_dir.read_checkpoint() is not None:
-        dep.run_id = submit(dep, app, resume=True)
+        dep.run_id = submit(dep, app, resume=True, say=say)
         say(f"run {dep.run_id} resumes the run from its last completed round")
         follow_log(dep)
     else:  # nothing learned yet: start over, from a clean metrics file
         dep.run_dir.metrics_path.unlink(missing_ok=True)
-        dep.run_id = submit(dep, app, resume=False)
+        dep.run_id = submit(dep, app, resume=False, say=say)
         say(f"run {dep.run_id} starts the run again (no round had completed)")
         follow_log(dep)
 
@@ -342,7 +344,7 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
         log_path = run_dir.path / "serverapp.log"
         # A resumed run's log holds the earlier server's lines (its last error included): echo only ours.
         log_seen = len(log_path.read_text(errors="replace").splitlines()) if log_path.exists() else 0
-        dep.run_id = submit(dep, app, resume)
+        dep.run_id = submit(dep, app, resume, say=say)
         follow_log(dep)
         dep.timings["start-seconds"] = time.perf_counter() - t_start
         say(f"run {dep.run_id} submitted ({'resuming' if resume else 'starting'} {run_dir.path}); waiting for "
@@ -354,7 +356,9 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
             if log_path.exists():
                 lines = log_path.read_text(errors="replace").splitlines()
                 for line in lines[log_seen:]:
-                    if any(k in line for k in NOTEWORTHY):
+                    # A boxed panel is `flwr log`'s own error (its connection to a dying SuperLink),
+                    # not the ServerApp's: the restart has its own console line.
+                    if any(k in line for k in NOTEWORTHY) and not line.lstrip().startswith(("╭", "│", "╰")):
                         say("  server: " + line.strip())
                 log_seen = len(lines)
             if dep.superlink.poll() is not None:
