@@ -58,3 +58,33 @@ def test_stop_ends_the_daemon_and_its_helpers(tmp_path):
     stop(proc)
     _, alive = psutil.wait_procs(tree, timeout=15)
     assert not alive and time.monotonic() - t0 < 15
+
+
+def test_a_peer_is_joined_as_soon_as_it_listens_and_a_silent_one_is_given_up_after_the_wait():
+    """fedlora client starts its SuperNode once the server's port accepts a connection (Flower's own
+    back-off would try again only seconds later); a port nobody serves gives up after the wait."""
+    import socket
+    import threading
+
+    from fedlora.deploy.processes import await_listener, free_port
+
+    port = free_port()
+    t0 = time.monotonic()
+    assert not await_listener(f"127.0.0.1:{port}", 0.5)
+    assert 0.5 <= time.monotonic() - t0 < 10  # it waited, then gave up
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def listen_later() -> None:
+        time.sleep(1.0)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+    threading.Thread(target=listen_later, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        assert await_listener(f"[127.0.0.1]:{port}", 30.0, every=0.1)  # brackets, as an IPv6 address is written
+        assert time.monotonic() - t0 < 15  # soon after the listen, not at the 30 s bound
+    finally:
+        server.close()

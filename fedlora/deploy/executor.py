@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedlora.deploy.processes import await_listener  # stdlib only: nothing heavy before the warm-up
+
 log = logging.getLogger("fedlora.client")
 
 def _warm(state_dir: Path, warmed: set[str]) -> None:
@@ -111,8 +113,6 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     from fedlora.deploy.client import peak_memory_mb
 
     log.info("ready: fedlora, torch, transformers and PEFT imported once; peak memory %.0f MB", peak_memory_mb())
-    from fedlora.deploy.processes import await_listener
-
     # `fedlora client` starts this process before its SuperNode (which may wait for the server):
     # ask the SuperNode's Runtime API port until it listens rather than back off from a refusal.
     while not await_listener(runtime_api_address, 60.0, every=0.2):
