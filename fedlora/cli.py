@@ -46,6 +46,11 @@ def simulate(
 
     cfg = _load(config, set_)
     console = Console(stderr=True)
+    try:
+        cfg.data.check_local_paths()  # before the run directory is made
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/] {exc}")
+        raise typer.Exit(2) from None
     run_dir = RunDir.create(cfg)
     data = (" -> ".join(cfg.continual.task_names()) + f" ({cfg.continual.method})" if cfg.continual.enabled
             else cfg.data.dataset)

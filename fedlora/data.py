@@ -143,6 +143,7 @@ def _load_hf(dc: DataConfig, cache_dir: Path):  # noqa: ANN202
     """(train Dataset, test Dataset or None, label names or None) from local files or the hub."""
     from datasets import load_dataset
 
+    dc.check_local_paths()
     files = dict(dc.data_files)
     label_names = None
     src = Path(dc.dataset).expanduser() if dc.dataset else None
@@ -173,9 +174,6 @@ def _load_hf(dc: DataConfig, cache_dir: Path):  # noqa: ANN202
         for split, fs in files.items():
             if not fs:
                 raise ConfigError(f"data.data_files: split {split!r} lists no file")
-            for f in fs:
-                if not Path(f).exists():
-                    raise ConfigError(f"data file for split {split!r} not found: {f}")
         ds = load_dataset(builder, data_files=files, cache_dir=str(cache_dir / "datasets"))
     else:
         ds = load_dataset(dc.dataset, dc.subset or None, cache_dir=str(cache_dir / "datasets"))

@@ -6,6 +6,7 @@ their concerns (privacy, continual learning, deployment)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedlora.registry import strategy_names, task_type_names
 from fedlora.schema import _meta, _require, _require_template
@@ -139,6 +140,21 @@ class DataConfig:
     validation_fraction: float = _meta(
         "Share of each client's partition kept as a local validation split (0 = none); hyper-parameters "
         "are chosen on it (server: the union of these splits), never on a test split.", default=0.0)
+
+    def check_local_paths(self) -> None:
+        """A ``dataset`` written as a path (``/``, ``.``, ``~``) or a ``data_files`` entry that does not
+        exist on this machine: a ConfigError naming the key, the path and the folder relative paths
+        were taken from (the working folder). Not part of :meth:`validate`: a config is valid on a
+        machine without the data (a device brings its own). Else the hub would be asked, and answer
+        about a path it rewrote."""
+        ds = self.dataset
+        if ds.startswith(("/", ".", "~")) and not Path(ds).expanduser().exists():
+            _require(False, "data.dataset", f"{ds} does not exist on this machine" + (
+                "" if Path(ds).expanduser().is_absolute() else
+                f" (relative paths are taken from the folder fedlora runs in, {Path.cwd()})"))
+        for split, files in self.data_files.items():
+            for f in [files] if isinstance(files, str) else files:
+                _require(Path(f).expanduser().exists(), f"data.data_files.{split}", f"{f} does not exist")
 
     def validate(self) -> None:
         _require(self.partitioner in ("iid", "dirichlet", "pathological"), "data.partitioner",

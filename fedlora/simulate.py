@@ -31,6 +31,7 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
         from fedlora.clients.app import app as client_app
     from fedlora.server.app import run_server
 
+    cfg.data.check_local_paths()  # before a run directory exists, not from inside the data loader
     run_dir = run_dir or RunDir.create(cfg)
     if not cfg.simulation.state_dir:
         cfg.simulation.state_dir = str((run_dir.path / "client_state").resolve())

@@ -96,3 +96,20 @@ def test_a_new_task_type_plugs_in_through_the_registry_without_editing_the_core(
     res = train_local(model, params, part.train, cfg.train, seed=1, device=torch.device("cpu"))
     assert len(losses) == res.steps > 0  # the registered loss is the one the loop minimised
     assert 0.0 <= evaluate(model, part.test, 16, torch.device("cpu"))["accuracy"] <= 1.0
+
+
+def test_a_local_dataset_path_that_does_not_exist_is_named_before_any_run_directory(tmp_path, monkeypatch):
+    """A relative path is taken from the working folder; when nothing is there the error says so, names
+    the key, and comes before a run directory or a hub lookup (which answered about a rewritten path)."""
+    from fedlora.config import ConfigError
+    from fedlora.simulate import simulate
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(tmp_path, data={"dataset": "../no-such-data/agnews"})
+    with pytest.raises(ConfigError, match=r"'data.dataset': \.\./no-such-data/agnews does not exist on this machine "
+                                          rf"\(relative paths are taken from the folder fedlora runs in, {tmp_path}\)"):
+        simulate(cfg)
+    assert not (tmp_path / "runs").exists()
+    cfg = make_config(tmp_path, data={"dataset": "", "data_files": {"train": [str(tmp_path / "a.jsonl")]}})
+    with pytest.raises(ConfigError, match=r"'data.data_files.train': .*a.jsonl does not exist"):
+        simulate(cfg)

@@ -240,6 +240,9 @@ def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterr
     # The dead ServerApp's run is stopped before the new one is submitted (else nodes that take its
     # undelivered messages wait about 45 s on them), and Flower's `flwr log` error panel is not echoed.
     assert "stopped: its ServerApp is gone" in out and "╭" not in out, out
+    # While the SuperLink was down, the gate logged each failed poll as one line with its cause.
+    gate = (run / "gate.log").read_text()
+    assert "Error" in gate and "Traceback" not in gate and "HTTP Request" not in gate, gate[-3000:]
     resumed_out = (tmp_path / "resumed.log").read_text()
     assert "round 3" in resumed_out and "stopped: its ServerApp is gone" in resumed_out
     assert "Error" not in resumed_out, resumed_out  # the killed server's last log lines are not echoed again

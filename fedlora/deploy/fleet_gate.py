@@ -66,6 +66,17 @@ def create_app(upstream: str, tls: bool, ca_certfile: str | None = None):  # noq
                      lifespan=lifespan)
 
 
+class _OneLine(logging.Filter):
+    """An upstream failure (the SuperLink restarting) as one line with its cause, not a traceback of
+    httpx internals per request: while the SuperLink is down every node's poll fails."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = f"{record.getMessage().splitlines()[0]}: {record.exc_info[1]!r}", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def _host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
@@ -73,7 +84,6 @@ def _host_port(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
-
 
     ap = argparse.ArgumentParser(prog="python -m fedlora.deploy.fleet_gate", description=__doc__.splitlines()[0])
     ap.add_argument("--listen", required=True, help="HOST:PORT the devices connect to")
@@ -84,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Refusals and upstream failures only: a line per forwarded request (each node polls every 3 s)
+    # would grow gate.log by megabytes over a long run.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # a logger's own filter would miss its children's records
+        handler.addFilter(_OneLine())
     tls = bool(args.certfile)
     host, port = _host_port(args.listen)
     app = create_app(args.upstream, tls, args.ca)

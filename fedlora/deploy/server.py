@@ -297,15 +297,7 @@ def preflight(cfg: FedLoraConfig, run_dir: RunDir, resume: bool) -> None:
     if resume and (run_dir.path / "summary.json").exists():
         raise ConfigError(f"{run_dir.path} finished its {cfg.run.rounds} rounds already (it has summary.json): "
                           "nothing to resume; start a new run instead")
-    d = cfg.data
-    local = d.dataset and not d.dataset.startswith("builtin:") and d.dataset.startswith(("/", ".", "~"))
-    if local and not Path(d.dataset).expanduser().exists():
-        raise ConfigError(f"invalid config value for 'data.dataset': {d.dataset} does not exist on this machine "
-                          f"(relative paths are taken from the folder fedlora server runs in, {Path.cwd()})")
-    for split, files in d.data_files.items():
-        for f in files:
-            if not Path(f).expanduser().exists():
-                raise ConfigError(f"invalid config value for 'data.data_files.{split}': {f} does not exist")
+    cfg.data.check_local_paths()  # the server evaluates on data.dataset
 
 
 def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure: bool = False,
