@@ -193,6 +193,11 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     assert_same_factors(final_factors(run), final_factors(sim))
     # the adapter PEFT loads
     assert (run / "adapter" / "adapter_model.safetensors").exists()
+    # A device's console reports the training process's peak memory, not only the loader's.
+    import re
+
+    peaks = re.findall(r"peak memory of a round's work so far: (\d+) MB", (tmp_path / "client0.log").read_text())
+    assert peaks and int(peaks[-1]) > 100, (tmp_path / "client0.log").read_text()[-2000:]
 
 
 def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterrupted_run(tmp_path, creds):

@@ -179,3 +179,35 @@ def test_check_arrays_counts_what_it_does_not_list():
     only_a = expected_arrays(t, {"A"}, 2, names)
     assert only_a == {"0/A": (2, 6), "1/A": (2, 6)}
     assert expected_arrays(t, {"B", "head"}, 3, None)["a.q/B"] == (5, 3)
+
+
+def test_each_refusal_names_its_field_and_bound_in_the_exact_sentence():
+    """The sentence is what the operator reads: each field's refusal names that field and its bound."""
+    from fedlora.validation import as_text
+
+    def refusal(fn, *args, **kwargs) -> str:
+        with pytest.raises(RejectedReply) as e:
+            fn(*args, **kwargs)
+        return str(e.value)
+
+    ev = {"accuracy": 0.5, "loss": 1.0, "num-examples": 3}
+    kw = {"max_examples": 10, "weight_key": "num-examples"}
+    assert refusal(check_eval_metrics, {**ev, "loss": math.nan}, **kw) == "metric 'loss'=nan is not a finite number"
+    assert refusal(check_eval_metrics, {**ev, "loss": -1.0}, **kw) == "'loss'=-1.0 is not in [0, inf]"
+    assert refusal(check_eval_metrics, {**ev, "val-loss": -1.0}, **kw) == "'val-loss'=-1.0 is not in [0, inf]"
+    assert refusal(check_eval_metrics, {**ev, "num-examples": 11}, **kw) == "'num-examples'=11 is not in 1..10"
+    assert refusal(check_eval_metrics, {**ev, "num-examples": 2}, max_examples=1,
+                   weight_key="num-examples") == "'num-examples'=2 is not in 1..1"
+    assert check_eval_metrics({**ev, "val-loss": 0.25}, **kw)["val-loss"] == 0.25
+    good = {"client_id": "c-1", "partition_id": 0, "rank": 4, "num_train": 10, "num_test": 2}
+    assert refusal(check_profile_fields, {**good, "client_id": 5}, max_rank=8) == "client_id=5 is not text"
+    assert refusal(check_profile_fields, {**good, "num_train": 0}, max_rank=8) == "num_train=0 is not in 1..1000000000000000"
+    assert check_profile_fields({**good, "num_train": 10**15}, max_rank=8)["num_train"] == 10**15
+    assert refusal(check_profile_fields, {**good, "device_class": "\n"}, max_rank=8) == \
+        "device_class='\\n' must be 1..64 printable characters"
+    # Text exactly at its limit passes; the refusal quotes at most 40 characters of what was sent.
+    assert as_text("x" * 64, "device_class", 64) == "x" * 64
+    assert refusal(as_text, "y" * 60 + "\n", "client_id") == f"client_id={'y' * 40!r} must be 1..128 printable characters"
+    # Ray wraps an error's repr as <...'>: those characters come off the end, and nothing else does.
+    assert short_reason("ValueError('bad')'>") == "ValueError('bad')"
+    assert short_reason("rank too large: X") == "rank too large: X"

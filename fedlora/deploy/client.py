@@ -209,10 +209,12 @@ class ConsoleNotes:
         return 30.0
 
 
-def peak_memory_mb() -> float:
+def peak_memory_mb(maxrss: int | None = None) -> float:
+    """This process's peak resident memory in MB, or that of a ``ru_maxrss`` figure (a child's, from
+    ``os.wait4``): kilobytes on Linux, bytes on macOS."""
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if maxrss is None else maxrss
     return rss / 1024 if sys.platform.startswith("linux") else rss / 1024 / 1024
 
 

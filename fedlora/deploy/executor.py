@@ -123,6 +123,7 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
         retry_invoker=make_simple_http_retry_invoker(),
     )
     children: set[int] = set()
+    task_peak = [0.0]
     warmed: set[str] = set()
     stop = {"now": False}
 
@@ -135,9 +136,16 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     try:
         while not stop["now"]:
             for pid in list(children):
-                done, _ = os.waitpid(pid, os.WNOHANG)
+                done, _, usage = os.wait4(pid, os.WNOHANG)
                 if done:
                     children.discard(pid)
+                    # The training peak is a task's, not this process's (which only loads): said
+                    # when a task sets a new high, so the console gets a line or two per run.
+                    task_mb = peak_memory_mb(usage.ru_maxrss)
+                    if task_mb > task_peak[0]:
+                        task_peak[0] = task_mb
+                        log.info("peak memory of a round's work so far: %.0f MB in its process (its pages "
+                                 "shared with this one's %.0f MB of loaded model included)", task_mb, peak_memory_mb())
             try:
                 _warm(state_dir, warmed)
             except Exception as exc:  # noqa: BLE001 - a bad config is the task's to report, not ours
