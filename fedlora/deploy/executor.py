@@ -140,12 +140,12 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
                 if done:
                     children.discard(pid)
                     # The training peak is a task's, not this process's (which only loads): said
-                    # when a task sets a new high, so the console gets a line or two per run.
+                    # when a task sets a new high by 5% or more, so the console gets a line or two a run.
                     task_mb = peak_memory_mb(usage.ru_maxrss)
-                    if task_mb > task_peak[0]:
+                    if task_mb > 1.05 * task_peak[0]:
                         task_peak[0] = task_mb
-                        log.info("peak memory of a round's work so far: %.0f MB in its process (its pages "
-                                 "shared with this one's %.0f MB of loaded model included)", task_mb, peak_memory_mb())
+                        log.info("peak memory of a round's work so far: %.0f MB in its process (pages it shares "
+                                 "with the executor, now %.0f MB, included)", task_mb, peak_memory_mb())
             try:
                 _warm(state_dir, warmed)
             except Exception as exc:  # noqa: BLE001 - a bad config is the task's to report, not ours

@@ -72,7 +72,7 @@ class _OneLine(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
-            record.msg, record.args = f"{record.getMessage().splitlines()[0]}: {record.exc_info[1]!r}", ()
+            record.msg, record.args = f"{record.getMessage().splitlines()[0].rstrip(': ')}: {record.exc_info[1]!r}", ()
             record.exc_info = record.exc_text = None
         return True
 
