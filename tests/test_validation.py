@@ -198,7 +198,8 @@ def test_each_refusal_names_its_field_and_bound_in_the_exact_sentence():
     assert refusal(check_eval_metrics, {**ev, "num-examples": 11}, **kw) == "'num-examples'=11 is not in 1..10"
     assert refusal(check_eval_metrics, {**ev, "num-examples": 2}, max_examples=1,
                    weight_key="num-examples") == "'num-examples'=2 is not in 1..1"
-    assert check_eval_metrics({**ev, "val-loss": 0.25}, **kw)["val-loss"] == 0.25
+    out = check_eval_metrics({**ev, "val-loss": 1}, **kw)  # checked and stored as a float, nothing added
+    assert out == {**ev, "val-loss": 1.0} and isinstance(out["val-loss"], float)
     good = {"client_id": "c-1", "partition_id": 0, "rank": 4, "num_train": 10, "num_test": 2}
     assert refusal(check_profile_fields, {**good, "client_id": 5}, max_rank=8) == "client_id=5 is not text"
     assert refusal(check_profile_fields, {**good, "num_train": 0}, max_rank=8) == "num_train=0 is not in 1..1000000000000000"
