@@ -56,6 +56,9 @@ def test_update_norm_is_the_effective_change_and_clip_lands_on_the_bound():
     assert update_norm(start, clipped) == pytest.approx(want / 4, rel=1e-5)
     # the clipped update points the same way: start + (new - start) / 4, per tensor
     assert torch.allclose(clipped.modules["m"].A, start.modules["m"].A + (new.modules["m"].A - start.modules["m"].A) / 4)
+    # ... B in effective form (scaling s on both sides), and the head: the same direction, not its reverse
+    assert torch.allclose(s * clipped.modules["m"].B, s * start.modules["m"].B + s * (new.modules["m"].B - start.modules["m"].B) / 4)
+    assert torch.allclose(clipped.extras["head.w"], start.extras["head.w"] + (new.extras["head.w"] - start.extras["head.w"]) / 4)
     same, _ = clip_update(start, new, want * 2)
     assert same is new  # under the bound: untouched
 
@@ -66,6 +69,16 @@ def test_clip_measures_a_pruned_client_on_its_kept_components_in_its_own_scale()
                                                   B=start.modules["m"].B[:, :3] * (8.0 / 4) / (8.0 / 3), alpha=8.0)},
                       extras=dict(start.extras))
     assert update_norm(start, new) == pytest.approx(0.0, abs=1e-6)  # same update, new scaling
+    # Clipped, it keeps its own rank: start's first 3 components plus a quarter of its change.
+    moved = _f(5, rank=3, alpha=8.0)
+    n = update_norm(start, moved)
+    clipped, _ = clip_update(start, moved, n / 4)
+    assert clipped.modules["m"].A.shape == (3, IN) and update_norm(start, clipped) == pytest.approx(n / 4, rel=1e-5)
+    assert torch.allclose(clipped.modules["m"].A, start.modules["m"].A[:3] + (moved.modules["m"].A - start.modules["m"].A[:3]) / 4)
+    # A client that shares A only (FedSA) is clipped on A and still sends no B.
+    a_only = LoraFactors(modules={"m": ModuleFactors(A=moved.modules["m"].A, B=None, alpha=8.0)})
+    clipped, _ = clip_update(start, a_only, 1e-3)
+    assert clipped.modules["m"].B is None and update_norm(start, clipped) == pytest.approx(1e-3, rel=1e-4)
 
 
 def test_median_and_trimmed_mean_resist_one_huge_client():
