@@ -135,6 +135,8 @@ def test_a_split_may_pool_several_files(tmp_path, shared_data):
     assert len(task.train.labels) + len(task.test.labels) == 4000 + 7600  # both files, carved into two splits
     single = make_config(tmp_path, data={"data_files": {"train": str(ag / "train.jsonl")}, "test_split": ""})
     assert single.data.data_files == {"train": [str(ag / "train.jsonl")]}  # one file is a list of one
+    extra = tmp_path / "extra.csv"
+    extra.write_text("text,label\nhello,World\n")
     with pytest.raises(ConfigError, match="files of one type only"):
-        load_task(make_config(tmp_path, data={"data_files": {"train": [str(ag / "train.jsonl"), str(ag / "labels.json")
-                                                                      + ".csv"]}, "test_split": ""}))
+        load_task(make_config(tmp_path, data={"data_files": {"train": [str(ag / "train.jsonl"), str(extra)]},
+                                              "test_split": ""}))

@@ -14,6 +14,8 @@ from fedlora.simulate import simulate
 
 from conftest import make_config
 
+pytestmark = pytest.mark.xdist_group("hostile")  # one worker: the module's honest-only run is shared
+
 cloudpickle.register_pickle_by_value(fleet)
 
 
