@@ -18,10 +18,7 @@ import torch
 
 from conftest import SHARED_DATA, make_config
 
-pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tests use Linux signals"),
-              # One worker runs every deployment, one after another (`-n 2 --dist loadgroup`): the
-              # largest group, so it starts first, and no two deployments share the two cores.
-              pytest.mark.xdist_group("deployments")]
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tests use Linux signals")
 
 
 def cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:

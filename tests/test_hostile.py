@@ -14,8 +14,6 @@ from fedlora.simulate import simulate
 
 from conftest import make_config
 
-pytestmark = pytest.mark.xdist_group("hostile")  # one worker: the module's honest-only run is shared
-
 cloudpickle.register_pickle_by_value(fleet)
 
 
