@@ -59,20 +59,41 @@ def ray_cluster():
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     temp = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # Ray's socket paths must stay short
     port = free_port()
+    # Every process of this cluster inherits this mark: some name neither the temp dir nor 127.0.0.1
+    # on their command line (Ray's client server names the machine's address), so it finds them.
+    mark = {"FEDLORA_TEST_RAY_CLUSTER": temp}
     subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                     f"--num-cpus={os.cpu_count() or 1}", "--include-dashboard=false", "--disable-usage-stats",
-                    f"--temp-dir={temp}"], check=True, capture_output=True, timeout=180)
+                    f"--temp-dir={temp}"], check=True, capture_output=True, timeout=180, env={**os.environ, **mark})
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     try:
         yield os.environ["RAY_ADDRESS"]
     finally:
         del os.environ["RAY_ADDRESS"]
         # This cluster's processes only (`ray stop` would end every Ray on the machine).
-        mine = [p for p in psutil.process_iter(["cmdline"])
-                if any(temp in a or f"127.0.0.1:{port}" in a for a in (p.info["cmdline"] or []))]
+        def ours(p: psutil.Process) -> bool:
+            try:
+                return (any(temp in a for a in (p.info["cmdline"] or []))
+                        or p.environ().get("FEDLORA_TEST_RAY_CLUSTER") == temp)
+            except psutil.Error:  # gone, or not ours to read
+                return False
+
+        found = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid() and ours(p)]
+        # ... and their children, found before any is killed: a renamed agent's own command line and
+        # environment are overwritten by its new title, and once its raylet is gone it is nobody's.
+        mine = {p.pid: p for p in found}
+        for p in found:
+            try:
+                mine.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.Error:
+                pass
+        mine = list(mine.values())
         for p in mine:  # SIGKILL: Ray's daemons outwait a SIGTERM by seconds, and nothing of theirs is kept
-            p.kill()
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
         psutil.wait_procs(mine, timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
 
