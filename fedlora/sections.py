@@ -147,13 +147,12 @@ class DataConfig:
         were taken from (the working folder). Not part of :meth:`validate`: a config is valid on a
         machine without the data (a device brings its own). Else the hub would be asked, and answer
         about a path it rewrote."""
-        ds = self.dataset
-        if ds.startswith(("/", ".", "~")) and not Path(ds).expanduser().exists():
-            _require(False, "data.dataset", f"{ds} does not exist on this machine" + (
-                "" if Path(ds).expanduser().is_absolute() else
-                f" (relative paths are taken from the folder fedlora runs in, {Path.cwd()})"))
+        path = Path(self.dataset).expanduser()
+        if self.dataset.startswith(("/", ".", "~")):
+            _require(path.exists(), "data.dataset", f"{self.dataset} does not exist on this machine" + (
+                "" if path.is_absolute() else f" (relative paths are taken from the folder fedlora runs in, {Path.cwd()})"))
         for split, files in self.data_files.items():
-            for f in [files] if isinstance(files, str) else files:
+            for f in [files] if isinstance(files, str) else files:  # a lone file, as the loader accepts it
                 _require(Path(f).expanduser().exists(), f"data.data_files.{split}", f"{f} does not exist")
 
     def validate(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -115,15 +116,14 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     log.info("ready: fedlora, torch, transformers and PEFT imported once; peak memory %.0f MB", peak_memory_mb())
     # `fedlora client` starts this process before its SuperNode (which may wait for the server):
     # ask the SuperNode's Runtime API port until it listens rather than back off from a refusal.
-    while not await_listener(runtime_api_address, 60.0, every=0.2):
-        pass
+    await_listener(runtime_api_address, math.inf, every=0.2)
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),
     )
     children: set[int] = set()
-    task_peak = [0.0]
+    task_peak = 0.0
     warmed: set[str] = set()
     stop = {"now": False}
 
@@ -142,8 +142,8 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
                     # The training peak is a task's, not this process's (which only loads): said
                     # when a task sets a new high by 5% or more, so the console gets a line or two a run.
                     task_mb = peak_memory_mb(usage.ru_maxrss)
-                    if task_mb > 1.05 * task_peak[0]:
-                        task_peak[0] = task_mb
+                    if task_mb > 1.05 * task_peak:
+                        task_peak = task_mb
                         log.info("peak memory of a round's work so far: %.0f MB in its process (pages it shares "
                                  "with the executor, now %.0f MB, included)", task_mb, peak_memory_mb())
             try:

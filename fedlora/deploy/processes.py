@@ -49,6 +49,15 @@ def daemon_name(proc: subprocess.Popen) -> str:
     return args[2] if args[1:2] == ["-m"] and len(args) > 2 else Path(args[0]).name  # python -m MODULE: MODULE
 
 
+def accepts_connection(host: str, port: int, timeout: float) -> bool:
+    """One try: does ``host:port`` accept a TCP connection within ``timeout`` seconds?"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> float:
     """Seconds until ``host:port`` accepts connections; a clear error if the process died first."""
     t0 = time.monotonic()
@@ -57,11 +66,9 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, 
         if proc.poll() is not None:
             raise RuntimeError(f"{daemon_name(proc)} exited with code {proc.returncode} before serving "
                                f"{host}:{port}; last lines of {log_path}:\n{tail(log_path)}")
-        try:
-            with socket.create_connection((probe, port), timeout=0.5):
-                return time.monotonic() - t0
-        except OSError:
-            time.sleep(0.1)
+        if accepts_connection(probe, port, timeout=0.5):
+            return time.monotonic() - t0
+        time.sleep(0.1)
     raise TimeoutError(f"{daemon_name(proc)} did not serve {host}:{port} within {timeout:g} s; see {log_path}")
 
 
@@ -73,14 +80,11 @@ def await_listener(address: str, timeout: float, every: float = 0.25) -> bool:
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     t0 = time.monotonic()
-    while True:
-        try:
-            with socket.create_connection((host, int(port)), timeout=1.0):
-                return True
-        except OSError:
-            if time.monotonic() - t0 >= timeout:
-                return False
-            time.sleep(every)
+    while not accepts_connection(host, int(port), timeout=1.0):
+        if time.monotonic() - t0 >= timeout:
+            return False
+        time.sleep(every)
+    return True
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
