@@ -117,7 +117,8 @@ def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:  # noqa: ANN001
 
 
 def simulation_of(config: Path, tmp_path: Path):  # noqa: ANN201
-    """The same run in Flower's simulation engine: the reference a deployment must reproduce."""
+    """The same run in Flower's simulation engine: the reference a deployment must reproduce (on the
+    session's Ray cluster: a test that calls this asks for the `ray_cluster` fixture)."""
     from fedlora.config import FedLoraConfig
     from fedlora.rundir import RunDir
     from fedlora.simulate import simulate
@@ -139,7 +140,7 @@ def assert_same_factors(a: dict, b: dict, atol: float = 1e-5) -> None:
         assert torch.allclose(a[k], b[k], atol=atol), f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
 
 
-def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenrolled(tmp_path, creds):
+def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenrolled(tmp_path, creds, ray_cluster):
     from fedlora.deploy.processes import free_port
 
     port = free_port()
@@ -200,7 +201,7 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     assert peaks and int(peaks[-1]) > 100, (tmp_path / "client0.log").read_text()[-2000:]
 
 
-def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterrupted_run(tmp_path, creds):
+def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterrupted_run(tmp_path, creds, ray_cluster):
     from fedlora.deploy.processes import free_port
 
     import psutil
