@@ -429,7 +429,7 @@ def test_dp_sgd_trained_minilm_learns_real_data(tmp_path, shared_data):
     from fedlora.simulate import simulate
 
     cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
-                      data={"max_train_examples": 300, "max_test_examples": 200},
+                      data={"max_train_examples": 300, "max_test_examples": 120},
                       train={"local_epochs": 2, "learning_rate": 1e-2, "batch_size": 32},
                       federation={"fraction_evaluate": 0.0},  # the server's accuracy is the claim
                       privacy={"example_dp": True, "example_noise_multiplier": 0.5, "example_clip": 1.0,

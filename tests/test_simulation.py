@@ -43,10 +43,11 @@ def _array_keys(messages):
 
 
 def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, shared_data):
-    """3 clients, 2 rounds, the real pretrained encoder, AG News from ../shared/data."""
+    """3 clients, 2 rounds of one local epoch, the real pretrained encoder, AG News from ../shared/data
+    (accuracy 0.25 -> 0.60 on 120 held-out examples)."""
     cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
-                      data={"max_train_examples": 300, "max_test_examples": 200},
-                      train={"local_epochs": 2, "learning_rate": 3e-3})
+                      data={"max_train_examples": 300, "max_test_examples": 120},
+                      train={"local_epochs": 1, "learning_rate": 3e-3})
     run_dir, rows, grid = _run(cfg)
     assert rows[0]["round"] == 0 and rows[-1]["round"] == 2
     assert rows[-1]["server-accuracy"] > rows[0]["server-accuracy"] + 0.15, [r["server-accuracy"] for r in rows]
