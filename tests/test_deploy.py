@@ -238,6 +238,21 @@ def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterr
         # ... and `fedlora server --resume` finishes round 3.
         resumed = cli("server", "--resume", str(run), log=tmp_path / "resumed.log")
         assert resumed.wait(300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+        # Every task process the devices' executors started has ended, those that served a stopped
+        # run included (a node that took the killed server's last message ends it when the resumed
+        # run's first task arrives).
+        import re
+
+        task_pids = [int(x) for i in range(3)
+                     for x in re.findall(r"started in process (\d+)", (tmp_path / f"state{i}" / "executor.log").read_text())]
+        assert len(task_pids) >= 18, task_pids  # each device: a setup for each of the 3 runs, a training a round
+
+        def task_alive(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+        wait_for(lambda: not any(task_alive(p) for p in task_pids), 15, "the devices' task processes to end", logs)
     finally:
         for p in [server, *clients]:
             kill_group(p, signal.SIGTERM)
@@ -549,6 +564,26 @@ sys.exit(os.waitstatus_to_exitcode(status))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "2"]
+
+
+def test_a_new_runs_task_ends_the_tasks_still_serving_a_stopped_run():
+    """fedlora server runs one run at a time, so a task of another run is a stopped run's: the
+    executor ends it (SIGTERM) when the new run's first task arrives, once, and leaves the new run's."""
+    code = """
+import os, signal, sys, time
+from fedlora.deploy.executor import TaskProcesses, fork_task
+tasks = TaskProcesses()
+stale, current = fork_task(lambda: time.sleep(60), 1), fork_task(lambda: time.sleep(60), 1)
+tasks.add(stale, 111)
+tasks.add(current, 222)
+print(tasks.end_other_runs(222) == [(stale, 111)], tasks.end_other_runs(222) == [])
+_, status = os.waitpid(stale, 0)
+print(os.waitstatus_to_exitcode(status) == -signal.SIGTERM, os.waitpid(current, os.WNOHANG) == (0, 0))
+tasks.stop_all()
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True"] * 4, res.stdout
 
 
 def test_flwr_run_config_paths_resolve_in_the_installed_app_or_fail_with_the_fix(tmp_path, monkeypatch):

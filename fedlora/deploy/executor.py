@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -95,6 +96,53 @@ def fork_task(task, threads: int) -> int:  # noqa: ANN001
         os._exit(code)
 
 
+class TaskProcesses:
+    """The executor's forked tasks, by the run each serves.
+
+    fedlora server runs one run at a time on its SuperLink: it stops every unfinished run before it
+    submits one. A task still running for another run when a new run's task arrives therefore serves
+    a stopped run, and its reply can count for nothing. Flower 1.42's SuperNode does not end such a
+    task: in the resume drill (a server killed mid-round) one took its round's message just before
+    the kill and was still alive, holding its memory, 95 s after the resumed run had finished. It is
+    ended here, when the new run's first task arrives."""
+
+    def __init__(self) -> None:
+        self.run_of: dict[int, int] = {}  # pid -> run id
+        self.ending: set[int] = set()
+
+    def add(self, pid: int, run_id: int) -> None:
+        self.run_of[pid] = run_id
+
+    def reap(self) -> list[tuple[int, resource.struct_rusage]]:
+        """The tasks that ended since the last call, with their resource usage."""
+        ended = []
+        for pid in list(self.run_of):
+            done, _, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                del self.run_of[pid]
+                self.ending.discard(pid)
+                ended.append((pid, usage))
+        return ended
+
+    def end_other_runs(self, run_id: int) -> list[tuple[int, int]]:
+        """SIGTERM every task serving a run other than ``run_id``; return (pid, its run) of each."""
+        stale = [(pid, run) for pid, run in self.run_of.items() if run != run_id and pid not in self.ending]
+        for pid, _ in stale:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.ending.add(pid)
+        return stale
+
+    def stop_all(self) -> None:
+        for pid in self.run_of:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
 def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_seconds: float = 0.2) -> None:
     """Serve the SuperNode's tasks until killed; each task runs in a forked child."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: PLC0415
@@ -122,7 +170,7 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    children: set[int] = set()
+    tasks = TaskProcesses()
     task_peak = 0.0
     warmed: set[str] = set()
     stop = {"now": False}
@@ -135,17 +183,14 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     parent = os.getpid()
     try:
         while not stop["now"]:
-            for pid in list(children):
-                done, _, usage = os.wait4(pid, os.WNOHANG)
-                if done:
-                    children.discard(pid)
-                    # The training peak is a task's, not this process's (which only loads): said
-                    # when a task sets a new high by 5% or more, so the console gets a line or two a run.
-                    task_mb = peak_memory_mb(usage.ru_maxrss)
-                    if task_mb > 1.05 * task_peak:
-                        task_peak = task_mb
-                        log.info("peak memory of a round's work so far: %.0f MB in its process (pages it shares "
-                                 "with the executor, now %.0f MB, included)", task_mb, peak_memory_mb())
+            for _, usage in tasks.reap():
+                # The training peak is a task's, not this process's (which only loads): said when a
+                # task sets a new high by 5% or more, so the console gets a line or two a run.
+                task_mb = peak_memory_mb(usage.ru_maxrss)
+                if task_mb > 1.05 * task_peak:
+                    task_peak = task_mb
+                    log.info("peak memory of a round's work so far: %.0f MB in its process (pages it shares "
+                             "with the executor, now %.0f MB, included)", task_mb, peak_memory_mb())
             try:
                 _warm(state_dir, warmed)
             except Exception as exc:  # noqa: BLE001 - a bad config is the task's to report, not ours
@@ -156,16 +201,15 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
                 time.sleep(poll_seconds)
                 continue
             token = res.token
+            for pid, run in tasks.end_other_runs(res.task.run_id):
+                log.info("task in process %d ended: its run %s was stopped (run %s has started)", pid, run,
+                         res.task.run_id)
             pid = fork_task(lambda: run_clientapp(runtime_api_address, token, insecure=True, parent_pid=parent),
                             task_threads)
-            children.add(pid)
+            tasks.add(pid, res.task.run_id)
             log.info("task %s (run %s) started in process %d", res.task.task_id, res.task.run_id, pid)
     finally:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        tasks.stop_all()
         client.close()
 
 
