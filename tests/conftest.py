@@ -37,8 +37,8 @@ settings.load_profile(os.environ.get("FEDLORA_HYPOTHESIS", "suite"))
 
 # The suite's schedule on two xdist workers (`-n 2 --dist loadfile`): whole files, heaviest first, so
 # that the long files start at once and the short ones fill in at the end (longest-first scheduling).
-# Seconds each file took in one suite on 2 cores: deploy 280, simulation 190, hostile 150, causal 110,
-# privacy 60, continual 13; every other file takes a few seconds.
+# Seconds each file took in a suite on 2 cores (2026-12-03): deploy 265-285, simulation 160-165,
+# hostile 155-170, causal 75-100, privacy 50-57, continual 12-13; every other file a few seconds.
 HEAVIEST_FILES_FIRST = ("test_deploy.py", "test_simulation.py", "test_hostile.py", "test_causal.py",
                         "test_privacy.py", "test_continual.py")
 
