@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,8 +196,6 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     # the adapter PEFT loads
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     # A device's console reports the training process's peak memory, not only the loader's.
-    import re
-
     peaks = re.findall(r"peak memory of a round's work so far: (\d+) MB", (tmp_path / "client0.log").read_text())
     assert peaks and int(peaks[-1]) > 100, (tmp_path / "client0.log").read_text()[-2000:]
 
@@ -241,8 +240,6 @@ def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterr
         # Every task process the devices' executors started has ended, those that served a stopped
         # run included (a node that took the killed server's last message ends it when the resumed
         # run's first task arrives).
-        import re
-
         task_pids = [int(x) for i in range(3)
                      for x in re.findall(r"started in process (\d+)", (tmp_path / f"state{i}" / "executor.log").read_text())]
         assert len(task_pids) >= 18, task_pids  # each device: a setup for each of the 3 runs, a training a round

@@ -128,19 +128,20 @@ class TaskProcesses:
         """SIGTERM every task serving a run other than ``run_id``; return (pid, its run) of each."""
         stale = [(pid, run) for pid, run in self.run_of.items() if run != run_id and pid not in self.ending]
         for pid, _ in stale:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _terminate(pid)
             self.ending.add(pid)
         return stale
 
     def stop_all(self) -> None:
         for pid in self.run_of:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _terminate(pid)
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:  # already gone
+        pass
 
 
 def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_seconds: float = 0.2) -> None:
