@@ -149,8 +149,10 @@ def test_hostile_targets_reach_the_superlink_only_as_allowlisted_fleet_calls(gat
     new = seen[before_seen:]
     # Whatever was sent, the upstream saw only allowlisted calls, by POST, at their exact paths.
     assert all(m == "POST" and p in FLEET_CALLS for m, p in new), (target, new)
-    if method == "POST" and target in {c.encode() for c in FLEET_CALLS}:
-        assert status == 200 and new == [("POST", target.decode())], (target, status, new)
+    # A bare '?' (an empty query) is the one spelling ASGI cannot tell from none (the server splits
+    # the target there); it is forwarded to the constant path: the same call.
+    if method == "POST" and target.removesuffix(b"?") in {c.encode() for c in FLEET_CALLS}:
+        assert status == 200 and new == [("POST", target.decode().removesuffix("?"))], (target, status, new)
     else:
         assert new == [], (target, new)
         assert status != 200, (target, status)

@@ -12,7 +12,8 @@ The contract, decided on the request as it arrived, before any decoding or norma
   of :data:`FLEET_CALLS` (the calls Flower's SuperNode makes) and it carries no query string. A
   percent-encoding, a dot segment, a doubled slash, a backslash, another case, an absolute-form
   target or a fragment is not one of those byte strings, so it is refused: no rule strips, decodes
-  or resolves anything first;
+  or resolves anything first (one spelling is invisible to an ASGI app: a bare trailing ``?``, an
+  empty query, which the server splits off; it reaches the same constant path);
 - the upstream URL is the SuperLink's base joined with the allowlisted constant, never with the
   request's text; the ``Host`` and hop-by-hop headers are the gate's own, every other header passes
   unchanged (node authentication signs the request, and the SuperLink checks that signature);
