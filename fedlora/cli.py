@@ -163,6 +163,28 @@ def server(
                f"run directory: {run_dir.path}", err=True)
 
 
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def control(
+    ctx: typer.Context,
+    run_dir: Annotated[Path, typer.Argument(help="The run directory of a running `fedlora server`.")],
+) -> None:
+    """Run a command (after --) where the server's SuperLink is reachable: `fedlora control RUN_DIR -- flwr ls fedlora`.
+
+    The SuperLink of `fedlora server` lives in a private network (server.private_network); this joins
+    it, with FLWR_HOME set to the run's Flower home, whose connection is named `fedlora`."""
+    from fedlora.deploy.isolation import run_inside
+
+    if not ctx.args:
+        typer.secho("give the command after --, e.g. fedlora control RUN_DIR -- flwr ls fedlora", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        code = run_inside(run_dir.resolve(), list(ctx.args), {"FLWR_HOME": str(run_dir.resolve() / "flwr-home")})
+    except (RuntimeError, OSError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
 @cli.command()
 def client(
     settings: Annotated[Optional[Path], typer.Option("--settings", help="Small TOML file with the settings below (flags win).")] = None,

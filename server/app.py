@@ -399,9 +399,12 @@ def main(grid: Grid, context: Context) -> None:
     folder = str(rc.get("run-dir", "") or "")
     names = None
     if bool(rc.get("bind-node-names", False)) and folder:
-        # lazy: deployment only
-        from fedlora.deploy.control import EnrolledNames
+        # lazy: deployment only. The nodes that take part are those holding a key of
+        # server.enrolled_keys, read now, whatever else the SuperLink has registered.
+        from fedlora.deploy.control import EnrolledGrid, EnrolledNodes
+        from fedlora.deploy.server import enrolled_keys
 
-        names = EnrolledNames(Path(folder) / "flwr-home")
+        names = EnrolledNodes(Path(folder) / "flwr-home", enrolled_keys(cfg))
+        grid = EnrolledGrid(grid, names)
     run_server(grid, cfg, RunDir(folder) if folder else RunDir.create(cfg), resume=bool(rc.get("resume", False)),
                node_names=names)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,6 +97,12 @@ def start_clients(tmp_path: Path, creds, port: int, which=range(3), ids: dict | 
     return procs
 
 
+OUTSIDER_APP = ('[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+                '[project]\nname = "outsider"\nversion = "1.0.0"\ndependencies = []\n'
+                '[tool.flwr.app]\npublisher = "outsider"\n'
+                '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "x:app"\n')
+
+
 def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:  # noqa: ANN001
     """What someone with only ca.crt tries at the devices' address with Flower's own CLI: list the runs,
     register a node key of their own, submit an app."""
@@ -104,10 +112,7 @@ def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:  # noqa: ANN001
                                       f'root-certificates = "{creds.ca_cert}"\n')
     app = tmp_path / "outsider-app"
     app.mkdir()
-    (app / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
-                                        '[project]\nname = "outsider"\nversion = "1.0.0"\ndependencies = []\n'
-                                        '[tool.flwr.app]\npublisher = "outsider"\n'
-                                        '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "x:app"\n')
+    (app / "pyproject.toml").write_text(OUTSIDER_APP)
     (app / "x.py").write_text("app = None\n")
     env = {**os.environ, "FLWR_HOME": str(home)}
     flwr = str(Path(sys.executable).parent / "flwr")
@@ -301,6 +306,80 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, c
     assert len(r["rejected"]) == 1 and "client node-2 (node " in r["rejected"][0], r
     assert "no reply" in r["rejected"][0] or "Node Unavailable" in r["rejected"][0], r
     assert r["clients-sampled"] == 3 and r["clients-accepted"] == 2 and r["server-accuracy"] is not None, r
+
+
+def second_user(argv: list[str], home: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``argv`` as another local account of this machine: uid/gid 65534, no groups, no capability but
+    CAP_DAC_READ_SEARCH (so it can load this interpreter from a root-only home folder; it can read
+    any file, which a real second user cannot, and has no network capability, which it would not)."""
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "--inh-caps=-all,+dac_read_search", "--ambient-caps=+dac_read_search", *argv],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "FLWR_HOME": str(home), "HOME": str(home)})
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="a second local account needs root (setpriv) to be made")
+def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp_path, creds):
+    from fedlora.deploy.processes import free_port
+
+    port = free_port()
+    config = server_config(tmp_path, creds, port, rounds=1)
+    server = cli("server", "-c", str(config), log=tmp_path / "server.log")
+    try:
+        wait_for(lambda: "run 1 submitted" in (tmp_path / "server.log").read_text() or
+                 re.search(r"run \d+ submitted", (tmp_path / "server.log").read_text()), 90, "the run",
+                 [tmp_path / "server.log"])
+        run = run_dir_of(tmp_path)
+        control_port = __import__("tomllib").loads(config.read_text())["server"]["control_port"]
+        # The other account's Flower home, pointed at the SuperLink's loopback port and at the devices'.
+        # Outside pytest's own 0700 folder: the other account's files are its own (Flower checks access()).
+        home = Path(tempfile.mkdtemp(prefix="fedlora-other-user-"))
+        home.chmod(0o755)
+        shutil.copy(creds.ca_cert, home / "ca.crt")
+        shutil.copy(creds.nodes[3].public_key, home / "mine.pub")  # a key of the other account's own
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "link"\n[superlink.link]\naddress = "127.0.0.1:{control_port}"\n'
+            f'root-certificates = "{home / "ca.crt"}"\n[superlink.door]\naddress = "127.0.0.1:{port}"\n'
+            f'root-certificates = "{home / "ca.crt"}"\n')
+        app = home / "outsider-app"
+        app.mkdir()
+        (app / "pyproject.toml").write_text(OUTSIDER_APP)
+        (app / "x.py").write_text("app = None\n")
+        for p in (home, app, *home.iterdir(), *app.iterdir()):
+            os.chown(p, 65534, 65534)
+        flwr = str(Path(sys.executable).parent / "flwr")
+        tries = {(what, conn): second_user([flwr, *args, conn], home)
+                 for what, args in [("list runs", ["ls"]), ("list nodes", ["supernode", "ls"]),
+                                    ("register a key", ["supernode", "register", str(home / "mine.pub")]),
+                                    ("submit an app", ["run", str(app)])]
+                 for conn in ("link", "door")}
+        # The operator, from a shell of its own, through the run directory.
+        operator = subprocess.run([sys.executable, "-m", "fedlora.cli", "control", str(run), "--", flwr, "ls",
+                                   "fedlora", "--format", "json"], capture_output=True, text=True, timeout=60)
+        operator_nodes = subprocess.run([sys.executable, "-m", "fedlora.cli", "control", str(run), "--", flwr,
+                                         "supernode", "ls", "fedlora", "--format", "json"],
+                                        capture_output=True, text=True, timeout=60)
+    finally:
+        kill_group(server, signal.SIGTERM)
+        shutil.rmtree(home, ignore_errors=True)
+    out = (tmp_path / "server.log").read_text()
+    assert "the SuperLink runs in a private network" in out, out
+    for (what, conn), res in tries.items():
+        text = res.stdout + res.stderr
+        assert res.returncode != 0, (what, conn, text)
+        if conn == "link":  # nothing listens on this machine's loopback at the SuperLink's port
+            assert "refused" in text.lower() or "connect" in text.lower(), (what, text[-1500:])
+        else:  # the devices' address answers Fleet API calls only
+            assert "403" in text or "devices only" in text, (what, text[-1500:])
+    assert operator.returncode == 0, operator.stdout + operator.stderr
+    runs = json.loads(operator.stdout[operator.stdout.index("{"):])["runs"]
+    assert len(runs) == 1, operator.stdout
+    # The SuperLink knows the three keys fedlora enrolled, and none of the other account's.
+    nodes = json.loads(operator_nodes.stdout[operator_nodes.stdout.index("{"):])["nodes"]
+    assert len(nodes) == 3 and {n["status"] for n in nodes} == {"registered"}, operator_nodes.stdout
+    # The run directory (the SuperLink's database, its logs, the operator's connection) is the server's alone.
+    assert run.stat().st_mode & 0o077 == 0, oct(run.stat().st_mode)
 
 
 def test_server_puts_only_the_fleet_api_on_its_address_and_refuses_tls_without_enrolled_keys(tmp_path):

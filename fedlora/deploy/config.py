@@ -31,6 +31,12 @@ class ServerSection:
         "node keys, app submission) on the devices' port, unauthenticated in the open-source distribution, so "
         "anyone who reaches the port with ca.crt could enrol a node or submit code. Set it only knowingly.",
         default=False)
+    private_network: bool = _meta(
+        "Run the SuperLink (and every process `fedlora server` starts) in a private Linux network namespace, so "
+        "no other account on this machine can reach its Control API; the devices' address is bound before, "
+        "outside it. Where the kernel refuses one, the server says so at start and listens on the machine's "
+        "loopback. `fedlora control RUN_DIR -- flwr ...` reaches the SuperLink from the operator's shell.",
+        default=True)
     database: str = _meta("SuperLink state (SQLite); '' = <run dir>/superlink.db, so a restarted SuperLink "
                           "keeps its nodes, messages and runs.", default="")
 

@@ -1,13 +1,16 @@
-"""The operator's side of a deployment: Flower's Control API on the SuperLink's loopback port, asked
-in-process (no `flwr` process per question): the run's status, and the names node keys were
-enrolled under."""
+"""The operator's side of a deployment: Flower's Control API on the SuperLink's private loopback,
+asked in-process (no `flwr` process per question): the run's status, and which nodes hold an
+enrolled key (:class:`EnrolledNodes`, :class:`EnrolledGrid`)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("fedlora.server")  # the ServerApp's log, which `fedlora server` echoes
 
 CONNECTION = "fedlora"  # the connection `fedlora server` writes to <run dir>/flwr-home/config.toml
 
@@ -31,26 +34,100 @@ def control_client(home: Path):  # noqa: ANN201 - flwr's ControlHttpClient
             os.environ["FLWR_HOME"] = saved
 
 
-class EnrolledNames:
-    """node id -> the name its public key was registered under (`fedlora server` registers each key
-    with its file name), from the SuperLink's node table over the operator's loopback Control API.
-    Asked again only for a node id it has not seen."""
+def key_fingerprint(spki_der: bytes) -> str:
+    """``SHA256:...`` of a public key, as ``ssh-keygen -lf KEY.pub`` prints it for the enrolled file."""
+    import base64
+    import hashlib
 
-    def __init__(self, home: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_der_public_key(spki_der)
+    blob = base64.b64decode(key.public_bytes(serialization.Encoding.OpenSSH,
+                                             serialization.PublicFormat.OpenSSH).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _spki(key) -> bytes:  # noqa: ANN001 - a cryptography public key
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class EnrolledNodes:
+    """Which of the SuperLink's nodes may take part, decided by fedlora: those whose public key is one
+    of ``keys`` (the OpenSSH files of ``server.enrolled_keys``, read once, at construction). A node
+    is known by its key from the SuperLink's node table (Control API on the private loopback), asked
+    again whenever a node id appears that was not seen before. An enrolled node's name, its client
+    id in the run, is its key file's name (``node-3.pub`` is ``node-3``); any other node is refused,
+    and logged once with its key's fingerprint, whoever registered it and however."""
+
+    def __init__(self, home: Path, keys: list[Path]) -> None:
+        from cryptography.hazmat.primitives import serialization
+
         self.home = home
+        self.enrolled = {_spki(serialization.load_ssh_public_key(k.read_bytes())): k.stem for k in keys}
         self.names: dict[int, str] = {}
+        self.refused: dict[int, str] = {}  # node id -> its key's fingerprint
+
+    def _refresh(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=no-name-in-module
+
+        client = control_client(self.home)
+        try:
+            nodes = client.ListNodes(ListNodesRequest()).nodes_info
+        finally:
+            client.close()
+        for n in nodes:
+            node_id = int(n.node_id)
+            if node_id in self.names or node_id in self.refused:
+                continue
+            try:
+                der = _spki(serialization.load_pem_public_key(n.public_key))
+            except ValueError:
+                der = b""
+            if der in self.enrolled:
+                self.names[node_id] = self.enrolled[der]
+            else:
+                self.refused[node_id] = key_fingerprint(der) if der else "(no readable key)"
+                log.warning("node %d refused: its key %s is not enrolled (server.enrolled_keys); the SuperLink "
+                            "registered it%s, and nothing it sends is used", node_id, self.refused[node_id],
+                            f" as {n.name!r}" if n.name else "")
+
+    def allows(self, node_id: int) -> bool:
+        if node_id not in self.names and node_id not in self.refused:
+            self._refresh()
+        return node_id in self.names
 
     def __call__(self, node_id: int) -> str | None:
-        if node_id not in self.names:
-            from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=no-name-in-module
+        """The enrolled name of ``node_id`` (its client id), or None for a node that is not enrolled."""
+        return self.names.get(node_id) if self.allows(node_id) else None
 
-            client = control_client(self.home)
-            try:
-                res = client.ListNodes(ListNodesRequest())
-            finally:
-                client.close()
-            self.names.update({int(n.node_id): n.name for n in res.nodes_info if n.name})
-        return self.names.get(node_id)
+
+class EnrolledGrid:
+    """A Flower ``Grid`` that shows the strategy only enrolled nodes (:class:`EnrolledNodes`): they
+    alone are sampled, sent messages and heard; a reply from any other node is dropped."""
+
+    def __init__(self, grid, nodes: EnrolledNodes) -> None:  # noqa: ANN001 - any flwr Grid
+        self._grid, self.nodes = grid, nodes
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - delegate everything else
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if self.nodes.allows(n)]
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201 - Iterable[Message] -> Iterable[str]
+        messages = list(messages)
+        allowed = [self.nodes.allows(m.metadata.dst_node_id) for m in messages]
+        ids = iter(self._grid.push_messages([m for m, ok in zip(messages, allowed) if ok]))
+        # a message to a node that is not enrolled is not pushed: it has no id, as Flower's own
+        # grid answers for a message it could not push
+        return [next(ids) if ok else "" for ok in allowed]
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201 - Iterable[str] -> Iterable[Message]
+        return [r for r in self._grid.pull_messages(message_ids)
+                if self.nodes.allows(r.metadata.src_node_id) or r.has_error()]
 
 
 class RunStatus:

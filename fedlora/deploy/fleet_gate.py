@@ -49,6 +49,7 @@ FLEET_CALLS: frozenset[str] = frozenset("/v1/fleet/" + name for name in (
     "confirm-message-received"))
 _ALLOWED: dict[bytes, str] = {path.encode("ascii"): path for path in FLEET_CALLS}
 FLEET_METHOD = "POST"
+READY = "gate ready: forwarding"  # the gate's first log line, once it serves
 REFUSED = ("this address serves devices only (Flower's Fleet API calls, exactly as the SuperNode makes them); "
            "the Control API and the rest of the SuperLink are reachable by the server's operator only")
 # Headers that belong to one hop (RFC 9110 7.6.1) and the upstream's Host: the gate sets its own,
@@ -88,6 +89,7 @@ class FleetGate:
             while True:
                 event = (await receive())["type"]
                 if event == "lifespan.startup":
+                    log.info("%s %d Fleet API calls to %s", READY, len(FLEET_CALLS), self.upstream_base)
                     await send({"type": "lifespan.startup.complete"})
                 elif event == "lifespan.shutdown":
                     await self.client.aclose()

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.deploy.reaper import GRACE
+from fedlora.deploy.reaper import GRACE, PASS_FDS
 
 
 def flower_bin(name: str) -> str:
@@ -31,14 +31,18 @@ def flower_bin(name: str) -> str:
     return found
 
 
-def spawn(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+def spawn(args: list[str], log_path: Path, env: dict | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """``args`` under the reaper, output appended to ``log_path``; ``pass_fds`` are inherited by the
+    daemon itself (the reaper hands them on: :data:`fedlora.deploy.reaper.PASS_FDS`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     env = {**os.environ, **(env or {})}
+    if pass_fds:
+        env[PASS_FDS] = ",".join(str(fd) for fd in pass_fds)
     # Flower's daemons start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return subprocess.Popen([sys.executable, "-m", "fedlora.deploy.reaper", *args], stdout=fh,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True, pass_fds=pass_fds)
 
 
 def daemon_name(proc: subprocess.Popen) -> str:

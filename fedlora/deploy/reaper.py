@@ -22,6 +22,7 @@ import sys
 import time
 
 GRACE = 8.0
+PASS_FDS = "FEDLORA_PASS_FDS"  # comma-separated descriptors the reaper hands on to the daemon
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
@@ -87,7 +88,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # The daemon also dies if the reaper itself is SIGKILLed.
-    child = subprocess.Popen(argv, preexec_fn=die_with_parent)
+    keep = tuple(int(fd) for fd in os.environ.pop(PASS_FDS, "").split(",") if fd)
+    child = subprocess.Popen(argv, preexec_fn=die_with_parent, pass_fds=keep)
     code = None
     while code is None and not stopping["now"] and os.getppid() == parent:
         for pid, status in _reap():

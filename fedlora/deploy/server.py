@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -67,6 +68,7 @@ class Deployment:
     restarts: int = 0
     node_auth: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    gate_socket: socket.socket | None = None  # the devices' address, bound before the private network
 
     @property
     def home(self) -> Path:
@@ -187,13 +189,85 @@ def start_gate(dep: Deployment, cfg: FedLoraConfig) -> None:
         return
     host, port = s.host_port()
     up_host, up_port = s.superlink_host_port()
-    args = [sys.executable, "-m", "fedlora.deploy.fleet_gate", "--listen", f"{host}:{port}",
-            "--upstream", f"{up_host}:{up_port}"]
+    if dep.gate_socket is None:
+        from fedlora.deploy.isolation import bind_listener
+
+        dep.gate_socket = bind_listener(host, port)
+    fd = dep.gate_socket.fileno()
+    args = [sys.executable, "-m", "fedlora.deploy.fleet_gate", "--fd", str(fd), "--upstream", f"{up_host}:{up_port}"]
     if dep.tls:
         args += ["--certfile", s.tls_certfile, "--keyfile", s.tls_keyfile, "--ca", s.tls_ca_certfile]
     log_path = dep.run_dir.path / "gate.log"
-    dep.gate = spawn(args, log_path)
-    wait_for_port(host, port, dep.gate, log_path)
+    dep.gate = spawn(args, log_path, pass_fds=(fd,))
+    wait_for_gate(dep.gate, log_path)
+
+
+def wait_for_gate(proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+    """Until the gate says it serves (its socket accepts connections from the moment it is bound,
+    so a port probe would say nothing); a clear error if it exits or stays silent."""
+    from fedlora.deploy.fleet_gate import READY
+
+    start = log_path.stat().st_size if log_path.exists() else 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gate exited with code {proc.returncode}; last lines of {log_path}:\n{tail(log_path)}")
+        if log_path.exists() and READY.encode() in log_path.read_bytes()[start:]:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the gate did not start serving within {timeout:g} s; see {log_path}")
+
+
+def isolate(dep: Deployment, cfg: FedLoraConfig, say: Callable[[str], None]) -> None:
+    """Bind the devices' address, then move this process into its private network (see
+    :mod:`fedlora.deploy.isolation`), where everything it starts afterwards runs: the SuperLink's
+    Control API is then out of reach of the machine's other accounts. Says so when it cannot."""
+    from fedlora.deploy.isolation import PID_FILE, bind_listener, enter_private_network
+
+    s = cfg.server
+    if s.expose_control_api:
+        return
+    if dep.gate_socket is None:
+        host, port = s.host_port()
+        try:
+            dep.gate_socket = bind_listener(host, port)
+        except OSError as exc:
+            raise RuntimeError(f"server.address {s.address}: cannot listen there: {exc.strerror}") from None
+    c_host, c_port = s.superlink_host_port()
+    why = enter_private_network() if s.private_network else "server.private_network is off"
+    if why is None:
+        fetched = fetch_hub_files(cfg)  # nothing outside the namespace is reachable from now on
+        os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        (dep.run_dir.path / PID_FILE).write_text(f"{os.getpid()}\n")
+        say(f"the SuperLink runs in a private network: its Control API ({c_host}:{c_port}) is reachable only from "
+            f"this server's processes and `fedlora control {dep.run_dir.path} -- flwr ...`"
+            + (f"; fetched before: {', '.join(fetched)}" if fetched else ""))
+    else:
+        say(f"WARNING: {why}. The SuperLink's Control API listens on {c_host}:{c_port}, where every account of "
+            "this machine can list runs and node keys, register a node key and submit an app that runs as this "
+            "user (Flower's open-source SuperLink has no account authentication); run the server on a machine "
+            "with no other users, or where the kernel allows it (README: The control port)")
+
+
+def fetch_hub_files(cfg: FedLoraConfig) -> list[str]:
+    """Download what the ServerApp will load from the Hugging Face hub (a hub model id, a hub dataset)
+    into the caches it reads, before the private network cuts the server off; returns what it fetched."""
+    from fedlora.model_sources import TINY_DECODERS, MINILM, TINY_BERT, cache_root
+
+    out = []
+    name = cfg.model.name
+    if name not in (MINILM, TINY_BERT, *TINY_DECODERS) and not Path(name).expanduser().exists():
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(name)
+        out.append(f"model {name}")
+    ds = cfg.data.dataset
+    if ds and not ds.startswith("builtin:") and not Path(ds).expanduser().exists() and not cfg.data.data_files:
+        from fedlora.data import _load_hf
+
+        _load_hf(cfg.data, cache_root(cfg.model.cache_dir))
+        out.append(f"dataset {ds}")
+    return out
 
 
 def write_connection(dep: Deployment, cfg: FedLoraConfig) -> None:
@@ -251,7 +325,7 @@ def submit(dep: Deployment, app: Path, resume: bool, say: Callable[[str], None] 
 
 # ServerApp log lines worth a console line: what it waits for, what it refuses, how it recovers.
 NOTEWORTHY = ("waiting for clients", "clients connected after", "rejected", "left out", "no reply", "resuming",
-              "aggregation failed", "skipped", "Traceback", "Error")
+              "aggregation failed", "skipped", "is not enrolled", "Traceback", "Error")
 
 
 def follow_log(dep: Deployment) -> None:
@@ -308,6 +382,9 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
     tls, node_auth = security(cfg, insecure)
     preflight(cfg, run_dir, resume)
     dep = Deployment(run_dir=run_dir, address=cfg.server.address, tls=tls, node_auth=node_auth)
+    # The run directory holds the SuperLink's database, logs and the operator's connection: the
+    # server's user alone reads it.
+    run_dir.path.chmod(0o700)
     if not resume:
         run_dir.write_config(cfg)
     printed = {r["round"] for r in run_dir.read_metrics()}  # rounds already shown (a resumed run's earlier ones)
@@ -319,6 +396,7 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
                 if on_round is not None:
                     on_round(row)
     try:
+        isolate(dep, cfg, say)
         start_superlink(dep, cfg)
         write_connection(dep, cfg)
         if node_auth:
@@ -371,3 +449,6 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
         stop(dep.log_follower)
         stop(dep.superlink)
         stop(dep.gate)
+        if dep.gate_socket is not None:
+            dep.gate_socket.close()
+        (run_dir.path / "server.pid").unlink(missing_ok=True)
