@@ -11,6 +11,7 @@ client sends can make a later step raise.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from numbers import Real
 
@@ -28,6 +29,8 @@ def short_reason(reason: str, limit: int = 200) -> str:
     """One line out of a (possibly 40-line, Ray-wrapped) error: its last non-empty line, bounded."""
     lines = [ln.strip() for ln in str(reason).splitlines() if ln.strip()]
     line = lines[-1].rstrip("'>\"") if lines else "no reason given"  # Ray wraps the repr in <...'>
+    # Flower's deployment wraps a ClientApp's exception as "<class 'RuntimeError'>:<'sentence'>".
+    line = re.sub(r"^<class '[\w.]+'>:<['\"]?", "", line)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 

@@ -5,6 +5,8 @@ killed and restarted on its database, a client killed in the middle of a round."
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -66,7 +68,7 @@ def rows(run: Path) -> list[dict]:
 def creds(tmp_path: Path):
     from fedlora.deploy.pki import create_credentials
 
-    return create_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], nodes=4)
+    return create_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], nodes=5)
 
 
 def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int = 3, **federation) -> Path:  # noqa: ANN001
@@ -104,22 +106,29 @@ OUTSIDER_APP = ('[build-system]\nrequires = ["setuptools"]\nbuild-backend = "set
 
 
 def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:  # noqa: ANN001
-    """What someone with only ca.crt tries at the devices' address with Flower's own CLI: list the runs,
-    register a node key of their own, submit an app."""
+    """What someone with only ca.crt tries at the devices' address with Flower's unmodified CLI, the
+    address plain and disguised: list runs and nodes, register a key, submit an app, stop a run.
+    {(what, address name): (exit code, output)}."""
     home = tmp_path / "outsider-home"
     home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "door"\n[superlink.door]\naddress = "127.0.0.1:{port}"\n'
-                                      f'root-certificates = "{creds.ca_cert}"\n')
     app = tmp_path / "outsider-app"
     app.mkdir()
     (app / "pyproject.toml").write_text(OUTSIDER_APP)
     (app / "x.py").write_text("app = None\n")
+    # The devices' address as given, and disguised with dot segments that the unmodified CLI sends on.
+    doors = {"door": "", "dots": "/v1/fleet/%2e%2e/%2e%2e", "raw-dots": "/v1/fleet/../..", "slash": "/v1/fleet/..%2f.."}
+    (home / "config.toml").write_text('[superlink]\ndefault = "door"\n' + "".join(
+        f'[superlink.{name}]\naddress = "127.0.0.1:{port}{path}"\nroot-certificates = "{creds.ca_cert}"\n'
+        for name, path in doors.items()))
     env = {**os.environ, "FLWR_HOME": str(home)}
     flwr = str(Path(sys.executable).parent / "flwr")
-    attempts = {"list runs": ["ls", "door"], "register a key": ["supernode", "register", str(creds.nodes[3].public_key), "door"],
-                "submit an app": ["run", str(app), "door"]}
-    return {what: subprocess.run([flwr, *args], capture_output=True, text=True, env=env, timeout=120)
-            for what, args in attempts.items()}
+    attempts = {"list runs": ["ls"], "list nodes": ["supernode", "ls"],
+                "register a key": ["supernode", "register", str(creds.nodes[3].public_key)],
+                "submit an app": ["run", str(app)], "stop a run": ["stop", "1"]}
+    procs = {(what, door): subprocess.Popen([flwr, *args, door], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True, env=env)
+             for what, args in attempts.items() for door in doors}
+    return {key: (p.wait(120), p.stdout.read()) for key, p in procs.items()}
 
 
 def simulation_of(config: Path, tmp_path: Path):  # noqa: ANN201
@@ -163,6 +172,14 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     try:
         wait_for(lambda: "SuperLink serving" in (tmp_path / "server.log").read_text(), 60, "the SuperLink", logs)
         intruder = cli("client", "--settings", str(intruder_settings), log=tmp_path / "intruder.log")
+        # A fifth key registered on the SuperLink behind fedlora's back, as the operator could (the
+        # Control API through `fedlora control`): the SuperLink lets its node in; fedlora does not.
+        sneaked = subprocess.run([sys.executable, "-m", "fedlora.cli", "control", str(run_dir_of(tmp_path)), "--",
+                                  str(Path(sys.executable).parent / "flwr"), "supernode", "register",
+                                  str(creds.nodes[4].public_key), "fedlora", "--name", "node-4"],
+                                 capture_output=True, text=True, timeout=60)
+        assert sneaked.returncode == 0, sneaked.stdout + sneaked.stderr
+        clients += start_clients(tmp_path, creds, port, which=[4])
         outsider = outsider_attempts(tmp_path, creds, port)
         assert server.wait(300) == 0, (tmp_path / "server.log").read_text()[-3000:]
         assert intruder.wait(60) != 0
@@ -182,10 +199,16 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     assert "ref-exit-codes" not in console, console
     # A second identity holding only ca.crt, at the devices' address: it cannot list runs, enrol a key
     # or submit an app (the gate answers 403), and the key it tried to register never trained.
-    for what, res in outsider.items():
-        assert res.returncode != 0, (what, res.stdout, res.stderr)
-        assert "403" in res.stdout + res.stderr or "devices only" in res.stdout + res.stderr, (what, res.stdout, res.stderr)
-    assert "refused POST /v1/control/" in (run / "gate.log").read_text()
+    for (what, door), (code, text) in outsider.items():
+        assert code != 0, (what, door, text)
+        assert "403" in text or "devices only" in text, (what, door, text[-1500:])
+    gate_log = (run / "gate.log").read_text()
+    assert "refused POST /v1/control/" in gate_log and "refused POST /v1/fleet/%2e%2e/%2e%2e/v1/control/" in gate_log
+    # The key registered behind fedlora's back: named with its fingerprint, never sampled, never sent a task.
+    blob = base64.b64decode(creds.nodes[4].public_key.read_text().split()[1])
+    fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    assert re.search(rf"node \d+ refused: its key {re.escape(fingerprint)} is not enrolled", out), out[-3000:]
+    assert "started in process" not in (tmp_path / "state4" / "executor.log").read_text()
     assert not any(r.get("clients-sampled", 0) > 3 for r in rows(run))
     dep_rows = rows(run)
     assert [r["round"] for r in dep_rows] == [0, 1, 2]
@@ -354,6 +377,14 @@ def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp
                                     ("register a key", ["supernode", "register", str(home / "mine.pub")]),
                                     ("submit an app", ["run", str(app)])]
                  for conn in ("link", "door")}
+        # A device whose key is not enrolled tries three times; its resident executor (imports, model)
+        # is started once, not once per try.
+        unenrolled = tmp_path / "unenrolled.toml"
+        unenrolled.write_text(f'server = "127.0.0.1:{port}"\nroot_certificates = "{creds.ca_cert}"\n'
+                              f'node_key = "{creds.nodes[3].private_key}"\npartition_id = 0\nmax_retries = 2\n'
+                              f'enrol_retry = 1\nstate_dir = "{tmp_path / "state-unenrolled"}"\n')
+        device = cli("client", "--settings", str(unenrolled), log=tmp_path / "unenrolled.log")
+        assert device.wait(120) == 1, (tmp_path / "unenrolled.log").read_text()
         # The operator, from a shell of its own, through the run directory.
         operator = subprocess.run([sys.executable, "-m", "fedlora.cli", "control", str(run), "--", flwr, "ls",
                                    "fedlora", "--format", "json"], capture_output=True, text=True, timeout=60)
@@ -380,6 +411,12 @@ def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp
     assert len(nodes) == 3 and {n["status"] for n in nodes} == {"registered"}, operator_nodes.stdout
     # The run directory (the SuperLink's database, its logs, the operator's connection) is the server's alone.
     assert run.stat().st_mode & 0o077 == 0, oct(run.stat().st_mode)
+    console = (tmp_path / "unenrolled.log").read_text()
+    assert console.count("the server does not know this node's key") == 1, console
+    node_log = (tmp_path / "state-unenrolled" / "supernode.log").read_text()
+    assert node_log.count("Failed to activate SuperNode") == 3, node_log[-2000:]
+    executor_log = (tmp_path / "state-unenrolled" / "executor.log").read_text()
+    assert executor_log.count("resident executor started in process") == 1, executor_log
 
 
 def test_server_puts_only_the_fleet_api_on_its_address_and_refuses_tls_without_enrolled_keys(tmp_path):
@@ -474,6 +511,10 @@ def test_client_settings_fail_with_a_sentence(tmp_path):
     (tmp_path / "mine" / "test.jsonl").write_text('{"text": "a", "label": "x"}\n')
     with pytest.raises(ConfigError, match=r"--data .*mine: no train.jsonl .* it has test.jsonl"):
         ClientSettings.load(None, {"server": "h:1", "insecure": True, "data": str(tmp_path / "mine")})
+    # A folder with a training file only is a device's data (a test split is carved out of it).
+    (tmp_path / "train-only").mkdir()
+    (tmp_path / "train-only" / "train.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    assert ClientSettings.load(None, {"server": "h:1", "insecure": True, "data": str(tmp_path / "train-only")}).data
     with pytest.raises(ConfigError, match=r"--data .*nowhere: does not exist"):
         ClientSettings.load(None, {"server": "h:1", "insecure": True, "data": str(tmp_path / "nowhere")})
 
@@ -504,6 +545,35 @@ def test_a_refused_activation_is_told_apart_a_stale_session_from_an_unknown_key(
     assert "previous session as online" in said[-1] and "60 s" in said[-1]
 
 
+def test_the_devices_console_says_connected_at_once_then_how_long_the_server_was_away(tmp_path):
+    """From a SuperNode's log as Flower writes it: the first join (Flower logs a success only after a
+    failed try, so its node id is the sign), then the server unreachable for longer than connect_wait
+    (said once, with the seconds that really passed), then the rejoin with how long it took."""
+    from fedlora.deploy.client import ClientSettings, ConsoleNotes
+
+    said: list[str] = []
+    s = ClientSettings.load(None, {"server": "10.0.0.5:9092", "insecure": True, "partition_id": 0,
+                                   "state_dir": str(tmp_path / "state"), "connect_wait": 1.0})
+    (tmp_path / "state").mkdir()
+    notes = ConsoleNotes(s, said.append)
+    log = "INFO :      Starting Flower SuperNode\nINFO :      SuperNode ID: 123\n"
+    notes.read(log)
+    assert said == ["connected to the server at 10.0.0.5:9092"]
+    log += "WARNING :   Connection attempt failed, retrying in 1.00 seconds\n"
+    notes.read(log)
+    assert len(said) == 1  # not yet connect_wait
+    time.sleep(1.2)
+    log += "WARNING :   Connection attempt failed, retrying in 2.00 seconds\n"
+    notes.read(log)
+    log += "WARNING :   Connection attempt failed, retrying in 4.00 seconds\n"
+    notes.read(log)
+    assert len(said) == 2 and re.fullmatch(r"cannot reach the server at 10.0.0.5:9092 for 1 s: .* \(still trying\)",
+                                           said[1]), said
+    time.sleep(1.0)
+    notes.read(log + "INFO :      Connection successful after 1.20 seconds and 3 tries.\n")
+    assert len(said) == 3 and re.fullmatch(r"rejoined the server at 10.0.0.5:9092 after 2 s", said[2]), said
+
+
 def test_a_client_whose_server_is_unreachable_says_so_once_with_the_address(tmp_path):
     """A real SuperNode pointed at a port nobody serves: after connect_wait seconds the device's console
     says which address it tried, once, and the client keeps trying."""
@@ -514,10 +584,11 @@ def test_a_client_whose_server_is_unreachable_says_so_once_with_the_address(tmp_
     settings.write_text(f'server = "127.0.0.1:{port}"\ninsecure = true\npartition_id = 0\nconnect_wait = 2.0\n'
                         f'state_dir = "{tmp_path / "state"}"\n')
     client = cli("client", "--settings", str(settings), "--cold", log=tmp_path / "client.log")
-    sentence = f"cannot reach the server at 127.0.0.1:{port} after 2 s"
+    sentence = re.compile(rf"cannot reach the server at 127.0.0.1:{port} for (\d+) s")
     try:
-        wait_for(lambda: sentence in (tmp_path / "client.log").read_text(), 60, "the unreachable sentence",
-                 [tmp_path / "client.log", tmp_path / "state" / "supernode.log"])
+        found = wait_for(lambda: sentence.search((tmp_path / "client.log").read_text()), 60, "the unreachable sentence",
+                         [tmp_path / "client.log", tmp_path / "state" / "supernode.log"])
+        assert int(found.group(1)) >= 2  # the time that passed, not the setting
         time.sleep(4)
         assert client.poll() is None  # still trying
     finally:

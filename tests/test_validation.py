@@ -167,6 +167,9 @@ def test_short_reason_strips_rays_wrapping():
     assert short_reason('x\n  ValueError: "quoted" \n') == 'ValueError: "quoted'
     assert short_reason("a" * 199 + "bc", limit=200) == "a" * 197 + "..."
     assert short_reason("a" * 200) == "a" * 200
+    # a deployed ClientApp's exception, as Flower's SuperNode wraps it: the sentence alone
+    assert short_reason("<class 'RuntimeError'>:<'client node-2: --data d: label 'x' is not the run's'>") == \
+        "client node-2: --data d: label 'x' is not the run's"
 
 
 def test_check_arrays_counts_what_it_does_not_list():

@@ -16,6 +16,7 @@ run's base model loaded between rounds. Settings come from a small TOML file and
     cache_dir = ""               # this device's model/data cache ('' = FEDLORA_CACHE or ~/.cache/fedlora)
     model_dirs = []              # folders a run may name as its base model (a hub id or builtin needs none)
     connect_wait = 60            # seconds unreachable before the console says so (it keeps trying)
+    enrol_retry = 30             # seconds between tries while the server does not know this node's key
 
 What the server's run config may not decide on a device: where its cache, state and personal
 adapters are written, which local folder its base model is read from, and (for a device with its
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fedlora.config import ConfigError
+from fedlora.deploy.executor import STARTED as EXECUTOR_STARTED
 from fedlora.deploy.processes import await_listener, flower_bin, free_port, spawn, stop, tail
 from fedlora.env import DEFAULTS
 
@@ -54,6 +56,7 @@ class ClientSettings:
     cache_dir: str = ""  # this device's model and data cache ('' = FEDLORA_CACHE or ~/.cache/fedlora)
     model_dirs: list[str] = field(default_factory=list)  # folders a run may name as its base model on this device
     connect_wait: float = 60.0  # seconds without reaching the server before the console says so (it keeps trying)
+    enrol_retry: float = 30.0  # seconds between tries while the server does not know this node's key
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict) -> ClientSettings:
@@ -94,6 +97,8 @@ class ClientSettings:
             raise ConfigError("rank must be >= 0 (0 = the run's rank for this device)")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0 (0 = the run's train.num_threads)")
+        if not self.enrol_retry > 0:
+            raise ConfigError("enrol_retry must be > 0 seconds")
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string (TOML values)."""
@@ -125,21 +130,22 @@ DATA_FORMATS = ("jsonl", "json", "csv", "parquet")
 
 
 def check_data_folder(path: Path) -> None:
-    """A device's --data: a folder with a train file (and a test file), or one file; said on the device's
+    """A device's --data: a folder with a train file (a test file is optional: without one, a test
+    split is carved out of the training rows, as in simulation), or one file; said on the device's
     own console before it connects, naming the flag."""
     if not path.exists():
         raise ConfigError(f"--data {path}: does not exist")
     if path.is_dir():
         names = {f.name for f in path.iterdir()}
-        for split in ("train", "test"):
-            if not any(f"{split}.{ext}" in names for ext in DATA_FORMATS):
-                raise ConfigError(f"--data {path}: no {split}.jsonl (or {split}.json/.csv/.parquet) in the folder; "
-                                  f"it has {', '.join(sorted(names)) or 'nothing'}")
+        if not any(f"train.{ext}" in names for ext in DATA_FORMATS):
+            raise ConfigError(f"--data {path}: no train.jsonl (or train.json/.csv/.parquet) in the folder; "
+                              f"it has {', '.join(sorted(names)) or 'nothing'}")
 
 
-# What Flower's SuperNode writes to its log (flwr 1.41-1.42) when it reaches the SuperLink, cannot,
-# or is refused activation (its key is not enrolled there).
-CONNECTED = "Connection successful"
+# What Flower's SuperNode writes to its log (flwr 1.41-1.42): its node id once it has joined (the first
+# connection that succeeds), a success after failed tries, a failed try, a refused activation (its
+# key is not enrolled there).
+CONNECTED = ("SuperNode ID:", "Connection successful")
 UNREACHABLE = "Connection attempt failed"
 NOT_ENROLLED = "Failed to activate SuperNode"
 
@@ -163,15 +169,19 @@ def enrol_hint(node_key: str, state_dir: Path) -> str:
 
 
 class ConsoleNotes:
-    """One sentence per cause on the device's console, from the SuperNode's log: not enrolled, the server
-    unreachable for ``connect_wait`` seconds, connected again."""
+    """One sentence per cause on the device's console, from the SuperNode's log: connected, the server
+    unreachable for more than ``connect_wait`` seconds (with the time that really passed), rejoined
+    (after how long), not enrolled."""
 
     def __init__(self, s: ClientSettings, say) -> None:  # noqa: ANN001
         self.s, self.say = s, say
         self.state = Path(s.state_dir).expanduser().resolve()
         self.said: set[str] = set()
-        self.since = time.monotonic()
-        self.connected = False
+        self.connected = False  # the current SuperNode's last word was a success
+        self.ever = False  # this device has joined the server since it started
+        self.lost_since: float | None = time.monotonic()  # when the server stopped answering (or the start)
+        self.seen = 0  # how much of the current SuperNode's log is read
+        self.failing = False  # its last connection attempt failed
 
     def once(self, cause: str, text: str) -> None:
         if cause not in self.said:
@@ -182,14 +192,34 @@ class ConsoleNotes:
     def _joined(self) -> Path:
         return self.state / "joined"  # this node once joined the server it names: a refusal now is a stale session
 
+    def restarted(self) -> None:
+        """The SuperNode was started again: its log starts anew, and the device is not connected."""
+        self.seen, self.connected = 0, False
+        if self.lost_since is None:
+            self.lost_since = time.monotonic()
+
     def read(self, log_text: str) -> None:
-        if CONNECTED in log_text and not self.connected:
-            self.connected = True
+        """Take the current SuperNode's log (all of it; only what is new is read)."""
+        new, self.seen = log_text[self.seen:], len(log_text)
+        ok, bad = max(new.rfind(m) for m in CONNECTED), new.rfind(UNREACHABLE)
+        now = time.monotonic()
+        if ok > bad and not self.connected:
+            away = now - self.lost_since if self.lost_since is not None else 0.0
+            if self.ever:
+                self.say(f"rejoined the server at {self.s.server} after {away:.0f} s")
+            else:
+                self.say(f"connected to the server at {self.s.server}")
+            self.connected = self.ever = True
+            self.failing = False
+            self.lost_since = None
             self.said.discard("unreachable")
-            self.once("connected", f"connected to the server at {self.s.server}")
             self._joined.write_text(self.s.server)
-        if not self.connected and UNREACHABLE in log_text and time.monotonic() - self.since > self.s.connect_wait:
-            self.once("unreachable", f"cannot reach the server at {self.s.server} after {self.s.connect_wait:g} s: "
+        elif bad > ok:
+            self.connected, self.failing = False, True
+            if self.lost_since is None:
+                self.lost_since = now
+        if self.failing and self.lost_since is not None and now - self.lost_since > self.s.connect_wait:
+            self.once("unreachable", f"cannot reach the server at {self.s.server} for {now - self.lost_since:.0f} s: "
                                      "check the address and port, and that `fedlora server` runs there (still trying)")
 
     def exited(self, log_text: str) -> float | None:
@@ -205,8 +235,8 @@ class ConsoleNotes:
                                       "when that lapses, trying every 5 s")
             return 5.0
         self.once("not-enrolled", "the server does not know this node's key: ask the operator to enrol "
-                                  f"{enrol_hint(self.s.node_key, self.state)} (trying again every 30 s)")
-        return 30.0
+                                  f"{enrol_hint(self.s.node_key, self.state)} (trying again every {self.s.enrol_retry:g} s)")
+        return self.s.enrol_retry
 
 
 def peak_memory_mb(maxrss: int | None = None) -> float:
@@ -250,7 +280,7 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
         while True:
             if node is None:
                 starts += 1
-                if not cold:  # first: its imports (seconds) overlap the wait for the server
+                if not cold and executor is None:  # first: its imports (seconds) overlap the wait for the server
                     executor = spawn([sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state)],
                                      state / "executor.log", env=env)
                 if starts == 1:
@@ -263,26 +293,30 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
             if executor is not None:  # the executor's own lines (model loaded, peak memory, bad data) to the console
                 lines = (state / "executor.log").read_text(errors="replace").splitlines()
                 for line in lines[shown:]:
-                    if " fedlora.client " in line and "task " not in line:
+                    if " fedlora.client " in line and "task " not in line and EXECUTOR_STARTED not in line:
                         say(line.split(" fedlora.client ", 1)[1].strip())
                 shown = len(lines)
-            if not notes.connected:  # once connected, only an exit has anything more to say
-                notes.read(node_text())
+            notes.read(node_text())
             if node.poll() is not None or (executor is not None and executor.poll() is not None):
                 failed = "SuperNode" if node.poll() is not None else "resident executor"
                 wait = notes.exited(node_text()) if failed == "SuperNode" else None
                 known = wait is not None
                 why = tail(node_log if failed == "SuperNode" else state / "executor.log", 6)
-                stop(executor)
-                stop(node)
                 if s.max_retries >= 0 and starts > s.max_retries:
                     say(f"the {failed} exited and max_retries ({s.max_retries}) is spent" + ("" if known else f":\n{why}"))
                     return 1
                 # A SuperNode whose key is not enrolled yet, or whose server is down, exits: start it
-                # again, as Flower's own retries would (the node's state folder survives).
+                # again, as Flower's own retries would (the node's state folder survives). The
+                # executor, still up, keeps its imports and model and waits for the new SuperNode's
+                # Runtime API on the same port.
                 if not known:
                     say(f"the {failed} exited; starting it again in 5 s. Last lines:\n{why}")
-                node = executor = None
+                stop(node)
+                node = None
+                if failed != "SuperNode" or executor is None or executor.poll() is not None:
+                    stop(executor)
+                    executor = None
+                notes.restarted()
                 time.sleep(wait if known else 5.0)
                 continue
             time.sleep(0.5)

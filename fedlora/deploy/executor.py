@@ -28,6 +28,7 @@ from pathlib import Path
 from fedlora.deploy.processes import await_listener  # stdlib only: nothing heavy before the warm-up
 
 log = logging.getLogger("fedlora.client")
+STARTED = "resident executor started in process"  # its first log line
 
 def _warm(state_dir: Path, warmed: set[str]) -> None:
     """Build this node's session for the run last set up: its data tokenized and its PEFT model
@@ -220,6 +221,7 @@ def main() -> None:  # python -m fedlora.deploy.executor ADDRESS STATE_DIR
     apply_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
+    log.info("%s %d, for the SuperNode at %s", STARTED, os.getpid(), sys.argv[1])
     run_resident_executor(sys.argv[1], sys.argv[2])
 
 
