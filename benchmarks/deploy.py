@@ -53,9 +53,17 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def _per_round(rows: list[dict]) -> float:
-    later = [r["seconds"] for r in rows if r["round"] >= 2]
+def _per_round(rows: list[dict], key: str = "seconds") -> float:
+    later = [r.get(key) or 0.0 for r in rows if r["round"] >= 2]
     return sum(later) / len(later)
+
+
+def _breakdown(rows: list[dict]) -> dict:
+    """Where a later round's seconds go: the clients' own training (mean over clients), the server's
+    work (aggregation, evaluation, checkpoint) and the rest: transport, message hops, waiting on
+    polls, task starts and the clients' evaluation."""
+    train, server = _per_round(rows, "client-train-seconds"), _per_round(rows, "server-seconds")
+    return {"client_train_s": train, "server_s": server, "rest_s": _per_round(rows) - train - server}
 
 
 def simulation(cfg_path: Path, root: Path) -> dict:
@@ -69,7 +77,7 @@ def simulation(cfg_path: Path, root: Path) -> dict:
     run = simulate(cfg, run_dir=RunDir(root / "sim")).path
     rows = _rows(run)
     return {"mode": "simulation", "total_s": time.perf_counter() - t0, "round1_s": rows[1]["seconds"],
-            "per_round_s": _per_round(rows), "final_accuracy": rows[-1]["server-accuracy"],
+            "per_round_s": _per_round(rows), **_breakdown(rows), "final_accuracy": rows[-1]["server-accuracy"],
             "initial_accuracy": rows[0]["server-accuracy"]}
 
 
@@ -113,7 +121,7 @@ def deployment(cfg_path: Path, port: int, root: Path, creds, cold: bool) -> dict
         if found:
             peaks.append(max(found))
     return {"mode": f"deployment ({tag})", "total_s": total, "superlink_start_s": up, "round1_s": rows[1]["seconds"],
-            "per_round_s": _per_round(rows), "final_accuracy": rows[-1]["server-accuracy"],
+            "per_round_s": _per_round(rows), **_breakdown(rows), "final_accuracy": rows[-1]["server-accuracy"],
             "initial_accuracy": rows[0]["server-accuracy"], "client_peak_rss_mb": max(peaks) if peaks else None,
             "run_dir": str(run)}
 

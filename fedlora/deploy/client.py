@@ -239,15 +239,6 @@ class ConsoleNotes:
         return self.s.enrol_retry
 
 
-def peak_memory_mb(maxrss: int | None = None) -> float:
-    """This process's peak resident memory in MB, or that of a ``ru_maxrss`` figure (a child's, from
-    ``os.wait4``): kilobytes on Linux, bytes on macOS."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if maxrss is None else maxrss
-    return rss / 1024 if sys.platform.startswith("linux") else rss / 1024 / 1024
-
-
 def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa: ANN001
     """Run until interrupted (or until the SuperNode gives up); returns the SuperNode's exit code."""
 

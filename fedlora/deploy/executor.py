@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.deploy.processes import await_listener  # stdlib only: nothing heavy before the warm-up
+from fedlora.deploy.processes import await_listener, peak_memory_mb  # stdlib only: nothing heavy before the warm-up
 
 log = logging.getLogger("fedlora.client")
 STARTED = "resident executor started in process"  # its first log line
@@ -54,8 +54,6 @@ def _warm(state_dir: Path, warmed: set[str]) -> None:
     torch.set_num_threads(1)  # see run_resident_executor: the parent never starts a thread pool
     session.model()
     warmed.add(text)
-    from fedlora.deploy.client import peak_memory_mb
-
     log.info("run's base model (%s) and data loaded once, kept for its tasks (%.1f s); peak memory %.0f MB",
              session.cfg.model.name, time.perf_counter() - t0, peak_memory_mb())
 
@@ -161,8 +159,6 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     task_threads = single_threaded_parent()
 
     state_dir = Path(state_dir)
-    from fedlora.deploy.client import peak_memory_mb
-
     log.info("ready: fedlora, torch, transformers and PEFT imported once; peak memory %.0f MB", peak_memory_mb())
     # `fedlora client` starts this process before its SuperNode (which may wait for the server):
     # ask the SuperNode's Runtime API port until it listens rather than back off from a refusal.

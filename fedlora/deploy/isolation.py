@@ -66,6 +66,27 @@ def enter_private_network() -> str | None:
     return None
 
 
+def fetch_hub_files(cfg) -> list[str]:  # noqa: ANN001 - a FedLoraConfig
+    """Download what the ServerApp will load from the Hugging Face hub (a hub model id, a hub dataset)
+    into the caches it reads, before the private network cuts the server off; returns what it fetched."""
+    from fedlora.model_sources import TINY_DECODERS, MINILM, TINY_BERT, cache_root
+
+    out = []
+    name = cfg.model.name
+    if name not in (MINILM, TINY_BERT, *TINY_DECODERS) and not Path(name).expanduser().exists():
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(name)
+        out.append(f"model {name}")
+    ds = cfg.data.dataset
+    if ds and not ds.startswith("builtin:") and not Path(ds).expanduser().exists() and not cfg.data.data_files:
+        from fedlora.data import _load_hf
+
+        _load_hf(cfg.data, cache_root(cfg.model.cache_dir))
+        out.append(f"dataset {ds}")
+    return out
+
+
 def loopback_up() -> None:
     """Bring this network namespace's ``lo`` up (a new namespace starts with it down)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

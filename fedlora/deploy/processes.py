@@ -108,6 +108,15 @@ def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
         proc.wait(5)
 
 
+def peak_memory_mb(maxrss: int | None = None) -> float:
+    """This process's peak resident memory in MB, or that of a ``ru_maxrss`` figure (a child's, from
+    ``os.wait4``): kilobytes on Linux, bytes on macOS."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if maxrss is None else maxrss
+    return rss / 1024 if sys.platform.startswith("linux") else rss / 1024 / 1024
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

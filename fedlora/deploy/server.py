@@ -222,7 +222,7 @@ def isolate(dep: Deployment, cfg: FedLoraConfig, say: Callable[[str], None]) -> 
     """Bind the devices' address, then move this process into its private network (see
     :mod:`fedlora.deploy.isolation`), where everything it starts afterwards runs: the SuperLink's
     Control API is then out of reach of the machine's other accounts. Says so when it cannot."""
-    from fedlora.deploy.isolation import PID_FILE, bind_listener, enter_private_network
+    from fedlora.deploy.isolation import PID_FILE, bind_listener, enter_private_network, fetch_hub_files
 
     s = cfg.server
     if s.expose_control_api:
@@ -249,27 +249,6 @@ def isolate(dep: Deployment, cfg: FedLoraConfig, say: Callable[[str], None]) -> 
             "with no other users, or where the kernel allows it (README: The control port)")
 
 
-def fetch_hub_files(cfg: FedLoraConfig) -> list[str]:
-    """Download what the ServerApp will load from the Hugging Face hub (a hub model id, a hub dataset)
-    into the caches it reads, before the private network cuts the server off; returns what it fetched."""
-    from fedlora.model_sources import TINY_DECODERS, MINILM, TINY_BERT, cache_root
-
-    out = []
-    name = cfg.model.name
-    if name not in (MINILM, TINY_BERT, *TINY_DECODERS) and not Path(name).expanduser().exists():
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(name)
-        out.append(f"model {name}")
-    ds = cfg.data.dataset
-    if ds and not ds.startswith("builtin:") and not Path(ds).expanduser().exists() and not cfg.data.data_files:
-        from fedlora.data import _load_hf
-
-        _load_hf(cfg.data, cache_root(cfg.model.cache_dir))
-        out.append(f"dataset {ds}")
-    return out
-
-
 def write_connection(dep: Deployment, cfg: FedLoraConfig) -> None:
     import tomli_w
 
@@ -288,8 +267,8 @@ def enrol(dep: Deployment, keys: list[Path]) -> list[str]:
     """Register each node key; a key already registered (a restarted SuperLink on its database) is fine."""
     notes = []
     for key in keys:
-        # The key's file name is the node's name, bound to the key in the SuperLink's database: its
-        # client id in this run, whatever the node declares (see EnrolledNames).
+        # Named after the key's file, as the ServerApp names the node (fedlora.deploy.control.EnrolledNodes
+        # decides who takes part from the key files themselves, not from this registration).
         res = dep.flwr("supernode", "register", str(key), CONNECTION, "--name", key.stem, check=False)
         text = (res.stdout + res.stderr).strip()
         if res.returncode != 0 and "already" not in text.lower():
