@@ -416,7 +416,7 @@ def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp
     node_log = (tmp_path / "state-unenrolled" / "supernode.log").read_text()
     assert node_log.count("Failed to activate SuperNode") == 3, node_log[-2000:]
     executor_log = (tmp_path / "state-unenrolled" / "executor.log").read_text()
-    assert executor_log.count("resident executor started in process") == 1, executor_log
+    assert executor_log.count("resident executor up, process") == 1, executor_log
 
 
 def test_server_puts_only_the_fleet_api_on_its_address_and_refuses_tls_without_enrolled_keys(tmp_path):

@@ -28,10 +28,15 @@ class Recorder(http.server.BaseHTTPRequestHandler):
     """The stand-in SuperLink: records (method, request target as received) and answers 200."""
 
     seen: list[tuple[str, str]] = []
+    headers_seen: list[dict[str, list[str]]] = []  # each request's headers, by lower-case name
     protocol_version = "HTTP/1.1"
 
     def _any(self) -> None:
         self.seen.append((self.command, self.path))
+        got: dict[str, list[str]] = {}
+        for k, v in self.headers.items():
+            got.setdefault(k.lower(), []).append(v)
+        self.headers_seen.append(got)
         length = int(self.headers.get("content-length") or 0)
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
@@ -181,13 +186,19 @@ def test_each_fleet_call_is_forwarded_to_its_constant_path_and_the_rest_refused_
         assert any(f"refused POST {target.decode()} from 127.0.0.1" in x for x in log_lines(log)[before_log:]), target
 
 
-def test_headers_pass_but_host_and_hop_by_hop_headers_are_the_gates_own(gate):
+def test_headers_pass_but_host_hop_by_hop_and_forwarding_headers_are_the_gates_own(gate):
     port, seen, log, ca = gate
     with tls_socket(port, ca) as s:
-        s.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: evil.example\r\nx-flwr-signature: abc\r\n"
+        s.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: evil.example\r\nflwr-signature: abc\r\n"
+                  b"X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
                   b"Upgrade: h2c\r\nConnection: close, Upgrade\r\ncontent-length: 0\r\n\r\n")
         reply = b"".join(iter(lambda: s.recv(65536), b""))
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"upstream:/v1/fleet/pull-messages"), reply
+    got = Recorder.headers_seen[-1]
+    assert got["flwr-signature"] == ["abc"]  # the node's signature reaches the SuperLink
+    assert got["x-forwarded-for"] == ["127.0.0.1"] and got["x-forwarded-proto"] == ["https"], got
+    assert "forwarded" not in got and "x-real-ip" not in got and "upgrade" not in got, got
+    assert got["host"] != ["evil.example"], got
 
 
 def test_http2_is_refused_before_it_reaches_the_upstream(gate):

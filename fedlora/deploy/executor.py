@@ -28,7 +28,7 @@ from pathlib import Path
 from fedlora.deploy.processes import await_listener, peak_memory_mb  # stdlib only: nothing heavy before the warm-up
 
 log = logging.getLogger("fedlora.client")
-STARTED = "resident executor started in process"  # its first log line
+STARTED = "resident executor up, process"  # its first log line (task lines say "started in process")
 
 def _warm(state_dir: Path, warmed: set[str]) -> None:
     """Build this node's session for the run last set up: its data tokenized and its PEFT model

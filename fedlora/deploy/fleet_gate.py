@@ -57,6 +57,10 @@ REFUSED = ("this address serves devices only (Flower's Fleet API calls, exactly 
 # through unchanged, and each side's HTTP parser holds the body to it.
 _OWN_HEADERS = frozenset({b"host", b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
                           b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+# Who sent a request is the gate's to say: the SuperLink (uvicorn, trusting 127.0.0.1) logs the
+# address in X-Forwarded-For, so a device's own forwarding headers are dropped and the peer's set.
+_FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                         b"x-forwarded-port", b"x-real-ip"})
 
 log = logging.getLogger("fedlora.gate")
 
@@ -121,7 +125,9 @@ class FleetGate:
                 if not msg.get("more_body", False):
                     return
 
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _OWN_HEADERS]
+        peer = (scope.get("client") or ("unknown", 0))[0]
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _OWN_HEADERS | _FORWARDING]
+        headers += [(b"x-forwarded-for", peer.encode()), (b"x-forwarded-proto", scope.get("scheme", "http").encode())]
         request = self.client.build_request(FLEET_METHOD, self.upstream_base + call, headers=headers, content=body())
         try:
             response = await self.client.send(request, stream=True)
