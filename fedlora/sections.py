@@ -188,6 +188,10 @@ class FederationConfig:
         "a large held-out set or several dylora.eval_ranks can cost more than a round of training.", default=1)
     wire_dtype: str = _meta("Dtype of factors on the wire: float32, float16 or bfloat16.", default="float32")
     round_timeout: float = _meta("Seconds to wait for replies in a round.", default=3600.0)
+    pull_budget_mb: float = _meta(
+        "Replies taken from Flower's grid in one pull, in MiB of factors: the server asks for as many message ids "
+        "at a time as fit (at least one), so replies that arrive faster than the fold wait at the SuperLink, not "
+        "in the server's memory.", default=128.0)
     max_num_examples: int = _meta("Reject replies claiming more examples than this (0 = the client's declared size).", default=0)
     max_declared_examples: int = _meta(
         "Cap on the training-set size a client may declare at setup (it bounds its aggregation weight).",
@@ -221,6 +225,7 @@ class FederationConfig:
                  f"must be in 0..federation.num_clients ({self.num_clients})")
         _require(self.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds")
         _require(self.wait_timeout > 0, "federation.wait_timeout", "must be > 0 seconds")
+        _require(self.pull_budget_mb > 0, "federation.pull_budget_mb", "must be > 0")
         _require(self.wire_dtype in ("float32", "float16", "bfloat16"), "federation.wire_dtype",
                  f"must be float32, float16 or bfloat16, got {self.wire_dtype!r}")
 

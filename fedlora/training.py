@@ -128,7 +128,8 @@ def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], data: Examp
 
 def _loop(ctx: TrainContext, hooks: Sequence[TrainingHook], t0: float) -> TrainResult:
     tc, device, data = ctx.tc, ctx.device, ctx.data
-    total_loss, seen, steps, epoch = 0.0, 0, 0, 0
+    # The running loss stays on the device: reading it every step would wait for the device every step.
+    total_loss, seen, steps, epoch = torch.zeros((), device=device), 0, 0, 0
     while steps < ctx.target_steps:
         for item in ctx.batch_source(epoch):
             if item is None:
@@ -146,12 +147,13 @@ def _loop(ctx: TrainContext, hooks: Sequence[TrainingHook], t0: float) -> TrainR
                 if ctx.clip_grad:
                     torch.nn.utils.clip_grad_norm_(ctx.params, tc.max_grad_norm)
                 ctx.optimizer.step()
-                total_loss += float(loss.detach()) * len(labels)
+                total_loss += loss.detach() * len(labels)
                 seen += len(labels)
             steps += 1
             if steps >= ctx.target_steps:
                 break
         epoch += 1
+    total_loss = float(total_loss)
     if not math.isfinite(total_loss):
         raise FloatingPointError("local training diverged (non-finite loss)")
     metrics: dict = {}

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import codec
-from fedlora.aggregation.streaming import StreamingGrid
+from fedlora.aggregation.streaming import StreamingGrid, replies_per_pull
 from fedlora.config import FedLoraConfig
 from fedlora.data import load_task
 from fedlora.dylora import RankMask
@@ -277,7 +277,8 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
         return None
 
     result = strategy.start(
-        grid=StreamingGrid(grid), initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds - strategy.round_offset,
+        grid=StreamingGrid(grid, max_pull=replies_per_pull(cfg, strategy.template)),
+        initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds - strategy.round_offset,
         timeout=cfg.federation.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
     )

@@ -103,3 +103,40 @@ def test_perplexity_is_exp_of_the_loss_and_never_overflows():
     assert perplexity(0.0) == 1.0
     assert perplexity(math.log(20.0)) == pytest.approx(20.0)
     assert perplexity(699.0) == pytest.approx(math.exp(699.0)) and perplexity(700.0) == math.inf
+
+
+def _reference_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain form: cross-entropy over every position of the full float32 logits."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                             ignore_index=IGNORE, reduction="none")
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 4), width=st.integers(2, 9), vocab=st.integers(2, 11), seed=st.integers(0, 10**6),
+       half=st.booleans())
+def test_response_nll_gathers_only_scored_rows_and_equals_the_full_cross_entropy(batch, width, vocab, seed, half):
+    """Values and gradients, per token and in DP-SGD's per-example form, equal the cross-entropy over
+    the whole float32 logits (bf16 logits: the same rows upcast, so the same numbers)."""
+    from fedlora.tasks.causal import response_nll
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, width, vocab, generator=g)
+    if half:
+        logits = logits.to(torch.bfloat16)
+    ids = torch.randint(0, vocab, (batch, width), generator=g)
+    lengths = torch.randint(1, width + 1, (batch,), generator=g)
+    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    prompts = torch.minimum(torch.randint(0, width, (batch,), generator=g), lengths)
+    labels = token_labels(ids, mask, prompts)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got, scored = response_nll(a, labels)
+    want = _reference_nll(b, labels)
+    assert got.dtype == torch.float32 and torch.equal(scored, labels[:, 1:] != IGNORE)
+    assert torch.allclose(got, want, atol=1e-6)
+    per_example_got = got.sum(1) / scored.sum(1).clamp(min=1)
+    per_example_want = want.sum(1) / scored.sum(1).clamp(min=1)
+    assert torch.allclose(per_example_got, per_example_want, atol=1e-6)
+    w = torch.randn(batch, generator=g)
+    (per_example_got * w).sum().backward()
+    (per_example_want * w).sum().backward()
+    assert torch.allclose(a.grad.float(), b.grad.float(), atol=1e-6)

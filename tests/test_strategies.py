@@ -135,3 +135,70 @@ def test_a_node_the_superlink_answers_for_is_named_as_itself_once(task_identity)
     assert not replies[0].has_error() and replies[1].has_error()
     assert "Node Unavailable" in replies[1].error.reason
     assert replies[1].metadata.reply_to_message_id == "m1"
+
+
+def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(task_identity):
+    """100 replies of 1 MB have all arrived when the round starts pulling (Flower's grids hand over
+    every arrived reply of the ids asked). With max_pull = 4 no pull asks for more than 4 ids, and
+    the replies held at once (traced allocations) stay those of a few replies, where asking for
+    every id at once holds the whole backlog."""
+    import tracemalloc
+
+    import numpy as np
+    from flwr.app import ArrayRecord, Message, RecordDict
+
+    from fedlora.aggregation.streaming import StreamingGrid
+
+    class Backlog:  # a SuperLink holding 100 replies until they are pulled
+        def __init__(self) -> None:
+            self.asked: list[int] = []
+            self.sent: dict[str, Message] = {}
+
+        def push_messages(self, messages):  # noqa: ANN001, ANN202
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"m{i}"
+                self.sent[f"m{i}"] = m
+            return list(self.sent)
+
+        def pull_messages(self, ids):  # noqa: ANN001, ANN202
+            ids = list(ids)
+            self.asked.append(len(ids))
+            return [Message(RecordDict({"arrays": ArrayRecord([np.full(250_000, len(self.sent), np.float32)])}),
+                            reply_to=self.sent.pop(i)) for i in ids if i in self.sent]
+
+    def peak_mb(max_pull: int) -> tuple[float, Backlog]:
+        grid = Backlog()
+        messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(100)]
+        tracemalloc.start()
+        seen = 0
+        for reply in StreamingGrid(grid, max_pull=max_pull).send_and_receive(messages, timeout=30):
+            seen += 1  # the fold takes the reply and drops it
+            del reply
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        assert seen == 100
+        return peak, grid
+
+    bounded, grid = peak_mb(4)
+    assert max(grid.asked) == 4 and sum(grid.asked) == 100, grid.asked
+    unbounded, _ = peak_mb(1_000_000)
+    single, _ = peak_mb(1)
+    assert unbounded > 50 * 0.95, unbounded  # the whole backlog at once (1 MB a reply)
+    assert bounded < single + 4 * 1.1, (bounded, single)
+    print(f"peak MiB of replies held: one at a time {single:.1f}, max_pull 4 {bounded:.1f}, all at once {unbounded:.1f}")
+
+
+def test_replies_per_pull_fits_the_budget():
+    from fedlora.aggregation.streaming import replies_per_pull
+    from fedlora.config import FedLoraConfig
+    from fedlora.factors import LoraFactors
+
+    cfg = FedLoraConfig()
+    t = LoraFactors.from_tensors({"m/A": torch.zeros(16, 4096), "m/B": torch.zeros(4096, 16)}, {"m": 32.0})
+    one_mb = t.numel() * 4 / 2**20  # 0.5 MiB in float32
+    cfg.federation.pull_budget_mb = 128.0
+    assert replies_per_pull(cfg, t) == int(128 // one_mb) == 256
+    cfg.federation.wire_dtype = "bfloat16"
+    assert replies_per_pull(cfg, t) == 512
+    cfg.federation.pull_budget_mb = 0.1  # smaller than one reply: still one at a time
+    assert replies_per_pull(cfg, t) == 1

@@ -24,10 +24,16 @@ from flwr.app import Message
 
 
 class StreamingGrid:
-    """A ``Grid`` whose ``send_and_receive`` yields replies as they are pulled."""
+    """A ``Grid`` whose ``send_and_receive`` yields replies as they are pulled, at most ``max_pull``
+    per pull: Flower's grids return every reply that has arrived for the ids asked, so the ids are
+    asked ``max_pull`` at a time, in turn, and replies that arrive faster than the consumer folds
+    them wait at the SuperLink. Peak memory is then ``max_pull`` replies, not the backlog."""
 
-    def __init__(self, grid) -> None:  # noqa: ANN001 - any flwr Grid
+    def __init__(self, grid, max_pull: int = 1_000_000) -> None:  # noqa: ANN001 - any flwr Grid
+        if max_pull < 1:
+            raise ValueError(f"max_pull must be >= 1, got {max_pull}")
         self._grid = grid
+        self.max_pull = max_pull
 
     def __getattr__(self, name: str):  # noqa: ANN204 - delegate everything else
         return getattr(self._grid, name)
@@ -44,12 +50,16 @@ class StreamingGrid:
     def _pull(self, sent: dict[str, Message | None], end: float, forever: bool) -> Iterator[Message]:
         interval = float(getattr(self._grid, "pull_interval", 0.1))
         while sent and (forever or time.time() < end):
-            replies = list(self._grid.pull_messages(list(sent)))
-            for i, r in enumerate(replies):
-                replies[i] = in_place_of(r, sent.pop(r.metadata.reply_to_message_id, None))
-            while replies:
-                yield replies.pop(0)  # popped: the consumer's reference is the last one
-            if sent:
+            got_any = False
+            ids = list(sent)
+            for start in range(0, len(ids), self.max_pull):  # one sweep over the waiting ids
+                replies = list(self._grid.pull_messages(ids[start:start + self.max_pull]))
+                got_any = got_any or bool(replies)
+                for i, r in enumerate(replies):
+                    replies[i] = in_place_of(r, sent.pop(r.metadata.reply_to_message_id, None))
+                while replies:
+                    yield replies.pop(0)  # popped: the consumer's reference is the last one
+            if sent and not got_any:
                 time.sleep(interval)
 
 
@@ -60,3 +70,11 @@ def in_place_of(reply: Message, original: Message | None) -> Message:
     if original is None or not reply.has_error() or reply.metadata.src_node_id == original.metadata.dst_node_id:
         return reply
     return Message(reply.error, reply_to=original)
+
+
+def replies_per_pull(cfg, template) -> int:  # noqa: ANN001 - a FedLoraConfig, the client-form LoraFactors
+    """How many replies fit ``federation.pull_budget_mb``: a reply at most carries every factor of
+    the template (its largest rank) in the wire dtype; at least one."""
+    per_value = 4 if cfg.federation.wire_dtype == "float32" else 2
+    reply_mb = max(template.numel(), 1) * per_value / 2**20
+    return max(1, int(cfg.federation.pull_budget_mb // reply_mb))

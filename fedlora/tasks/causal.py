@@ -187,12 +187,19 @@ def causal_lm_loss(outputs, labels: torch.Tensor) -> torch.Tensor:  # noqa: ANN0
 
 
 def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token negative log-likelihood of every position ([batch, length - 1], 0 where not
-    scored) and the mask of scored (response) positions: token t is predicted at position t - 1."""
+    """Next-token negative log-likelihood of every position ([batch, length - 1], float32, 0 where
+    not scored) and the mask of scored (response) positions: token t is predicted at position t - 1.
+
+    Only the scored rows of ``logits`` are gathered (one contiguous [scored, vocab] block) and
+    upcast to float32 for the softmax: the prompt and padding positions, most of a batch, are
+    never copied, and the class dimension stays last (a transposed [batch, vocab, length] input
+    makes cross-entropy stride across the vocabulary)."""
     target = labels[:, 1:]
-    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE,
-                                reduction="none")
-    return per_token, target != IGNORE
+    scored = target != IGNORE
+    per_token = torch.zeros(target.shape, dtype=torch.float32, device=logits.device)
+    rows = logits[:, :-1][scored]
+    per_token = per_token.index_put((scored,), F.cross_entropy(rows.float(), target[scored], reduction="none"))
+    return per_token, scored
 
 
 def perplexity(loss: float) -> float:
