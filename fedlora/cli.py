@@ -202,6 +202,7 @@ def client(
     cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="This device's model and data cache (default FEDLORA_CACHE or ~/.cache/fedlora); the server's run config cannot choose it.")] = None,
     model_dir: Annotated[Optional[list[str]], typer.Option("--model-dir", help="A folder a run may name as its base model on this device (repeatable); hub ids and builtins need none.")] = None,
     cold: Annotated[bool, typer.Option("--cold", help="Flower's default isolation: a fresh process (and model load) per message.")] = False,
+    executor: Annotated[Optional[str], typer.Option("--executor", help="How the resident executor runs tasks: fork (from the warm process), worker (one spawned process per run, no fork), auto (worker for a run on CUDA).")] = None,
 ) -> None:
     """Join a real federation from this device (Flower SuperNode + fedlora's ClientApp)."""
     from fedlora.deploy.client import ClientSettings, run_client
@@ -211,7 +212,8 @@ def client(
                                            "node_key": node_key, "data": data, "state_dir": state_dir, "rank": rank,
                                            "device_class": device_class, "client_id": client_id,
                                            "partition_id": partition_id, "insecure": insecure, "threads": threads,
-                                           "cache_dir": cache_dir, "model_dirs": model_dir or None})
+                                           "cache_dir": cache_dir, "model_dirs": model_dir or None,
+                                           "executor": executor})
     except (ConfigError, TypeError) as exc:
         typer.secho(f"client settings error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -89,13 +89,13 @@ def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int =
 
 
 def start_clients(tmp_path: Path, creds, port: int, which=range(3), ids: dict | None = None,  # noqa: ANN001
-                  **extra) -> list[subprocess.Popen]:
+                  flags: dict | None = None) -> list[subprocess.Popen]:
     procs = []
     for i in which:
         procs.append(cli("client", "--server", f"127.0.0.1:{port}", "--root-certificates", str(creds.ca_cert),
                          "--node-key", str(creds.nodes[i].private_key), "--partition-id", str(i),
                          "--client-id", (ids or {}).get(i, f"node-{i}"), "--state-dir", str(tmp_path / f"state{i}"),
-                         log=tmp_path / f"client{i}.log"))
+                         *(flags or {}).get(i, []), log=tmp_path / f"client{i}.log"))
     return procs
 
 
@@ -161,8 +161,9 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     port = free_port()
     config = server_config(tmp_path, creds, port, rounds=2)
     server = cli("server", "-c", str(config), log=tmp_path / "server.log")
-    # Device 1 declares device 0's client id: identity is the enrolled key, so it stays node-1.
-    clients = start_clients(tmp_path, creds, port, ids={1: "node-0"})
+    # Device 1 declares device 0's client id: identity is the enrolled key, so it stays node-1. Device 2
+    # runs its tasks as a CUDA run would: in one spawned worker process that never forks.
+    clients = start_clients(tmp_path, creds, port, ids={1: "node-0"}, flags={2: ["--executor", "worker"]})
     # A fourth device whose key the server never enrolled: refused, and it gives up (max_retries 0).
     intruder_settings = tmp_path / "intruder.toml"
     intruder_settings.write_text(f'server = "127.0.0.1:{port}"\nroot_certificates = "{creds.ca_cert}"\n'
@@ -223,6 +224,18 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     assert_same_factors(final_factors(run), final_factors(sim))
     # the adapter PEFT loads
     assert (run / "adapter" / "adapter_model.safetensors").exists()
+    # Device 2's tasks (setup, 2 trainings, 2 evaluations) were all served by one worker process that
+    # its executor spawned, never by a fork of the executor; its factors entered the run above, which
+    # equals the simulation.
+    ex2 = (tmp_path / "state2" / "executor.log").read_text()
+    workers = set(re.findall(r"served in worker process (\d+)", ex2))
+    assert len(workers) == 1 and len(re.findall(r"served in worker process", ex2)) >= 3, ex2[-3000:]
+    # the model was built once, by the worker: the executor itself never built it (on a GPU it would
+    # hold a CUDA context, which no fork carries)
+    assert "started in process" not in ex2 and ex2.count("base model (builtin:tiny-bert) and data loaded once") == 1, \
+        ex2[-3000:]
+    executor_pid = re.search(r"resident executor up, process (\d+)", ex2).group(1)
+    assert workers != {executor_pid}
     # A device's console reports the training process's peak memory, not only the loader's.
     peaks = re.findall(r"peak memory of a round's work so far: (\d+) MB", (tmp_path / "client0.log").read_text())
     assert peaks and int(peaks[-1]) > 100, (tmp_path / "client0.log").read_text()[-2000:]
@@ -696,6 +709,28 @@ sys.exit(os.waitstatus_to_exitcode(status))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "2"]
+
+
+def test_the_executor_keeps_a_cuda_run_out_of_its_forks(tmp_path, monkeypatch):
+    """A run set up to train on CUDA is served by a spawned worker (auto mode), read from the setup
+    file alone; a CPU run keeps the forks of the warm executor."""
+    import torch
+
+    from fedlora.clients.session import SETUP_FILE
+    from fedlora.deploy.executor import setup_trains_on_cuda
+
+    assert not setup_trains_on_cuda(tmp_path)  # no run set up yet: the setup task is forked
+
+    def set_up(device: str) -> None:
+        (tmp_path / SETUP_FILE).write_text(json.dumps({"run-config": json.dumps({"train": {"device": device}})}))
+
+    for device, expect in [("cuda", True), ("cuda:1", True), ("cpu", False), ("mps", False)]:
+        set_up(device)
+        assert setup_trains_on_cuda(tmp_path) is expect, device
+    set_up("auto")
+    assert setup_trains_on_cuda(tmp_path) is torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, as auto sees it
+    assert setup_trains_on_cuda(tmp_path) is True
 
 
 def test_a_new_runs_task_ends_the_tasks_still_serving_a_stopped_run():

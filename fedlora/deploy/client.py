@@ -17,6 +17,8 @@ run's base model loaded between rounds. Settings come from a small TOML file and
     model_dirs = []              # folders a run may name as its base model (a hub id or builtin needs none)
     connect_wait = 60            # seconds unreachable before the console says so (it keeps trying)
     enrol_retry = 30             # seconds between tries while the server does not know this node's key
+    executor = "auto"            # fork: tasks forked from the warm executor; worker: one process per run serves
+                                 # them (no fork; auto picks it for a run on CUDA, which a fork cannot carry)
 
 What the server's run config may not decide on a device: where its cache, state and personal
 adapters are written, which local folder its base model is read from, and (for a device with its
@@ -57,6 +59,7 @@ class ClientSettings:
     model_dirs: list[str] = field(default_factory=list)  # folders a run may name as its base model on this device
     connect_wait: float = 60.0  # seconds without reaching the server before the console says so (it keeps trying)
     enrol_retry: float = 30.0  # seconds between tries while the server does not know this node's key
+    executor: str = "auto"  # fork | worker | auto (worker for a run on CUDA): how the resident executor runs tasks
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict) -> ClientSettings:
@@ -99,6 +102,8 @@ class ClientSettings:
             raise ConfigError("threads must be >= 0 (0 = the run's train.num_threads)")
         if not self.enrol_retry > 0:
             raise ConfigError("enrol_retry must be > 0 seconds")
+        if self.executor not in ("auto", "fork", "worker"):
+            raise ConfigError(f"executor must be auto, fork or worker, got {self.executor!r}")
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string (TOML values)."""
@@ -272,7 +277,8 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa
             if node is None:
                 starts += 1
                 if not cold and executor is None:  # first: its imports (seconds) overlap the wait for the server
-                    executor = spawn([sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state)],
+                    executor = spawn([sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state),
+                                      s.executor],
                                      state / "executor.log", env=env)
                 if starts == 1:
                     # A device started before its server joins as soon as the server listens, not at the

@@ -30,9 +30,11 @@ from fedlora.deploy.processes import await_listener, peak_memory_mb  # stdlib on
 log = logging.getLogger("fedlora.client")
 STARTED = "resident executor up, process"  # its first log line (task lines say "started in process")
 
-def _warm(state_dir: Path, warmed: set[str]) -> None:
+def _warm(state_dir: Path, warmed: set[str], threads: int = 1) -> None:
     """Build this node's session for the run last set up: its data tokenized and its PEFT model
-    built, both kept in fedlora's per-process caches, which every forked task inherits."""
+    built, both kept in fedlora's per-process caches, which every forked task inherits (or a
+    :class:`TaskWorker`'s tasks use in its own process). ``threads``: torch threads while building,
+    1 in a process that forks (see :func:`single_threaded_parent`)."""
     # lazy, here and below: this module is the executor's entry point; what it imports is what the
     # parent loads once, at the moment it chooses, for its forked tasks to inherit.
     from fedlora.clients.session import SETUP_FILE, ClientSession
@@ -51,11 +53,112 @@ def _warm(state_dir: Path, warmed: set[str]) -> None:
                                        int(setup["node-id"]), names)
     import torch
 
-    torch.set_num_threads(1)  # see run_resident_executor: the parent never starts a thread pool
+    torch.set_num_threads(threads)
     session.model()
     warmed.add(text)
     log.info("run's base model (%s) and data loaded once, kept for its tasks (%.1f s); peak memory %.0f MB",
              session.cfg.model.name, time.perf_counter() - t0, peak_memory_mb())
+
+
+def setup_trains_on_cuda(state_dir: Path) -> bool:
+    """Whether the run last set up on this node trains on a CUDA device (from its setup file, without
+    creating a CUDA context: PyTorch asks NVML, see :func:`main`)."""
+    from fedlora.clients.session import SETUP_FILE
+
+    path = state_dir / SETUP_FILE
+    if not path.exists():
+        return False
+    device = str(json.loads(json.loads(path.read_text())["run-config"]).get("train", {}).get("device", "auto"))
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class TaskWorker:
+    """One process that owns the model of one run and serves that run's tasks in turn, in-process:
+    started with ``spawn`` (a fresh interpreter, nothing inherited), it builds the run's model once
+    (on the GPU, for a CUDA run) and never forks, so CUDA is never carried across a fork. The
+    resident executor uses it for runs that train on CUDA, or always with ``--executor worker``;
+    a task that crashes it costs that task, and the next task starts a new worker."""
+
+    def __init__(self, runtime_api_address: str, state_dir: Path, threads: int, run_id: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.run_id = run_id
+        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=_worker_main, daemon=True, name="fedlora-task-worker",
+                                   args=(runtime_api_address, str(state_dir), threads, self.inbox, self.outbox))
+        self.process.start()
+        self.busy = 0  # tasks handed over and not reported done
+
+    def submit(self, token: str, task_id: int) -> None:
+        self.inbox.put((token, task_id))
+        self.busy += 1
+
+    def finished(self) -> list[tuple[int, int, float]]:
+        """(task id, exit code, the worker's peak MB) of each task done since the last call."""
+        import queue
+
+        out = []
+        while True:
+            try:
+                out.append(self.outbox.get_nowait())
+            except queue.Empty:
+                break
+        self.busy -= len(out)
+        return out
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(10)
+
+
+def _worker_main(runtime_api_address: str, state_dir: str, threads: int, inbox, outbox) -> None:  # noqa: ANN001
+    """A :class:`TaskWorker`'s process: warm the run's model, then serve each task handed over."""
+    from fedlora.env import apply_defaults
+
+    apply_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    import torch
+    from flwr.supernode.runtime import run_clientapp as flower_task
+
+    from fedlora.deploy.reaper import die_with_parent
+
+    # Flower's run_clientapp ends its process when the task is done (flwr_exit: its exit handlers,
+    # then os._exit after a timeout from a daemon thread). Here the process serves the next task:
+    # the task ends with the same exit handlers (the task's final status is pushed, its heartbeat
+    # stopped), and returns.
+    from flwr.supercore.exit.exit_handler import trigger_exit_handlers
+
+    def end_task(code: int, *args, **kwargs) -> None:  # noqa: ANN002, ANN003, ARG001 - flwr_exit's signature
+        trigger_exit_handlers(run_before_force_exit=True)
+        trigger_exit_handlers(run_before_force_exit=False)
+        raise SystemExit(int(code != 0))
+
+    flower_task.flwr_exit = end_task
+    die_with_parent()
+    torch.set_num_threads(threads)
+    warmed: set[str] = set()
+    while (item := inbox.get()) is not None:
+        token, task_id = item
+        _warm(Path(state_dir), warmed, threads)  # once the run is set up: its model, built once, on its device
+        log.info("task %s served in worker process %d", task_id, os.getpid())
+        code = 0
+        try:
+            flower_task.run_clientapp(runtime_api_address, token, insecure=True, parent_pid=None)
+        except SystemExit as exc:  # the task's end (end_task above)
+            code = exc.code if isinstance(exc.code, int) else 1
+        outbox.put((task_id, code, peak_memory_mb()))
 
 
 def single_threaded_parent() -> int:
@@ -143,8 +246,12 @@ def _terminate(pid: int) -> None:
         pass
 
 
-def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_seconds: float = 0.2) -> None:
-    """Serve the SuperNode's tasks until killed; each task runs in a forked child."""
+def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_seconds: float = 0.2,
+                          mode: str = "auto") -> None:
+    """Serve the SuperNode's tasks until killed. ``mode``: "fork" runs each task in a child forked
+    from this warm process; "worker" hands each task to a :class:`TaskWorker`; "auto" forks, except
+    for a run that trains on CUDA (this process then never builds the model: CUDA does not survive
+    a fork)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: PLC0415
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -169,6 +276,7 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
         retry_invoker=make_simple_http_retry_invoker(),
     )
     tasks = TaskProcesses()
+    worker: TaskWorker | None = None
     task_peak = 0.0
     warmed: set[str] = set()
     stop = {"now": False}
@@ -189,36 +297,65 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
                     task_peak = task_mb
                     log.info("peak memory of a round's work so far: %.0f MB in its process (pages it shares "
                              "with the executor, now %.0f MB, included)", task_mb, peak_memory_mb())
-            try:
-                _warm(state_dir, warmed)
-            except Exception as exc:  # noqa: BLE001 - a bad config is the task's to report, not ours
-                log.warning("could not preload the run's model: %s", exc)
-                warmed.add(str(exc))
+            if worker is not None:
+                for task_id, code, mb in worker.finished():
+                    if code:
+                        log.warning("task %s ended with code %s in worker process %d", task_id, code, worker.process.pid)
+                    if mb > 1.05 * task_peak:
+                        task_peak = mb
+                        log.info("peak memory of a round's work so far: %.0f MB in its worker process", mb)
+                if not worker.alive():
+                    log.warning("worker process %d exited (code %s); the next task starts a new one",
+                                worker.process.pid, worker.process.exitcode)
+                    worker = None
+            use_worker = mode == "worker" or (mode == "auto" and setup_trains_on_cuda(state_dir))
+            if not use_worker:
+                try:
+                    _warm(state_dir, warmed)
+                except Exception as exc:  # noqa: BLE001 - a bad config is the task's to report, not ours
+                    log.warning("could not preload the run's model: %s", exc)
+                    warmed.add(str(exc))
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if not (res.HasField("task") and res.token):
                 time.sleep(poll_seconds)
                 continue
-            token = res.token
-            for pid, run in tasks.end_other_runs(res.task.run_id):
-                log.info("task in process %d ended: its run %s was stopped (run %s has started)", pid, run,
-                         res.task.run_id)
+            token, run_id = res.token, res.task.run_id
+            for pid, run in tasks.end_other_runs(run_id):
+                log.info("task in process %d ended: its run %s was stopped (run %s has started)", pid, run, run_id)
+            if worker is not None and worker.run_id != run_id:
+                log.info("worker process %d ended: its run %s was stopped (run %s has started)", worker.process.pid,
+                         worker.run_id, run_id)
+                worker.stop()
+                worker = None
+            if use_worker:
+                if worker is None:
+                    worker = TaskWorker(runtime_api_address, state_dir, task_threads, run_id)
+                    log.info("run %s's tasks go to worker process %d (it loads the model once)", run_id,
+                             worker.process.pid)
+                worker.submit(token, res.task.task_id)
+                continue
             pid = fork_task(lambda: run_clientapp(runtime_api_address, token, insecure=True, parent_pid=parent),
                             task_threads)
-            tasks.add(pid, res.task.run_id)
-            log.info("task %s (run %s) started in process %d", res.task.task_id, res.task.run_id, pid)
+            tasks.add(pid, run_id)
+            log.info("task %s (run %s) started in process %d", res.task.task_id, run_id, pid)
     finally:
         tasks.stop_all()
+        if worker is not None:
+            worker.stop()
         client.close()
 
 
-def main() -> None:  # python -m fedlora.deploy.executor ADDRESS STATE_DIR
+def main() -> None:  # python -m fedlora.deploy.executor ADDRESS STATE_DIR [fork|worker|auto]
     from fedlora.env import apply_defaults
 
     apply_defaults()
+    # torch.cuda.is_available() then asks NVML and creates no CUDA context here (it would not survive
+    # the forks of the CPU path).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
     log.info("%s %d, for the SuperNode at %s", STARTED, os.getpid(), sys.argv[1])
-    run_resident_executor(sys.argv[1], sys.argv[2])
+    run_resident_executor(sys.argv[1], sys.argv[2], mode=sys.argv[3] if len(sys.argv) > 3 else "auto")
 
 
 if __name__ == "__main__":
