@@ -363,5 +363,8 @@ class DyLoraSection:
 @dataclass
 class SimulationConfig:
     num_cpus_per_client: int = _meta("Ray CPUs per virtual client (actors = cores / this).", default=1)
-    num_gpus_per_client: float = _meta("Ray GPUs per virtual client.", default=0.0)
+    num_gpus_per_client: float = _meta(
+        "Ray GPUs per virtual client: 0.25 puts four on one GPU at once. Each holds its own copy of the base model "
+        "and its activations and optimizer state on that GPU (Ray shares the device, not the memory): size it so "
+        "that 1/num_gpus_per_client copies fit.", default=0.0)
     state_dir: str = _meta("Client-state store root ('' = <run dir>/client_state).", default="")
