@@ -13,6 +13,8 @@ Cells:
   increase over idle <= 1 GB);
 * FlexLoRA with 1,000 replies of ranks 4, 8, 12, 16 (mixed): seconds per round through the
   single-pass sketch (goal <= 60 s on 2 cores);
+* FlexLoRA with 31 and 32 replies, either side of ``hetero.sketch_from_clients``: below it the fold is
+  exact only while the replies fit ``hetero.exact_budget_mb``, so the peak is flat (31 / 32 <= 1.2);
 * the sketch's relative error against the exact path at the largest cohort where the exact stack
   fits here (100 clients). The synthetic updates share a 32-dimensional subspace plus noise, as
   the updates of one federation are correlated; with unrelated random factors every rank-16
@@ -115,7 +117,7 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False) -> dict:
     out = {"strategy": strategy_name, "clients": clients, "idle_rss_mb": idle / 2**20, "peak_rss_mb": peak.peak / 2**20,
            "increase_mb": (peak.peak - idle) / 2**20, "round_seconds": wall, "reply_generation_seconds": gen_seconds[0],
            "server_seconds": wall - gen_seconds[0], "aggregate_seconds": rl.aggregate_seconds,
-           "sketched": "sketch-relative-error" in rl.privacy,
+           "sketched": "sketch-relative-error" in rl.privacy, "product_fold": rl.privacy.get("product-fold"),
            "sketch_relative_error_estimate": rl.privacy.get("sketch-relative-error")}
     if exact_check:  # the same replies through the exact stack (memory grows with the cohort here)
         from fedlora.aggregation.folds import ExactProductSum, SketchedProductSum
@@ -147,22 +149,32 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False) -> dict:
     return out
 
 
-CELLS = [("fedit", 10, False), ("fedit", 100, False), ("fedit", 1000, False), ("flexlora", 1000, False),
-         ("flexlora", 100, True)]
+CELLS = [("fedit", 10, False), ("fedit", 100, False), ("fedit", 1000, False), ("flexlora", 31, False),
+         ("flexlora", 32, False), ("flexlora", 1000, False), ("flexlora", 100, True)]
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, only: str = "") -> dict:
+    """Every cell (or those named in ``only``, ``NAME:CLIENTS,...``, merged into the existing results)."""
+    wanted = {tuple(x.split(":")) for x in only.split(",") if x}
     rows = []
+    if wanted and (RESULTS / "server_scale.json").exists():
+        rows = [r for r in json.loads((RESULTS / "server_scale.json").read_text())["rows"]
+                if (r["strategy"], str(r["clients"])) not in wanted]
     for name, clients, exact in CELLS:
-        if quick and clients > 100:
+        if (quick and clients > 100) or (wanted and (name, str(clients)) not in wanted):
             continue
         args = [sys.executable, "-m", "benchmarks.server_scale", "--cell", f"{name}:{clients}:{int(exact)}"]
         res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True)
         row = json.loads(res.stdout.strip().splitlines()[-1])
         print(row, flush=True)
         rows.append(row)
+    order = {(n, c): i for i, (n, c, _) in enumerate(CELLS)}
+    rows.sort(key=lambda r: order.get((r["strategy"], r["clients"]), len(order)))
     fedit = {r["clients"]: r for r in rows if r["strategy"] == "fedit"}
     summary = {}
+    flex = {r["clients"]: r for r in rows if r["strategy"] == "flexlora"}
+    if 31 in flex and 32 in flex:  # below hetero.sketch_from_clients (exact while it fits), and from it on
+        summary["flexlora_peak_rss_31_over_32"] = flex[31]["peak_rss_mb"] / flex[32]["peak_rss_mb"]
     if 10 in fedit and max(fedit) > 10:
         top = max(fedit)
         summary.update({f"fedit_peak_rss_{top}_over_10": fedit[top]["peak_rss_mb"] / fedit[10]["peak_rss_mb"],
@@ -201,6 +213,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--cell", default="")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="NAME:CLIENTS,... run these cells only, merged into the results")
     a = ap.parse_args()
     if a.cell:
         from benchmarks.common import setup_env
@@ -212,4 +225,4 @@ if __name__ == "__main__":
         from benchmarks.common import setup_env
 
         setup_env()
-        print(json.dumps(run(quick=a.quick)["summary"], indent=2))
+        print(json.dumps(run(quick=a.quick, only=a.only)["summary"], indent=2))

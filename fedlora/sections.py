@@ -275,6 +275,10 @@ class HeteroConfig:
         "FlexLoRA, FLoRA: from this many sampled clients a round on, the sum of products is folded into a "
         "single-pass randomized sketch as replies arrive, instead of stacking every reply (exact, but it holds "
         "them all).", default=32)
+    exact_budget_mb: float = _meta(
+        "FlexLoRA, FLoRA below hetero.sketch_from_clients: the exact stack holds the round's replies while they fit "
+        "this many MiB; past it the round continues in the sketch (the round log's product-fold says which), so "
+        "the server's memory is bounded at every cohort size.", default=128.0)
     sketch_oversampling: int = _meta("Sketch size beyond the rank read from it (range sketch k = rank + this; "
                                      "co-range 2k + 1). Exact while the summed update's rank is <= k.", default=16)
     sketch_rank: int = _meta("Rank the sketch is read at (0: FlexLoRA's largest client rank, FLoRA's "
@@ -295,6 +299,7 @@ class HeteroConfig:
                  f"must be in (0, 1): the norm share pruned from the tail, got {self.hetlora_prune_ratio}")
         _require(self.sketch_from_clients >= 1, "hetero.sketch_from_clients", "must be >= 1")
         _require(self.sketch_oversampling >= 0, "hetero.sketch_oversampling", "must be >= 0")
+        _require(self.exact_budget_mb >= 0, "hetero.exact_budget_mb", "must be >= 0")
         _require(self.sketch_rank >= 0, "hetero.sketch_rank", "must be >= 0 (0 = the strategy's own rank)")
 
     @property

@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
 from fedlora.aggregation.bound import RelativeBound
-from fedlora.aggregation.folds import ExactProductSum, Fold, KeepAll, SketchedProductSum, WeightedMean
+from fedlora.aggregation.folds import BudgetedProductSum, Fold, KeepAll, ProductSum, SketchedProductSum, WeightedMean
 from fedlora.aggregation.replies import Update, accept_train_reply
 from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.config import ConfigError, FedLoraConfig
@@ -142,14 +142,19 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         return fold.finish()
 
     def product_fold(self, server_round: int, sampled: int, rank: int) -> Fold:
-        """FLoRA's and FlexLoRA's sum of products: the exact stack for small cohorts, a single-pass
-        sketch of size ``rank`` (or ``hetero.sketch_rank``) plus ``hetero.sketch_oversampling`` from
+        """FLoRA's and FlexLoRA's sum of products: the exact stack for small cohorts while their
+        replies fit ``hetero.exact_budget_mb`` (then the sketch), a single-pass sketch of size ``rank``
+        (or ``hetero.sketch_rank``) plus ``hetero.sketch_oversampling`` from
         ``hetero.sketch_from_clients`` sampled clients on."""
         h = self.cfg.hetero
+
+        def sketch() -> SketchedProductSum:
+            return SketchedProductSum(h.sketch_rank or rank, h.sketch_oversampling,
+                                      seed=self.cfg.run.seed * 1_000_003 + server_round)
+
         if sampled < h.sketch_from_clients:
-            return ExactProductSum()
-        return SketchedProductSum(h.sketch_rank or rank, h.sketch_oversampling,
-                                  seed=self.cfg.run.seed * 1_000_003 + server_round)
+            return BudgetedProductSum(h.exact_budget_mb * 2**20, sketch)
+        return sketch()
 
     def aggregate(self, server_round: int, updates: list[Update]) -> None:
         """Fold a list of accepted updates into ``self.global_eff`` (tests, benchmarks): the same
@@ -373,6 +378,8 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
                 error = getattr(fold, "last_error", None)
                 if error is not None:
                     rl.privacy["sketch-relative-error"] = error
+                if isinstance(getattr(fold, "inner", fold), ProductSum):  # behind the share cap or not
+                    rl.privacy["product-fold"] = getattr(fold, "path", "sketch")
             for key, t in self.global_eff.tensors():
                 if not bool(torch.isfinite(t).all()):
                     raise FloatingPointError(f"the aggregate's {key} is not finite")

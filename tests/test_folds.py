@@ -12,8 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedlora.aggregation.folds import (ExactProductSum, KeepAll, SketchedProductSum, WeightedMean, ZeroPaddedMean,
-                                       batch)
+from fedlora.aggregation.folds import (BudgetedProductSum, ExactProductSum, KeepAll, SketchedProductSum, WeightedMean,
+                                       ZeroPaddedMean, batch)
 from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.factors import LoraFactors, ModuleFactors
 from fedlora.lora_math import aggregate_stacked, aggregate_svd, aggregate_zero_padded, weighted_mean
@@ -338,3 +338,36 @@ def test_flora_sketched_and_hetlora_share_capped_read_their_fold_through_the_cap
     _, het, profiles, template = _setup("hetlora", "fixed", [2, 4, 3], **{"robust.max_client_share": "0.6"})
     rl = _train_round(het, profiles, _replies(het, profiles, template, 1, [10, 20, 30]), 1)
     assert rl.accepted == 3 and not rl.aggregation_error and het.global_rank() == 4
+
+
+def test_the_budgeted_product_sum_is_exact_while_replies_fit_and_sketches_past_its_budget():
+    """FlexLoRA's and FLoRA's fold below hetero.sketch_from_clients: exact (the stack, equal to the
+    batch formula) while the held replies fit the budget; past it the held replies move into the
+    sketch and are dropped, so what it holds stops growing, and it equals a sketch fed every reply."""
+    ups = [_update(seed, rank=r, out=20, inp=12) for seed, r in enumerate((2, 3, 4, 2, 3, 4, 2, 3))]
+    weights = [1.0 + i for i in range(len(ups))]
+    size = sum(t.numel() * t.element_size() for _, t in ups[0].tensors())
+
+    def sketch() -> SketchedProductSum:
+        return SketchedProductSum(4, 6, seed=11)
+
+    roomy = BudgetedProductSum(10**9, sketch)
+    for u, w in zip(ups, weights):
+        roomy.add(u, w)
+    assert roomy.path == "exact" and roomy.last_error is None
+    want = aggregate_svd(ups, weights, 4)
+    _close(roomy.result(4), want)
+
+    tight = BudgetedProductSum(3.5 * size, sketch)
+    held, paths = [], []
+    for u, w in zip(ups, weights):
+        tight.add(u, w)
+        held.append(tight.held_bytes())
+        paths.append(tight.path)
+    switch = paths.index("sketch")
+    assert 0 < switch < len(ups) - 2 and tight.count == len(ups)
+    assert max(held[:switch]) <= 3.5 * size  # exact: within the budget
+    assert held[switch:] == [held[switch]] * (len(ups) - switch)  # sketching: flat, whatever comes
+    reference = batch(sketch(), ups, weights)
+    _close(tight.result(4), reference.result(4))
+    assert tight.last_error == pytest.approx(reference.last_error)

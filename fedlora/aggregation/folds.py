@@ -345,6 +345,51 @@ class SketchedProductSum(ProductSum):
             t.numel() * t.element_size() for t in self._maps.values())
 
 
+class BudgetedProductSum(ProductSum):
+    """The exact stack while the updates it holds fit ``budget_bytes``; the first update that would
+    not fit moves every held update, and each later one, into the sketch ``make_sketch()`` returns,
+    and the held updates are dropped. Memory is then bounded by the budget plus the sketch whatever
+    the cohort, and the result is exact whenever the round's updates fit. ``path``: "exact" or
+    "sketch", for the round log; ``last_error``: the sketch's own error estimate, if it was used."""
+
+    def __init__(self, budget_bytes: float, make_sketch: Callable[[], SketchedProductSum]) -> None:
+        self.budget = budget_bytes
+        self.make_sketch = make_sketch
+        self.exact: ExactProductSum | None = ExactProductSum()
+        self.sketch: SketchedProductSum | None = None
+
+    @property
+    def path(self) -> str:
+        return "exact" if self.sketch is None else "sketch"
+
+    @property
+    def count(self) -> int:
+        return self.sketch.count if self.sketch is not None else self.exact.count
+
+    @property
+    def last_error(self) -> float | None:
+        return self.sketch.last_error if self.sketch is not None else None
+
+    def add(self, update_eff: LoraFactors, weight: float) -> None:
+        if self.sketch is None:
+            size = sum(t.numel() * t.element_size() for _, t in update_eff.tensors())
+            if self.exact.held_bytes() + size <= self.budget:
+                self.exact.add(update_eff, weight)
+                return
+            self.sketch = self.make_sketch()
+            held, self.exact = self.exact, None
+            for u, w in zip(held.updates, held.weights):
+                self.sketch.add(u, w)
+            del held
+        self.sketch.add(update_eff, weight)
+
+    def result(self, rank: int | None) -> LoraFactors:
+        return (self.sketch or self.exact).result(rank)
+
+    def held_bytes(self) -> int:
+        return (self.sketch or self.exact).held_bytes()
+
+
 class KeepAll(Fold):
     """Holds every update for a statistic that needs them all at once (coordinate median, trimmed
     mean): ``finish`` applies ``statistic`` to the list. Memory grows with the cohort; the server
@@ -376,5 +421,5 @@ def batch(fold: Fold, updates_eff: list[LoraFactors], weights: list[float]) -> F
     return fold
 
 
-__all__ = ["ExactProductSum", "Fold", "KeepAll", "ProductSum", "SketchedProductSum", "WeightedMean", "ZeroPaddedMean",
+__all__ = ["BudgetedProductSum", "ExactProductSum", "Fold", "KeepAll", "ProductSum", "SketchedProductSum", "WeightedMean", "ZeroPaddedMean",
            "batch"]
