@@ -14,6 +14,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -28,10 +29,32 @@ def atomic_write(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def scalars(row: dict) -> dict[str, float]:
+    """A metrics row's finite numbers as TensorBoard tags, grouped by their first word:
+    ``server-accuracy`` is ``server/accuracy``, ``bytes-up-total`` is ``bytes/up-total``."""
+    out = {}
+    for key, value in row.items():
+        if key == "round" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            head, _, rest = key.partition("-")
+            out[f"{head}/{rest}" if rest else key] = float(value)
+    return out
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._board = None  # a TensorBoard SummaryWriter, once enable_tensorboard() is called
+
+    def enable_tensorboard(self) -> None:
+        """From now on :meth:`append_metrics` also writes each row's numbers as TensorBoard scalars in
+        ``<run dir>/tensorboard`` (a resumed run appends to the same folder)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self._board is None:
+            self._board = SummaryWriter(log_dir=str(self.path / "tensorboard"))
 
     @classmethod
     def create(cls, cfg: FedLoraConfig) -> RunDir:
@@ -55,6 +78,10 @@ class RunDir:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if self._board is not None:
+            for tag, value in scalars(row).items():
+                self._board.add_scalar(tag, value, global_step=int(row["round"]))
+            self._board.flush()
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

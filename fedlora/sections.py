@@ -23,6 +23,8 @@ class RunConfig:
     output_dir: str = _meta("Where run directories are created.", default="runs")
     seed: int = _meta("Seed for partitioning, LoRA initialisation, sampling and training.", default=42)
     rounds: int = _meta("Number of federated rounds.", default=3)
+    tensorboard: bool = _meta("Also write every round's metrics as TensorBoard scalars in <run dir>/tensorboard "
+                              "(`tensorboard --logdir runs/` shows every run).", default=False)
 
     def validate(self) -> None:
         _require(self.rounds >= 1, "run.rounds", "must be >= 1")

@@ -182,6 +182,8 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
     raw_template = {dt: codec.raw_bytes(gm.init.select(strategy.sharing_policy.shared), dt) for dt in codec.WIRE_DTYPES}
     if run_dir is not None and not resume:
         run_dir.write_config(cfg)
+    if run_dir is not None and cfg.run.tensorboard:
+        run_dir.enable_tensorboard()
     timer = {"t": time.perf_counter()}
 
     def evaluate_global(model: torch.nn.Module, server_round: int) -> dict:

@@ -47,9 +47,20 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     (accuracy 0.25 -> 0.60 on 120 held-out examples)."""
     cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
                       data={"max_train_examples": 300, "max_test_examples": 120},
-                      train={"local_epochs": 1, "learning_rate": 3e-3})
+                      train={"local_epochs": 1, "learning_rate": 3e-3}, run={"tensorboard": True})
     run_dir, rows, grid = _run(cfg)
     assert rows[0]["round"] == 0 and rows[-1]["round"] == 2
+
+    # run.tensorboard: every round's metrics are TensorBoard scalars, read back from the event files.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir.path / "tensorboard"))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    assert {"server/accuracy", "server/loss", "bytes/up-total", "clients/accepted"} <= tags, tags
+    assert [(e.step, e.value) for e in board.Scalars("server/accuracy")] == [
+        (r["round"], pytest.approx(r["server-accuracy"])) for r in rows]
+    assert [e.step for e in board.Scalars("bytes/up-total")] == [1, 2]
     assert rows[-1]["server-accuracy"] > rows[0]["server-accuracy"] + 0.15, [r["server-accuracy"] for r in rows]
 
     # Only LoRA factors and the head crossed the wire, in both directions, and the bytes add up.
