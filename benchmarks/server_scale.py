@@ -61,8 +61,29 @@ def _client_factors(i: int, rank: int, shared):  # noqa: ANN001, ANN202
     return LoraFactors(modules=mods)
 
 
-def cell(strategy_name: str, clients: int, exact_check: bool = False) -> dict:
-    """One round in this process; returns its figures."""
+class _Backlog:
+    """A grid whose replies have all arrived when the round starts pulling (Flower's grids return
+    every arrived reply of the ids asked): ``pull`` = how many it hands over per pull at most, here
+    as many as asked. Replies are built when pulled, as a SuperLink holds them until then."""
+
+    def __init__(self, make_reply) -> None:  # noqa: ANN001 - i -> Message
+        self.make_reply, self.pending, self.asked = make_reply, {}, []
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN202
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"q{i}"
+            self.pending[f"q{i}"] = i
+        return list(self.pending)
+
+    def pull_messages(self, ids):  # noqa: ANN001, ANN202
+        ids = list(ids)
+        self.asked.append(len(ids))
+        return [self.make_reply(self.pending.pop(i)) for i in ids if i in self.pending]
+
+
+def cell(strategy_name: str, clients: int, exact_check: bool = False, through_grid: int = 0) -> dict:
+    """One round in this process; returns its figures. ``through_grid``: replies come through
+    StreamingGrid from a grid holding them all at once, ``through_grid`` ids asked per pull."""
     import psutil
     import torch
     from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
@@ -96,28 +117,39 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False) -> dict:
     idle = psutil.Process().memory_info().rss
     gen_seconds = [0.0]
 
+    def reply(i: int):  # noqa: ANN202 - client i's reply Message
+        t0 = time.perf_counter()
+        f = _client_factors(i, ranks[i], shared)
+        content = RecordDict({"arrays": codec.encode(f, modules=strategy.module_names),
+                              "metrics": MetricRecord({"num-examples": 50 + i % 50, "rank": ranks[i]})})
+        md = Metadata(run_id=1, message_id=f"m{i}", src_node_id=100 + i, dst_node_id=0, reply_to_message_id=f"q{i}",
+                      group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+        msg = Message(content=content, metadata=md)
+        del f, content
+        gen_seconds[0] += time.perf_counter() - t0
+        return msg
+
     def replies():  # noqa: ANN202 - one reply at a time, as they arrive
         for i in range(clients):
-            t0 = time.perf_counter()
-            f = _client_factors(i, ranks[i], shared)
-            content = RecordDict({"arrays": codec.encode(f, modules=strategy.module_names),
-                                  "metrics": MetricRecord({"num-examples": 50 + i % 50, "rank": ranks[i]})})
-            md = Metadata(run_id=1, message_id=f"m{i}", src_node_id=100 + i, dst_node_id=0, reply_to_message_id=f"q{i}",
-                          group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
-            msg = Message(content=content, metadata=md)
-            del f, content
-            gen_seconds[0] += time.perf_counter() - t0
-            yield msg
+            yield reply(i)
 
+    stream = replies()
+    if through_grid:
+        from fedlora.aggregation.streaming import StreamingGrid
+
+        grid = _Backlog(reply)
+        asks = [Message(RecordDict(), dst_node_id=100 + i, message_type=MessageType.TRAIN) for i in range(clients)]
+        stream = StreamingGrid(grid, max_pull=through_grid).send_and_receive(asks, timeout=3600)
     t0 = time.perf_counter()
     with PeakRSS() as peak:
-        strategy.aggregate_train(1, replies())
+        strategy.aggregate_train(1, stream)
     wall = time.perf_counter() - t0
     assert rl.accepted == clients, rl.rejected[:3]
     out = {"strategy": strategy_name, "clients": clients, "idle_rss_mb": idle / 2**20, "peak_rss_mb": peak.peak / 2**20,
            "increase_mb": (peak.peak - idle) / 2**20, "round_seconds": wall, "reply_generation_seconds": gen_seconds[0],
            "server_seconds": wall - gen_seconds[0], "aggregate_seconds": rl.aggregate_seconds,
            "sketched": "sketch-relative-error" in rl.privacy, "product_fold": rl.privacy.get("product-fold"),
+           "through_grid": through_grid, "max_replies_per_pull": max(grid.asked) if through_grid else None,
            "sketch_relative_error_estimate": rl.privacy.get("sketch-relative-error")}
     if exact_check:  # the same replies through the exact stack (memory grows with the cohort here)
         from fedlora.aggregation.folds import ExactProductSum, SketchedProductSum
@@ -150,7 +182,22 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False) -> dict:
 
 
 CELLS = [("fedit", 10, False), ("fedit", 100, False), ("fedit", 1000, False), ("flexlora", 31, False),
-         ("flexlora", 32, False), ("flexlora", 1000, False), ("flexlora", 100, True)]
+         ("flexlora", 32, False), ("flexlora", 1000, False), ("flexlora", 100, True),
+         # 100 replies waiting at once behind the grid: asked one id at a time, as many as fit
+         # federation.pull_budget_mb (128 MiB: 4 replies of 32 MiB), and every id at once
+         ("fedit-grid-1", 100, False), ("fedit-grid-budget", 100, False), ("fedit-grid-all", 100, False)]
+
+
+def cell_named(name: str, clients: int, exact: bool) -> dict:
+    """A cell of CELLS by name: ``fedit-grid-1`` / ``-budget`` / ``-all`` are FedIT through a backlogged grid."""
+    if name.startswith("fedit-grid-"):
+        from fedlora.aggregation.streaming import replies_per_pull
+        from fedlora.config import FedLoraConfig
+
+        per_pull = {"fedit-grid-1": 1, "fedit-grid-all": clients}.get(name) or replies_per_pull(FedLoraConfig(),
+                                                                                               _template(RANK))
+        return {**cell("fedit", clients, exact, through_grid=per_pull), "strategy": name}
+    return cell(name, clients, exact)
 
 
 def run(quick: bool = False, only: str = "") -> dict:
@@ -175,6 +222,10 @@ def run(quick: bool = False, only: str = "") -> dict:
     flex = {r["clients"]: r for r in rows if r["strategy"] == "flexlora"}
     if 31 in flex and 32 in flex:  # below hetero.sketch_from_clients (exact while it fits), and from it on
         summary["flexlora_peak_rss_31_over_32"] = flex[31]["peak_rss_mb"] / flex[32]["peak_rss_mb"]
+    grid = {r["strategy"]: r for r in rows if r["strategy"].startswith("fedit-grid-")}
+    if {"fedit-grid-1", "fedit-grid-budget"} <= set(grid):  # a backlog of 100: the budget's pulls against one per pull
+        summary["backlog_peak_rss_budget_over_one_at_a_time"] = (grid["fedit-grid-budget"]["peak_rss_mb"]
+                                                                 / grid["fedit-grid-1"]["peak_rss_mb"])
     if 10 in fedit and max(fedit) > 10:
         top = max(fedit)
         summary.update({f"fedit_peak_rss_{top}_over_10": fedit[top]["peak_rss_mb"] / fedit[10]["peak_rss_mb"],
@@ -220,7 +271,7 @@ if __name__ == "__main__":
 
         setup_env()
         name, n, exact = a.cell.split(":")
-        print(json.dumps(cell(name, int(n), bool(int(exact)))))
+        print(json.dumps(cell_named(name, int(n), bool(int(exact)))))
     else:
         from benchmarks.common import setup_env
 
