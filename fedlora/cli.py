@@ -298,6 +298,7 @@ def show_config(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run config to validate (default: the embedded default run).")] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a key, TOML value: --set lora.rank=4 (repeatable).")] = [],  # noqa: B006
     reference: Annotated[bool, typer.Option("--reference", help="Print every key with its value in the run `fedlora simulate` would do, and its help, as TOML.")] = False,
+    format_: Annotated[str, typer.Option("--format", help="With --reference: toml, or markdown (docs/configuration.md is this for the default run).")] = "toml",
 ) -> None:
     """Validate a config and print it, as TOML, with every default filled in."""
     cfg = _load(config, set_)
@@ -309,9 +310,12 @@ def show_config(
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     if reference:
-        from fedlora.config import reference_toml
+        from fedlora.config import reference_markdown, reference_toml
 
-        typer.echo(reference_toml(cfg))
+        if format_ not in ("toml", "markdown"):
+            typer.secho(f"--format must be toml or markdown, got {format_!r}", fg="red", err=True)
+            raise typer.Exit(2)
+        typer.echo(reference_toml(cfg) if format_ == "toml" else reference_markdown(cfg))
         return
     typer.echo(cfg.to_toml())
 

@@ -140,3 +140,29 @@ def test_a_split_may_pool_several_files(tmp_path, shared_data):
     with pytest.raises(ConfigError, match="files of one type only"):
         load_task(make_config(tmp_path, data={"data_files": {"train": [str(ag / "train.jsonl"), str(extra)]},
                                               "test_split": ""}))
+
+
+def test_the_committed_configuration_page_is_what_the_code_generates():
+    """docs/configuration.md is `fedlora config --reference --format markdown` of the embedded default:
+    a key added, renamed or re-documented in the code without regenerating the page fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "fedlora.cli", "config", "--reference", "--format", "markdown"],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    committed = (root / "docs" / "configuration.md").read_text()
+    assert out.stdout == committed, ("docs/configuration.md is stale: regenerate it with "
+                                     "`fedlora config --reference --format markdown > docs/configuration.md`")
+    # every key of every section is on the page
+    from dataclasses import fields
+
+    from fedlora.config import _SECTIONS, FedLoraConfig
+
+    cfg = FedLoraConfig.load()
+    for section in _SECTIONS:
+        assert f"## [{section}]" in committed
+        for f in fields(getattr(cfg, section)):
+            assert f"| `{f.name}` |" in committed, (section, f.name)
