@@ -31,6 +31,7 @@ def simulate(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run config (default: the embedded fortunes run; keys: fedlora config --reference).")] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a key, TOML value: --set lora.rank=4 --set data.dataset='\"../shared/data/agnews\"' (repeatable).")] = [],  # noqa: B006
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="ray: Flower's simulation engine; inprocess: the same ServerApp and ClientApp in this one process, clients in turn (debugging).")] = "ray",
 ) -> None:
     """Run a federation of virtual clients on this machine (Flower's simulation engine).
 
@@ -66,7 +67,7 @@ def simulate(
             progress.update(task, completed=row["round"], description=f"round {row['round']}/{cfg.run.rounds}")
 
         try:
-            run(cfg, run_dir=run_dir, on_round=on_round, verbose=verbose)
+            run(cfg, run_dir=run_dir, on_round=on_round, verbose=verbose, engine=engine)
         except ConfigError as exc:
             console.print(f"[red]config error:[/] {exc}")
             raise typer.Exit(2) from None

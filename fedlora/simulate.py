@@ -14,13 +14,18 @@ from fedlora.rundir import RunDir
 
 
 def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callable[[dict], None] | None = None,
-             verbose: bool = False, client_app=None, wrap_grid: Callable | None = None) -> RunDir:  # noqa: ANN001
+             verbose: bool = False, client_app=None, wrap_grid: Callable | None = None,  # noqa: ANN001
+             engine: str = "ray") -> RunDir:
     """Run ``cfg`` as a simulation; return the run directory (metrics, adapters, plot).
 
     ``client_app`` replaces fedlora's ClientApp (e.g. a client that misbehaves, for fault tests);
     ``wrap_grid`` receives Flower's Grid and returns the grid the server uses (e.g. one that
-    records every message, for wire inspection).
+    records every message, for wire inspection). ``engine``: "ray", Flower's simulation engine, or
+    "inprocess", the same ServerApp and ClientApp on :class:`fedlora.inprocess.InProcessGrid`
+    (one process, clients in turn: for tests and debugging).
     """
+    if engine not in ("ray", "inprocess"):
+        raise ValueError(f"engine must be 'ray' or 'inprocess', got {engine!r}")
     apply_defaults()
     # Flower, torch and the apps load when a run starts, not when the CLI or a config check imports this.
     from flwr.app import Context
@@ -58,6 +63,13 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
     def _main(grid: Grid, context: Context) -> None:
         run_server(wrap_grid(grid) if wrap_grid else grid, cfg, run_dir, on_round=on_round)
 
+    if engine == "inprocess":
+        from fedlora.inprocess import run_in_process
+
+        run_in_process(server_app, client_app, cfg.federation.num_clients)
+        if not (run_dir.path / "summary.json").exists():
+            raise RuntimeError(f"the in-process run ended without finishing its rounds; see {run_dir.path}")
+        return run_dir
     if not verbose:
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.ERROR)

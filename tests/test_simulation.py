@@ -225,3 +225,27 @@ def test_heterogeneous_ranks_each_client_gets_its_own_rank(tmp_path, shared_data
         assert [r["global-rank"] for r in rows] == [0, 10, 10, 10]  # 14 per round, capped at 10
     else:
         assert rows[-1]["global-rank"] == 8
+
+
+def test_the_in_process_grid_runs_the_same_federation_as_flowers_engine(tmp_path, shared_data):
+    """fedlora's ServerApp and ClientApp on fedlora.inprocess.InProcessGrid (one process, no engine)
+    give the run that Flower's simulation engine gives: the same global factors and the same metrics
+    every round. So a test of maths, shapes or validation can use it and test the code that runs."""
+    from fedlora.rundir import RunDir
+    from fedlora.state import tensors_from_file
+
+    cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3})
+    ray_run = simulate(cfg, run_dir=RunDir(tmp_path / "ray"))
+    cfg2 = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3})
+    local_run = simulate(cfg2, run_dir=RunDir(tmp_path / "local"), engine="inprocess")
+    a = tensors_from_file(ray_run.path / "checkpoint" / "global.safetensors")[0]
+    b = tensors_from_file(local_run.path / "checkpoint" / "global.safetensors")[0]
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    keys = ("round", "server-accuracy", "server-loss", "clients-accepted", "train-loss", "personal-accuracy-mean")
+    ray_rows, local_rows = ray_run.read_metrics(), local_run.read_metrics()
+    assert [r["round"] for r in local_rows] == [0, 1, 2]
+    for x, y in zip(ray_rows, local_rows):
+        for key in keys:
+            assert x.get(key) == pytest.approx(y.get(key), abs=1e-6), (x["round"], key)
