@@ -127,8 +127,9 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
 
 @pytest.mark.parametrize("strategy", ["fedit", "fedsa", "ffa"])
 def test_wire_carries_only_what_the_policy_shares(tmp_path, shared_data, strategy):
+    # On the in-process grid: what the messages carry is the apps' doing, not the engine's.
     cfg = make_config(tmp_path, federation={"strategy": strategy, "wire_dtype": "float32"})
-    run_dir, rows, grid = _run(cfg)
+    run_dir, rows, grid = _run(cfg, engine="inprocess")
     keys = _array_keys(grid.sent + grid.received)
     assert keys and all(FACTOR_KEY.match(k) for k in keys)
     if strategy == "fedsa":
@@ -199,7 +200,7 @@ def test_fedsa_refuses_mixed_ranks_with_the_reason():
 def test_heterogeneous_ranks_each_client_gets_its_own_rank(tmp_path, shared_data, strategy):
     cfg = make_config(tmp_path, federation={"strategy": strategy}, hetero={"client_ranks": [2, 4, 8], "flora_max_rank": 10},
                       run={"rounds": 3})
-    _, rows, grid = _run(cfg)
+    _, rows, grid = _run(cfg, engine="inprocess")  # shapes are the apps' doing, not the engine's
     ranks = {}
     for m in grid.received:
         if m.metadata.message_type == "query" and not m.has_error():
