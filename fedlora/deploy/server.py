@@ -180,20 +180,16 @@ def start_superlink(dep: Deployment, cfg: FedLoraConfig) -> None:
 
 
 def start_gate(dep: Deployment, cfg: FedLoraConfig) -> None:
-    """:mod:`fedlora.deploy.fleet_gate` on server.address, in front of the loopback SuperLink. Opened
-    after the nodes are enrolled, so no device meets a SuperLink that does not know its key yet."""
+    """:mod:`fedlora.deploy.fleet_gate` on server.address, in front of the loopback SuperLink. Served
+    after the nodes are enrolled (the socket is bound earlier; a device's connection waits in its
+    backlog), so no device meets a SuperLink that does not know its key yet."""
     import sys
 
     s = cfg.server
     if s.expose_control_api or (dep.gate is not None and dep.gate.poll() is None):
         return
-    host, port = s.host_port()
     up_host, up_port = s.superlink_host_port()
-    if dep.gate_socket is None:
-        from fedlora.deploy.isolation import bind_listener
-
-        dep.gate_socket = bind_listener(host, port)
-    fd = dep.gate_socket.fileno()
+    fd = devices_socket(dep, cfg).fileno()
     args = [sys.executable, "-m", "fedlora.deploy.fleet_gate", "--fd", str(fd), "--upstream", f"{up_host}:{up_port}"]
     if dep.tls:
         args += ["--certfile", s.tls_certfile, "--keyfile", s.tls_keyfile, "--ca", s.tls_ca_certfile]
@@ -218,25 +214,34 @@ def wait_for_gate(proc: subprocess.Popen, log_path: Path, timeout: float = 60.0)
     raise TimeoutError(f"the gate did not start serving within {timeout:g} s; see {log_path}")
 
 
+def devices_socket(dep: Deployment, cfg: FedLoraConfig) -> socket.socket:
+    """The gate's listening socket on server.address, bound once (in the machine's network, before
+    the private one) and handed to every gate process this server starts."""
+    if dep.gate_socket is None:
+        from fedlora.deploy.isolation import bind_listener
+
+        try:
+            dep.gate_socket = bind_listener(*cfg.server.host_port())
+        except OSError as exc:
+            raise RuntimeError(f"server.address {cfg.server.address}: cannot listen there: {exc.strerror}") from None
+    return dep.gate_socket
+
+
 def isolate(dep: Deployment, cfg: FedLoraConfig, say: Callable[[str], None]) -> None:
     """Bind the devices' address, then move this process into its private network (see
     :mod:`fedlora.deploy.isolation`), where everything it starts afterwards runs: the SuperLink's
     Control API is then out of reach of the machine's other accounts. Says so when it cannot."""
-    from fedlora.deploy.isolation import PID_FILE, bind_listener, enter_private_network, fetch_hub_files
+    from fedlora.deploy.isolation import PID_FILE, enter_private_network, fetch_hub_files
 
     s = cfg.server
     if s.expose_control_api:
         return
-    if dep.gate_socket is None:
-        host, port = s.host_port()
-        try:
-            dep.gate_socket = bind_listener(host, port)
-        except OSError as exc:
-            raise RuntimeError(f"server.address {s.address}: cannot listen there: {exc.strerror}") from None
+    devices_socket(dep, cfg)
     c_host, c_port = s.superlink_host_port()
+    # What the ServerApp loads from the hub comes now: inside the private network nothing outside is reachable.
+    fetched = fetch_hub_files(cfg) if s.private_network else []
     why = enter_private_network() if s.private_network else "server.private_network is off"
     if why is None:
-        fetched = fetch_hub_files(cfg)  # nothing outside the namespace is reachable from now on
         os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
         (dep.run_dir.path / PID_FILE).write_text(f"{os.getpid()}\n")
         say(f"the SuperLink runs in a private network: its Control API ({c_host}:{c_port}) is reachable only from "
