@@ -60,6 +60,16 @@ def _warm(state_dir: Path, warmed: set[str], threads: int = 1) -> None:
              session.cfg.model.name, time.perf_counter() - t0, peak_memory_mb())
 
 
+def warm(state_dir: Path, warmed: set[str], threads: int = 1) -> None:
+    """:func:`_warm`, where a failure is logged and not retried: a bad config is the task's to report
+    (it fails the same way and answers with the reason), not the process's that serves tasks."""
+    try:
+        _warm(state_dir, warmed, threads)
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("could not preload the run's model: %s", exc)
+        warmed.add(str(exc))
+
+
 def setup_trains_on_cuda(state_dir: Path) -> bool:
     """Whether the run last set up on this node trains on a CUDA device (from its setup file, without
     creating a CUDA context: PyTorch asks NVML, see :func:`main`)."""
@@ -94,11 +104,9 @@ class TaskWorker:
         self.process = ctx.Process(target=_worker_main, daemon=True, name="fedlora-task-worker",
                                    args=(runtime_api_address, str(state_dir), threads, self.inbox, self.outbox))
         self.process.start()
-        self.busy = 0  # tasks handed over and not reported done
 
     def submit(self, token: str, task_id: int) -> None:
         self.inbox.put((token, task_id))
-        self.busy += 1
 
     def finished(self) -> list[tuple[int, int, float]]:
         """(task id, exit code, the worker's peak MB) of each task done since the last call."""
@@ -110,7 +118,6 @@ class TaskWorker:
                 out.append(self.outbox.get_nowait())
             except queue.Empty:
                 break
-        self.busy -= len(out)
         return out
 
     def alive(self) -> bool:
@@ -151,7 +158,7 @@ def _worker_main(runtime_api_address: str, state_dir: str, threads: int, inbox, 
     warmed: set[str] = set()
     while (item := inbox.get()) is not None:
         token, task_id = item
-        _warm(Path(state_dir), warmed, threads)  # once the run is set up: its model, built once, on its device
+        warm(Path(state_dir), warmed, threads)  # once the run is set up: its model, built once, on its device
         log.info("task %s served in worker process %d", task_id, os.getpid())
         code = 0
         try:
@@ -310,11 +317,7 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
                     worker = None
             use_worker = mode == "worker" or (mode == "auto" and setup_trains_on_cuda(state_dir))
             if not use_worker:
-                try:
-                    _warm(state_dir, warmed)
-                except Exception as exc:  # noqa: BLE001 - a bad config is the task's to report, not ours
-                    log.warning("could not preload the run's model: %s", exc)
-                    warmed.add(str(exc))
+                warm(state_dir, warmed)
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if not (res.HasField("task") and res.token):
                 time.sleep(poll_seconds)

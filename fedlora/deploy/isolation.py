@@ -106,11 +106,6 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def same_network(pid: int) -> bool:
-    """Whether process ``pid`` shares this process's network namespace."""
-    return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
-
-
 def run_inside(run_dir: Path, argv: list[str], env: dict[str, str]) -> int:
     """Run ``argv`` in the private network of the `fedlora server` whose run directory is ``run_dir``
     (its pid is in ``run_dir/server.pid``); returns the command's exit code."""
