@@ -2,7 +2,9 @@
 
 A client obeys the strategy's :class:`~fedlora.sharing.SharingPolicy`: it sends the shared parts,
 keeps the private ones in its client-state store and never trains the frozen ones; it holds no
-strategy-specific branches. Heavy work (model build, tokenization) is cached per process.
+strategy-specific branches, and every method that shapes its training (DP-SGD, DyLoRA's rank, a
+continual method, a plug-in) does so through the hooks of :mod:`fedlora.extensions`. Heavy work
+(model build, tokenization) is cached per process.
 
 Node config keys (deployment; in simulation Flower sets ``partition-id``):
 ``partition-id``, ``client-id``, ``rank``, ``device-class``, ``state-dir``, ``data`` (the device's own
@@ -13,14 +15,13 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import codec
 from fedlora.clients.session import ClientSession
-from fedlora.continual import client as continual
-from fedlora.continual.federation import task_lora
 from fedlora.data import load_task
 from fedlora.protocol import ARRAYS, CONFIG, METRICS, PROFILE, SETUP
 from fedlora.training import evaluate as run_eval
@@ -58,18 +59,17 @@ def train(msg: Message, context: Context) -> Message:
     session.use_round(server_round)
     received = msg.content[ARRAYS]
     model = session.model()
-    session.prepare(model, received, server_round)
-    past = continual.past_tasks(session, received, server_round)
+    incoming = session.prepare(model, received, server_round)
+    client = session.client_round(model, received, incoming, server_round, dict(config))
     params = [p for p in model.parameters() if p.requires_grad]
-    dylora_rank = int(config.get("dylora-rank", 0)) or None
-    hooks = session.training_hooks(server_round)
-    with session.rank_mask(model, dylora_rank), task_lora(session.cfg, model, past) as mixer:
-        hooks += continual.hooks(session, mixer, past)
+    with ExitStack() as extensions:
+        hooks = [h for ext in session.extensions for h in extensions.enter_context(ext.training(client))]
         result = train_local(model, params, session.data.train, session.cfg.train,
                              seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
                              device=session.device, hooks=hooks)
-    session.finish_hooks(hooks)
-    out = session.finish_training(model, dylora_rank)
+    out = session.finish_training(model)
+    for ext in session.extensions:
+        out = ext.reply_factors(client, out)
     arrays = codec.encode(out, session.cfg.federation.wire_dtype, modules=session.modules)
     metrics = MetricRecord({
         "num-examples": result.num_examples,
@@ -82,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         "rank": int(next(iter(out.modules.values())).rank) if out.modules else session.profile.rank,
         "partition-id": session.profile.partition_id,
         **{k: float(v) for k, v in result.metrics.items()},
-        **continual.reply_metrics(session),
+        **{k: v for ext in session.extensions for k, v in ext.reply_metrics(client).items()},
     })
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
 
@@ -96,16 +96,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     session = ClientSession.from_context(context, str(config.get("config-digest", "")) or None)
     session.use_round(server_round)
     model = session.model()
-    session.prepare(model, msg.content[ARRAYS], server_round)
-    past = continual.past_tasks(session, msg.content[ARRAYS], server_round)
+    incoming = session.prepare(model, msg.content[ARRAYS], server_round)
+    client = session.client_round(model, msg.content[ARRAYS], incoming, server_round, dict(config))
     bs = session.cfg.train.eval_batch_size
-    with task_lora(session.cfg, model, past):
+    with ExitStack() as extensions:
+        for ext in session.extensions:
+            extensions.enter_context(ext.evaluating(client))
         local = run_eval(model, session.data.test, bs, session.device)
         metrics = {
             "num-examples": local["num-examples"],
             "loss": local["loss"],
             "partition-id": session.profile.partition_id,
-            **continual.reply_metrics(session),
+            **{k: v for ext in session.extensions for k, v in ext.reply_metrics(client).items()},
         }
         # Accuracy: classification, or a causal LM's generated labels; free-form instructions have loss only.
         if "accuracy" in local:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from fedlora import codec
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig, digest_of
 from fedlora.data import load_task
-from fedlora.dylora import RankMask
 from fedlora.factors import LoraFactors, extract_factors, load_factors
-from fedlora.lora_math import block, prune_rank, prune_to_rank
+from fedlora.extensions import ClientRound, Extension
+from fedlora.lora_math import prune_rank, prune_to_rank
 from fedlora.model import (
     AdapterSpec,
     build_peft_model,
@@ -33,10 +32,8 @@ from fedlora.model import (
     set_trainable,
 )
 from fedlora.partitions import ClientData, client_data, local_client_data
-from fedlora.privacy.accounting import example_noise_for_target
-from fedlora.privacy.example_level import STATE_NAME, DPSGDHook, steps_per_round
 from fedlora.protocol import BASE_PREFIX, NodeProfile
-from fedlora.registry import policy_for
+from fedlora.registry import extensions_for, policy_for
 from fedlora.sharing import SharingPolicy
 from fedlora.state import ClientStateStore, atomic_write_bytes
 from fedlora.training import pick_device
@@ -92,6 +89,7 @@ class ClientSession:
     # --------------------------------------------------------------------- construction
     label_names: list[str] | None = None  # the run's label space, as the server sent it
     device_dir: str = ""  # a deployed device's own state folder (its owner's): every file it writes goes there
+    _extensions: list[Extension] | None = None
 
     @staticmethod
     def remember_config(context: Context, run_config_json: str, label_names: list[str] | None = None) -> FedLoraConfig:
@@ -253,53 +251,28 @@ class ClientSession:
         set_trainable(model, policy.trained)
         return incoming
 
-    # --------------------------------------------------------------------- training hooks
-    def training_hooks(self, server_round: int) -> list:
-        """The hooks of this client's training step (example-level DP-SGD when configured)."""
-        p = self.cfg.privacy
-        if not p.example_dp:
-            return []
+    # --------------------------------------------------------------------- extensions
+    @property
+    def extensions(self) -> list[Extension]:
+        """The run's extensions (:mod:`fedlora.extensions`), in hook order; built once per session."""
+        if self._extensions is None:
+            self._extensions = extensions_for(self.cfg)
+        return self._extensions
 
-        n, tc = len(self.data.train), self.cfg.train
-        rate = DPSGDHook.sample_rate(n, tc.batch_size)
-        z = p.example_noise_multiplier
-        if p.example_target_epsilon > 0:
-            # Calibrated for a client that takes part in every round: a conservative bound for the others.
-            steps = self.cfg.run.rounds * steps_per_round(n, tc.batch_size, tc.local_steps, tc.local_epochs)
-            z = example_noise_for_target(p.example_target_epsilon, p.example_delta, rate, steps)
-        seed = None if p.noise_seed < 0 else p.noise_seed * 7919 + server_round * 31 + self.profile.partition_id
-        history = self.store.load(self.profile.client_id, STATE_NAME, {"history": []})["history"]
-        return [DPSGDHook(z, p.example_clip, p.example_delta, history=history, noise_seed=seed)]
+    def client_round(self, model: torch.nn.Module, arrays: ArrayRecord, received: LoraFactors,
+                     server_round: int, config: dict) -> ClientRound:
+        """What this message's extension hooks see (after :meth:`prepare` loaded ``received``)."""
+        return ClientRound(cfg=self.cfg, server_round=server_round, config=config, arrays=arrays, received=received,
+                           model=model, policy=self.policy, client_id=self.profile.client_id,
+                           partition_id=self.profile.partition_id, store=self.store, device=self.device,
+                           data=self.data, modules=list(self.modules or []))
 
-    def finish_hooks(self, hooks: list) -> None:
-
-        for h in hooks:
-            if isinstance(h, DPSGDHook):
-                self.store.save(self.profile.client_id, STATE_NAME,
-                                {"history": [list(x) for x in h.history], "delta": h.delta, "epsilon": h.epsilon()})
-
-    @contextmanager
-    def rank_mask(self, model: torch.nn.Module, rank: int | None):
-        """DyLoRA: train (and evaluate) the adapter at rank ``rank`` while inside; nothing when None."""
-        if rank is None:
-            yield None
-            return
-
-        mask = RankMask(model)
-        try:
-            mask.set(rank)
-            yield mask
-        finally:
-            mask.remove()
-
-    def finish_training(self, model: torch.nn.Module, dylora_rank: int | None = None) -> LoraFactors:
-        """Keep private parts, apply rank self-pruning if asked, return the factors to send
-        (under DyLoRA only the round's leading rank-b block)."""
+    def finish_training(self, model: torch.nn.Module) -> LoraFactors:
+        """Keep private parts, apply rank self-pruning if asked, return the shared factors (which the
+        extensions' :meth:`~fedlora.extensions.Extension.reply_factors` may still reduce)."""
         out = extract_factors(model)
         if self.policy.private:
             self.store.save(self.profile.client_id, "private", out.select(self.policy.private))
-        if dylora_rank is not None:
-            return block(out, dylora_rank).select(self.policy.shared)
         h = self.cfg.hetero
         if h.hetlora_prune and self.policy.heterogeneous_ranks:
             new_rank = min(prune_rank(m, h.hetlora_prune_ratio) for m in out.modules.values())

@@ -294,6 +294,18 @@ def strategies() -> None:
         typer.echo(f"{name:10s} {cls.sharing_policy.describe():45s} {doc}")
 
 
+@cli.command()
+def methods() -> None:
+    """List the plug-in methods (fedlora/methods and installed entry points): name, config section, summary."""
+    from fedlora.registry import plugin_extensions
+
+    for ext in plugin_extensions():
+        if ext.__module__.startswith("fedlora.methods") or not ext.__module__.startswith("fedlora."):
+            what = f"continual.method={ext.continual_method}" if ext.continual_method else ""
+            doc = (ext.__doc__ or "").strip().splitlines()[0] if ext.__doc__ else ""
+            typer.echo(f"{ext.name:10s} [{ext.section_name}] {what:24s} {doc}")
+
+
 @cli.command("config")
 def show_config(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run config to validate (default: the embedded default run).")] = None,

@@ -25,7 +25,7 @@ from fedlora.continual.config import check_with_run as check_continual_with_run
 from fedlora.deploy.config import ServerSection
 from fedlora.privacy.config import PrivacySection
 from fedlora.privacy.config import check_with_run as check_privacy_with_run
-from fedlora.registry import policy_for
+from fedlora.registry import plugin_extensions, plugin_sections, policy_for
 from fedlora.schema import ConfigError, _coerce, _require, _require_template, toml_value  # noqa: F401 - re-exported
 from fedlora.sections import (  # noqa: F401 - re-exported
     DTYPES,
@@ -59,17 +59,24 @@ class FedLoraConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     server: ServerSection = field(default_factory=ServerSection)
     continual: ContinualSection = field(default_factory=ContinualSection)
+    # Sections of plug-in methods ([fedprox], ...) given in the run's config, by section name; see
+    # fedlora.extensions. Serialised beside the core sections; absent ones are at their defaults.
+    plugins: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FedLoraConfig:
         cfg = cls()
         for section, values in raw.items():
-            if section not in _SECTIONS:
-                raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(_SECTIONS)}")
+            if section in _SECTIONS:
+                target = getattr(cfg, section)
+            elif section in plugin_sections():
+                target = cfg.plugins[section] = plugin_sections()[section]()
+            else:
+                known = [*_SECTIONS, *sorted(plugin_sections())]
+                raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(known)}")
             if not isinstance(values, dict):
                 raise ConfigError(f"[{section}] must be a table of keys, got {type(values).__name__}")
-            target = getattr(cfg, section)
             hints = get_type_hints(type(target))
             known = {f.name for f in fields(target)}
             for key, value in values.items():
@@ -78,6 +85,15 @@ class FedLoraConfig:
                 setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
         cfg.validate()
         return cfg
+
+    def section(self, name: str) -> Any:
+        """A plug-in method's config section: as given in the run's config, else its defaults."""
+        if name not in self.plugins:
+            try:
+                return plugin_sections()[name]()
+            except KeyError:
+                raise KeyError(f"no plug-in owns a config section [{name}]") from None
+        return self.plugins[name]
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> FedLoraConfig:
@@ -88,8 +104,8 @@ class FedLoraConfig:
         return cls.from_dict(raw)
 
     def validate(self) -> None:
-        for section in _SECTIONS:
-            validator = getattr(getattr(self, section), "validate", None)
+        for obj in [*(getattr(self, s) for s in _SECTIONS), *self.plugins.values()]:
+            validator = getattr(obj, "validate", None)
             if validator:
                 validator()
         self._validate_combinations()
@@ -109,6 +125,9 @@ class FedLoraConfig:
         check_privacy_with_run(self, policy)
         self._validate_dylora(policy, ranks)
         check_continual_with_run(self, policy)
+        for extension in plugin_extensions():
+            if extension.applies(self):
+                extension.check_with_run(self, policy)
         self._validate_task(policy)
         if self.robust.aggregation != "mean" and policy.heterogeneous_ranks:
             raise ConfigError(
@@ -118,7 +137,10 @@ class FedLoraConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.pop("plugins")
+        out.update({name: dataclasses.asdict(section) for name, section in sorted(self.plugins.items())})
+        return out
 
     def experiment(self) -> dict[str, Any]:
         """``to_dict()`` without the keys that say where a run's files go (its name, folders, caches),
@@ -217,7 +239,7 @@ class FedLoraConfig:
         return ""
 
 
-_SECTIONS = [f.name for f in fields(FedLoraConfig)]
+_SECTIONS = [f.name for f in fields(FedLoraConfig) if f.name != "plugins"]
 PLACEMENT_KEYS = ("run.name", "run.output_dir", "model.cache_dir", "simulation.state_dir")
 
 
@@ -226,11 +248,15 @@ def digest_of(config_json: str) -> str:
     return hashlib.sha256(config_json.encode()).hexdigest()[:16]
 
 
+def _all_sections(cfg: FedLoraConfig) -> list[tuple[str, Any]]:
+    """(name, section) for every core section, then every plug-in's (given or at its defaults)."""
+    return [*((s, getattr(cfg, s)) for s in _SECTIONS), *((s, cfg.section(s)) for s in sorted(plugin_sections()))]
+
+
 def reference_toml(cfg: FedLoraConfig) -> str:
     """Every key of ``cfg`` as TOML, each with its help text as a comment."""
     lines = []
-    for section in _SECTIONS:
-        obj = getattr(cfg, section)
+    for section, obj in _all_sections(cfg):
         lines.append(f"[{section}]")
         for f in fields(obj):
             lines.append(f"{f.name} = {toml_value(getattr(obj, f.name))}  # {f.metadata.get('help', '')}")
@@ -245,8 +271,7 @@ def reference_markdown(cfg: FedLoraConfig) -> str:
            "Generated by `fedlora config --reference --format markdown` from the config sections in the code;",
            "the values are those of the embedded default run (`fedlora simulate` with no config). A run config",
            "is a TOML file of these sections; unknown keys and impossible values fail before any work starts.", ""]
-    for section in _SECTIONS:
-        obj = getattr(cfg, section)
+    for section, obj in _all_sections(cfg):
         out += [f"## [{section}]", "", "| key | default | meaning |", "|---|---|---|"]
         for f in fields(obj):
             value = toml_value(getattr(obj, f.name)).replace("|", "\\|")

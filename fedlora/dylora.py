@@ -10,9 +10,15 @@ gradients for A's tail rows.)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-from fedlora.factors import ADAPTER, lora_layers
+from fedlora.extensions import ClientRound, Extension
+from fedlora.factors import ADAPTER, LoraFactors, lora_layers
+from fedlora.lora_math import block
+from fedlora.registry import register_extension
 
 
 class RankMask:
@@ -55,3 +61,37 @@ def round_rank(seed: int, server_round: int, min_rank: int, max_rank: int) -> in
     import random
 
     return random.Random(f"dylora:{seed}:{server_round}").randint(min_rank, max_rank)
+
+
+@register_extension
+class DyLoRARank(Extension):
+    """DP-DyLoRA on a client (``dylora.enabled``): it trains at the round's rank b, which the server
+    sends as ``dylora-rank`` (:func:`round_rank`), and replies with the leading rank-b block only."""
+
+    name = "dylora"
+    order = 10  # the outermost context: every other hook trains the masked adapter
+
+    @classmethod
+    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+        return cfg.dylora.enabled
+
+    @staticmethod
+    def rank(client: ClientRound) -> int | None:
+        return int(client.config.get("dylora-rank", 0)) or None
+
+    @contextmanager
+    def training(self, client: ClientRound) -> Iterator[list]:
+        rank = self.rank(client)
+        if rank is None:
+            yield []
+            return
+        mask = RankMask(client.model)
+        try:
+            mask.set(rank)
+            yield []
+        finally:
+            mask.remove()
+
+    def reply_factors(self, client: ClientRound, factors: LoraFactors) -> LoraFactors:
+        rank = self.rank(client)
+        return factors if rank is None else block(factors, rank)

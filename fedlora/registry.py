@@ -3,9 +3,9 @@ per strategy file, duplicates refused), task types (what a model is trained to d
 reads, how rows become examples, its loss and its evaluation) and model extensions (a concern that
 shapes the model the core builds, such as a continual method's frozen head and AM-LoRA's selector).
 
-Kept free of heavy imports: ``strategy_names()`` and ``policy_for()`` import the strategy
-package only when first asked, and the strategy package imports Flower, not torch models; the
-built-in model extensions are imported by name the first time a model is built.
+Kept free of heavy imports: ``strategy_names()`` and ``policy_for()`` read the strategy package's
+table of built-ins (:data:`fedlora.strategies.BUILTIN`) and import no strategy module; the built-in
+model extensions are imported by name the first time a model is built.
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ _REGISTRY: dict[str, type] = {}
 
 
 def register_strategy(name: str):  # noqa: ANN201 - class decorator
-    """Class decorator: ``@register_strategy("fedsa")``."""
+    """Class decorator: ``@register_strategy("fedsa")``. A built-in strategy's sharing policy comes
+    from :data:`fedlora.strategies.BUILTIN`; any other must declare ``sharing_policy`` on its class."""
 
     def deco(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"a strategy named {name!r} is already registered ({_REGISTRY[name].__name__})")
-        if not hasattr(cls, "sharing_policy"):
+        builtin = _builtin().get(name)
+        if builtin is not None:
+            cls.sharing_policy = builtin[1]
+        elif not hasattr(cls, "sharing_policy"):
             raise TypeError(f"strategy {cls.__name__} must declare a class attribute `sharing_policy`")
         cls.strategy_name = name
         _REGISTRY[name] = cls
@@ -33,27 +37,35 @@ def register_strategy(name: str):  # noqa: ANN201 - class decorator
     return deco
 
 
-def _load() -> None:
-    if not _REGISTRY:
-        # The strategies register themselves here as their modules load (the decorator above), so the
-        # table imports them on first use, as a plugin table does; at the top it would be a cycle.
-        import fedlora.strategies  # noqa: F401 - registers the built-in strategies
+def _builtin() -> dict:
+    # The strategy package's table (light: it imports neither Flower nor torch); a strategy module
+    # itself is imported only when its class is asked for.
+    from fedlora.strategies import BUILTIN
+
+    return BUILTIN
 
 
 def strategy_names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
+    return sorted(set(_builtin()) | set(_REGISTRY))
 
 
 def get_strategy(name: str) -> type:
-    _load()
+    if name not in _REGISTRY and name in _builtin():
+        import importlib
+
+        importlib.import_module(_builtin()[name][0])  # registers itself
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(strategy_names())}") from None
 
 
 def policy_for(name: str) -> SharingPolicy:
+    """The sharing policy of strategy ``name``, without importing a built-in strategy's module."""
+    if name in _REGISTRY:
+        return _REGISTRY[name].sharing_policy
+    if name in _builtin():
+        return _builtin()[name][1]
     return get_strategy(name).sharing_policy
 
 
@@ -129,3 +141,75 @@ def task_of(examples) -> object:  # noqa: ANN001 - fedlora.data.Examples
     """The task type of tokenized examples: the one that encoded them (``Examples.task``); examples
     built without one are causal-LM examples when they carry prompt lengths, else classification."""
     return task_type(examples.task or ("causal-lm" if examples.causal else "classification"))
+
+
+# --------------------------------------------------------------------------- extensions
+# An extension is a fedlora.extensions.Extension subclass (see that module for its hooks). The
+# built-in concerns register themselves from their own modules, imported when a run's extensions
+# are first asked for; plug-in methods are the public modules of the package fedlora.methods (each a
+# light declaration: its config section and its Extension, the torch part imported by its hooks)
+# and any installed package's entry point in the group "fedlora.methods".
+_EXTENSIONS: dict[str, type] = {}
+_BUILTIN_CONCERNS = ("fedlora.dylora", "fedlora.continual.client", "fedlora.privacy.example_level")
+_DISCOVERED: list[bool] = []
+
+
+def register_extension(cls: type) -> type:
+    """Class decorator: add an extension under ``cls.name`` (duplicates refused)."""
+    if not cls.name:
+        raise TypeError(f"extension {cls.__name__} must declare a class attribute `name`")
+    if cls.name in _EXTENSIONS and _EXTENSIONS[cls.name] is not cls:
+        raise ValueError(f"an extension named {cls.name!r} is already registered ({_EXTENSIONS[cls.name].__name__})")
+    if cls.section_name and any(e.section_name == cls.section_name and e is not cls for e in _EXTENSIONS.values()):
+        raise ValueError(f"extension {cls.name!r}: config section [{cls.section_name}] is already owned")
+    _EXTENSIONS[cls.name] = cls
+    return cls
+
+
+def _discover_plugins() -> None:
+    """Import every plug-in method's declaration once (light modules: the config reads them)."""
+    if _DISCOVERED:
+        return
+    _DISCOVERED.append(True)
+    import importlib
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    import fedlora.methods
+
+    for info in pkgutil.iter_modules(fedlora.methods.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"fedlora.methods.{info.name}")  # registers itself
+    for ep in entry_points(group="fedlora.methods"):
+        ep.load()  # a third-party package's plug-in: registers itself on import
+
+
+def plugin_sections() -> dict[str, type]:
+    """Config sections owned by plug-in methods: ``{section name: its dataclass}``."""
+    _discover_plugins()
+    return {e.section_name: e.section for e in _EXTENSIONS.values() if e.section_name and e.section is not None}
+
+
+def plugin_extensions() -> list[type]:
+    """Every plug-in method's extension class (light: no hook has run)."""
+    _discover_plugins()
+    return sorted(_EXTENSIONS.values(), key=lambda e: (e.order, e.name))
+
+
+def continual_method_names() -> list[str]:
+    """The continual methods that plug-ins provide (``continual.method`` may name them)."""
+    return sorted(e.continual_method for e in plugin_extensions() if e.continual_method)
+
+
+def extensions_for(cfg) -> list:  # noqa: ANN001 - a FedLoraConfig; returns Extension instances
+    """The extensions ``cfg`` uses, built for it, in hook order (``order``, then name)."""
+    if not all(m in _imported_concerns for m in _BUILTIN_CONCERNS):
+        import importlib
+
+        for module in _BUILTIN_CONCERNS:
+            importlib.import_module(module)  # registers itself (these import torch)
+            _imported_concerns.add(module)
+    return [cls(cfg) for cls in plugin_extensions() if cls.applies(cfg)]
+
+
+_imported_concerns: set[str] = set()

@@ -46,9 +46,11 @@ from fedlora.aggregation.replies import Update, accept_train_reply
 from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.continual.federation import PAST_KEY, load_past, past_tensors
+from fedlora.extensions import Extension
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import fit_rank, keep_uncovered, to_client, to_effective
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, NodeProfile
+from fedlora.registry import extensions_for
 from fedlora.robust import coordinate_median, trimmed_mean
 from fedlora.sharing import SharingPolicy
 from fedlora.strategies.evaluation import FederatedEvaluation
@@ -102,6 +104,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             self.dp = ClientLevelDP(cfg)
         self._starts: dict = {}  # start_factors of this round's global adapter, per (rank, alpha)
         self.norm_reference: float | None = None  # median update norm of the last round (robust.relative_norm_bound)
+        self.extensions: list[Extension] = extensions_for(cfg)  # their server-side hooks (fedlora.extensions)
         self._check_held_budget()
 
     def _check_held_budget(self) -> None:
@@ -203,6 +206,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             "privacy": self.dp.state_dict() if self.dp is not None else None,
             "past-tasks": len(self.past_tasks),
             "norm-reference": self.norm_reference,
+            "extensions": {e.name: e.server_state() for e in self.extensions},
         }
         return tensors, state
 
@@ -217,6 +221,10 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         if self.dp is not None and state.get("privacy"):
             self.dp.load_state_dict(state["privacy"])
         self.norm_reference = state.get("norm-reference")
+        kept = state.get("extensions", {})
+        for e in self.extensions:
+            if e.name in kept:
+                e.load_server_state(kept[e.name])
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -239,6 +247,8 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
 
             rl.dylora_rank = round_rank(self.cfg.run.seed, server_round, self.cfg.dylora.min_rank, self.max_rank)
             extra["dylora-rank"] = rl.dylora_rank
+        for e in self.extensions:
+            extra.update(e.round_config(server_round))
         return self._messages(node_ids, server_round, config, MessageType.TRAIN, rl, extra=extra)
 
     def _messages(self, node_ids: list[int], server_round: int, config: ConfigRecord, mtype: str,

@@ -8,12 +8,9 @@ products; that aggregation error is what FFA-LoRA, FLoRA and FlexLoRA remove.
 from __future__ import annotations
 
 from fedlora.registry import register_strategy
-from fedlora.sharing import SharingPolicy
 from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("fedit")
 class FedIT(LoraStrategy):
     """The base's fold as it is: the weighted mean of the effective factors (A, s*B, head)."""
-
-    sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}))

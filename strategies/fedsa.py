@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from fedlora.factors import LoraFactors
 from fedlora.registry import register_strategy
-from fedlora.sharing import SharingPolicy
 from fedlora.strategies.base import LoraStrategy, Update
 
 
 @register_strategy("fedsa")
 class FedSALoRA(LoraStrategy):
-    sharing_policy = SharingPolicy(shared=frozenset({"A"}), private=frozenset({"B", "head"}))
 
     def fold_input(self, update: Update) -> LoraFactors:
         return update.factors.select({"A"})  # A carries no scaling: its client form is its effective form

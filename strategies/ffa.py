@@ -9,7 +9,6 @@ the products equals the product of the averages: aggregation is exact, and uploa
 from __future__ import annotations
 
 from fedlora.registry import register_strategy
-from fedlora.sharing import SharingPolicy
 from fedlora.strategies.base import LoraStrategy
 
 
@@ -17,4 +16,3 @@ from fedlora.strategies.base import LoraStrategy
 class FFALoRA(LoraStrategy):
     """The base's fold as it is: the weighted mean of s*B and the head (A never travels)."""
 
-    sharing_policy = SharingPolicy(shared=frozenset({"B", "head"}), frozen=frozenset({"A"}))

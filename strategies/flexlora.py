@@ -19,13 +19,11 @@ from __future__ import annotations
 from fedlora.aggregation.folds import Fold
 from fedlora.factors import LoraFactors
 from fedlora.registry import register_strategy
-from fedlora.sharing import SharingPolicy
 from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("flexlora")
 class FlexLoRA(LoraStrategy):
-    sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}), heterogeneous_ranks=True)
 
     def target_rank(self) -> int:
         return max([self.global_rank()] + [p.rank for p in self.profiles.values()])

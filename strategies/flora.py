@@ -24,15 +24,11 @@ from fedlora.factors import LoraFactors, ModuleFactors, seeded_A
 from fedlora.lora_math import concat_rank, svd_redistribute
 from fedlora.protocol import NodeProfile
 from fedlora.registry import register_strategy
-from fedlora.sharing import SharingPolicy
 from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("flora")
 class FLoRA(LoraStrategy):
-    sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}), merge_global_into_base=True,
-                                   heterogeneous_ranks=True)
-
     def initial_global(self, init_eff: LoraFactors) -> LoraFactors:
         return LoraFactors(extras=dict(init_eff.extras))  # no delta merged yet
 

@@ -23,13 +23,11 @@ from fedlora.aggregation.folds import Fold, ZeroPaddedMean
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import keep_uncovered
 from fedlora.registry import register_strategy
-from fedlora.sharing import SharingPolicy
 from fedlora.strategies.base import LoraStrategy
 
 
 @register_strategy("hetlora")
 class HetLoRA(LoraStrategy):
-    sharing_policy = SharingPolicy(shared=frozenset({"A", "B", "head"}), heterogeneous_ranks=True)
 
     def new_fold(self, server_round: int, sampled: int) -> Fold:
         # Norm weights are per update: the fold keeps the norm-weighted sums and their weight total.

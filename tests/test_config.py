@@ -166,3 +166,16 @@ def test_the_committed_configuration_page_is_what_the_code_generates():
         assert f"## [{section}]" in committed
         for f in fields(getattr(cfg, section)):
             assert f"| `{f.name}` |" in committed, (section, f.name)
+
+
+def test_fedlora_config_loads_neither_torch_nor_flower():
+    """The command as a user runs it: validating and printing a config imports no training stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedlora.cli import main\nsys.argv = ['fedlora', 'config', '--reference']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('torch', 'flwr', 'transformers', 'opacus', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "[continual]" in out.stdout  # the reference printed
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []", out.stdout[-500:] + out.stderr[-2000:]

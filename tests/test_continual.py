@@ -183,12 +183,10 @@ def test_amlora_selector_trains_at_its_own_learning_rate_and_the_loras_at_theirs
     assert moved[0.05][0] > 0.05 and moved[0.05][0] > 10 * moved[0.0][0]
     assert 0 < moved[0.05][1] <= 4 * 1e-3 * 1.05 and 0 < moved[0.0][1] <= 4 * 1e-3 * 1.05
     # The client installs the hook at amlora_l1 = 0 too, else the recorded attention piles up.
-    from types import SimpleNamespace
-
-    from fedlora.continual.client import hooks
+    from fedlora.continual.client import method_hooks
 
     cfg.continual.amlora_l1 = 0.0
-    (hook,) = hooks(SimpleNamespace(cfg=cfg), mixer, [])
+    (hook,) = method_hooks(cfg, mixer, [])
     assert isinstance(hook, AmLoraTraining) and hook.lam == 0.0
 
 
@@ -313,27 +311,31 @@ def test_a_client_restarted_between_tasks_recovers_the_finished_tasks_from_its_s
     state = {"partition-id": 0, "state-dir": str(tmp_path / "state")}
     first = ClientSession.from_parts(cfg, state, node_id=1)
     model = first.model()
-    from fedlora.factors import lora_layers
+    from fedlora.factors import LoraFactors, lora_layers
 
     first.modules = [n for n, _ in lora_layers(model)]
     task0 = _random_past(model, 1, seed=3)[0]
     for m in task0.modules.values():
         m.alpha = float(m.rank)
     msg = codec.encode(task0, prefix=PAST_PREFIX.format(0), modules=first.modules)
-    got = cclient.past_tasks(first, msg, server_round=2)  # round 2 trains task 1: task 0 arrives
-    assert cclient.held(first) == 1
+
+    def client(session, arrays):  # round 2 trains task 1: task 0 is finished
+        return session.client_round(model, arrays, LoraFactors(), server_round=2, config={})
+
+    got = cclient.past_tasks(client(first, msg))  # task 0 arrives with the message
+    assert cclient.held(client(first, msg)) == 1
     # a new process: nothing in memory, an empty message; the store has task 0
     second = ClientSession.from_parts(FedLoraConfig.from_dict(raw), state, node_id=1)
     second.modules = first.modules
-    again = cclient.past_tasks(second, ArrayRecord(), server_round=2)
+    again = cclient.past_tasks(client(second, ArrayRecord()))
     for (k, a), (_, b) in zip(got[0].tensors(), again[0].tensors()):
         assert torch.equal(a, b), k
-    assert cclient.reply_metrics(second) == {"past-tasks": 1}
+    assert cclient.ContinualClient(second.cfg).reply_metrics(client(second, ArrayRecord())) == {"past-tasks": 1}
     # a client that never received task 0 says so instead of training without it
     third = ClientSession.from_parts(FedLoraConfig.from_dict(raw), {**state, "state-dir": str(tmp_path / "other")}, 1)
     third.modules = first.modules
     with pytest.raises(cclient.MissingPastTask, match="finished task 0"):
-        cclient.past_tasks(third, ArrayRecord(), server_round=2)
+        cclient.past_tasks(client(third, ArrayRecord()))
 
 
 @pytest.mark.parametrize("scale", [0.0, 16.0])

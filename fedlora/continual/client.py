@@ -9,59 +9,64 @@ missing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-from fedlora.continual.federation import PAST_KEY, PAST_PREFIX, keeps_past_tasks
+from fedlora import codec
+from fedlora.continual.federation import PAST_KEY, PAST_PREFIX, keeps_past_tasks, task_lora
 from fedlora.continual.hooks import AmLoraTraining, OLoraPenalty
+from fedlora.continual.mixing import TaskLoraMixer
 from fedlora.continual.tasks import task_of_round
+from fedlora.extensions import ClientRound, Extension
 from fedlora.factors import LoraFactors
+from fedlora.registry import register_extension
+from fedlora.training import TrainingHook
 
 
 class MissingPastTask(RuntimeError):
     """The client holds neither in its message nor in its store a finished task it needs."""
 
 
-def _store_name(session, t: int) -> str:  # noqa: ANN001
-    return f"continual-{session.cfg.digest()}-task{t}"
+def _store_name(cfg, t: int) -> str:  # noqa: ANN001 - a FedLoraConfig
+    return f"continual-{cfg.digest()}-task{t}"
 
 
-def past_tasks(session, received, server_round: int) -> list[LoraFactors]:  # noqa: ANN001
-    """Finished tasks' factors for ``server_round``: from the message when it carries them (then
-    stored), else from the client-state store."""
-    # lazy: pulls in flwr, which this module does not need otherwise
-    from fedlora import codec
-
-    cfg = session.cfg
+def past_tasks(client: ClientRound) -> list[LoraFactors]:
+    """Finished tasks' factors for ``client.server_round``: from the message when it carries them
+    (then stored), else from the client-state store."""
+    cfg = client.cfg
     if not keeps_past_tasks(cfg):
         return []
-    task = task_of_round(cfg, server_round)
+    task = task_of_round(cfg, client.server_round)
     out = []
     for t in range(task):
-        got = codec.decode(received, alpha=1.0, prefix=PAST_PREFIX.format(t), modules=session.modules)
+        got = codec.decode(client.arrays, alpha=1.0, prefix=PAST_PREFIX.format(t), modules=client.modules)
         if got.modules:
             for m in got.modules.values():
                 m.alpha = float(m.rank)  # effective form: the scaling lives in B
-            session.store.save(session.profile.client_id, _store_name(session, t), got)
+            client.store.save(client.client_id, _store_name(cfg, t), got)
         else:
-            got = session.store.load(session.profile.client_id, _store_name(session, t))
+            got = client.store.load(client.client_id, _store_name(cfg, t))
         if got is None:
-            raise MissingPastTask(f"client {session.profile.client_id} holds no factors of finished task {t}; "
+            raise MissingPastTask(f"client {client.client_id} holds no factors of finished task {t}; "
                                   "the server resends them with its next message")
         out.append(got)
     return out
 
 
-def held(session) -> int:  # noqa: ANN001
+def held(client: ClientRound) -> int:
     """How many finished tasks this client holds, consecutively from the first."""
     n = 0
-    while session.store.has(session.profile.client_id, _store_name(session, n)):
+    while client.store.has(client.client_id, _store_name(client.cfg, n)):
         n += 1
     return n
 
 
-def hooks(session, mixer, past: list[LoraFactors]) -> list:  # noqa: ANN001
-
-    c = session.cfg.continual
+def method_hooks(cfg, mixer: TaskLoraMixer | None, past: list[LoraFactors]) -> list[TrainingHook]:  # noqa: ANN001
+    """The method's loss terms on the training loop: O-LoRA's penalty, AM-LoRA's selector step."""
+    c = cfg.continual
     if c.method == "olora" and (past or c.olora_lambda2):
         past_a = {n: torch.cat([p.modules[n].A for p in past], 0) for n in (past[0].modules if past else {})}
         return [OLoraPenalty(past_a, c.olora_lambda1, c.olora_lambda2, c.olora_form)]
@@ -72,7 +77,28 @@ def hooks(session, mixer, past: list[LoraFactors]) -> list:  # noqa: ANN001
     return []
 
 
-def reply_metrics(session) -> dict:  # noqa: ANN001
-    if not keeps_past_tasks(session.cfg):
-        return {}
-    return {PAST_KEY: held(session)}
+@register_extension
+class ContinualClient(Extension):
+    """A task sequence on a client: the finished tasks' LoRAs in its forward pass (training and
+    evaluation), the method's loss terms, and in every reply how many finished tasks it holds."""
+
+    name = "continual"
+    order = 20
+
+    @classmethod
+    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+        return cfg.continual.enabled
+
+    @contextmanager
+    def training(self, client: ClientRound) -> Iterator[list[TrainingHook]]:
+        past = past_tasks(client)
+        with task_lora(client.cfg, client.model, past) as mixer:
+            yield method_hooks(client.cfg, mixer, past)
+
+    @contextmanager
+    def evaluating(self, client: ClientRound) -> Iterator[None]:
+        with task_lora(client.cfg, client.model, past_tasks(client)):
+            yield None
+
+    def reply_metrics(self, client: ClientRound) -> dict[str, float]:
+        return {PAST_KEY: held(client)} if keeps_past_tasks(client.cfg) else {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.registry import continual_method_names
 from fedlora.schema import ConfigError, _meta, _require, _require_template
 
 
@@ -35,7 +36,8 @@ class ContinualSection:
     method: str = _meta(
         "'' (off), 'seq' (one LoRA trained on task after task), 'inclora' (a new LoRA per task, earlier ones "
         "frozen), 'olora' (inclora + orthogonality to earlier tasks' A), 'amlora' (inclora + an attention "
-        "mixture over task LoRAs with L1 sparsity), 'multitask' (all tasks' data at once: the upper bound).",
+        "mixture over task LoRAs with L1 sparsity), 'multitask' (all tasks' data at once: the upper bound), "
+        "or a plug-in's continual method (`fedlora methods`).",
         default="")
     tasks: list[ContinualTask] = _meta("The task sequence, in order ([[continual.tasks]] tables).",
                                        default_factory=list)
@@ -60,8 +62,9 @@ class ContinualSection:
     def validate(self) -> None:
         if not self.method:
             return
-        _require(self.method in CONTINUAL_METHODS, "continual.method",
-                 f"must be '' or one of {', '.join(CONTINUAL_METHODS)}, got {self.method!r}")
+        methods = [*CONTINUAL_METHODS, *continual_method_names()]  # built in, then the plug-ins'
+        _require(self.method in methods, "continual.method",
+                 f"must be '' or one of {', '.join(methods)}, got {self.method!r}")
         _require(len(self.tasks) >= 1, "continual.tasks", "must list at least one task")
         for i, t in enumerate(self.tasks):
             where = f"continual.tasks[{i}]"

@@ -15,11 +15,15 @@ gradient of shape [batch, *shape]; the tests check the factors move and the mode
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from fedlora.data import Examples, collate
-from fedlora.privacy.accounting import example_epsilon, example_sample_rate, steps_per_round  # noqa: F401 - steps_per_round: re-exported
+from fedlora.extensions import ClientRound, Extension
+from fedlora.privacy.accounting import example_epsilon, example_noise_for_target, example_sample_rate, steps_per_round
+from fedlora.registry import register_extension
 from fedlora.training import TrainContext, TrainingHook
 
 STATE_NAME = "dp-sgd-accountant"
@@ -129,3 +133,34 @@ def check_per_sample_gradients(params: list[torch.nn.Parameter], batch_size: int
             gs = torch.cat(gs)
         if tuple(gs.shape) != (batch_size, *p.shape):
             raise RuntimeError(f"per-sample gradient of shape {tuple(gs.shape)}, expected {(batch_size, *p.shape)}")
+
+
+@register_extension
+class ExampleLevelDP(Extension):
+    """DP-SGD on the clients (``privacy.example_dp``): the hook above on the client's training, its
+    noise calibrated to ``privacy.example_target_epsilon`` when one is set, and its accountant's
+    history kept in the client-state store after a successful round."""
+
+    name = "dp-sgd"
+    order = 15  # before the continual methods' loss terms: they see the model Opacus wraps
+
+    @classmethod
+    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+        return cfg.privacy.example_dp
+
+    @contextmanager
+    def training(self, client: ClientRound) -> Iterator[list[TrainingHook]]:
+        p, tc = client.cfg.privacy, client.cfg.train
+        n = len(client.data.train)
+        rate = DPSGDHook.sample_rate(n, tc.batch_size)
+        z = p.example_noise_multiplier
+        if p.example_target_epsilon > 0:
+            # Calibrated for a client that takes part in every round: a conservative bound for the others.
+            steps = client.cfg.run.rounds * steps_per_round(n, tc.batch_size, tc.local_steps, tc.local_epochs)
+            z = example_noise_for_target(p.example_target_epsilon, p.example_delta, rate, steps)
+        seed = None if p.noise_seed < 0 else p.noise_seed * 7919 + client.server_round * 31 + client.partition_id
+        history = client.store.load(client.client_id, STATE_NAME, {"history": []})["history"]
+        hook = DPSGDHook(z, p.example_clip, p.example_delta, history=history, noise_seed=seed)
+        yield [hook]
+        client.store.save(client.client_id, STATE_NAME,
+                          {"history": [list(x) for x in hook.history], "delta": hook.delta, "epsilon": hook.epsilon()})
