@@ -89,12 +89,15 @@ def compare(
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the cells the output folder's results.json already "
                                          "holds (a finished run with the cell's exact config); run the rest.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate every cell and list what would run; run nothing.")] = False,
+    arms: Annotated[list[str], typer.Option("--arm", help="Run only this arm (repeatable); the output folder's results "
+                                            "of the other arms are kept as recorded and tabled with it.")] = [],  # noqa: B006
 ) -> None:
     """Run several strategies on the same data, splits, seed and budget; write a table and a plot."""
     from fedlora.compare import compare as run
 
     try:
-        folder = run(file, out, set_, log=lambda m: typer.echo(m, err=True), resume=resume, dry_run=dry_run)
+        folder = run(file, out, set_, log=lambda m: typer.echo(m, err=True), resume=resume, dry_run=dry_run,
+                     arms=arms or None)
     except ConfigError as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -122,17 +122,27 @@ def _cell_label(cell: dict) -> str:
 
 
 def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print,  # noqa: ANN001
-            resume: bool = False, dry_run: bool = False) -> Path:
+            resume: bool = False, dry_run: bool = False, arms: list[str] | None = None) -> Path:
     """Run every cell and write results.json (after each cell), table.md/json and plot.png.
 
     ``resume``: a cell whose experiment an earlier ``<out>/results.json`` already holds (same arm and
     split, a finished run with this cell's exact config) is not run again; a comparison stopped halfway
     goes on where it stopped, and one whose file gained a grid point runs only the new point.
-    ``dry_run``: validate every cell and log what would run (or be reused), run nothing."""
+    ``dry_run``: validate every cell and log what would run (or be reused), run nothing.
+    ``arms``: run only these arms' cells; every other arm's results in ``<out>/results.json`` are kept
+    as recorded there (not rerun, not re-validated) and the table is made over all of them."""
     name, select_on, cells, out = comparison_cells(path, out, extra)
-    earlier = []
-    if resume and (out / "results.json").exists():
+    earlier, kept = [], []
+    if (resume or arms) and (out / "results.json").exists():
         earlier = json.loads((out / "results.json").read_text())
+    if arms:
+        unknown = set(arms) - {c["arm"] for c in cells}
+        if unknown:
+            raise ConfigError(f"--arms names arms the comparison file does not have: {sorted(unknown)}")
+        cells = [c for c in cells if c["arm"] in arms]
+        kept = [r for r in earlier if r["arm"] not in arms]
+        earlier = earlier if resume else []
+        log(f"[compare {name}] keeping the recorded results of {sorted({r['arm'] for r in kept})}")
     plan = []
     for cell in cells:
         why = [(r, reusable(r, cell)) for r in earlier]
@@ -152,7 +162,7 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
         return out
     out.mkdir(parents=True, exist_ok=True)
 
-    results = []
+    results = list(kept)
     for cell, found in plan:
         if found is not None:
             results.append({**found, "grid-point": cell["grid-point"],

@@ -112,6 +112,34 @@ def test_resume_reuses_a_finished_run_only_for_the_cell_whose_config_it_ran(tmp_
     assert (out / "plot.png").exists()
 
 
+def test_named_arms_run_alone_and_the_other_arms_recorded_results_are_tabled_with_them(tmp_path):
+    """--arm: a comparison that gained an arm runs only that arm; the others' recorded results (their
+    run folders long gone) are kept as they are and chosen from as before."""
+    import json
+
+    from fedlora.compare import comparison_cells
+
+    f, out = _comparison(tmp_path), tmp_path / "out"
+    f.write_text(f.read_text() + '[[arm]]\nname = "b"\nset = ["lora.rank=2"]\n')
+    _, _, cells, _ = comparison_cells(f, out)
+    mine = [_finished_run(tmp_path / f"r{i}", c["config"], 0.5 + i / 10) for i, c in enumerate(cells[:2])]
+    for r, c in zip(mine, cells[:2]):
+        r["grid-point"] = c["grid-point"]
+    recorded_b = {**mine[0], "arm": "b", "run_dir": str(tmp_path / "gone"), "grid-point": [],
+                  "rounds": [{"round": 1, "server-accuracy": 0.9, "server-val-accuracy": 0.9}]}
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps([recorded_b, *mine]))
+    log: list[str] = []
+    compare(f, out, resume=True, arms=["a"], log=log.append)  # a's cells are reusable: nothing runs
+    assert sum("reusing" in m for m in log) == 2 and any("keeping the recorded results of ['b']" in m for m in log)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in results] == ["b", "a", "a"] and results[0] == recorded_b
+    table = {r["arm"]: r for r in json.loads((out / "table.json").read_text())}
+    assert table["b"]["server-accuracy"] == 0.9 and table["a"]["validation-score"] == 0.6
+    with pytest.raises(ConfigError, match="'c'"):
+        compare(f, out, arms=["c"], log=log.append)
+
+
 def test_dry_run_validates_every_cell_and_runs_none(tmp_path):
     f, out = _comparison(tmp_path), tmp_path / "out"
     log: list[str] = []
