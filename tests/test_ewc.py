@@ -1,0 +1,125 @@
+"""EWC, a plug-in continual method (fedlora/methods/ewc.py): its Fisher and penalty maths, and a
+task sequence that runs it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import SHARED_DATA, make_config
+from fedlora.config import ConfigError
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), tasks=st.integers(1, 3),
+       shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3))
+def test_the_penalty_is_the_fisher_weighted_squared_distance_summed_over_tasks(seed, tasks, shapes):
+    from fedlora.methods._ewc import ewc_penalty
+
+    rng = np.random.default_rng(seed)
+    params = {f"p{i}": rng.normal(size=s) for i, s in enumerate(shapes)}
+    anchors = [{"theta": {n: rng.normal(size=p.shape) for n, p in params.items()},
+                "fisher": {n: rng.random(size=p.shape) for n, p in params.items()}} for _ in range(tasks)]
+    expected = sum(float(np.sum(a["fisher"][n] * (p - a["theta"][n]) ** 2)) for a in anchors for n, p in params.items())
+    t = {n: torch.tensor(p, dtype=torch.float64) for n, p in params.items()}
+    ta = [{k: {n: torch.tensor(v, dtype=torch.float64) for n, v in a[k].items()} for k in a} for a in anchors]
+    got = float(ewc_penalty(t, ta))
+    assert abs(got - expected) <= 1e-9 * max(1.0, expected)
+
+
+def _model(tmp_path):
+    from fedlora.data import load_task
+    from fedlora.model import AdapterSpec, build_peft_model, set_trainable
+
+    cfg = make_config(tmp_path)
+    task = load_task(cfg)
+    model = build_peft_model(cfg, task.num_labels, AdapterSpec.for_rank(cfg, 4))
+    set_trainable(model, frozenset({"A", "B"}))
+    with torch.no_grad():  # B away from zero: every factor then has a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model, task
+
+
+def test_the_fisher_is_the_mean_of_each_examples_squared_gradient(tmp_path, shared_data):
+    """Against the definition, one example at a time through .grad (dropout off), not the batch's
+    squared mean gradient (which would be smaller)."""
+    import torch.nn.functional as F
+
+    from fedlora.data import batches
+    from fedlora.methods._ewc import diagonal_fisher, trainable
+
+    model, task = _model(tmp_path)
+    got = diagonal_fisher(model, task.train, 5, torch.device("cpu"))
+    assert model.training  # restored
+    params = trainable(model)
+    want = {n: torch.zeros_like(p) for n, p in params.items()}
+    model.eval()
+    for i, (batch, labels) in enumerate(batches(task.train, 1, shuffle=False)):
+        if i == 5:
+            break
+        model.zero_grad()
+        F.cross_entropy(model(**batch).logits, labels).backward()
+        for n, p in params.items():
+            want[n] += p.grad ** 2 / 5
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-12), n
+    assert all(bool((f >= 0).all()) for f in got.values()) and any(float(f.sum()) > 0 for f in got.values())
+
+
+def _continual(tmp_path, method: str, **sections):
+    from fedlora.config import FedLoraConfig
+
+    raw = make_config(tmp_path).to_dict()
+    raw["run"]["rounds"] = 2
+    raw["federation"].update({"num_clients": 2, "min_train_clients": 2})
+    raw["continual"] = {"method": method, "tasks": [
+        {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": 1},
+        {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": 1}]}
+    raw.update(sections)
+    return FedLoraConfig.from_dict(raw)
+
+
+def test_ewc_is_a_continual_method_refused_with_dp_sgd(tmp_path, shared_data):
+    assert _continual(tmp_path, "ewc").continual.method == "ewc"
+    with pytest.raises(ConfigError, match="per-example clipping"):
+        _continual(tmp_path, "ewc", privacy={"example_dp": True, "example_noise_multiplier": 1.0})
+    with pytest.raises(ConfigError, match="ewc.fisher_examples"):
+        _continual(tmp_path, "ewc", ewc={"fisher_examples": 0})
+
+
+def _train_replies(tmp_path, cfg):
+    from flwr.app import MessageType
+
+    from fedlora.simulate import simulate
+    from fleet import RecordingGrid
+
+    box = {}
+
+    def wrap(grid):  # noqa: ANN001, ANN202
+        box["grid"] = RecordingGrid(grid)
+        return box["grid"]
+
+    run_dir = simulate(cfg, wrap_grid=wrap, engine="inprocess")
+    replies = [m for m in box["grid"].received if m.metadata.message_type == MessageType.TRAIN]
+    assert replies and not any(m.has_error() for m in replies)
+    return run_dir, replies
+
+
+def test_a_task_sequence_under_ewc_pulls_toward_the_finished_task_by_its_weight(tmp_path, shared_data):
+    """Task 1's replies report the penalty (task 0's: none); a large weight keeps the Fisher-weighted
+    distance from task 0's parameters far smaller; each client keeps (theta*, F) in its store."""
+    penalty = {}
+    for weight in (0.0, 1e6):
+        cfg = _continual(tmp_path / f"w{weight:g}", "ewc", ewc={"weight": weight, "fisher_examples": 8})
+        run_dir, replies = _train_replies(tmp_path, cfg)
+        assert all("ewc-penalty" not in m.content["metrics"] for m in replies[:2])  # task 0: nothing to protect
+        late = [float(m.content["metrics"]["ewc-penalty"]) for m in replies[2:]]
+        assert len(late) == 2
+        penalty[weight] = sum(late) / 2
+        assert len(list(run_dir.path.rglob("ewc-*task0*"))) == 2  # (theta*, F) of task 0, one per client
+    assert penalty[0.0] > 0 and penalty[1e6] < 0.2 * penalty[0.0]
