@@ -1,0 +1,107 @@
+"""LwF, a plug-in continual method (fedlora/methods/lwf.py): its distillation maths, the old
+model's outputs, and a task sequence that runs it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import SHARED_DATA, make_config
+from fedlora.config import ConfigError
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 5), labels=st.integers(2, 6), t=st.floats(0.5, 4.0))
+def test_the_term_is_t_squared_times_the_kl_of_the_tempered_outputs(seed, batch, labels, t):
+    from fedlora.methods._lwf import distillation_loss
+
+    rng = np.random.default_rng(seed)
+    z, z_old = rng.normal(size=(batch, labels)) * 3, rng.normal(size=(batch, labels)) * 3
+
+    def softmax(x):  # noqa: ANN001, ANN202
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p, q = softmax(z_old / t), softmax(z / t)
+    expected = t * t * float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+    got = float(distillation_loss(torch.tensor(z), torch.tensor(z_old), t))
+    assert abs(got - expected) <= 1e-5 * max(1.0, expected)
+    assert float(distillation_loss(torch.tensor(z), torch.tensor(z), t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_old_outputs_are_the_old_models_and_the_new_parameters_come_back_exactly(tmp_path, shared_data):
+    from fedlora.data import batches, load_task
+    from fedlora.methods._lwf import Distillation
+    from fedlora.model import AdapterSpec, build_peft_model, set_trainable
+
+    cfg = make_config(tmp_path)
+    task = load_task(cfg)
+    model = build_peft_model(cfg, task.num_labels, AdapterSpec.for_rank(cfg, 4))
+    set_trainable(model, frozenset({"A", "B", "head"}))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(1)
+    old = {n: torch.randn(p.shape, generator=g) * 0.1 for n, p in params.items()}
+    now = {n: p.detach().clone() for n, p in params.items()}
+    hook = Distillation(1.0, 2.0, old, [0, 2])
+    hook.params, hook.cols = params, torch.tensor([0, 2])
+    batch, _ = next(iter(batches(task.train, 4, shuffle=False)))
+    model.train()
+    got = hook._old_outputs(model, batch)
+    assert model.training
+    for n, p in params.items():
+        assert torch.equal(p, now[n]), n
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(old[n])
+        model.eval()
+        want = model(**batch).logits[:, [0, 2]]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def _continual(tmp_path, method: str, **sections):
+    from fedlora.config import FedLoraConfig
+
+    raw = make_config(tmp_path).to_dict()
+    raw["run"]["rounds"] = 2
+    raw["federation"].update({"num_clients": 2, "min_train_clients": 2})
+    raw["continual"] = {"method": method, "tasks": [
+        {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": 1},
+        {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": 1}]}
+    raw.update(sections)
+    return FedLoraConfig.from_dict(raw)
+
+
+def test_lwf_is_refused_with_dp_sgd_and_checks_its_temperature(tmp_path, shared_data):
+    assert _continual(tmp_path, "lwf").continual.method == "lwf"
+    with pytest.raises(ConfigError, match="not built"):
+        _continual(tmp_path, "lwf", privacy={"example_dp": True, "example_noise_multiplier": 1.0})
+    with pytest.raises(ConfigError, match="lwf.temperature"):
+        _continual(tmp_path, "lwf", lwf={"temperature": 0.0})
+
+
+def test_a_task_sequence_under_lwf_stays_closer_to_the_old_outputs_by_its_weight(tmp_path, shared_data):
+    from flwr.app import MessageType
+
+    from fedlora.simulate import simulate
+    from fleet import RecordingGrid
+
+    kd = {}
+    for weight in (1e-6, 100.0):
+        box = {}
+
+        def wrap(grid):  # noqa: ANN001, ANN202
+            box["grid"] = RecordingGrid(grid)
+            return box["grid"]
+
+        cfg = _continual(tmp_path / f"w{weight:g}", "lwf", lwf={"weight": weight},
+                         train={"learning_rate": 0.05, "local_epochs": 2, "batch_size": 16})  # outputs move
+        simulate(cfg, wrap_grid=wrap, engine="inprocess")
+        replies = [m for m in box["grid"].received if m.metadata.message_type == MessageType.TRAIN]
+        assert len(replies) == 4 and not any(m.has_error() for m in replies)
+        assert all("lwf-distillation" not in m.content["metrics"] for m in replies[:2])  # task 0: no old model
+        late = [float(m.content["metrics"]["lwf-distillation"]) for m in replies[2:]]
+        kd[weight] = sum(late) / len(late)
+    assert kd[1e-6] > 0 and kd[100.0] < 0.5 * kd[1e-6]
