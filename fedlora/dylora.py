@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from fedlora.extensions import ClientRound, Extension
 from fedlora.factors import ADAPTER, LoraFactors, lora_layers
 from fedlora.lora_math import block
 from fedlora.registry import register_extension
+
+if TYPE_CHECKING:
+    from fedlora.config import FedLoraConfig
 
 
 class RankMask:
@@ -72,7 +76,7 @@ class DyLoRARank(Extension):
     order = 10  # the outermost context: every other hook trains the masked adapter
 
     @classmethod
-    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+    def applies(cls, cfg: FedLoraConfig) -> bool:
         return cfg.dylora.enabled
 
     @staticmethod

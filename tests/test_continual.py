@@ -254,7 +254,7 @@ def test_bad_task_lists_and_impossible_combinations_fail_before_training(tmp_pat
     with pytest.raises(ConfigError, match="Opacus"):
         C.from_dict(dict(raw, privacy={"example_dp": True, "example_noise_multiplier": 1.0}))
     with pytest.raises(ConfigError, match="continual.method"):
-        C.from_dict(dict(raw, continual={**raw["continual"], "method": "ewc"}))
+        C.from_dict(dict(raw, continual={**raw["continual"], "method": "gem"}))
 
 
 # ------------------------------------------------------------------------------------ federated, end to end

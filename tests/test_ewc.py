@@ -54,8 +54,9 @@ def test_the_fisher_is_the_mean_of_each_examples_squared_gradient(tmp_path, shar
     from fedlora.methods._ewc import diagonal_fisher, trainable
 
     model, task = _model(tmp_path)
+    model.train()
     got = diagonal_fisher(model, task.train, 5, torch.device("cpu"))
-    assert model.training  # restored
+    assert model.training  # restored after the estimate (dropout off inside it)
     params = trainable(model)
     want = {n: torch.zeros_like(p) for n, p in params.items()}
     model.eval()

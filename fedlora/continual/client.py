@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,12 +25,15 @@ from fedlora.factors import LoraFactors
 from fedlora.registry import register_extension
 from fedlora.training import TrainingHook
 
+if TYPE_CHECKING:
+    from fedlora.config import FedLoraConfig
+
 
 class MissingPastTask(RuntimeError):
     """The client holds neither in its message nor in its store a finished task it needs."""
 
 
-def _store_name(cfg, t: int) -> str:  # noqa: ANN001 - a FedLoraConfig
+def _store_name(cfg: FedLoraConfig, t: int) -> str:
     return f"continual-{cfg.digest()}-task{t}"
 
 
@@ -64,7 +68,7 @@ def held(client: ClientRound) -> int:
     return n
 
 
-def method_hooks(cfg, mixer: TaskLoraMixer | None, past: list[LoraFactors]) -> list[TrainingHook]:  # noqa: ANN001
+def method_hooks(cfg: FedLoraConfig, mixer: TaskLoraMixer | None, past: list[LoraFactors]) -> list[TrainingHook]:
     """The method's loss terms on the training loop: O-LoRA's penalty, AM-LoRA's selector step."""
     c = cfg.continual
     if c.method == "olora" and (past or c.olora_lambda2):
@@ -86,7 +90,7 @@ class ContinualClient(Extension):
     order = 20
 
     @classmethod
-    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+    def applies(cls, cfg: FedLoraConfig) -> bool:
         return cfg.continual.enabled
 
     @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,6 +11,9 @@ from fedlora.continual.tasks import task_client_data, task_of_round
 from fedlora.data import Examples, batches
 from fedlora.extensions import ClientRound
 from fedlora.training import TrainContext, TrainingHook, task_loss_for
+
+if TYPE_CHECKING:
+    from fedlora.methods.ewc import EWCSection
 
 log = logging.getLogger("fedlora.client")
 
@@ -80,7 +84,7 @@ def _state_name(client: ClientRound, task: int) -> str:
     return f"ewc-{client.cfg.digest()}-task{task}"
 
 
-def fisher_penalty(client: ClientRound, section) -> list[TrainingHook]:  # noqa: ANN001 - an EWCSection
+def fisher_penalty(client: ClientRound, section: EWCSection) -> list[TrainingHook]:
     """The round's EWC hook: the finished tasks' (theta*, F) from the store, the one that just ended
     estimated now (the received model is its theta*) when the client does not hold it yet."""
     task = task_of_round(client.cfg, client.server_round)

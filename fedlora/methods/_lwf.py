@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from fedlora.continual.tasks import task_label_indices, task_of_round
 from fedlora.extensions import ClientRound
 from fedlora.training import TrainContext, TrainingHook
+
+if TYPE_CHECKING:
+    from fedlora.methods.lwf import LwFSection
 
 
 def distillation_loss(logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -79,7 +84,7 @@ def _state_name(client: ClientRound, task: int) -> str:
     return f"lwf-{client.cfg.digest()}-task{task}-old"
 
 
-def distillation(client: ClientRound, section) -> list[TrainingHook]:  # noqa: ANN001 - an LwFSection
+def distillation(client: ClientRound, section: LwFSection) -> list[TrainingHook]:
     """The round's LwF hook: the old model of this task (stored the first round the client trains
     on it, from the model it received) and the finished tasks' label columns."""
     task = task_of_round(client.cfg, client.server_round)

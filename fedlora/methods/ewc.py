@@ -23,10 +23,15 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedlora.extensions import ClientRound, Extension
 from fedlora.registry import register_extension
 from fedlora.schema import ConfigError, _meta, _require
+
+if TYPE_CHECKING:
+    from fedlora.config import FedLoraConfig
+    from fedlora.sharing import SharingPolicy
 
 
 @dataclass
@@ -53,11 +58,11 @@ class EWC(Extension):
     continual_method = "ewc"
 
     @classmethod
-    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+    def applies(cls, cfg: FedLoraConfig) -> bool:
         return cfg.continual.method == "ewc"
 
     @classmethod
-    def check_with_run(cls, cfg, policy) -> None:  # noqa: ANN001 - a FedLoraConfig and a SharingPolicy
+    def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:
         if cfg.privacy.example_dp:
             raise ConfigError("invalid config for 'continual.method': EWC's penalty is a function of the parameters, "
                               "not of each example: Opacus' per-example clipping (privacy.example_dp) would drop its "

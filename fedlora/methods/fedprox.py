@@ -18,10 +18,15 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedlora.extensions import ClientRound, Extension
 from fedlora.registry import register_extension
 from fedlora.schema import ConfigError, _meta, _require
+
+if TYPE_CHECKING:
+    from fedlora.config import FedLoraConfig
+    from fedlora.sharing import SharingPolicy
 
 MU_KEY = "proximal-mu"
 
@@ -47,11 +52,11 @@ class FedProx(Extension):
     section = FedProxSection
 
     @classmethod
-    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+    def applies(cls, cfg: FedLoraConfig) -> bool:
         return cfg.section("fedprox").mu > 0
 
     @classmethod
-    def check_with_run(cls, cfg, policy) -> None:  # noqa: ANN001 - a FedLoraConfig and a SharingPolicy
+    def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:
         if cfg.privacy.example_dp:
             raise ConfigError("invalid config for 'fedprox.mu': FedProx's proximal term is a function of the "
                               "parameters, not of each example, and Opacus' per-example clipping (privacy.example_dp) "

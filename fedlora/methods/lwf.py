@@ -24,10 +24,15 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedlora.extensions import ClientRound, Extension
 from fedlora.registry import register_extension
 from fedlora.schema import ConfigError, _meta, _require
+
+if TYPE_CHECKING:
+    from fedlora.config import FedLoraConfig
+    from fedlora.sharing import SharingPolicy
 
 
 @dataclass
@@ -54,11 +59,11 @@ class LwF(Extension):
     continual_method = "lwf"
 
     @classmethod
-    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+    def applies(cls, cfg: FedLoraConfig) -> bool:
         return cfg.continual.method == "lwf"
 
     @classmethod
-    def check_with_run(cls, cfg, policy) -> None:  # noqa: ANN001 - a FedLoraConfig and a SharingPolicy
+    def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:
         if cfg.privacy.example_dp:
             raise ConfigError("invalid config for 'continual.method': LwF with example-level DP (privacy.example_dp) "
                               "is not built (the old model's forward pass would sit outside Opacus' per-example "

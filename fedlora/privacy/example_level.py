@@ -17,6 +17,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from fedlora.extensions import ClientRound, Extension
 from fedlora.privacy.accounting import example_epsilon, example_noise_for_target, example_sample_rate, steps_per_round
 from fedlora.registry import register_extension
 from fedlora.training import TrainContext, TrainingHook
+
+if TYPE_CHECKING:
+    from fedlora.config import FedLoraConfig
 
 STATE_NAME = "dp-sgd-accountant"
 
@@ -145,7 +149,7 @@ class ExampleLevelDP(Extension):
     order = 15  # before the continual methods' loss terms: they see the model Opacus wraps
 
     @classmethod
-    def applies(cls, cfg) -> bool:  # noqa: ANN001 - a FedLoraConfig
+    def applies(cls, cfg: FedLoraConfig) -> bool:
         return cfg.privacy.example_dp
 
     @contextmanager
