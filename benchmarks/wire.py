@@ -45,7 +45,7 @@ def run(quick: bool = False) -> dict:
     from fedlora.lora_math import to_effective
     from fedlora.protocol import NodeProfile
     from fedlora.registry import get_strategy
-    from fedlora.server.app import GlobalModel, reference_rank
+    from fedlora.server.global_model import GlobalModel, reference_rank
 
     set_task_identity()
     rows = []

@@ -162,17 +162,11 @@ class ClientSession:
         threads = int(nc.get("threads", 0) or 0) or cfg.train.num_threads  # the device's own setting wins
         if threads:
             torch.set_num_threads(threads)
-        if cfg.continual.enabled:
-            if str(nc.get("data", "")):
-                raise SetupMissing("a task sequence reads each task's dataset from the run config; a device's own "
-                                   "data per task is not supported (continual runs are simulations or partitions)")
-            # lazy: the continual-learning concern, loaded only by a continual run
-            from fedlora.continual.tasks import task_client_data
-
-            # Declared sizes bound what a reply may claim in any task: the largest over the tasks.
-            per_task = [task_client_data(cfg, partition, t) for t in range(len(cfg.continual.tasks))]
-            data = per_task[0]
-            sizes = (max(len(d.train) for d in per_task), max(len(d.test) for d in per_task))
+        extensions = extensions_for(cfg)
+        decided = next((d for e in extensions if (d := e.client_data(partition, str(nc.get("data", "")))) is not None),
+                       None)
+        if decided is not None:  # an extension's data (a task sequence: the first task's, the sizes of the largest)
+            data, sizes = decided[0], (decided[1], decided[2])
         elif str(nc.get("data", "")):
             if label_names is None:
                 raise SetupMissing("a client with its own data needs the run's label names from the server's setup")
@@ -181,9 +175,9 @@ class ClientSession:
             except ConfigError as exc:  # the device's own files: said on its console, naming its flag
                 log.error("--data %s: %s", nc["data"], exc)
                 raise ConfigError(f"--data {nc['data']}: {exc}") from None
+            sizes = (len(data.train), len(data.test))
         else:
             data = client_data(cfg, partition)
-        if not cfg.continual.enabled:
             sizes = (len(data.train), len(data.test))
         profile = NodeProfile(node_id=node_id, client_id=client_id, partition_id=partition, rank=rank,
                               alpha=cfg.lora.alpha_for_rank(rank), num_train=sizes[0], num_test=sizes[1],
@@ -191,26 +185,25 @@ class ClientSession:
         device = pick_device(cfg.train.device)
         check_device(cfg, device)  # a quantized or float16 base on a CPU: refused before any training
         return cls(cfg=cfg, policy=policy_for(cfg.federation.strategy), profile=profile, data=data, store=store,
-                   device=device, label_names=label_names, device_dir=str(nc.get("state-dir", "")))
+                   device=device, label_names=label_names, device_dir=str(nc.get("state-dir", "")),
+                   _extensions=extensions)
 
     def labels(self) -> list[str]:
-
+        """The run's label space: as the server sent it, else as an extension decides it, else the dataset's."""
         if self.label_names is not None:
             return list(self.label_names)
-        if self.cfg.continual.enabled:
-            # lazy: the continual-learning concern, loaded only by a continual run
-            from fedlora.continual.tasks import union_labels
-
-            return union_labels(self.cfg)
+        for e in self.extensions:
+            decided = e.label_names()
+            if decided is not None:
+                return decided
         return load_task(self.cfg).label_names
 
     def use_round(self, server_round: int) -> None:
-        """A task sequence: this round's task's data (the same clients, the next task's split)."""
-        if self.cfg.continual.enabled:
-            # lazy: the continual-learning concern, loaded only by a continual run
-            from fedlora.continual.tasks import task_client_data, task_of_round
-
-            self.data = task_client_data(self.cfg, self.profile.partition_id, task_of_round(self.cfg, server_round))
+        """This round's data, when an extension changes it (a task sequence: the round's task's split)."""
+        for e in self.extensions:
+            data = e.round_data(self.profile.partition_id, server_round)
+            if data is not None:
+                self.data = data
 
     # --------------------------------------------------------------------- model
     def model(self) -> torch.nn.Module:
@@ -226,13 +219,8 @@ class ClientSession:
         policy = self.policy
         # A fresh adapter each round when the global update is merged into the base (FLoRA).
         seed = self.cfg.lora.init_seed + (server_round if policy.merge_global_into_base else 0)
-        if self.cfg.continual.enabled:  # each task's new LoRA starts from its own seed
-            # lazy: the continual-learning concern, loaded only by a continual run
-            from fedlora.continual.federation import task_seed
-            # lazy: the continual-learning concern, loaded only by a continual run
-            from fedlora.continual.tasks import task_of_round
-
-            seed = task_seed(self.cfg, task_of_round(self.cfg, server_round))
+        for e in self.extensions:  # a task sequence: each task's new LoRA starts from its own seed
+            seed = e.adapter_seed(server_round, seed)
         start = initial_factors(model, seed)
         private = self.store.load(self.profile.client_id, "private")
         if private is not None:

@@ -10,19 +10,23 @@ gradients for A's tail rows.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedlora.extensions import ClientRound, Extension
 from fedlora.factors import ADAPTER, LoraFactors, lora_layers
-from fedlora.lora_math import block
+from fedlora.lora_math import block, fit_rank, keep_uncovered
 from fedlora.registry import register_extension
+from fedlora.training import evaluate
 
 if TYPE_CHECKING:
     from fedlora.config import FedLoraConfig
+    from fedlora.data import Examples
+    from fedlora.extensions import GlobalAdapter
+    from fedlora.strategies.round_log import RoundLog
 
 
 class RankMask:
@@ -69,15 +73,49 @@ def round_rank(seed: int, server_round: int, min_rank: int, max_rank: int) -> in
 
 @register_extension
 class DyLoRARank(Extension):
-    """DP-DyLoRA on a client (``dylora.enabled``): it trains at the round's rank b, which the server
-    sends as ``dylora-rank`` (:func:`round_rank`), and replies with the leading rank-b block only."""
+    """DP-DyLoRA (``dylora.enabled``): a client trains at the round's rank b, which the server sends
+    as ``dylora-rank`` (:func:`round_rank`), and replies with the leading rank-b block only. The
+    server evaluates the global adapter truncated to each of ``dylora.eval_ranks`` (scaling alpha/r)."""
 
     name = "dylora"
+    _round_rank = 0  # the rank begin_round drew for the round being configured
     order = 10  # the outermost context: every other hook trains the masked adapter
 
     @classmethod
     def applies(cls, cfg: FedLoraConfig) -> bool:
-        return cfg.dylora.enabled
+        return cfg.dylora.enabled or bool(cfg.dylora.eval_ranks)
+
+    def begin_round(self, run: GlobalAdapter, rl: RoundLog) -> None:
+        if self.cfg.dylora.enabled:
+            d = self.cfg.dylora
+            rl.dylora_rank = self._round_rank = round_rank(self.cfg.run.seed, rl.server_round, d.min_rank, run.max_rank)
+
+    def round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
+        return {"dylora-rank": self._round_rank} if self.cfg.dylora.enabled else {}
+
+    def after_fold(self, run: GlobalAdapter, rl: RoundLog, previous: LoraFactors) -> LoraFactors:
+        if rl.dylora_rank is None:
+            return run.global_eff
+        # Only the leading block was trained and sent: the components it did not cover stay as they were.
+        return keep_uncovered(fit_rank(run.global_eff, run.max_rank), previous, rl.dylora_rank)
+
+    @contextmanager
+    def server_evaluation(self, model: torch.nn.Module, server_round: int, test: Examples,
+                          device: torch.device) -> Iterator[Callable[[], dict[str, Any]]]:
+        yield lambda: self._truncated(model, test, device)
+
+    def _truncated(self, model: torch.nn.Module, test: Examples, device: torch.device) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        mask = RankMask(model)
+        try:
+            for r in self.cfg.dylora.eval_ranks:
+                mask.set(min(r, mask.max_rank))
+                at_rank = evaluate(model, test, self.cfg.train.eval_batch_size, device)
+                row[f"server-accuracy-rank-{r}"] = at_rank.get("accuracy")
+                row[f"server-loss-rank-{r}"] = at_rank["loss"]
+        finally:
+            mask.remove()
+        return row
 
     @staticmethod
     def rank(client: ClientRound) -> int | None:

@@ -6,14 +6,37 @@ for a run by its own :meth:`Extension.applies` on the run's config, as PEFT pick
 from ``LoraConfig``. The hub files (``strategies/base.py``, ``clients/app.py``) call the hooks
 below in a fixed order (``order``, then name) and never ask which method is on.
 
-Server side (one instance per run, built with the strategy):
+Server side (one instance per run, built with the strategy; what a hook may read or replace of
+the run's global adapter is :class:`GlobalAdapter`):
 
+* :meth:`Extension.start_run`: the server starts the run (checks that need the whole run);
+* :meth:`Extension.begin_round`: before a train round samples its nodes;
 * :meth:`Extension.round_config`: keys added to every train message's config this round (Flower's
   FedProx sends ``proximal-mu`` this way);
-* :meth:`Extension.server_state` / :meth:`Extension.load_server_state`: what the checkpoint keeps.
+* :meth:`Extension.payload_key` / :meth:`Extension.add_payload`: arrays of its own in the message to
+  one node (the key says which nodes may share one encoded message);
+* :meth:`Extension.reply_accepted`: an accepted train or evaluate reply's metrics;
+* :meth:`Extension.after_fold`: the new global adapter after the strategy's fold (DyLoRA keeps the
+  components the round's block did not cover);
+* :meth:`Extension.round_release`: the round's fold replaced by the extension's own release (a
+  :class:`RoundRelease`: client-level DP's clipped, noised mean), which also turns off the robust
+  layer's data-dependent bound (``releases_round``);
+* :meth:`Extension.server_state` / :meth:`Extension.server_tensors` and their ``load_`` pair: what
+  the checkpoint keeps;
+* :meth:`Extension.label_names` / :meth:`Extension.server_test_set`: the run's label space and the
+  server's held-out set when the extension decides them (a task sequence's union and current task);
+* :meth:`Extension.client_start`: the adapter a client starts from, as the server reconstructs it;
+* :meth:`Extension.server_evaluation`: a context around the server's evaluation of the global
+  model, yielding extra metrics to compute on it; :meth:`Extension.evaluates_after` adds rounds
+  the server evaluates after;
+* :meth:`Extension.export`: what the run's final adapter holds (and files beside it);
+* :meth:`Extension.finish_run`: additions to the run's summary once the last round is recorded.
 
 Client side (one instance per message; everything a hook reads is on :class:`ClientRound`):
 
+* :meth:`Extension.client_data` / :meth:`Extension.round_data`: the client's data when the
+  extension decides it (a task sequence: the tasks' splits of its partition), and this round's;
+* :meth:`Extension.adapter_seed`: the seed of the adapter a client builds for a round;
 * :meth:`Extension.training`: a context around the local training that yields the
   :class:`~fedlora.training.TrainingHook` objects it adds to the one loop; the code after its
   ``yield`` runs only when training succeeded (keep local state there);
@@ -31,7 +54,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -39,9 +64,11 @@ if TYPE_CHECKING:
 
     from fedlora.config import FedLoraConfig
     from fedlora.factors import LoraFactors
+    from fedlora.data import Examples
     from fedlora.partitions import ClientData
     from fedlora.sharing import SharingPolicy
     from fedlora.state import ClientStateStore
+    from fedlora.strategies.round_log import RoundLog
     from fedlora.training import TrainingHook
 
 
@@ -65,6 +92,30 @@ class ClientRound:
     modules: list[str]  # the run's adapted module names, in wire order
 
 
+class GlobalAdapter(Protocol):
+    """The run's global adapter as a server-side hook sees it (the strategy provides it)."""
+
+    cfg: FedLoraConfig
+    template: LoraFactors  # client-form shapes at the reference rank, head included
+    module_names: list[str]  # the wire's module order
+    max_rank: int  # the rank the global adapter is kept at
+    global_eff: LoraFactors  # the global adapter, effective form (a hook may replace it)
+
+    def initial_global(self, init_eff: LoraFactors) -> LoraFactors:
+        """The strategy's global adapter for a freshly built initial adapter (effective form)."""
+
+
+class RoundRelease(Protocol):
+    """A round's aggregation owned by an extension: every accepted update with the start it is
+    measured from, then the new global adapter and the figures of the release."""
+
+    def add(self, start: LoraFactors, update: LoraFactors) -> None:
+        """Fold one accepted update (client form); raise ValueError to reject it untouched."""
+
+    def finish(self, global_eff: LoraFactors) -> tuple[LoraFactors, dict[str, Any]]:
+        """(the new global adapter, the round's figures for its metrics row)."""
+
+
 class Extension:
     """A method that shapes a run; every hook is optional (the defaults change nothing)."""
 
@@ -73,6 +124,7 @@ class Extension:
     section_name: ClassVar[str] = ""  # its own config section [section_name] ('' = none)
     section: ClassVar[type | None] = None  # the section's dataclass (typed keys with help, validate())
     continual_method: ClassVar[str] = ""  # a continual method it provides: continual.method = this
+    releases_round: ClassVar[bool] = False  # its round_release replaces the strategy's fold
 
     def __init__(self, cfg: FedLoraConfig) -> None:
         self.cfg = cfg
@@ -88,9 +140,37 @@ class Extension:
         (called on load, only when it applies)."""
 
     # ------------------------------------------------------------------ server side
+    def start_run(self) -> None:
+        """The server starts the run: raise :class:`~fedlora.schema.ConfigError` for what the whole
+        run cannot do (a privacy target its rounds and sampling cannot meet)."""
+
+    def begin_round(self, run: GlobalAdapter, rl: RoundLog) -> None:
+        """Before train round ``rl.server_round`` samples its nodes: may replace ``run.global_eff`` and
+        set the round's state in ``rl`` (its explicit state object: DyLoRA's rank is ``rl.dylora_rank``)."""
+
     def round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
         """Keys to add to every train message's config in ``server_round``."""
         return {}
+
+    def payload_key(self, node_id: int) -> Hashable:
+        """What of node ``node_id`` decides :meth:`add_payload` (nodes with equal keys share a message)."""
+        return None
+
+    def add_payload(self, run: GlobalAdapter, record: ArrayRecord, node_id: int) -> None:
+        """Add this extension's arrays (in its own key namespace) to the message for ``node_id``."""
+
+    def reply_accepted(self, node_id: int, metrics: dict[str, Any]) -> None:
+        """A reply of ``node_id`` was accepted; ``metrics`` is its (validated) metric record."""
+
+    def round_release(self, server_round: int, sampled: int, rank: int) -> RoundRelease | None:
+        """This round's aggregation when the extension owns it (``releases_round``), else None.
+        ``sampled``: nodes asked to train; ``rank``: the rank released this round."""
+        return None
+
+    def after_fold(self, run: GlobalAdapter, rl: RoundLog, previous: LoraFactors) -> LoraFactors:
+        """The new global adapter after the strategy's own fold (``run.global_eff``; not after an
+        extension's release), given the one before the round."""
+        return run.global_eff
 
     def server_state(self) -> dict:
         """JSON-able state for the server's checkpoint."""
@@ -99,7 +179,65 @@ class Extension:
     def load_server_state(self, state: dict) -> None:
         """Restore :meth:`server_state`'s output from a checkpoint."""
 
+    def server_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors for the server's checkpoint, each key in this extension's own namespace."""
+        return {}
+
+    def load_server_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Take this extension's tensors out of a checkpoint's; return the others. Called after
+        :meth:`load_server_state`."""
+        return tensors
+
+    def label_names(self) -> list[str] | None:
+        """The run's label space, when this extension decides it (None: the dataset's)."""
+        return None
+
+    def server_test_set(self, server_round: int) -> Examples | None:
+        """The server's held-out set after ``server_round``, when this extension decides it (None:
+        the dataset's test split, and the clients' validation parts beside it)."""
+        return None
+
+    def client_start(self, start: LoraFactors) -> LoraFactors:
+        """The adapter (client form) the clients start from this round, given the seed-built one."""
+        return start
+
+    @contextmanager
+    def server_evaluation(self, model: torch.nn.Module, server_round: int, test: Examples,
+                          device: torch.device) -> Iterator[Callable[[], dict[str, Any]]]:
+        """Around the server's evaluation of the global ``model`` (on ``device``, held-out set
+        ``test``) after ``server_round``: yields a function computing this extension's entries of the
+        round's metrics row."""
+        yield dict
+
+    def evaluates_after(self, server_round: int) -> bool:
+        """Whether the server must evaluate after ``server_round`` besides its own schedule."""
+        return False
+
+    def export(self, run: GlobalAdapter, factors: LoraFactors, folder: Path) -> LoraFactors:
+        """The final adapter to write in PEFT's format (client form, with its alphas), given what the
+        strategy exports; files of its own may go into ``folder``."""
+        return factors
+
+    def finish_run(self, rows: list[dict], folder: Path) -> dict[str, Any]:
+        """Entries for the run's summary from every round's metrics row (plots may go into ``folder``);
+        a table the summary already has (``privacy``) is extended, not replaced."""
+        return {}
+
     # ------------------------------------------------------------------ client side
+    def client_data(self, partition: int, own_data: str) -> tuple[ClientData, int, int] | None:
+        """The client's data when this extension decides it, and the train and test sizes its
+        profile declares (the most any round uses); ``own_data``: a device's own data folder ('' in
+        a simulation). None: the run's dataset, or the device's own."""
+        return None
+
+    def round_data(self, partition: int, server_round: int) -> ClientData | None:
+        """The client's data in ``server_round`` when this extension changes it by round."""
+        return None
+
+    def adapter_seed(self, server_round: int, seed: int) -> int:
+        """The seed of the adapter a client builds for ``server_round``, given the core's."""
+        return seed
+
     @contextmanager
     def training(self, client: ClientRound) -> Iterator[list[TrainingHook]]:
         """Around the local training: yields the hooks added to the training loop."""

@@ -150,7 +150,8 @@ def task_of(examples) -> object:  # noqa: ANN001 - fedlora.data.Examples
 # light declaration: its config section and its Extension, the torch part imported by its hooks)
 # and any installed package's entry point in the group "fedlora.methods".
 _EXTENSIONS: dict[str, type] = {}
-_BUILTIN_CONCERNS = ("fedlora.dylora", "fedlora.continual.client", "fedlora.privacy.example_level")
+_BUILTIN_CONCERNS = ("fedlora.dylora", "fedlora.continual.extension", "fedlora.privacy.example_level",
+                     "fedlora.privacy.client_level")
 _DISCOVERED: list[bool] = []
 
 

@@ -45,10 +45,9 @@ from fedlora.aggregation.folds import BudgetedProductSum, Fold, KeepAll, Product
 from fedlora.aggregation.replies import Update, accept_train_reply
 from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.continual.federation import PAST_KEY, load_past, past_tensors
-from fedlora.extensions import Extension
+from fedlora.extensions import Extension, RoundRelease
 from fedlora.factors import LoraFactors
-from fedlora.lora_math import fit_rank, keep_uncovered, to_client, to_effective
+from fedlora.lora_math import to_client, to_effective
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, NodeProfile
 from fedlora.registry import extensions_for
 from fedlora.robust import coordinate_median, trimmed_mean
@@ -68,7 +67,8 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
     strategy_name: ClassVar[str] = "base"
 
     def __init__(self, cfg: FedLoraConfig, template: LoraFactors, *, arrayrecord_key: str = ARRAYS,
-                 configrecord_key: str = CONFIG, metricrecord_key: str = METRICS) -> None:
+                 configrecord_key: str = CONFIG, metricrecord_key: str = METRICS,
+                 extensions: list[Extension] | None = None) -> None:
         f = cfg.federation
         super().__init__(
             fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate,
@@ -94,17 +94,10 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         self.label_names: list[str] | None = None  # the run's label space, sent with the setup
         self.round_offset = 0  # rounds completed before this process resumed the run (Flower counts from 1)
         self._set_up: set[int] = set()  # nodes that received this run's setup from this process
-        self.past_tasks: list[LoraFactors] = []  # continual: finished tasks' frozen factors (effective form)
-        self._past_held: dict[int, int] = {}  # continual: how many of them each node reported holding
-        self.dp = None
-        if cfg.privacy.client_dp:
-            # lazy: the privacy concern, loaded only when DP is on
-            from fedlora.privacy.client_level import ClientLevelDP
-
-            self.dp = ClientLevelDP(cfg)
         self._starts: dict = {}  # start_factors of this round's global adapter, per (rank, alpha)
         self.norm_reference: float | None = None  # median update norm of the last round (robust.relative_norm_bound)
-        self.extensions: list[Extension] = extensions_for(cfg)  # their server-side hooks (fedlora.extensions)
+        # The run's extensions (fedlora.extensions), whose server-side hooks the round protocol calls.
+        self.extensions: list[Extension] = extensions_for(cfg) if extensions is None else extensions
         self._check_held_budget()
 
     def _check_held_budget(self) -> None:
@@ -191,11 +184,13 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
 
     # ------------------------------------------------------------------ state (checkpoint / resume)
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, JSON-able state): the global adapter, the node profiles and refusals, and the
-        privacy layer's state (clip, accountant). Everything a resumed server needs of the strategy."""
+        """(tensors, JSON-able state): the global adapter, the node profiles and refusals, the robust
+        reference and every extension's state (a DP accountant, a task sequence's finished tasks).
+        Everything a resumed server needs of the strategy."""
 
         tensors = dict(self.global_eff.tensors())
-        tensors.update(past_tensors(self))
+        for e in self.extensions:
+            tensors.update(e.server_tensors())
         state = {
             "strategy": self.strategy_name,
             "config-digest": self._digest,
@@ -203,8 +198,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             "profiles": [p.to_record() for p in self.profiles.values()],
             "refused": {str(k): v for k, v in self.refused.items()},
             "last-round": max(self.rounds, default=0),
-            "privacy": self.dp.state_dict() if self.dp is not None else None,
-            "past-tasks": len(self.past_tasks),
             "norm-reference": self.norm_reference,
             "extensions": {e.name: e.server_state() for e in self.extensions},
         }
@@ -214,39 +207,28 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         if state["strategy"] != self.strategy_name:
             raise ValueError(f"checkpoint of strategy {state['strategy']!r} cannot resume {self.strategy_name!r}")
 
-        own = load_past(self, tensors, int(state.get("past-tasks", 0)))
+        kept = state.get("extensions", {})
+        own = dict(tensors)
+        for e in self.extensions:
+            e.load_server_state(kept.get(e.name, {}))
+            own = e.load_server_tensors(own)
         self.global_eff = LoraFactors.from_tensors(own, state["alpha"])
         self.profiles = {int(p["node_id"]): NodeProfile.from_record(p) for p in state["profiles"]}
         self.refused = {int(k): v for k, v in state["refused"].items()}
-        if self.dp is not None and state.get("privacy"):
-            self.dp.load_state_dict(state["privacy"])
         self.norm_reference = state.get("norm-reference")
-        kept = state.get("extensions", {})
-        for e in self.extensions:
-            if e.name in kept:
-                e.load_server_state(kept[e.name])
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
-        if self.cfg.continual.enabled:
-            # lazy: the continual-learning concern, loaded only by a continual run
-            from fedlora.continual.federation import switch_task
-
-            switch_task(self, server_round)
+        for e in self.extensions:
+            e.begin_round(self, rl)
         node_ids = self.ensure_profiles(
             grid, self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, "train"), rl)
         rl.sampled = len(node_ids)
         rl.sent[MessageType.TRAIN] = list(node_ids)
         extra = {}
-        if self.cfg.dylora.enabled:
-            # lazy: DyLoRA, loaded only with dylora.enabled
-            from fedlora.dylora import round_rank
-
-            rl.dylora_rank = round_rank(self.cfg.run.seed, server_round, self.cfg.dylora.min_rank, self.max_rank)
-            extra["dylora-rank"] = rl.dylora_rank
         for e in self.extensions:
             extra.update(e.round_config(server_round))
         return self._messages(node_ids, server_round, config, MessageType.TRAIN, rl, extra=extra)
@@ -258,16 +240,12 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         messages = []
         for node in node_ids:
             prof = self.profiles[node]
-            need_past = self._past_held.get(node, 0) < len(self.past_tasks)
-            key = (prof.rank, prof.alpha, need_past)
+            key = (prof.rank, prof.alpha, *(e.payload_key(node) for e in self.extensions))
             if key not in cache:
                 adapter, base = self.client_payload(prof, server_round)
                 rec = codec.encode(adapter, self.cfg.federation.wire_dtype, modules=self.module_names)
-                if need_past:
-                    # lazy: the continual-learning concern, loaded only by a continual run
-                    from fedlora.continual.federation import add_past_tasks
-
-                    add_past_tasks(self, rec, need_past)
+                for e in self.extensions:
+                    e.add_payload(self, rec, node)
                 if base is not None:
                     for k, v in codec.encode(base, self.cfg.federation.wire_dtype, prefix=BASE_PREFIX,
                                              modules=self.module_names).items():
@@ -281,14 +259,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             messages.append(msg)
         return messages
 
-    def _note_past_held(self, node: int, metrics: dict) -> None:
-        """Continual: the finished tasks a node says it holds (bounded: a lie only costs it bytes)."""
-
-        if PAST_KEY in metrics:
-            held = metrics[PAST_KEY]
-            ok = isinstance(held, (int, float)) and float(held).is_integer()
-            self._past_held[node] = min(max(int(held), 0), len(self.past_tasks)) if ok else 0
-
     def _missing_replies(self, rl: RoundLog, mtype: str, answered: set[int], into: list[str]) -> None:
         """Nodes messaged this round that never answered: named, with the timeout they missed."""
         for node in rl.sent.get(mtype, []):
@@ -297,35 +267,41 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
                             f"({self.cfg.federation.round_timeout:g} s)")
                 log.warning("round %d: %s", rl.server_round, into[-1])
 
-    def round_fold(self, server_round: int, rl: RoundLog):  # noqa: ANN201 - a Fold or a ClippedSum
-        """The round's running state: client-level DP's clipped sum, or the strategy's fold behind
-        the share cap (``robust.max_client_share``)."""
-        if self.dp is not None:
-            return self.dp.begin(rl.sampled, server_round, rl.dylora_rank or self.global_rank())
+    def round_fold(self, server_round: int, rl: RoundLog) -> Fold | RoundRelease:
+        """The round's running state: an extension's release (client-level DP's clipped sum; its
+        name goes to ``rl.released_by``), or the strategy's fold behind the share cap
+        (``robust.max_client_share``)."""
+        for e in self.extensions:
+            release = e.round_release(server_round, rl.sampled, rl.dylora_rank or self.global_rank())
+            if release is not None:
+                rl.released_by = e.name
+                return release
         fold = self.new_fold(server_round, rl.sampled)
         cap = self.cfg.robust.max_client_share
         return ShareCapped(fold, cap) if cap < 1.0 and not isinstance(fold, KeepAll) else fold
 
-    def fold_in(self, fold, update: Update, server_round: int) -> None:  # noqa: ANN001
-        """Add one accepted update to the round's running state, or :class:`RejectedReply` (the
-        state is untouched: every fold checks its input before it adds)."""
+    def fold_in(self, fold: Fold | RoundRelease, update: Update, server_round: int, released: bool = False) -> None:
+        """Add one accepted update to the round's running state (an extension's release when
+        ``released``), or :class:`RejectedReply` (the state is untouched: every fold checks its input
+        before it adds)."""
         try:
-            if self.dp is not None:
+            if released:
                 fold.add(self.round_start(update.profile, server_round), update.factors)
             else:
                 fold.add(self.fold_input(update), update.weight)
         except ValueError as exc:
             raise RejectedReply(f"cannot be aggregated: {exc}") from None
 
-    def _fold_accepted(self, fold, u: Update, server_round: int, rl: RoundLog,  # noqa: ANN001
+    def _fold_accepted(self, fold: Fold | RoundRelease, u: Update, server_round: int, rl: RoundLog,
                        accepted: list[tuple[dict, int]]) -> None:
         try:
-            self.fold_in(fold, u, server_round)
+            self.fold_in(fold, u, server_round, released=bool(rl.released_by))
         except RejectedReply as exc:
             rl.rejected.append(f"{self.who(u.profile.node_id)}: {exc}")
             log.warning("round %d: rejected reply from %s: %s", server_round, self.who(u.profile.node_id), exc)
             return
-        self._note_past_held(u.profile.node_id, u.metrics)
+        for e in self.extensions:
+            e.reply_accepted(u.profile.node_id, u.metrics)
         accepted.append((u.metrics, u.num_examples))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -378,13 +354,12 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         previous = self.global_eff
         t0 = time.perf_counter()
         try:
-            if self.dp is not None:
+            if rl.released_by:
                 self.global_eff, rl.privacy = fold.finish(self.global_eff)
             else:
                 self.global_eff = self.finish_fold(server_round, fold)
-                if rl.dylora_rank is not None:  # only the leading block was trained and sent
-                    self.global_eff = keep_uncovered(fit_rank(self.global_eff, self.max_rank), previous,
-                                                     rl.dylora_rank)
+                for e in self.extensions:
+                    self.global_eff = e.after_fold(self, rl, previous)
                 error = getattr(fold, "last_error", None)
                 if error is not None:
                     rl.privacy["sketch-relative-error"] = error

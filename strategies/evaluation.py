@@ -53,7 +53,8 @@ class FederatedEvaluation:
                 m = check_eval_metrics(dict(reply.content.metric_records[self.metricrecord_key]),
                                        max_examples=prof.num_test, weight_key=self.weighted_by_key,
                                        scored=self.cfg.model.task != "causal-lm" or self.cfg.data.prompt_format == "label")
-                self._note_past_held(node, m)
+                for e in self.extensions:
+                    e.reply_accepted(node, m)
             except RejectedReply as exc:
                 rl.rejected_evaluate.append(f"{self.who(node)}: {exc}")
                 log.warning("round %d: evaluation from %s dropped: %s", server_round, self.who(node), exc)

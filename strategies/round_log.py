@@ -27,7 +27,8 @@ class RoundLog:
     aggregate_seconds: float = 0.0
     server_seconds: float = 0.0  # CPU seconds validating, bounding and folding replies, and finishing the round
     dylora_rank: int | None = None
-    privacy: dict = field(default_factory=dict)
+    released_by: str = ""  # the extension whose round_release aggregates this round ('': the strategy's fold)
+    privacy: dict = field(default_factory=dict)  # the round's release figures (noise, clip, sketch error)
     train_metrics: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
     eval_clients: list[dict] = field(default_factory=list)

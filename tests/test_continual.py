@@ -330,7 +330,9 @@ def test_a_client_restarted_between_tasks_recovers_the_finished_tasks_from_its_s
     again = cclient.past_tasks(client(second, ArrayRecord()))
     for (k, a), (_, b) in zip(got[0].tensors(), again[0].tensors()):
         assert torch.equal(a, b), k
-    assert cclient.ContinualClient(second.cfg).reply_metrics(client(second, ArrayRecord())) == {"past-tasks": 1}
+    from fedlora.continual.extension import Continual
+
+    assert Continual(second.cfg).reply_metrics(client(second, ArrayRecord())) == {"past-tasks": 1}
     # a client that never received task 0 says so instead of training without it
     third = ClientSession.from_parts(FedLoraConfig.from_dict(raw), {**state, "state-dir": str(tmp_path / "other")}, 1)
     third.modules = first.modules

@@ -218,7 +218,7 @@ def test_run_name_follows_dataset_and_strategy():
 
 def test_plot_has_integer_round_ticks_and_baselines(tmp_path):
     from fedlora.rundir import RunDir
-    from fedlora.server.app import accuracy_baselines
+    from fedlora.server.evaluation import accuracy_baselines
 
     rd = RunDir(tmp_path)
     for r in range(3):

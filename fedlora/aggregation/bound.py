@@ -70,7 +70,7 @@ class RelativeBound:
     def __init__(self, strategy, rl, server_round: int) -> None:  # noqa: ANN001
         r = strategy.cfg.robust
         self.strategy, self.rl, self.server_round = strategy, rl, server_round
-        self.factor = r.relative_norm_bound if strategy.dp is None else 0.0
+        self.factor = 0.0 if any(e.releases_round for e in strategy.extensions) else r.relative_norm_bound
         self.window = max(1, r.reference_window)
         self.reference = strategy.norm_reference
         self.norms: list[float] = []

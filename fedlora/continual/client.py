@@ -9,20 +9,17 @@ missing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 
 from fedlora import codec
-from fedlora.continual.federation import PAST_KEY, PAST_PREFIX, keeps_past_tasks, task_lora
+from fedlora.continual.federation import PAST_PREFIX, keeps_past_tasks
 from fedlora.continual.hooks import AmLoraTraining, OLoraPenalty
 from fedlora.continual.mixing import TaskLoraMixer
 from fedlora.continual.tasks import task_of_round
-from fedlora.extensions import ClientRound, Extension
+from fedlora.extensions import ClientRound
 from fedlora.factors import LoraFactors
-from fedlora.registry import register_extension
 from fedlora.training import TrainingHook
 
 if TYPE_CHECKING:
@@ -79,30 +76,3 @@ def method_hooks(cfg: FedLoraConfig, mixer: TaskLoraMixer | None, past: list[Lor
         # forward, which would otherwise pile up (with its autograd graph) for the whole round.
         return [AmLoraTraining(mixer, c.amlora_l1, c.amlora_selector_lr)]
     return []
-
-
-@register_extension
-class ContinualClient(Extension):
-    """A task sequence on a client: the finished tasks' LoRAs in its forward pass (training and
-    evaluation), the method's loss terms, and in every reply how many finished tasks it holds."""
-
-    name = "continual"
-    order = 20
-
-    @classmethod
-    def applies(cls, cfg: FedLoraConfig) -> bool:
-        return cfg.continual.enabled
-
-    @contextmanager
-    def training(self, client: ClientRound) -> Iterator[list[TrainingHook]]:
-        past = past_tasks(client)
-        with task_lora(client.cfg, client.model, past) as mixer:
-            yield method_hooks(client.cfg, mixer, past)
-
-    @contextmanager
-    def evaluating(self, client: ClientRound) -> Iterator[None]:
-        with task_lora(client.cfg, client.model, past_tasks(client)):
-            yield None
-
-    def reply_metrics(self, client: ClientRound) -> dict[str, float]:
-        return {PAST_KEY: held(client)} if keeps_past_tasks(client.cfg) else {}

@@ -12,13 +12,20 @@ client-state store. Sequential LoRA ('seq') and multi-task training keep one ada
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
+from fedlora import codec
 from fedlora.continual.mixing import TaskLoraMixer
 from fedlora.continual.tasks import task_of_round
 from fedlora.factors import LoraFactors, ModuleFactors, seeded_A
 from fedlora.lora_math import to_effective
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+    from fedlora.extensions import GlobalAdapter
 
 PAST_PREFIX = "past{}/"  # wire namespace of finished task t (fedlora.codec skips it unless asked)
 PAST_KEY = "past-tasks"  # reply metric: how many finished tasks' factors the client holds
@@ -40,57 +47,49 @@ def fresh_adapter(template: LoraFactors, seed: int) -> LoraFactors:
         for n, m in template.modules.items()})
 
 
-def switch_task(strategy, server_round: int) -> None:  # noqa: ANN001
-    """Before ``server_round`` trains: freeze every task that has ended since the last round."""
-
-    cfg = strategy.cfg
+def switch_task(run: GlobalAdapter, past: list[LoraFactors], server_round: int) -> None:
+    """Before ``server_round`` trains: freeze every task that has ended since the last round (appended
+    to ``past``) and start the next task's fresh adapter in ``run.global_eff``."""
+    cfg = run.cfg
     if not keeps_past_tasks(cfg):
         return
     task = task_of_round(cfg, server_round)
-    while len(strategy.past_tasks) < task:
-        finished = len(strategy.past_tasks)
+    while len(past) < task:
+        finished = len(past)
         done = LoraFactors()
-        for n, m in strategy.global_eff.modules.items():
+        for n, m in run.global_eff.modules.items():
             a = m.A
             if a is None:  # FFA-LoRA: A never travels; it is the finished task's seed-built A
-                fan_in = strategy.template.modules[n].A.shape[1]
+                fan_in = run.template.modules[n].A.shape[1]
                 a = seeded_A(task_seed(cfg, finished), n, m.B.shape[1], fan_in)
             done.modules[n] = ModuleFactors(A=a.clone(), B=m.B.clone(), alpha=float(m.B.shape[1]))
-        strategy.past_tasks.append(done)
-        start = fresh_adapter(strategy.template, task_seed(cfg, len(strategy.past_tasks)))
-        fresh = strategy.initial_global(to_effective(start))
-        strategy.global_eff = LoraFactors(modules=fresh.modules, extras=dict(strategy.global_eff.extras))
+        past.append(done)
+        start = fresh_adapter(run.template, task_seed(cfg, len(past)))
+        fresh = run.initial_global(to_effective(start))
+        run.global_eff = LoraFactors(modules=fresh.modules, extras=dict(run.global_eff.extras))
 
 
-def add_past_tasks(strategy, record, need: bool) -> None:  # noqa: ANN001
-    """Put every finished task's factors into an outgoing ArrayRecord (when the node lacks one)."""
-    # lazy: pulls in flwr, which this module does not need otherwise
-    from fedlora import codec
-
-    if not need:
-        return
-    for t, past in enumerate(strategy.past_tasks):
-        for k, v in codec.encode(past, strategy.cfg.federation.wire_dtype, prefix=PAST_PREFIX.format(t),
-                                 modules=strategy.module_names).items():
+def add_past_tasks(past: list[LoraFactors], record: ArrayRecord, wire_dtype: str, modules: list[str]) -> None:
+    """Put every finished task's factors into an outgoing ArrayRecord, each under ``past<t>/``."""
+    for t, factors in enumerate(past):
+        for k, v in codec.encode(factors, wire_dtype, prefix=PAST_PREFIX.format(t), modules=modules).items():
             record[k] = v
 
 
-def past_tensors(strategy) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    return {f"past{t}/{k}": v for t, p in enumerate(strategy.past_tasks) for k, v in p.tensors()}
+def past_tensors(past: list[LoraFactors]) -> dict[str, torch.Tensor]:
+    """The finished tasks' factors as checkpoint tensors (``past<t>/<module>/<A|B>``)."""
+    return {f"past{t}/{k}": v for t, p in enumerate(past) for k, v in p.tensors()}
 
 
-def load_past(strategy, tensors: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """Restore the finished tasks from a checkpoint's tensors; return the other (the global's) tensors."""
-    # lazy: pulls in flwr, which this module does not need otherwise
-    from fedlora.codec import namespaced
-
-    strategy.past_tasks = []
+def load_past(tensors: dict[str, torch.Tensor], count: int) -> tuple[list[LoraFactors], dict[str, torch.Tensor]]:
+    """The ``count`` finished tasks from a checkpoint's tensors, and the other tensors."""
+    past = []
     for t in range(count):
         pre = f"past{t}/"
         flat = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
         alpha = {k.rpartition("/")[0]: float(v.shape[0]) for k, v in flat.items() if k.endswith("/A")}
-        strategy.past_tasks.append(LoraFactors.from_tensors(flat, alpha))
-    return {k: v for k, v in tensors.items() if not namespaced(k)}
+        past.append(LoraFactors.from_tensors(flat, alpha))
+    return past, {k: v for k, v in tensors.items() if not codec.namespaced(k)}
 
 
 @contextmanager

@@ -32,13 +32,17 @@ from __future__ import annotations
 
 import math
 import secrets
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedlora.config import FedLoraConfig
+from fedlora.extensions import Extension
 from fedlora.factors import LoraFactors, ModuleFactors
 from fedlora.lora_math import fit_rank, flatten, to_effective, unflatten
 from fedlora.privacy import accounting
+from fedlora.registry import register_extension
 
 
 def effective_change(start: LoraFactors, update: LoraFactors, rank: int) -> LoraFactors:
@@ -185,3 +189,49 @@ class ClippedSum:
         info["client-epsilon"] = dp.epsilon() if dp.noise_multiplier > 0 else math.inf
         info["client-delta"] = dp.delta
         return new, info
+
+
+@register_extension
+class ClientLevelPrivacy(Extension):
+    """Client-level DP on the server (``privacy.client_dp``): checks the run can meet its target at
+    start, releases every round through :class:`ClippedSum` instead of the strategy's fold, keeps the
+    mechanism's clip and accountant in the checkpoint and reports the epsilon spent."""
+
+    name = "client-dp"
+    order = 30
+    releases_round = True
+
+    def __init__(self, cfg: FedLoraConfig) -> None:
+        super().__init__(cfg)
+        self._mechanism: ClientLevelDP | None = None
+
+    @property
+    def mechanism(self) -> ClientLevelDP:
+        """The Gaussian mechanism and its accountant (built on the server, when first used)."""
+        if self._mechanism is None:
+            self._mechanism = ClientLevelDP(self.cfg)
+        return self._mechanism
+
+    @classmethod
+    def applies(cls, cfg: FedLoraConfig) -> bool:
+        return cfg.privacy.client_dp
+
+    def start_run(self) -> None:
+        accounting.check_client_targets(self.cfg)
+
+    def round_release(self, server_round: int, sampled: int, rank: int) -> ClippedSum:
+        return self.mechanism.begin(sampled, server_round, rank)
+
+    def server_state(self) -> dict:
+        return self.mechanism.state_dict()
+
+    def load_server_state(self, state: dict) -> None:
+        if state:
+            self.mechanism.load_state_dict(state)
+
+    def finish_run(self, rows: list[dict], folder: Path) -> dict[str, Any]:
+        dp = self.mechanism
+        return {"privacy": {"client-level": {
+            "epsilon": dp.epsilon() if dp.noise_multiplier > 0 else None, "delta": dp.delta,
+            "noise-multiplier": dp.noise_multiplier, "released-rounds": dp.released,
+            "accountant": "flwr RdpAccountant (sampling without replacement, replace-one)"}}}

@@ -17,7 +17,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -168,3 +169,9 @@ class ExampleLevelDP(Extension):
         yield [hook]
         client.store.save(client.client_id, STATE_NAME,
                           {"history": [list(x) for x in hook.history], "delta": hook.delta, "epsilon": hook.epsilon()})
+
+    def finish_run(self, rows: list[dict], folder: Path) -> dict[str, Any]:
+        eps = [r["dp-sgd-epsilon-max"] for r in rows if r.get("dp-sgd-epsilon-max") is not None]
+        return {"privacy": {"example-level": {"epsilon-max-over-clients": max(eps) if eps else None,
+                                              "delta": self.cfg.privacy.example_delta,
+                                              "accountant": "opacus RDPAccountant"}}}

@@ -1,0 +1,112 @@
+"""The extension protocol (fedlora/extensions.py): the hub files name no concern, and a method
+defined outside fedlora shapes a real run through the hooks alone."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import make_config
+from fedlora.extensions import ClientRound, Extension
+from fedlora.schema import _meta
+
+ROOT = Path(__file__).resolve().parents[1]
+HUBS = ["clients/app.py", "clients/session.py", "strategies/base.py", "server/app.py", "server/global_model.py",
+        "server/evaluation.py", "server/recorder.py"]
+CONCERNS = ("fedlora.continual", "fedlora.privacy", "fedlora.dylora", "fedlora.methods")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+@pytest.mark.parametrize("hub", HUBS)
+def test_a_hub_file_imports_no_concern(hub):
+    """The round protocol calls hooks; which privacy mechanism, continual method or plug-in is on is
+    the registry's business (fedlora.registry.extensions_for), never an import of the hub."""
+    named = {m for m in _imports(ROOT / hub) if m.startswith(CONCERNS)}
+    assert not named, f"{hub} imports {sorted(named)}"
+
+
+@dataclass
+class StepCounterSection:
+    every: int = _meta("Report after this many steps.", default=1)
+
+    def validate(self) -> None:
+        if self.every < 1:
+            from fedlora.schema import ConfigError
+
+            raise ConfigError("invalid config value for 'stepcounter.every': must be >= 1")
+
+
+class StepCounter(Extension):
+    """A method written outside fedlora: the server asks every client for a tag, each client counts
+    its training steps with a hook of its own and replies with the count and the tag."""
+
+    name = "test-step-counter"
+    section_name = "stepcounter"
+    section = StepCounterSection
+
+    @classmethod
+    def applies(cls, cfg) -> bool:  # noqa: ANN001
+        return "stepcounter" in cfg.plugins
+
+    def round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
+        return {"stepcounter-tag": 1000 + server_round}
+
+    @contextmanager
+    def training(self, client: ClientRound) -> Iterator[list]:
+        from fedlora.training import TrainingHook
+
+        counter = self
+
+        class Count(TrainingHook):
+            def loss(self, ctx, loss):  # noqa: ANN001, ANN202
+                counter.steps += 1
+                return loss
+
+        self.steps, self.tag = 0, int(client.config["stepcounter-tag"])
+        yield [Count()]
+
+    def reply_metrics(self, client: ClientRound) -> dict[str, float]:
+        return {"counted-steps": float(getattr(self, "steps", -1)), "stepcounter-tag": float(getattr(self, "tag", -1))}
+
+
+def test_a_method_defined_outside_fedlora_shapes_a_real_run_through_the_hooks(tmp_path):
+    from flwr.app import MessageType
+
+    from fedlora import registry
+    from fedlora.simulate import simulate
+    from fleet import RecordingGrid
+
+    registry.register_extension(StepCounter)
+    try:
+        cfg = make_config(tmp_path, stepcounter={"every": 2}, train={"local_steps": 3})
+        assert cfg.section("stepcounter").every == 2
+        box = {}
+
+        def wrap(grid):  # noqa: ANN001, ANN202
+            box["grid"] = RecordingGrid(grid)
+            return box["grid"]
+
+        simulate(cfg, wrap_grid=wrap, engine="inprocess")
+        replies = [m for m in box["grid"].received if m.metadata.message_type == MessageType.TRAIN]
+        assert replies and not any(m.has_error() for m in replies)
+        for m in replies:
+            metrics = m.content["metrics"]
+            assert metrics["counted-steps"] == 3.0  # its hook ran every step of the one training loop
+            assert metrics["stepcounter-tag"] in (1001.0, 1002.0)  # the server's round config reached it
+    finally:
+        registry._EXTENSIONS.pop(StepCounter.name, None)
