@@ -16,6 +16,8 @@ the run's global adapter is :class:`GlobalAdapter`):
 * :meth:`Extension.payload_key` / :meth:`Extension.add_payload`: arrays of its own in the message to
   one node (the key says which nodes may share one encoded message);
 * :meth:`Extension.reply_accepted`: an accepted train or evaluate reply's metrics;
+* :meth:`Extension.round_figures`: figures of the round from its accepted replies (DP-SGD's largest
+  epsilon);
 * :meth:`Extension.after_fold`: the new global adapter after the strategy's fold (DyLoRA keeps the
   components the round's block did not cover);
 * :meth:`Extension.round_release`: the round's fold replaced by the extension's own release (a
@@ -166,6 +168,10 @@ class Extension:
         """This round's aggregation when the extension owns it (``releases_round``), else None.
         ``sampled``: nodes asked to train; ``rank``: the rank released this round."""
         return None
+
+    def round_figures(self, accepted: list[dict[str, Any]]) -> dict[str, Any]:
+        """Figures of a finished train round for its metrics row, from the accepted replies' metrics."""
+        return {}
 
     def after_fold(self, run: GlobalAdapter, rl: RoundLog, previous: LoraFactors) -> LoraFactors:
         """The new global adapter after the strategy's own fold (``run.global_eff``; not after an

@@ -5,8 +5,9 @@ round become the new global adapter. The work on each reply is a pipeline of sma
 in its own file under :mod:`fedlora.aggregation`, run on every reply *as it arrives* (the server
 wraps Flower's Grid in :class:`~fedlora.aggregation.streaming.StreamingGrid`) and then dropped:
 
-    validate (replies.py) -> bound (bound.py) -> privatize (fedlora/privacy/client_level.py)
-    or the strategy's fold (folds.py; the robust statistics keep every reply) -> finish, once
+    validate (replies.py) -> bound (bound.py) -> an extension's release (client-level DP's, see
+    fedlora/extensions.py) or the strategy's fold (folds.py; the robust statistics keep every
+    reply) -> finish, once
 
 What the protocol does itself:
 
@@ -375,9 +376,8 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             return None, None
         rl.aggregate_seconds = time.perf_counter() - t0
         rl.server_seconds = busy + (time.thread_time() - t_finish)
-        eps = [m["dp-sgd-epsilon"] for m, _ in accepted if "dp-sgd-epsilon" in m]
-        if eps:
-            rl.privacy["dp-sgd-epsilon-max"] = max(eps)
+        for e in self.extensions:
+            rl.privacy.update(e.round_figures([m for m, _ in accepted]))
         metrics = _weighted_metrics([m for m, _ in accepted], [float(n) for _, n in accepted])
         rl.train_metrics = metrics
         return codec.encode(self.global_eff), MetricRecord(metrics)

@@ -170,6 +170,10 @@ class ExampleLevelDP(Extension):
         client.store.save(client.client_id, STATE_NAME,
                           {"history": [list(x) for x in hook.history], "delta": hook.delta, "epsilon": hook.epsilon()})
 
+    def round_figures(self, accepted: list[dict[str, Any]]) -> dict[str, Any]:
+        eps = [m["dp-sgd-epsilon"] for m in accepted if "dp-sgd-epsilon" in m]
+        return {"dp-sgd-epsilon-max": max(eps)} if eps else {}
+
     def finish_run(self, rows: list[dict], folder: Path) -> dict[str, Any]:
         eps = [r["dp-sgd-epsilon-max"] for r in rows if r.get("dp-sgd-epsilon-max") is not None]
         return {"privacy": {"example-level": {"epsilon-max-over-clients": max(eps) if eps else None,
