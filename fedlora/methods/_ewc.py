@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,9 +10,6 @@ from fedlora.continual.tasks import task_client_data, task_of_round
 from fedlora.data import Examples, batches
 from fedlora.extensions import ClientRound
 from fedlora.training import TrainContext, TrainingHook, task_loss_for
-
-if TYPE_CHECKING:
-    from fedlora.methods.ewc import EWCSection
 
 log = logging.getLogger("fedlora.client")
 
@@ -84,7 +80,7 @@ def _state_name(client: ClientRound, task: int) -> str:
     return f"ewc-{client.cfg.digest()}-task{task}"
 
 
-def fisher_penalty(client: ClientRound, section: EWCSection) -> list[TrainingHook]:
+def fisher_penalty(client: ClientRound, weight: float, fisher_examples: int) -> list[TrainingHook]:
     """The round's EWC hook: the finished tasks' (theta*, F) from the store, the one that just ended
     estimated now (the received model is its theta*) when the client does not hold it yet."""
     task = task_of_round(client.cfg, client.server_round)
@@ -94,7 +90,7 @@ def fisher_penalty(client: ClientRound, section: EWCSection) -> list[TrainingHoo
     if not client.store.has(client.client_id, _state_name(client, last)):
         theta = {n: p.detach().clone().cpu() for n, p in trainable(client.model).items()}
         prev = task_client_data(client.cfg, client.partition_id, last).train
-        fisher = {n: f.cpu() for n, f in diagonal_fisher(client.model, prev, section.fisher_examples,
+        fisher = {n: f.cpu() for n, f in diagonal_fisher(client.model, prev, fisher_examples,
                                                           client.device).items()}
         client.store.save(client.client_id, _state_name(client, last),
                           {**{f"theta/{n}": t for n, t in theta.items()}, **{f"fisher/{n}": f for n, f in fisher.items()}})
@@ -107,4 +103,4 @@ def fisher_penalty(client: ClientRound, section: EWCSection) -> list[TrainingHoo
             continue
         anchors.append({"theta": {k[6:]: v for k, v in kept.items() if k.startswith("theta/")},
                         "fisher": {k[7:]: v for k, v in kept.items() if k.startswith("fisher/")}})
-    return [EWCPenalty(section.weight, anchors)] if anchors else []
+    return [EWCPenalty(weight, anchors)] if anchors else []

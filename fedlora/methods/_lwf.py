@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from fedlora.continual.tasks import task_label_indices, task_of_round
 from fedlora.extensions import ClientRound
 from fedlora.training import TrainContext, TrainingHook
-
-if TYPE_CHECKING:
-    from fedlora.methods.lwf import LwFSection
 
 
 def distillation_loss(logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -84,11 +79,11 @@ def _state_name(client: ClientRound, task: int) -> str:
     return f"lwf-{client.cfg.digest()}-task{task}-old"
 
 
-def distillation(client: ClientRound, section: LwFSection) -> list[TrainingHook]:
+def distillation(client: ClientRound, weight: float, temperature: float) -> list[TrainingHook]:
     """The round's LwF hook: the old model of this task (stored the first round the client trains
     on it, from the model it received) and the finished tasks' label columns."""
     task = task_of_round(client.cfg, client.server_round)
-    if task == 0 or section.weight == 0:
+    if task == 0 or weight == 0:
         return []
     name = _state_name(client, task)
     old = client.store.load(client.client_id, name)
@@ -96,4 +91,4 @@ def distillation(client: ClientRound, section: LwFSection) -> list[TrainingHook]
         old = {n: p.detach().clone().cpu() for n, p in client.model.named_parameters() if p.requires_grad}
         client.store.save(client.client_id, name, old)
     labels = sorted({i for j in range(task) for i in task_label_indices(client.cfg, j)})
-    return [Distillation(section.weight, section.temperature, old, labels)]
+    return [Distillation(weight, temperature, old, labels)]

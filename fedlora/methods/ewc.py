@@ -72,4 +72,5 @@ class EWC(Extension):
     def training(self, client: ClientRound) -> Iterator[list]:
         from fedlora.methods._ewc import fisher_penalty  # torch: the client's training only
 
-        yield fisher_penalty(client, self.cfg.section("ewc"))
+        section = self.cfg.section("ewc")
+        yield fisher_penalty(client, section.weight, section.fisher_examples)

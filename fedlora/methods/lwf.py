@@ -73,4 +73,5 @@ class LwF(Extension):
     def training(self, client: ClientRound) -> Iterator[list]:
         from fedlora.methods._lwf import distillation  # torch: the client's training only
 
-        yield distillation(client, self.cfg.section("lwf"))
+        section = self.cfg.section("lwf")
+        yield distillation(client, section.weight, section.temperature)
