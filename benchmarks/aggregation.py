@@ -36,7 +36,7 @@ def pool(kind: str, rank: int, n: int = 10) -> list[LoraFactors]:
     return res
 
 
-def _time(fn, repeat: int = 1) -> float:  # noqa: ANN001
+def _time(fn, repeat: int = 1) -> float:
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from benchmarks.common import RESULTS, ROOT, SHARED_DATA, setup_env, write
 DEFAULT_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-llama")
 
 
-def TokenCounter():  # noqa: N802, ANN201 - a TrainingHook, defined once torch is imported
+def TokenCounter():
     """Counts the tokens of the batches the training loop takes."""
     from fedlora.tasks.causal import IGNORE
     from fedlora.training import TrainingHook
@@ -34,11 +34,11 @@ def TokenCounter():  # noqa: N802, ANN201 - a TrainingHook, defined once torch i
         attended = 0  # every token the model attends to (attention mask)
         scored = 0  # response tokens the loss is taken on
 
-        def begin(self, ctx) -> None:  # noqa: ANN001
+        def begin(self, ctx) -> None:
             source = ctx.batch_source
             ctx.batch_source = lambda epoch: self._count(source(epoch))
 
-        def _count(self, items):  # noqa: ANN001, ANN202
+        def _count(self, items):
             for item in items:
                 if item is not None:
                     batch, labels = item
@@ -49,7 +49,7 @@ def TokenCounter():  # noqa: N802, ANN201 - a TrainingHook, defined once torch i
     return _TokenCounter()
 
 
-def _config(model: str, device: str, dtype: str, quantization: str, steps: int, batch: int, max_length: int):  # noqa: ANN202
+def _config(model: str, device: str, dtype: str, quantization: str, steps: int, batch: int, max_length: int):
     from fedlora.config import FedLoraConfig
 
     return FedLoraConfig.from_dict({
@@ -67,9 +67,9 @@ def local(model: str, device: str = "cpu", dtype: str = "float32", quantization:
           batch: int = 8, max_length: int = 128) -> dict:
     import torch
 
-    from fedlora.partitions import client_data
     from fedlora.factors import load_factors
     from fedlora.model import AdapterSpec, build_peft_model, check_device, initial_factors, place
+    from fedlora.partitions import client_data
     from fedlora.training import evaluate, pick_device, train_local
 
     cfg = _config(model, device, dtype, quantization, steps, batch, max_length)

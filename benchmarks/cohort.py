@@ -24,7 +24,7 @@ from benchmarks.common import SHARED_DATA, PeakRSS, write
 CELLS = [(1_000, 100), (4_500, 1_000)]  # 9,280 training rows and at least 2 per client: 4,640 clients at most
 
 
-def config(num_clients: int, per_round: int, out: str, rounds: int = 2):  # noqa: ANN201
+def config(num_clients: int, per_round: int, out: str, rounds: int = 2):
     from fedlora.config import FedLoraConfig
 
     agnews = SHARED_DATA / "agnews"

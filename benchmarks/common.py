@@ -89,7 +89,7 @@ class PeakRSS:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
 

@@ -28,7 +28,7 @@ from fedlora.deploy.processes import free_port
 ROUNDS = 3
 
 
-def config(root: Path, port: int, creds) -> Path:  # noqa: ANN001
+def config(root: Path, port: int, creds) -> Path:
     import tomli_w
 
     raw = {
@@ -81,7 +81,7 @@ def simulation(cfg_path: Path, root: Path) -> dict:
             "initial_accuracy": rows[0]["server-accuracy"]}
 
 
-def deployment(cfg_path: Path, port: int, root: Path, creds, cold: bool) -> dict:  # noqa: ANN001
+def deployment(cfg_path: Path, port: int, root: Path, creds, cold: bool) -> dict:
     env = {**os.environ}
     tag = "cold" if cold else "resident"
     out = root / tag

@@ -20,7 +20,7 @@ from benchmarks.common import SHARED_DATA, write
 GOAL = 1.15
 
 
-def config(rounds: int, out: str):  # noqa: ANN201
+def config(rounds: int, out: str):
     from fedlora.config import FedLoraConfig
 
     return FedLoraConfig.from_dict({
@@ -34,14 +34,14 @@ def config(rounds: int, out: str):  # noqa: ANN201
     })
 
 
-def bare_round(cfg) -> float:  # noqa: ANN001
+def bare_round(cfg) -> float:
     """The same local training for the same 10 clients, one after another, plain PyTorch + PEFT."""
     import torch
 
     from fedlora.data import load_task
-    from fedlora.partitions import client_data
     from fedlora.factors import load_factors
     from fedlora.model import AdapterSpec, build_peft_model, initial_factors, set_trainable
+    from fedlora.partitions import client_data
     from fedlora.training import train_local
 
     model = build_peft_model(cfg, load_task(cfg).num_labels,

@@ -19,7 +19,7 @@ import time
 from benchmarks.common import SHARED_DATA, write
 
 
-def _per_step(hooks_fn, rank: int | None, steps: int) -> float:  # noqa: ANN001
+def _per_step(hooks_fn, rank: int | None, steps: int) -> float:
     import torch
 
     from fedlora.config import FedLoraConfig

@@ -159,7 +159,7 @@ def report() -> str:
         lines.append("| shape | rank | clients | FedIT | FedSA | FLoRA stack | FlexLoRA SVD |")
         lines.append("|---|---|---|---|---|---|---|")
         for c in agg["rows"]:
-            def f(v):  # noqa: ANN001, ANN202
+            def f(v):
                 return "skipped" if v is None else f"{v:.4f}"
             lines.append(f"| {c['shape']} | {c['rank']} | {c['clients']} | {f(c['fedit_s'])} | {f(c['fedsa_s'])} | "
                          f"{f(c['flora_stack_s'])} | {f(c['flexlora_svd_s'])} |")

@@ -15,7 +15,7 @@ import tempfile
 from benchmarks.common import SHARED_DATA, PeakRSS, write
 
 
-def config(num_clients: int, out: str):  # noqa: ANN201
+def config(num_clients: int, out: str):
     from fedlora.config import FedLoraConfig
 
     return FedLoraConfig.from_dict({

@@ -38,7 +38,7 @@ LAYERS, DIM, RANK = 32, 4096, 16
 MODULES = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(LAYERS) for p in "qv"]
 
 
-def _template(rank: int):  # noqa: ANN202
+def _template(rank: int):
     import torch
 
     from fedlora.factors import LoraFactors, ModuleFactors
@@ -47,7 +47,7 @@ def _template(rank: int):  # noqa: ANN202
                                 for n in MODULES})
 
 
-def _client_factors(i: int, rank: int, shared):  # noqa: ANN001, ANN202
+def _client_factors(i: int, rank: int, shared):
     """Client i's adapter: A rows in a shared 32-dim subspace plus noise; B random; all distinct."""
     import torch
 
@@ -66,16 +66,16 @@ class _Backlog:
     every arrived reply of the ids asked): ``pull`` = how many it hands over per pull at most, here
     as many as asked. Replies are built when pulled, as a SuperLink holds them until then."""
 
-    def __init__(self, make_reply) -> None:  # noqa: ANN001 - i -> Message
+    def __init__(self, make_reply) -> None:
         self.make_reply, self.pending, self.asked = make_reply, {}, []
 
-    def push_messages(self, messages):  # noqa: ANN001, ANN202
+    def push_messages(self, messages):
         for i, m in enumerate(messages):
             m.metadata.__dict__["_message_id"] = f"q{i}"
             self.pending[f"q{i}"] = i
         return list(self.pending)
 
-    def pull_messages(self, ids):  # noqa: ANN001, ANN202
+    def pull_messages(self, ids):
         ids = list(ids)
         self.asked.append(len(ids))
         return [self.make_reply(self.pending.pop(i)) for i in ids if i in self.pending]
@@ -117,7 +117,7 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
     idle = psutil.Process().memory_info().rss
     gen_seconds = [0.0]
 
-    def reply(i: int):  # noqa: ANN202 - client i's reply Message
+    def reply(i: int):
         t0 = time.perf_counter()
         f = _client_factors(i, ranks[i], shared)
         content = RecordDict({"arrays": codec.encode(f, modules=strategy.module_names),
@@ -129,7 +129,7 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
         gen_seconds[0] += time.perf_counter() - t0
         return msg
 
-    def replies():  # noqa: ANN202 - one reply at a time, as they arrive
+    def replies():
         for i in range(clients):
             yield reply(i)
 
@@ -154,7 +154,7 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
     if exact_check:  # the same replies through the exact stack (memory grows with the cohort here)
         from fedlora.aggregation.folds import ExactProductSum, SketchedProductSum
 
-        def dense(f, n):  # noqa: ANN001, ANN202
+        def dense(f, n):
             m = f.modules[n]
             return m.B.double() @ m.A.double()
 

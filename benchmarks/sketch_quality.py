@@ -21,7 +21,7 @@ NOISES = (0.0, 0.03, 0.1, 0.3)
 OVERSAMPLING = (16, 32, 48, 64, 96)
 
 
-def replies(noise: float, seed: int = 0):  # noqa: ANN201 - [(LoraFactors, weight)]
+def replies(noise: float, seed: int = 0):
     import torch
 
     from fedlora.factors import LoraFactors, ModuleFactors

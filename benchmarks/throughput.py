@@ -17,7 +17,7 @@ from benchmarks.common import ROOT, SHARED_DATA, write
 ASSETS = ROOT / "benchmarks" / "assets"
 
 
-def _setup(device: str, batch: int, max_length: int = 48, synthetic: bool = False):  # noqa: ANN202
+def _setup(device: str, batch: int, max_length: int = 48, synthetic: bool = False):
     """(PEFT model, trainable params, loader of fixed-width batches).
 
     Real: the packaged pretrained MiniLM and AG News from ../shared/data. Synthetic (a GPU box

@@ -22,7 +22,7 @@ import time
 from benchmarks.common import RESULTS, setup_env, write
 
 
-def _batches(data, batch: int, steps: int) -> list:  # noqa: ANN001 - fedlora Examples
+def _batches(data, batch: int, steps: int) -> list:
     from fedlora.data import batches
 
     out = []
@@ -31,14 +31,14 @@ def _batches(data, batch: int, steps: int) -> list:  # noqa: ANN001 - fedlora Ex
     return out[:steps]
 
 
-def _sync(device) -> None:  # noqa: ANN001
+def _sync(device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def plain_loop(model, fixed: list, lr: float, device) -> float:  # noqa: ANN001
+def plain_loop(model, fixed: list, lr: float, device) -> float:
     """Seconds for the plain PEFT loop over ``fixed`` (batch, labels) pairs."""
     import torch
 
@@ -57,13 +57,13 @@ def plain_loop(model, fixed: list, lr: float, device) -> float:  # noqa: ANN001
     return time.perf_counter() - t0
 
 
-def fedlora_loop(model, fixed: list, data, cfg, device) -> float:  # noqa: ANN001
+def fedlora_loop(model, fixed: list, data, cfg, device) -> float:
     """Seconds for ``train_local`` on ``data`` (fedlora Examples), taking the same (batch, labels)
     pairs as the plain loop, in order."""
     from fedlora.training import TrainingHook, train_local
 
     class SameBatches(TrainingHook):
-        def begin(self, ctx) -> None:  # noqa: ANN001
+        def begin(self, ctx) -> None:
             ctx.batch_source = lambda epoch: iter(fixed)
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -18,7 +18,7 @@ DTYPES = ["float32", "float16", "bfloat16"]
 GOAL = 1.02
 
 
-def _config(strategy: str, dtype: str, tmp: str):  # noqa: ANN202
+def _config(strategy: str, dtype: str, tmp: str):
     from fedlora.config import FedLoraConfig
 
     het = strategy in ("hetlora", "flora", "flexlora")
@@ -95,7 +95,7 @@ def run(quick: bool = False) -> dict:
     return payload
 
 
-def write_path(name: str):  # noqa: ANN201
+def write_path(name: str):
     from benchmarks.common import RESULTS
 
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ from fedlora import codec
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig, digest_of
 from fedlora.data import load_task
-from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.extensions import ClientRound, Extension
+from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.lora_math import prune_rank, prune_to_rank
 from fedlora.model import (
     AdapterSpec,

@@ -14,4 +14,4 @@ from pathlib import Path as _Path
 # names resolve when this folder is imported straight from the checkout (tests, Ray workers).
 _root = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "strategies").is_dir() and (_root / "strategies" / "base.py").is_file():
-    __path__.append(str(_root))  # noqa: F821 - package __path__
+    __path__.append(str(_root))

@@ -227,7 +227,7 @@ def client(
 class _CertsGroup(typer.core.TyperGroup):
     """`fedlora certs FOLDER` is `fedlora certs create FOLDER`; `fedlora certs add-node FOLDER` adds one."""
 
-    def resolve_command(self, ctx, args):  # noqa: ANN001, ANN201
+    def resolve_command(self, ctx, args):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args = ["create", *args]
         return super().resolve_command(ctx, args)
@@ -238,7 +238,7 @@ certs_cli = typer.Typer(cls=_CertsGroup, no_args_is_help=True, help="Test creden
 cli.add_typer(certs_cli, name="certs")
 
 
-def _node_lines(nodes) -> None:  # noqa: ANN001
+def _node_lines(nodes) -> None:
     for n in nodes:
         typer.echo(f"node {n.name}: private {n.private_key} (copy to that device only, then delete it here), "
                    f"public {n.public_key} (the server enrols {n.public_key.parent})")

@@ -122,7 +122,7 @@ def raw_bytes(factors: LoraFactors, wire_dtype: str = "float32") -> int:
     return factors.numel() * width
 
 
-def message_bytes(message) -> int:  # noqa: ANN001 - flwr.app.Message
+def message_bytes(message) -> int:
     """Size of a whole message as Flower serialises it (protobuf: metadata, keys, shapes, data)."""
     from flwr.common.serde import message_to_proto
 
@@ -140,7 +140,7 @@ class MessageSizer:
         self.sample = sample
         self.framing: list[int] = []
 
-    def __call__(self, message) -> int:  # noqa: ANN001 - flwr.app.Message
+    def __call__(self, message) -> int:
         payload = sum(len(arr.data) for rec in message.content.array_records.values() for arr in rec.values()) \
             if message.has_content() else 0
         if len(self.framing) < self.sample:

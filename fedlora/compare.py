@@ -121,7 +121,7 @@ def _cell_label(cell: dict) -> str:
     return f"{cell['arm']} on {cell['split']} {' '.join(cell['grid-point'])}".rstrip()
 
 
-def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print,  # noqa: ANN001
+def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print,
             resume: bool = False, dry_run: bool = False, arms: list[str] | None = None) -> Path:
     """Run every cell and write results.json (after each cell), table.md/json and plot.png.
 
@@ -247,7 +247,7 @@ def markdown_table(table: list[dict]) -> str:
             "personal-global-accuracy", "upload-bytes-per-client-round", "download-bytes-per-client-round",
             "total-bytes", "aggregate-ms-per-round", "global-rank", "seconds", "chosen", "validation-score"]
 
-    def fmt(v) -> str:  # noqa: ANN001
+    def fmt(v) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):

@@ -170,7 +170,7 @@ class FedLoraConfig:
         """Client-level delta: privacy.delta, or 1 / N^1.1 (below 1/N, as a delta must be)."""
         return self.privacy.delta or 1.0 / self.federation.num_clients ** 1.1
 
-    def _validate_dylora(self, policy, ranks: list[int]) -> None:  # noqa: ANN001
+    def _validate_dylora(self, policy, ranks: list[int]) -> None:
         name = self.federation.strategy
         if self.dylora.enabled:
             if policy.heterogeneous_ranks:
@@ -181,7 +181,7 @@ class FedLoraConfig:
         for r in self.dylora.eval_ranks:
             _require(r <= max(ranks), "dylora.eval_ranks", f"rank {r} is above the run's largest rank {max(ranks)}")
 
-    def _validate_task(self, policy) -> None:  # noqa: ANN001
+    def _validate_task(self, policy) -> None:
         m, d = self.model, self.data
         if m.task != "causal-lm":
             return

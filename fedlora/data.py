@@ -63,7 +63,9 @@ class Examples:
         return self.prompt_lengths is not None
 
     def subset(self, idx: list[int]) -> Examples:
-        pick = (lambda t: t[idx] if idx else t[:0])
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[idx] if idx else t[:0]
+
         return Examples([self.input_ids[i] for i in idx], pick(self.labels),
                         None if self.prompt_lengths is None else pick(self.prompt_lengths), self.answers, self.task)
 
@@ -139,7 +141,7 @@ def _fortune_rows(seed: int) -> tuple[list[dict], list[dict], list[str]]:
     return train, test, list(FORTUNE_COLLECTIONS)
 
 
-def _load_hf(dc: DataConfig, cache_dir: Path):  # noqa: ANN202
+def _load_hf(dc: DataConfig, cache_dir: Path):
     """(train Dataset, test Dataset or None, label names or None) from local files or the hub."""
     from datasets import load_dataset
 
@@ -206,16 +208,16 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[s
     if label_names is None and getattr(feat, "names", None):
         label_names = list(feat.names)
 
-    def rows(split) -> list[dict]:  # noqa: ANN001
+    def rows(split) -> list[dict]:
         texts = split[dc.text_column]
         pairs = split[dc.text_pair_column] if dc.text_pair_column else [None] * len(texts)
-        return [{"text": t, "pair": p, "label": l} for t, p, l in zip(texts, pairs, split[dc.label_column])]
+        return [{"text": t, "pair": p, "label": y} for t, p, y in zip(texts, pairs, split[dc.label_column])]
 
     train_rows, test_rows = _carve_test(rows(train), seed) if test is None else (rows(train), rows(test))
     raw_labels = [r["label"] for r in train_rows + test_rows]
     if label_names is None:
-        label_names = sorted({str(l) for l in raw_labels}) if any(
-            isinstance(l, str) for l in raw_labels) else [str(i) for i in range(int(max(raw_labels)) + 1)]
+        label_names = sorted({str(y) for y in raw_labels}) if any(
+            isinstance(y, str) for y in raw_labels) else [str(i) for i in range(int(max(raw_labels)) + 1)]
     index = {n: i for i, n in enumerate(label_names)}
     for r in train_rows + test_rows:
         lab = r["label"]
@@ -286,7 +288,7 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
     return task
 
 
-def _encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: list[str]) -> dict:  # noqa: ANN001
+def _encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: list[str]) -> dict:
     return task_type(cfg.model.task).encode(tok, rows, cfg, label_names)
 
 
@@ -313,7 +315,7 @@ def _read_tokenized(path: Path) -> dict | None:
 
     try:
         tensors, meta = tensors_from_file(path)
-    except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
+    except Exception:
         return None
     blob = {"names": json.loads(meta["names"])}
     for split in ("train", "test"):
@@ -327,7 +329,7 @@ def _read_tokenized(path: Path) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # batching
 # ---------------------------------------------------------------------------------------------
-def batches(ex: Examples, batch_size: int, shuffle: bool, seed: int = 0, pad_id: int = 0):  # noqa: ANN201
+def batches(ex: Examples, batch_size: int, shuffle: bool, seed: int = 0, pad_id: int = 0):
     """Dynamic padding: each batch is padded to its own longest sequence."""
     order = list(range(len(ex)))
     if shuffle:

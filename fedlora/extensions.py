@@ -53,10 +53,9 @@ with a ``validate()``; ``[<section_name>]`` in the run's TOML) and refuses what 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -65,8 +64,8 @@ if TYPE_CHECKING:
     from flwr.app import ArrayRecord
 
     from fedlora.config import FedLoraConfig
-    from fedlora.factors import LoraFactors
     from fedlora.data import Examples
+    from fedlora.factors import LoraFactors
     from fedlora.partitions import ClientData
     from fedlora.sharing import SharingPolicy
     from fedlora.state import ClientStateStore

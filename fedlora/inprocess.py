@@ -33,7 +33,7 @@ class InProcessGrid(Grid):
     """``num_nodes`` nodes, node ``FIRST_NODE_ID + i`` holding partition ``i``, each running
     ``client_app`` (a ``flwr.clientapp.ClientApp``) on the messages sent to it."""
 
-    def __init__(self, client_app, num_nodes: int, run_id: int = 1) -> None:  # noqa: ANN001 - a ClientApp
+    def __init__(self, client_app, num_nodes: int, run_id: int = 1) -> None:
         from flwr.supercore.run import Run
 
         self.client_app = client_app
@@ -45,11 +45,11 @@ class InProcessGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.pull_interval = 0.0  # every reply exists once its message is pushed
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - a flwr Run
+    def set_run(self, run) -> None:
         self._run = run
 
     @property
-    def run(self):  # noqa: ANN201 - a flwr Run
+    def run(self):
         return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
@@ -74,7 +74,7 @@ class InProcessGrid(Grid):
 
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # noqa: BLE001 - a failed task is an error reply, as in Flower's runtime
+        except Exception as exc:
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                  reason=f"<class '{type(exc).__name__}'>:<'{exc}'>"), reply_to=msg)
 
@@ -85,7 +85,7 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_in_process(server_app, client_app, num_nodes: int, run_id: int = 1) -> InProcessGrid:  # noqa: ANN001
+def run_in_process(server_app, client_app, num_nodes: int, run_id: int = 1) -> InProcessGrid:
     """Run ``server_app`` (a ``flwr.serverapp.ServerApp``) against ``num_nodes`` in-process nodes
     running ``client_app``; returns the grid (its nodes' contexts hold their final state)."""
     from flwr.supercore.task_identity import TaskIdentity

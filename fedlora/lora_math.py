@@ -20,7 +20,6 @@ import torch
 
 from fedlora.factors import LoraFactors, ModuleFactors
 
-
 _CHUNK = 32
 
 

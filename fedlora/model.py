@@ -171,7 +171,7 @@ def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
         # Only a strategy that merges updates into the base (FLoRA) changes base weights; a pristine
         # copy of the adapted weights (for a 7B model, gigabytes) is kept for it alone.
         merges = policy_for(cfg.federation.strategy).merge_global_into_base
-        _PEFT_CACHE[key] = (model, {n: l.base_layer.weight.detach().clone() for n, l in lora_layers(model)}
+        _PEFT_CACHE[key] = (model, {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model)}
                             if merges else {})
     else:
         model, pristine = entry

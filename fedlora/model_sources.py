@@ -77,7 +77,7 @@ def portable_reference(name: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(name: str, cache_dir: str = ""):  # noqa: ANN201
+def load_tokenizer(name: str, cache_dir: str = ""):
     from transformers import AutoTokenizer
 
 
@@ -85,7 +85,7 @@ def load_tokenizer(name: str, cache_dir: str = ""):  # noqa: ANN201
     return AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir))
 
 
-def _tiny_decoder_config(name: str):  # noqa: ANN202 - a transformers PretrainedConfig
+def _tiny_decoder_config(name: str):
     from transformers import GPT2Config, LlamaConfig
 
     # The MiniLM tokenizer's ids: [PAD] 0, [CLS] 101 (begins), [SEP] 102 (ends a response).

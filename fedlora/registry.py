@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, type] = {}
 
 
-def register_strategy(name: str):  # noqa: ANN201 - class decorator
+def register_strategy(name: str):
     """Class decorator: ``@register_strategy("fedsa")``. A built-in strategy's sharing policy comes
     from :data:`fedlora.strategies.BUILTIN`; any other must declare ``sharing_policy`` on its class."""
 
@@ -80,7 +80,7 @@ _MODEL_EXTENSIONS: list = []
 _BUILTIN_EXTENSIONS = ("fedlora.continual.extension",)
 
 
-def register_model_extension(extension):  # noqa: ANN001, ANN201 - returns its argument
+def register_model_extension(extension):
     """Add a model extension (see the comment above); one per concern."""
     if any(type(e) is type(extension) for e in _MODEL_EXTENSIONS):
         raise ValueError(f"a model extension of type {type(extension).__name__} is already registered")
@@ -88,7 +88,7 @@ def register_model_extension(extension):  # noqa: ANN001, ANN201 - returns its a
     return extension
 
 
-def model_extensions(cfg) -> list:  # noqa: ANN001 - a FedLoraConfig
+def model_extensions(cfg) -> list:
     """The registered model extensions that apply to ``cfg``."""
     if not _MODEL_EXTENSIONS:
         import importlib
@@ -112,7 +112,7 @@ _TASK_TYPES: dict[str, object] = {}
 _BUILTIN_TASKS = {"classification": "fedlora.tasks.classification", "causal-lm": "fedlora.tasks.causal_lm"}
 
 
-def register_task_type(name: str, task) -> object:  # noqa: ANN001
+def register_task_type(name: str, task) -> object:
     """Add the task type ``model.task = name`` (duplicates refused)."""
     if name in _TASK_TYPES and _TASK_TYPES[name] is not task:
         raise ValueError(f"a task type named {name!r} is already registered")
@@ -120,7 +120,7 @@ def register_task_type(name: str, task) -> object:  # noqa: ANN001
     return task
 
 
-def task_type(name: str):  # noqa: ANN201
+def task_type(name: str):
     """The task type registered as ``name`` (a built-in one is imported the first time it is asked)."""
     if name not in _TASK_TYPES and name in _BUILTIN_TASKS:
         import importlib
@@ -137,7 +137,7 @@ def task_type_names() -> list[str]:
     return list(_BUILTIN_TASKS) + sorted(set(_TASK_TYPES) - set(_BUILTIN_TASKS))
 
 
-def task_of(examples) -> object:  # noqa: ANN001 - fedlora.data.Examples
+def task_of(examples) -> object:
     """The task type of tokenized examples: the one that encoded them (``Examples.task``); examples
     built without one are causal-LM examples when they carry prompt lengths, else classification."""
     return task_type(examples.task or ("causal-lm" if examples.causal else "classification"))
@@ -202,7 +202,7 @@ def continual_method_names() -> list[str]:
     return sorted(e.continual_method for e in plugin_extensions() if e.continual_method)
 
 
-def extensions_for(cfg) -> list:  # noqa: ANN001 - a FedLoraConfig; returns Extension instances
+def extensions_for(cfg) -> list:
     """The extensions ``cfg`` uses, built for it, in hook order (``order``, then name)."""
     if not all(m in _imported_concerns for m in _BUILTIN_CONCERNS):
         import importlib

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
     """An operator's mistake in a run configuration; the message names the field."""
 
 
-def _meta(help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors dataclass metadata convention
+def _meta(help: str, **kw: Any) -> Any:
     if "default_factory" in kw:
         return field(default_factory=kw.pop("default_factory"), metadata={"help": help})
     return field(default=kw.pop("default"), metadata={"help": help})

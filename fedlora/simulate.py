@@ -14,7 +14,7 @@ from fedlora.rundir import RunDir
 
 
 def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callable[[dict], None] | None = None,
-             verbose: bool = False, client_app=None, wrap_grid: Callable | None = None,  # noqa: ANN001
+             verbose: bool = False, client_app=None, wrap_grid: Callable | None = None,
              engine: str = "ray") -> RunDir:
     """Run ``cfg`` as a simulation; return the run directory (metrics, adapters, plot).
 

@@ -46,7 +46,7 @@ def make_optimizer(params: list[torch.nn.Parameter] | list[dict], tc: TrainConfi
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy_loss(outputs, labels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a transformers output
+def cross_entropy_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs.logits, labels)
 
 

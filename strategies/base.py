@@ -55,7 +55,7 @@ from fedlora.robust import coordinate_median, trimmed_mean
 from fedlora.sharing import SharingPolicy
 from fedlora.strategies.evaluation import FederatedEvaluation
 from fedlora.strategies.nodes import NodeSetup
-from fedlora.strategies.round_log import RoundLog  # noqa: F401 - re-exported
+from fedlora.strategies.round_log import RoundLog
 from fedlora.validation import RejectedReply, short_reason
 
 log = logging.getLogger("fedlora.server")
@@ -369,7 +369,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             for key, t in self.global_eff.tensors():
                 if not bool(torch.isfinite(t).all()):
                     raise FloatingPointError(f"the aggregate's {key} is not finite")
-        except Exception as exc:  # noqa: BLE001 - one round's failure must not end the run or lose the adapter
+        except Exception as exc:
             self.global_eff = previous
             rl.aggregation_error = f"{type(exc).__name__}: {exc}; the global adapter stays at its last good value"
             log.error("round %d: aggregation failed: %s", server_round, rl.aggregation_error)

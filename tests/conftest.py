@@ -117,7 +117,7 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def make_config(tmp_path: Path, **sections):  # noqa: ANN201
+def make_config(tmp_path: Path, **sections):
     """A small, fast config: tiny BERT (random) unless a test asks for MiniLM."""
     from fedlora.config import FedLoraConfig
 

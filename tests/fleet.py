@@ -19,25 +19,25 @@ class RecordingGrid:
     """Flower's Grid, unchanged, but keeps every message pushed and every reply pulled (the server
     wraps it in its StreamingGrid, which pushes and pulls through it)."""
 
-    def __init__(self, grid) -> None:  # noqa: ANN001
+    def __init__(self, grid) -> None:
         self._grid = grid
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
-    def __getattr__(self, name):  # noqa: ANN001, ANN204
+    def __getattr__(self, name):
         return getattr(self._grid, name)
 
-    def push_messages(self, messages):  # noqa: ANN001, ANN201
+    def push_messages(self, messages):
         messages = list(messages)
         self.sent.extend(messages)
         return self._grid.push_messages(messages)
 
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+    def pull_messages(self, message_ids):
         replies = list(self._grid.pull_messages(message_ids))
         self.received.extend(replies)
         return replies
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+    def send_and_receive(self, messages, *, timeout=None):
         from fedlora.aggregation.streaming import StreamingGrid
 
         return list(StreamingGrid(self).send_and_receive(messages, timeout=timeout))
@@ -58,12 +58,12 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
 
     app = ClientApp()
 
-    def how(context) -> set[str]:  # noqa: ANN001
+    def how(context) -> set[str]:
         b = bad.get(int(context.node_config["partition-id"]), set())
         return {b} if isinstance(b, str) else set(b)
 
     @app.query()
-    def q(msg: Message, context):  # noqa: ANN001, ANN202
+    def q(msg: Message, context):
         reply = real(msg, context)
         h = how(context)
         prof = reply.content["profile"]
@@ -84,7 +84,7 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
         return reply
 
     @app.evaluate()
-    def e(msg: Message, context):  # noqa: ANN001, ANN202
+    def e(msg: Message, context):
         reply = real(msg, context)
         h = how(context)
         m = reply.content["metrics"]
@@ -95,7 +95,7 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
         return reply
 
     @app.train()
-    def t(msg: Message, context):  # noqa: ANN001, ANN202
+    def t(msg: Message, context):
         h = how(context)
         if "crash" in h:
             raise ValueError("disk on fire")

@@ -12,15 +12,23 @@ import json
 import pytest
 import torch
 
+from conftest import make_config
 from fedlora import codec
 from fedlora.config import ConfigError
 from fedlora.data import collate, load_task
 from fedlora.factors import extract_factors, load_factors
-from fedlora.model import (AdapterSpec, build_peft_model, check_device, initial_factors, load_adapter,
-                           load_tokenizer, merge_delta_into_base, skeleton_peft_model, write_adapter)
+from fedlora.model import (
+    AdapterSpec,
+    build_peft_model,
+    check_device,
+    initial_factors,
+    load_adapter,
+    load_tokenizer,
+    merge_delta_into_base,
+    skeleton_peft_model,
+    write_adapter,
+)
 from fedlora.tasks.causal import IGNORE
-
-from conftest import make_config
 
 DECODERS = ["builtin:tiny-gpt2", "builtin:tiny-llama"]
 

@@ -74,7 +74,7 @@ def test_every_label_survives_padding_case_and_a_second_line(name, pad, tail, up
 
 
 class _Out:
-    def __init__(self, logits):  # noqa: ANN001
+    def __init__(self, logits):
         self.logits = logits
 
 

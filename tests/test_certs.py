@@ -10,7 +10,7 @@ import sys
 import pytest
 
 
-def _mode(p) -> int:  # noqa: ANN001
+def _mode(p) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 

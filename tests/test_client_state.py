@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from conftest import make_config
 from fedlora import codec
 from fedlora.factors import extract_factors
 from fedlora.state import ClientStateStore
-
-from conftest import make_config
 
 
 def test_store_is_atomic_and_keyed_by_client(tmp_path, monkeypatch):

@@ -57,7 +57,7 @@ def test_curves_show_server_accuracy_when_no_client_evaluated(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
-def _comparison(tmp_path, grid="[1e-3, 5e-3]"):  # noqa: ANN001, ANN202
+def _comparison(tmp_path, grid="[1e-3, 5e-3]"):
     f = tmp_path / "c.toml"
     f.write_text(f"""[compare]
 name = "t"
@@ -75,7 +75,7 @@ grid = {{"train.learning_rate" = {grid}}}
     return f
 
 
-def _finished_run(folder, cfg, accuracy):  # noqa: ANN001, ANN202
+def _finished_run(folder, cfg, accuracy):
     """What a finished run leaves behind that a comparison reads: its config and summary."""
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(cfg.to_toml())

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.config import ConfigError, FedLoraConfig
-
 from conftest import make_config
+from fedlora.config import ConfigError, FedLoraConfig
 
 
 def test_embedded_default_is_valid_and_matches_the_issue():

@@ -43,7 +43,7 @@ def test_a_task_cue_precedes_every_input_and_must_leave_room_for_the_text(tmp_pa
 
 
 # ------------------------------------------------------------------------------------ forward pass
-def _model(tmp_path, method="inclora", tasks=3):  # noqa: ANN001, ANN202
+def _model(tmp_path, method="inclora", tasks=3):
     from fedlora.model import AdapterSpec, build_peft_model
 
     cfg = make_config(tmp_path)
@@ -56,7 +56,7 @@ def _model(tmp_path, method="inclora", tasks=3):  # noqa: ANN001, ANN202
     return cfg, build_peft_model(cfg, 4, spec)
 
 
-def _random_past(model, n: int, seed: int = 0):  # noqa: ANN001, ANN202
+def _random_past(model, n: int, seed: int = 0):
     from fedlora.factors import ADAPTER, LoraFactors, ModuleFactors, lora_layers
 
     g = torch.Generator().manual_seed(seed)
@@ -212,7 +212,7 @@ def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ config
-def _continual(tmp_path, method="olora", strategy="fedit", rounds=(1, 1), **extra):  # noqa: ANN001, ANN202
+def _continual(tmp_path, method="olora", strategy="fedit", rounds=(1, 1), **extra):
     from fedlora.config import FedLoraConfig
 
     cfg = make_config(tmp_path)

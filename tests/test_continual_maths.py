@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedlora.continual.metrics import average_accuracy, backward_transfer, forgetting
 from fedlora.continual.penalties import attention_l1, l2_norms, orthogonality

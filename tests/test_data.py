@@ -7,11 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import make_config
 from fedlora.config import FedLoraConfig
 from fedlora.data import FORTUNE_COLLECTIONS, fortune_dir, load_task, read_fortunes
 from fedlora.partitions import client_data, partition_indices
-
-from conftest import make_config
 
 
 def test_fortunes_builtin_task_is_balanced_enough(tmp_path):
@@ -79,7 +78,7 @@ def test_a_new_task_type_plugs_in_through_the_registry_without_editing_the_core(
     losses: list[float] = []
 
     class Smoothed(Classification):
-        def loss(self, outputs, labels):  # noqa: ANN001, ANN201
+        def loss(self, outputs, labels):
             out = F.cross_entropy(outputs.logits, labels, label_smoothing=0.2)
             losses.append(float(out))
             return out

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pr
 
 
 def cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
-    fh = open(log, "wb")  # noqa: SIM115
+    fh = open(log, "wb")
     return subprocess.Popen([sys.executable, "-m", "fedlora.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
@@ -43,7 +43,7 @@ def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         os.killpg(p.pid, signal.SIGKILL)
 
 
-def wait_for(pred, timeout: float, what: str, logs: list[Path] = ()):  # noqa: ANN001, ANN201
+def wait_for(pred, timeout: float, what: str, logs: list[Path] = ()):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         v = pred()
@@ -71,7 +71,7 @@ def creds(tmp_path: Path):
     return create_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], nodes=5)
 
 
-def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int = 3, **federation) -> Path:  # noqa: ANN001
+def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int = 3, **federation) -> Path:
     import tomli_w
 
     cfg = make_config(tmp_path, run={"rounds": rounds},
@@ -88,7 +88,7 @@ def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int =
     return path
 
 
-def start_clients(tmp_path: Path, creds, port: int, which=range(3), ids: dict | None = None,  # noqa: ANN001
+def start_clients(tmp_path: Path, creds, port: int, which=range(3), ids: dict | None = None,
                   flags: dict | None = None) -> list[subprocess.Popen]:
     procs = []
     for i in which:
@@ -105,7 +105,7 @@ OUTSIDER_APP = ('[build-system]\nrequires = ["setuptools"]\nbuild-backend = "set
                 '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "x:app"\n')
 
 
-def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:  # noqa: ANN001
+def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:
     """What someone with only ca.crt tries at the devices' address with Flower's unmodified CLI, the
     address plain and disguised: list runs and nodes, register a key, submit an app, stop a run.
     {(what, address name): (exit code, output)}."""
@@ -131,7 +131,7 @@ def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:  # noqa: ANN001
     return {key: (p.wait(120), p.stdout.read()) for key, p in procs.items()}
 
 
-def simulation_of(config: Path, tmp_path: Path):  # noqa: ANN201
+def simulation_of(config: Path, tmp_path: Path):
     """The same run in Flower's simulation engine: the reference a deployment must reproduce (on the
     session's Ray cluster: a test that calls this asks for the `ray_cluster` fixture)."""
     from fedlora.config import FedLoraConfig
@@ -242,9 +242,9 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
 
 
 def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterrupted_run(tmp_path, creds, ray_cluster):
-    from fedlora.deploy.processes import free_port
-
     import psutil
+
+    from fedlora.deploy.processes import free_port
 
     port = free_port()
     # Training rounds only (federated evaluation has its own deployed test above): what is resumed is
@@ -459,15 +459,16 @@ def test_server_refuses_a_certificate_the_gate_cannot_check_on_loopback(tmp_path
 
     creds = create_credentials(tmp_path / "creds", ["fl.example.org"], nodes=1)
     assert covers_loopback(creds.server_cert)  # `fedlora certs` always names 127.0.0.1 for the gate
+    import datetime
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import datetime
 
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl.example.org")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from conftest import make_config
 from fedlora.dylora import RankMask
 from fedlora.factors import extract_factors, load_factors, lora_layers
 from fedlora.model import AdapterSpec, build_peft_model
-
-from conftest import make_config
 
 
 def test_rank_mask_matches_rank_b_adapter(tmp_path):

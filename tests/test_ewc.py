@@ -101,7 +101,7 @@ def _train_replies(tmp_path, cfg):
 
     box = {}
 
-    def wrap(grid):  # noqa: ANN001, ANN202
+    def wrap(grid):
         box["grid"] = RecordingGrid(grid)
         return box["grid"]
 

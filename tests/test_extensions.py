@@ -60,7 +60,7 @@ class StepCounter(Extension):
     section = StepCounterSection
 
     @classmethod
-    def applies(cls, cfg) -> bool:  # noqa: ANN001
+    def applies(cls, cfg) -> bool:
         return "stepcounter" in cfg.plugins
 
     def round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
@@ -73,7 +73,7 @@ class StepCounter(Extension):
         counter = self
 
         class Count(TrainingHook):
-            def loss(self, ctx, loss):  # noqa: ANN001, ANN202
+            def loss(self, ctx, loss):
                 counter.steps += 1
                 return loss
 
@@ -97,7 +97,7 @@ def test_a_method_defined_outside_fedlora_shapes_a_real_run_through_the_hooks(tm
         assert cfg.section("stepcounter").every == 2
         box = {}
 
-        def wrap(grid):  # noqa: ANN001, ANN202
+        def wrap(grid):
             box["grid"] = RecordingGrid(grid)
             return box["grid"]
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from conftest import make_config
 from fedlora import codec
 from fedlora.factors import FactorShapeError, LoraFactors, ModuleFactors, extract_factors, load_factors
 from fedlora.model import AdapterSpec, build_peft_model
-
-from conftest import make_config
 
 
 def _model(tmp_path, name="builtin:tiny-bert", rank=4, targets=("query", "value")):
@@ -115,7 +116,6 @@ def test_compact_keys_use_the_module_list(tmp_path):
 
 
 # ------------------------------------------------------------------------------ property tests
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(deadline=None)

@@ -100,7 +100,7 @@ def _run(tmp_path, mu: float, name: str):
 
     box = {}
 
-    def wrap(grid):  # noqa: ANN001, ANN202
+    def wrap(grid):
         box["grid"] = RecordingGrid(grid)
         return box["grid"]
 

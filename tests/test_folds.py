@@ -12,8 +12,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedlora.aggregation.folds import (BudgetedProductSum, ExactProductSum, KeepAll, SketchedProductSum, WeightedMean,
-                                       ZeroPaddedMean, batch)
+from fedlora.aggregation.folds import (
+    BudgetedProductSum,
+    ExactProductSum,
+    KeepAll,
+    SketchedProductSum,
+    WeightedMean,
+    ZeroPaddedMean,
+    batch,
+)
 from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.factors import LoraFactors, ModuleFactors
 from fedlora.lora_math import aggregate_stacked, aggregate_svd, aggregate_zero_padded, weighted_mean

@@ -52,12 +52,12 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _any
 
-    def log_message(self, *args) -> None:  # noqa: ANN002
+    def log_message(self, *args) -> None:
         pass
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory):  # noqa: ANN201 - (port, upstream's record, gate.log path, ca.crt)
+def gate(tmp_path_factory):
     from fedlora.deploy.pki import create_credentials
     from fedlora.deploy.processes import free_port, wait_for_port
 
@@ -72,7 +72,7 @@ def gate(tmp_path_factory):  # noqa: ANN201 - (port, upstream's record, gate.log
     proc = subprocess.Popen([sys.executable, "-m", "fedlora.deploy.fleet_gate", "--listen", f"127.0.0.1:{port}",
                              "--upstream", f"127.0.0.1:{upstream.server_address[1]}", "--certfile",
                              str(creds.server_cert), "--keyfile", str(creds.server_key), "--ca", str(creds.ca_cert)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
         wait_for_port("127.0.0.1", port, proc, log)
         yield port, Recorder.seen, log, creds.ca_cert
@@ -135,7 +135,7 @@ METHODS = ["POST"] * 6 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "p
 
 
 @st.composite
-def hostile_target(draw) -> bytes:  # noqa: ANN001
+def hostile_target(draw) -> bytes:
     parts = draw(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=6))
     seps = draw(st.lists(st.sampled_from(SEPARATORS), min_size=len(parts), max_size=len(parts)))
     text = draw(st.sampled_from(PREFIXES)) + "".join(s + p for s, p in zip(seps, parts)) + draw(st.sampled_from(SUFFIXES))

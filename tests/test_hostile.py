@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import fleet
-from fedlora.simulate import simulate
-
 from conftest import make_config
+from fedlora.simulate import simulate
 
 cloudpickle.register_pickle_by_value(fleet)
 

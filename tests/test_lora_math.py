@@ -5,10 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlora.factors import LoraFactors, ModuleFactors
-from fedlora.lora_math import (aggregate_stacked, aggregate_svd, aggregate_zero_padded, concat_rank, low_rank_svd,
-                               prune_rank, to_client, to_effective, weighted_mean)
+from fedlora.lora_math import (
+    aggregate_stacked,
+    aggregate_svd,
+    aggregate_zero_padded,
+    concat_rank,
+    low_rank_svd,
+    prune_rank,
+    to_client,
+    to_effective,
+    weighted_mean,
+)
 
 OUT, IN = 12, 10
 
@@ -179,7 +190,6 @@ def test_pruning_keeps_the_kept_components_update_exactly(alpha_mode_alpha):
 
 
 # ------------------------------------------------------------------------------ property tests
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @st.composite
@@ -274,7 +284,7 @@ def test_weighted_mean_checks_every_chunk():
 # --------------------------------------------------------------------------------------------
 # Edge cases the mutation run found untested (benchmarks/results/mutation*.json)
 # --------------------------------------------------------------------------------------------
-def _one(A, B, alpha):  # noqa: ANN001, ANN202
+def _one(A, B, alpha):
     from fedlora.factors import LoraFactors, ModuleFactors
 
     return LoraFactors(modules={"m": ModuleFactors(A=A, B=B, alpha=alpha)})

@@ -21,7 +21,7 @@ def test_the_term_is_t_squared_times_the_kl_of_the_tempered_outputs(seed, batch,
     rng = np.random.default_rng(seed)
     z, z_old = rng.normal(size=(batch, labels)) * 3, rng.normal(size=(batch, labels)) * 3
 
-    def softmax(x):  # noqa: ANN001, ANN202
+    def softmax(x):
         e = np.exp(x - x.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
@@ -92,7 +92,7 @@ def test_a_task_sequence_under_lwf_stays_closer_to_the_old_outputs_by_its_weight
     for weight in (1e-6, 100.0):
         box = {}
 
-        def wrap(grid):  # noqa: ANN001, ANN202
+        def wrap(grid):
             box["grid"] = RecordingGrid(grid)
             return box["grid"]
 

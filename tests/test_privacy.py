@@ -3,16 +3,14 @@ calls), DP-SGD with Opacus on the real LoRA model, DyLoRA's per-round rank, bad 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_strategy_maths import WEIGHTS, _local_training, _reply, _setup
 
+from conftest import make_config
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import to_effective
-
-from conftest import make_config
-from test_strategy_maths import WEIGHTS, _local_training, _reply, _setup
 
 
 # ------------------------------------------------------------------------------ client level
@@ -41,7 +39,7 @@ def _round(s, profiles, template, rnd, weights=WEIGHTS):
     return rl
 
 
-def _Reply(node: int, content):  # noqa: N802 - stands in for the reply Flower hands the strategy
+def _Reply(node: int, content):
     import time
 
     from flwr.app import Message, Metadata
@@ -88,7 +86,7 @@ def test_noise_has_the_promised_scale():
     assert float(diff.std()) == pytest.approx(std, rel=0.1)
 
 
-def _dp(strategy):  # noqa: ANN001, ANN202 - the strategy's client-level DP mechanism
+def _dp(strategy):
     return next(e for e in strategy.extensions if e.name == "client-dp").mechanism
 
 
@@ -287,9 +285,9 @@ def test_dylora_schedule_is_seeded_and_covers_the_ranks():
 
 # ------------------------------------------------------------------------------ example level
 def _tiny(tmp_path, **train):
-    from fedlora.partitions import client_data
-    from fedlora.model import AdapterSpec, build_peft_model, initial_factors, set_trainable
     from fedlora.factors import load_factors
+    from fedlora.model import AdapterSpec, build_peft_model, initial_factors, set_trainable
+    from fedlora.partitions import client_data
 
     cfg = make_config(tmp_path, train={"optimizer": "sgd", "learning_rate": 0.5, **train})
     m = build_peft_model(cfg, 4, AdapterSpec(4, 8.0, 0.0, ("query", "value")))

@@ -15,9 +15,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedlora.config import FedLoraConfig
-
 from conftest import make_config
+from fedlora.config import FedLoraConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,9 +56,10 @@ def test_pruned_client_sends_its_real_update_not_an_inflated_one(tmp_path, share
 
 
 def test_server_takes_a_pruned_reply_at_its_real_scale():
+    from test_strategy_maths import _reply, _template
+
     from fedlora.lora_math import prune_to_rank, to_effective
     from fedlora.protocol import NodeProfile
-    from test_strategy_maths import _reply, _template  # noqa: PLC0415 - shared helpers
 
     cfg = FedLoraConfig.load(None, ["federation.strategy=hetlora", "lora.rank=8", "lora.alpha=16",
                                     "hetero.hetlora_prune=true"])
@@ -230,7 +230,7 @@ def test_plot_has_integer_round_ticks_and_baselines(tmp_path):
     seen = {}
     orig = plt.Figure.savefig
 
-    def spy(fig, *a, **k):  # noqa: ANN001, ANN202
+    def spy(fig, *a, **k):
         ax = fig.axes[0]
         seen["ticks"] = [t for t in ax.get_xticks() if 0 <= t <= 2]
         seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -248,8 +248,8 @@ def test_plot_has_integer_round_ticks_and_baselines(tmp_path):
 def test_model_build_and_partitioning_are_quiet(tmp_path, shared_data, capfd):
     from fedlora import model as model_mod
     from fedlora.data import load_task
-    from fedlora.partitions import partition_indices
     from fedlora.model import AdapterSpec, build_peft_model
+    from fedlora.partitions import partition_indices
 
     model_mod._PEFT_CACHE.clear()
     cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2"},
@@ -266,8 +266,9 @@ def test_model_build_and_partitioning_are_quiet(tmp_path, shared_data, capfd):
 
 # The strategy's state is checkpointed atomically after every round (the seam resume builds on) --
 def test_strategy_state_round_trips_through_an_atomic_checkpoint(tmp_path):
-    from fedlora.rundir import RunDir
     from test_strategy_maths import _setup
+
+    from fedlora.rundir import RunDir
 
     cfg, s, profiles, template = _setup("hetlora", "fixed", [2, 4, 8], **{"privacy.client_dp": "true",
                                                                          "privacy.noise_seed": 1})

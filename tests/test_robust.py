@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlora.factors import LoraFactors, ModuleFactors
 from fedlora.robust import cap_shares, clip_update, coordinate_median, trimmed_mean, update_norm

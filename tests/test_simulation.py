@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import fleet
+from conftest import make_config
 from fedlora import codec
 from fedlora.config import FedLoraConfig
 from fedlora.simulate import simulate
-
-from conftest import make_config
 
 cloudpickle.register_pickle_by_value(fleet)
 
@@ -24,7 +23,7 @@ FACTOR_KEY = re.compile(r"^(base/)?\d+/(A|B)$|^head/classifier\.(weight|bias)$")
 def _run(cfg, **kw):
     grid_box = {}
 
-    def wrap(grid):  # noqa: ANN001, ANN202
+    def wrap(grid):
         grid_box["grid"] = fleet.RecordingGrid(grid)
         return grid_box["grid"]
 

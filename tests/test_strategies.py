@@ -118,13 +118,13 @@ def test_a_node_the_superlink_answers_for_is_named_as_itself_once(task_identity)
         def __init__(self) -> None:
             self.pushed: list[Message] = []
 
-        def push_messages(self, messages):  # noqa: ANN001, ANN202
+        def push_messages(self, messages):
             for i, m in enumerate(messages):
                 m.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's grids set it
                 self.pushed.append(m)
             return [m.metadata.message_id for m in messages]
 
-        def pull_messages(self, ids):  # noqa: ANN001, ANN202
+        def pull_messages(self, ids):
             alive, dead = self.pushed
             return [Message(RecordDict(), reply_to=alive),
                     create_message_error_unavailable_res_message(dead.metadata, "node_unavail")]
@@ -154,13 +154,13 @@ def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(t
             self.asked: list[int] = []
             self.sent: dict[str, Message] = {}
 
-        def push_messages(self, messages):  # noqa: ANN001, ANN202
+        def push_messages(self, messages):
             for i, m in enumerate(messages):
                 m.metadata.__dict__["_message_id"] = f"m{i}"
                 self.sent[f"m{i}"] = m
             return list(self.sent)
 
-        def pull_messages(self, ids):  # noqa: ANN001, ANN202
+        def pull_messages(self, ids):
             ids = list(ids)
             self.asked.append(len(ids))
             return [Message(RecordDict({"arrays": ArrayRecord([np.full(250_000, len(self.sent), np.float32)])}),

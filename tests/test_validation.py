@@ -10,8 +10,17 @@ from flwr.app import Array
 
 from fedlora import codec
 from fedlora.factors import LoraFactors, ModuleFactors
-from fedlora.validation import (RejectedReply, as_float, as_int, check_arrays, check_eval_metrics,
-                                check_profile_fields, check_train_metrics, expected_arrays, short_reason)
+from fedlora.validation import (
+    RejectedReply,
+    as_float,
+    as_int,
+    check_arrays,
+    check_eval_metrics,
+    check_profile_fields,
+    check_train_metrics,
+    expected_arrays,
+    short_reason,
+)
 
 
 @pytest.mark.parametrize("value, why", [(2.5, "not an integer"), (math.nan, "not an integer"), (math.inf, "not an integer"),

@@ -13,7 +13,7 @@ from fedlora.robust import clip_update, update_norm
 from fedlora.validation import RejectedReply
 
 
-def bound_update(strategy, prof: NodeProfile, factors: LoraFactors, server_round: int, rl) -> LoraFactors:  # noqa: ANN001
+def bound_update(strategy, prof: NodeProfile, factors: LoraFactors, server_round: int, rl) -> LoraFactors:
     bound = strategy.cfg.robust.update_norm_bound
     if bound <= 0:
         return factors
@@ -27,7 +27,7 @@ def bound_update(strategy, prof: NodeProfile, factors: LoraFactors, server_round
     return clipped
 
 
-def bound_weight(strategy, prof: NodeProfile, examples: int, rl) -> float:  # noqa: ANN001
+def bound_weight(strategy, prof: NodeProfile, examples: int, rl) -> float:
     """``robust.max_weight_factor`` (on by default): a reply's aggregation weight (its example count)
     is at most that many times the median training-set size the federation's clients declared, so
     a client claiming a large data set inside every other cap cannot carry the round (the share cap,
@@ -67,7 +67,7 @@ class RelativeBound:
     ``offer`` takes an accepted update and returns those ready to fold (none while the first
     window fills); ``flush`` returns what is still held when the round's replies end."""
 
-    def __init__(self, strategy, rl, server_round: int) -> None:  # noqa: ANN001
+    def __init__(self, strategy, rl, server_round: int) -> None:
         r = strategy.cfg.robust
         self.strategy, self.rl, self.server_round = strategy, rl, server_round
         self.factor = 0.0 if any(e.releases_round for e in strategy.extensions) else r.relative_norm_bound
@@ -76,7 +76,7 @@ class RelativeBound:
         self.norms: list[float] = []
         self._held: list[tuple] = []
 
-    def offer(self, update) -> list:  # noqa: ANN001 - an Update
+    def offer(self, update) -> list:
         if self.factor <= 0:
             return [update]
 
@@ -99,7 +99,7 @@ class RelativeBound:
         """The next round's reference: this round's median (the previous one if no norm was seen)."""
         return _median(self.norms) if self.norms else self.strategy.norm_reference
 
-    def _bounded(self, update, norm: float):  # noqa: ANN001, ANN202
+    def _bounded(self, update, norm: float):
         ref = self.reference
         if ref is None or ref <= 0 or norm <= self.factor * ref:
             return update

@@ -34,8 +34,8 @@ class Update:
     num_examples: int = 0
 
 
-def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_round: int = 0,  # noqa: ANN001
-                       rl=None) -> Update:  # noqa: ANN001 - a RoundLog
+def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_round: int = 0,
+                       rl=None) -> Update:
     """Check a train reply completely before any arithmetic; return it as an ``Update``.
 
     The reply must hold exactly the records ``arrays`` and ``metrics``; ``arrays`` exactly the

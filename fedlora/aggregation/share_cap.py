@@ -29,7 +29,7 @@ class ShareCapped(Fold):
         self._folded: int | None = None  # the arrival index of one update folded with its raw weight
         self.count = 0
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         # What the wrapped fold reports (HetLoRA's covered rank, the sketch's size and error) reads
         # through the cap: callers need not know whether a round is capped.
         if name == "inner":  # not set yet (during construction): no recursion

@@ -29,13 +29,13 @@ class StreamingGrid:
     asked ``max_pull`` at a time, in turn, and replies that arrive faster than the consumer folds
     them wait at the SuperLink. Peak memory is then ``max_pull`` replies, not the backlog."""
 
-    def __init__(self, grid, max_pull: int = 1_000_000) -> None:  # noqa: ANN001 - any flwr Grid
+    def __init__(self, grid, max_pull: int = 1_000_000) -> None:
         if max_pull < 1:
             raise ValueError(f"max_pull must be >= 1, got {max_pull}")
         self._grid = grid
         self.max_pull = max_pull
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - delegate everything else
+    def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
@@ -72,7 +72,7 @@ def in_place_of(reply: Message, original: Message | None) -> Message:
     return Message(reply.error, reply_to=original)
 
 
-def replies_per_pull(cfg, template) -> int:  # noqa: ANN001 - a FedLoraConfig, the client-form LoraFactors
+def replies_per_pull(cfg, template) -> int:
     """How many replies fit ``federation.pull_budget_mb``: a reply at most carries every factor of
     the template (its largest rank) in the wire dtype; at least one."""
     per_value = 4 if cfg.federation.wire_dtype == "float32" else 2

@@ -91,7 +91,7 @@ class ContinualSection:
         return sum(t.rounds for t in self.tasks)
 
 
-def check_with_run(cfg, policy) -> None:  # noqa: ANN001 - a FedLoraConfig and the strategy's SharingPolicy
+def check_with_run(cfg, policy) -> None:
     """What a task sequence cannot run with, refused on load."""
     c, name = cfg.continual, cfg.federation.strategy
     if not c.enabled:

@@ -31,11 +31,11 @@ PAST_PREFIX = "past{}/"  # wire namespace of finished task t (fedlora.codec skip
 PAST_KEY = "past-tasks"  # reply metric: how many finished tasks' factors the client holds
 
 
-def keeps_past_tasks(cfg) -> bool:  # noqa: ANN001
+def keeps_past_tasks(cfg) -> bool:
     return cfg.continual.method in ("inclora", "olora", "amlora")
 
 
-def task_seed(cfg, task: int) -> int:  # noqa: ANN001
+def task_seed(cfg, task: int) -> int:
     """The seed of task ``task``'s fresh adapter (a new LoRA per task starts from its own A)."""
     return cfg.lora.init_seed + (1000 * task if keeps_past_tasks(cfg) else 0)
 
@@ -93,7 +93,7 @@ def load_past(tensors: dict[str, torch.Tensor], count: int) -> tuple[list[LoraFa
 
 
 @contextmanager
-def task_lora(cfg, model, past: list[LoraFactors]):  # noqa: ANN001
+def task_lora(cfg, model, past: list[LoraFactors]):
     """The method's forward pass while the block runs: finished tasks' LoRAs added (IncLoRA, O-LoRA)
     or mixed (AM-LoRA); the model (cached per process) is restored after. Server and clients alike."""
 

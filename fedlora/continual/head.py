@@ -29,7 +29,7 @@ def classifier_of(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def install_label_name_head(model: torch.nn.Module, tokenizer, label_names: list[str],  # noqa: ANN001
+def install_label_name_head(model: torch.nn.Module, tokenizer, label_names: list[str],
                             scale: float = 0.0) -> torch.Tensor:
     """Set (and freeze) ``model``'s classifier to the label-name features, its input scaled to
     ``scale`` times the unit vector when ``scale > 0``; returns the weight."""

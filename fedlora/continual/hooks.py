@@ -54,7 +54,7 @@ class AmLoraTraining(TrainingHook):
     its scores moved by under 0.02 over a whole run, so the attention stayed uniform and task t's
     LoRA kept a weight of 1/(t+2): a scaled-down IncLoRA, not a selection."""
 
-    def __init__(self, mixer, lam: float, selector_lr: float = 0.0) -> None:  # noqa: ANN001 - a TaskLoraMixer
+    def __init__(self, mixer, lam: float, selector_lr: float = 0.0) -> None:
         self.mixer, self.lam, self.selector_lr = mixer, lam, selector_lr
         self.last = 0.0
 

@@ -65,7 +65,7 @@ def summary(R: list[list[float | None]], tasks: list[str]) -> dict:
             "bwt": backward_transfer(R), "forgetting": forgetting(R)}
 
 
-def plot_matrix(R: list[list[float | None]], tasks: list[str], path, title: str = "") -> None:  # noqa: ANN001
+def plot_matrix(R: list[list[float | None]], tasks: list[str], path, title: str = "") -> None:
     """Heat map of R (rows: after task i; columns: evaluated on task j; blank: not yet seen)."""
     import matplotlib
 

@@ -85,8 +85,8 @@ class TaskLoraMixer:
                 self._handles.append(layer.register_forward_hook(self._attention_hook(name, layer, ws)))
 
     @staticmethod
-    def _sum_hook(a_cat: torch.Tensor, b_cat: torch.Tensor, dropped: list[torch.Tensor]):  # noqa: ANN205
-        def hook(module, args, output):  # noqa: ANN001, ANN202
+    def _sum_hook(a_cat: torch.Tensor, b_cat: torch.Tensor, dropped: list[torch.Tensor]):
+        def hook(module, args, output):
             # The current LoRA's dropped input when the layer computed one in this forward (PEFT skips
             # the LoRA branch of a merged or disabled adapter); the raw input otherwise.
             x = dropped.pop() if dropped else args[0]
@@ -95,11 +95,11 @@ class TaskLoraMixer:
             return output + F.linear(F.linear(x, a_cat), b_cat).to(output.dtype)
         return hook
 
-    def _attention_hook(self, name: str, layer: torch.nn.Module, past: list[tuple[torch.Tensor, torch.Tensor]]):  # noqa: ANN202
+    def _attention_hook(self, name: str, layer: torch.nn.Module, past: list[tuple[torch.Tensor, torch.Tensor]]):
         key = name.replace(".", "__")
         sel = self.selector
 
-        def hook(module, args, output):  # noqa: ANN001, ANN202
+        def hook(module, args, output):
             x = args[0]
             base = module.base_layer(x)
             a, b = module.lora_A[ADAPTER], module.lora_B[ADAPTER]

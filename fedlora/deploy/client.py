@@ -178,7 +178,7 @@ class ConsoleNotes:
     unreachable for more than ``connect_wait`` seconds (with the time that really passed), rejoined
     (after how long), not enrolled."""
 
-    def __init__(self, s: ClientSettings, say) -> None:  # noqa: ANN001
+    def __init__(self, s: ClientSettings, say) -> None:
         self.s, self.say = s, say
         self.state = Path(s.state_dir).expanduser().resolve()
         self.said: set[str] = set()
@@ -244,7 +244,7 @@ class ConsoleNotes:
         return self.s.enrol_retry
 
 
-def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:  # noqa: ANN001
+def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:
     """Run until interrupted (or until the SuperNode gives up); returns the SuperNode's exit code."""
 
     state = Path(s.state_dir).expanduser().resolve()

@@ -15,7 +15,7 @@ log = logging.getLogger("fedlora.server")  # the ServerApp's log, which `fedlora
 CONNECTION = "fedlora"  # the connection `fedlora server` writes to <run dir>/flwr-home/config.toml
 
 
-def control_client(home: Path):  # noqa: ANN201 - flwr's ControlHttpClient
+def control_client(home: Path):
     """Flower's Control API client for the connection `fedlora server` wrote under ``home``."""
     from flwr.cli.flower_config import read_superlink_connection
     from flwr.cli.utils import init_http_client_from_connection
@@ -47,7 +47,7 @@ def key_fingerprint(spki_der: bytes) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
-def _spki(key) -> bytes:  # noqa: ANN001 - a cryptography public key
+def _spki(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -108,16 +108,16 @@ class EnrolledGrid:
     """A Flower ``Grid`` that shows the strategy only enrolled nodes (:class:`EnrolledNodes`): they
     alone are sampled, sent messages and heard; a reply from any other node is dropped."""
 
-    def __init__(self, grid, nodes: EnrolledNodes) -> None:  # noqa: ANN001 - any flwr Grid
+    def __init__(self, grid, nodes: EnrolledNodes) -> None:
         self._grid, self.nodes = grid, nodes
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - delegate everything else
+    def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
     def get_node_ids(self) -> list[int]:
         return [n for n in self._grid.get_node_ids() if self.nodes.allows(n)]
 
-    def push_messages(self, messages):  # noqa: ANN001, ANN201 - Iterable[Message] -> Iterable[str]
+    def push_messages(self, messages):
         messages = list(messages)
         allowed = [self.nodes.allows(m.metadata.dst_node_id) for m in messages]
         ids = iter(self._grid.push_messages([m for m, ok in zip(messages, allowed) if ok]))
@@ -125,7 +125,7 @@ class EnrolledGrid:
         # grid answers for a message it could not push
         return [next(ids) if ok else "" for ok in allowed]
 
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201 - Iterable[str] -> Iterable[Message]
+    def pull_messages(self, message_ids):
         return [r for r in self._grid.pull_messages(message_ids)
                 if self.nodes.allows(r.metadata.src_node_id) or r.has_error()]
 
@@ -136,7 +136,7 @@ class RunStatus:
     time: that cost about 2.3 CPU-seconds every 2 s, half a core for the whole run). "" while the
     SuperLink cannot answer (it is restarting); the client is then made anew."""
 
-    def __init__(self, dep) -> None:  # noqa: ANN001 - a fedlora.deploy.server.Deployment (its run_id, home)
+    def __init__(self, dep) -> None:
         self.dep = dep
         self._client = None
 
@@ -151,18 +151,18 @@ class RunStatus:
             if run is None:
                 return ""
             return run.status.status + (f":{run.status.sub_status}" if run.status.sub_status else "")
-        except Exception:  # noqa: BLE001 - the SuperLink may be restarting; the caller asks again
+        except Exception:
             self.close()
             return ""
 
-    def _connect(self):  # noqa: ANN202 - flwr's ControlHttpClient
+    def _connect(self):
         return control_client(self.dep.home)  # the connection this deployment wrote
 
     def close(self) -> None:
         if self._client is not None:
             try:
                 self._client.close()
-            except Exception:  # noqa: BLE001 - closing a broken client
+            except Exception:
                 pass
             self._client = None
 

@@ -23,6 +23,7 @@ import resource
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from fedlora.deploy.processes import await_listener, peak_memory_mb  # stdlib only: nothing heavy before the warm-up
@@ -65,7 +66,7 @@ def warm(state_dir: Path, warmed: set[str], threads: int = 1) -> None:
     (it fails the same way and answers with the reason), not the process's that serves tasks."""
     try:
         _warm(state_dir, warmed, threads)
-    except Exception as exc:  # noqa: BLE001 - see above
+    except Exception as exc:
         log.warning("could not preload the run's model: %s", exc)
         warmed.add(str(exc))
 
@@ -129,7 +130,7 @@ class TaskWorker:
             self.process.join(10)
 
 
-def _worker_main(runtime_api_address: str, state_dir: str, threads: int, inbox, outbox) -> None:  # noqa: ANN001
+def _worker_main(runtime_api_address: str, state_dir: str, threads: int, inbox, outbox) -> None:
     """A :class:`TaskWorker`'s process: warm the run's model, then serve each task handed over."""
     from fedlora.env import apply_defaults
 
@@ -137,17 +138,17 @@ def _worker_main(runtime_api_address: str, state_dir: str, threads: int, inbox, 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     import torch
-    from flwr.supernode.runtime import run_clientapp as flower_task
-
-    from fedlora.deploy.reaper import die_with_parent
 
     # Flower's run_clientapp ends its process when the task is done (flwr_exit: its exit handlers,
     # then os._exit after a timeout from a daemon thread). Here the process serves the next task:
     # the task ends with the same exit handlers (the task's final status is pushed, its heartbeat
     # stopped), and returns.
     from flwr.supercore.exit.exit_handler import trigger_exit_handlers
+    from flwr.supernode.runtime import run_clientapp as flower_task
 
-    def end_task(code: int, *args, **kwargs) -> None:  # noqa: ANN002, ANN003, ARG001 - flwr_exit's signature
+    from fedlora.deploy.reaper import die_with_parent
+
+    def end_task(code: int, *args, **kwargs) -> None:
         trigger_exit_handlers(run_before_force_exit=True)
         trigger_exit_handlers(run_before_force_exit=False)
         raise SystemExit(int(code != 0))
@@ -179,7 +180,7 @@ def single_threaded_parent() -> int:
     return threads
 
 
-def fork_task(task, threads: int) -> int:  # noqa: ANN001
+def fork_task(task, threads: int) -> int:
     """Run ``task()`` in a forked child with ``threads`` torch threads; return the child's pid. The
     child dies with this process and exits with the task's code (Flower ends a task with sys.exit)."""
     pid = os.fork()
@@ -259,7 +260,7 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     from this warm process; "worker" hands each task to a :class:`TaskWorker`; "auto" forks, except
     for a run that trains on CUDA (this process then never builds the model: CUDA does not survive
     a fork)."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: PLC0415
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
@@ -267,7 +268,7 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     # Everything a task needs that does not depend on the run: imported once, here.
-    import fedlora.clients.app  # noqa: F401
+    import fedlora.clients.app
     import fedlora.training  # noqa: F401
 
     task_threads = single_threaded_parent()
@@ -288,7 +289,7 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     warmed: set[str] = set()
     stop = {"now": False}
 
-    def on_term(signum, frame) -> None:  # noqa: ANN001
+    def on_term(signum, frame) -> None:
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, on_term)
@@ -337,7 +338,7 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
                              worker.process.pid)
                 worker.submit(token, res.task.task_id)
                 continue
-            pid = fork_task(lambda: run_clientapp(runtime_api_address, token, insecure=True, parent_pid=parent),
+            pid = fork_task(partial(run_clientapp, runtime_api_address, token, insecure=True, parent_pid=parent),
                             task_threads)
             tasks.add(pid, run_id)
             log.info("task %s (run %s) started in process %d", res.task.task_id, run_id, pid)

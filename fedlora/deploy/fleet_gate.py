@@ -116,7 +116,7 @@ class FleetGate:
     async def _forward(self, call: str, scope: Scope, receive: Receive, send: Send) -> None:
         import httpx
 
-        async def body():  # noqa: ANN202 - the request's body, streamed as it arrives
+        async def body():
             while True:
                 msg = await receive()
                 if msg["type"] == "http.disconnect":

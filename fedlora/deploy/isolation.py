@@ -66,10 +66,10 @@ def enter_private_network() -> str | None:
     return None
 
 
-def fetch_hub_files(cfg) -> list[str]:  # noqa: ANN001 - a FedLoraConfig
+def fetch_hub_files(cfg) -> list[str]:
     """Download what the ServerApp will load from the Hugging Face hub (a hub model id, a hub dataset)
     into the caches it reads, before the private network cuts the server off; returns what it fetched."""
-    from fedlora.model_sources import TINY_DECODERS, MINILM, TINY_BERT, cache_root
+    from fedlora.model_sources import MINILM, TINY_BERT, TINY_DECODERS, cache_root
 
     out = []
     name = cfg.model.name
@@ -128,4 +128,4 @@ def run_inside(run_dir: Path, argv: list[str], env: dict[str, str]) -> int:
             if libc.setns(fh.fileno(), CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "joining the server's network namespace")
 
-    return subprocess.run(argv, env={**os.environ, **env}, preexec_fn=join).returncode  # noqa: PLW1509
+    return subprocess.run(argv, env={**os.environ, **env}, preexec_fn=join).returncode

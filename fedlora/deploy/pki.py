@@ -104,7 +104,7 @@ def create_credentials(folder: str | Path, hosts: list[str], nodes: int, days: i
                                "overwrite them: a new CA would lock out every device that trusts the old one. Pass "
                                "--force to replace them, or `fedlora certs add-node` to add a node")
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())

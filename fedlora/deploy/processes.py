@@ -35,7 +35,7 @@ def spawn(args: list[str], log_path: Path, env: dict | None = None, pass_fds: tu
     """``args`` under the reaper, output appended to ``log_path``; ``pass_fds`` are inherited by the
     daemon itself (the reaper hands them on: :data:`fedlora.deploy.reaper.PASS_FDS`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    fh = open(log_path, "ab")
     env = {**os.environ, **(env or {})}
     if pass_fds:
         env[PASS_FDS] = ",".join(str(fd) for fd in pass_fds)

@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     stopping = {"now": False}
 
-    def on_signal(signum, frame):  # noqa: ANN001, ANN202, ARG001
+    def on_signal(signum, frame):
         stopping["now"] = True
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -36,14 +36,14 @@ class Distillation(TrainingHook):
         self.old_logits: torch.Tensor | None = None
         self.new_logits: torch.Tensor | None = None
 
-        def with_old_outputs(epoch: int):  # noqa: ANN202
+        def with_old_outputs(epoch: int):
             for item in source(epoch):
                 if item is not None:
                     batch = {k: v.to(ctx.device) for k, v in item[0].items()}
                     self.old_logits = self._old_outputs(model, batch)
                 yield item
 
-        def recording(outputs, labels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a transformers output
+        def recording(outputs, labels: torch.Tensor) -> torch.Tensor:
             self.new_logits = outputs.logits
             return task_loss(outputs, labels)
 

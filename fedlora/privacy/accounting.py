@@ -20,7 +20,7 @@ from fedlora.config import ConfigError, FedLoraConfig
 MAX_NOISE = 100.0  # a target that needs more noise than this is refused: the model would learn nothing
 
 
-def client_accountant(num_clients: int, delta: float):  # noqa: ANN201 - flwr RdpAccountant
+def client_accountant(num_clients: int, delta: float):
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
     return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=num_clients,
@@ -28,7 +28,7 @@ def client_accountant(num_clients: int, delta: float):  # noqa: ANN201 - flwr Rd
                                        sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
 
 
-def client_event(noise_multiplier: float, sampled: int, num_clients: int):  # noqa: ANN201
+def client_event(noise_multiplier: float, sampled: int, num_clients: int):
     """One round's release: noise multiplier z relative to C is z/2 relative to replace-one's 2C."""
     from flwr.serverapp import GaussianPrivacyEvent
 

@@ -51,7 +51,7 @@ class PrivacySection:
         _require(0 < self.example_delta < 1, "privacy.example_delta", "must be in (0, 1)")
 
 
-def check_with_run(cfg, policy) -> None:  # noqa: ANN001 - a FedLoraConfig and the strategy's SharingPolicy
+def check_with_run(cfg, policy) -> None:
     """What client-level DP cannot protect in this run, refused on load. Whether a target epsilon can
     be met (the calibration) is checked when the run starts: :func:`fedlora.privacy.accounting.check_targets`."""
     p, name = cfg.privacy, cfg.federation.strategy

@@ -120,7 +120,7 @@ class DPSGDHook(TrainingHook):
         return example_epsilon(self.history, self.delta)
 
 
-def _as_batch(item):  # noqa: ANN001, ANN202
+def _as_batch(item):
     """Opacus hands an empty Poisson batch as empty tensors of the learned structure (or nothing)."""
     if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], dict):
         return None

@@ -40,7 +40,7 @@ ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write 
                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
-def special_ids(tok) -> tuple[int, int]:  # noqa: ANN001 - a transformers tokenizer
+def special_ids(tok) -> tuple[int, int]:
     """(end-of-sequence id, padding id) of ``tok``; a BERT-style tokenizer's [SEP] ends a sequence."""
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     if eos is None:
@@ -62,7 +62,7 @@ def columns_needed(cfg: FedLoraConfig) -> list[tuple[str, str]]:
     return [("data.messages_column", d.messages_column)]
 
 
-def instruction_rows(split, cfg: FedLoraConfig) -> list[dict]:  # noqa: ANN001 - a datasets.Dataset
+def instruction_rows(split, cfg: FedLoraConfig) -> list[dict]:
     """Rows of an alpaca or chat dataset (no labels: label 0 for the partitioners, which then split IID)."""
     d = cfg.data
     if d.prompt_format == "alpaca":
@@ -72,7 +72,7 @@ def instruction_rows(split, cfg: FedLoraConfig) -> list[dict]:  # noqa: ANN001 -
     return [{"messages": m, "label": 0} for m in split[d.messages_column]]
 
 
-def render(row: dict, cfg: FedLoraConfig, tok, label_names: Sequence[str]) -> tuple[str, str]:  # noqa: ANN001
+def render(row: dict, cfg: FedLoraConfig, tok, label_names: Sequence[str]) -> tuple[str, str]:
     """(prompt text, response text) of one row."""
     d = cfg.data
     if d.prompt_format == "label":
@@ -86,14 +86,14 @@ def render(row: dict, cfg: FedLoraConfig, tok, label_names: Sequence[str]) -> tu
     return _render_chat(row["messages"], tok)
 
 
-def check_chat_template(tok, model_name: str) -> None:  # noqa: ANN001
+def check_chat_template(tok, model_name: str) -> None:
     if not getattr(tok, "chat_template", None):
         raise ConfigError(f"data.prompt_format='chat' renders messages with the tokenizer's chat template, but "
                           f"{model_name}'s tokenizer has none; use a chat model's tokenizer or "
                           "data.prompt_format='alpaca'")
 
 
-def _render_chat(messages, tok) -> tuple[str, str]:  # noqa: ANN001
+def _render_chat(messages, tok) -> tuple[str, str]:
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise ConfigError(f"a chat row must be a non-empty list of {{role, content}} messages, got {str(messages)[:80]!r}")
@@ -108,11 +108,11 @@ def _render_chat(messages, tok) -> tuple[str, str]:  # noqa: ANN001
     return prompt, full[len(prompt):]
 
 
-def _ids(tok, text: str) -> list[int]:  # noqa: ANN001
+def _ids(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: Sequence[str]) -> dict:  # noqa: ANN001
+def encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: Sequence[str]) -> dict:
     """Token ids (prompt + response + eos), class labels and prompt lengths of ``rows``.
 
     An example longer than ``model.max_length`` loses prompt tokens from the middle (its start and
@@ -165,7 +165,7 @@ def fit(p: list[int], r: list[int], limit: int) -> tuple[list[int], list[int], b
     return p, r, cut_p, cut_r
 
 
-def _first_token(tok) -> int | None:  # noqa: ANN001
+def _first_token(tok) -> int | None:
     ids = tok("a")["input_ids"]
     return ids[0] if ids else None
 
@@ -177,7 +177,7 @@ def token_labels(ids: torch.Tensor, mask: torch.Tensor, prompt_lengths: torch.Te
     return labels.masked_fill(positions < prompt_lengths.unsqueeze(1), IGNORE)
 
 
-def causal_lm_loss(outputs, labels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a transformers output
+def causal_lm_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on the response tokens: each example's mean over its own response,
     then the mean over the batch. Not the mean over all the batch's tokens: under DP-SGD each
     example's gradient must not depend on the other examples of its batch (their token counts),
@@ -220,7 +220,7 @@ class AnswerSpec:
     context: int  # the model's positions: prompt + new tokens never exceed it
 
 
-def answer_spec(cfg: FedLoraConfig, label_names: list[str]):  # noqa: ANN201 - AnswerSpec | None
+def answer_spec(cfg: FedLoraConfig, label_names: list[str]):
     """Causal-LM classification rows: what generated-label accuracy needs (None otherwise)."""
     if cfg.model.task != "causal-lm" or cfg.data.prompt_format != "label" or not label_names:
         return None

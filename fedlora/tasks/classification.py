@@ -14,17 +14,17 @@ from fedlora.training import cross_entropy_loss
 
 
 class Classification:
-    def columns(self, dc, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
+    def columns(self, dc, cfg) -> list[tuple[str, str]]:
         return [("data.text_column", dc.text_column), ("data.label_column", dc.label_column),
                 ("data.text_pair_column", dc.text_pair_column)]
 
-    def free_rows(self, split, cfg) -> None:  # noqa: ANN001
+    def free_rows(self, split, cfg) -> None:
         return None  # every row has a label
 
-    def prepare(self, cfg) -> None:  # noqa: ANN001
+    def prepare(self, cfg) -> None:
         return None
 
-    def encode(self, tok, rows: list[dict], cfg, label_names: list[str]) -> dict:  # noqa: ANN001
+    def encode(self, tok, rows: list[dict], cfg, label_names: list[str]) -> dict:
         texts = [r["text"] for r in rows]
         if cfg.data.instruction:  # a task cue before the text; truncation then cuts the text's end (single texts)
             cue = cfg.data.instruction.format(labels=", ".join(label_names))
@@ -39,16 +39,16 @@ class Classification:
         return {"ids": [torch.tensor(x, dtype=torch.int32) for x in enc["input_ids"]],
                 "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
 
-    def answers(self, cfg, label_names: list[str]) -> None:  # noqa: ANN001
+    def answers(self, cfg, label_names: list[str]) -> None:
         return None
 
-    def targets(self, ex, ids: torch.Tensor, mask: torch.Tensor, idx: list[int]) -> torch.Tensor:  # noqa: ANN001
+    def targets(self, ex, ids: torch.Tensor, mask: torch.Tensor, idx: list[int]) -> torch.Tensor:
         return ex.labels[idx] if idx else ex.labels[:0]
 
     loss = staticmethod(cross_entropy_loss)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, data, batch_size: int, device: torch.device) -> dict[str, float]:  # noqa: ANN001
+    def evaluate(self, model: torch.nn.Module, data, batch_size: int, device: torch.device) -> dict[str, float]:
 
         model.eval()
         loss, correct, n = 0.0, 0, 0

@@ -38,7 +38,7 @@ def parse_label(text: str, label_names: Sequence[str]) -> int | None:
 
 
 @torch.no_grad()
-def generate_answers(model: torch.nn.Module, data, batch_size: int, device: torch.device) -> list[str]:  # noqa: ANN001
+def generate_answers(model: torch.nn.Module, data, batch_size: int, device: torch.device) -> list[str]:
     """Greedy answers to the prompts of ``data`` (left-padded batches, at most
     ``max_new_tokens`` new tokens each), decoded without special tokens."""
 
@@ -64,7 +64,7 @@ def generate_answers(model: torch.nn.Module, data, batch_size: int, device: torc
 
 
 @torch.no_grad()
-def evaluate_causal(model: torch.nn.Module, data, batch_size: int, device: torch.device) -> dict[str, float]:  # noqa: ANN001
+def evaluate_causal(model: torch.nn.Module, data, batch_size: int, device: torch.device) -> dict[str, float]:
     """Loss (mean cross-entropy per response token) and perplexity; accuracy of the generated
     labels when the examples are classification rows (``data.answers``)."""
 
