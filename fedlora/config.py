@@ -73,8 +73,8 @@ class FedLoraConfig:
             elif section in plugin_sections():
                 target = cfg.plugins[section] = plugin_sections()[section]()
             else:
-                known = [*_SECTIONS, *sorted(plugin_sections())]
-                raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(known)}")
+                names = [*_SECTIONS, *sorted(plugin_sections())]
+                raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(names)}")
             if not isinstance(values, dict):
                 raise ConfigError(f"[{section}] must be a table of keys, got {type(values).__name__}")
             hints = get_type_hints(type(target))

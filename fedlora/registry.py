@@ -10,19 +10,22 @@ model extensions are imported by name the first time a model is built.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from fedlora.config import FedLoraConfig
+    from fedlora.extensions import Extension
     from fedlora.sharing import SharingPolicy
+    from fedlora.strategies.base import LoraStrategy
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, type[LoraStrategy]] = {}
 
 
 def register_strategy(name: str):
     """Class decorator: ``@register_strategy("fedsa")``. A built-in strategy's sharing policy comes
     from :data:`fedlora.strategies.BUILTIN`; any other must declare ``sharing_policy`` on its class."""
 
-    def deco(cls: type) -> type:
+    def deco(cls: Any) -> Any:  # a LoraStrategy subclass, given its name and policy here
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"a strategy named {name!r} is already registered ({_REGISTRY[name].__name__})")
         builtin = _builtin().get(name)
@@ -49,7 +52,7 @@ def strategy_names() -> list[str]:
     return sorted(set(_builtin()) | set(_REGISTRY))
 
 
-def get_strategy(name: str) -> type:
+def get_strategy(name: str) -> type[LoraStrategy]:
     if name not in _REGISTRY and name in _builtin():
         import importlib
 
@@ -149,13 +152,14 @@ def task_of(examples) -> object:
 # are first asked for; plug-in methods are the public modules of the package fedlora.methods (each a
 # light declaration: its config section and its Extension, the torch part imported by its hooks)
 # and any installed package's entry point in the group "fedlora.methods".
-_EXTENSIONS: dict[str, type] = {}
+_EXTENSIONS: dict[str, type[Extension]] = {}
+_E = TypeVar("_E", bound="type[Extension]")
 _BUILTIN_CONCERNS = ("fedlora.dylora", "fedlora.continual.extension", "fedlora.privacy.example_level",
                      "fedlora.privacy.client_level")
 _DISCOVERED: list[bool] = []
 
 
-def register_extension(cls: type) -> type:
+def register_extension(cls: _E) -> _E:
     """Class decorator: add an extension under ``cls.name`` (duplicates refused)."""
     if not cls.name:
         raise TypeError(f"extension {cls.__name__} must declare a class attribute `name`")
@@ -191,7 +195,7 @@ def plugin_sections() -> dict[str, type]:
     return {e.section_name: e.section for e in _EXTENSIONS.values() if e.section_name and e.section is not None}
 
 
-def plugin_extensions() -> list[type]:
+def plugin_extensions() -> list[type[Extension]]:
     """Every plug-in method's extension class (light: no hook has run)."""
     _discover_plugins()
     return sorted(_EXTENSIONS.values(), key=lambda e: (e.order, e.name))
@@ -202,7 +206,7 @@ def continual_method_names() -> list[str]:
     return sorted(e.continual_method for e in plugin_extensions() if e.continual_method)
 
 
-def extensions_for(cfg) -> list:
+def extensions_for(cfg: FedLoraConfig) -> list[Extension]:
     """The extensions ``cfg`` uses, built for it, in hook order (``order``, then name)."""
     if not all(m in _imported_concerns for m in _BUILTIN_CONCERNS):
         import importlib

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from fedlora.config import FedLoraConfig
 
@@ -46,7 +47,7 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._board = None  # a TensorBoard SummaryWriter, once enable_tensorboard() is called
+        self._board: Any = None  # a TensorBoard SummaryWriter, once enable_tensorboard() is called
 
     def enable_tensorboard(self) -> None:
         """From now on :meth:`append_metrics` also writes each row's numbers as TensorBoard scalars in

@@ -71,7 +71,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         for k in value:
             if k not in known:
                 raise ConfigError(f"unknown config key '{key}.{k}'; known keys: {', '.join(sorted(known))}")
-        return hint(**{k: _coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()})
+        built: Any = hint  # a dataclass type (checked by fields() above)
+        return built(**{k: _coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()})
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
