@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.run                 # everything, about 4 minutes on 2 CPU cores
     .venv/bin/python -m benchmarks.run --only wire,aggregation
     .venv/bin/python -m benchmarks.run --only throughput --device cuda
-    .venv/bin/python -m benchmarks.run --report        # regenerate summary.md and the README table only
+    .venv/bin/python -m benchmarks.run --report        # regenerate summary.md and the table in docs/benchmarks.md only
 
 Each figure is a ratio to a limit or to a baseline measured in the same run (machines are noisy).
 """
@@ -166,12 +166,12 @@ def report() -> str:
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.md").write_text(text)
-    readme = ROOT / "README.md"
-    src = readme.read_text()
+    page = ROOT / "docs" / "benchmarks.md"
+    src = page.read_text()
     if START in src and END in src:
         head, rest = src.split(START, 1)
         _, tail = rest.split(END, 1)
-        readme.write_text(f"{head}{START}\n{text}{END}{tail}")
+        page.write_text(f"{head}{START}\n{text}{END}{tail}")
     return text
 
 

@@ -91,7 +91,7 @@ class LoraSection:
         _require(all(m.strip() for m in self.target_modules), "lora.target_modules", "must not hold empty names")
 
     def alpha_for_rank(self, rank: int) -> float:
-        """Alpha a client of this rank uses (the scaling convention, documented in README)."""
+        """Alpha a client of this rank uses (the scaling convention: docs/architecture.md)."""
         if self.alpha_mode == "proportional":
             return self.alpha * rank / self.rank
         return self.alpha

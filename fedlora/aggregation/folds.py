@@ -56,7 +56,7 @@ class Fold:
         raise NotImplementedError
 
     def held_bytes(self) -> int:
-        """Bytes of tensors the running state holds now (the benchmark and the README's table)."""
+        """Bytes of tensors the running state holds now (the server-scale benchmark and the table in docs/architecture.md)."""
         return 0
 
 

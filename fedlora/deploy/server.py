@@ -251,7 +251,7 @@ def isolate(dep: Deployment, cfg: FedLoraConfig, say: Callable[[str], None]) -> 
         say(f"WARNING: {why}. The SuperLink's Control API listens on {c_host}:{c_port}, where every account of "
             "this machine can list runs and node keys, register a node key and submit an app that runs as this "
             "user (Flower's open-source SuperLink has no account authentication); run the server on a machine "
-            "with no other users, or where the kernel allows it (README: The control port)")
+            "with no other users, or where the kernel allows it (docs/deployment.md: The control port)")
 
 
 def write_connection(dep: Deployment, cfg: FedLoraConfig) -> None:
