@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from conftest import make_config
@@ -144,9 +148,6 @@ def test_a_split_may_pool_several_files(tmp_path, shared_data):
 def test_the_committed_configuration_page_is_what_the_code_generates():
     """docs/configuration.md is `fedlora config --reference --format markdown` of the embedded default:
     a key added, renamed or re-documented in the code without regenerating the page fails here."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "fedlora.cli", "config", "--reference", "--format", "markdown"],
@@ -169,8 +170,6 @@ def test_the_committed_configuration_page_is_what_the_code_generates():
 
 def test_fedlora_config_loads_neither_torch_nor_flower():
     """The command as a user runs it: validating and printing a config imports no training stack."""
-    import subprocess
-    import sys
 
     code = ("import sys\nfrom fedlora.cli import main\nsys.argv = ['fedlora', 'config', '--reference']\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
@@ -178,3 +177,11 @@ def test_fedlora_config_loads_neither_torch_nor_flower():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "[continual]" in out.stdout  # the reference printed
     assert out.stdout.strip().splitlines()[-1] == "LOADED []", out.stdout[-500:] + out.stderr[-2000:]
+
+
+def test_run_name_follows_dataset_and_strategy():
+    assert FedLoraConfig.load().run_name() == "fortunes-fedit"
+    assert FedLoraConfig.load(None, ["federation.strategy=fedsa"]).run_name() == "fortunes-fedsa"
+    cfg = FedLoraConfig.load(None, ['data.dataset="../shared/data/agnews/"', "federation.strategy=ffa"])
+    assert cfg.run_name() == "agnews-ffa"
+    assert FedLoraConfig.load(None, ['run.name="mine"']).run_name() == "mine"

@@ -112,3 +112,21 @@ def test_a_local_dataset_path_that_does_not_exist_is_named_before_any_run_direct
     cfg = make_config(tmp_path, data={"dataset": "", "data_files": {"train": [str(tmp_path / "a.jsonl")]}})
     with pytest.raises(ConfigError, match=r"'data.data_files.train': .*a.jsonl does not exist"):
         simulate(cfg)
+
+
+def test_tokenized_cache_write_cannot_collide_with_another_worker(tmp_path, shared_data):
+    from fedlora import data
+
+    cfg = make_config(tmp_path, model={"cache_dir": str(tmp_path / "cache")})
+    # Another worker's temporary file (the old fixed '<key>.tmp' name) is in the way.
+    tok = tmp_path / "cache" / "tokenized"
+    tok.mkdir(parents=True)
+    data._TASK_CACHE.clear()
+    key_probe = data.load_task(cfg)  # writes the cache
+    (cached,) = list(tok.glob("*.safetensors"))
+    cached.unlink()
+    (tok / (cached.stem + ".tmp")).mkdir()  # a directory where a fixed temp name would go
+    data._TASK_CACHE.clear()
+    again = data.load_task(cfg)
+    assert torch.equal(again.test.labels, key_probe.test.labels) and cached.exists()
+    assert not [p for p in tok.iterdir() if p.name.startswith(".")]  # no temp file left behind

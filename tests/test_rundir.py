@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from fedlora.rundir import RunDir, scalars
 
@@ -28,3 +29,58 @@ def test_tensorboard_event_files_hold_each_appended_row(tmp_path):
     board.Reload()
     assert [(e.step, e.value) for e in board.Scalars("server/accuracy")] == [(1, 0.5), (2, 0.75)]
     assert [(e.step, e.value) for e in board.Scalars("dp/epsilon")] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2))]
+
+
+def test_plot_has_integer_round_ticks_and_baselines(tmp_path):
+    from fedlora.rundir import RunDir
+    from fedlora.server.evaluation import accuracy_baselines
+
+    rd = RunDir(tmp_path)
+    for r in range(3):
+        rd.append_metrics({"round": r, "server-accuracy": 0.3 + 0.1 * r, "bytes-up-total": 10})
+    base = accuracy_baselines(torch.tensor([0, 0, 0, 1, 2, 3]), 4)
+    assert base == {"chance": 0.25, "majority class": 0.5}
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    orig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        ax = fig.axes[0]
+        seen["ticks"] = [t for t in ax.get_xticks() if 0 <= t <= 2]
+        seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        return orig(fig, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        rd.plot(base)
+    finally:
+        plt.Figure.savefig = orig
+    assert all(float(t).is_integer() for t in seen["ticks"])
+    assert any("chance" in t for t in seen["labels"]) and any("majority" in t for t in seen["labels"])
+
+
+def test_strategy_state_round_trips_through_an_atomic_checkpoint(tmp_path):
+    from test_strategy_maths import _setup
+
+    from fedlora.rundir import RunDir
+
+    cfg, s, profiles, template = _setup("hetlora", "fixed", [2, 4, 8], **{"privacy.client_dp": "true",
+                                                                         "privacy.noise_seed": 1})
+    s.refused[999] = "lied"
+    from fedlora.strategies.base import RoundLog
+
+    s.rounds[1] = RoundLog(server_round=1)
+    rd = RunDir(tmp_path)
+    rd.write_checkpoint(*s.state_dict())
+    tensors, state = rd.read_checkpoint()
+    _, again, _, _ = _setup("hetlora", "fixed", [2, 4, 8], **{"privacy.client_dp": "true"})
+    again.load_state_dict(tensors, state)
+    assert {k: v.to_record() for k, v in again.profiles.items()} == {k: v.to_record() for k, v in s.profiles.items()}
+    assert again.refused == {999: "lied"} and state["last-round"] == 1
+    for (k1, a), (k2, b) in zip(again.global_eff.tensors(), s.global_eff.tensors()):
+        assert k1 == k2 and torch.equal(a, b)
+    # a torn checkpoint (tensors replaced after the state was written) is detected, not loaded
+    (tmp_path / "checkpoint" / "global.safetensors").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="torn"):
+        rd.read_checkpoint()

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from conftest import make_config
 from fedlora import codec
 from fedlora.config import FedLoraConfig
 from fedlora.factors import LoraFactors, ModuleFactors
@@ -202,3 +203,63 @@ def test_replies_per_pull_fits_the_budget():
     assert replies_per_pull(cfg, t) == 512
     cfg.federation.pull_budget_mb = 0.1  # smaller than one reply: still one at a time
     assert replies_per_pull(cfg, t) == 1
+
+
+def test_pruned_client_sends_its_real_update_not_an_inflated_one(tmp_path, shared_data, task_identity):
+    from fedlora.clients.app import app
+    from fedlora.clients.session import ClientSession
+    from fedlora.factors import LoraFactors, ModuleFactors, load_factors
+    from fedlora.lora_math import to_effective
+
+    cfg = make_config(tmp_path, federation={"strategy": "hetlora"}, lora={"rank": 8, "alpha": 16},
+                      hetero={"hetlora_prune": True, "hetlora_prune_ratio": 0.02, "client_ranks": [8, 8, 8]},
+                      simulation={"state_dir": str(tmp_path / "state")})
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    app(Message(RecordDict({"config": ConfigRecord({"action": "setup", "run-config": cfg.to_json()})}),
+                dst_node_id=7, message_type="query"), ctx)
+    session = ClientSession.from_context(ctx, cfg.digest())
+    model = session.model()
+    g = torch.Generator().manual_seed(0)
+    trained = LoraFactors()
+    from fedlora.factors import extract_factors
+
+    before = extract_factors(model)
+    for name, m in before.modules.items():
+        B = torch.randn(m.B.shape, generator=g)
+        B[:, 6:] *= 1e-3  # the last two components carry almost nothing: they are pruned
+        trained.modules[name] = ModuleFactors(A=torch.randn(m.A.shape, generator=g), B=B, alpha=m.alpha)
+    load_factors(model, trained)
+    sent = session.finish_training(model)
+    assert {m.rank for m in sent.modules.values()} == {6}
+    for name, m in trained.modules.items():
+        real = m.scaling * (m.B[:, :6].double() @ m.A[:6].double())
+        got = to_effective(sent).modules[name]
+        assert torch.allclose(got.B.double() @ got.A.double(), real, rtol=1e-5, atol=1e-6)
+    assert session.store.load(session.profile.client_id, "rank") == 6
+
+
+def test_server_takes_a_pruned_reply_at_its_real_scale():
+    from test_strategy_maths import _reply, _template
+
+    from fedlora.lora_math import prune_to_rank, to_effective
+    from fedlora.protocol import NodeProfile
+
+    cfg = FedLoraConfig.load(None, ["federation.strategy=hetlora", "lora.rank=8", "lora.alpha=16",
+                                    "hetero.hetlora_prune=true"])
+    from fedlora.strategies import HetLoRA
+
+    tmpl = _template(8)
+    s = HetLoRA(cfg, tmpl)
+    prof = NodeProfile(1, "c", 0, 8, 16.0, 100, 10)
+    g = torch.Generator().manual_seed(1)
+    f = tmpl.clone()
+    for m in f.modules.values():
+        m.B = torch.randn(m.B.shape, generator=g)
+        m.alpha = 16.0
+    pruned = prune_to_rank(f, 6, cfg.lora.alpha_for_rank(6))
+    u = s.validate_reply(prof, _reply(s, pruned, 10, 6))
+    assert prof.rank == 6
+    for name, m in f.modules.items():
+        eff = to_effective(u.factors).modules[name]
+        want = m.scaling * (m.B[:, :6].double() @ m.A[:6].double())
+        assert torch.allclose(eff.B.double() @ eff.A.double(), want, rtol=1e-5, atol=1e-5)
