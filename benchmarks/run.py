@@ -1,9 +1,9 @@
 """Run fedlora's performance benchmarks and write benchmarks/results/*.json, plots and a summary.
 
-    .venv/bin/python -m benchmarks.run                 # everything, about 4 minutes on 2 CPU cores
-    .venv/bin/python -m benchmarks.run --only wire,aggregation
-    .venv/bin/python -m benchmarks.run --only throughput --device cuda
-    .venv/bin/python -m benchmarks.run --report        # regenerate summary.md and the table in docs/benchmarks.md only
+    .venv/bin/python -m benchmarks                 # everything, about 4 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks wire,aggregation
+    .venv/bin/python -m benchmarks throughput --device cuda
+    .venv/bin/python -m benchmarks --report        # regenerate summary.md and the table in docs/benchmarks.md only
 
 Each figure is a ratio to a limit or to a baseline measured in the same run (machines are noisy).
 """
@@ -58,7 +58,7 @@ def report() -> str:
     if wire:
         m = wire["machine"]
         lines.append(f"Measured {m['date']} on {m['cpus']} CPU cores ({m['platform']}), torch {m['torch']}, "
-                     f"flwr {m.get('flwr', '?')}, by `python -m benchmarks.run`.\n")
+                     f"flwr {m.get('flwr', '?')}, by `python -m benchmarks`.\n")
         worst = max(r["ratio-up"] for r in wire["rows"])
         lines.append("| figure | measured | goal |")
         lines.append("|---|---|---|")
