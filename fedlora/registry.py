@@ -13,12 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from fedlora.config import FedLoraConfig
-    from fedlora.extensions import Extension
     from fedlora.sharing import SharingPolicy
-    from fedlora.strategies.base import LoraStrategy
 
-_REGISTRY: dict[str, type[LoraStrategy]] = {}
+# The registries hold classes of the strategy and extension protocols (fedlora.strategies.base,
+# fedlora.extensions); those modules import this one, so the types are not imported back here.
+StrategyClass = Any  # a fedlora.strategies.base.LoraStrategy subclass
+ExtensionClass = Any  # a fedlora.extensions.Extension subclass
+
+_REGISTRY: dict[str, StrategyClass] = {}
 
 
 def register_strategy(name: str):
@@ -52,7 +54,7 @@ def strategy_names() -> list[str]:
     return sorted(set(_builtin()) | set(_REGISTRY))
 
 
-def get_strategy(name: str) -> type[LoraStrategy]:
+def get_strategy(name: str) -> StrategyClass:
     if name not in _REGISTRY and name in _builtin():
         import importlib
 
@@ -152,8 +154,8 @@ def task_of(examples) -> object:
 # are first asked for; plug-in methods are the public modules of the package fedlora.methods (each a
 # light declaration: its config section and its Extension, the torch part imported by its hooks)
 # and any installed package's entry point in the group "fedlora.methods".
-_EXTENSIONS: dict[str, type[Extension]] = {}
-_E = TypeVar("_E", bound="type[Extension]")
+_EXTENSIONS: dict[str, ExtensionClass] = {}
+_E = TypeVar("_E")  # the decorated class, returned as it is
 _BUILTIN_CONCERNS = ("fedlora.dylora", "fedlora.continual.extension", "fedlora.privacy.example_level",
                      "fedlora.privacy.client_level")
 _DISCOVERED: list[bool] = []
@@ -161,13 +163,14 @@ _DISCOVERED: list[bool] = []
 
 def register_extension(cls: _E) -> _E:
     """Class decorator: add an extension under ``cls.name`` (duplicates refused)."""
-    if not cls.name:
-        raise TypeError(f"extension {cls.__name__} must declare a class attribute `name`")
-    if cls.name in _EXTENSIONS and _EXTENSIONS[cls.name] is not cls:
-        raise ValueError(f"an extension named {cls.name!r} is already registered ({_EXTENSIONS[cls.name].__name__})")
-    if cls.section_name and any(e.section_name == cls.section_name and e is not cls for e in _EXTENSIONS.values()):
-        raise ValueError(f"extension {cls.name!r}: config section [{cls.section_name}] is already owned")
-    _EXTENSIONS[cls.name] = cls
+    ext: ExtensionClass = cls
+    if not ext.name:
+        raise TypeError(f"extension {ext.__name__} must declare a class attribute `name`")
+    if ext.name in _EXTENSIONS and _EXTENSIONS[ext.name] is not ext:
+        raise ValueError(f"an extension named {ext.name!r} is already registered ({_EXTENSIONS[ext.name].__name__})")
+    if ext.section_name and any(e.section_name == ext.section_name and e is not ext for e in _EXTENSIONS.values()):
+        raise ValueError(f"extension {ext.name!r}: config section [{ext.section_name}] is already owned")
+    _EXTENSIONS[ext.name] = ext
     return cls
 
 
@@ -195,7 +198,7 @@ def plugin_sections() -> dict[str, type]:
     return {e.section_name: e.section for e in _EXTENSIONS.values() if e.section_name and e.section is not None}
 
 
-def plugin_extensions() -> list[type[Extension]]:
+def plugin_extensions() -> list[ExtensionClass]:
     """Every plug-in method's extension class (light: no hook has run)."""
     _discover_plugins()
     return sorted(_EXTENSIONS.values(), key=lambda e: (e.order, e.name))
@@ -206,7 +209,7 @@ def continual_method_names() -> list[str]:
     return sorted(e.continual_method for e in plugin_extensions() if e.continual_method)
 
 
-def extensions_for(cfg: FedLoraConfig) -> list[Extension]:
+def extensions_for(cfg: Any) -> list[Any]:  # a FedLoraConfig -> Extension instances
     """The extensions ``cfg`` uses, built for it, in hook order (``order``, then name)."""
     if not all(m in _imported_concerns for m in _BUILTIN_CONCERNS):
         import importlib

@@ -28,6 +28,7 @@ from fedlora.continual.federation import (
     task_seed,
 )
 from fedlora.continual.head import install_label_name_head
+from fedlora.continual.mixing import attach_selector
 from fedlora.extensions import ClientRound, Extension, GlobalAdapter
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import concat_rank, to_effective
@@ -68,9 +69,6 @@ class ContinualModel:
 
     def after_peft(self, cfg: FedLoraConfig, model: torch.nn.Module) -> None:
         if cfg.continual.method == "amlora":
-            # lazy: the continual-learning concern, loaded only by a continual run
-            from fedlora.continual.mixing import attach_selector
-
             attach_selector(model, len(cfg.continual.tasks))
 
 
