@@ -37,10 +37,10 @@ settings.load_profile(os.environ.get("FEDLORA_HYPOTHESIS", "suite"))
 
 # The suite's schedule on two xdist workers (`-n 2 --dist loadfile`): whole files, heaviest first, so
 # that the long files start at once and the short ones fill in at the end (longest-first scheduling).
-# Seconds each file took in a suite on 2 cores (2026-12-03): deploy 265-285, simulation 160-165,
-# hostile 155-170, causal 75-100, privacy 50-57, continual 12-13; every other file a few seconds.
-HEAVIEST_FILES_FIRST = ("test_deploy.py", "test_simulation.py", "test_hostile.py", "test_causal.py",
-                        "test_privacy.py", "test_continual.py")
+# Heaviest: the files that start real processes (deployments, Ray simulations), then the longest
+# in-process federations; `pytest --durations=0` says which they are now.
+HEAVIEST_FILES_FIRST = ("test_deploy.py", "test_simulation.py", "test_causal.py", "test_privacy.py",
+                        "test_hostile.py", "test_continual.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:

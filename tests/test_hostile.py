@@ -16,8 +16,11 @@ from fedlora.simulate import simulate
 cloudpickle.register_pickle_by_value(fleet)
 
 
-def _run(cfg, bad):
-    run_dir = simulate(cfg, client_app=fleet.hostile_app(bad))
+def _run(cfg, bad, engine: str = "inprocess"):
+    """The run with the misbehaving clients ``bad`` (partition -> kind). What these tests check is the
+    server's validation and bounds, the same on any engine: the in-process grid by default; the real
+    engine where timeouts and crashed processes are the point."""
+    run_dir = simulate(cfg, client_app=fleet.hostile_app(bad), engine=engine)
     return run_dir, run_dir.read_metrics()
 
 
@@ -173,7 +176,7 @@ def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_o
 def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data):
     cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3,
                                             "round_timeout": 10, "min_accepted": 2, "evaluate_every": 5})
-    run_dir, rows = _run(cfg, {1: "crash", 2: "slow"})
+    run_dir, rows = _run(cfg, {1: "crash", 2: "slow"}, engine="ray")
     r1, r2 = rows[1], rows[2]
     line = next(x for x in r1["rejected"] if "client-00001" in x)
     assert line.endswith("failed: ValueError: disk on fire") or "disk on fire" in line
