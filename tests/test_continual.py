@@ -150,6 +150,60 @@ def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path)
     mixer.remove()
 
 
+def test_amlora_routing_is_the_mean_attention_of_evaluation_forwards_only(tmp_path):
+    """The routing measurement (#40): the mean over layers and positions of the attention each slot
+    gets, counted in evaluation when asked, never in training; a selector whose bias favours one
+    task's slot routes there."""
+    from fedlora.continual.mixing import TaskLoraMixer, selector_of
+    from fedlora.factors import lora_layers
+
+    _, model = _model(tmp_path, "amlora")
+    past = _random_past(model, 2)
+    sel = selector_of(model)
+    with torch.no_grad():
+        for key in sel.bias:
+            sel.bias[key][2] = 20.0  # slot 2: the second finished task (index 0 is the zero LoRA)
+    mixer = TaskLoraMixer(model, past, "attention")
+    _, layer = next(iter(lora_layers(model)))
+    x = torch.randn(3, 4, layer.base_layer.in_features)
+    model.eval()
+    layer(x)
+    assert mixer.routing() == []  # not measuring: nothing counted
+    mixer.measuring = True
+    with torch.no_grad():
+        layer(x)
+        layer(x[:1])
+    routing = mixer.routing()
+    assert len(routing) == 1 + 3 and sum(routing) == pytest.approx(1.0)
+    assert routing[2] > 0.99 and mixer.routing_count == 3 * 4 + 1 * 4
+    model.train()
+    layer(x)  # a training forward feeds the L1 term, not the measurement
+    assert mixer.routing_count == 16
+    mixer.reset_routing()
+    assert mixer.routing() == []
+    mixer.remove()
+
+
+def test_a_federated_amlora_run_reports_its_routing_after_every_task(tmp_path, shared_data):
+    import json
+
+    from fedlora.config import FedLoraConfig
+    from fedlora.simulate import simulate
+
+    raw, _ = _continual(tmp_path, "amlora")
+    raw["data"].update(max_train_examples=60, max_test_examples=30)
+    raw["federation"].update(num_clients=2, min_train_clients=2, min_evaluate_clients=2)
+    run = simulate(FedLoraConfig.from_dict(raw), engine="inprocess").path
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stages = [r["amlora-routing"] for r in rows if r.get("amlora-routing")]
+    assert [list(s) for s in stages] == [["agnews"], ["agnews", "dbpedia"]]
+    assert [len(v) for v in stages[1].values()] == [3, 3]  # the zero LoRA and two task LoRAs
+    assert all(sum(v) == pytest.approx(1.0) for s in stages for v in s.values())
+    summary = json.loads((run / "summary.json").read_text())["continual"]
+    assert [s["after"] for s in summary["amlora-routing"]] == ["agnews", "dbpedia"]
+    assert (run / "amlora-routing.png").exists()
+
+
 def test_amlora_selector_trains_at_its_own_learning_rate_and_the_loras_at_theirs(tmp_path, shared_data):
     from dataclasses import replace
 

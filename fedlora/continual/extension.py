@@ -28,7 +28,7 @@ from fedlora.continual.federation import (
     task_seed,
 )
 from fedlora.continual.head import install_label_name_head
-from fedlora.continual.mixing import attach_selector
+from fedlora.continual.mixing import TaskLoraMixer, attach_selector
 from fedlora.extensions import ClientRound, Extension, GlobalAdapter
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import concat_rank, to_effective
@@ -143,12 +143,15 @@ class Continual(Extension):
     @contextmanager
     def server_evaluation(self, model: torch.nn.Module, server_round: int, test: Examples,
                           device: torch.device) -> Iterator[Callable[[], dict[str, Any]]]:
-        with task_lora(self.cfg, model, self.past):  # the finished tasks' LoRAs too
-            yield lambda: self._accuracy_row(model, server_round, device)
+        with task_lora(self.cfg, model, self.past) as mixer:  # the finished tasks' LoRAs too
+            yield lambda: self._accuracy_row(model, server_round, device, mixer)
 
-    def _accuracy_row(self, model: torch.nn.Module, server_round: int, device: torch.device) -> dict[str, Any]:
+    def _accuracy_row(self, model: torch.nn.Module, server_round: int, device: torch.device,
+                      mixer: TaskLoraMixer | None) -> dict[str, Any]:
         """At a task's last round, the accuracy matrix's row for that task: every task seen so far,
-        task-agnostic (an argmax over the union) and task-aware, and on the clients' validation parts."""
+        task-agnostic (an argmax over the union) and task-aware, and on the clients' validation parts;
+        under AM-LoRA also its routing: per seen task, the mean attention its test inputs give the
+        zero LoRA and each task's LoRA (``amlora-routing``)."""
         cfg = self.cfg
         if server_round == 0 or not ctasks.last_round_of_task(cfg, server_round):
             return {}
@@ -157,12 +160,22 @@ class Continual(Extension):
         seen = range(len(names)) if cfg.continual.method == "multitask" else range(k + 1)
         bs = cfg.train.eval_batch_size
         row: dict[str, Any] = {"continual-task": k, "continual-accuracy": {}, "continual-accuracy-task-aware": {}}
-        for j in seen:  # one forward pass per task serves both inference settings
+        routing = mixer is not None and mixer.mode == "attention"
+        if routing:
+            row["amlora-routing"] = {}
+            mixer.measuring = True
+        for j in seen:  # one forward pass per task serves both inference settings (and the routing)
             test_j = ctasks.task_test(cfg, j)
+            if routing:
+                mixer.reset_routing()
             agnostic, aware = cmetrics.accuracies(predict(model, test_j, bs, device), test_j.labels,
                                                   ctasks.task_label_indices(cfg, j))
             row["continual-accuracy"][names[j]] = agnostic
             row["continual-accuracy-task-aware"][names[j]] = aware
+            if routing:
+                row["amlora-routing"][names[j]] = mixer.routing()
+        if routing:
+            mixer.measuring = False
         if cfg.data.validation_fraction > 0:  # the same on the clients' validation parts (model selection)
             vals = {names[j]: evaluate(model, ctasks.task_validation(cfg, j), bs, device)["accuracy"] for j in seen}
             row["continual-val-accuracy"] = vals
@@ -199,7 +212,12 @@ class Continual(Extension):
             if found.get("average-accuracy") is not None and not multitask:
                 cmetrics.plot_matrix(found["R"], found["tasks"], folder / name,
                                      f"{c.method} ({what}): avg {found['average-accuracy']:.3f}, BWT {found['bwt']:+.3f}")
-        return {"continual": {"method": c.method, **cont, "task-aware": aware}}
+        out = {"method": c.method, **cont, "task-aware": aware}
+        stages = cmetrics.routing_stages(rows, c.task_names())
+        if stages:
+            out["amlora-routing"] = stages
+            cmetrics.plot_routing(stages, c.task_names(), folder / "amlora-routing.png")
+        return {"continual": out}
 
     # ------------------------------------------------------------------ client side
     def client_data(self, partition: int, own_data: str) -> tuple[ClientData, int, int] | None:

@@ -11,6 +11,7 @@ far; only j <= i are measured). With T tasks:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -118,3 +119,39 @@ def from_rows(rows: list[dict], tasks: list[str], multitask: bool = False, key: 
     except ValueError as exc:  # an unfinished run: report what there is
         return {"tasks": list(tasks), "R": R, "average-accuracy": None, "bwt": None, "forgetting": None,
                 "incomplete": str(exc)}
+
+
+def routing_stages(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """AM-LoRA's routing after each task, from the metrics rows: per stage, the task that ended and,
+    per seen task, the mean attention its test inputs give the zero LoRA and each task's LoRA."""
+    return [{"after": tasks[r["continual-task"]], "routing": r["amlora-routing"]}
+            for r in rows if r.get("amlora-routing")]
+
+
+def plot_routing(stages: list[dict], tasks: list[str], path: Path) -> None:
+    """One heat map per stage (rows: a seen task's test inputs; columns: the zero LoRA, then each
+    task's LoRA): a selector that routes puts the weight on the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not stages:
+        return
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages) + 1, 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        seen = list(stage["routing"])
+        m = np.array([stage["routing"][t] for t in seen])
+        ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] < 0.6 else "k",
+                        fontsize=7)
+        ax.set_xticks(range(m.shape[1]), ["zero", *tasks[: m.shape[1] - 1]], rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(range(len(seen)), seen, fontsize=7)
+        ax.set_title(f"after {stage['after']}", fontsize=8)
+    fig.suptitle("AM-LoRA: mean attention per task LoRA (rows: inputs of that task)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

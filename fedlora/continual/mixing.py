@@ -62,6 +62,11 @@ class TaskLoraMixer:
             raise ValueError(f"mode must be 'sum' or 'attention', got {mode!r}")
         self.mode = mode
         self.attention: list[torch.Tensor] = []  # per forward, per layer: (..., 1 + tasks) weights
+        # Routing measurement (evaluation only, when ``measuring``): the attention summed over every
+        # adapted layer and token position of the forwards since reset_routing(), and how many.
+        self.measuring = False
+        self.routing_sum: torch.Tensor | None = None
+        self.routing_count = 0
         self.selector = selector_of(model) if mode == "attention" else None
         if mode == "attention" and self.selector is None:
             raise ValueError("attention mixing needs the model's AM-LoRA selector (attach_selector)")
@@ -112,8 +117,23 @@ class TaskLoraMixer:
             att = torch.softmax(torch.cat([zero, scores], -1), -1)  # (..., 1 + k), index 0: zero LoRA
             if module.training:  # read (and cleared) by the L1 term each step; nothing piles up in eval
                 self.attention.append(att)
+            elif self.measuring:
+                flat = att.detach().reshape(-1, att.shape[-1]).double()
+                total = flat.sum(0).cpu()
+                self.routing_sum = total if self.routing_sum is None else self.routing_sum + total
+                self.routing_count += flat.shape[0]
             return base + (att[..., 1:].unsqueeze(-1) * stacked).sum(-2)
         return hook
+
+    def reset_routing(self) -> None:
+        self.routing_sum, self.routing_count = None, 0
+
+    def routing(self) -> list[float]:
+        """The mean attention (zero LoRA first, then each task's LoRA in task order) over every adapted
+        layer and token position (padding included) of the evaluation forwards since reset_routing()."""
+        if self.routing_sum is None or not self.routing_count:
+            return []
+        return [float(v) for v in self.routing_sum / self.routing_count]
 
     def remove(self) -> None:
         for h in self._handles:
