@@ -39,7 +39,8 @@ class EWCSection:
     """``[ewc]``: the penalty's weight and the Fisher estimate's sample."""
 
     weight: float = _meta("EWC's lambda: the Fisher-weighted pull toward each finished task's parameters "
-                          "(continual.method = 'ewc').", default=1000.0)
+                          "(continual.method = 'ewc'); the default is what simulations/compare_continual.toml "
+                          "chose on validation.", default=10000.0)
     fisher_examples: int = _meta("Each client's examples of a finished task used for its diagonal Fisher "
                                  "(one backward pass each).", default=200)
 
