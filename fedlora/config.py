@@ -1,7 +1,9 @@
 """One typed, validated configuration for a fedlora run.
 
-A run is described by a TOML file with the sections below (``[run]``, ``[model]``, ``[lora]``,
-``[data]``, ``[federation]``, ``[train]``, ``[hetero]``, ``[simulation]``). Every field has a
+A run is described by a TOML file of the sections of :class:`FedLoraConfig` (``[run]``,
+``[model]``, ``[lora]``, ``[data]``, ``[federation]``, ``[train]``, ``[hetero]``, ``[robust]``,
+``[privacy]``, ``[dylora]``, ``[simulation]``, ``[server]``, ``[continual]``) and of the plug-in
+methods (``[fedprox]``, ...: :func:`fedlora.registry.plugin_sections`). Every field has a
 default, so an empty file is a valid run (the embedded default). Unknown sections or keys and
 impossible values fail on load, before any work starts, with a sentence naming the field.
 
