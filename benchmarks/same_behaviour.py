@@ -58,10 +58,12 @@ def compare(before: Path, after: Path) -> dict:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
     verdict = {}
     for name in a:
-        rows = [i for i, (x, y) in enumerate(zip(a[name]["rows"], b[name]["rows"])) if x != y]
+        rows = {i: sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+                for i, (x, y) in enumerate(zip(a[name]["rows"], b[name]["rows"])) if x != y}
+        ca, cb = a[name]["continual"] or {}, b[name]["continual"] or {}
         verdict[name] = {"rows-differ": rows, "adapter-equal": a[name]["adapter"] == b[name]["adapter"],
-                         "summary-equal": (a[name]["privacy"], a[name]["continual"]) == (b[name]["privacy"],
-                                                                                         b[name]["continual"])}
+                         "privacy-equal": a[name]["privacy"] == b[name]["privacy"],
+                         "continual-summary-differs": sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))}
     return verdict
 
 

@@ -20,6 +20,9 @@ the run's global adapter is :class:`GlobalAdapter`):
   epsilon);
 * :meth:`Extension.after_fold`: the new global adapter after the strategy's fold (DyLoRA keeps the
   components the round's block did not cover);
+* :meth:`Extension.reply_stage`: a stage every accepted reply passes through before the fold, in
+  arrival order (:class:`ReplyStage`: the robust layer's relative norm bound);
+* :meth:`Extension.wrap_fold`: the strategy's fold, wrapped (the robust layer's share cap);
 * :meth:`Extension.round_release`: the round's fold replaced by the extension's own release (a
   :class:`RoundRelease`: client-level DP's clipped, noised mean), which also turns off the robust
   layer's data-dependent bound (``releases_round``);
@@ -63,10 +66,13 @@ if TYPE_CHECKING:
     import torch
     from flwr.app import ArrayRecord
 
+    from fedlora.aggregation.folds import Fold
+    from fedlora.aggregation.update import Update
     from fedlora.config import FedLoraConfig
     from fedlora.data import Examples
     from fedlora.factors import LoraFactors
     from fedlora.partitions import ClientData
+    from fedlora.protocol import NodeProfile
     from fedlora.sharing import SharingPolicy
     from fedlora.state import ClientStateStore
     from fedlora.strategies.round_log import RoundLog
@@ -104,6 +110,23 @@ class GlobalAdapter(Protocol):
 
     def initial_global(self, init_eff: LoraFactors) -> LoraFactors:
         """The strategy's global adapter for a freshly built initial adapter (effective form)."""
+
+    def round_start(self, prof: NodeProfile, server_round: int) -> LoraFactors:
+        """What a client of profile ``prof`` started this round from (client form): what its update
+        is measured from."""
+
+
+class ReplyStage(Protocol):
+    """What one round's accepted replies pass through, in arrival order, before the fold."""
+
+    def offer(self, update: Update) -> list[Update]:
+        """The updates ready to fold now, given one more (none while it holds them back)."""
+
+    def flush(self) -> list[Update]:
+        """The updates still held when the round's replies end."""
+
+    def end(self) -> None:
+        """The round's replies are all in: keep what the next round needs."""
 
 
 class RoundRelease(Protocol):
@@ -162,6 +185,14 @@ class Extension:
 
     def reply_accepted(self, node_id: int, metrics: dict[str, Any]) -> None:
         """A reply of ``node_id`` was accepted; ``metrics`` is its (validated) metric record."""
+
+    def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
+        """A stage this round's accepted replies pass through before the fold (None: none)."""
+        return None
+
+    def wrap_fold(self, fold: Fold, rl: RoundLog) -> Fold:
+        """The strategy's fold for this round, wrapped (not called when an extension releases the round)."""
+        return fold
 
     def round_release(self, server_round: int, sampled: int, rank: int) -> RoundRelease | None:
         """This round's aggregation when the extension owns it (``releases_round``), else None.

@@ -41,12 +41,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
-from fedlora.aggregation.bound import RelativeBound
 from fedlora.aggregation.folds import BudgetedProductSum, Fold, KeepAll, ProductSum, SketchedProductSum, WeightedMean
-from fedlora.aggregation.replies import Update, accept_train_reply
-from fedlora.aggregation.share_cap import ShareCapped
+from fedlora.aggregation.replies import accept_train_reply
+from fedlora.aggregation.update import Update
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.extensions import Extension, RoundRelease
+from fedlora.extensions import Extension, ReplyStage, RoundRelease
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import to_client, to_effective
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, NodeProfile
@@ -96,7 +95,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         self.round_offset = 0  # rounds completed before this process resumed the run (Flower counts from 1)
         self._set_up: set[int] = set()  # nodes that received this run's setup from this process
         self._starts: dict = {}  # start_factors of this round's global adapter, per (rank, alpha)
-        self.norm_reference: float | None = None  # median update norm of the last round (robust.relative_norm_bound)
         # The run's extensions (fedlora.extensions), whose server-side hooks the round protocol calls.
         self.extensions: list[Extension] = extensions_for(cfg) if extensions is None else extensions
         self._check_held_budget()
@@ -199,7 +197,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             "profiles": [p.to_record() for p in self.profiles.values()],
             "refused": {str(k): v for k, v in self.refused.items()},
             "last-round": max(self.rounds, default=0),
-            "norm-reference": self.norm_reference,
             "extensions": {e.name: e.server_state() for e in self.extensions},
         }
         return tensors, state
@@ -216,7 +213,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         self.global_eff = LoraFactors.from_tensors(own, state["alpha"])
         self.profiles = {int(p["node_id"]): NodeProfile.from_record(p) for p in state["profiles"]}
         self.refused = {int(k): v for k, v in state["refused"].items()}
-        self.norm_reference = state.get("norm-reference")
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -278,8 +274,9 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
                 rl.released_by = e.name
                 return release
         fold = self.new_fold(server_round, rl.sampled)
-        cap = self.cfg.robust.max_client_share
-        return ShareCapped(fold, cap) if cap < 1.0 and not isinstance(fold, KeepAll) else fold
+        for e in self.extensions:  # the robust layer's share cap
+            fold = e.wrap_fold(fold, rl)
+        return fold
 
     def fold_in(self, fold: Fold | RoundRelease, update: Update, server_round: int, released: bool = False) -> None:
         """Add one accepted update to the round's running state (an extension's release when
@@ -311,7 +308,8 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         fold = self.round_fold(server_round, rl)
-        relative = RelativeBound(self, rl, server_round)
+        # Stages every accepted reply passes through before the fold (the robust layer's relative bound).
+        stages = [st for e in self.extensions if (st := e.reply_stage(self, rl)) is not None]
         answered: set[int] = set()
         accepted: list[tuple[dict, int]] = []  # (metrics, examples) per accepted reply: scalars only
         # The server's own work on replies, not its wait for them: CPU seconds of this thread (in a
@@ -337,13 +335,15 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
                 log.warning("round %d: rejected reply from %s: %s", server_round, who, exc)
                 busy += time.thread_time() - t_reply
                 continue
-            for ready in relative.offer(u):
+            for ready in _through(stages, [u]):
                 self._fold_accepted(fold, ready, server_round, rl, accepted)
             busy += time.thread_time() - t_reply
         t_finish = time.thread_time()
-        for ready in relative.flush():
-            self._fold_accepted(fold, ready, server_round, rl, accepted)
-        self.norm_reference = relative.next_reference()
+        for i, stage in enumerate(stages):  # what each stage still holds, through the stages after it
+            for ready in _through(stages[i + 1:], stage.flush()):
+                self._fold_accepted(fold, ready, server_round, rl, accepted)
+        for stage in stages:
+            stage.end()
         self._missing_replies(rl, MessageType.TRAIN, answered, rl.rejected)
         rl.accepted = len(accepted)
         need = self.cfg.federation.min_accepted
@@ -401,6 +401,13 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
     def summary(self) -> None:
         log.info("fedlora strategy %s: %s", self.strategy_name, self.sharing_policy.describe())
         super().summary()
+
+
+def _through(stages: list[ReplyStage], updates: list[Update]) -> list[Update]:
+    """``updates`` offered to each stage in turn: what comes out of the last is ready to fold."""
+    for stage in stages:
+        updates = [ready for u in updates for ready in stage.offer(u)]
+    return updates
 
 
 def _weighted_metrics(metrics: list[dict], weights: list[float]) -> dict:

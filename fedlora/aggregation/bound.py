@@ -7,10 +7,21 @@ above the bound it is scaled back onto it (``clip``) or dropped (``reject``), an
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from fedlora.aggregation.folds import Fold, KeepAll
+from fedlora.aggregation.share_cap import ShareCapped
+from fedlora.extensions import Extension, GlobalAdapter, ReplyStage
 from fedlora.factors import LoraFactors
 from fedlora.protocol import NodeProfile
+from fedlora.registry import register_extension
 from fedlora.robust import clip_update, update_norm
 from fedlora.validation import RejectedReply
+
+if TYPE_CHECKING:
+    from fedlora.aggregation.update import Update
+    from fedlora.config import FedLoraConfig
+    from fedlora.strategies.round_log import RoundLog
 
 
 def bound_update(strategy, prof: NodeProfile, factors: LoraFactors, server_round: int, rl) -> LoraFactors:
@@ -67,16 +78,16 @@ class RelativeBound:
     ``offer`` takes an accepted update and returns those ready to fold (none while the first
     window fills); ``flush`` returns what is still held when the round's replies end."""
 
-    def __init__(self, strategy, rl, server_round: int) -> None:
-        r = strategy.cfg.robust
-        self.strategy, self.rl, self.server_round = strategy, rl, server_round
-        self.factor = 0.0 if any(e.releases_round for e in strategy.extensions) else r.relative_norm_bound
+    def __init__(self, run: GlobalAdapter, rl: RoundLog, reference: float | None) -> None:
+        r = run.cfg.robust
+        self.strategy, self.rl, self.server_round = run, rl, rl.server_round
+        self.factor = 0.0 if rl.released_by else r.relative_norm_bound
         self.window = max(1, r.reference_window)
-        self.reference = strategy.norm_reference
+        self.reference = self.previous = reference  # the last round's median update norm (None: none yet)
         self.norms: list[float] = []
         self._held: list[tuple] = []
 
-    def offer(self, update) -> list:
+    def offer(self, update: Update) -> list[Update]:
         if self.factor <= 0:
             return [update]
 
@@ -87,7 +98,7 @@ class RelativeBound:
             return self.flush() if len(self._held) >= self.window else []
         return [x for x in [self._bounded(update, norm)] if x is not None]
 
-    def flush(self) -> list:
+    def flush(self) -> list[Update]:
         if not self._held:
             return []
         if self.reference is None:
@@ -97,7 +108,7 @@ class RelativeBound:
 
     def next_reference(self) -> float | None:
         """The next round's reference: this round's median (the previous one if no norm was seen)."""
-        return _median(self.norms) if self.norms else self.strategy.norm_reference
+        return _median(self.norms) if self.norms else self.previous
 
     def _bounded(self, update, norm: float):
         ref = self.reference
@@ -120,3 +131,47 @@ def _median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+@register_extension
+class RobustBounds(Extension):
+    """The robust layer's stages across a round's replies (``[robust]``): the relative norm bound
+    (:class:`RelativeBound`, its reference kept from round to round and in the checkpoint) and the
+    share cap around the strategy's fold (:class:`~fedlora.aggregation.share_cap.ShareCapped`). The
+    per-reply absolute bound and weight cap act while a reply is accepted (:func:`bound_update`,
+    :func:`bound_weight`)."""
+
+    name = "robust"
+    order = 5  # the first stage a reply meets
+
+    def __init__(self, cfg: FedLoraConfig) -> None:
+        super().__init__(cfg)
+        self.reference: float | None = None  # the last round's median update norm
+        self._stage: RelativeBound | None = None
+
+    @classmethod
+    def applies(cls, cfg: FedLoraConfig) -> bool:
+        return True  # its defaults are on; each bound at 0 (or 1.0 for the share cap) is off
+
+    def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
+        self._stage = RelativeBound(run, rl, self.reference)
+        return self
+
+    def offer(self, update: Update) -> list[Update]:
+        return self._stage.offer(update)
+
+    def flush(self) -> list[Update]:
+        return self._stage.flush()
+
+    def end(self) -> None:
+        self.reference = self._stage.next_reference()
+
+    def wrap_fold(self, fold: Fold, rl: RoundLog) -> Fold:
+        cap = self.cfg.robust.max_client_share
+        return ShareCapped(fold, cap) if cap < 1.0 and not isinstance(fold, KeepAll) else fold
+
+    def server_state(self) -> dict:
+        return {"norm-reference": self.reference}
+
+    def load_server_state(self, state: dict) -> None:
+        self.reference = state.get("norm-reference")

@@ -11,27 +11,15 @@ and the round goes on. Only then does the update reach the round's fold.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from flwr.app import RecordDict
 
 from fedlora import codec
 from fedlora.aggregation.bound import bound_update, bound_weight
-from fedlora.factors import LoraFactors, extra_part
+from fedlora.aggregation.update import Update
+from fedlora.factors import extra_part
 from fedlora.protocol import NodeProfile
 from fedlora.sharing import PARTS
 from fedlora.validation import RejectedReply, check_arrays, check_finite, check_train_metrics, expected_arrays
-
-
-@dataclass
-class Update:
-    """One accepted client update, in the client's own form."""
-
-    profile: NodeProfile
-    factors: LoraFactors
-    weight: float  # aggregation weight (example count, capped by robust.max_client_share)
-    metrics: dict
-    num_examples: int = 0
 
 
 def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_round: int = 0,
