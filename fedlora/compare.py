@@ -200,6 +200,23 @@ def choose(results: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def _continual_from_rows(rows: list[dict]) -> dict | None:
+    """The continual summary of recorded metrics rows (the tasks in the order the rows first name them;
+    multi-task training evaluates every task at its first evaluation)."""
+    from fedlora.continual.metrics import from_rows  # light: math and torch's tensor type only
+
+    measured = [r for r in rows if r.get("continual-accuracy")]
+    if not measured:
+        return None
+    tasks: list[str] = []
+    for r in measured:
+        tasks += [t for t in r["continual-accuracy"] if t not in tasks]
+    multitask = len(measured[0]["continual-accuracy"]) == len(tasks) > 1 and int(measured[0]["continual-task"]) == 0
+    out = from_rows(rows, tasks, multitask)
+    out["task-aware"] = from_rows(rows, tasks, multitask, key="continual-accuracy-task-aware")
+    return out
+
+
 def summarise(result: dict) -> dict:
     rows = result["rounds"]
     last = rows[-1]
@@ -228,11 +245,13 @@ def summarise(result: dict) -> dict:
 
 
 def _continual_figures(result: dict) -> dict:
-    """A task sequence's average accuracy, BWT, forgetting and R, from the run's summary."""
+    """A task sequence's average accuracy, BWT, forgetting and R: from the run's summary, or, where its
+    folder is gone (a result kept as recorded), from the metrics rows the result holds."""
     path = Path(result.get("run_dir", "")) / "summary.json"
-    if not result.get("run_dir") or not path.exists():
-        return {}
-    cont = json.loads(path.read_text()).get("continual")
+    if result.get("run_dir") and path.exists():
+        cont = json.loads(path.read_text()).get("continual")
+    else:
+        cont = _continual_from_rows(result.get("rounds") or [])
     if not cont:
         return {}
     aware = cont.get("task-aware") or {}

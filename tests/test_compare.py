@@ -168,3 +168,17 @@ def test_every_shipped_config_and_comparison_validates():
             assert cells, path
         else:
             FedLoraConfig.load(path)
+
+
+def test_a_kept_continual_result_is_summarised_from_its_recorded_rows():
+    """A result whose run folder is gone (kept as recorded) still gets its accuracy matrix figures."""
+    from fedlora.compare import summarise
+
+    rows = [{"round": 0}, {"round": 1, "continual-task": 0, "continual-accuracy": {"a": 0.8},
+                           "continual-accuracy-task-aware": {"a": 0.9}},
+            {"round": 2, "continual-task": 1, "continual-accuracy": {"a": 0.5, "b": 0.7},
+             "continual-accuracy-task-aware": {"a": 0.8, "b": 0.75}}]
+    got = summarise({"arm": "x", "split": "s", "run_dir": "/nowhere", "rounds": rows})
+    assert got["continual-average-accuracy"] == pytest.approx(0.6)
+    assert got["continual-bwt"] == pytest.approx(-0.3)
+    assert got["continual-task-aware-average-accuracy"] == pytest.approx(0.775)
