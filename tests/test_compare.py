@@ -178,7 +178,7 @@ def test_a_kept_continual_result_is_summarised_from_its_recorded_rows():
                            "continual-accuracy-task-aware": {"a": 0.9}},
             {"round": 2, "continual-task": 1, "continual-accuracy": {"a": 0.5, "b": 0.7},
              "continual-accuracy-task-aware": {"a": 0.8, "b": 0.75}}]
-    got = summarise({"arm": "x", "split": "s", "run_dir": "/nowhere", "rounds": rows})
+    got = summarise({"arm": "x", "split": "s", "run_dir": "/nowhere", "rounds": rows, "seconds": 1.0})
     assert got["continual-average-accuracy"] == pytest.approx(0.6)
     assert got["continual-bwt"] == pytest.approx(-0.3)
     assert got["continual-task-aware-average-accuracy"] == pytest.approx(0.775)
