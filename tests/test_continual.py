@@ -154,15 +154,27 @@ def test_amlora_routing_is_the_mean_attention_of_evaluation_forwards_only(tmp_pa
     """The routing measurement (#40): the mean over layers and positions of the attention each slot
     gets, counted in evaluation when asked, never in training; a selector whose bias favours one
     task's slot routes there."""
-    from fedlora.continual.mixing import TaskLoraMixer, selector_of
-    from fedlora.factors import lora_layers
+    from fedlora.continual.mixing import selector_of
 
     _, model = _model(tmp_path, "amlora")
     past = _random_past(model, 2)
     sel = selector_of(model)
+    before = {key: b.detach().clone() for key, b in sel.bias.items()}  # the model is cached: put it back after
     with torch.no_grad():
         for key in sel.bias:
             sel.bias[key][2] = 20.0  # slot 2: the second finished task (index 0 is the zero LoRA)
+    try:
+        _measure_routing(model, past)
+    finally:
+        with torch.no_grad():
+            for key, b in before.items():
+                sel.bias[key].copy_(b)
+
+
+def _measure_routing(model, past) -> None:
+    from fedlora.continual.mixing import TaskLoraMixer
+    from fedlora.factors import lora_layers
+
     mixer = TaskLoraMixer(model, past, "attention")
     _, layer = next(iter(lora_layers(model)))
     x = torch.randn(3, 4, layer.base_layer.in_features)
