@@ -12,7 +12,8 @@ score per module to ``benchmarks/results/mutation.json`` (and prints a table).
                                                 # rerun a sample of an earlier run's timeouts, alone
 
 What is mutated: ``fedlora/aggregation/folds.py`` and ``share_cap.py`` (the server's folds; their
-tests: tests/test_folds.py), ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
+tests: tests/test_folds.py), the plug-in methods' maths (``fedlora/methods/_*.py``; their tests but
+those marked ``federation``), ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
 ``fedlora/validation.py``, the causal-LM task's token and answer functions (``fedlora/tasks/``;
 their dataset and model plumbing is left to tests/test_causal.py, whose simulations cannot run per
 mutant, and shows as "no tests") and every strategy file except ``base.py``, whose Grid orchestration
@@ -37,10 +38,12 @@ TARGETS = ["fedlora/lora_math.py", "fedlora/codec.py", "fedlora/robust.py", "fed
            "fedlora/strategies/fedit.py", "fedlora/strategies/fedsa.py", "fedlora/strategies/ffa.py",
            "fedlora/strategies/hetlora.py", "fedlora/strategies/flora.py", "fedlora/strategies/flexlora.py",
            "fedlora/tasks/causal.py", "fedlora/tasks/evaluation.py", "fedlora/continual/penalties.py",
-           "fedlora/continual/metrics.py", "fedlora/aggregation/folds.py", "fedlora/aggregation/share_cap.py"]
+           "fedlora/continual/metrics.py", "fedlora/aggregation/folds.py", "fedlora/aggregation/share_cap.py",
+           "fedlora/methods/_fedprox.py", "fedlora/methods/_ewc.py", "fedlora/methods/_lwf.py"]
 TESTS = ["tests/test_lora_math.py", "tests/test_factors_codec.py", "tests/test_strategy_maths.py",
          "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py", "tests/test_causal_maths.py",
-         "tests/test_continual_maths.py", "tests/test_folds.py"]
+         "tests/test_continual_maths.py", "tests/test_folds.py", "tests/test_fedprox.py", "tests/test_ewc.py",
+         "tests/test_lwf.py"]
 
 
 def stage(ref: str | None, dest: Path, only: str = "") -> None:
@@ -66,7 +69,8 @@ def stage(ref: str | None, dest: Path, only: str = "") -> None:
         f"source_paths = {json.dumps(targets)}\n"
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         'also_copy = ["fedlora/"]\n'
-        'pytest_add_cli_args = ["-q", "-x"]\n'
+        # A test marked `federation` runs a whole (in-process) federation: seconds, too long per mutant.
+        'pytest_add_cli_args = ["-q", "-x", "-m", "not federation"]\n'
         # A loaded 2-core machine slows tests several-fold: a tight timeout would count slowness as a kill.
         "timeout_multiplier = 10.0\n")
     if ref:

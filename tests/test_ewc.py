@@ -111,6 +111,7 @@ def _train_replies(tmp_path, cfg):
     return run_dir, replies
 
 
+@pytest.mark.federation
 def test_a_task_sequence_under_ewc_pulls_toward_the_finished_task_by_its_weight(tmp_path, shared_data):
     """Task 1's replies report the penalty (task 0's: none); a large weight keeps the Fisher-weighted
     distance from task 0's parameters far smaller; each client keeps (theta*, F) in its store."""

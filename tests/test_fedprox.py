@@ -109,6 +109,7 @@ def _run(tmp_path, mu: float, name: str):
     return run_dir.read_metrics(), box["grid"]
 
 
+@pytest.mark.federation
 def test_the_server_sends_mu_and_the_clients_stay_closer_to_the_global_model(tmp_path):
     """The contract is Flower's FedProx's: ``proximal-mu`` in every train message's config. And what
     it is for: with a large mu each client's update (its distance from the factors it received) shrinks."""

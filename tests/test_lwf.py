@@ -82,6 +82,7 @@ def test_lwf_is_refused_with_dp_sgd_and_checks_its_temperature(tmp_path, shared_
         _continual(tmp_path, "lwf", lwf={"temperature": 0.0})
 
 
+@pytest.mark.federation
 def test_a_task_sequence_under_lwf_stays_closer_to_the_old_outputs_by_its_weight(tmp_path, shared_data):
     from flwr.app import MessageType
 
