@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def shared_data(ray_cluster) -> Path:
+def shared_data() -> Path:
     if not (SHARED_DATA / "index.json").exists():
         pytest.skip(f"../shared/data is absent ({SHARED_DATA}); it ships beside the project in CI, not in a user's clone")
     return SHARED_DATA
@@ -66,8 +66,9 @@ def ray_cluster():
     """One real Ray cluster (`ray start --head`) that every simulation of the session runs its virtual
     clients on, through RAY_ADDRESS as a user's cluster would (fedlora.simulate). Each simulation still
     starts its own actors and ends them; what is shared is Ray's own start and stop, about a third of a
-    small simulation's time. Started with the first test that reads ../shared/data (every simulation
-    does); FEDLORA_TEST_PRIVATE_RAY=1 gives each simulation a private instance instead."""
+    small simulation's time. Started by the first test that asks for it: the tests that run Flower's
+    engine (the in-process grid needs no Ray); FEDLORA_TEST_PRIVATE_RAY=1 gives each simulation a
+    private instance instead."""
     if os.environ.get("RAY_ADDRESS") or os.environ.get("FEDLORA_TEST_PRIVATE_RAY"):
         yield os.environ.get("RAY_ADDRESS")
         return

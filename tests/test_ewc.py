@@ -125,3 +125,28 @@ def test_a_task_sequence_under_ewc_pulls_toward_the_finished_task_by_its_weight(
         penalty[weight] = sum(late) / 2
         assert len(list(run_dir.path.rglob("ewc-*task0*"))) == 2  # (theta*, F) of task 0, one per client
     assert penalty[0.0] > 0 and penalty[1e6] < 0.2 * penalty[0.0]
+
+
+def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_factors_move(tmp_path, shared_data):
+    from fedlora.methods._ewc import EWCPenalty, trainable
+    from fedlora.training import TrainContext
+
+    model, _ = _model(tmp_path)
+    params = trainable(model)
+    name = next(iter(params))
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    fisher = {n: torch.full_like(p, 2.0) for n, p in params.items()}
+    hook = EWCPenalty(10.0, [{"theta": theta, "fisher": fisher}])
+    ctx = TrainContext(model=model, params=list(params.values()), optimizer=None, data=None, tc=None, seed=0,
+                       device=torch.device("cpu"), target_steps=0, batch_source=None)
+    hook.begin(ctx)
+    base = torch.tensor(0.7)
+    assert float(hook.loss(ctx, base).detach()) == pytest.approx(0.7)
+    with torch.no_grad():
+        params[name].add_(0.1)
+    penalty = 2.0 * 0.01 * params[name].numel()
+    assert float(hook.loss(ctx, base).detach()) == pytest.approx(0.7 + 5.0 * penalty, rel=1e-4)
+    assert hook.end(ctx)["ewc-penalty"] == pytest.approx(penalty, rel=1e-4)
+    wrong = EWCPenalty(1.0, [{"theta": {"x": torch.zeros(1)}, "fisher": {"x": torch.zeros(1)}}])
+    with pytest.raises(ValueError, match="do not match the model's trainable parameters"):
+        wrong.begin(ctx)

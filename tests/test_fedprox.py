@@ -75,6 +75,37 @@ def test_only_the_shared_trained_factors_are_pulled(tmp_path, strategy):
     assert bool(head & got) == ("head" in policy.shared)
 
 
+def test_the_hook_adds_nothing_at_its_anchor_and_the_term_as_the_factors_move(tmp_path):
+    """On a real model: at the start the loss is the task loss exactly; after a factor moves by d, the
+    hook adds mu/2 ||d||^2 and reports ||d|| as fedprox-distance."""
+    from fedlora.methods._fedprox import ProximalTerm
+
+    model, params, policy = _model(tmp_path, "fedit")
+    hook = ProximalTerm(0.3, policy.shared - policy.frozen)
+    ctx = TrainContext(model=model, params=params, optimizer=None, data=None, tc=None, seed=0, device=None,
+                       target_steps=0, batch_source=None)
+    hook.begin(ctx)
+    base = torch.tensor(1.5)
+    assert float(hook.loss(ctx, base).detach()) == 1.5
+    with torch.no_grad():
+        hook.params[0].add_(0.1)  # one factor moves by 0.1 in every entry
+    d2 = 0.01 * hook.params[0].numel()
+    assert float(hook.loss(ctx, base).detach()) == pytest.approx(1.5 + 0.15 * d2, rel=1e-5)
+    assert hook.end(ctx)["fedprox-distance"] == pytest.approx(d2 ** 0.5, rel=1e-5)
+
+
+def test_the_hook_refuses_a_model_that_trains_no_shared_part_and_mismatched_anchors(tmp_path):
+    from fedlora.methods._fedprox import ProximalTerm, proximal_term
+
+    model, params, _ = _model(tmp_path, "ffa")  # A frozen: a term on A alone has nothing to pull
+    hook = ProximalTerm(1.0, frozenset({"A"}))
+    with pytest.raises(ValueError, match=r"trains none of the shared parts \['A'\]"):
+        hook.begin(TrainContext(model=model, params=params, optimizer=None, data=None, tc=None, seed=0, device=None,
+                                target_steps=0, batch_source=None))
+    with pytest.raises(ValueError):
+        proximal_term([torch.zeros(2)], [torch.zeros(2), torch.zeros(2)])
+
+
 def test_fedprox_is_refused_with_dp_sgd_and_a_negative_mu_is_named(tmp_path):
     with pytest.raises(ConfigError, match="per-example clipping"):
         make_config(tmp_path, fedprox={"mu": 0.1}, privacy={"example_dp": True, "example_noise_multiplier": 1.0})

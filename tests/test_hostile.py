@@ -173,7 +173,7 @@ def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_o
     assert float(_delta(ad).abs().max()) > 0.0  # the honest clients' rounds were applied
 
 
-def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data):
+def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data, ray_cluster):
     cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3,
                                             "round_timeout": 30, "min_accepted": 2, "evaluate_every": 5})
     run_dir, rows = _run(cfg, {1: "crash", 2: "slow"}, engine="ray")

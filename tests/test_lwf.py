@@ -106,3 +106,52 @@ def test_a_task_sequence_under_lwf_stays_closer_to_the_old_outputs_by_its_weight
         late = [float(m.content["metrics"]["lwf-distillation"]) for m in replies[2:]]
         kd[weight] = sum(late) / len(late)
     assert kd[1e-6] > 0 and kd[100.0] < 0.5 * kd[1e-6]
+
+
+def test_the_hook_distils_each_batch_against_the_old_models_outputs(tmp_path, shared_data):
+    """Through the loop's own seams: the batches it is given and the task loss it records. With the old
+    model equal to the current one the term is zero; with another it is distillation_loss exactly."""
+    import torch.nn.functional as F
+
+    from fedlora.data import batches, load_task
+    from fedlora.methods._lwf import Distillation, distillation_loss
+    from fedlora.model import AdapterSpec, build_peft_model, set_trainable
+    from fedlora.training import TrainContext
+
+    cfg = make_config(tmp_path, lora={"dropout": 0.0})
+    task = load_task(cfg)
+    model = build_peft_model(cfg, task.num_labels, AdapterSpec.for_rank(cfg, 4))
+    set_trainable(model, frozenset({"A", "B", "head"}))
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    cols = [0, 2]
+
+    def run(old: dict) -> tuple[float, torch.Tensor, torch.Tensor]:
+        hook = Distillation(2.0, 2.0, old, cols)
+        ctx = TrainContext(model=model, params=list(params.values()), optimizer=None, data=task.train, tc=None,
+                           seed=0, device=torch.device("cpu"), target_steps=1,
+                           batch_source=lambda epoch: batches(task.train, 4, shuffle=False),
+                           task_loss=lambda out, y: F.cross_entropy(out.logits, y))
+        hook.begin(ctx)
+        batch, labels = next(iter(ctx.batch_source(0)))
+        out = model(**batch)
+        loss = ctx.task_loss(out, labels)
+        total = hook.loss(ctx, loss)
+        return float((total - loss).detach()), out.logits.detach(), hook
+
+    same = {n: p.detach().clone() for n, p in params.items()}
+    added, _, _ = run(same)
+    assert added == pytest.approx(0.0, abs=1e-6)
+    g = torch.Generator().manual_seed(2)
+    other = {n: p.detach().clone() + 0.2 * torch.randn(p.shape, generator=g) for n, p in params.items()}
+    added, logits, hook = run(other)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(other[n])
+        batch, _ = next(iter(batches(task.train, 4, shuffle=False)))
+        old_logits = model(**batch).logits
+        for n, p in params.items():
+            p.copy_(same[n])
+    want = 2.0 * float(distillation_loss(logits[:, cols], old_logits[:, cols], 2.0))
+    assert added > 0 and added == pytest.approx(want, rel=1e-4)
+    assert hook.end(None)["lwf-distillation"] == pytest.approx(want / 2.0, rel=1e-4)

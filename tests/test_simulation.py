@@ -41,7 +41,7 @@ def _array_keys(messages):
     return keys
 
 
-def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, shared_data):
+def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, shared_data, ray_cluster):
     """3 clients, 2 rounds of one local epoch, the real pretrained encoder, AG News from ../shared/data
     (accuracy 0.25 -> 0.60 on 120 held-out examples)."""
     cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
@@ -227,7 +227,7 @@ def test_heterogeneous_ranks_each_client_gets_its_own_rank(tmp_path, shared_data
         assert rows[-1]["global-rank"] == 8
 
 
-def test_the_in_process_grid_runs_the_same_federation_as_flowers_engine(tmp_path, shared_data):
+def test_the_in_process_grid_runs_the_same_federation_as_flowers_engine(tmp_path, shared_data, ray_cluster):
     """fedlora's ServerApp and ClientApp on fedlora.inprocess.InProcessGrid (one process, no engine)
     give the run that Flower's simulation engine gives: the same global factors and the same metrics
     every round. So a test of maths, shapes or validation can use it and test the code that runs."""
