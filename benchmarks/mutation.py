@@ -83,7 +83,8 @@ def run(ref: str | None, only: str = "") -> dict:
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     import os
 
-    env = {**os.environ, "FEDLORA_HYPOTHESIS": "mutation"}
+    # The tests read ../shared/data beside the checkout, not beside the scratch folder they run from.
+    env = {**os.environ, "FEDLORA_HYPOTHESIS": "mutation", "FEDLORA_SHARED_DATA": str(ROOT.parent / "shared" / "data")}
     subprocess.run([mutmut, "run", "--max-children", "2"], cwd=work, check=False, stdout=subprocess.DEVNULL, env=env)
     out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True).stdout
     per_module: dict[str, Counter] = {}

@@ -21,7 +21,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlora-flwr-home-"))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout; FEDLORA_SHARED_DATA names it for a copy of the tests elsewhere
+# (the mutation harness runs them from a scratch folder).
+SHARED_DATA = Path(os.environ.get("FEDLORA_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 # Property tests: 40 examples each in the suite; a handful per mutant under mutation testing
 # (benchmarks/mutation.py sets FEDLORA_HYPOTHESIS=mutation), where they run once per mutant.
