@@ -138,6 +138,21 @@ def make_config(tmp_path: Path, **sections):
     return FedLoraConfig.from_dict(raw)
 
 
+def continual_config(tmp_path: Path, method: str, **sections):
+    """A two-task sequence (agnews, then dbpedia; one round each, two clients) of ``make_config``'s
+    small run under ``continual.method = method``; ``sections`` replace whole sections."""
+    from fedlora.config import FedLoraConfig
+
+    raw = make_config(tmp_path).to_dict()
+    raw["run"]["rounds"] = 2
+    raw["federation"].update({"num_clients": 2, "min_train_clients": 2})
+    raw["continual"] = {"method": method, "tasks": [
+        {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": 1},
+        {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": 1}]}
+    raw.update(sections)
+    return FedLoraConfig.from_dict(raw)
+
+
 @pytest.fixture
 def task_identity():
     """Flower sets a process's run identity before it builds Messages; do the same for handler tests."""

@@ -37,6 +37,27 @@ class RecordingGrid:
         self.received.extend(replies)
         return replies
 
+    def train_replies(self) -> list[Message]:
+        """Every train reply pulled, in arrival order."""
+        from flwr.app import MessageType
+
+        return [m for m in self.received if m.metadata.message_type == MessageType.TRAIN]
+
+
+def run_recorded(cfg, **kw):
+    """``fedlora.simulate.simulate(cfg, **kw)`` on a :class:`RecordingGrid`: the run directory, its
+    metrics rows and the grid that saw every message."""
+    from fedlora.simulate import simulate
+
+    box = {}
+
+    def wrap(grid):
+        box["grid"] = RecordingGrid(grid)
+        return box["grid"]
+
+    run_dir = simulate(cfg, wrap_grid=wrap, **kw)
+    return run_dir, run_dir.read_metrics(), box["grid"]
+
     def send_and_receive(self, messages, *, timeout=None):
         from fedlora.aggregation.streaming import StreamingGrid
 

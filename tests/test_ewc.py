@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_DATA, make_config
+from conftest import continual_config, make_config
 from fedlora.config import ConfigError
+from fleet import run_recorded
 
 
 @settings(max_examples=40, deadline=None)
@@ -72,43 +73,12 @@ def test_the_fisher_is_the_mean_of_each_examples_squared_gradient(tmp_path, shar
     assert all(bool((f >= 0).all()) for f in got.values()) and any(float(f.sum()) > 0 for f in got.values())
 
 
-def _continual(tmp_path, method: str, **sections):
-    from fedlora.config import FedLoraConfig
-
-    raw = make_config(tmp_path).to_dict()
-    raw["run"]["rounds"] = 2
-    raw["federation"].update({"num_clients": 2, "min_train_clients": 2})
-    raw["continual"] = {"method": method, "tasks": [
-        {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": 1},
-        {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": 1}]}
-    raw.update(sections)
-    return FedLoraConfig.from_dict(raw)
-
-
 def test_ewc_is_a_continual_method_refused_with_dp_sgd(tmp_path, shared_data):
-    assert _continual(tmp_path, "ewc").continual.method == "ewc"
+    assert continual_config(tmp_path, "ewc").continual.method == "ewc"
     with pytest.raises(ConfigError, match="per-example clipping"):
-        _continual(tmp_path, "ewc", privacy={"example_dp": True, "example_noise_multiplier": 1.0})
+        continual_config(tmp_path, "ewc", privacy={"example_dp": True, "example_noise_multiplier": 1.0})
     with pytest.raises(ConfigError, match="ewc.fisher_examples"):
-        _continual(tmp_path, "ewc", ewc={"fisher_examples": 0})
-
-
-def _train_replies(tmp_path, cfg):
-    from flwr.app import MessageType
-
-    from fedlora.simulate import simulate
-    from fleet import RecordingGrid
-
-    box = {}
-
-    def wrap(grid):
-        box["grid"] = RecordingGrid(grid)
-        return box["grid"]
-
-    run_dir = simulate(cfg, wrap_grid=wrap, engine="inprocess")
-    replies = [m for m in box["grid"].received if m.metadata.message_type == MessageType.TRAIN]
-    assert replies and not any(m.has_error() for m in replies)
-    return run_dir, replies
+        continual_config(tmp_path, "ewc", ewc={"fisher_examples": 0})
 
 
 @pytest.mark.federation
@@ -117,8 +87,10 @@ def test_a_task_sequence_under_ewc_pulls_toward_the_finished_task_by_its_weight(
     distance from task 0's parameters far smaller; each client keeps (theta*, F) in its store."""
     penalty = {}
     for weight in (0.0, 1e6):
-        cfg = _continual(tmp_path / f"w{weight:g}", "ewc", ewc={"weight": weight, "fisher_examples": 8})
-        run_dir, replies = _train_replies(tmp_path, cfg)
+        cfg = continual_config(tmp_path / f"w{weight:g}", "ewc", ewc={"weight": weight, "fisher_examples": 8})
+        run_dir, _, grid = run_recorded(cfg, engine="inprocess")
+        replies = grid.train_replies()
+        assert replies and not any(m.has_error() for m in replies)
         assert all("ewc-penalty" not in m.content["metrics"] for m in replies[:2])  # task 0: nothing to protect
         late = [float(m.content["metrics"]["ewc-penalty"]) for m in replies[2:]]
         assert len(late) == 2

@@ -85,24 +85,14 @@ class StepCounter(Extension):
 
 
 def test_a_method_defined_outside_fedlora_shapes_a_real_run_through_the_hooks(tmp_path):
-    from flwr.app import MessageType
-
     from fedlora import registry
-    from fedlora.simulate import simulate
-    from fleet import RecordingGrid
+    from fleet import run_recorded
 
     registry.register_extension(StepCounter)
     try:
         cfg = make_config(tmp_path, stepcounter={"every": 2}, train={"local_steps": 3})
         assert cfg.section("stepcounter").every == 2
-        box = {}
-
-        def wrap(grid):
-            box["grid"] = RecordingGrid(grid)
-            return box["grid"]
-
-        simulate(cfg, wrap_grid=wrap, engine="inprocess")
-        replies = [m for m in box["grid"].received if m.metadata.message_type == MessageType.TRAIN]
+        replies = run_recorded(cfg, engine="inprocess")[2].train_replies()
         assert replies and not any(m.has_error() for m in replies)
         for m in replies:
             metrics = m.content["metrics"]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from conftest import make_config
 from fedlora.config import ConfigError
 from fedlora.training import TrainContext
+from fleet import run_recorded
 
 
 def _tensors(seed: int, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -126,21 +127,11 @@ def test_the_config_names_fedprox_and_travels_with_its_section(tmp_path):
 
 
 def _run(tmp_path, mu: float, name: str):
-    from fedlora.simulate import simulate
-    from fleet import RecordingGrid
-
-    box = {}
-
-    def wrap(grid):
-        box["grid"] = RecordingGrid(grid)
-        return box["grid"]
-
     cfg = make_config(tmp_path / name, fedprox={"mu": mu}, federation={"num_clients": 3, "min_train_clients": 3})
-    run_dir = simulate(cfg, wrap_grid=wrap, engine="inprocess")
-    return run_dir.read_metrics(), box["grid"]
+    _, rows, grid = run_recorded(cfg, engine="inprocess")
+    return rows, grid
 
 
-@pytest.mark.federation
 def test_the_server_sends_mu_and_the_clients_stay_closer_to_the_global_model(tmp_path):
     """The contract is Flower's FedProx's: ``proximal-mu`` in every train message's config. And what
     it is for: with a large mu each client's update (its distance from the factors it received) shrinks."""
@@ -151,7 +142,7 @@ def test_the_server_sends_mu_and_the_clients_stay_closer_to_the_global_model(tmp
         rows[mu], grid = _run(tmp_path, mu, f"mu{mu:g}")
         sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
         assert sent and {float(m.content["config"]["proximal-mu"]) for m in sent} == {mu}
-        replies = [m for m in grid.received if m.metadata.message_type == MessageType.TRAIN and not m.has_error()]
+        replies = [m for m in grid.train_replies() if not m.has_error()]
         dist = [float(m.content["metrics"]["fedprox-distance"]) for m in replies]
         rows[mu] = sum(dist) / len(dist)
     assert rows[100.0] < 0.5 * rows[1e-9]

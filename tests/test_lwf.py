@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_DATA, make_config
+from conftest import continual_config, make_config
 from fedlora.config import ConfigError
+from fleet import run_recorded
 
 
 @settings(max_examples=40, deadline=None)
@@ -61,46 +62,21 @@ def test_the_old_outputs_are_the_old_models_and_the_new_parameters_come_back_exa
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def _continual(tmp_path, method: str, **sections):
-    from fedlora.config import FedLoraConfig
-
-    raw = make_config(tmp_path).to_dict()
-    raw["run"]["rounds"] = 2
-    raw["federation"].update({"num_clients": 2, "min_train_clients": 2})
-    raw["continual"] = {"method": method, "tasks": [
-        {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": 1},
-        {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": 1}]}
-    raw.update(sections)
-    return FedLoraConfig.from_dict(raw)
-
-
 def test_lwf_is_refused_with_dp_sgd_and_checks_its_temperature(tmp_path, shared_data):
-    assert _continual(tmp_path, "lwf").continual.method == "lwf"
+    assert continual_config(tmp_path, "lwf").continual.method == "lwf"
     with pytest.raises(ConfigError, match="not built"):
-        _continual(tmp_path, "lwf", privacy={"example_dp": True, "example_noise_multiplier": 1.0})
+        continual_config(tmp_path, "lwf", privacy={"example_dp": True, "example_noise_multiplier": 1.0})
     with pytest.raises(ConfigError, match="lwf.temperature"):
-        _continual(tmp_path, "lwf", lwf={"temperature": 0.0})
+        continual_config(tmp_path, "lwf", lwf={"temperature": 0.0})
 
 
 @pytest.mark.federation
 def test_a_task_sequence_under_lwf_stays_closer_to_the_old_outputs_by_its_weight(tmp_path, shared_data):
-    from flwr.app import MessageType
-
-    from fedlora.simulate import simulate
-    from fleet import RecordingGrid
-
     kd = {}
     for weight in (1e-6, 100.0):
-        box = {}
-
-        def wrap(grid):
-            box["grid"] = RecordingGrid(grid)
-            return box["grid"]
-
-        cfg = _continual(tmp_path / f"w{weight:g}", "lwf", lwf={"weight": weight},
+        cfg = continual_config(tmp_path / f"w{weight:g}", "lwf", lwf={"weight": weight},
                          train={"learning_rate": 0.05, "local_epochs": 2, "batch_size": 16})  # outputs move
-        simulate(cfg, wrap_grid=wrap, engine="inprocess")
-        replies = [m for m in box["grid"].received if m.metadata.message_type == MessageType.TRAIN]
+        replies = run_recorded(cfg, engine="inprocess")[2].train_replies()
         assert len(replies) == 4 and not any(m.has_error() for m in replies)
         assert all("lwf-distillation" not in m.content["metrics"] for m in replies[:2])  # task 0: no old model
         late = [float(m.content["metrics"]["lwf-distillation"]) for m in replies[2:]]

@@ -444,32 +444,21 @@ def test_dp_sgd_trained_minilm_learns_real_data(tmp_path, shared_data):
 
 
 def test_dp_dylora_every_accepted_reply_has_the_round_rank(tmp_path, shared_data):
-    import cloudpickle
-
     import fleet
-    from fedlora.simulate import simulate
-
-    cloudpickle.register_pickle_by_value(fleet)
-    box = {}
-
-    def wrap(grid):
-        box["grid"] = fleet.RecordingGrid(grid)
-        return box["grid"]
 
     cfg = make_config(tmp_path, run={"rounds": 3}, lora={"rank": 8, "alpha": 16},
                       privacy={"client_dp": True, "client_noise_multiplier": 0.3, "client_clip": 0.5},
                       dylora={"enabled": True, "eval_ranks": [1, 8]},
                       federation={"server_eval_every": 2})
-    run_dir = simulate(cfg, wrap_grid=wrap, engine="inprocess")  # the rank schedule is the apps', not the engine's
-    rows = run_dir.read_metrics()
+    run_dir, rows, grid = fleet.run_recorded(cfg, engine="inprocess")  # the rank schedule is the apps', not the engine's
     by_round = {r["round"]: r for r in rows}
     # server_eval_every = 2: round 0, every 2nd round and the last are evaluated (at every rank), round 1 is not.
     assert [r["round"] for r in rows if "server-accuracy" in r] == [0, 2, 3]
     assert "server-accuracy-rank-1" not in by_round[1] and "client-epsilon" in by_round[1]
-    for m in box["grid"].received:
-        if m.metadata.message_type == "train" and not m.has_error():
+    for m in grid.train_replies():
+        if not m.has_error():
             b = int(m.content["metrics"]["rank"])
-            rnd = next(s.content["config"]["server-round"] for s in box["grid"].sent
+            rnd = next(s.content["config"]["server-round"] for s in grid.sent
                        if s.metadata.message_id == m.metadata.reply_to_message_id)
             assert b == by_round[rnd]["dylora-rank"]
             assert all(arr.shape[0] == b for k, arr in m.content["arrays"].items() if k.endswith("/A"))

@@ -20,15 +20,7 @@ cloudpickle.register_pickle_by_value(fleet)
 FACTOR_KEY = re.compile(r"^(base/)?\d+/(A|B)$|^head/classifier\.(weight|bias)$")
 
 
-def _run(cfg, **kw):
-    grid_box = {}
-
-    def wrap(grid):
-        grid_box["grid"] = fleet.RecordingGrid(grid)
-        return grid_box["grid"]
-
-    run_dir = simulate(cfg, wrap_grid=wrap, **kw)
-    return run_dir, run_dir.read_metrics(), grid_box["grid"]
+_run = fleet.run_recorded
 
 
 def _array_keys(messages):
