@@ -155,8 +155,9 @@ class Extension:
 
     @classmethod
     def applies(cls, cfg: FedLoraConfig) -> bool:
-        """Whether the run ``cfg`` uses this extension."""
-        return False
+        """Whether the run ``cfg`` uses this extension; by default, a continual method's when the run
+        names it (``continual.method``), and no other's."""
+        return bool(cls.continual_method) and cfg.continual.method == cls.continual_method
 
     @classmethod
     def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:

@@ -211,13 +211,8 @@ def continual_method_names() -> list[str]:
 
 def extensions_for(cfg: Any) -> list[Any]:  # a FedLoraConfig -> Extension instances
     """The extensions ``cfg`` uses, built for it, in hook order (``order``, then name)."""
-    if not all(m in _imported_concerns for m in _BUILTIN_CONCERNS):
-        import importlib
+    import importlib
 
-        for module in _BUILTIN_CONCERNS:
-            importlib.import_module(module)  # registers itself (these import torch)
-            _imported_concerns.add(module)
+    for module in _BUILTIN_CONCERNS:
+        importlib.import_module(module)  # registers itself on first import (these import torch); then a lookup
     return [cls(cfg) for cls in plugin_extensions() if cls.applies(cfg)]
-
-
-_imported_concerns: set[str] = set()

@@ -59,10 +59,6 @@ class EWC(Extension):
     continual_method = "ewc"
 
     @classmethod
-    def applies(cls, cfg: FedLoraConfig) -> bool:
-        return cfg.continual.method == "ewc"
-
-    @classmethod
     def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:
         if cfg.privacy.example_dp:
             raise ConfigError("invalid config for 'continual.method': EWC's penalty is a function of the parameters, "

@@ -59,10 +59,6 @@ class LwF(Extension):
     continual_method = "lwf"
 
     @classmethod
-    def applies(cls, cfg: FedLoraConfig) -> bool:
-        return cfg.continual.method == "lwf"
-
-    @classmethod
     def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:
         if cfg.privacy.example_dp:
             raise ConfigError("invalid config for 'continual.method': LwF with example-level DP (privacy.example_dp) "
