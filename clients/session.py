@@ -18,7 +18,7 @@ from fedlora import codec
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig, digest_of
 from fedlora.data import load_task
-from fedlora.extensions import ClientRound, Extension
+from fedlora.extensions import ClientRound, Extension, first_answer
 from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.lora_math import prune_rank, prune_to_rank
 from fedlora.model import (
@@ -163,8 +163,7 @@ class ClientSession:
         if threads:
             torch.set_num_threads(threads)
         extensions = extensions_for(cfg)
-        decided = next((d for e in extensions if (d := e.client_data(partition, str(nc.get("data", "")))) is not None),
-                       None)
+        decided = first_answer(extensions, lambda e: e.client_data(partition, str(nc.get("data", ""))))
         if decided is not None:  # an extension's data (a task sequence: the first task's, the sizes of the largest)
             data, sizes = decided[0], (decided[1], decided[2])
         elif str(nc.get("data", "")):
@@ -192,18 +191,14 @@ class ClientSession:
         """The run's label space: as the server sent it, else as an extension decides it, else the dataset's."""
         if self.label_names is not None:
             return list(self.label_names)
-        for e in self.extensions:
-            decided = e.label_names()
-            if decided is not None:
-                return decided
-        return load_task(self.cfg).label_names
+        decided = first_answer(self.extensions, lambda e: e.label_names())
+        return decided if decided is not None else load_task(self.cfg).label_names
 
     def use_round(self, server_round: int) -> None:
         """This round's data, when an extension changes it (a task sequence: the round's task's split)."""
-        for e in self.extensions:
-            data = e.round_data(self.profile.partition_id, server_round)
-            if data is not None:
-                self.data = data
+        data = first_answer(self.extensions, lambda e: e.round_data(self.profile.partition_id, server_round))
+        if data is not None:
+            self.data = data
 
     # --------------------------------------------------------------------- model
     def model(self) -> torch.nn.Module:

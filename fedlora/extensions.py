@@ -116,6 +116,12 @@ class GlobalAdapter(Protocol):
         is measured from."""
 
 
+def first_answer(extensions: list[Extension], ask: Callable[[Extension], Any]) -> Any:
+    """The first extension's answer (in hook order) that is not None, else None: for the hooks where
+    one extension decides and None means "not mine" (label space, data, held-out set)."""
+    return next((answer for e in extensions if (answer := ask(e)) is not None), None)
+
+
 class ReplyStage(Protocol):
     """What one round's accepted replies pass through, in arrival order, before the fold."""
 

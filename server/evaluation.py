@@ -10,7 +10,7 @@ import torch
 
 from fedlora.config import FedLoraConfig
 from fedlora.data import Examples, TaskData, load_task
-from fedlora.extensions import Extension
+from fedlora.extensions import Extension, first_answer
 from fedlora.partitions import server_validation
 from fedlora.training import evaluate
 
@@ -21,7 +21,7 @@ class ServerEvaluation:
 
     def __init__(self, cfg: FedLoraConfig, extensions: list[Extension]) -> None:
         self.cfg, self.extensions = cfg, extensions
-        decided = next((names for e in extensions if (names := e.label_names()) is not None), None)
+        decided = first_answer(extensions, lambda e: e.label_names())
         self.task: TaskData | None = load_task(cfg) if decided is None else None
         self.val: Examples | None = server_validation(cfg) if decided is None else None
         self.label_names: list[str] = list(decided if decided is not None else self.task.label_names)
@@ -36,11 +36,8 @@ class ServerEvaluation:
         return any(e.evaluates_after(server_round) for e in self.extensions)
 
     def test_set(self, server_round: int) -> Examples:
-        for e in self.extensions:
-            found = e.server_test_set(server_round)
-            if found is not None:
-                return found
-        return self.task.test
+        found = first_answer(self.extensions, lambda e: e.server_test_set(server_round))
+        return found if found is not None else self.task.test
 
     def row(self, model: torch.nn.Module, server_round: int, device: torch.device) -> dict[str, Any]:
         """The metrics of the global ``model`` after ``server_round``: ``server-loss`` and, as the task
