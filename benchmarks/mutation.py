@@ -11,7 +11,7 @@ score per module to ``benchmarks/results/mutation.json`` (and prints a table).
     python -m benchmarks.mutation --recheck /tmp/fedlora-mutation-XXXX --match lora_math --sample 20
                                                 # rerun a sample of an earlier run's timeouts, alone
 
-What is mutated: ``fedlora/aggregation/folds.py`` and ``share_cap.py`` (the server's folds; their
+What is mutated: ``fedlora/aggregation/folds.py``, ``product_sums.py`` and ``share_cap.py`` (the server's folds; their
 tests: tests/test_folds.py), the plug-in methods' maths (``fedlora/methods/_*.py``; their tests but
 those marked ``federation``), ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
 ``fedlora/validation.py``, the causal-LM task's token and answer functions (``fedlora/tasks/``;
@@ -38,7 +38,7 @@ TARGETS = ["fedlora/lora_math.py", "fedlora/codec.py", "fedlora/robust.py", "fed
            "fedlora/strategies/fedit.py", "fedlora/strategies/fedsa.py", "fedlora/strategies/ffa.py",
            "fedlora/strategies/hetlora.py", "fedlora/strategies/flora.py", "fedlora/strategies/flexlora.py",
            "fedlora/tasks/causal.py", "fedlora/tasks/evaluation.py", "fedlora/continual/penalties.py",
-           "fedlora/continual/metrics.py", "fedlora/aggregation/folds.py", "fedlora/aggregation/share_cap.py",
+           "fedlora/continual/metrics.py", "fedlora/aggregation/folds.py", "fedlora/aggregation/product_sums.py", "fedlora/aggregation/share_cap.py",
            "fedlora/methods/_fedprox.py", "fedlora/methods/_ewc.py", "fedlora/methods/_lwf.py"]
 TESTS = ["tests/test_lora_math.py", "tests/test_factors_codec.py", "tests/test_strategy_maths.py",
          "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py", "tests/test_causal_maths.py",

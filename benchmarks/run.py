@@ -133,15 +133,35 @@ def report() -> str:
             lines.append(f"| server at scale: peak RSS, 1,000 / 10 distinct 7B-shaped FedIT replies (r=16, q,v, 32 layers), "
                          f"real strategy path | {b['peak_rss_mb'] / a['peak_rss_mb']:.3f} ({b['peak_rss_mb']:.0f} MB vs "
                          f"{a['peak_rss_mb']:.0f} MB; +{b['increase_mb']:.0f} MB over the idle server) | <= 1.2; <= 1 GB |")
+        flex = {r["clients"]: r for r in ss["rows"] if r["strategy"] == "flexlora" and not r.get("exact_truncation_error")}
+        if 31 in flex and 32 in flex:
+            a, b = flex[31], flex[32]
+            lines.append(f"| server at scale: FlexLoRA peak RSS, 31 / 32 7B-shaped replies (either side of "
+                         f"hetero.sketch_from_clients) | {a['peak_rss_mb'] / b['peak_rss_mb']:.3f} ({a['peak_rss_mb']:.0f} MB "
+                         f"vs {b['peak_rss_mb']:.0f} MB; {a.get('product_fold')} / {b.get('product_fold')}) | <= 1.2 |")
+        if 1000 in flex:
+            r = flex[1000]
+            lines.append(f"| server at scale: FlexLoRA round, 1000 7B-shaped replies of ranks 4-16, {r.get('product_fold')} "
+                         f"(server seconds, reply generation excluded; peak RSS) | {r['server_seconds']:.1f} s; "
+                         f"{r['peak_rss_mb']:.0f} MB | - |")
         for r in ss["rows"]:
-            if r["strategy"] == "flexlora" and not r.get("exact_truncation_error"):
-                lines.append(f"| server at scale: FlexLoRA round, {r['clients']} 7B-shaped replies of ranks 4-16, sketched "
-                             f"(server seconds, reply generation excluded) | {r['server_seconds']:.1f} s | <= 60 s |")
             if r.get("exact_truncation_error") is not None:
                 lines.append(f"| server at scale: FlexLoRA sketch vs exact at {r['clients']} clients: relative error of the "
                              f"rank-16 result against the exact summed update, sketch / exact SVD (estimate) | "
                              f"{r['sketch_error']:.4f} / {r['exact_truncation_error']:.4f} ({r['sketch_error_estimate']:.4f}); "
                              f"sketch vs exact FlexLoRA {r['sketch_vs_exact_flexlora']:.4f} | - |")
+    sq = _load("sketch_quality")
+    if sq:
+        worst = sq["worst_ratio_by_oversampling"]
+        lines.append(f"| sketch quality: sketch / exact rank-16 truncation error, worst of 3 noise levels x 3 sketch seeds "
+                     f"({sq['shape']}), by hetero.sketch_oversampling | "
+                     + ", ".join(f"{k}: {v:.3f}" for k, v in worst.items())
+                     + f" | <= 1.25 at the default ({sq.get('default_oversampling')}) |")
+        rounds = sq.get("default_rounds", [])
+        if rounds:
+            lines.append(f"| sketch quality: the same replies through the round's own fold at the default settings | "
+                         f"{', '.join(sorted({d['product_fold'] for d in rounds}))}, worst ratio "
+                         f"{max(d['ratio'] for d in rounds):.3f} | <= 1.25 |")
     co = _load("cohort")
     if co:
         for r in co["rows"]:

@@ -152,7 +152,7 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
            "through_grid": through_grid, "max_replies_per_pull": max(grid.asked) if through_grid else None,
            "sketch_relative_error_estimate": rl.privacy.get("sketch-relative-error")}
     if exact_check:  # the same replies through the exact stack (memory grows with the cohort here)
-        from fedlora.aggregation.folds import ExactProductSum, SketchedProductSum
+        from fedlora.aggregation.product_sums import ExactProductSum, SketchedProductSum
 
         def dense(f, n):
             m = f.modules[n]

@@ -274,15 +274,19 @@ class HeteroConfig:
         "HetLoRA: keep the previous global's rank components that no client sampled this round covers "
         "(false = the paper's zero-padding formula, which zeroes them for good).", default=True)
     sketch_from_clients: int = _meta(
-        "FlexLoRA, FLoRA: from this many sampled clients a round on, the sum of products is folded into a "
-        "single-pass randomized sketch as replies arrive, instead of stacking every reply (exact, but it holds "
-        "them all).", default=32)
+        "FlexLoRA, FLoRA: below this many sampled clients a round starts by stacking the replies (exact; it holds "
+        "them while they fit hetero.exact_budget_mb); from it on, or once the stack outgrows the budget, the sum "
+        "of products is folded as replies arrive, into the dense sum when that fits the budget, else the sketch.",
+        default=32)
     exact_budget_mb: float = _meta(
-        "FlexLoRA, FLoRA below hetero.sketch_from_clients: the exact stack holds the round's replies while they fit "
-        "this many MiB; past it the round continues in the sketch (the round log's product-fold says which), so "
+        "FlexLoRA, FLoRA: MiB the exact forms of a round's sum of products may hold: the stack of replies, then "
+        "the dense out x in sums (8 bytes per weight of every adapted module). Only when neither fits does the "
+        "round use the single-pass sketch; the round log's product-fold says which (exact, dense or sketch), so "
         "the server's memory is bounded at every cohort size.", default=128.0)
-    sketch_oversampling: int = _meta("Sketch size beyond the rank read from it (range sketch k = rank + this; "
-                                     "co-range 2k + 1). Exact while the summed update's rank is <= k.", default=16)
+    sketch_oversampling: int = _meta(
+        "Sketch size beyond the rank read from it (range sketch k = rank + this; co-range 2k + 1). Exact while "
+        "the summed update's rank is <= k; beyond it the error against the exact truncation falls as this "
+        "grows (benchmarks/results/sketch_quality.json), and the memory grows with it.", default=80)
     sketch_rank: int = _meta("Rank the sketch is read at (0: FlexLoRA's largest client rank, FLoRA's "
                              "flora_max_rank).", default=0)
 

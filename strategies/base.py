@@ -41,7 +41,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
-from fedlora.aggregation.folds import BudgetedProductSum, Fold, KeepAll, ProductSum, SketchedProductSum, WeightedMean
+from fedlora.aggregation.folds import Fold, KeepAll, WeightedMean
+from fedlora.aggregation.product_sums import BudgetedProductSum, ProductSum, SketchedProductSum
 from fedlora.aggregation.replies import accept_train_reply
 from fedlora.aggregation.update import Update
 from fedlora.config import ConfigError, FedLoraConfig
@@ -137,19 +138,20 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         return fold.finish()
 
     def product_fold(self, server_round: int, sampled: int, rank: int) -> Fold:
-        """FLoRA's and FlexLoRA's sum of products: the exact stack for small cohorts while their
-        replies fit ``hetero.exact_budget_mb`` (then the sketch), a single-pass sketch of size ``rank``
-        (or ``hetero.sketch_rank``) plus ``hetero.sketch_oversampling`` from
-        ``hetero.sketch_from_clients`` sampled clients on."""
+        """FLoRA's and FlexLoRA's sum of products, read at ``rank``, in the most exact form that fits
+        ``hetero.exact_budget_mb``: the stack (below ``hetero.sketch_from_clients`` sampled
+        clients), then the dense sum, then a single-pass sketch read at ``rank`` (or
+        ``hetero.sketch_rank``) of that size plus ``hetero.sketch_oversampling``; the round log's
+        product-fold names the form."""
         h = self.cfg.hetero
+        read_rank = h.sketch_rank or rank
 
         def sketch() -> SketchedProductSum:
-            return SketchedProductSum(h.sketch_rank or rank, h.sketch_oversampling,
+            return SketchedProductSum(read_rank, h.sketch_oversampling,
                                       seed=self.cfg.run.seed * 1_000_003 + server_round)
 
-        if sampled < h.sketch_from_clients:
-            return BudgetedProductSum(h.exact_budget_mb * 2**20, sketch)
-        return sketch()
+        return BudgetedProductSum(h.exact_budget_mb * 2**20, rank, sketch,
+                                  stack=sampled < h.sketch_from_clients)
 
     def aggregate(self, server_round: int, updates: list[Update]) -> None:
         """Fold a list of accepted updates into ``self.global_eff`` (tests, benchmarks): the same

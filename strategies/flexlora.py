@@ -2,16 +2,17 @@
 
 The server forms the data-weighted average of the clients' full updates, sum_k p_k s_k B_k A_k,
 and gives each client the truncated SVD of that average at the client's own rank, sqrt(S) split
-between the two factors. It never materialises an out x in matrix: the sum of rank-r_k products
-has rank <= sum r_k, so a QR of the stacked factors and an SVD of the small core suffice
-(:func:`fedlora.lora_math.low_rank_svd`). The global adapter is kept at the largest client rank;
+between the two factors. From the stack of factors it needs no out x in matrix: the sum of
+rank-r_k products has rank <= sum r_k, so a QR of the stacked factors and an SVD of the small core
+suffice (:func:`fedlora.lora_math.low_rank_svd`). The global adapter is kept at the largest client rank;
 its first r_k components are exactly the best rank-r_k approximation.
 
-From ``hetero.sketch_from_clients`` clients a round on, the stack is replaced by a single-pass
-randomized sketch of the weighted sum of products (:class:`fedlora.aggregation.folds.SketchedProductSum`):
-each reply is folded into it from its factors and dropped, so the server's memory does not grow
-with the cohort; the result is exact while the sum's rank is at most the sketch size, and the
-estimated relative error of every round is logged (``sketch-relative-error``).
+The round's sum of products is folded as replies arrive, in the most exact form that fits
+``hetero.exact_budget_mb`` (:class:`fedlora.aggregation.product_sums.BudgetedProductSum`): the
+stack for small cohorts, else the dense out x in sums, else a single-pass randomized sketch whose
+size does not grow with the cohort (exact while the sum's rank is at most the sketch size; its
+estimated relative error is logged, ``sketch-relative-error``). The round log's ``product-fold``
+names the form.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ that skipped rounds catches up in one message.
 The stacked rank grows by sum_k r_k per round. ``hetero.flora_max_rank`` bounds it: above the
 cap the cumulative delta is recompressed by an SVD of its small core (exact while the true rank
 is under the cap, the best approximation otherwise). The download size follows the stacked rank
-and is reported per round. From ``hetero.sketch_from_clients`` clients a round on, the round's
-sum of products is folded into a randomized sketch instead of stacked (see FlexLoRA) and read at
-``min(flora_max_rank, sketch size)``: the server no longer holds every reply.
+and is reported per round. The round's sum of products is folded as FlexLoRA's is (the stack,
+the dense sum or the sketch, whichever is the most exact form that fits
+``hetero.exact_budget_mb``); from the sketch it is read at ``min(flora_max_rank, sketch size)``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import continual_config, make_config
+from conftest import continual_config
 from fedlora.config import ConfigError
 from fleet import run_recorded
 
@@ -31,46 +31,36 @@ def test_the_penalty_is_the_fisher_weighted_squared_distance_summed_over_tasks(s
     assert abs(got - expected) <= 1e-9 * max(1.0, expected)
 
 
-def _model(tmp_path):
-    from fedlora.data import load_task
-    from fedlora.model import AdapterSpec, build_peft_model, set_trainable
-
-    cfg = make_config(tmp_path)
-    task = load_task(cfg)
-    model = build_peft_model(cfg, task.num_labels, AdapterSpec.for_rank(cfg, 4))
-    set_trainable(model, frozenset({"A", "B"}))
-    with torch.no_grad():  # B away from zero: every factor then has a gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    return model, task
-
-
-def test_the_fisher_is_the_mean_of_each_examples_squared_gradient(tmp_path, shared_data):
-    """Against the definition, one example at a time through .grad (dropout off), not the batch's
-    squared mean gradient (which would be smaller)."""
+@pytest.mark.parametrize("limit, mode", [(3, "train"), (3, "eval"), (50, "train")])
+def test_the_fisher_is_the_mean_of_each_examples_squared_gradient(limit, mode):
+    """Against the definition, one example at a time through .grad with dropout off, over the first
+    ``limit`` examples (all of them when there are fewer), not the batch's squared mean gradient
+    (which would be smaller); the frozen parameters have none, and the model's mode comes back."""
     import torch.nn.functional as F
+    from tiny_model import TinyClassifier, tiny_examples
 
     from fedlora.data import batches
     from fedlora.methods._ewc import diagonal_fisher, trainable
 
-    model, task = _model(tmp_path)
-    model.train()
-    got = diagonal_fisher(model, task.train, 5, torch.device("cpu"))
-    assert model.training  # restored after the estimate (dropout off inside it)
+    model, data = TinyClassifier(5), tiny_examples(6, 5)
+    model.train(mode == "train")
+    got = diagonal_fisher(model, data, limit, torch.device("cpu"))
+    assert model.training == (mode == "train")
     params = trainable(model)
+    assert set(got) == set(params) and "emb.weight" not in got
     want = {n: torch.zeros_like(p) for n, p in params.items()}
     model.eval()
-    for i, (batch, labels) in enumerate(batches(task.train, 1, shuffle=False)):
-        if i == 5:
+    used = min(limit, len(data))
+    for i, (batch, labels) in enumerate(batches(data, 1, shuffle=False)):
+        if i == used:
             break
         model.zero_grad()
         F.cross_entropy(model(**batch).logits, labels).backward()
         for n, p in params.items():
-            want[n] += p.grad ** 2 / 5
+            want[n] += p.grad ** 2 / used
     for n in want:
-        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-12), n
-    assert all(bool((f >= 0).all()) for f in got.values()) and any(float(f.sum()) > 0 for f in got.values())
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-12)
+    assert all(bool((f >= 0).all()) for f in got.values()) and all(float(f.sum()) > 0 for f in got.values())
 
 
 def test_ewc_is_a_continual_method_refused_with_dp_sgd(tmp_path, shared_data):
@@ -99,26 +89,84 @@ def test_a_task_sequence_under_ewc_pulls_toward_the_finished_task_by_its_weight(
     assert penalty[0.0] > 0 and penalty[1e6] < 0.2 * penalty[0.0]
 
 
-def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_factors_move(tmp_path, shared_data):
+def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_factors_move():
+    from tiny_model import TinyClassifier
+
     from fedlora.methods._ewc import EWCPenalty, trainable
     from fedlora.training import TrainContext
 
-    model, _ = _model(tmp_path)
+    model = TinyClassifier(4)
     params = trainable(model)
     name = next(iter(params))
     theta = {n: p.detach().clone() for n, p in params.items()}
     fisher = {n: torch.full_like(p, 2.0) for n, p in params.items()}
-    hook = EWCPenalty(10.0, [{"theta": theta, "fisher": fisher}])
+    hook = EWCPenalty(10.0, [{"theta": theta, "fisher": fisher}, {"theta": theta, "fisher": fisher}])
     ctx = TrainContext(model=model, params=list(params.values()), optimizer=None, data=None, tc=None, seed=0,
                        device=torch.device("cpu"), target_steps=0, batch_source=None)
     hook.begin(ctx)
     base = torch.tensor(0.7)
     assert float(hook.loss(ctx, base).detach()) == pytest.approx(0.7)
+    assert hook.end(ctx)["ewc-penalty"] == 0.0
     with torch.no_grad():
         params[name].add_(0.1)
-    penalty = 2.0 * 0.01 * params[name].numel()
+    penalty = 2 * 2.0 * 0.01 * params[name].numel()  # two finished tasks anchored at the same point
     assert float(hook.loss(ctx, base).detach()) == pytest.approx(0.7 + 5.0 * penalty, rel=1e-4)
     assert hook.end(ctx)["ewc-penalty"] == pytest.approx(penalty, rel=1e-4)
     wrong = EWCPenalty(1.0, [{"theta": {"x": torch.zeros(1)}, "fisher": {"x": torch.zeros(1)}}])
     with pytest.raises(ValueError, match="do not match the model's trainable parameters"):
         wrong.begin(ctx)
+
+
+def _three_task_config(tmp_path, method: str, **sections):
+    from conftest import SHARED_DATA
+    from fedlora.config import FedLoraConfig
+
+    raw = continual_config(tmp_path, method, **sections).to_dict()
+    raw["run"]["rounds"] = 3
+    raw["continual"]["tasks"].append({"name": "yelp", "dataset": str(SHARED_DATA / "yelp"), "rounds": 1})
+    return FedLoraConfig.from_dict(raw)
+
+
+def client_round(cfg, server_round: int, model, store, partition: int = 0):
+    """The client-side view of a round a continual plug-in's builder reads (no message needed)."""
+    from fedlora.extensions import ClientRound
+    from fedlora.factors import LoraFactors
+
+    return ClientRound(cfg=cfg, server_round=server_round, config={}, arrays=None, received=LoraFactors(),
+                       model=model, policy=None, client_id=f"c{partition}", partition_id=partition, store=store,
+                       device=torch.device("cpu"), data=None, modules=[])
+
+
+def test_the_builder_anchors_each_finished_task_at_the_model_received_when_the_next_began(tmp_path, shared_data):
+    """Nothing in the first task; in the next, one (theta*, F) of the finished task: theta* the model
+    the client holds then, F its Fisher on that task's own training split, kept in the store and read
+    back (not re-estimated) in later rounds; a task the client never anchored is skipped."""
+    from tiny_model import TinyClassifier
+
+    from fedlora.continual.tasks import task_client_data
+    from fedlora.methods._ewc import EWCPenalty, diagonal_fisher, fisher_penalty, trainable
+    from fedlora.state import ClientStateStore
+
+    cfg = _three_task_config(tmp_path, "ewc", ewc={"weight": 3.0, "fisher_examples": 4})
+    model, store = TinyClassifier(4 + 14 + 5), ClientStateStore(tmp_path / "state")
+    assert fisher_penalty(client_round(cfg, 1, model, store), 3.0, 4) == []
+    theta = {n: p.detach().clone() for n, p in trainable(model).items()}
+    fisher = diagonal_fisher(model, task_client_data(cfg, 0, 0).train, 4, torch.device("cpu"))
+    [hook] = fisher_penalty(client_round(cfg, 2, model, store), 3.0, 4)
+    assert isinstance(hook, EWCPenalty) and hook.weight == 3.0 and len(hook.anchors) == 1
+    for n in theta:
+        torch.testing.assert_close(hook.anchors[0]["theta"][n], theta[n], rtol=0, atol=0)
+        torch.testing.assert_close(hook.anchors[0]["fisher"][n], fisher[n])
+    with torch.no_grad():
+        for p in trainable(model).values():
+            p.add_(1.0)
+    [again] = fisher_penalty(client_round(cfg, 2, model, store), 3.0, 4)  # read back, not re-estimated
+    for n in theta:
+        torch.testing.assert_close(again.anchors[0]["theta"][n], theta[n], rtol=0, atol=0)
+    [third] = fisher_penalty(client_round(cfg, 3, model, store), 3.0, 4)
+    assert len(third.anchors) == 2  # task 0 as kept, task 1 at the model held now
+    for n, p in trainable(model).items():
+        torch.testing.assert_close(third.anchors[1]["theta"][n], p.detach(), rtol=0, atol=0)
+    late = ClientStateStore(tmp_path / "late")  # a client whose first round is in the third task
+    [only] = fisher_penalty(client_round(cfg, 3, model, late), 3.0, 4)
+    assert len(only.anchors) == 1 and not late.has("c0", f"ewc-{cfg.digest()}-task0")

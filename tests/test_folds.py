@@ -12,15 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedlora.aggregation.folds import (
-    BudgetedProductSum,
-    ExactProductSum,
-    KeepAll,
-    SketchedProductSum,
-    WeightedMean,
-    ZeroPaddedMean,
-    batch,
-)
+from fedlora.aggregation.folds import KeepAll, WeightedMean, ZeroPaddedMean, batch
+from fedlora.aggregation.product_sums import BudgetedProductSum, DenseProductSum, ExactProductSum, SketchedProductSum
 from fedlora.aggregation.share_cap import ShareCapped
 from fedlora.factors import LoraFactors, ModuleFactors
 from fedlora.lora_math import aggregate_stacked, aggregate_svd, aggregate_zero_padded, weighted_mean
@@ -136,7 +129,9 @@ def test_a_share_capped_hetlora_round_equals_the_batch_with_capped_weights():
 
 # ---------------------------------------------------------------------------------- rejection
 @pytest.mark.parametrize("make", [WeightedMean, lambda: ZeroPaddedMean(4), ExactProductSum,
-                                  lambda: SketchedProductSum(4, 4), lambda: ShareCapped(WeightedMean(), 0.3)])
+                                  lambda: SketchedProductSum(4, 4), lambda: DenseProductSum(4),
+                                  lambda: BudgetedProductSum(1, 4, lambda: SketchedProductSum(4, 4)),
+                                  lambda: ShareCapped(WeightedMean(), 0.3)])
 def test_an_update_that_does_not_fit_leaves_no_trace(make):
     good = [_update(1), _update(2), _update(3)]
     other_modules = LoraFactors(modules={"elsewhere": ModuleFactors(A=torch.ones(4, 10), B=torch.ones(12, 4),
@@ -149,7 +144,7 @@ def test_an_update_that_does_not_fit_leaves_no_trace(make):
             fold.add(bad, w)
     fold.add(good[1], 2.0)
     fold.add(good[2], 3.0)
-    product = isinstance(getattr(ref, "inner", ref), (ExactProductSum, SketchedProductSum))
+    product = isinstance(getattr(ref, "inner", ref), (ExactProductSum, SketchedProductSum, DenseProductSum))
     a, b = (ref.result(4), fold.result(4)) if product else (ref.finish(), fold.finish())
     _close(a, b, rtol=0, atol=0)
 
@@ -280,16 +275,20 @@ def test_a_reply_rejected_mid_round_leaves_no_trace_in_the_global_adapter():
         _close(s.global_eff, ref.global_eff, rtol=0, atol=0)
 
 
-def test_a_large_flexlora_cohort_is_sketched_and_its_error_logged():
+@pytest.mark.parametrize("budget_mb, form", [("128", "dense"), ("0", "sketch")])
+def test_a_large_flexlora_cohort_is_folded_dense_when_it_fits_and_sketched_with_its_error_logged_when_not(
+        budget_mb, form):
     from test_strategy_maths import _setup
 
     ranks = [2, 4, 3, 4, 1, 2]
-    _, s, profiles, template = _setup("flexlora", "fixed", ranks, **{"hetero.sketch_from_clients": "5"})
+    _, s, profiles, template = _setup("flexlora", "fixed", ranks, **{"hetero.sketch_from_clients": "5",
+                                                                     "hetero.exact_budget_mb": budget_mb})
     _, ex, _, _ = _setup("flexlora", "fixed", ranks)
     replies = _replies(s, profiles, template, 1, [10, 20, 30, 10, 20, 30])
     rl = _train_round(s, profiles, replies, 1)
     _train_round(ex, profiles, replies, 1)
-    assert rl.accepted == 6 and "sketch-relative-error" in rl.privacy
+    assert rl.accepted == 6 and rl.privacy["product-fold"] == form
+    assert ("sketch-relative-error" in rl.privacy) == (form == "sketch")
     # rank sum 16 <= the sketch's k = 4 + 16 (the default oversampling): the sketch is exact here
     for n, m in s.global_eff.modules.items():
         e = ex.global_eff.modules[n]
@@ -332,6 +331,7 @@ def test_flora_sketched_and_hetlora_share_capped_read_their_fold_through_the_cap
     ranks = [2, 4, 3, 4, 1, 2]
     weights = [10, 20, 30, 10, 20, 30]
     _, fl, profiles, template = _setup("flora", "fixed", ranks, **{"hetero.sketch_from_clients": "5",
+                                                                    "hetero.exact_budget_mb": "0",
                                                                     "robust.max_client_share": "0.5"})
     _, ex, _, _ = _setup("flora", "fixed", ranks, **{"robust.max_client_share": "0.5"})
     replies = _replies(fl, profiles, template, 1, weights)
@@ -347,34 +347,68 @@ def test_flora_sketched_and_hetlora_share_capped_read_their_fold_through_the_cap
     assert rl.accepted == 3 and not rl.aggregation_error and het.global_rank() == 4
 
 
-def test_the_budgeted_product_sum_is_exact_while_replies_fit_and_sketches_past_its_budget():
-    """FlexLoRA's and FLoRA's fold below hetero.sketch_from_clients: exact (the stack, equal to the
-    batch formula) while the held replies fit the budget; past it the held replies move into the
-    sketch and are dropped, so what it holds stops growing, and it equals a sketch fed every reply."""
+def test_the_budgeted_product_sum_stacks_while_replies_fit_then_folds_dense_then_sketches_past_its_budget():
+    """FlexLoRA's and FLoRA's fold: the stack (equal to the batch formula) while the held replies
+    fit the budget; past it the held replies move into the dense sums when those fit (still exact,
+    and flat), else into the sketch (flat, and equal to a sketch fed every reply)."""
     ups = [_update(seed, rank=r, out=20, inp=12) for seed, r in enumerate((2, 3, 4, 2, 3, 4, 2, 3))]
     weights = [1.0 + i for i in range(len(ups))]
     size = sum(t.numel() * t.element_size() for _, t in ups[0].tensors())
+    dense_bytes = DenseProductSum.bytes_for(ups[0])
+    assert 2 * size < dense_bytes < 6 * size  # so that a budget between them stacks first, then goes dense
 
     def sketch() -> SketchedProductSum:
         return SketchedProductSum(4, 6, seed=11)
 
-    roomy = BudgetedProductSum(10**9, sketch)
+    roomy = BudgetedProductSum(10**9, 4, sketch)
     for u, w in zip(ups, weights):
         roomy.add(u, w)
     assert roomy.path == "exact" and roomy.last_error is None
     want = aggregate_svd(ups, weights, 4)
     _close(roomy.result(4), want)
 
-    tight = BudgetedProductSum(3.5 * size, sketch)
-    held, paths = [], []
-    for u, w in zip(ups, weights):
-        tight.add(u, w)
-        held.append(tight.held_bytes())
-        paths.append(tight.path)
-    switch = paths.index("sketch")
-    assert 0 < switch < len(ups) - 2 and tight.count == len(ups)
-    assert max(held[:switch]) <= 3.5 * size  # exact: within the budget
-    assert held[switch:] == [held[switch]] * (len(ups) - switch)  # sketching: flat, whatever comes
-    reference = batch(sketch(), ups, weights)
-    _close(tight.result(4), reference.result(4))
-    assert tight.last_error == pytest.approx(reference.last_error)
+    for budget, form in ((dense_bytes, "dense"), (dense_bytes - 1, "sketch")):
+        fold = BudgetedProductSum(budget, 4, sketch)
+        held, paths = [], []
+        for u, w in zip(ups, weights):
+            fold.add(u, w)
+            held.append(fold.held_bytes())
+            paths.append(fold.path)
+        switch = paths.index(form)
+        assert 0 < switch < len(ups) - 2 and fold.count == len(ups), paths
+        assert max(held[:switch]) <= budget  # stacking: within the budget
+        assert held[switch:] == [held[switch]] * (len(ups) - switch)  # folding: flat, whatever comes
+        if form == "dense":
+            assert fold.last_error is None and held[switch] == dense_bytes
+            for n, d in _dense(fold.result(4)).items():  # exact: the best rank-4 factors of the true sum
+                torch.testing.assert_close(d, _dense(want)[n], rtol=1e-5, atol=1e-5)  # the oracle QRs in float32
+        else:
+            reference = batch(sketch(), ups, weights)
+            _close(fold.result(4), reference.result(4))
+            assert fold.last_error == pytest.approx(reference.last_error)
+    started = BudgetedProductSum(dense_bytes, 4, sketch, stack=False)  # a large cohort starts in the dense sum
+    started.add(ups[0], 1.0)
+    assert started.path == "dense" and started.held_bytes() == dense_bytes
+
+
+@given(ranks=st.lists(st.integers(1, 5), min_size=1, max_size=6), rank=st.integers(1, 8),
+       order=st.randoms(use_true_random=False))
+def test_the_dense_product_sum_is_the_exact_svd_of_the_sum_in_any_order(ranks, rank, order):
+    """At a rank, the dense sum equals FlexLoRA's batch formula; read without one (FLoRA), its
+    product is the stack's product, at the sum's numerical rank (no zero components)."""
+    ups = [_update(i, rank=r) for i, r in enumerate(ranks)]
+    weights = [float(1 + i % 4) for i in range(len(ups))]
+    idx = list(range(len(ups)))
+    order.shuffle(idx)
+    fold = batch(DenseProductSum(64), [ups[i] for i in idx], [weights[i] for i in idx])
+    want = aggregate_svd(ups, weights, rank)
+    got = fold.result(rank)
+    for n in got.modules:
+        torch.testing.assert_close(_dense(got)[n], _dense(want)[n], rtol=1e-5, atol=1e-5)
+        assert got.modules[n].rank == rank
+    torch.testing.assert_close(got.extras["classifier.weight"], want.extras["classifier.weight"])
+    full = fold.result(None)
+    stack = aggregate_stacked(ups, weights)
+    assert next(iter(full.modules.values())).rank == min(sum(ranks), 10)  # rank sum, or the width (in = 10)
+    for n in full.modules:
+        torch.testing.assert_close(_dense(full)[n], _dense(stack)[n], rtol=1e-5, atol=1e-5)
