@@ -319,15 +319,17 @@ class RobustConfig:
         "Bound on each client's update (its change from what it started the round with, effective form, "
         "shared parts) in L2 norm; 0 = off.", default=0.0)
     relative_norm_bound: float = _meta(
-        "Bound on each client's update norm, as a multiple of the median update norm of the previous round "
-        "(the first round: of its first reference_window replies); above it the update is clipped onto it (or "
+        "Bound on each client's update norm, as a multiple of the median update norm of the round's own replies "
+        "(in any arrival order: the largest held back until the round ends); above it the update is clipped onto it (or "
         "rejected, norm_action) and the client named. On by default so one client cannot move the global "
         "adapter far; 0 = off. Off under client-level DP (its clip bounds every client).", default=4.0)
     max_weight_factor: float = _meta(
         "Cap on a reply's aggregation weight (its example count): this many times the median training-set size "
         "the clients declared. On by default; 0 = off.", default=10.0)
-    reference_window: int = _meta("relative_norm_bound: replies held in the first round to measure the median "
-                                  "from.", default=8)
+    held_back_replies: int = _meta(
+        "relative_norm_bound: the replies with this many largest update norms are held back (adapters) until "
+        "the round's median is known; every reply above the bound is bounded while at most this many exceed it "
+        "(more are named as folded unbounded).", default=8)
     norm_action: str = _meta("Above a bound: 'clip' (scale onto the bound) or 'reject' (drop the reply).",
                              default="clip")
     aggregation: str = _meta(
@@ -345,7 +347,7 @@ class RobustConfig:
         _require(self.update_norm_bound >= 0, "robust.update_norm_bound", "must be >= 0 (0 = off)")
         _require(self.relative_norm_bound == 0 or self.relative_norm_bound >= 1, "robust.relative_norm_bound",
                  f"must be 0 (off) or >= 1 (a multiple of the median norm), got {self.relative_norm_bound}")
-        _require(self.reference_window >= 1, "robust.reference_window", "must be >= 1")
+        _require(self.held_back_replies >= 1, "robust.held_back_replies", "must be >= 1")
         _require(self.max_weight_factor == 0 or self.max_weight_factor >= 1, "robust.max_weight_factor",
                  f"must be 0 (off) or >= 1, got {self.max_weight_factor}")
         _require(self.norm_action in ("clip", "reject"), "robust.norm_action", "must be 'clip' or 'reject'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -115,3 +116,58 @@ def test_boundaries_of_the_share_cap_and_the_clip():
     clipped, _ = clip_update(start, only_b, 1e-3)
     assert clipped.modules["m"].A is None and update_norm(start, clipped) == pytest.approx(1e-3, rel=1e-4)
     assert update_norm(start, start) == 0.0
+
+
+# ---------------------------------------------------------------------------------- the relative bound
+def _attacked_round(order: list[int], attackers: set[int], held_back: int = 8, scale: float = 1e3):
+    """One FedIT round of 10 clients through the real strategy path, replies in ``order``; each
+    attacker sends its honest factors times ``scale``. Returns (strategy, round log)."""
+    from test_folds import _train_round
+    from test_privacy import _Reply
+    from test_strategy_maths import _local_training, _setup
+    from test_strategy_maths import _reply as reply_content
+
+    from fedlora import codec
+
+    _, s, profiles, template = _setup("fedit", "fixed", [4] * 10, **{"robust.held_back_replies": str(held_back)})
+    replies = []
+    for i, prof in enumerate(profiles):
+        adapter, _ = s.client_payload(prof, 1)
+        received = codec.decode(codec.encode(adapter, modules=s.module_names), alpha=prof.alpha, modules=s.module_names)
+        f = _local_training(received, prof, template, s.sharing_policy, seed=10 + i)
+        if i in attackers:
+            f = LoraFactors(modules={n: ModuleFactors(A=m.A * scale**0.5, B=m.B * scale**0.5, alpha=m.alpha)
+                                     for n, m in f.modules.items()}, extras={k: v * scale for k, v in f.extras.items()})
+        replies.append(_Reply(prof.node_id, reply_content(s, f, 100, prof.rank)))
+    return s, _train_round(s, profiles, [replies[i] for i in order], 1)
+
+
+@pytest.mark.parametrize("order", [random.Random(seed).sample(range(10), 10) for seed in range(8)]
+                         + [list(range(10))[::-1]])
+def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order):
+    """Four of ten replies blown up 1000x (the attack that filled the old first-round window when they
+    answered first): in every arrival order the same four are clipped onto 4x the round's median
+    norm, named, and the new global adapter is the same."""
+    attackers = {0, 3, 5, 8}
+    first = sorted(range(10), key=lambda i: (i not in attackers, i))  # the attackers answer first
+    ref, ref_rl = _attacked_round(first, attackers)
+    s, rl = _attacked_round(list(order), attackers)
+    for log in (ref_rl, rl):
+        assert sorted(c.split(":")[0] for c in log.clipped) == [f"client c{i}" for i in sorted(attackers)], log.clipped
+        assert all("4x" in c and "median update norm" in c for c in log.clipped) and not log.flagged
+    for (k, a), (_, b) in zip(s.global_eff.tensors(), ref.global_eff.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unbounded():
+    """Four blown-up replies, two held back: in either arrival order the two largest are bounded and
+    the round says that two more were folded before the bound was known."""
+    attackers = {0, 1, 2, 3}
+    for order in ([4, 5, 6, 7, 8, 9, 0, 1, 2, 3], list(range(10))):
+        _, rl = _attacked_round(order, attackers, held_back=2)
+        assert len(rl.clipped) == 2 and len(rl.flagged) == 1, (rl.clipped, rl.flagged)
+        assert rl.flagged[0].startswith("2 replies above robust.relative_norm_bound (4x the median update norm ")
+        assert rl.flagged[0].endswith("folded unbounded: more than robust.held_back_replies (2) replies exceeded "
+                                      "it this round")
+    _, fits = _attacked_round(list(range(10)), {0, 1}, held_back=2)
+    assert len(fits.clipped) == 2 and not fits.flagged

@@ -7,6 +7,7 @@ above the bound it is scaled back onto it (``clip``) or dropped (``reject``), an
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING
 
 from fedlora.aggregation.folds import Fold, KeepAll
@@ -62,61 +63,73 @@ def bound_weight(strategy, prof: NodeProfile, examples: int, rl) -> float:
 
 
 class RelativeBound:
-    """``robust.relative_norm_bound`` (on by default): no update's norm may exceed that many times a
-    reference, the median update norm of the previous round's accepted replies (a robust statistic:
-    fewer than half the clients cannot move it). Above it the update is clipped onto it (or
-    rejected, ``robust.norm_action``) and the client named. It needs no absolute figure, so it suits
-    any model and learning rate, and an honest client in an honest round is far below it.
+    """``robust.relative_norm_bound`` (on by default): no update's norm may exceed that many times the
+    median update norm of the round's own accepted replies (a robust statistic: fewer than half the
+    replies cannot move it), whatever order they arrive in. Above it the update is clipped onto it
+    (or rejected, ``robust.norm_action``) and the client named. It needs no absolute figure, so it
+    suits any model and learning rate, and an honest client in an honest round is far below it.
 
-    The first round has no reference: its first ``robust.reference_window`` replies are held (a few
-    adapters, once) and their median becomes the reference, so a round with at most that many
-    clients is bounded by its own exact median, whatever the arrival order. Off under client-level
-    DP: a threshold computed from other clients' updates would make each client's clip depend on
-    the others' data, which the Gaussian mechanism's analysis does not allow (its own clip C
-    bounds every client there).
+    The median is known only when the round's replies end, so every reply's norm (a scalar) is kept
+    and the replies with the ``robust.held_back_replies`` largest norms so far are held back (a few
+    adapters); a reply leaves the held set, to be folded, only when a larger one takes its place.
+    When the round ends the median of all the norms sets the bound and the held replies are bounded
+    by it. So every reply above the bound is bounded, in any arrival order, as long as at most
+    ``held_back_replies`` replies exceed it (a reply above the bound could only have been folded
+    if that many larger ones were held); if more do, the round names how many were folded unbounded.
+    Off under client-level DP: a threshold computed from other clients' updates would make each
+    client's clip depend on the others' data, which the Gaussian mechanism's analysis does not
+    allow (its own clip C bounds every client there).
 
-    ``offer`` takes an accepted update and returns those ready to fold (none while the first
-    window fills); ``flush`` returns what is still held when the round's replies end."""
+    ``offer`` takes an accepted update and returns those ready to fold (the one a larger reply
+    displaced from the held set, if any); ``flush`` returns the held ones, bounded, when the
+    round's replies end."""
 
-    def __init__(self, run: GlobalAdapter, rl: RoundLog, reference: float | None) -> None:
+    def __init__(self, run: GlobalAdapter, rl: RoundLog) -> None:
         r = run.cfg.robust
         self.strategy, self.rl, self.server_round = run, rl, rl.server_round
         self.factor = 0.0 if rl.released_by else r.relative_norm_bound
-        self.window = max(1, r.reference_window)
-        self.reference = self.previous = reference  # the last round's median update norm (None: none yet)
+        self.capacity = max(1, r.held_back_replies)
         self.norms: list[float] = []
-        self._held: list[tuple] = []
+        self.folded_norms: list[float] = []  # norms of the replies folded before the bound was known
+        self._held: list[tuple[float, int, Update]] = []  # a min-heap on (norm, arrival)
+        self.reference: float | None = None
 
     def offer(self, update: Update) -> list[Update]:
         if self.factor <= 0:
             return [update]
-
         norm = update_norm(self.strategy.round_start(update.profile, self.server_round), update.factors)
         self.norms.append(norm)
-        if self.reference is None:
-            self._held.append((update, norm))
-            return self.flush() if len(self._held) >= self.window else []
-        return [x for x in [self._bounded(update, norm)] if x is not None]
+        entry = (norm, len(self.norms), update)
+        if len(self._held) < self.capacity:
+            heapq.heappush(self._held, entry)
+            return []
+        smallest = heapq.heappushpop(self._held, entry)
+        self.folded_norms.append(smallest[0])
+        return [smallest[2]]
 
     def flush(self) -> list[Update]:
-        if not self._held:
+        if self.factor <= 0 or not self.norms:
             return []
-        if self.reference is None:
-            self.reference = _median([n for _, n in self._held])
-        held, self._held = self._held, []
-        return [x for x in (self._bounded(u, n) for u, n in held) if x is not None]
+        self.reference = _median(self.norms)
+        early = sum(1 for n in self.folded_norms if n > self.factor * self.reference)
+        if early:
+            self.rl.flagged.append(
+                f"{early} repl{'y' if early == 1 else 'ies'} above robust.relative_norm_bound "
+                f"({self.factor:g}x the median update norm {self.reference:.4g}) folded unbounded: more than "
+                f"robust.held_back_replies ({self.capacity}) replies exceeded it this round")
+        held, self._held = sorted(self._held, key=lambda e: e[1]), []
+        return [x for x in (self._bounded(u, n) for n, _, u in held) if x is not None]
 
-    def next_reference(self) -> float | None:
-        """The next round's reference: this round's median (the previous one if no norm was seen)."""
-        return _median(self.norms) if self.norms else self.previous
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, _, u in self._held for _, t in u.factors.tensors())
 
-    def _bounded(self, update, norm: float):
+    def _bounded(self, update: Update, norm: float) -> Update | None:
         ref = self.reference
         if ref is None or ref <= 0 or norm <= self.factor * ref:
             return update
         limit = self.factor * ref
         who = f"client {update.profile.client_id}"
-        why = (f"update norm {norm:.4g} is {norm / ref:.3g}x the reference {ref:.4g} (the median update norm), "
+        why = (f"update norm {norm:.4g} is {norm / ref:.3g}x the round's median update norm {ref:.4g}, "
                f"above robust.relative_norm_bound ({self.factor:g}x)")
         if self.strategy.cfg.robust.norm_action == "reject":
             self.rl.rejected.append(f"{who} (node {update.profile.node_id}): {why}")
@@ -136,17 +149,15 @@ def _median(xs: list[float]) -> float:
 @register_extension
 class RobustBounds(Extension):
     """The robust layer's stages across a round's replies (``[robust]``): the relative norm bound
-    (:class:`RelativeBound`, its reference kept from round to round and in the checkpoint) and the
-    share cap around the strategy's fold (:class:`~fedlora.aggregation.share_cap.ShareCapped`). The
-    per-reply absolute bound and weight cap act while a reply is accepted (:func:`bound_update`,
-    :func:`bound_weight`)."""
+    (:class:`RelativeBound`, from the round's own median) and the share cap around the strategy's
+    fold (:class:`~fedlora.aggregation.share_cap.ShareCapped`). The per-reply absolute bound and
+    weight cap act while a reply is accepted (:func:`bound_update`, :func:`bound_weight`)."""
 
     name = "robust"
     order = 5  # the first stage a reply meets
 
     def __init__(self, cfg: FedLoraConfig) -> None:
         super().__init__(cfg)
-        self.reference: float | None = None  # the last round's median update norm
         self._stage: RelativeBound | None = None
 
     @classmethod
@@ -154,7 +165,7 @@ class RobustBounds(Extension):
         return True  # its defaults are on; each bound at 0 (or 1.0 for the share cap) is off
 
     def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
-        self._stage = RelativeBound(run, rl, self.reference)
+        self._stage = RelativeBound(run, rl)
         return self
 
     def offer(self, update: Update) -> list[Update]:
@@ -164,14 +175,8 @@ class RobustBounds(Extension):
         return self._stage.flush()
 
     def end(self) -> None:
-        self.reference = self._stage.next_reference()
+        pass
 
     def wrap_fold(self, fold: Fold, rl: RoundLog) -> Fold:
         cap = self.cfg.robust.max_client_share
         return ShareCapped(fold, cap) if cap < 1.0 and not isinstance(fold, KeepAll) else fold
-
-    def server_state(self) -> dict:
-        return {"norm-reference": self.reference}
-
-    def load_server_state(self, state: dict) -> None:
-        self.reference = state.get("norm-reference")
