@@ -143,8 +143,11 @@ def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, h
 
 def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(tmp_path, honest_only):
     """The default relative norm bound: one client sending x1e6 its factors, or its start plus 1e6
-    times its own change, among three honest ones, leaves the global adapter within 2x the honest
-    run's (the same federation with that client's reply never arriving), and is named."""
+    times its own change, among three honest ones, leaves the global adapter's norm within 2x the
+    honest run's (the same federation with that client's reply never arriving) and its change
+    within 2.5x, and is named. The bound lets the one client send 4x the round's median change in
+    its own direction ("boost": its honest direction), so an aligned round moves up to (3 + 4) / 4
+    of an honest one's mean, and the rounds compound."""
     ref = _adapter(honest_only)
     ref_norm = float(torch.cat([t.flatten().double() for _, t in sorted(ref.items())]).norm())
     for attack in ("scale-1e6", "boost"):
@@ -154,7 +157,7 @@ def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(
         norm = float(torch.cat([t.flatten().double() for _, t in sorted(ad.items())]).norm())
         assert norm < 2 * ref_norm, (attack, norm, ref_norm)
         change, ref_change = float(_delta(ad).norm()), float(_delta(ref).norm())
-        assert change < 2 * ref_change, (attack, change, ref_change)
+        assert change < 2.5 * ref_change, (attack, change, ref_change)
         named = _text(rows, "clipped")
         assert "client-00003: update norm" in named and "robust.relative_norm_bound" in named, (attack, named)
         assert "client-0000" not in named.replace("client-00003", ""), named  # no honest client was bounded
