@@ -10,6 +10,9 @@
   coordinates in one fixed basis, that adapter's, and a coordinate statistic is meaningful. Both
   ignore example counts, as Flower's FedMedian and FedTrimmedAvg do.
 * **Share cap** (``robust.max_client_share``): no client's normalised weight exceeds the cap.
+* **Direction** (``robust.min_cosine``): each update's cosine similarity with the coordinate-wise
+  median of the round's updates (:func:`cosines_to_median`), which fewer than half the clients
+  cannot turn; a sign-flipped update points away from it.
 """
 
 from __future__ import annotations
@@ -64,6 +67,47 @@ def update_norm(start: LoraFactors, new: LoraFactors) -> float:
     for k, t in new.extras.items():
         sq += float(((t - start.extras[k]).double() ** 2).sum())
     return math.sqrt(sq)
+
+
+def update_change(start: LoraFactors, new: LoraFactors) -> torch.Tensor:
+    """``new - start`` in effective form as one float32 vector, the terms :func:`update_norm` sums
+    (its norm is that norm), in a fixed order: modules as ``new`` lists them (A, then s*B), then
+    the extras."""
+    parts = []
+    for name, m in new.modules.items():
+        s0 = start.modules[name]
+        r = m.rank
+        if m.A is not None:
+            parts.append((m.A - s0.A[:r]).flatten())
+        if m.B is not None:
+            parts.append((m.scaling * m.B - s0.scaling * s0.B[:, :r]).flatten())
+    parts += [(t - start.extras[k]).flatten() for k, t in new.extras.items()]
+    return torch.cat([p.float() for p in parts]) if parts else torch.zeros(0)
+
+
+def cosines_to_median(changes: Sequence[torch.Tensor], chunk: int = 8192) -> list[float]:
+    """Cosine similarity of each of ``changes`` (same-length vectors) with their coordinate-wise
+    median (the lower median for an even count, as :func:`coordinate_median`). A zero change, or
+    a zero median, has no direction: its cosine is reported as 1. Works through ``chunk``
+    coordinates at a time, so it holds one n x chunk block beside the vectors."""
+    n = len(changes)
+    if not n:
+        return []
+    length = changes[0].numel()
+    if any(c.numel() != length for c in changes):
+        raise ValueError("cosines_to_median needs changes of one length")
+    dots = torch.zeros(n, dtype=torch.float64)
+    sq = torch.zeros(n, dtype=torch.float64)
+    med_sq = 0.0
+    for lo in range(0, length, chunk):
+        block = torch.stack([c[lo:lo + chunk] for c in changes]).double()
+        med = block.median(dim=0).values
+        dots += block @ med
+        sq += (block * block).sum(dim=1)
+        med_sq += float(med @ med)
+    if med_sq <= 0:
+        return [1.0] * n
+    return [float(d / math.sqrt(s * med_sq)) if s > 0 else 1.0 for d, s in zip(dots, sq)]
 
 
 def clip_update(start: LoraFactors, new: LoraFactors, bound: float) -> tuple[LoraFactors, float]:

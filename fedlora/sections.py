@@ -326,10 +326,15 @@ class RobustConfig:
     max_weight_factor: float = _meta(
         "Cap on a reply's aggregation weight (its example count): this many times the median training-set size "
         "the clients declared. On by default; 0 = off.", default=10.0)
-    held_back_replies: int = _meta(
-        "relative_norm_bound: the replies with this many largest update norms are held back (adapters) until "
-        "the round's median is known; every reply above the bound is bounded while at most this many exceed it "
-        "(more are named as folded unbounded).", default=8)
+    min_cosine: float = _meta(
+        "Direction bound: a reply whose update (its change, effective form, shared parts) has cosine similarity "
+        "below this with the coordinate-wise median of the round's updates is left out of the fold and named; "
+        "-1 = off. Checked when the round's replies fit robust.held_back_mb and share one rank. Off under "
+        "client-level DP.", default=0.0)
+    held_back_mb: float = _meta(
+        "MiB of replies held back until the round's medians are known (the largest update norms first; at least "
+        "one reply): the norm bound is exact in any arrival order while no more replies exceed it than this "
+        "holds, and the direction bound runs when the whole round fits.", default=256.0)
     norm_action: str = _meta("Above a bound: 'clip' (scale onto the bound) or 'reject' (drop the reply).",
                              default="clip")
     aggregation: str = _meta(
@@ -347,7 +352,9 @@ class RobustConfig:
         _require(self.update_norm_bound >= 0, "robust.update_norm_bound", "must be >= 0 (0 = off)")
         _require(self.relative_norm_bound == 0 or self.relative_norm_bound >= 1, "robust.relative_norm_bound",
                  f"must be 0 (off) or >= 1 (a multiple of the median norm), got {self.relative_norm_bound}")
-        _require(self.held_back_replies >= 1, "robust.held_back_replies", "must be >= 1")
+        _require(self.held_back_mb >= 0, "robust.held_back_mb", "must be >= 0")
+        _require(-1.0 <= self.min_cosine < 1.0, "robust.min_cosine",
+                 f"must be in [-1, 1): -1 is off, 0 cuts updates that point away from the median, got {self.min_cosine}")
         _require(self.max_weight_factor == 0 or self.max_weight_factor >= 1, "robust.max_weight_factor",
                  f"must be 0 (off) or >= 1, got {self.max_weight_factor}")
         _require(self.norm_action in ("clip", "reject"), "robust.norm_action", "must be 'clip' or 'reject'")

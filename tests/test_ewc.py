@@ -31,7 +31,7 @@ def test_the_penalty_is_the_fisher_weighted_squared_distance_summed_over_tasks(s
     assert abs(got - expected) <= 1e-9 * max(1.0, expected)
 
 
-@pytest.mark.parametrize("limit, mode", [(3, "train"), (3, "eval"), (50, "train")])
+@pytest.mark.parametrize("limit, mode", [(3, "train"), (3, "eval"), (1, "train"), (50, "train")])
 def test_the_fisher_is_the_mean_of_each_examples_squared_gradient(limit, mode):
     """Against the definition, one example at a time through .grad with dropout off, over the first
     ``limit`` examples (all of them when there are fewer), not the batch's squared mean gradient
@@ -104,6 +104,7 @@ def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_fac
     ctx = TrainContext(model=model, params=list(params.values()), optimizer=None, data=None, tc=None, seed=0,
                        device=torch.device("cpu"), target_steps=0, batch_source=None)
     hook.begin(ctx)
+    assert hook.end(ctx) == {"ewc-penalty": 0.0}  # no step taken yet
     base = torch.tensor(0.7)
     assert float(hook.loss(ctx, base).detach()) == pytest.approx(0.7)
     assert hook.end(ctx)["ewc-penalty"] == 0.0
@@ -113,7 +114,8 @@ def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_fac
     assert float(hook.loss(ctx, base).detach()) == pytest.approx(0.7 + 5.0 * penalty, rel=1e-4)
     assert hook.end(ctx)["ewc-penalty"] == pytest.approx(penalty, rel=1e-4)
     wrong = EWCPenalty(1.0, [{"theta": {"x": torch.zeros(1)}, "fisher": {"x": torch.zeros(1)}}])
-    with pytest.raises(ValueError, match="do not match the model's trainable parameters"):
+    with pytest.raises(ValueError, match="^EWC: the stored task parameters do not match the model's trainable "
+                                         "parameters$"):
         wrong.begin(ctx)
 
 

@@ -118,26 +118,48 @@ def test_boundaries_of_the_share_cap_and_the_clip():
     assert update_norm(start, start) == 0.0
 
 
-# ---------------------------------------------------------------------------------- the relative bound
-def _attacked_round(order: list[int], attackers: set[int], held_back: int = 8, scale: float = 1e3):
-    """One FedIT round of 10 clients through the real strategy path, replies in ``order``; each
-    attacker sends its honest factors times ``scale``. Returns (strategy, round log)."""
+# ---------------------------------------------------------------------------------- the round's medians
+def _lin(x: LoraFactors, y: LoraFactors, c: float) -> LoraFactors:
+    """x + c * (y - x), tensor by tensor."""
+    return LoraFactors(modules={n: ModuleFactors(A=m.A + c * (y.modules[n].A - m.A), B=m.B + c * (y.modules[n].B - m.B),
+                                                 alpha=m.alpha) for n, m in x.modules.items()},
+                       extras={k: t + c * (y.extras[k] - t) for k, t in x.extras.items()})
+
+
+def _attacked_round(order: list[int], attack: dict[int, str], held_back: int | None = None, **robust: str):
+    """One FedIT round of 10 clients through the real strategy path, replies in ``order``. Honest
+    client i moves from the start by a shared step plus half a step of its own; an attacker sends
+    its factors x1000 ('scale') or its change sign-flipped at 3.5x ('flip'). ``held_back``: how
+    many replies robust.held_back_mb holds. Returns (strategy, round log)."""
     from test_folds import _train_round
     from test_privacy import _Reply
-    from test_strategy_maths import _local_training, _setup
+    from test_strategy_maths import OUT, _local_training, _setup
     from test_strategy_maths import _reply as reply_content
 
     from fedlora import codec
 
-    _, s, profiles, template = _setup("fedit", "fixed", [4] * 10, **{"robust.held_back_replies": str(held_back)})
+    extra = {f"robust.{k}": v for k, v in robust.items()}
+    _, s, profiles, template = _setup("fedit", "fixed", [4] * 10, **extra)
+    if held_back is not None:
+        size = sum(t.numel() * 4 for _, t in template.select(s.sharing_policy.shared).tensors())
+        _, s, profiles, template = _setup("fedit", "fixed", [4] * 10, **extra,
+                                          **{"robust.held_back_mb": str((held_back + 0.5) * size / 2**20)})
     replies = []
     for i, prof in enumerate(profiles):
         adapter, _ = s.client_payload(prof, 1)
         received = codec.decode(codec.encode(adapter, modules=s.module_names), alpha=prof.alpha, modules=s.module_names)
-        f = _local_training(received, prof, template, s.sharing_policy, seed=10 + i)
-        if i in attackers:
-            f = LoraFactors(modules={n: ModuleFactors(A=m.A * scale**0.5, B=m.B * scale**0.5, alpha=m.alpha)
-                                     for n, m in f.modules.items()}, extras={k: v * scale for k, v in f.extras.items()})
+        start = LoraFactors(
+            modules={n: ModuleFactors(A=m.A[:prof.rank].clone(), B=torch.zeros(OUT, prof.rank), alpha=prof.alpha)
+                     for n, m in template.modules.items()},
+            extras={k: v.clone() for k, v in template.extras.items()}).merged_with(received)
+        shared = _local_training(received, prof, template, s.sharing_policy, seed=999)
+        own = _local_training(received, prof, template, s.sharing_policy, seed=10 + i)
+        f = _lin(shared, own, 0.5)  # start + half the shared step + half its own
+        if attack.get(i) == "scale":
+            f = LoraFactors(modules={n: ModuleFactors(A=m.A * 1e3**0.5, B=m.B * 1e3**0.5, alpha=m.alpha)
+                                     for n, m in f.modules.items()}, extras={k: v * 1e3 for k, v in f.extras.items()})
+        elif attack.get(i) == "flip":
+            f = _lin(start, f, -3.5)
         replies.append(_Reply(prof.node_id, reply_content(s, f, 100, prof.rank)))
     return s, _train_round(s, profiles, [replies[i] for i in order], 1)
 
@@ -150,8 +172,9 @@ def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order)
     norm, named, and the new global adapter is the same."""
     attackers = {0, 3, 5, 8}
     first = sorted(range(10), key=lambda i: (i not in attackers, i))  # the attackers answer first
-    ref, ref_rl = _attacked_round(first, attackers)
-    s, rl = _attacked_round(list(order), attackers)
+    attack = dict.fromkeys(attackers, "scale")
+    ref, ref_rl = _attacked_round(first, attack, min_cosine="-1")
+    s, rl = _attacked_round(list(order), attack, min_cosine="-1")
     for log in (ref_rl, rl):
         assert sorted(c.split(":")[0] for c in log.clipped) == [f"client c{i}" for i in sorted(attackers)], log.clipped
         assert all("4x" in c and "median update norm" in c for c in log.clipped) and not log.flagged
@@ -161,13 +184,63 @@ def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order)
 
 def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unbounded():
     """Four blown-up replies, two held back: in either arrival order the two largest are bounded and
-    the round says that two more were folded before the bound was known."""
-    attackers = {0, 1, 2, 3}
+    the round says that two more were folded before the bound was known, and that the direction
+    was not checked."""
+    attack = dict.fromkeys((0, 1, 2, 3), "scale")
     for order in ([4, 5, 6, 7, 8, 9, 0, 1, 2, 3], list(range(10))):
-        _, rl = _attacked_round(order, attackers, held_back=2)
-        assert len(rl.clipped) == 2 and len(rl.flagged) == 1, (rl.clipped, rl.flagged)
+        _, rl = _attacked_round(order, attack, held_back=2)
+        assert len(rl.clipped) == 2 and len(rl.flagged) == 2, (rl.clipped, rl.flagged)
         assert rl.flagged[0].startswith("2 replies above robust.relative_norm_bound (4x the median update norm ")
-        assert rl.flagged[0].endswith("folded unbounded: more than robust.held_back_replies (2) replies exceeded "
-                                      "it this round")
-    _, fits = _attacked_round(list(range(10)), {0, 1}, held_back=2)
+        assert rl.flagged[0].endswith("folded unbounded: more replies exceeded it than robust.held_back_mb "
+                                      "(2 replies) holds back")
+        assert rl.flagged[1] == ("direction not checked (robust.min_cosine): the round's 10 replies exceed "
+                                 "robust.held_back_mb (2 replies)")
+    _, fits = _attacked_round(list(range(10)), {0: "scale", 1: "scale"}, held_back=2, min_cosine="-1")
     assert len(fits.clipped) == 2 and not fits.flagged
+
+
+@pytest.mark.parametrize("attackers", [{4}, {1, 5, 9}, {0, 1, 2, 3}])
+def test_sign_flipped_updates_are_cut_by_direction_and_the_round_is_the_honest_clients_alone(attackers):
+    """Inside the norm bound (3.5x, under 4x): the flipped updates point away from the round's
+    coordinate-wise median and are left out, named with their cosine; no honest client is; the
+    global adapter is the honest clients' own round."""
+    honest = [i for i in range(10) if i not in attackers]
+    s, rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"))
+    ref, ref_rl = _attacked_round(honest, {})
+    cut = sorted(x.split(" (node")[0] for x in rl.rejected)
+    assert cut == [f"client c{i}" for i in sorted(attackers)], rl.rejected
+    assert all("update direction has cosine -" in x and "below robust.min_cosine (0)" in x for x in rl.rejected)
+    assert rl.accepted == ref_rl.accepted == len(honest) and not rl.clipped
+    for (k, a), (_, b) in zip(s.global_eff.tensors(), ref.global_eff.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+    off, off_rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"), min_cosine="-1")
+    assert not off_rl.rejected and off_rl.accepted == 10  # -1: the check is off
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), length=st.integers(1, 40), chunk=st.integers(1, 16))
+def test_cosines_to_median_are_each_changes_cosine_with_the_coordinate_median(seed, n, length, chunk):
+    from fedlora.robust import cosines_to_median
+
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(n, length))
+    med = np.sort(xs, axis=0)[(n - 1) // 2]  # the lower median
+    want = [float(x @ med / (np.linalg.norm(x) * np.linalg.norm(med))) for x in xs]
+    got = cosines_to_median([torch.tensor(x, dtype=torch.float32) for x in xs], chunk=chunk)
+    assert np.allclose(got, want, atol=1e-5)
+    zero = cosines_to_median([torch.zeros(length), torch.tensor(xs[0], dtype=torch.float32)])
+    assert zero[0] == 1.0  # a zero change has no direction
+    with pytest.raises(ValueError, match="one length"):
+        cosines_to_median([torch.zeros(2), torch.zeros(3)])
+
+
+def test_update_change_is_the_vector_whose_norm_is_the_update_norm():
+    from fedlora.robust import update_change
+
+    start, new = _f(1), _f(2, scale=2.0)
+    v = update_change(start, new)
+    assert v.dtype == torch.float32 and v.numel() == sum(t.numel() for _, t in new.tensors())
+    assert float(v.double().norm()) == pytest.approx(update_norm(start, new), rel=1e-6)
+    m = next(iter(new.modules))
+    first = (new.modules[m].A - start.modules[m].A).flatten()
+    torch.testing.assert_close(v[: first.numel()], first)

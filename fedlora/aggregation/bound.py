@@ -16,7 +16,7 @@ from fedlora.extensions import Extension, GlobalAdapter, ReplyStage
 from fedlora.factors import LoraFactors
 from fedlora.protocol import NodeProfile
 from fedlora.registry import register_extension
-from fedlora.robust import clip_update, update_norm
+from fedlora.robust import clip_update, cosines_to_median, update_change, update_norm
 from fedlora.validation import RejectedReply
 
 if TYPE_CHECKING:
@@ -62,22 +62,29 @@ def bound_weight(strategy, prof: NodeProfile, examples: int, rl) -> float:
     return float(limit)
 
 
-class RelativeBound:
-    """``robust.relative_norm_bound`` (on by default): no update's norm may exceed that many times the
-    median update norm of the round's own accepted replies (a robust statistic: fewer than half the
-    replies cannot move it), whatever order they arrive in. Above it the update is clipped onto it
-    (or rejected, ``robust.norm_action``) and the client named. It needs no absolute figure, so it
-    suits any model and learning rate, and an honest client in an honest round is far below it.
+class MedianBounds:
+    """What the round's own medians allow each accepted reply, whatever order the replies arrive in.
 
-    The median is known only when the round's replies end, so every reply's norm (a scalar) is kept
-    and the replies with the ``robust.held_back_replies`` largest norms so far are held back (a few
-    adapters); a reply leaves the held set, to be folded, only when a larger one takes its place.
-    When the round ends the median of all the norms sets the bound and the held replies are bounded
-    by it. So every reply above the bound is bounded, in any arrival order, as long as at most
-    ``held_back_replies`` replies exceed it (a reply above the bound could only have been folded
-    if that many larger ones were held); if more do, the round names how many were folded unbounded.
+    * ``robust.relative_norm_bound`` (on by default): no update's norm may exceed that many times
+      the median update norm of the round's replies; above it the update is clipped onto it (or
+      rejected, ``robust.norm_action``) and the client named. It needs no absolute figure, so it
+      suits any model and learning rate; an honest client in an honest round is far below it.
+    * ``robust.min_cosine`` (on by default, 0): an update whose cosine similarity with the
+      coordinate-wise median of the round's (norm-bounded) updates is below it is left out of the
+      fold and the client named. The median moves only if half the clients move it, so a
+      sign-flipped update, or a group of fewer than half, points away from it and is cut.
+
+    Both need the whole round, so every reply's norm (a scalar) is kept and the replies with the
+    largest norms are held back while they fit ``robust.held_back_mb`` (at least one); a reply
+    leaves the held set, to be folded, only when a larger one takes its place. When the replies
+    end, the median of all the norms sets the norm bound and the held replies are bounded by it: so
+    every reply above it is bounded in any arrival order as long as the held set is at least as
+    large as the number above it (a reply above it could only have been folded if that many larger
+    ones were held); if more exceed it, the round names how many were folded unbounded. The
+    direction check runs when the whole round was held (a small model's round: MiniLM replies,
+    hundreds) and single-rank updates; otherwise the round log says it did not.
     Off under client-level DP: a threshold computed from other clients' updates would make each
-    client's clip depend on the others' data, which the Gaussian mechanism's analysis does not
+    client's treatment depend on the others' data, which the Gaussian mechanism's analysis does not
     allow (its own clip C bounds every client there).
 
     ``offer`` takes an accepted update and returns those ready to fold (the one a larger reply
@@ -88,16 +95,25 @@ class RelativeBound:
         r = run.cfg.robust
         self.strategy, self.rl, self.server_round = run, rl, rl.server_round
         self.factor = 0.0 if rl.released_by else r.relative_norm_bound
-        self.capacity = max(1, r.held_back_replies)
+        self.min_cosine = -1.0 if rl.released_by else r.min_cosine
+        self.budget = r.held_back_mb * 2**20
+        self.capacity: int | None = None  # replies that fit the budget, set by the first
         self.norms: list[float] = []
-        self.folded_norms: list[float] = []  # norms of the replies folded before the bound was known
+        self.folded_norms: list[float] = []  # norms of the replies folded before the bounds were known
         self._held: list[tuple[float, int, Update]] = []  # a min-heap on (norm, arrival)
         self.reference: float | None = None
 
+    @property
+    def active(self) -> bool:
+        return self.factor > 0 or self.min_cosine > -1.0
+
     def offer(self, update: Update) -> list[Update]:
-        if self.factor <= 0:
+        if not self.active:
             return [update]
-        norm = update_norm(self.strategy.round_start(update.profile, self.server_round), update.factors)
+        if self.capacity is None:
+            size = sum(t.numel() * t.element_size() for _, t in update.factors.tensors())
+            self.capacity = max(1, int(self.budget // max(size, 1)))
+        norm = update_norm(self._start(update), update.factors)
         self.norms.append(norm)
         entry = (norm, len(self.norms), update)
         if len(self._held) < self.capacity:
@@ -108,20 +124,26 @@ class RelativeBound:
         return [smallest[2]]
 
     def flush(self) -> list[Update]:
-        if self.factor <= 0 or not self.norms:
+        if not self.active or not self.norms:
             return []
-        self.reference = _median(self.norms)
-        early = sum(1 for n in self.folded_norms if n > self.factor * self.reference)
-        if early:
-            self.rl.flagged.append(
-                f"{early} repl{'y' if early == 1 else 'ies'} above robust.relative_norm_bound "
-                f"({self.factor:g}x the median update norm {self.reference:.4g}) folded unbounded: more than "
-                f"robust.held_back_replies ({self.capacity}) replies exceeded it this round")
-        held, self._held = sorted(self._held, key=lambda e: e[1]), []
-        return [x for x in (self._bounded(u, n) for n, _, u in held) if x is not None]
+        held, self._held = [(n, u) for n, _, u in sorted(self._held, key=lambda e: e[1])], []
+        if self.factor > 0:
+            self.reference = _median(self.norms)
+            early = sum(1 for n in self.folded_norms if n > self.factor * self.reference)
+            if early:
+                self.rl.flagged.append(
+                    f"{early} repl{'y' if early == 1 else 'ies'} above robust.relative_norm_bound "
+                    f"({self.factor:g}x the median update norm {self.reference:.4g}) folded unbounded: more "
+                    f"replies exceeded it than robust.held_back_mb ({self.capacity} replies) holds back")
+            held = [(n, x) for n, u in held if (x := self._bounded(u, n)) is not None]
+        kept = [u for _, u in held]
+        return self._same_direction(kept) if self.min_cosine > -1.0 else kept
 
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, _, u in self._held for _, t in u.factors.tensors())
+
+    def _start(self, update: Update) -> LoraFactors:
+        return self.strategy.round_start(update.profile, self.server_round)
 
     def _bounded(self, update: Update, norm: float) -> Update | None:
         ref = self.reference
@@ -134,10 +156,29 @@ class RelativeBound:
         if self.strategy.cfg.robust.norm_action == "reject":
             self.rl.rejected.append(f"{who} (node {update.profile.node_id}): {why}")
             return None
-        start = self.strategy.round_start(update.profile, self.server_round)
-        update.factors, _ = clip_update(start, update.factors, limit)
+        update.factors, _ = clip_update(self._start(update), update.factors, limit)
         self.rl.clipped.append(f"{who}: {why}; clipped to {limit:.4g}")
         return update
+
+    def _same_direction(self, held: list[Update]) -> list[Update]:
+        if self.folded_norms:
+            self.rl.flagged.append(f"direction not checked (robust.min_cosine): the round's {len(self.norms)} replies "
+                                   f"exceed robust.held_back_mb ({self.capacity} replies)")
+            return held
+        changes = [update_change(self._start(u), u.factors) for u in held]
+        if len({c.numel() for c in changes}) > 1:
+            self.rl.flagged.append("direction not checked (robust.min_cosine): the replies' ranks differ")
+            return held
+        kept = []
+        for u, cos in zip(held, cosines_to_median(changes)):
+            if cos >= self.min_cosine:
+                kept.append(u)
+                continue
+            self.rl.rejected.append(
+                f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
+                f"the round's coordinate-wise median update, below robust.min_cosine ({self.min_cosine:g}); left out "
+                "of the fold")
+        return kept
 
 
 def _median(xs: list[float]) -> float:
@@ -148,8 +189,8 @@ def _median(xs: list[float]) -> float:
 
 @register_extension
 class RobustBounds(Extension):
-    """The robust layer's stages across a round's replies (``[robust]``): the relative norm bound
-    (:class:`RelativeBound`, from the round's own median) and the share cap around the strategy's
+    """The robust layer's stages across a round's replies (``[robust]``): the norm and direction
+    bounds from the round's own medians (:class:`MedianBounds`) and the share cap around the strategy's
     fold (:class:`~fedlora.aggregation.share_cap.ShareCapped`). The per-reply absolute bound and
     weight cap act while a reply is accepted (:func:`bound_update`, :func:`bound_weight`)."""
 
@@ -158,14 +199,14 @@ class RobustBounds(Extension):
 
     def __init__(self, cfg: FedLoraConfig) -> None:
         super().__init__(cfg)
-        self._stage: RelativeBound | None = None
+        self._stage: MedianBounds | None = None
 
     @classmethod
     def applies(cls, cfg: FedLoraConfig) -> bool:
         return True  # its defaults are on; each bound at 0 (or 1.0 for the share cap) is off
 
     def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
-        self._stage = RelativeBound(run, rl)
+        self._stage = MedianBounds(run, rl)
         return self
 
     def offer(self, update: Update) -> list[Update]:
