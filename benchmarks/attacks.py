@@ -1,0 +1,208 @@
+"""Clients that lie inside every default bound, against the defaults, on the embedded default task.
+
+The task is ``fedlora simulate``'s own default: MiniLM on the fortunes set, 10 clients on a
+Dirichlet 0.5 split, FedIT, 3 rounds. Each cell runs that federation with some partitions replaced
+by attackers this benchmark writes as ClientApps: fedlora's own client, whose reply is then
+rewritten.
+
+* ``flip``: its own change sign-flipped at 3.5x (under ``robust.relative_norm_bound``, 4);
+* ``size``: declares, and reports training on, 9.5x the median declared size (under
+  ``robust.max_weight_factor``, 10, and ``federation.outlier_factor``); its update is honest;
+* ``flip+size``: both;
+* ``flip-1e6``: its own change sign-flipped x1e6 (the clients that answer first: partitions 0-3
+  run first in the in-process engine).
+
+Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and training):
+honest; honest with the direction bound off (``robust.min_cosine = -1``, the earlier defaults'
+behaviour on an honest run); 1 ``flip``; 1 ``size``; 1 ``flip+size``; 3 colluding ``flip``; 4
+first-arriving ``flip-1e6``; and an honest IID split. For each run: the final accuracy and loss
+of the server's held-out set, round 1's loss, and every client named (clipped, rejected or
+flagged) with whether it was an attacker. Writes benchmarks/results/attacks.json after every run
+and a plot at the end.
+
+    .venv/bin/python -m benchmarks.attacks                 # every cell, 3 seeds: about 90 min on 2 cores
+    .venv/bin/python -m benchmarks.attacks --cells honest,flip --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, setup_env, write
+
+FLIP = 3.5  # under relative_norm_bound 4
+SIZE = 9.5  # under max_weight_factor 10
+
+CELLS = {
+    "honest": {},
+    "flip-1": {3: "flip"},
+    "flip-3-colluders": {1: "flip", 4: "flip", 7: "flip"},
+    "flip-1e6-4-first": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
+    "flip+size-1": {3: "flip+size"},
+    "size-1": {3: "size"},
+    "honest-direction-off": {},
+    "honest-iid": {},
+}
+OVERRIDES = {"honest-direction-off": ["robust.min_cosine=-1"], "honest-iid": ['data.partitioner="iid"']}
+
+
+def attack_app(bad: dict[int, str], declared: int):
+    """fedlora's ClientApp with partition p rewritten as ``bad[p]`` says; ``declared``: the size a
+    'size' attacker claims."""
+    import torch
+    from flwr.app import Message
+    from flwr.clientapp import ClientApp
+
+    from fedlora import codec
+    from fedlora.clients.app import app as real
+
+    app = ClientApp()
+
+    def kind(context) -> str:
+        return bad.get(int(context.node_config["partition-id"]), "")
+
+    @app.query()
+    def q(msg: Message, context):
+        reply = real(msg, context)
+        if "size" in kind(context):
+            reply.content["profile"]["num_train"] = declared
+        return reply
+
+    @app.evaluate()
+    def e(msg: Message, context):
+        return real(msg, context)
+
+    @app.train()
+    def t(msg: Message, context):
+        reply = real(msg, context)
+        k = kind(context)
+        if not k or reply.has_error():
+            return reply
+        arrays = reply.content["arrays"]
+        if "size" in k:
+            reply.content["metrics"]["num-examples"] = declared
+        scale = {"flip": -FLIP, "flip+size": -FLIP, "flip-1e6": -1e6}.get(k)
+        if scale is not None:
+            for key in list(arrays.keys()):
+                if key in msg.content["arrays"].keys():
+                    start = codec.decode_tensor(key, msg.content["arrays"][key])
+                    new = codec.decode_tensor(key, arrays[key])
+                    arrays[key] = codec.encode_tensor((start + scale * (new - start)).to(torch.float32))
+        return reply
+
+    return app
+
+
+def median_declared(cfg) -> int:
+    from fedlora.partitions import client_data
+
+    sizes = sorted(len(client_data(cfg, p).train) for p in range(cfg.federation.num_clients))
+    return sizes[len(sizes) // 2]
+
+
+def one_run(cell: str, seed: int, out: Path) -> dict:
+    from fedlora.config import FedLoraConfig
+    from fedlora.simulate import simulate
+
+    sets = [f"run.seed={seed}", f'run.output_dir="{out}"'] + OVERRIDES.get(cell, [])
+    cfg = FedLoraConfig.load(None, sets)
+    bad = CELLS[cell]
+    declared = int(SIZE * median_declared(cfg))
+    t0 = time.perf_counter()
+    run_dir = simulate(cfg, client_app=attack_app(bad, declared), engine="inprocess")
+    rows = run_dir.read_metrics()
+    attackers = {f"client-{p:05d}" for p in bad}
+    named: list[str] = []
+    for r in rows:
+        for key in ("clipped", "rejected", "flagged"):
+            named += [f"round {r['round']} {key}: {x}" for x in r.get(key) or []]
+    ids = {m for line in named for m in re.findall(r"client-\d{5}", line)}
+    last = rows[-1]
+    return {"cell": cell, "seed": seed, "attackers": sorted(attackers), "declared_by_size_attackers": declared,
+            "accuracy": last["server-accuracy"], "loss": last["server-loss"],
+            "round1_loss": next(r["server-loss"] for r in rows if r["round"] == 1),
+            "named": named, "honest_named": sorted(ids - attackers), "attackers_named": sorted(ids & attackers),
+            "unnamed_lines": [x for x in named if not re.search(r"client-\d{5}", x)],
+            "seconds": time.perf_counter() - t0, "run_dir": str(run_dir.path)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for cell in CELLS:
+        rs = [r for r in runs if r["cell"] == cell]
+        if not rs:
+            continue
+        acc = [r["accuracy"] for r in rs]
+        loss = [r["loss"] for r in rs]
+        out[cell] = {"seeds": len(rs), "accuracy_mean": statistics.mean(acc),
+                     "accuracy_spread": (max(acc) - min(acc)), "loss_mean": statistics.mean(loss),
+                     "round1_loss_max": max(r["round1_loss"] for r in rs),
+                     "honest_named": sorted({c for r in rs for c in r["honest_named"]}),
+                     "attackers_named_in_every_run": all(set(r["attackers_named"]) == set(r["attackers"]) for r in rs)}
+    if "honest" in out:
+        h = out["honest"]
+        for s in out.values():
+            s["accuracy_vs_honest"] = s["accuracy_mean"] - h["accuracy_mean"]
+        if "flip-1e6-4-first" in out:
+            honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
+            out["flip-1e6-4-first"]["max_loss_over_honest_round1"] = (
+                max(max(r["loss"], r["round1_loss"]) for r in runs if r["cell"] == "flip-1e6-4-first") / honest_r1)
+    return out
+
+
+def run(cells: list[str], seeds: list[int]) -> dict:
+    path = RESULTS / "attacks.json"
+    runs = [r for r in json.loads(path.read_text()).get("runs", []) if r["cell"] in cells] if path.exists() else []
+    done = {(r["cell"], r["seed"]) for r in runs}
+    work = Path(tempfile.mkdtemp(prefix="fedlora-attacks-"))
+    for seed in seeds:
+        for cell in cells:
+            if (cell, seed) in done:
+                continue
+            r = one_run(cell, seed, work / f"{cell}-{seed}")
+            runs.append(r)
+            print(f"[attacks] {cell} seed {seed}: accuracy {r['accuracy']:.3f} loss {r['loss']:.3f} "
+                  f"(round 1 {r['round1_loss']:.3f}); attackers named {r['attackers_named']}, honest named "
+                  f"{r['honest_named']}; {r['seconds']:.0f} s", flush=True)
+            write("attacks", {"task": "fedlora simulate's embedded default (MiniLM, fortunes, 10 clients, "
+                                      "Dirichlet 0.5, FedIT, 3 rounds); in-process engine",
+                              "flip_factor": FLIP, "size_factor": SIZE, "cells": {c: CELLS[c] for c in cells},
+                              "runs": runs, "summary": summarise(runs)})
+    _plot(summarise(runs))
+    return summarise(runs)
+
+
+def _plot(summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(summary)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.bar(range(len(cells)), [summary[c]["accuracy_mean"] for c in cells],
+           yerr=[summary[c]["accuracy_spread"] / 2 for c in cells], color="tab:blue")
+    if "honest" in summary:
+        ax.axhline(summary["honest"]["accuracy_mean"] - 0.05, color="grey", ls="--", lw=1, label="honest - 5 points")
+        ax.legend()
+    ax.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
+    ax.set_ylabel("final server accuracy (mean, bar: spread / 2)")
+    ax.set_title("attacks inside the default bounds, default settings")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "attacks.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    setup_env()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default=",".join(CELLS))
+    ap.add_argument("--seeds", type=int, default=3)
+    a = ap.parse_args()
+    print(json.dumps(run(a.cells.split(","), [42 + i for i in range(a.seeds)]), indent=2))
