@@ -87,7 +87,8 @@ def update_change(start: LoraFactors, new: LoraFactors) -> torch.Tensor:
 
 def cosines_to_median(changes: Sequence[torch.Tensor], chunk: int = 8192) -> list[float]:
     """Cosine similarity of each of ``changes`` (same-length vectors) with their coordinate-wise
-    median (the lower median for an even count, as :func:`coordinate_median`). A zero change, or
+    median (for an even count the mean of the middle two: the lower median of two updates would be
+    their coordinate-wise minimum, which may point away from both). A zero change, or
     a zero median, has no direction: its cosine is reported as 1. Works through ``chunk``
     coordinates at a time, so it holds one n x chunk block beside the vectors."""
     n = len(changes)
@@ -101,7 +102,7 @@ def cosines_to_median(changes: Sequence[torch.Tensor], chunk: int = 8192) -> lis
     med_sq = 0.0
     for lo in range(0, length, chunk):
         block = torch.stack([c[lo:lo + chunk] for c in changes]).double()
-        med = block.median(dim=0).values
+        med = block.quantile(0.5, dim=0)
         dots += block @ med
         sq += (block * block).sum(dim=1)
         med_sq += float(med @ med)

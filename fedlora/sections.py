@@ -329,7 +329,7 @@ class RobustConfig:
     min_cosine: float = _meta(
         "Direction bound: a reply whose update (its change, effective form, shared parts) has cosine similarity "
         "below this with the coordinate-wise median of the round's updates is left out of the fold and named; "
-        "-1 = off. Checked when the round's replies fit robust.held_back_mb and share one rank. Off under "
+        "-1 = off. Checked when the round's replies (at least 3) fit robust.held_back_mb and share one rank. Off under "
         "client-level DP.", default=0.0)
     held_back_mb: float = _meta(
         "MiB of replies held back until the round's medians are known (the largest update norms first; at least "

@@ -61,6 +61,8 @@ def test_every_client_update_is_clipped_to_the_bound():
     rl = _round(s, profiles[:1], template, 1)  # one client: the released change is its clipped update
     change = _flat(s.global_eff) - before
     assert rl.privacy["clients-clipped"] == 1 and rl.privacy["client-update-norm-mean"] > 0.05
+    far = rl.privacy["client-update-norm-mean"] > 10 * 0.05
+    assert rl.privacy["clients-far-beyond-clip"] == int(far)  # one update: its norm against 10 C
     assert float(change.norm()) == pytest.approx(0.05, rel=1e-5)
     start = s.start_factors(profiles[0], 2)  # what the client starts from now: the new global
     assert all(float(t.abs().sum()) == 0.0 for _, t in effective_change(start, start, 4).tensors())

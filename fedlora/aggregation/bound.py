@@ -82,7 +82,8 @@ class MedianBounds:
     large as the number above it (a reply above it could only have been folded if that many larger
     ones were held); if more exceed it, the round names how many were folded unbounded. The
     direction check runs when the whole round was held (a small model's round: MiniLM replies,
-    hundreds) and single-rank updates; otherwise the round log says it did not.
+    hundreds), at least 3 replies (a majority to define a direction) and single-rank updates;
+    otherwise, past the budget or with mixed ranks, the round log says it did not.
     Off under client-level DP: a threshold computed from other clients' updates would make each
     client's treatment depend on the others' data, which the Gaussian mechanism's analysis does not
     allow (its own clip C bounds every client there).
@@ -164,6 +165,8 @@ class MedianBounds:
         if self.folded_norms:
             self.rl.flagged.append(f"direction not checked (robust.min_cosine): the round's {len(self.norms)} replies "
                                    f"exceed robust.held_back_mb ({self.capacity} replies)")
+            return held
+        if len(held) < 3:  # no majority of two to define a direction
             return held
         changes = [update_change(self._start(u), u.factors) for u in held]
         if len({c.numel() for c in changes}) > 1:

@@ -80,6 +80,9 @@ def add_to_block(global_eff: LoraFactors, change: LoraFactors, rank: int) -> Lor
     return out
 
 
+FAR_BEYOND = 10.0  # "clients-far-beyond-clip" counts updates over this many times the round's clip
+
+
 class ClientLevelDP:
     """The Gaussian mechanism on the clipped mean of client updates, with its accountant."""
 
@@ -166,7 +169,9 @@ class ClippedSum:
         z = dp.noise_multiplier
         info = {"client-clip": clip, "client-noise-multiplier": z,
                 "client-update-norm-mean": sum(norms) / len(norms),
-                "clients-clipped": sum(n > clip for n in norms)}
+                "clients-clipped": sum(n > clip for n in norms),
+                # An update 10x past C is no honest client's drift: the clip held it, and the log says so.
+                "clients-far-beyond-clip": sum(n > FAR_BEYOND * clip for n in norms)}
         next_clip = clip
         if dp.adaptive:
             count_std = accounting.adaptive_count_std(m)
