@@ -12,15 +12,17 @@ rewritten.
 * ``flip-1e6``: its own change sign-flipped x1e6 (the clients that answer first: partitions 0-3
   run first in the in-process engine).
 
-Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and training):
-honest; honest with the direction bound off (``robust.min_cosine = -1``, the earlier defaults'
-behaviour on an honest run); 1 ``flip``; 1 ``size``; 1 ``flip+size``; 3 colluding ``flip``; 4
-first-arriving ``flip-1e6``; and an honest IID split. For each run: the final accuracy and loss
+Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and training), at the
+defaults: honest; 1 ``flip``; 3 colluding ``flip``; 4 first-arriving ``flip-1e6``; 1
+``flip+size``; 1 ``size``; an honest IID split. Then one ``flip`` against each opt-in defence
+(``robust.min_cosine = 0``, the coordinate median, a 0.2 share cap) and an honest run with
+``min_cosine = 0``. (The trimmed mean is left out: on this task it ends an honest run near 0.44,
+as the coordinate statistics of AdamW-trained factors are far from their mean.) For each run: the final accuracy and loss
 of the server's held-out set, round 1's loss, and every client named (clipped, rejected or
 flagged) with whether it was an attacker. Writes benchmarks/results/attacks.json after every run
 and a plot at the end.
 
-    .venv/bin/python -m benchmarks.attacks                 # every cell, 3 seeds: about 90 min on 2 cores
+    .venv/bin/python -m benchmarks.attacks                 # every cell, 3 seeds: about 80 min on 2 cores
     .venv/bin/python -m benchmarks.attacks --cells honest,flip --seeds 1
 """
 
@@ -46,10 +48,17 @@ CELLS = {
     "flip-1e6-4-first": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
     "flip+size-1": {3: "flip+size"},
     "size-1": {3: "size"},
-    "honest-direction-off": {},
     "honest-iid": {},
+    # The opt-in defences against one flipped client, and what each costs an honest run.
+    "flip-1 min_cosine=0": {3: "flip"},
+    "honest min_cosine=0": {},
+    "flip-1 median": {3: "flip"},
+    "flip-1 max_client_share=0.2": {3: "flip"},
 }
-OVERRIDES = {"honest-direction-off": ["robust.min_cosine=-1"], "honest-iid": ['data.partitioner="iid"']}
+OVERRIDES = {"honest-iid": ['data.partitioner="iid"'],
+             "flip-1 min_cosine=0": ["robust.min_cosine=0"], "honest min_cosine=0": ["robust.min_cosine=0"],
+             "flip-1 median": ['robust.aggregation="median"'],
+             "flip-1 max_client_share=0.2": ["robust.max_client_share=0.2"]}
 
 
 def attack_app(bad: dict[int, str], declared: int):

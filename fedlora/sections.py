@@ -327,10 +327,10 @@ class RobustConfig:
         "Cap on a reply's aggregation weight (its example count): this many times the median training-set size "
         "the clients declared. On by default; 0 = off.", default=10.0)
     min_cosine: float = _meta(
-        "Direction bound: a reply whose update (its change, effective form, shared parts) has cosine similarity "
-        "below this with the coordinate-wise median of the round's updates is left out of the fold and named; "
-        "-1 = off. Checked when the round's replies (at least 3) fit robust.held_back_mb and share one rank. Off under "
-        "client-level DP.", default=0.0)
+        "Direction bound (opt-in): a reply whose update (its change, effective form, shared parts) has cosine "
+        "similarity below this with the coordinate-wise median of the round's updates is left out of the fold and "
+        "named; -1 = off. Checked when the round's replies (at least 3) fit robust.held_back_mb and share one "
+        "rank. Off under client-level DP.", default=-1.0)
     held_back_mb: float = _meta(
         "MiB of replies held back until the round's medians are known (the largest update norms first; at least "
         "one reply): the norm bound is exact in any arrival order while no more replies exceed it than this "

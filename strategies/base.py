@@ -310,7 +310,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         fold = self.round_fold(server_round, rl)
-        # Stages every accepted reply passes through before the fold (the robust layer's relative bound).
+        # Stages every accepted reply passes through before the fold (the robust layer's median bounds).
         stages = [st for e in self.extensions if (st := e.reply_stage(self, rl)) is not None]
         answered: set[int] = set()
         accepted: list[tuple[dict, int]] = []  # (metrics, examples) per accepted reply: scalars only

@@ -173,8 +173,8 @@ def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order)
     attackers = {0, 3, 5, 8}
     first = sorted(range(10), key=lambda i: (i not in attackers, i))  # the attackers answer first
     attack = dict.fromkeys(attackers, "scale")
-    ref, ref_rl = _attacked_round(first, attack, min_cosine="-1")
-    s, rl = _attacked_round(list(order), attack, min_cosine="-1")
+    ref, ref_rl = _attacked_round(first, attack)
+    s, rl = _attacked_round(list(order), attack)
     for log in (ref_rl, rl):
         assert sorted(c.split(":")[0] for c in log.clipped) == [f"client c{i}" for i in sorted(attackers)], log.clipped
         assert all("4x" in c and "median update norm" in c for c in log.clipped) and not log.flagged
@@ -188,33 +188,33 @@ def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unb
     was not checked."""
     attack = dict.fromkeys((0, 1, 2, 3), "scale")
     for order in ([4, 5, 6, 7, 8, 9, 0, 1, 2, 3], list(range(10))):
-        _, rl = _attacked_round(order, attack, held_back=2)
+        _, rl = _attacked_round(order, attack, held_back=2, min_cosine="0")
         assert len(rl.clipped) == 2 and len(rl.flagged) == 2, (rl.clipped, rl.flagged)
         assert rl.flagged[0].startswith("2 replies above robust.relative_norm_bound (4x the median update norm ")
         assert rl.flagged[0].endswith("folded unbounded: more replies exceeded it than robust.held_back_mb "
                                       "(2 replies) holds back")
         assert rl.flagged[1] == ("direction not checked (robust.min_cosine): the round's 10 replies exceed "
                                  "robust.held_back_mb (2 replies)")
-    _, fits = _attacked_round(list(range(10)), {0: "scale", 1: "scale"}, held_back=2, min_cosine="-1")
+    _, fits = _attacked_round(list(range(10)), {0: "scale", 1: "scale"}, held_back=2)
     assert len(fits.clipped) == 2 and not fits.flagged
 
 
 @pytest.mark.parametrize("attackers", [{4}, {1, 5, 9}, {0, 1, 2, 3}])
-def test_sign_flipped_updates_are_cut_by_direction_and_the_round_is_the_honest_clients_alone(attackers):
-    """Inside the norm bound (3.5x, under 4x): the flipped updates point away from the round's
-    coordinate-wise median and are left out, named with their cosine; no honest client is; the
-    global adapter is the honest clients' own round."""
+def test_with_min_cosine_0_sign_flipped_updates_are_cut_and_the_round_is_the_honest_clients_alone(attackers):
+    """Honest updates that share a direction; attackers inside the norm bound (3.5x, under 4x): the
+    flipped updates point away from the round's coordinate-wise median and are left out, named with
+    their cosine; no honest client is; the global adapter is the honest clients' own round."""
     honest = [i for i in range(10) if i not in attackers]
-    s, rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"))
-    ref, ref_rl = _attacked_round(honest, {})
+    s, rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"), min_cosine="0")
+    ref, ref_rl = _attacked_round(honest, {}, min_cosine="0")
     cut = sorted(x.split(" (node")[0] for x in rl.rejected)
     assert cut == [f"client c{i}" for i in sorted(attackers)], rl.rejected
     assert all("update direction has cosine -" in x and "below robust.min_cosine (0)" in x for x in rl.rejected)
     assert rl.accepted == ref_rl.accepted == len(honest) and not rl.clipped
     for (k, a), (_, b) in zip(s.global_eff.tensors(), ref.global_eff.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
-    off, off_rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"), min_cosine="-1")
-    assert not off_rl.rejected and off_rl.accepted == 10  # -1: the check is off
+    off, off_rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"))
+    assert not off_rl.rejected and off_rl.accepted == 10  # the default, -1: the check is off
 
 
 @settings(max_examples=40, deadline=None)
