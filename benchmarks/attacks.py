@@ -16,8 +16,8 @@ Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and t
 defaults: honest; 1 ``flip``; 3 colluding ``flip``; 4 first-arriving ``flip-1e6``; 1
 ``flip+size``; 1 ``size``; an honest IID split. Then one ``flip`` against each opt-in defence
 (``robust.min_cosine = 0``, the coordinate median, a 0.2 share cap) and an honest run with
-``min_cosine = 0``. (The trimmed mean is left out: on this task it ends an honest run near 0.44,
-as the coordinate statistics of AdamW-trained factors are far from their mean.) For each run: the final accuracy and loss
+``min_cosine = 0``. (The trimmed mean is left out: on this task one honest run, seed 42, ended at
+0.44 with it against 0.82 with the mean.) For each run: the final accuracy and loss
 of the server's held-out set, round 1's loss, and every client named (clipped, rejected or
 flagged) with whether it was an attacker. Writes benchmarks/results/attacks.json after every run
 and a plot at the end.
