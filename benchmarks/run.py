@@ -162,6 +162,12 @@ def report() -> str:
             lines.append(f"| sketch quality: the same replies through the round's own fold at the default settings | "
                          f"{', '.join(sorted({d['product_fold'] for d in rounds}))}, worst ratio "
                          f"{max(d['ratio'] for d in rounds):.3f} | <= 1.25 |")
+    at = _load("attacks")
+    if at:
+        for cell, v in at["summary"].items():
+            lines.append(f"| attacks inside the default bounds (default task, {v['seeds']} seeds): {cell}, final accuracy "
+                         f"mean (spread), vs honest | {v['accuracy_mean']:.3f} ({v['accuracy_spread']:.3f}), "
+                         f"{v.get('accuracy_vs_honest', 0.0):+.3f} | - |")
     co = _load("cohort")
     if co:
         for r in co["rows"]:
