@@ -230,7 +230,9 @@ def test_cosines_to_median_are_each_changes_cosine_with_the_coordinate_median(se
     assert np.allclose(got, want, atol=1e-5)
     zero = cosines_to_median([torch.zeros(length), torch.tensor(xs[0], dtype=torch.float32)])
     assert zero[0] == 1.0  # a zero change has no direction
-    with pytest.raises(ValueError, match="one length"):
+    x = torch.tensor(xs[0], dtype=torch.float32)
+    assert cosines_to_median([x, -x, torch.zeros(length)]) == [1.0, 1.0, 1.0]  # a zero median has none either
+    with pytest.raises(ValueError, match="^cosines_to_median needs changes of one length$"):
         cosines_to_median([torch.zeros(2), torch.zeros(3)])
 
 
@@ -244,3 +246,14 @@ def test_update_change_is_the_vector_whose_norm_is_the_update_norm():
     m = next(iter(new.modules))
     first = (new.modules[m].A - start.modules[m].A).flatten()
     torch.testing.assert_close(v[: first.numel()], first)
+
+
+def test_update_change_of_a_pruned_client_counts_the_starts_first_components_and_nothing_is_empty():
+    from fedlora.robust import update_change
+
+    start, new = _f(1, rank=5), _f(2, rank=3)
+    v = update_change(start, new)
+    assert v.numel() == sum(t.numel() for _, t in new.tensors())  # new's rank, not the start's
+    assert float(v.double().norm()) == pytest.approx(update_norm(start, new), rel=1e-6)
+    empty = update_change(LoraFactors(), LoraFactors())
+    assert empty.shape == (0,)
