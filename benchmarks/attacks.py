@@ -122,7 +122,7 @@ def one_run(cell: str, seed: int, out: Path) -> dict:
     sets = [f"run.seed={seed}", f'run.output_dir="{out}"'] + OVERRIDES.get(cell, [])
     cfg = FedLoraConfig.load(None, sets)
     bad = CELLS[cell]
-    declared = int(SIZE * median_declared(cfg))
+    declared = int(SIZE * median_declared(cfg)) if any("size" in k for k in bad.values()) else 0
     t0 = time.perf_counter()
     run_dir = simulate(cfg, client_app=attack_app(bad, declared), engine="inprocess")
     rows = run_dir.read_metrics()
@@ -183,8 +183,9 @@ def run(cells: list[str], seeds: list[int]) -> dict:
                                       "Dirichlet 0.5, FedIT, 3 rounds); in-process engine",
                               "flip_factor": FLIP, "size_factor": SIZE, "cells": {c: CELLS[c] for c in cells},
                               "runs": runs, "summary": summarise(runs)})
-    _plot(summarise(runs))
-    return summarise(runs)
+    summary = summarise(runs)
+    _plot(summary)
+    return summary
 
 
 def _plot(summary: dict) -> None:

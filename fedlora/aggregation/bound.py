@@ -142,9 +142,6 @@ class MedianBounds:
         kept = [u for _, u in held]
         return self._same_direction(kept) if self.min_cosine > -1.0 else kept
 
-    def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, _, u in self._held for _, t in u.factors.tensors())
-
     def _start(self, update: Update) -> LoraFactors:
         return self.strategy.round_start(update.profile, self.server_round)
 

@@ -146,12 +146,7 @@ class SketchedProductSum(ProductSum):
             psi = self._gaussian("psi", (self.l, Y.shape[0])).double()
             Z = torch.linalg.lstsq(psi @ Q, W).solution  # k x in: X_hat = Q Z
             U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
-            r = min(rank, S.shape[0])
-            sq = S[:r].sqrt()
-            Bn, An = (Q @ U[:, :r]) * sq, sq.unsqueeze(1) * Vh[:r]
-            if r < rank:
-                Bn = torch.cat([Bn, Bn.new_zeros(Bn.shape[0], rank - r)], 1)
-                An = torch.cat([An, An.new_zeros(rank - r, An.shape[1])], 0)
+            Bn, An = _split_at_rank(Q @ U[:, :rank], S, Vh, rank)
             theta = self._gaussian("theta", (self.q, Y.shape[0])).double()
             num += float(((T - (theta @ Bn) @ An) ** 2).sum())
             den += float((T ** 2).sum())
@@ -204,17 +199,24 @@ class DenseProductSum(ProductSum):
         if rank is None:
             rank = min(self.rank, max(_numerical_rank(S, sums[n].shape) for n, (_, S, _) in svds.items()))
         for name, (U, S, Vh) in svds.items():
-            r = min(rank, S.shape[0])
-            sq = S[:r].sqrt()
-            Bn, An = U[:, :r] * sq, sq.unsqueeze(1) * Vh[:r]
-            if r < rank:
-                Bn = torch.cat([Bn, Bn.new_zeros(Bn.shape[0], rank - r)], 1)
-                An = torch.cat([An, An.new_zeros(rank - r, An.shape[1])], 0)
+            Bn, An = _split_at_rank(U, S, Vh, rank)
             out.modules[name] = ModuleFactors(A=An.to(torch.float32), B=Bn.to(torch.float32), alpha=float(rank))
         return out
 
     def held_bytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self._sums.values())
+
+
+def _split_at_rank(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (U sqrt(S), sqrt(S) Vh) of an SVD's first ``rank`` components, as FlexLoRA splits
+    them; zero components pad a sum whose rank is below ``rank``."""
+    r = min(rank, S.shape[0])
+    sq = S[:r].sqrt()
+    B, A = U[:, :r] * sq, sq.unsqueeze(1) * Vh[:r]
+    if r < rank:
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - r)], 1)
+        A = torch.cat([A, A.new_zeros(rank - r, A.shape[1])], 0)
+    return B, A
 
 
 def _numerical_rank(S: torch.Tensor, shape: torch.Size) -> int:
