@@ -30,8 +30,10 @@ def pool(kind: str, rank: int, n: int = 10) -> list[LoraFactors]:
         f = LoraFactors()
         for m in range(modules):
             f.modules[f"layers.{m // 2}.{'qv'[m % 2]}"] = ModuleFactors(
-                A=torch.randn(rank, in_dim, generator=g) * 0.01, B=torch.randn(out_dim, rank, generator=g) * 0.01,
-                alpha=float(rank))
+                A=torch.randn(rank, in_dim, generator=g) * 0.01,
+                B=torch.randn(out_dim, rank, generator=g) * 0.01,
+                alpha=float(rank),
+            )
         res.append(f)
     return res
 
@@ -66,25 +68,34 @@ def run(quick: bool = False) -> dict:
                     cell["flora_stack_s"] = _time(lambda: aggregate_stacked(ups, w), rep)
                 else:
                     cell["flora_stack_s"] = None
-                    cell["flora_note"] = f"stacked rank {stacked_rank} > 1600: skipped (memory ~ {stacked_rank * (out_dim + in_dim) * 4 * SHAPES[kind][0] / 1e9:.0f} GB)"
+                    cell["flora_note"] = (
+                        f"stacked rank {stacked_rank} > 1600: skipped (memory ~ {stacked_rank * (out_dim + in_dim) * 4 * SHAPES[kind][0] / 1e9:.0f} GB)"
+                    )
                 if kind == "minilm" or stacked_rank <= 160:
                     cell["flexlora_svd_s"] = _time(lambda: aggregate_svd(ups, w, rank), rep)
                 else:
                     cell["flexlora_svd_s"] = None
-                    cell["flexlora_note"] = (f"stacked rank {stacked_rank}: cost ~ 2 QR of (4096 x {min(stacked_rank, 4096)}) + "
-                                             f"SVD of {min(stacked_rank, 4096)}^2 per module x 64 modules; skipped")
+                    cell["flexlora_note"] = (
+                        f"stacked rank {stacked_rank}: cost ~ 2 QR of (4096 x {min(stacked_rank, 4096)}) + "
+                        f"SVD of {min(stacked_rank, 4096)}^2 per module x 64 modules; skipped"
+                    )
                 rows.append(cell)
-                print(f"  aggregation {kind:6s} r={rank:2d} K={k:4d}: fedit {cell['fedit_s'] * 1e3:9.1f} ms  "
-                      f"fedsa {cell['fedsa_s'] * 1e3:9.1f} ms  flora {_ms(cell['flora_stack_s'])}  "
-                      f"flexlora {_ms(cell['flexlora_svd_s'])}", flush=True)
+                print(
+                    f"  aggregation {kind:6s} r={rank:2d} K={k:4d}: fedit {cell['fedit_s'] * 1e3:9.1f} ms  "
+                    f"fedsa {cell['fedsa_s'] * 1e3:9.1f} ms  flora {_ms(cell['flora_stack_s'])}  "
+                    f"flexlora {_ms(cell['flexlora_svd_s'])}",
+                    flush=True,
+                )
     # Linearity of averaging in the number of clients.
     lin = {}
     for kind in ("minilm", "7b"):
         for rank in (8, 16):
             cells = {c["clients"]: c for c in rows if c["shape"] == kind and c["rank"] == rank}
             if 10 in cells and counts[-1] in cells:
-                lin[f"{kind}-r{rank}"] = {"fedit_time_ratio": cells[counts[-1]]["fedit_s"] / cells[10]["fedit_s"],
-                                          "clients_ratio": counts[-1] / 10}
+                lin[f"{kind}-r{rank}"] = {
+                    "fedit_time_ratio": cells[counts[-1]]["fedit_s"] / cells[10]["fedit_s"],
+                    "clients_ratio": counts[-1] / 10,
+                }
     _plot(rows, counts)
     payload = {"rows": rows, "linearity": lin}
     write("aggregation", payload)
@@ -103,7 +114,12 @@ def _plot(rows: list[dict], counts: list[int]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, kind in zip(axes, ("minilm", "7b")):
-        for key, label in (("fedit_s", "FedIT"), ("fedsa_s", "FedSA"), ("flora_stack_s", "FLoRA"), ("flexlora_svd_s", "FlexLoRA")):
+        for key, label in (
+            ("fedit_s", "FedIT"),
+            ("fedsa_s", "FedSA"),
+            ("flora_stack_s", "FLoRA"),
+            ("flexlora_svd_s", "FlexLoRA"),
+        ):
             for rank, style in ((8, "-"), (16, "--")):
                 pts = [(c["clients"], c[key]) for c in rows if c["shape"] == kind and c["rank"] == rank and c.get(key)]
                 if pts:

@@ -31,10 +31,18 @@ def run(extra: list[str]) -> dict:
     summary = json.loads((run_dir.path / "summary.json").read_text())["continual"]
     out = RESULTS / "amlora-routing"
     out.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "amlora_routing", "machine": machine(), "point": POINT + list(extra),
-              "tasks": summary["tasks"], "stages": summary.get("amlora-routing", []), "R": summary["R"],
-              "average-accuracy": summary["average-accuracy"], "bwt": summary["bwt"],
-              "task-aware-average-accuracy": summary["task-aware"]["average-accuracy"], "run": str(run_dir.path)}
+    result = {
+        "benchmark": "amlora_routing",
+        "machine": machine(),
+        "point": POINT + list(extra),
+        "tasks": summary["tasks"],
+        "stages": summary.get("amlora-routing", []),
+        "R": summary["R"],
+        "average-accuracy": summary["average-accuracy"],
+        "bwt": summary["bwt"],
+        "task-aware-average-accuracy": summary["task-aware"]["average-accuracy"],
+        "run": str(run_dir.path),
+    }
     (out / "routing.json").write_text(json.dumps(result, indent=1) + "\n")
     if (run_dir.path / "amlora-routing.png").exists():
         shutil.copy(run_dir.path / "amlora-routing.png", out / "amlora-routing.png")

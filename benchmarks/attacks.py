@@ -55,10 +55,13 @@ CELLS = {
     "flip-1 median": {3: "flip"},
     "flip-1 max_client_share=0.2": {3: "flip"},
 }
-OVERRIDES = {"honest-iid": ['data.partitioner="iid"'],
-             "flip-1 min_cosine=0": ["robust.min_cosine=0"], "honest min_cosine=0": ["robust.min_cosine=0"],
-             "flip-1 median": ['robust.aggregation="median"'],
-             "flip-1 max_client_share=0.2": ["robust.max_client_share=0.2"]}
+OVERRIDES = {
+    "honest-iid": ['data.partitioner="iid"'],
+    "flip-1 min_cosine=0": ["robust.min_cosine=0"],
+    "honest min_cosine=0": ["robust.min_cosine=0"],
+    "flip-1 median": ['robust.aggregation="median"'],
+    "flip-1 max_client_share=0.2": ["robust.max_client_share=0.2"],
+}
 
 
 def attack_app(bad: dict[int, str], declared: int):
@@ -133,12 +136,21 @@ def one_run(cell: str, seed: int, out: Path) -> dict:
             named += [f"round {r['round']} {key}: {x}" for x in r.get(key) or []]
     ids = {m for line in named for m in re.findall(r"client-\d{5}", line)}
     last = rows[-1]
-    return {"cell": cell, "seed": seed, "attackers": sorted(attackers), "declared_by_size_attackers": declared,
-            "accuracy": last["server-accuracy"], "loss": last["server-loss"],
-            "round1_loss": next(r["server-loss"] for r in rows if r["round"] == 1),
-            "named": named, "honest_named": sorted(ids - attackers), "attackers_named": sorted(ids & attackers),
-            "unnamed_lines": [x for x in named if not re.search(r"client-\d{5}", x)],
-            "seconds": time.perf_counter() - t0, "run_dir": str(run_dir.path)}
+    return {
+        "cell": cell,
+        "seed": seed,
+        "attackers": sorted(attackers),
+        "declared_by_size_attackers": declared,
+        "accuracy": last["server-accuracy"],
+        "loss": last["server-loss"],
+        "round1_loss": next(r["server-loss"] for r in rows if r["round"] == 1),
+        "named": named,
+        "honest_named": sorted(ids - attackers),
+        "attackers_named": sorted(ids & attackers),
+        "unnamed_lines": [x for x in named if not re.search(r"client-\d{5}", x)],
+        "seconds": time.perf_counter() - t0,
+        "run_dir": str(run_dir.path),
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -149,11 +161,15 @@ def summarise(runs: list[dict]) -> dict:
             continue
         acc = [r["accuracy"] for r in rs]
         loss = [r["loss"] for r in rs]
-        out[cell] = {"seeds": len(rs), "accuracy_mean": statistics.mean(acc),
-                     "accuracy_spread": (max(acc) - min(acc)), "loss_mean": statistics.mean(loss),
-                     "round1_loss_max": max(r["round1_loss"] for r in rs),
-                     "honest_named": sorted({c for r in rs for c in r["honest_named"]}),
-                     "attackers_named_in_every_run": all(set(r["attackers_named"]) == set(r["attackers"]) for r in rs)}
+        out[cell] = {
+            "seeds": len(rs),
+            "accuracy_mean": statistics.mean(acc),
+            "accuracy_spread": (max(acc) - min(acc)),
+            "loss_mean": statistics.mean(loss),
+            "round1_loss_max": max(r["round1_loss"] for r in rs),
+            "honest_named": sorted({c for r in rs for c in r["honest_named"]}),
+            "attackers_named_in_every_run": all(set(r["attackers_named"]) == set(r["attackers"]) for r in rs),
+        }
     if "honest" in out:
         h = out["honest"]
         for s in out.values():
@@ -161,7 +177,8 @@ def summarise(runs: list[dict]) -> dict:
         if "flip-1e6-4-first" in out:
             honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
             out["flip-1e6-4-first"]["max_loss_over_honest_round1"] = (
-                max(max(r["loss"], r["round1_loss"]) for r in runs if r["cell"] == "flip-1e6-4-first") / honest_r1)
+                max(max(r["loss"], r["round1_loss"]) for r in runs if r["cell"] == "flip-1e6-4-first") / honest_r1
+            )
     return out
 
 
@@ -176,13 +193,24 @@ def run(cells: list[str], seeds: list[int]) -> dict:
                 continue
             r = one_run(cell, seed, work / f"{cell}-{seed}")
             runs.append(r)
-            print(f"[attacks] {cell} seed {seed}: accuracy {r['accuracy']:.3f} loss {r['loss']:.3f} "
-                  f"(round 1 {r['round1_loss']:.3f}); attackers named {r['attackers_named']}, honest named "
-                  f"{r['honest_named']}; {r['seconds']:.0f} s", flush=True)
-            write("attacks", {"task": "fedlora simulate's embedded default (MiniLM, fortunes, 10 clients, "
-                                      "Dirichlet 0.5, FedIT, 3 rounds); in-process engine",
-                              "flip_factor": FLIP, "size_factor": SIZE, "cells": {c: CELLS[c] for c in cells},
-                              "runs": runs, "summary": summarise(runs)})
+            print(
+                f"[attacks] {cell} seed {seed}: accuracy {r['accuracy']:.3f} loss {r['loss']:.3f} "
+                f"(round 1 {r['round1_loss']:.3f}); attackers named {r['attackers_named']}, honest named "
+                f"{r['honest_named']}; {r['seconds']:.0f} s",
+                flush=True,
+            )
+            write(
+                "attacks",
+                {
+                    "task": "fedlora simulate's embedded default (MiniLM, fortunes, 10 clients, "
+                    "Dirichlet 0.5, FedIT, 3 rounds); in-process engine",
+                    "flip_factor": FLIP,
+                    "size_factor": SIZE,
+                    "cells": {c: CELLS[c] for c in cells},
+                    "runs": runs,
+                    "summary": summarise(runs),
+                },
+            )
     summary = summarise(runs)
     _plot(summary)
     return summary
@@ -196,8 +224,12 @@ def _plot(summary: dict) -> None:
 
     cells = list(summary)
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    ax.bar(range(len(cells)), [summary[c]["accuracy_mean"] for c in cells],
-           yerr=[summary[c]["accuracy_spread"] / 2 for c in cells], color="tab:blue")
+    ax.bar(
+        range(len(cells)),
+        [summary[c]["accuracy_mean"] for c in cells],
+        yerr=[summary[c]["accuracy_spread"] / 2 for c in cells],
+        color="tab:blue",
+    )
     if "honest" in summary:
         ax.axhline(summary["honest"]["accuracy_mean"] - 0.05, color="grey", ls="--", lw=1, label="honest - 5 points")
         ax.legend()

@@ -52,19 +52,37 @@ def TokenCounter():
 def _config(model: str, device: str, dtype: str, quantization: str, steps: int, batch: int, max_length: int):
     from fedlora.config import FedLoraConfig
 
-    return FedLoraConfig.from_dict({
-        "model": {"name": model, "task": "causal-lm", "max_length": max_length, "dtype": dtype,
-                  "quantization": quantization},
-        "lora": {"rank": 16, "alpha": 32},
-        "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": max(steps * batch * 2, 400),
-                 "max_test_examples": 64, "partitioner": "iid"},
-        "federation": {"num_clients": 1, "min_train_clients": 1, "min_evaluate_clients": 1},
-        "train": {"local_steps": steps, "batch_size": batch, "learning_rate": 2e-4, "device": device},
-    })
+    return FedLoraConfig.from_dict(
+        {
+            "model": {
+                "name": model,
+                "task": "causal-lm",
+                "max_length": max_length,
+                "dtype": dtype,
+                "quantization": quantization,
+            },
+            "lora": {"rank": 16, "alpha": 32},
+            "data": {
+                "dataset": str(SHARED_DATA / "agnews"),
+                "max_train_examples": max(steps * batch * 2, 400),
+                "max_test_examples": 64,
+                "partitioner": "iid",
+            },
+            "federation": {"num_clients": 1, "min_train_clients": 1, "min_evaluate_clients": 1},
+            "train": {"local_steps": steps, "batch_size": batch, "learning_rate": 2e-4, "device": device},
+        }
+    )
 
 
-def local(model: str, device: str = "cpu", dtype: str = "float32", quantization: str = "none", steps: int = 20,
-          batch: int = 8, max_length: int = 128) -> dict:
+def local(
+    model: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantization: str = "none",
+    steps: int = 20,
+    batch: int = 8,
+    max_length: int = 128,
+) -> dict:
     import torch
 
     from fedlora.factors import load_factors
@@ -95,18 +113,33 @@ def local(model: str, device: str = "cpu", dtype: str = "float32", quantization:
     t0 = time.perf_counter()
     ev = evaluate(peft_model, data.test, 32, dev)
     eval_seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
-        "model": model, "device": dev.type, "dtype": dtype, "quantization": quantization,
+        "model": model,
+        "device": dev.type,
+        "dtype": dtype,
+        "quantization": quantization,
         "params-total": sum(p.numel() for p in peft_model.parameters()),
-        "params-lora": sum(p.numel() for p in params), "build-seconds": build_seconds,
-        "steps": res.steps, "batch": batch, "max-length": max_length,
-        "seconds-per-step": seconds / res.steps, "tokens-per-second": counter.attended / seconds,
-        "scored-tokens-per-second": counter.scored / seconds, "train-loss": res.loss,
-        "eval-seconds": eval_seconds, "eval-examples": ev["num-examples"], "eval-loss": ev["loss"],
+        "params-lora": sum(p.numel() for p in params),
+        "build-seconds": build_seconds,
+        "steps": res.steps,
+        "batch": batch,
+        "max-length": max_length,
+        "seconds-per-step": seconds / res.steps,
+        "tokens-per-second": counter.attended / seconds,
+        "scored-tokens-per-second": counter.scored / seconds,
+        "train-loss": res.loss,
+        "eval-seconds": eval_seconds,
+        "eval-examples": ev["num-examples"],
+        "eval-loss": ev["loss"],
         "eval-accuracy": ev.get("accuracy"),
-        "peak-memory-bytes": peak, "peak-memory-kind": "cuda max_memory_allocated" if dev.type == "cuda"
+        "peak-memory-bytes": peak,
+        "peak-memory-kind": "cuda max_memory_allocated"
+        if dev.type == "cuda"
         else "process peak RSS (includes Python, torch and the tokenized data)",
     }
 
@@ -115,18 +148,34 @@ def federation(quick: bool = False) -> dict:
     from fedlora.config import FedLoraConfig
     from fedlora.simulate import simulate
 
-    cfg = FedLoraConfig.load(ROOT / "simulations" / "causal_agnews.toml",
-                             [f"data.dataset=\"{SHARED_DATA / 'agnews'}\""] + (["run.rounds=2"] if quick else []))
+    cfg = FedLoraConfig.load(
+        ROOT / "simulations" / "causal_agnews.toml",
+        [f'data.dataset="{SHARED_DATA / "agnews"}"'] + (["run.rounds=2"] if quick else []),
+    )
     cfg.run.output_dir = str(RESULTS / "causal-runs")
     t0 = time.perf_counter()
     run_dir = simulate(cfg)
     wall = time.perf_counter() - t0
     rows = run_dir.read_metrics()
-    keep = ("round", "seconds", "server-loss", "server-perplexity", "server-accuracy", "server-unparsed",
-            "personal-loss", "personal-accuracy-mean", "bytes-up-per-client", "client-train-seconds")
-    return {"config": "simulations/causal_agnews.toml", "run-dir": str(run_dir.path), "wall-seconds": wall,
-            "rows": [{k: r.get(k) for k in keep} for r in rows],
-            "seconds-per-round": [r["seconds"] for r in rows if r["round"] > 0]}
+    keep = (
+        "round",
+        "seconds",
+        "server-loss",
+        "server-perplexity",
+        "server-accuracy",
+        "server-unparsed",
+        "personal-loss",
+        "personal-accuracy-mean",
+        "bytes-up-per-client",
+        "client-train-seconds",
+    )
+    return {
+        "config": "simulations/causal_agnews.toml",
+        "run-dir": str(run_dir.path),
+        "wall-seconds": wall,
+        "rows": [{k: r.get(k) for k in keep} for r in rows],
+        "seconds-per-round": [r["seconds"] for r in rows if r["round"] > 0],
+    }
 
 
 def plot(payload: dict) -> None:
@@ -155,18 +204,27 @@ def plot(payload: dict) -> None:
     plt.close(fig)
 
 
-def run(quick: bool = False, device: str = "cpu", models: tuple[str, ...] = DEFAULT_MODELS, dtype: str = "float32",
-        quantization: str = "none") -> None:
+def run(
+    quick: bool = False,
+    device: str = "cpu",
+    models: tuple[str, ...] = DEFAULT_MODELS,
+    dtype: str = "float32",
+    quantization: str = "none",
+) -> None:
     import os
 
-    payload = {"local": [local(m, device, dtype, quantization, steps=5 if quick else 20) for m in models],
-               "federation": federation(quick)}
+    payload = {
+        "local": [local(m, device, dtype, quantization, steps=5 if quick else 20) for m in models],
+        "federation": federation(quick),
+    }
     payload["machine-load"] = f"load average {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores"
     write("causal", payload)
     plot(payload)
     for r in payload["local"]:
-        print(f"{r['model']} on {r['device']}: {r['seconds-per-step']:.3f} s/step, {r['tokens-per-second']:.0f} tok/s, "
-              f"peak {r['peak-memory-bytes'] / 2**20:.0f} MiB")
+        print(
+            f"{r['model']} on {r['device']}: {r['seconds-per-step']:.3f} s/step, {r['tokens-per-second']:.0f} tok/s, "
+            f"peak {r['peak-memory-bytes'] / 2**20:.0f} MiB"
+        )
     fed = payload["federation"]
     print("federation seconds per round:", [round(s, 1) for s in fed["seconds-per-round"]])
 

@@ -34,15 +34,24 @@ def config(root: Path, port: int, creds) -> Path:
     raw = {
         "run": {"name": "deploy-bench", "rounds": ROUNDS, "seed": 7, "output_dir": str(root / "runs")},
         "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": 48},
-        "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 600, "max_test_examples": 300,
-                 "partitioner": "iid"},
+        "data": {
+            "dataset": str(SHARED_DATA / "agnews"),
+            "max_train_examples": 600,
+            "max_test_examples": 300,
+            "partitioner": "iid",
+        },
         "federation": {"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3, "round_timeout": 300.0},
         # No thread count from the server: each device sizes its own (`fedlora client --threads 1`: three
         # client processes share this machine's cores); the simulation is given the same count.
         "train": {"batch_size": 16, "learning_rate": 5e-3, "local_epochs": 1},
-        "server": {"address": f"127.0.0.1:{port}", "control_port": free_port(), "tls_certfile": str(creds.server_cert),
-                   "tls_keyfile": str(creds.server_key), "tls_ca_certfile": str(creds.ca_cert),
-                   "enrolled_keys": [str(n.public_key) for n in creds.nodes]},
+        "server": {
+            "address": f"127.0.0.1:{port}",
+            "control_port": free_port(),
+            "tls_certfile": str(creds.server_cert),
+            "tls_keyfile": str(creds.server_key),
+            "tls_ca_certfile": str(creds.ca_cert),
+            "enrolled_keys": [str(n.public_key) for n in creds.nodes],
+        },
     }
     path = root / "bench.toml"
     path.write_text(tomli_w.dumps(raw))
@@ -76,9 +85,15 @@ def simulation(cfg_path: Path, root: Path) -> dict:
     t0 = time.perf_counter()
     run = simulate(cfg, run_dir=RunDir(root / "sim")).path
     rows = _rows(run)
-    return {"mode": "simulation", "total_s": time.perf_counter() - t0, "round1_s": rows[1]["seconds"],
-            "per_round_s": _per_round(rows), **_breakdown(rows), "final_accuracy": rows[-1]["server-accuracy"],
-            "initial_accuracy": rows[0]["server-accuracy"]}
+    return {
+        "mode": "simulation",
+        "total_s": time.perf_counter() - t0,
+        "round1_s": rows[1]["seconds"],
+        "per_round_s": _per_round(rows),
+        **_breakdown(rows),
+        "final_accuracy": rows[-1]["server-accuracy"],
+        "initial_accuracy": rows[0]["server-accuracy"],
+    }
 
 
 def deployment(cfg_path: Path, port: int, root: Path, creds, cold: bool) -> dict:
@@ -87,16 +102,42 @@ def deployment(cfg_path: Path, port: int, root: Path, creds, cold: bool) -> dict
     out = root / tag
     out.mkdir()
     t0 = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "server", "-c", str(cfg_path)],
-                              stdout=open(out / "server.log", "wb"), stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fedlora.cli", "server", "-c", str(cfg_path)],
+        stdout=open(out / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     clients = []
     for i in range(3):
-        args = [sys.executable, "-m", "fedlora.cli", "client", "--server", f"127.0.0.1:{port}",
-                "--root-certificates", str(creds.ca_cert), "--node-key", str(creds.nodes[i].private_key),
-                "--partition-id", str(i), "--threads", "1", "--state-dir", str(out / f"state{i}")]
-        clients.append(subprocess.Popen(args + (["--cold"] if cold else []), stdout=open(out / f"client{i}.log", "wb"),
-                                        stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        args = [
+            sys.executable,
+            "-m",
+            "fedlora.cli",
+            "client",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--root-certificates",
+            str(creds.ca_cert),
+            "--node-key",
+            str(creds.nodes[i].private_key),
+            "--partition-id",
+            str(i),
+            "--threads",
+            "1",
+            "--state-dir",
+            str(out / f"state{i}"),
+        ]
+        clients.append(
+            subprocess.Popen(
+                args + (["--cold"] if cold else []),
+                stdout=open(out / f"client{i}.log", "wb"),
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        )
     try:
         code = server.wait(1800)
     finally:
@@ -120,10 +161,18 @@ def deployment(cfg_path: Path, port: int, root: Path, creds, cold: bool) -> dict
         found = [float(x) for x in re.findall(r"peak memory (\d+) MB", text)]
         if found:
             peaks.append(max(found))
-    return {"mode": f"deployment ({tag})", "total_s": total, "superlink_start_s": up, "round1_s": rows[1]["seconds"],
-            "per_round_s": _per_round(rows), **_breakdown(rows), "final_accuracy": rows[-1]["server-accuracy"],
-            "initial_accuracy": rows[0]["server-accuracy"], "client_peak_rss_mb": max(peaks) if peaks else None,
-            "run_dir": str(run)}
+    return {
+        "mode": f"deployment ({tag})",
+        "total_s": total,
+        "superlink_start_s": up,
+        "round1_s": rows[1]["seconds"],
+        "per_round_s": _per_round(rows),
+        **_breakdown(rows),
+        "final_accuracy": rows[-1]["server-accuracy"],
+        "initial_accuracy": rows[0]["server-accuracy"],
+        "client_peak_rss_mb": max(peaks) if peaks else None,
+        "run_dir": str(run),
+    }
 
 
 def run(quick: bool = False) -> dict:
@@ -141,9 +190,14 @@ def run(quick: bool = False) -> dict:
         port = free_port()
         rows.append(deployment(config(root, port, creds), port, root, creds, cold))
     sim, res, cold_row = rows
-    payload = {"rounds": ROUNDS, "clients": 3, "model": "all-MiniLM-L6-v2", "rows": rows,
-               "per_round_deploy_over_sim": res["per_round_s"] / sim["per_round_s"],
-               "per_round_cold_over_resident": cold_row["per_round_s"] / res["per_round_s"]}
+    payload = {
+        "rounds": ROUNDS,
+        "clients": 3,
+        "model": "all-MiniLM-L6-v2",
+        "rows": rows,
+        "per_round_deploy_over_sim": res["per_round_s"] / sim["per_round_s"],
+        "per_round_cold_over_resident": cold_row["per_round_s"] / res["per_round_s"],
+    }
     write("deploy", payload)
     _plot(rows)
     return payload
@@ -157,7 +211,9 @@ def _plot(rows: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = [r["mode"] for r in rows]
-    ax.bar([i - 0.2 for i in range(len(rows))], [r["round1_s"] for r in rows], width=0.4, label="round 1 (setup, loads)")
+    ax.bar(
+        [i - 0.2 for i in range(len(rows))], [r["round1_s"] for r in rows], width=0.4, label="round 1 (setup, loads)"
+    )
     ax.bar([i + 0.2 for i in range(len(rows))], [r["per_round_s"] for r in rows], width=0.4, label="later rounds, mean")
     ax.set_xticks(range(len(rows)), names)
     ax.set_ylabel("seconds")

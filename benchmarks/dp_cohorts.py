@@ -46,8 +46,12 @@ TUNE = ROOT / "simulations" / "compare_privacy_cohorts_tune.toml"
 COHORTS = ROOT / "simulations" / "compare_privacy_cohorts.toml"
 CLIP = ROOT / "simulations" / "compare_privacy_cohorts_clip.toml"
 CHANCE = 0.25  # AG News: 4 balanced classes
-HEADLINE = {"clients": 1_000_000, "epsilon": 2.0, "per_round": [1_000, 10_000],
-            "paper": "DP-DyLoRA (Xu et al. 2024): under 2 points lost at epsilon 2 with 10^6 clients"}
+HEADLINE = {
+    "clients": 1_000_000,
+    "epsilon": 2.0,
+    "per_round": [1_000, 10_000],
+    "paper": "DP-DyLoRA (Xu et al. 2024): under 2 points lost at epsilon 2 with 10^6 clients",
+}
 FIXED, MATCHED = "C = 1", "C = lr * sqrt(d)"  # the two clip rules: parts 1-2, part 3
 
 
@@ -80,8 +84,12 @@ def cohort_specs(rates: dict[str, list[str]], done: set[tuple[str, str]]) -> lis
                 continue
             arms.append({"name": arm["name"], "set": list(arm["set"]) + rates[arm["family"]]})
         if arms:
-            spec = {"compare": {**raw["compare"], "name": f"{raw['compare']['name']}-{split['name']}"},
-                    "base": raw["base"], "split": [split], "arm": arms}
+            spec = {
+                "compare": {**raw["compare"], "name": f"{raw['compare']['name']}-{split['name']}"},
+                "base": raw["base"],
+                "split": [split],
+                "arm": arms,
+            }
             specs.append((split["name"], tomli_w.dumps(spec)))
     return specs
 
@@ -108,27 +116,43 @@ def cell_figures(result: dict, cohort: int, settings: dict, rule: str) -> dict:
     eps = None if "non-private" in arm else float(arm.rsplit("eps", 1)[1])
     z = [r["client-noise-multiplier"] for r in trained if r.get("client-noise-multiplier") is not None]
     d = _released_dim(trained)
-    return {"arm": arm.rsplit("-eps", 1)[0], "cell": arm, "clip-rule": rule if eps is not None else None,
-            "m": cohort, "epsilon-target": eps,
-            "server-accuracy": last.get("server-accuracy"), "client-epsilon": last.get("client-epsilon"),
-            "noise-multiplier": z[0] if z else None, "released-dim": d,
-            "rho": (z[0] * math.sqrt(d) / cohort) if z else 0.0,
-            "seconds-per-round": sum(r["seconds"] for r in trained) / max(len(trained), 1),
-            "grid-point": result.get("grid-point"), "delta": last.get("client-delta"), **settings}
+    return {
+        "arm": arm.rsplit("-eps", 1)[0],
+        "cell": arm,
+        "clip-rule": rule if eps is not None else None,
+        "m": cohort,
+        "epsilon-target": eps,
+        "server-accuracy": last.get("server-accuracy"),
+        "client-epsilon": last.get("client-epsilon"),
+        "noise-multiplier": z[0] if z else None,
+        "released-dim": d,
+        "rho": (z[0] * math.sqrt(d) / cohort) if z else 0.0,
+        "seconds-per-round": sum(r["seconds"] for r in trained) / max(len(trained), 1),
+        "grid-point": result.get("grid-point"),
+        "delta": last.get("client-delta"),
+        **settings,
+    }
 
 
 def fit_law(cells: list[dict], reference: dict[int, float]) -> dict | None:
     """Least squares of (non-private accuracy - DP accuracy) against log(rho) over the DP cells."""
-    pts = [(math.log(c["rho"]), reference[c["m"]] - c["server-accuracy"]) for c in cells
-           if c["rho"] > 0 and c["server-accuracy"] is not None and c["m"] in reference]
+    pts = [
+        (math.log(c["rho"]), reference[c["m"]] - c["server-accuracy"])
+        for c in cells
+        if c["rho"] > 0 and c["server-accuracy"] is not None and c["m"] in reference
+    ]
     if len(pts) < 3:
         return None
     n = len(pts)
     mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
     sxx = sum((x - mx) ** 2 for x, _ in pts)
     slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
-    return {"slope": slope, "intercept": my - slope * mx, "points": n,
-            "form": "accuracy lost = intercept + slope * ln(rho), rho = z * sqrt(d) / m, clamped to [0, non-private - chance]"}
+    return {
+        "slope": slope,
+        "intercept": my - slope * mx,
+        "points": n,
+        "form": "accuracy lost = intercept + slope * ln(rho), rho = z * sqrt(d) / m, clamped to [0, non-private - chance]",
+    }
 
 
 def extrapolate(law: dict, dim: float, rounds: int, reference_acc: float) -> list[dict]:
@@ -137,11 +161,21 @@ def extrapolate(law: dict, dim: float, rounds: int, reference_acc: float) -> lis
     n = HEADLINE["clients"]
     out = []
     for m in HEADLINE["per_round"]:
-        z = _calibrate_client_noise(n, m, rounds, HEADLINE["epsilon"], 1 / n ** 1.1)
+        z = _calibrate_client_noise(n, m, rounds, HEADLINE["epsilon"], 1 / n**1.1)
         rho = z * math.sqrt(dim) / m
         lost = min(max(law["intercept"] + law["slope"] * math.log(rho), 0.0), reference_acc - CHANCE)
-        out.append({"clients": n, "per_round": m, "rounds": rounds, "epsilon": HEADLINE["epsilon"],
-                    "noise-multiplier": z, "released-dim": dim, "rho": rho, "accuracy-lost-extrapolated": lost})
+        out.append(
+            {
+                "clients": n,
+                "per_round": m,
+                "rounds": rounds,
+                "epsilon": HEADLINE["epsilon"],
+                "noise-multiplier": z,
+                "released-dim": dim,
+                "rho": rho,
+                "accuracy-lost-extrapolated": lost,
+            }
+        )
     return out
 
 
@@ -181,16 +215,29 @@ def _summary(dp: list[dict], reference: dict[int, float]) -> dict:
     largest = max(reference)
     smallest = {}
     for arm in sorted({c["arm"] for c in dp}):
-        ok = sorted(c["m"] for c in dp if c["arm"] == arm and c["epsilon-target"] == 8
-                    and (c["server-accuracy"] or 0) >= 2 * CHANCE)
+        ok = sorted(
+            c["m"]
+            for c in dp
+            if c["arm"] == arm and c["epsilon-target"] == 8 and (c["server-accuracy"] or 0) >= 2 * CHANCE
+        )
         smallest[arm] = ok[0] if ok else None
-    best = max((c for c in dp if c["m"] == largest and c["epsilon-target"] == 8),
-               key=lambda c: c["server-accuracy"] or 0, default=None)
-    return {"smallest-m-twice-chance-eps8": smallest, "largest-m": largest,
-            "best-eps8-at-largest-m": best and {"arm": best["arm"], "server-accuracy": best["server-accuracy"],
-                                                "client-clip": best["client-clip"],
-                                                "gap-to-non-private": reference[largest] - best["server-accuracy"],
-                                                "within-5-points": reference[largest] - best["server-accuracy"] <= 0.05}}
+    best = max(
+        (c for c in dp if c["m"] == largest and c["epsilon-target"] == 8),
+        key=lambda c: c["server-accuracy"] or 0,
+        default=None,
+    )
+    return {
+        "smallest-m-twice-chance-eps8": smallest,
+        "largest-m": largest,
+        "best-eps8-at-largest-m": best
+        and {
+            "arm": best["arm"],
+            "server-accuracy": best["server-accuracy"],
+            "client-clip": best["client-clip"],
+            "gap-to-non-private": reference[largest] - best["server-accuracy"],
+            "within-5-points": reference[largest] - best["server-accuracy"] <= 0.05,
+        },
+    }
 
 
 def figures(parts: list[tuple[str, Path, list[dict]]], rates: dict[str, list[str]]) -> dict:
@@ -199,26 +246,39 @@ def figures(parts: list[tuple[str, Path, list[dict]]], rates: dict[str, list[str
         configs = cell_configs(spec)
         for r in results:
             cfg = configs[(r["arm"], r["split"], tuple(r.get("grid-point") or []))]
-            settings = {"clients": cfg.federation.num_clients, "learning-rate": cfg.train.learning_rate,
-                        "rounds": cfg.run.rounds, "client-clip": cfg.privacy.client_clip}
+            settings = {
+                "clients": cfg.federation.num_clients,
+                "learning-rate": cfg.train.learning_rate,
+                "rounds": cfg.run.rounds,
+                "client-clip": cfg.privacy.client_clip,
+            }
             # m is each spec's min_train_clients (fraction_train * N, every client sampled must train)
-            cells.append(cell_figures({**r, "arm": cohort_arm(r["arm"])}, cfg.federation.min_train_clients,
-                                      settings, rule))
+            cells.append(
+                cell_figures({**r, "arm": cohort_arm(r["arm"])}, cfg.federation.min_train_clients, settings, rule)
+            )
     reference = {c["m"]: c["server-accuracy"] for c in cells if c["arm"] == "non-private"}
     rules = [rule for rule in (FIXED, MATCHED) if any(c["clip-rule"] == rule for c in cells)]
     by_rule = {rule: _summary([c for c in cells if c["clip-rule"] == rule], reference) for rule in rules}
-    payload = {"cells": sorted(cells, key=lambda c: (c["arm"], c["clip-rule"] or "", c["m"], c["epsilon-target"] or 0)),
-               "chosen-rates": rates, "non-private": reference, "by-clip-rule": by_rule}
+    payload = {
+        "cells": sorted(cells, key=lambda c: (c["arm"], c["clip-rule"] or "", c["m"], c["epsilon-target"] or 0)),
+        "chosen-rates": rates,
+        "non-private": reference,
+        "by-clip-rule": by_rule,
+    }
     # The law from the cells where noise is the only difference from non-private, if part 3 ran.
     law_cells = [c for c in cells if c["clip-rule"] == (MATCHED if MATCHED in rules else FIXED)]
     law = fit_law(law_cells, reference)
     if law is not None:
-        dyl = [c["released-dim"] for c in law_cells if c["arm"] == "dp-dylora"] or [c["released-dim"] for c in law_cells]
+        dyl = [c["released-dim"] for c in law_cells if c["arm"] == "dp-dylora"] or [
+            c["released-dim"] for c in law_cells
+        ]
         rounds = max(c.get("rounds") or 0 for c in law_cells)
         payload["law"] = {**law, "clip-rule": law_cells[0]["clip-rule"]}
-        payload["extrapolation"] = {"marked": "EXTRAPOLATION from the measured law, not a measurement",
-                                    "paper": HEADLINE["paper"],
-                                    "rows": extrapolate(law, sum(dyl) / len(dyl), rounds, reference[max(reference)])}
+        payload["extrapolation"] = {
+            "marked": "EXTRAPOLATION from the measured law, not a measurement",
+            "paper": HEADLINE["paper"],
+            "rows": extrapolate(law, sum(dyl) / len(dyl), rounds, reference[max(reference)]),
+        }
     write("dp_cohorts", payload)
     plot(payload, RESULTS / "dp_cohorts.png")
     return payload
@@ -237,10 +297,19 @@ def plot(payload: dict, path: Path) -> None:
     for ax, eps in zip(axes[0], eps_values):
         here = [c for c in payload["cells"] if c["epsilon-target"] == eps]
         for arm, rule in sorted({(c["arm"], c["clip-rule"]) for c in here}):
-            pts = sorted((c["m"], c["server-accuracy"]) for c in here
-                         if c["arm"] == arm and c["clip-rule"] == rule and c["server-accuracy"] is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours.get(arm),
-                    ls="-" if rule == MATCHED else ":", label=f"{arm}, {rule}")
+            pts = sorted(
+                (c["m"], c["server-accuracy"])
+                for c in here
+                if c["arm"] == arm and c["clip-rule"] == rule and c["server-accuracy"] is not None
+            )
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                color=colours.get(arm),
+                ls="-" if rule == MATCHED else ":",
+                label=f"{arm}, {rule}",
+            )
         ax.plot([m for m, _ in ref], [a for _, a in ref], "k--", marker="s", label="non-private")
         ax.axhline(CHANCE, color="grey", lw=0.8)
         ax.axhline(2 * CHANCE, color="grey", lw=0.8, ls=":")

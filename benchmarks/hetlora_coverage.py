@@ -34,8 +34,14 @@ def _dead(g: LoraFactors) -> int:
 def simulate(keep: bool, rounds: int = 30, sampled: int = 3, seed: int = 0) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    g = LoraFactors(modules={f"m{i}": ModuleFactors(A=torch.randn(R, DIM, generator=gen) / DIM ** 0.5,
-                                                    B=torch.zeros(DIM, R), alpha=float(R)) for i in range(MODULES)})
+    g = LoraFactors(
+        modules={
+            f"m{i}": ModuleFactors(
+                A=torch.randn(R, DIM, generator=gen) / DIM**0.5, B=torch.zeros(DIM, R), alpha=float(R)
+            )
+            for i in range(MODULES)
+        }
+    )
     dead = []
     for _ in range(rounds):
         picks = rng.sample(range(len(RANKS)), sampled)
@@ -61,10 +67,18 @@ def simulate(keep: bool, rounds: int = 30, sampled: int = 3, seed: int = 0) -> l
 def run(quick: bool = False) -> dict:
     rounds = 10 if quick else 30
     zero, keep = simulate(False, rounds), simulate(True, rounds)
-    out = {"clients": RANKS, "sampled_per_round": 3, "rounds": rounds, "components_total": MODULES * R,
-           "dead_components_paper_formula": zero, "dead_components_keep_uncovered": keep}
-    print(f"dead components after {rounds} rounds: paper formula {zero[-1]}/{MODULES * R}, "
-          f"keep_uncovered {keep[-1]}/{MODULES * R}")
+    out = {
+        "clients": RANKS,
+        "sampled_per_round": 3,
+        "rounds": rounds,
+        "components_total": MODULES * R,
+        "dead_components_paper_formula": zero,
+        "dead_components_keep_uncovered": keep,
+    }
+    print(
+        f"dead components after {rounds} rounds: paper formula {zero[-1]}/{MODULES * R}, "
+        f"keep_uncovered {keep[-1]}/{MODULES * R}"
+    )
     write("hetlora-coverage", out)
     return out
 

@@ -34,16 +34,42 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["fedlora/lora_math.py", "fedlora/codec.py", "fedlora/robust.py", "fedlora/validation.py",
-           "fedlora/strategies/fedit.py", "fedlora/strategies/fedsa.py", "fedlora/strategies/ffa.py",
-           "fedlora/strategies/hetlora.py", "fedlora/strategies/flora.py", "fedlora/strategies/flexlora.py",
-           "fedlora/tasks/causal.py", "fedlora/tasks/evaluation.py", "fedlora/continual/penalties.py",
-           "fedlora/continual/metrics.py", "fedlora/aggregation/folds.py", "fedlora/aggregation/product_sums.py", "fedlora/aggregation/share_cap.py",
-           "fedlora/methods/_fedprox.py", "fedlora/methods/_ewc.py", "fedlora/methods/_lwf.py"]
-TESTS = ["tests/test_lora_math.py", "tests/test_factors_codec.py", "tests/test_strategy_maths.py",
-         "tests/test_strategies.py", "tests/test_robust.py", "tests/test_validation.py", "tests/test_causal_maths.py",
-         "tests/test_continual_maths.py", "tests/test_folds.py", "tests/test_fedprox.py", "tests/test_ewc.py",
-         "tests/test_lwf.py"]
+TARGETS = [
+    "fedlora/lora_math.py",
+    "fedlora/codec.py",
+    "fedlora/robust.py",
+    "fedlora/validation.py",
+    "fedlora/strategies/fedit.py",
+    "fedlora/strategies/fedsa.py",
+    "fedlora/strategies/ffa.py",
+    "fedlora/strategies/hetlora.py",
+    "fedlora/strategies/flora.py",
+    "fedlora/strategies/flexlora.py",
+    "fedlora/tasks/causal.py",
+    "fedlora/tasks/evaluation.py",
+    "fedlora/continual/penalties.py",
+    "fedlora/continual/metrics.py",
+    "fedlora/aggregation/folds.py",
+    "fedlora/aggregation/product_sums.py",
+    "fedlora/aggregation/share_cap.py",
+    "fedlora/methods/_fedprox.py",
+    "fedlora/methods/_ewc.py",
+    "fedlora/methods/_lwf.py",
+]
+TESTS = [
+    "tests/test_lora_math.py",
+    "tests/test_factors_codec.py",
+    "tests/test_strategy_maths.py",
+    "tests/test_strategies.py",
+    "tests/test_robust.py",
+    "tests/test_validation.py",
+    "tests/test_causal_maths.py",
+    "tests/test_continual_maths.py",
+    "tests/test_folds.py",
+    "tests/test_fedprox.py",
+    "tests/test_ewc.py",
+    "tests/test_lwf.py",
+]
 
 
 def stage(ref: str | None, dest: Path, only: str = "") -> None:
@@ -72,7 +98,8 @@ def stage(ref: str | None, dest: Path, only: str = "") -> None:
         # A test marked `federation` runs a whole (in-process) federation: seconds, too long per mutant.
         'pytest_add_cli_args = ["-q", "-x", "-m", "not federation"]\n'
         # A loaded 2-core machine slows tests several-fold: a tight timeout would count slowness as a kill.
-        "timeout_multiplier = 10.0\n")
+        "timeout_multiplier = 10.0\n"
+    )
     if ref:
         shutil.rmtree(src)
 
@@ -96,9 +123,13 @@ def run(ref: str | None, only: str = "") -> dict:
     for module, c in sorted(per_module.items()):
         total = sum(c.values())
         killed = c.get("killed", 0)
-        report[module] = {"mutants": total, "killed": killed, "score": killed / total if total else None,
-                          "score-counting-timeouts": (killed + c.get("timeout", 0)) / total if total else None,
-                          **{k: v for k, v in c.items() if k != "killed"}}
+        report[module] = {
+            "mutants": total,
+            "killed": killed,
+            "score": killed / total if total else None,
+            "score-counting-timeouts": (killed + c.get("timeout", 0)) / total if total else None,
+            **{k: v for k, v in c.items() if k != "killed"},
+        }
     return {"ref": ref or "working tree", "modules": report, "scratch": str(work)}
 
 
@@ -112,23 +143,37 @@ def recheck_timeouts(scratch: Path, match: str, sample: int, limit: float, seed:
 
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     out = subprocess.run([mutmut, "results", "--all", "true"], cwd=scratch, capture_output=True, text=True).stdout
-    names = [m.group(1) for line in out.splitlines()
-             if (m := re.match(r"\s*(\S+__mutmut_\d+): timeout$", line)) and match in m.group(1)]
+    names = [
+        m.group(1)
+        for line in out.splitlines()
+        if (m := re.match(r"\s*(\S+__mutmut_\d+): timeout$", line)) and match in m.group(1)
+    ]
     chosen = sorted(random.Random(seed).sample(names, min(sample, len(names))))
     tests = re.search(r"pytest_add_cli_args_test_selection = (\[.*\])", (scratch / "pyproject.toml").read_text())
     env = {**os.environ, "FEDLORA_HYPOTHESIS": "mutation"}
     verdicts: dict[str, str] = {}
     for name in chosen:
         try:
-            res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                  *json.loads(tests.group(1))], cwd=scratch / "mutants", capture_output=True,
-                                 env={**env, "MUTANT_UNDER_TEST": name}, timeout=limit)
+            res = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *json.loads(tests.group(1))],
+                cwd=scratch / "mutants",
+                capture_output=True,
+                env={**env, "MUTANT_UNDER_TEST": name},
+                timeout=limit,
+            )
             verdicts[name] = "killed" if res.returncode != 0 else "survived"
         except subprocess.TimeoutExpired:
             verdicts[name] = "hang"
         print(f"  {name}: {verdicts[name]}", flush=True)
-    return {"scratch": str(scratch), "match": match, "timeouts": len(names), "rechecked": len(chosen),
-            "limit-seconds": limit, "verdicts": verdicts, "counts": dict(Counter(verdicts.values()))}
+    return {
+        "scratch": str(scratch),
+        "match": match,
+        "timeouts": len(names),
+        "rechecked": len(chosen),
+        "limit-seconds": limit,
+        "verdicts": verdicts,
+        "counts": dict(Counter(verdicts.values())),
+    }
 
 
 def main() -> None:

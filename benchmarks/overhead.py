@@ -23,15 +23,21 @@ GOAL = 1.15
 def config(rounds: int, out: str):
     from fedlora.config import FedLoraConfig
 
-    return FedLoraConfig.from_dict({
-        "run": {"name": "overhead", "output_dir": out, "rounds": rounds, "seed": 3},
-        "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
-        "lora": {"rank": 8, "alpha": 16},
-        "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 1000, "max_test_examples": 100,
-                 "partitioner": "iid"},
-        "federation": {"strategy": "fedit", "num_clients": 10, "fraction_evaluate": 0.0, "server_eval": False},
-        "train": {"local_epochs": 1, "batch_size": 16, "learning_rate": 2e-3},
-    })
+    return FedLoraConfig.from_dict(
+        {
+            "run": {"name": "overhead", "output_dir": out, "rounds": rounds, "seed": 3},
+            "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
+            "lora": {"rank": 8, "alpha": 16},
+            "data": {
+                "dataset": str(SHARED_DATA / "agnews"),
+                "max_train_examples": 1000,
+                "max_test_examples": 100,
+                "partitioner": "iid",
+            },
+            "federation": {"strategy": "fedit", "num_clients": 10, "fraction_evaluate": 0.0, "server_eval": False},
+            "train": {"local_epochs": 1, "batch_size": 16, "learning_rate": 2e-3},
+        }
+    )
 
 
 def bare_round(cfg) -> float:
@@ -44,8 +50,9 @@ def bare_round(cfg) -> float:
     from fedlora.partitions import client_data
     from fedlora.training import train_local
 
-    model = build_peft_model(cfg, load_task(cfg).num_labels,
-                             AdapterSpec(8, 16.0, cfg.lora.dropout, tuple(cfg.lora.target_modules)))
+    model = build_peft_model(
+        cfg, load_task(cfg).num_labels, AdapterSpec(8, 16.0, cfg.lora.dropout, tuple(cfg.lora.target_modules))
+    )
     init = initial_factors(model, cfg.lora.init_seed)
     t0 = time.perf_counter()
     for cid in range(cfg.federation.num_clients):
@@ -74,8 +81,12 @@ def run(quick: bool = False) -> dict:
     n = cfg.federation.num_clients
     train_s = statistics.mean(r["client-train-seconds"] for r in steady) * n  # summed over clients
     payload = {
-        "goal": GOAL, "clients_per_round": n, "sim_round_seconds": [r["seconds"] for r in rows],
-        "sim_steady_round_seconds": sim, "bare_round_seconds": bare, "bare_mean": bare_s,
+        "goal": GOAL,
+        "clients_per_round": n,
+        "sim_round_seconds": [r["seconds"] for r in rows],
+        "sim_steady_round_seconds": sim,
+        "bare_round_seconds": bare,
+        "bare_mean": bare_s,
         "ratio": sim / bare_s,
         "breakdown": {
             "client_training_seconds_summed": train_s,

@@ -29,10 +29,13 @@ def _per_step(hooks_fn, rank: int | None, steps: int) -> float:
     from fedlora.model import AdapterSpec, build_peft_model, initial_factors, set_trainable
     from fedlora.training import train_local
 
-    cfg = FedLoraConfig.from_dict({
-        "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": 48},
-        "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 800, "max_test_examples": 64},
-        "train": {"batch_size": 16, "local_steps": steps, "learning_rate": 3e-3}})
+    cfg = FedLoraConfig.from_dict(
+        {
+            "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": 48},
+            "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 800, "max_test_examples": 64},
+            "train": {"batch_size": 16, "local_steps": steps, "learning_rate": 3e-3},
+        }
+    )
     task = load_task(cfg)
     model = build_peft_model(cfg, task.num_labels, AdapterSpec(8, 16.0, 0.0, ("query", "value")))
     load_factors(model, initial_factors(model, 1))
@@ -56,16 +59,24 @@ def run(quick: bool = False) -> dict:
     steps = 6 if quick else 20
     _per_step(lambda: [], None, 2)  # warm-up: model load, tokenization
     rows = {}
-    for name, hooks, rank in (("lora", lambda: [], None), ("dylora", lambda: [], 4),
-                              ("dp-sgd", lambda: [DPSGDHook(1.0, 1.0, 1e-5, noise_seed=0)], None),
-                              ("dp-sgd+dylora", lambda: [DPSGDHook(1.0, 1.0, 1e-5, noise_seed=0)], 4)):
+    for name, hooks, rank in (
+        ("lora", lambda: [], None),
+        ("dylora", lambda: [], 4),
+        ("dp-sgd", lambda: [DPSGDHook(1.0, 1.0, 1e-5, noise_seed=0)], None),
+        ("dp-sgd+dylora", lambda: [DPSGDHook(1.0, 1.0, 1e-5, noise_seed=0)], 4),
+    ):
         rows[name] = _per_step(hooks, rank, steps)
         print(name, f"{rows[name]:.3f} s/step", flush=True)
     ratio = rows["dp-sgd"] / rows["lora"]
     server = _server_round()
     print(f"DP-SGD / non-private per step: {ratio:.2f}x; server round {server}", flush=True)
-    out = {"seconds_per_step": rows, "dp_sgd_over_plain": ratio, "goal": 2.5,
-           "dp_sgd_dylora_over_dylora": rows["dp-sgd+dylora"] / rows["dylora"], "server": server}
+    out = {
+        "seconds_per_step": rows,
+        "dp_sgd_over_plain": ratio,
+        "goal": 2.5,
+        "dp_sgd_dylora_over_dylora": rows["dp-sgd+dylora"] / rows["dylora"],
+        "server": server,
+    }
     write("privacy", out)
     return out
 
@@ -78,8 +89,15 @@ def _server_round(clients: int = 50) -> dict:
 
     ups = pool("minilm", 8)
     ups = [ups[i % len(ups)] for i in range(clients)]
-    cfg = FedLoraConfig.load(None, ["privacy.client_dp=true", "federation.num_clients=500",
-                                    "federation.fraction_train=0.1", "privacy.noise_seed=0"])
+    cfg = FedLoraConfig.load(
+        None,
+        [
+            "privacy.client_dp=true",
+            "federation.num_clients=500",
+            "federation.fraction_train=0.1",
+            "privacy.noise_seed=0",
+        ],
+    )
     dp = ClientLevelDP(cfg)
     start = ups[0].clone()
     eff = [to_effective(u) for u in ups]

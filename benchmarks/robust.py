@@ -37,16 +37,25 @@ def run(quick: bool = False) -> dict:
         eff = [to_effective(u) for u in ups]
         w = [float(1 + i % 7) for i in range(k)]
         prof = NodeProfile(1, "c", 0, 8, 8.0, 10_000, 10)
-        replies = [RecordDict({"arrays": codec.encode(u, modules=strategy.module_names),
-                               "metrics": MetricRecord({"num-examples": 5, "rank": 8})}) for u in ups]
+        replies = [
+            RecordDict(
+                {
+                    "arrays": codec.encode(u, modules=strategy.module_names),
+                    "metrics": MetricRecord({"num-examples": 5, "rank": 8}),
+                }
+            )
+            for u in ups
+        ]
         rep = 3
-        row = {"clients": k,
-               "mean_s": _best(lambda: weighted_mean(eff, w), rep),
-               "median_s": _best(lambda: coordinate_median(eff), rep),
-               "trimmed_mean_s": _best(lambda: trimmed_mean(eff, 0.2), rep),
-               "norm_clip_s": _best(lambda: [clip_update(start, u, 0.01) for u in ups], rep),
-               "share_cap_s": _best(lambda: cap_shares(w, 0.1), rep),
-               "validate_s": _best(lambda: [strategy.validate_reply(prof, r) for r in replies], rep)}
+        row = {
+            "clients": k,
+            "mean_s": _best(lambda: weighted_mean(eff, w), rep),
+            "median_s": _best(lambda: coordinate_median(eff), rep),
+            "trimmed_mean_s": _best(lambda: trimmed_mean(eff, 0.2), rep),
+            "norm_clip_s": _best(lambda: [clip_update(start, u, 0.01) for u in ups], rep),
+            "share_cap_s": _best(lambda: cap_shares(w, 0.1), rep),
+            "validate_s": _best(lambda: [strategy.validate_reply(prof, r) for r in replies], rep),
+        }
         for key in ("median_s", "trimmed_mean_s", "norm_clip_s", "validate_s"):
             row[key.replace("_s", "_over_mean")] = row[key] / row["mean_s"]
         rows.append(row)
@@ -65,8 +74,12 @@ def _plot(rows: list[dict]) -> None:
     keys = ["mean_s", "median_s", "trimmed_mean_s", "norm_clip_s", "validate_s"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, row in enumerate(rows):
-        ax.bar([j + 0.4 * i for j in range(len(keys))], [row[k] * 1000 for k in keys], width=0.4,
-               label=f"{row['clients']} clients")
+        ax.bar(
+            [j + 0.4 * i for j in range(len(keys))],
+            [row[k] * 1000 for k in keys],
+            width=0.4,
+            label=f"{row['clients']} clients",
+        )
     ax.set_xticks([j + 0.2 for j in range(len(keys))], [k[:-2].replace("_", " ") for k in keys])
     ax.set_ylabel("ms per round (server)")
     ax.set_yscale("log")

@@ -26,9 +26,13 @@ def continual(tmp, method, **extra):
 
     raw = make_config(tmp).to_dict()
     raw["run"]["rounds"] = 2
-    raw["continual"] = {"method": method, "tasks": [
-        {"name": "agnews", "dataset": str(SHARED / "agnews"), "rounds": 1},
-        {"name": "dbpedia", "dataset": str(SHARED / "dbpedia"), "rounds": 1}]}
+    raw["continual"] = {
+        "method": method,
+        "tasks": [
+            {"name": "agnews", "dataset": str(SHARED / "agnews"), "rounds": 1},
+            {"name": "dbpedia", "dataset": str(SHARED / "dbpedia"), "rounds": 1},
+        ],
+    }
     raw.update(extra)
     return FedLoraConfig.from_dict(raw)
 
@@ -38,13 +42,24 @@ def cases(tmp):
 
     yield "fedit", make_config(tmp / "a")
     yield "fedsa", make_config(tmp / "b", federation={"strategy": "fedsa"})
-    yield "client-dp", make_config(tmp / "c", privacy={"client_dp": True, "client_noise_multiplier": 0.5,
-                                                      "client_clip": 0.5, "noise_seed": 3})
-    yield "dp-dylora", make_config(tmp / "d", privacy={"client_dp": True, "client_noise_multiplier": 0.5,
-                                                      "client_clip": 0.5, "noise_seed": 3},
-                                   dylora={"enabled": True, "min_rank": 1, "eval_ranks": [1, 2]})
-    yield "dp-sgd", make_config(tmp / "e", privacy={"example_dp": True, "example_noise_multiplier": 1.0,
-                                                   "noise_seed": 5})
+    yield (
+        "client-dp",
+        make_config(
+            tmp / "c", privacy={"client_dp": True, "client_noise_multiplier": 0.5, "client_clip": 0.5, "noise_seed": 3}
+        ),
+    )
+    yield (
+        "dp-dylora",
+        make_config(
+            tmp / "d",
+            privacy={"client_dp": True, "client_noise_multiplier": 0.5, "client_clip": 0.5, "noise_seed": 3},
+            dylora={"enabled": True, "min_rank": 1, "eval_ranks": [1, 2]},
+        ),
+    )
+    yield (
+        "dp-sgd",
+        make_config(tmp / "e", privacy={"example_dp": True, "example_noise_multiplier": 1.0, "noise_seed": 5}),
+    )
     yield "inclora", continual(tmp / "f", "inclora")
     yield "amlora", continual(tmp / "g", "amlora")
     yield "olora", continual(tmp / "h", "olora")
@@ -58,12 +73,18 @@ def compare(before: Path, after: Path) -> dict:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
     verdict = {}
     for name in a:
-        rows = {i: sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
-                for i, (x, y) in enumerate(zip(a[name]["rows"], b[name]["rows"])) if x != y}
+        rows = {
+            i: sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+            for i, (x, y) in enumerate(zip(a[name]["rows"], b[name]["rows"]))
+            if x != y
+        }
         ca, cb = a[name]["continual"] or {}, b[name]["continual"] or {}
-        verdict[name] = {"rows-differ": rows, "adapter-equal": a[name]["adapter"] == b[name]["adapter"],
-                         "privacy-equal": a[name]["privacy"] == b[name]["privacy"],
-                         "continual-summary-differs": sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))}
+        verdict[name] = {
+            "rows-differ": rows,
+            "adapter-equal": a[name]["adapter"] == b[name]["adapter"],
+            "privacy-equal": a[name]["privacy"] == b[name]["privacy"],
+            "continual-summary-differs": sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k)),
+        }
     return verdict
 
 
@@ -78,14 +99,24 @@ def main(out_path: Path) -> None:
             run = simulate(cfg, engine="inprocess")
             rows = [clean(r) for r in run.read_metrics()]
             adapter = load_file(str(run.path / "adapter" / "adapter_model.safetensors"))
-            digest = {k: hashlib.sha256(v.float().numpy().tobytes()).hexdigest()[:16] for k, v in sorted(adapter.items())}
+            digest = {
+                k: hashlib.sha256(v.float().numpy().tobytes()).hexdigest()[:16] for k, v in sorted(adapter.items())
+            }
             side = run.path / "adapter" / "continual_tasks.safetensors"
             if side.exists():
-                digest.update({"side/" + k: hashlib.sha256(v.float().numpy().tobytes()).hexdigest()[:16]
-                               for k, v in sorted(load_file(str(side)).items())})
+                digest.update(
+                    {
+                        "side/" + k: hashlib.sha256(v.float().numpy().tobytes()).hexdigest()[:16]
+                        for k, v in sorted(load_file(str(side)).items())
+                    }
+                )
             summary = json.loads((run.path / "summary.json").read_text())
-            out[name] = {"rows": rows, "adapter": digest, "privacy": summary.get("privacy"),
-                         "continual": summary.get("continual")}
+            out[name] = {
+                "rows": rows,
+                "adapter": digest,
+                "privacy": summary.get("privacy"),
+                "continual": summary.get("continual"),
+            }
             print(name, "done", flush=True)
     out_path.write_text(json.dumps(out, indent=1, sort_keys=True, default=str))
 

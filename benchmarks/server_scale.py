@@ -43,8 +43,11 @@ def _template(rank: int):
 
     from fedlora.factors import LoraFactors, ModuleFactors
 
-    return LoraFactors(modules={n: ModuleFactors(A=torch.zeros(rank, DIM), B=torch.zeros(DIM, rank), alpha=2.0 * rank)
-                                for n in MODULES})
+    return LoraFactors(
+        modules={
+            n: ModuleFactors(A=torch.zeros(rank, DIM), B=torch.zeros(DIM, rank), alpha=2.0 * rank) for n in MODULES
+        }
+    )
 
 
 def _client_factors(i: int, rank: int, shared):
@@ -99,17 +102,33 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
     set_task_identity()
     torch.set_num_threads(2)
     hetero = strategy_name != "fedit"
-    cfg = FedLoraConfig.load(None, [f"federation.strategy={strategy_name}", f"lora.rank={RANK}", "lora.alpha_mode=proportional",
-                                    f"federation.num_clients={max(clients, 2)}", "federation.fraction_train=1.0",
-                                    f"federation.min_train_clients={clients}", "model.name=builtin:tiny-llama",
-                                    "model.task=causal-lm"]
-                             + (["hetero.client_ranks=[4, 8, 12, 16]"] if hetero else []))
+    cfg = FedLoraConfig.load(
+        None,
+        [
+            f"federation.strategy={strategy_name}",
+            f"lora.rank={RANK}",
+            "lora.alpha_mode=proportional",
+            f"federation.num_clients={max(clients, 2)}",
+            "federation.fraction_train=1.0",
+            f"federation.min_train_clients={clients}",
+            "model.name=builtin:tiny-llama",
+            "model.task=causal-lm",
+        ]
+        + (["hetero.client_ranks=[4, 8, 12, 16]"] if hetero else []),
+    )
     strategy = get_strategy(strategy_name)(cfg, _template(RANK))
     strategy.global_eff = strategy.initial_global(to_effective(_template(RANK)))
     ranks = [[4, 8, 12, 16][i % 4] if hetero else RANK for i in range(clients)]
     for i in range(clients):
-        strategy.profiles[100 + i] = NodeProfile(node_id=100 + i, client_id=f"c{i:05d}", partition_id=i, rank=ranks[i],
-                                                 alpha=cfg.lora.alpha_for_rank(ranks[i]), num_train=100, num_test=10)
+        strategy.profiles[100 + i] = NodeProfile(
+            node_id=100 + i,
+            client_id=f"c{i:05d}",
+            partition_id=i,
+            rank=ranks[i],
+            alpha=cfg.lora.alpha_for_rank(ranks[i]),
+            num_train=100,
+            num_test=10,
+        )
     rl = strategy.rounds.setdefault(1, RoundLog(server_round=1))
     rl.sampled = clients
     rl.sent[MessageType.TRAIN] = [100 + i for i in range(clients)]
@@ -120,10 +139,23 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
     def reply(i: int):
         t0 = time.perf_counter()
         f = _client_factors(i, ranks[i], shared)
-        content = RecordDict({"arrays": codec.encode(f, modules=strategy.module_names),
-                              "metrics": MetricRecord({"num-examples": 50 + i % 50, "rank": ranks[i]})})
-        md = Metadata(run_id=1, message_id=f"m{i}", src_node_id=100 + i, dst_node_id=0, reply_to_message_id=f"q{i}",
-                      group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+        content = RecordDict(
+            {
+                "arrays": codec.encode(f, modules=strategy.module_names),
+                "metrics": MetricRecord({"num-examples": 50 + i % 50, "rank": ranks[i]}),
+            }
+        )
+        md = Metadata(
+            run_id=1,
+            message_id=f"m{i}",
+            src_node_id=100 + i,
+            dst_node_id=0,
+            reply_to_message_id=f"q{i}",
+            group_id="1",
+            created_at=time.time(),
+            ttl=3600.0,
+            message_type=MessageType.TRAIN,
+        )
         msg = Message(content=content, metadata=md)
         del f, content
         gen_seconds[0] += time.perf_counter() - t0
@@ -145,12 +177,22 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
         strategy.aggregate_train(1, stream)
     wall = time.perf_counter() - t0
     assert rl.accepted == clients, rl.rejected[:3]
-    out = {"strategy": strategy_name, "clients": clients, "idle_rss_mb": idle / 2**20, "peak_rss_mb": peak.peak / 2**20,
-           "increase_mb": (peak.peak - idle) / 2**20, "round_seconds": wall, "reply_generation_seconds": gen_seconds[0],
-           "server_seconds": wall - gen_seconds[0], "aggregate_seconds": rl.aggregate_seconds,
-           "sketched": "sketch-relative-error" in rl.privacy, "product_fold": rl.privacy.get("product-fold"),
-           "through_grid": through_grid, "max_replies_per_pull": max(grid.asked) if through_grid else None,
-           "sketch_relative_error_estimate": rl.privacy.get("sketch-relative-error")}
+    out = {
+        "strategy": strategy_name,
+        "clients": clients,
+        "idle_rss_mb": idle / 2**20,
+        "peak_rss_mb": peak.peak / 2**20,
+        "increase_mb": (peak.peak - idle) / 2**20,
+        "round_seconds": wall,
+        "reply_generation_seconds": gen_seconds[0],
+        "server_seconds": wall - gen_seconds[0],
+        "aggregate_seconds": rl.aggregate_seconds,
+        "sketched": "sketch-relative-error" in rl.privacy,
+        "product_fold": rl.privacy.get("product-fold"),
+        "through_grid": through_grid,
+        "max_replies_per_pull": max(grid.asked) if through_grid else None,
+        "sketch_relative_error_estimate": rl.privacy.get("sketch-relative-error"),
+    }
     if exact_check:  # the same replies through the exact stack (memory grows with the cohort here)
         from fedlora.aggregation.product_sums import ExactProductSum, SketchedProductSum
 
@@ -174,18 +216,32 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
             num_b += float(((x - dense(best, n)) ** 2).sum())
             num_s += float(((x - dense(approx, n)) ** 2).sum())
             num_sb += float(((dense(best, n) - dense(approx, n)) ** 2).sum())
-            den += float((x ** 2).sum())
-        out.update({"exact_truncation_error": (num_b / den) ** 0.5, "sketch_error": (num_s / den) ** 0.5,
-                    "sketch_vs_exact_flexlora": (num_sb / den) ** 0.5,
-                    "sketch_error_estimate": sketch.last_error})
+            den += float((x**2).sum())
+        out.update(
+            {
+                "exact_truncation_error": (num_b / den) ** 0.5,
+                "sketch_error": (num_s / den) ** 0.5,
+                "sketch_vs_exact_flexlora": (num_sb / den) ** 0.5,
+                "sketch_error_estimate": sketch.last_error,
+            }
+        )
     return out
 
 
-CELLS = [("fedit", 10, False), ("fedit", 100, False), ("fedit", 1000, False), ("flexlora", 31, False),
-         ("flexlora", 32, False), ("flexlora", 1000, False), ("flexlora", 100, True),
-         # 100 replies waiting at once behind the grid: asked one id at a time, as many as fit
-         # federation.pull_budget_mb (128 MiB: 4 replies of 32 MiB), and every id at once
-         ("fedit-grid-1", 100, False), ("fedit-grid-budget", 100, False), ("fedit-grid-all", 100, False)]
+CELLS = [
+    ("fedit", 10, False),
+    ("fedit", 100, False),
+    ("fedit", 1000, False),
+    ("flexlora", 31, False),
+    ("flexlora", 32, False),
+    ("flexlora", 1000, False),
+    ("flexlora", 100, True),
+    # 100 replies waiting at once behind the grid: asked one id at a time, as many as fit
+    # federation.pull_budget_mb (128 MiB: 4 replies of 32 MiB), and every id at once
+    ("fedit-grid-1", 100, False),
+    ("fedit-grid-budget", 100, False),
+    ("fedit-grid-all", 100, False),
+]
 
 
 def cell_named(name: str, clients: int, exact: bool) -> dict:
@@ -194,8 +250,9 @@ def cell_named(name: str, clients: int, exact: bool) -> dict:
         from fedlora.aggregation.streaming import replies_per_pull
         from fedlora.config import FedLoraConfig
 
-        per_pull = {"fedit-grid-1": 1, "fedit-grid-all": clients}.get(name) or replies_per_pull(FedLoraConfig(),
-                                                                                               _template(RANK))
+        per_pull = {"fedit-grid-1": 1, "fedit-grid-all": clients}.get(name) or replies_per_pull(
+            FedLoraConfig(), _template(RANK)
+        )
         return {**cell("fedit", clients, exact, through_grid=per_pull), "strategy": name}
     return cell(name, clients, exact)
 
@@ -205,8 +262,11 @@ def run(quick: bool = False, only: str = "") -> dict:
     wanted = {tuple(x.split(":")) for x in only.split(",") if x}
     rows = []
     if wanted and (RESULTS / "server_scale.json").exists():
-        rows = [r for r in json.loads((RESULTS / "server_scale.json").read_text())["rows"]
-                if (r["strategy"], str(r["clients"])) not in wanted]
+        rows = [
+            r
+            for r in json.loads((RESULTS / "server_scale.json").read_text())["rows"]
+            if (r["strategy"], str(r["clients"])) not in wanted
+        ]
     for name, clients, exact in CELLS:
         if (quick and clients > 100) or (wanted and (name, str(clients)) not in wanted):
             continue
@@ -224,15 +284,26 @@ def run(quick: bool = False, only: str = "") -> dict:
         summary["flexlora_peak_rss_31_over_32"] = flex[31]["peak_rss_mb"] / flex[32]["peak_rss_mb"]
     grid = {r["strategy"]: r for r in rows if r["strategy"].startswith("fedit-grid-")}
     if {"fedit-grid-1", "fedit-grid-budget"} <= set(grid):  # a backlog of 100: the budget's pulls against one per pull
-        summary["backlog_peak_rss_budget_over_one_at_a_time"] = (grid["fedit-grid-budget"]["peak_rss_mb"]
-                                                                 / grid["fedit-grid-1"]["peak_rss_mb"])
+        summary["backlog_peak_rss_budget_over_one_at_a_time"] = (
+            grid["fedit-grid-budget"]["peak_rss_mb"] / grid["fedit-grid-1"]["peak_rss_mb"]
+        )
     if 10 in fedit and max(fedit) > 10:
         top = max(fedit)
-        summary.update({f"fedit_peak_rss_{top}_over_10": fedit[top]["peak_rss_mb"] / fedit[10]["peak_rss_mb"],
-                        f"fedit_increase_mb_at_{top}": fedit[top]["increase_mb"]})
+        summary.update(
+            {
+                f"fedit_peak_rss_{top}_over_10": fedit[top]["peak_rss_mb"] / fedit[10]["peak_rss_mb"],
+                f"fedit_increase_mb_at_{top}": fedit[top]["increase_mb"],
+            }
+        )
     _plot(rows)
-    write("server_scale", {"shape": f"{LAYERS} layers x q,v of {DIM}x{DIM}, LoRA r={RANK} (FlexLoRA: ranks 4-16)",
-                           "rows": rows, "summary": summary})
+    write(
+        "server_scale",
+        {
+            "shape": f"{LAYERS} layers x q,v of {DIM}x{DIM}, LoRA r={RANK} (FlexLoRA: ranks 4-16)",
+            "rows": rows,
+            "summary": summary,
+        },
+    )
     return {"rows": rows, "summary": summary}
 
 

@@ -75,10 +75,17 @@ def cell(noise: float, oversampling: int) -> dict:
         errs.append(float((X - got.B.double() @ got.A.double()).norm()))
         estimates.append(sketch.last_error)
     ratios = [_ratio(e, best, norm) for e in errs]
-    return {"noise": noise, "oversampling": oversampling, "exact_truncation_error": best / norm,
-            "sketch_error": max(errs) / norm, "sketch_error_estimate": max(estimates),
-            "ratio": max(ratios), "ratio_mean": sum(ratios) / len(ratios), "sketch_seeds": len(SKETCH_SEEDS),
-            "sketch_floats_per_dim": (RANK + oversampling) + 2 * (RANK + oversampling) + 1 + 8}
+    return {
+        "noise": noise,
+        "oversampling": oversampling,
+        "exact_truncation_error": best / norm,
+        "sketch_error": max(errs) / norm,
+        "sketch_error_estimate": max(estimates),
+        "ratio": max(ratios),
+        "ratio_mean": sum(ratios) / len(ratios),
+        "sketch_seeds": len(SKETCH_SEEDS),
+        "sketch_floats_per_dim": (RANK + oversampling) + 2 * (RANK + oversampling) + 1 + 8,
+    }
 
 
 def default_round(noise: float) -> dict:
@@ -90,14 +97,22 @@ def default_round(noise: float) -> dict:
 
     reps, X, best = _exact(noise)
     h = FedLoraConfig().hetero
-    fold = BudgetedProductSum(h.exact_budget_mb * 2**20, RANK, lambda: SketchedProductSum(RANK, h.sketch_oversampling),
-                              stack=CLIENTS < h.sketch_from_clients)
+    fold = BudgetedProductSum(
+        h.exact_budget_mb * 2**20,
+        RANK,
+        lambda: SketchedProductSum(RANK, h.sketch_oversampling),
+        stack=CLIENTS < h.sketch_from_clients,
+    )
     for u, w in reps:
         fold.add(u, w)
     got = fold.result(RANK).modules["m"]
     err = float((X - got.B.double() @ got.A.double()).norm())
-    return {"noise": noise, "product_fold": fold.path, "ratio": _ratio(err, best, float(X.norm())),
-            "held_mb": fold.held_bytes() / 2**20}
+    return {
+        "noise": noise,
+        "product_fold": fold.path,
+        "ratio": _ratio(err, best, float(X.norm())),
+        "held_mb": fold.held_bytes() / 2**20,
+    }
 
 
 def run() -> dict:
@@ -107,19 +122,30 @@ def run() -> dict:
     for p in OVERSAMPLING:
         for noise in NOISES:
             rows.append(cell(noise, p))
-            print(f"[sketch_quality] oversampling {p:3d} noise {noise:4.2f}: error {rows[-1]['sketch_error']:.4f} "
-                  f"(estimate {rows[-1]['sketch_error_estimate']:.4f}) vs exact rank-{RANK} "
-                  f"{rows[-1]['exact_truncation_error']:.4f}: worst ratio over {len(SKETCH_SEEDS)} sketch seeds "
-                  f"{rows[-1]['ratio']:.3f}", flush=True)
+            print(
+                f"[sketch_quality] oversampling {p:3d} noise {noise:4.2f}: error {rows[-1]['sketch_error']:.4f} "
+                f"(estimate {rows[-1]['sketch_error_estimate']:.4f}) vs exact rank-{RANK} "
+                f"{rows[-1]['exact_truncation_error']:.4f}: worst ratio over {len(SKETCH_SEEDS)} sketch seeds "
+                f"{rows[-1]['ratio']:.3f}",
+                flush=True,
+            )
     defaults = [default_round(noise) for noise in NOISES]
     for d in defaults:
-        print(f"[sketch_quality] default settings, noise {d['noise']:4.2f}: {d['product_fold']} "
-              f"({d['held_mb']:.1f} MiB held), ratio {d['ratio']:.3f}", flush=True)
+        print(
+            f"[sketch_quality] default settings, noise {d['noise']:4.2f}: {d['product_fold']} "
+            f"({d['held_mb']:.1f} MiB held), ratio {d['ratio']:.3f}",
+            flush=True,
+        )
     worst = {p: max(r["ratio"] for r in rows if r["oversampling"] == p) for p in OVERSAMPLING}
     h = FedLoraConfig().hetero
-    payload = {"shape": f"{DIM}x{DIM}, {CLIENTS} replies of ranks 8/12/16, read at rank {RANK}", "rows": rows,
-               "worst_ratio_by_oversampling": worst, "default_oversampling": h.sketch_oversampling,
-               "default_exact_budget_mb": h.exact_budget_mb, "default_rounds": defaults}
+    payload = {
+        "shape": f"{DIM}x{DIM}, {CLIENTS} replies of ranks 8/12/16, read at rank {RANK}",
+        "rows": rows,
+        "worst_ratio_by_oversampling": worst,
+        "default_oversampling": h.sketch_oversampling,
+        "default_exact_budget_mb": h.exact_budget_mb,
+        "default_rounds": defaults,
+    }
     write("sketch_quality", payload)
     _plot(rows)
     return payload

@@ -43,21 +43,27 @@ def _setup(device: str, batch: int, max_length: int = 48, synthetic: bool = Fals
         from fedlora.data import load_task
         from fedlora.model import packaged_minilm_dir
 
-        cfg = FedLoraConfig.from_dict({
-            "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": max_length},
-            "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 2048, "max_test_examples": 64},
-        })
+        cfg = FedLoraConfig.from_dict(
+            {
+                "model": {"name": "builtin:all-MiniLM-L6-v2", "max_length": max_length},
+                "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 2048, "max_test_examples": 64},
+            }
+        )
         task = load_task(cfg)
         torch.manual_seed(0)
-        base = AutoModelForSequenceClassification.from_pretrained(str(packaged_minilm_dir()), num_labels=task.num_labels)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            str(packaged_minilm_dir()), num_labels=task.num_labels
+        )
         ids = torch.zeros((len(task.train), max_length), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, x in enumerate(task.train.input_ids):
             ids[i, : len(x)] = x
             mask[i, : len(x)] = 1
         labels = task.train.labels
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.0,
-                                            target_modules=["query", "value"])).to(device)
+    model = get_peft_model(
+        base,
+        LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"]),
+    ).to(device)
     params = set_trainable(model, frozenset({"A", "B", "head"}))
     ds = torch.utils.data.TensorDataset(ids, mask, labels)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True)
@@ -78,9 +84,15 @@ def _measure(mode: str, device: str, batch: int, steps: int, warmup: int, synthe
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant="rdp")
-        model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
-                                                 noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-                                                 grad_sample_mode="hooks")
+        model, opt, loader = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode="hooks",
+        )
     mask = RankMask(model._module if dp else model) if "dylora" in mode else None
     rng = random.Random(0)
     seen, t0, it = 0, None, iter(loader)
@@ -126,7 +138,13 @@ def run(quick: bool = False, device: str = "cpu", synthetic: bool | None = None)
     base = rows[0]["examples_per_second"]
     for r in rows:
         r["relative_to_lora"] = r["examples_per_second"] / base
-    payload = {"device": device, "batch_size": batch, "max_length": 48,
-               "inputs": "random weights and tokens, MiniLM architecture" if synthetic else "pretrained MiniLM, AG News", "threads": torch.get_num_threads(), "rows": rows}
+    payload = {
+        "device": device,
+        "batch_size": batch,
+        "max_length": 48,
+        "inputs": "random weights and tokens, MiniLM architecture" if synthetic else "pretrained MiniLM, AG News",
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     write(f"throughput-{device}", payload)
     return payload

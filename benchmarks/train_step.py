@@ -75,8 +75,15 @@ def fedlora_loop(model, fixed: list, data, cfg, device) -> float:
     return time.perf_counter() - t0
 
 
-def run(model_name: str = "builtin:tiny-llama", device: str = "cpu", dtype: str = "float32", batch: int = 16,
-        max_length: int = 128, steps: int = 10, runs: int = 3) -> dict:
+def run(
+    model_name: str = "builtin:tiny-llama",
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch: int = 16,
+    max_length: int = 128,
+    steps: int = 10,
+    runs: int = 3,
+) -> dict:
     import torch
 
     from benchmarks.causal import _config
@@ -95,27 +102,51 @@ def run(model_name: str = "builtin:tiny-llama", device: str = "cpu", dtype: str 
     rows = []
     for i in range(runs + 1):  # run 0 warms both paths up and is not reported
         times = {}
-        for which in (("fedlora", "plain") if i % 2 == 0 else ("plain", "fedlora")):
+        for which in ("fedlora", "plain") if i % 2 == 0 else ("plain", "fedlora"):
             model = copy.deepcopy(base)
-            times[which] = (fedlora_loop(model, fixed, data, cfg, dev) if which == "fedlora"
-                            else plain_loop(model, fixed, cfg.train.learning_rate, dev))
+            times[which] = (
+                fedlora_loop(model, fixed, data, cfg, dev)
+                if which == "fedlora"
+                else plain_loop(model, fixed, cfg.train.learning_rate, dev)
+            )
             del model
         if i == 0:
             continue
-        rows.append({"run": i, "fedlora-ms-per-step": 1000 * times["fedlora"] / steps,
-                     "plain-ms-per-step": 1000 * times["plain"] / steps,
-                     "fedlora-tokens-per-second": tokens / times["fedlora"],
-                     "plain-tokens-per-second": tokens / times["plain"],
-                     "ratio": times["fedlora"] / times["plain"]})
-        print(f"[train_step] run {i}: fedlora {rows[-1]['fedlora-ms-per-step']:.1f} ms/step, plain "
-              f"{rows[-1]['plain-ms-per-step']:.1f} ms/step, ratio {rows[-1]['ratio']:.3f}", flush=True)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        rows.append(
+            {
+                "run": i,
+                "fedlora-ms-per-step": 1000 * times["fedlora"] / steps,
+                "plain-ms-per-step": 1000 * times["plain"] / steps,
+                "fedlora-tokens-per-second": tokens / times["fedlora"],
+                "plain-tokens-per-second": tokens / times["plain"],
+                "ratio": times["fedlora"] / times["plain"],
+            }
+        )
+        print(
+            f"[train_step] run {i}: fedlora {rows[-1]['fedlora-ms-per-step']:.1f} ms/step, plain "
+            f"{rows[-1]['plain-ms-per-step']:.1f} ms/step, ratio {rows[-1]['ratio']:.3f}",
+            flush=True,
+        )
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     ratios = sorted(r["ratio"] for r in rows)
-    payload = {"model": model_name, "device": dev.type, "dtype": dtype, "batch": batch, "max-length": max_length,
-               "steps": steps, "tokens-per-run": tokens, "rows": rows, "ratio-median": ratios[len(ratios) // 2],
-               "ratio-max": ratios[-1], "peak-memory-bytes": peak,
-               "peak-memory-kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS"}
+    payload = {
+        "model": model_name,
+        "device": dev.type,
+        "dtype": dtype,
+        "batch": batch,
+        "max-length": max_length,
+        "steps": steps,
+        "tokens-per-run": tokens,
+        "rows": rows,
+        "ratio-median": ratios[len(ratios) // 2],
+        "ratio-max": ratios[-1],
+        "peak-memory-bytes": peak,
+        "peak-memory-kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS",
+    }
     write("train_step" if dev.type == "cpu" else f"train_step-{dev.type}", payload)
     plot(payload, dev.type)
     return payload
@@ -134,8 +165,10 @@ def plot(payload: dict, kind: str) -> None:
     ax.bar([i + 0.2 for i in x], [r["plain-ms-per-step"] for r in rows], width=0.4, label="plain PEFT + AdamW")
     ax.set_xlabel("run")
     ax.set_ylabel("ms per step")
-    ax.set_title(f"{payload['model']} ({payload['device']}, batch {payload['batch']}, {payload['max-length']} "
-                 f"tokens): ratio {payload['ratio-median']:.3f}")
+    ax.set_title(
+        f"{payload['model']} ({payload['device']}, batch {payload['batch']}, {payload['max-length']} "
+        f"tokens): ratio {payload['ratio-median']:.3f}"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / ("train_step.png" if kind == "cpu" else f"train_step-{kind}.png"), dpi=100)

@@ -34,14 +34,20 @@ def main(argv: list[str]) -> None:
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-tune-"))
     for point in GRID:
-        overrides = [f"{k}={v}" for k, v in point.items()] + [
-            "data.validation_fraction=0.1", "federation.evaluate_every=1", f"run.output_dir=\"{tmp}\""] + argv
+        overrides = (
+            [f"{k}={v}" for k, v in point.items()]
+            + ["data.validation_fraction=0.1", "federation.evaluate_every=1", f'run.output_dir="{tmp}"']
+            + argv
+        )
         cfg = FedLoraConfig.load(None, overrides)
         t0 = time.perf_counter()
         rows = simulate(cfg).read_metrics()
-        res = {"settings": point, "seconds": time.perf_counter() - t0,
-               "val-accuracy": [r.get("server-val-accuracy") for r in rows],
-               "test-accuracy": [r.get("server-accuracy") for r in rows]}
+        res = {
+            "settings": point,
+            "seconds": time.perf_counter() - t0,
+            "val-accuracy": [r.get("server-val-accuracy") for r in rows],
+            "test-accuracy": [r.get("server-accuracy") for r in rows],
+        }
         print(json.dumps(res), flush=True)
         results.append(res)
         out.write_text(json.dumps(results, indent=1))

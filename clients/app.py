@@ -43,7 +43,9 @@ def setup(msg: Message, context: Context) -> Message:
     except Exception as exc:
         # The server knows this node only by number until its profile arrives: name the client in the
         # error Flower carries back, so the operator reads who failed, and why.
-        cid = str(context.node_config.get("client-id", "")) or f"partition {context.node_config.get('partition-id', '?')}"
+        cid = (
+            str(context.node_config.get("client-id", "")) or f"partition {context.node_config.get('partition-id', '?')}"
+        )
         raise RuntimeError(f"client {cid}: {exc}") from exc
     ClientSession.persist_setup(context)
     return Message(RecordDict({PROFILE: ConfigRecord(session.profile.to_record())}), reply_to=msg)
@@ -64,26 +66,34 @@ def train(msg: Message, context: Context) -> Message:
     params = [p for p in model.parameters() if p.requires_grad]
     with ExitStack() as extensions:
         hooks = [h for ext in session.extensions for h in extensions.enter_context(ext.training(client))]
-        result = train_local(model, params, session.data.train, session.cfg.train,
-                             seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
-                             device=session.device, hooks=hooks)
+        result = train_local(
+            model,
+            params,
+            session.data.train,
+            session.cfg.train,
+            seed=session.cfg.run.seed * 100_003 + server_round * 1009 + session.profile.partition_id,
+            device=session.device,
+            hooks=hooks,
+        )
     out = session.finish_training(model)
     for ext in session.extensions:
         out = ext.reply_factors(client, out)
     arrays = codec.encode(out, session.cfg.federation.wire_dtype, modules=session.modules)
-    metrics = MetricRecord({
-        "num-examples": result.num_examples,
-        "train-loss": result.loss,
-        "train-steps": result.steps,
-        "train-seconds": result.seconds,
-        "client-seconds": time.perf_counter() - t0,
-        "bytes-down": codec.wire_bytes(received),
-        "bytes-up": codec.wire_bytes(arrays),
-        "rank": int(next(iter(out.modules.values())).rank) if out.modules else session.profile.rank,
-        "partition-id": session.profile.partition_id,
-        **{k: float(v) for k, v in result.metrics.items()},
-        **{k: v for ext in session.extensions for k, v in ext.reply_metrics(client).items()},
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-seconds": result.seconds,
+            "client-seconds": time.perf_counter() - t0,
+            "bytes-down": codec.wire_bytes(received),
+            "bytes-up": codec.wire_bytes(arrays),
+            "rank": int(next(iter(out.modules.values())).rank) if out.modules else session.profile.rank,
+            "partition-id": session.profile.partition_id,
+            **{k: float(v) for k, v in result.metrics.items()},
+            **{k: v for ext in session.extensions for k, v in ext.reply_metrics(client).items()},
+        }
+    )
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
 
 

@@ -68,11 +68,15 @@ def device_view(cfg: FedLoraConfig, node_config: dict) -> FedLoraConfig:
     model = replace(cfg.model, cache_dir=str(node_config.get("cache-dir", "") or ""))
     if is_local_path(cfg.model.name):
         wanted = Path(cfg.model.name).expanduser().resolve()
-        allowed = [Path(d).expanduser().resolve() for d in str(node_config.get("model-dirs", "")).split(os.pathsep) if d]
+        allowed = [
+            Path(d).expanduser().resolve() for d in str(node_config.get("model-dirs", "")).split(os.pathsep) if d
+        ]
         if not any(wanted.is_relative_to(d) for d in allowed):
-            raise ConfigError(f"the run asks this device to load its base model from {wanted}, a folder on this "
-                              f"device that its owner has not allowed: start fedlora client with --model-dir "
-                              f"{wanted.parent} to allow it (now: {', '.join(map(str, allowed)) or 'none'})")
+            raise ConfigError(
+                f"the run asks this device to load its base model from {wanted}, a folder on this "
+                f"device that its owner has not allowed: start fedlora client with --model-dir "
+                f"{wanted.parent} to allow it (now: {', '.join(map(str, allowed)) or 'none'})"
+            )
     return replace(cfg, model=model)
 
 
@@ -113,8 +117,11 @@ class ClientSession:
         if not root:
             return
 
-        setup = {**dict(context.state.config_records[STATE_KEY]), "node-config": dict(context.node_config),
-                 "node-id": int(context.node_id)}
+        setup = {
+            **dict(context.state.config_records[STATE_KEY]),
+            "node-config": dict(context.node_config),
+            "node-id": int(context.node_id),
+        }
         atomic_write_bytes(Path(root) / SETUP_FILE, json.dumps(setup, sort_keys=True).encode())
 
     @classmethod
@@ -136,8 +143,9 @@ class ClientSession:
         return cls.from_parts(cfg, dict(context.node_config), int(context.node_id), names)
 
     @classmethod
-    def from_parts(cls, cfg: FedLoraConfig, node_config: dict, node_id: int,
-                   label_names: list[str] | None = None) -> ClientSession:
+    def from_parts(
+        cls, cfg: FedLoraConfig, node_config: dict, node_id: int, label_names: list[str] | None = None
+    ) -> ClientSession:
         """A session from the run config and this node's config (Flower's ``node_config``).
 
         ``data``: the device's own data (deployment); otherwise the client reads partition
@@ -149,12 +157,20 @@ class ClientSession:
         parts = int(nc.get("num-partitions", 0) or 0)
         if parts and parts != cfg.federation.num_clients and not str(nc.get("data", "")):
             # `flwr run` simulation: Flower numbers its virtual nodes; the run's config splits its data.
-            log.warning("Flower runs %d nodes but the run config splits its data into federation.num_clients=%d "
-                        "partitions: node %d trains on partition %d of %d (set num_clients to the node count to "
-                        "use all the data)", parts, cfg.federation.num_clients, partition, partition,
-                        cfg.federation.num_clients)
+            log.warning(
+                "Flower runs %d nodes but the run config splits its data into federation.num_clients=%d "
+                "partitions: node %d trains on partition %d of %d (set num_clients to the node count to "
+                "use all the data)",
+                parts,
+                cfg.federation.num_clients,
+                partition,
+                partition,
+                cfg.federation.num_clients,
+            )
         client_id = str(nc.get("client-id", "") or f"client-{partition:05d}")
-        store_root = str(nc.get("state-dir", "")) or cfg.simulation.state_dir or str(Path.home() / ".fedlora" / "client_state")
+        store_root = (
+            str(nc.get("state-dir", "")) or cfg.simulation.state_dir or str(Path.home() / ".fedlora" / "client_state")
+        )
         store = ClientStateStore(store_root)
         rank = int(nc.get("rank", 0)) or cfg.client_rank(partition)
         rank = int(store.load(client_id, "rank", rank))  # HetLoRA self-pruning may have lowered it
@@ -178,14 +194,29 @@ class ClientSession:
         else:
             data = client_data(cfg, partition)
             sizes = (len(data.train), len(data.test))
-        profile = NodeProfile(node_id=node_id, client_id=client_id, partition_id=partition, rank=rank,
-                              alpha=cfg.lora.alpha_for_rank(rank), num_train=sizes[0], num_test=sizes[1],
-                              device_class=device_class)
+        profile = NodeProfile(
+            node_id=node_id,
+            client_id=client_id,
+            partition_id=partition,
+            rank=rank,
+            alpha=cfg.lora.alpha_for_rank(rank),
+            num_train=sizes[0],
+            num_test=sizes[1],
+            device_class=device_class,
+        )
         device = pick_device(cfg.train.device)
         check_device(cfg, device)  # a quantized or float16 base on a CPU: refused before any training
-        return cls(cfg=cfg, policy=policy_for(cfg.federation.strategy), profile=profile, data=data, store=store,
-                   device=device, label_names=label_names, device_dir=str(nc.get("state-dir", "")),
-                   _extensions=extensions)
+        return cls(
+            cfg=cfg,
+            policy=policy_for(cfg.federation.strategy),
+            profile=profile,
+            data=data,
+            store=store,
+            device=device,
+            label_names=label_names,
+            device_dir=str(nc.get("state-dir", "")),
+            _extensions=extensions,
+        )
 
     def labels(self) -> list[str]:
         """The run's label space: as the server sent it, else as an extension decides it, else the dataset's."""
@@ -224,8 +255,10 @@ class ClientSession:
         incoming = codec.decode(received, alpha=self.profile.alpha, modules=self.modules)
         unexpected = incoming.parts() - policy.shared
         if unexpected:
-            raise codec.CodecError(f"server sent parts {sorted(unexpected)} that the {self.cfg.federation.strategy} "
-                                   f"policy ({policy.describe()}) does not share")
+            raise codec.CodecError(
+                f"server sent parts {sorted(unexpected)} that the {self.cfg.federation.strategy} "
+                f"policy ({policy.describe()}) does not share"
+            )
         load_factors(model, start.merged_with(incoming))
         if policy.merge_global_into_base:
             base = codec.decode(received, alpha=1.0, prefix=BASE_PREFIX, modules=self.modules)
@@ -242,13 +275,25 @@ class ClientSession:
             self._extensions = extensions_for(self.cfg)
         return self._extensions
 
-    def client_round(self, model: torch.nn.Module, arrays: ArrayRecord, received: LoraFactors,
-                     server_round: int, config: dict) -> ClientRound:
+    def client_round(
+        self, model: torch.nn.Module, arrays: ArrayRecord, received: LoraFactors, server_round: int, config: dict
+    ) -> ClientRound:
         """What this message's extension hooks see (after :meth:`prepare` loaded ``received``)."""
-        return ClientRound(cfg=self.cfg, server_round=server_round, config=config, arrays=arrays, received=received,
-                           model=model, policy=self.policy, client_id=self.profile.client_id,
-                           partition_id=self.profile.partition_id, store=self.store, device=self.device,
-                           data=self.data, modules=list(self.modules or []))
+        return ClientRound(
+            cfg=self.cfg,
+            server_round=server_round,
+            config=config,
+            arrays=arrays,
+            received=received,
+            model=model,
+            policy=self.policy,
+            client_id=self.profile.client_id,
+            partition_id=self.profile.partition_id,
+            store=self.store,
+            device=self.device,
+            data=self.data,
+            modules=list(self.modules or []),
+        )
 
     def finish_training(self, model: torch.nn.Module) -> LoraFactors:
         """Keep private parts, apply rank self-pruning if asked, return the shared factors (which the
@@ -274,4 +319,3 @@ class ClientSession:
             root = Path(self.cfg.simulation.state_dir or self.store.root).parent / "adapters" / self.profile.client_id
         save_adapter(model, root, self.cfg.model.name, self.labels())
         return str(root)
-

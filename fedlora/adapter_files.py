@@ -20,8 +20,9 @@ def save_adapter(model: torch.nn.Module, path: str | Path, model_name: str, labe
     return write_adapter(path, model, extract_factors(model), model_name, label_names)
 
 
-def write_adapter(path: str | Path, structure: torch.nn.Module, factors: LoraFactors, model_name: str,
-                  label_names: list[str]) -> Path:
+def write_adapter(
+    path: str | Path, structure: torch.nn.Module, factors: LoraFactors, model_name: str, label_names: list[str]
+) -> Path:
     """``factors`` as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
     the files ``save_pretrained`` writes, in PEFT's key names) without a model holding them:
     ``structure`` (a PEFT model, or its weightless :func:`skeleton_peft_model`) gives the LoRA
@@ -46,8 +47,11 @@ def write_adapter(path: str | Path, structure: torch.nn.Module, factors: LoraFac
         if not name.startswith(SELECTOR_PREFIX):  # AM-LoRA's selector is not a PEFT module
             tensors[f"{PEFT_PREFIX}{name}"] = v.detach().float().cpu().contiguous()
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    labels = {"names": list(label_names), "id2label": {str(i): n for i, n in enumerate(label_names)},
-              "label2id": {n: i for i, n in enumerate(label_names)}}
+    labels = {
+        "names": list(label_names),
+        "id2label": {str(i): n for i, n in enumerate(label_names)},
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
     (path / LABELS_FILE).write_text(json.dumps(labels, indent=2))
     return path
 

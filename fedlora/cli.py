@@ -11,11 +11,13 @@ from typing import Annotated, Optional
 import typer
 
 from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.deploy.certs_cli import certs_cli
 
 # Each command imports what it runs in its own body (lazy imports below): `fedlora --help` and
 # `fedlora config` load neither torch nor Flower, and one command never pays for another's modules.
-cli = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+cli = typer.Typer(
+    add_completion=False, no_args_is_help=False, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]}
+)
 
 
 def _load(config: Optional[Path], overrides: list[str]) -> FedLoraConfig:
@@ -28,10 +30,30 @@ def _load(config: Optional[Path], overrides: list[str]) -> FedLoraConfig:
 
 @cli.command()
 def simulate(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run config (default: the embedded fortunes run; keys: fedlora config --reference).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a key, TOML value: --set lora.rank=4 --set data.dataset='\"../shared/data/agnews\"' (repeatable).")] = [],  # noqa: B006
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML run config (default: the embedded fortunes run; keys: fedlora config --reference).",
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a key, TOML value: --set lora.rank=4 --set data.dataset='\"../shared/data/agnews\"' (repeatable).",
+        ),
+    ] = [],  # noqa: B006
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
-    engine: Annotated[str, typer.Option("--engine", help="ray: Flower's simulation engine; inprocess: the same ServerApp and ClientApp in this one process, clients in turn (debugging).")] = "ray",
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="ray: Flower's simulation engine; inprocess: the same ServerApp and ClientApp in this one process, clients in turn (debugging).",
+        ),
+    ] = "ray",
 ) -> None:
     """Run a federation of virtual clients on this machine (Flower's simulation engine).
 
@@ -53,13 +75,24 @@ def simulate(
         console.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2) from None
     run_dir = RunDir.create(cfg)
-    data = (" -> ".join(cfg.continual.task_names()) + f" ({cfg.continual.method})" if cfg.continual.enabled
-            else cfg.data.dataset)
-    console.print(f"[bold]fedlora[/] {cfg.run_name()}: {cfg.federation.strategy} | model {cfg.model.name} | data {data} | "
-                  f"{cfg.federation.num_clients} clients, {cfg.run.rounds} rounds -> {run_dir.path}")
+    data = (
+        " -> ".join(cfg.continual.task_names()) + f" ({cfg.continual.method})"
+        if cfg.continual.enabled
+        else cfg.data.dataset
+    )
+    console.print(
+        f"[bold]fedlora[/] {cfg.run_name()}: {cfg.federation.strategy} | model {cfg.model.name} | data {data} | "
+        f"{cfg.federation.num_clients} clients, {cfg.run.rounds} rounds -> {run_dir.path}"
+    )
     t0 = time.perf_counter()
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         task = progress.add_task("starting (Ray, model, data)", total=cfg.run.rounds)
 
         def on_round(row: dict) -> None:
@@ -75,8 +108,13 @@ def simulate(
     final = summary["final"]
     acc = final.get("server-accuracy", final.get("personal-accuracy-mean"))
     loss = final.get("server-loss", final.get("personal-loss"))
-    result = (f"final accuracy {acc:.3f}" if acc is not None else
-              f"final held-out loss {loss:.3f}" if loss is not None else "")
+    result = (
+        f"final accuracy {acc:.3f}"
+        if acc is not None
+        else f"final held-out loss {loss:.3f}"
+        if loss is not None
+        else ""
+    )
     console.print(f"[bold green]done[/] in {time.perf_counter() - t0:.0f}s; {result}")
     console.print(f"run directory: {run_dir.path}")
 
@@ -84,20 +122,37 @@ def simulate(
 @cli.command()
 def compare(
     file: Annotated[Path, typer.Argument(help="Comparison file: [base] config, [[arm]] and [[split]] tables.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default runs/compare-<name>).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output folder (default runs/compare-<name>).")
+    ] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override applied to every run.")] = [],  # noqa: B006
-    resume: Annotated[bool, typer.Option("--resume", help="Reuse the cells the output folder's results.json already "
-                                         "holds (a finished run with the cell's exact config); run the rest.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate every cell and list what would run; run nothing.")] = False,
-    arms: Annotated[list[str], typer.Option("--arm", help="Run only this arm (repeatable); the output folder's results "
-                                            "of the other arms are kept as recorded and tabled with it.")] = [],  # noqa: B006
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Reuse the cells the output folder's results.json already "
+            "holds (a finished run with the cell's exact config); run the rest.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate every cell and list what would run; run nothing.")
+    ] = False,
+    arms: Annotated[
+        list[str],
+        typer.Option(
+            "--arm",
+            help="Run only this arm (repeatable); the output folder's results "
+            "of the other arms are kept as recorded and tabled with it.",
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Run several strategies on the same data, splits, seed and budget; write a table and a plot."""
     from fedlora.compare import compare as run
 
     try:
-        folder = run(file, out, set_, log=lambda m: typer.echo(m, err=True), resume=resume, dry_run=dry_run,
-                     arms=arms or None)
+        folder = run(
+            file, out, set_, log=lambda m: typer.echo(m, err=True), resume=resume, dry_run=dry_run, arms=arms or None
+        )
     except ConfigError as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -109,8 +164,8 @@ def compare(
 
 def _round_line(row: dict) -> str:
     parts = [f"round {row['round']}"]
-    for key, label in (("server-accuracy", "acc"), ("personal-accuracy-mean", "personal acc"),
-                       ("personal-accuracy-worst", "worst"), ("server-loss", "loss"), ("server-perplexity", "ppl")):
+    shown = {"server-accuracy": "acc", "personal-accuracy-mean": "personal acc", "personal-accuracy-worst": "worst"}
+    for key, label in {**shown, "server-loss": "loss", "server-perplexity": "ppl"}.items():
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.3f}")
     if row.get("clients-accepted") is not None:
@@ -129,13 +184,30 @@ def _round_line(row: dict) -> str:
 
 @cli.command()
 def server(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run config with a [server] section (address, TLS files, enrolled node keys).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a key: --set server.address='\"0.0.0.0:9092\"' (repeatable).")] = [],  # noqa: B006
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory's run from its last completed round.")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no node authentication (trials; refused on a public address unless given).")] = False,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--config", "-c", help="TOML run config with a [server] section (address, TLS files, enrolled node keys)."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str],
+        typer.Option("--set", "-s", help="Override a key: --set server.address='\"0.0.0.0:9092\"' (repeatable)."),
+    ] = [],  # noqa: B006
+    resume: Annotated[
+        Optional[Path],
+        typer.Option("--resume", help="Continue this run directory's run from its last completed round."),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="No TLS and no node authentication (trials; refused on a public address unless given)."
+        ),
+    ] = False,
 ) -> None:
     """Run a real federation: start a SuperLink and run fedlora's ServerApp on it (Flower deployment)."""
-    from fedlora.deploy.server import absolute_paths, serve
+    from fedlora.deploy.prechecks import absolute_paths
+    from fedlora.deploy.server import serve
     from fedlora.rundir import RunDir
 
     if resume is not None:
@@ -151,20 +223,31 @@ def server(
         cfg = absolute_paths(_load(config, set_))
         run_dir = RunDir.create(cfg)
     t0 = time.perf_counter()
-    typer.echo(f"fedlora server {cfg.run_name()}: {cfg.federation.strategy} | model {cfg.model.name} | "
-               f"{cfg.run.rounds} rounds -> {run_dir.path}", err=True)
+    typer.echo(
+        f"fedlora server {cfg.run_name()}: {cfg.federation.strategy} | model {cfg.model.name} | "
+        f"{cfg.run.rounds} rounds -> {run_dir.path}",
+        err=True,
+    )
     try:
-        dep = serve(cfg, run_dir, resume=resume is not None, insecure=insecure,
-                    on_round=lambda row: typer.echo("  " + _round_line(row), err=True),
-                    say=lambda m: typer.echo(m, err=True))
+        dep = serve(
+            cfg,
+            run_dir,
+            resume=resume is not None,
+            insecure=insecure,
+            on_round=lambda row: typer.echo("  " + _round_line(row), err=True),
+            say=lambda m: typer.echo(m, err=True),
+        )
     except ConfigError as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     except (RuntimeError, TimeoutError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"done in {time.perf_counter() - t0:.0f}s (SuperLink up in {dep.timings.get('superlink-start-seconds', 0):.1f}s); "
-               f"run directory: {run_dir.path}", err=True)
+    typer.echo(
+        f"done in {time.perf_counter() - t0:.0f}s (SuperLink up in {dep.timings.get('superlink-start-seconds', 0):.1f}s); "
+        f"run directory: {run_dir.path}",
+        err=True,
+    )
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -191,99 +274,99 @@ def control(
 
 @cli.command()
 def client(
-    settings: Annotated[Optional[Path], typer.Option("--settings", help="Small TOML file with the settings below (flags win).")] = None,
+    settings: Annotated[
+        Optional[Path], typer.Option("--settings", help="Small TOML file with the settings below (flags win).")
+    ] = None,
     server_address: Annotated[Optional[str], typer.Option("--server", help="The server's host:port.")] = None,
-    root_certificates: Annotated[Optional[str], typer.Option("--root-certificates", help="CA certificate that signed the server's (PEM).")] = None,
-    node_key: Annotated[Optional[str], typer.Option("--node-key", help="This node's private key (PEM, EC P-384), enrolled on the server.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="This device's data: a folder (train.jsonl, test.jsonl) or a file.")] = None,
-    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="Where this client keeps its state across restarts.")] = None,
+    root_certificates: Annotated[
+        Optional[str], typer.Option("--root-certificates", help="CA certificate that signed the server's (PEM).")
+    ] = None,
+    node_key: Annotated[
+        Optional[str],
+        typer.Option("--node-key", help="This node's private key (PEM, EC P-384), enrolled on the server."),
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option("--data", help="This device's data: a folder (train.jsonl, test.jsonl) or a file.")
+    ] = None,
+    state_dir: Annotated[
+        Optional[str], typer.Option("--state-dir", help="Where this client keeps its state across restarts.")
+    ] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank this device trains (0 = the run's).")] = None,
-    device_class: Annotated[Optional[str], typer.Option("--device-class", help="Device class from the run's [hetero] table.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads on this device (0 = the run's train.num_threads); size it to the device, not the server's guess.")] = None,
-    client_id: Annotated[Optional[str], typer.Option("--client-id", help="Stable name of this client ('' = the key's file name).")] = None,
-    partition_id: Annotated[Optional[int], typer.Option("--partition-id", help="Trial: use partition N of the run's dataset instead of own data.")] = None,
-    insecure: Annotated[Optional[bool], typer.Option("--insecure", help="Join a server started with --insecure.")] = None,
-    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="This device's model and data cache (default FEDLORA_CACHE or ~/.cache/fedlora); the server's run config cannot choose it.")] = None,
-    model_dir: Annotated[Optional[list[str]], typer.Option("--model-dir", help="A folder a run may name as its base model on this device (repeatable); hub ids and builtins need none.")] = None,
-    cold: Annotated[bool, typer.Option("--cold", help="Flower's default isolation: a fresh process (and model load) per message.")] = False,
-    executor: Annotated[Optional[str], typer.Option("--executor", help="How the resident executor runs tasks: fork (from the warm process), worker (one spawned process per run, no fork), auto (worker for a run on CUDA).")] = None,
+    device_class: Annotated[
+        Optional[str], typer.Option("--device-class", help="Device class from the run's [hetero] table.")
+    ] = None,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(
+            "--threads",
+            help="Torch threads on this device (0 = the run's train.num_threads); size it to the device, not the server's guess.",
+        ),
+    ] = None,
+    client_id: Annotated[
+        Optional[str], typer.Option("--client-id", help="Stable name of this client ('' = the key's file name).")
+    ] = None,
+    partition_id: Annotated[
+        Optional[int],
+        typer.Option("--partition-id", help="Trial: use partition N of the run's dataset instead of own data."),
+    ] = None,
+    insecure: Annotated[
+        Optional[bool], typer.Option("--insecure", help="Join a server started with --insecure.")
+    ] = None,
+    cache_dir: Annotated[
+        Optional[str],
+        typer.Option(
+            "--cache-dir",
+            help="This device's model and data cache (default FEDLORA_CACHE or ~/.cache/fedlora); the server's run config cannot choose it.",
+        ),
+    ] = None,
+    model_dir: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--model-dir",
+            help="A folder a run may name as its base model on this device (repeatable); hub ids and builtins need none.",
+        ),
+    ] = None,
+    cold: Annotated[
+        bool, typer.Option("--cold", help="Flower's default isolation: a fresh process (and model load) per message.")
+    ] = False,
+    executor: Annotated[
+        Optional[str],
+        typer.Option(
+            "--executor",
+            help="How the resident executor runs tasks: fork (from the warm process), worker (one spawned process per run, no fork), auto (worker for a run on CUDA).",
+        ),
+    ] = None,
 ) -> None:
     """Join a real federation from this device (Flower SuperNode + fedlora's ClientApp)."""
     from fedlora.deploy.client import ClientSettings, run_client
 
     try:
-        s = ClientSettings.load(settings, {"server": server_address, "root_certificates": root_certificates,
-                                           "node_key": node_key, "data": data, "state_dir": state_dir, "rank": rank,
-                                           "device_class": device_class, "client_id": client_id,
-                                           "partition_id": partition_id, "insecure": insecure, "threads": threads,
-                                           "cache_dir": cache_dir, "model_dirs": model_dir or None,
-                                           "executor": executor})
+        s = ClientSettings.load(
+            settings,
+            {
+                "server": server_address,
+                "root_certificates": root_certificates,
+                "node_key": node_key,
+                "data": data,
+                "state_dir": state_dir,
+                "rank": rank,
+                "device_class": device_class,
+                "client_id": client_id,
+                "partition_id": partition_id,
+                "insecure": insecure,
+                "threads": threads,
+                "cache_dir": cache_dir,
+                "model_dirs": model_dir or None,
+                "executor": executor,
+            },
+        )
     except (ConfigError, TypeError) as exc:
         typer.secho(f"client settings error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(run_client(s, cold=cold, say=lambda m: typer.echo(m, err=True)))
 
 
-class _CertsGroup(typer.core.TyperGroup):
-    """`fedlora certs FOLDER` is `fedlora certs create FOLDER`; `fedlora certs add-node FOLDER` adds one."""
-
-    def resolve_command(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["create", *args]
-        return super().resolve_command(ctx, args)
-
-
-certs_cli = typer.Typer(cls=_CertsGroup, no_args_is_help=True, help="Test credentials for a local trial: a CA, "
-                        "the server's certificate, node keys (use your own CA in production).")
 cli.add_typer(certs_cli, name="certs")
-
-
-def _node_lines(nodes) -> None:
-    for n in nodes:
-        typer.echo(f"node {n.name}: private {n.private_key} (copy to that device only, then delete it here), "
-                   f"public {n.public_key} (the server enrols {n.public_key.parent})")
-
-
-@certs_cli.command("create")
-def certs(
-    folder: Annotated[Path, typer.Argument(help="Where to write ca.crt, server.crt/.key, enrol/node-N.pub and devices/node-N.key.")],
-    nodes: Annotated[int, typer.Option("--nodes", "-n", help="Node key pairs to create.")] = 2,
-    host: Annotated[list[str], typer.Option("--host", help="Server name or IP the certificate is valid for (repeatable; 127.0.0.1 and localhost always).")] = [],  # noqa: B006
-    force: Annotated[bool, typer.Option("--force", help="Replace existing credentials (every device must then get the new CA and keys).")] = False,
-) -> None:
-    """Create a test CA, a server certificate and node keys (refuses to overwrite without --force)."""
-    from fedlora.deploy.pki import CredentialsExist, create_credentials
-
-    try:
-        c = create_credentials(folder, [*host, "127.0.0.1", "localhost"], nodes, force=force)
-    except CredentialsExist as exc:
-        typer.secho(f"fedlora certs: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"CA {c.ca_cert}\nserver certificate {c.server_cert} (key {c.server_key}, private)")
-    _node_lines(c.nodes)
-
-
-@certs_cli.command("add-node")
-def certs_add_node(
-    folder: Annotated[Path, typer.Argument(help="The credentials folder `fedlora certs` made.")],
-    name: Annotated[str, typer.Option("--name", help="The node's name (default: the next node-N).")] = "",
-    force: Annotated[bool, typer.Option("--force", help="Replace that node's existing key pair.")] = False,
-) -> None:
-    """Add one node key pair: devices/NAME.key (private) and enrol/NAME.pub (to enrol on the server)."""
-    from fedlora.deploy.pki import ENROL_DIR, CredentialsExist, node_key_pair
-
-    if not (folder / "ca.crt").exists():
-        typer.secho(f"fedlora certs add-node: {folder} holds no ca.crt; create it with `fedlora certs {folder}`",
-                    fg="red", err=True)
-        raise typer.Exit(2)
-    if not name:
-        taken = {p.stem for p in (folder / ENROL_DIR).glob("node-*.pub")}
-        name = next(f"node-{i}" for i in range(len(taken) + 1) if f"node-{i}" not in taken)
-    try:
-        _node_lines([node_key_pair(folder, name, force=force)])
-    except (CredentialsExist, ValueError) as exc:
-        typer.secho(f"fedlora certs add-node: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
 
 
 @cli.command()
@@ -311,10 +394,26 @@ def methods() -> None:
 
 @cli.command("config")
 def show_config(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run config to validate (default: the embedded default run).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a key, TOML value: --set lora.rank=4 (repeatable).")] = [],  # noqa: B006
-    reference: Annotated[bool, typer.Option("--reference", help="Print every key with its value in the run `fedlora simulate` would do, and its help, as TOML.")] = False,
-    format_: Annotated[str, typer.Option("--format", help="With --reference: toml, or markdown (docs/configuration.md is this for the default run).")] = "toml",
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", help="TOML run config to validate (default: the embedded default run)."),
+    ] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", "-s", help="Override a key, TOML value: --set lora.rank=4 (repeatable).")
+    ] = [],  # noqa: B006
+    reference: Annotated[
+        bool,
+        typer.Option(
+            "--reference",
+            help="Print every key with its value in the run `fedlora simulate` would do, and its help, as TOML.",
+        ),
+    ] = False,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format", help="With --reference: toml, or markdown (docs/configuration.md is this for the default run)."
+        ),
+    ] = "toml",
 ) -> None:
     """Validate a config and print it, as TOML, with every default filled in."""
     cfg = _load(config, set_)

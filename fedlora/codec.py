@@ -20,11 +20,7 @@ from fedlora.factors import LoraFactors
 
 STYPE = "raw"
 NAMESPACES = ("base/",)  # prefixes of second factor sets sharing a record (FLoRA's global delta)
-WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CodecError(ValueError):
@@ -58,8 +54,9 @@ def module_index(names: list[str] | None) -> dict[str, str] | None:
     return None if names is None else {n: str(i) for i, n in enumerate(sorted(names))}
 
 
-def encode(factors: LoraFactors, wire_dtype: str = "float32", prefix: str = "",
-           modules: list[str] | None = None) -> ArrayRecord:
+def encode(
+    factors: LoraFactors, wire_dtype: str = "float32", prefix: str = "", modules: list[str] | None = None
+) -> ArrayRecord:
     """Factors -> ArrayRecord. ``prefix`` namespaces a second set in the same record; ``modules``
     (the run's module list) makes keys compact."""
     if wire_dtype not in WIRE_DTYPES:
@@ -76,8 +73,9 @@ def encode(factors: LoraFactors, wire_dtype: str = "float32", prefix: str = "",
     return record
 
 
-def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "",
-           modules: list[str] | None = None) -> LoraFactors:
+def decode(
+    record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "", modules: list[str] | None = None
+) -> LoraFactors:
     """ArrayRecord -> factors (float32). ``alpha`` is one value or a per-module mapping;
     ``modules`` is the run's module list when keys are compact."""
     names = None if modules is None else sorted(modules)
@@ -86,7 +84,7 @@ def decode(record: ArrayRecord, alpha: float | dict[str, float], prefix: str = "
     for key, arr in record.items():
         if not key.startswith(prefix) or (not prefix and namespaced(key)):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         t = decode_tensor(key, arr)
         if name.startswith("head/"):
             flat[name] = t
@@ -141,8 +139,11 @@ class MessageSizer:
         self.framing: list[int] = []
 
     def __call__(self, message) -> int:
-        payload = sum(len(arr.data) for rec in message.content.array_records.values() for arr in rec.values()) \
-            if message.has_content() else 0
+        payload = (
+            sum(len(arr.data) for rec in message.content.array_records.values() for arr in rec.values())
+            if message.has_content()
+            else 0
+        )
         if len(self.framing) < self.sample:
             total = message_bytes(message)
             self.framing.append(total - payload)

@@ -34,7 +34,9 @@ def load_comparison(path: Path) -> tuple[dict, list[dict], list[dict], str, str]
     raw = tomllib.loads(Path(path).read_text())
     unknown = set(raw) - {"base", "arm", "split", "compare"}
     if unknown:
-        raise ConfigError(f"unknown table(s) {sorted(unknown)} in comparison file {path}; use [base], [[arm]], [[split]], [compare]")
+        raise ConfigError(
+            f"unknown table(s) {sorted(unknown)} in comparison file {path}; use [base], [[arm]], [[split]], [compare]"
+        )
     arms = raw.get("arm") or []
     splits = raw.get("split") or [{"name": "default", "set": []}]
     if not arms:
@@ -55,7 +57,9 @@ def grid_points(arm: dict) -> list[list[str]]:
     """The overrides of every point of an arm's grid ([[]] without a grid)."""
     grid = arm.get("grid", {})
     keys = sorted(grid)
-    return [[f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)] for combo in itertools.product(*(grid[k] for k in keys))]
+    return [
+        [f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)] for combo in itertools.product(*(grid[k] for k in keys))
+    ]
 
 
 def selection_score(rows: list[dict], metric: str) -> float:
@@ -73,7 +77,9 @@ def _config(base: dict, overrides: list[str], out: Path, label: str) -> FedLoraC
     return FedLoraConfig.from_dict(raw)
 
 
-def comparison_cells(path: Path, out: Path | None = None, extra: list[str] | None = None) -> tuple[str, str, list[dict], Path]:
+def comparison_cells(
+    path: Path, out: Path | None = None, extra: list[str] | None = None
+) -> tuple[str, str, list[dict], Path]:
     """Every cell of a comparison (arm x split x grid point) as a validated config: a bad arm, split or
     grid point fails here, before any cell has run. Returns (name, select_on, cells, out), ``out``
     defaulting to runs/compare-<name>."""
@@ -85,11 +91,14 @@ def comparison_cells(path: Path, out: Path | None = None, extra: list[str] | Non
             points = grid_points(a)
             for i, point in enumerate(points):
                 label = f"{a['name']}-{s['name']}" + (f"-g{i}" if len(points) > 1 else "")
-                cfg = _config(base, list(s.get("set", [])) + list(a.get("set", [])) + point + list(extra or []),
-                              out, label)
+                cfg = _config(
+                    base, list(s.get("set", [])) + list(a.get("set", [])) + point + list(extra or []), out, label
+                )
                 if len(points) > 1 and cfg.data.validation_fraction <= 0:
-                    raise ConfigError(f"[[arm]] {a['name']!r} has a grid, which is chosen on validation splits: "
-                                      "set data.validation_fraction > 0 in [base.data]")
+                    raise ConfigError(
+                        f"[[arm]] {a['name']!r} has a grid, which is chosen on validation splits: "
+                        "set data.validation_fraction > 0 in [base.data]"
+                    )
                 cells.append({"arm": a["name"], "split": s["name"], "grid-point": point, "config": cfg})
     return name, select_on, cells, out
 
@@ -121,8 +130,15 @@ def _cell_label(cell: dict) -> str:
     return f"{cell['arm']} on {cell['split']} {' '.join(cell['grid-point'])}".rstrip()
 
 
-def compare(path: Path, out: Path | None = None, extra: list[str] | None = None, log=print,
-            resume: bool = False, dry_run: bool = False, arms: list[str] | None = None) -> Path:
+def compare(
+    path: Path,
+    out: Path | None = None,
+    extra: list[str] | None = None,
+    log=print,
+    resume: bool = False,
+    dry_run: bool = False,
+    arms: list[str] | None = None,
+) -> Path:
     """Run every cell and write results.json (after each cell), table.md/json and plot.png.
 
     ``resume``: a cell whose experiment an earlier ``<out>/results.json`` already holds (same arm and
@@ -156,8 +172,10 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
             if reason not in (None, OTHER_CELL, OTHER_CONFIG):  # only a same-cell run gone wrong is news
                 log(f"[compare {name}] {what}: not reusing {r.get('run_dir')}: {reason}")
         if dry_run:
-            log(f"[compare {name}] {what}: would run ({cell['config'].run.rounds} rounds, "
-                f"{cell['config'].federation.strategy})")
+            log(
+                f"[compare {name}] {what}: would run ({cell['config'].run.rounds} rounds, "
+                f"{cell['config'].federation.strategy})"
+            )
     if dry_run:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -165,17 +183,31 @@ def compare(path: Path, out: Path | None = None, extra: list[str] | None = None,
     results = list(kept)
     for cell, found in plan:
         if found is not None:
-            results.append({**found, "grid-point": cell["grid-point"],
-                            "selection-score": selection_score(found["rounds"], select_on)})
+            results.append(
+                {
+                    **found,
+                    "grid-point": cell["grid-point"],
+                    "selection-score": selection_score(found["rounds"], select_on),
+                }
+            )
             continue
         cfg = cell["config"]
         log(f"[compare {name}] {_cell_label(cell)} ...")
         t0 = time.perf_counter()
         run_dir = simulate(cfg)
         rows = run_dir.read_metrics()
-        results.append({"arm": cell["arm"], "split": cell["split"], "strategy": cfg.federation.strategy,
-                        "grid-point": cell["grid-point"], "selection-score": selection_score(rows, select_on),
-                        "run_dir": str(run_dir.path), "seconds": time.perf_counter() - t0, "rounds": rows})
+        results.append(
+            {
+                "arm": cell["arm"],
+                "split": cell["split"],
+                "strategy": cfg.federation.strategy,
+                "grid-point": cell["grid-point"],
+                "selection-score": selection_score(rows, select_on),
+                "run_dir": str(run_dir.path),
+                "seconds": time.perf_counter() - t0,
+                "rounds": rows,
+            }
+        )
         atomic_write(out / "results.json", json.dumps(results, indent=1))
         log(f"[compare {name}] {cell['arm']} on {cell['split']}: {summarise(results[-1])}")
     atomic_write(out / "results.json", json.dumps(results, indent=1))
@@ -195,8 +227,11 @@ def choose(results: list[dict]) -> list[dict]:
         if key not in best or r["selection-score"] > best[key]["selection-score"]:
             best[key] = r
     for r in best.values():
-        r["candidates"] = [{"grid-point": x["grid-point"], "selection-score": x["selection-score"]}
-                           for x in results if (x["arm"], x["split"]) == (r["arm"], r["split"])]
+        r["candidates"] = [
+            {"grid-point": x["grid-point"], "selection-score": x["selection-score"]}
+            for x in results
+            if (x["arm"], x["split"]) == (r["arm"], r["split"])
+        ]
     return list(best.values())
 
 
@@ -223,7 +258,8 @@ def summarise(result: dict) -> dict:
     evals = [r for r in rows if r.get("personal-accuracy-mean") is not None]
     best = max(evals, key=lambda r: r["personal-accuracy-mean"]) if evals else {}
     return {
-        "arm": result["arm"], "split": result["split"],
+        "arm": result["arm"],
+        "split": result["split"],
         "server-accuracy": last.get("server-accuracy"),
         "personal-accuracy-mean": evals[-1]["personal-accuracy-mean"] if evals else None,
         "personal-accuracy-worst": evals[-1]["personal-accuracy-worst"] if evals else None,
@@ -239,7 +275,8 @@ def summarise(result: dict) -> dict:
         **{k: last[k] for k in ("client-epsilon", "dp-sgd-epsilon-max") if last.get(k) is not None},
         **_continual_figures(result),
         "chosen": " ".join(result.get("grid-point") or []) or None,
-        "validation-score": None if result.get("selection-score", float("-inf")) == float("-inf")
+        "validation-score": None
+        if result.get("selection-score", float("-inf")) == float("-inf")
         else result["selection-score"],
     }
 
@@ -255,16 +292,34 @@ def _continual_figures(result: dict) -> dict:
     if not cont:
         return {}
     aware = cont.get("task-aware") or {}
-    return {"continual-average-accuracy": cont.get("average-accuracy"), "continual-bwt": cont.get("bwt"),
-            "continual-forgetting": cont.get("forgetting"), "continual-R": cont.get("R"),
-            "continual-task-aware-average-accuracy": aware.get("average-accuracy"),
-            "continual-task-aware-bwt": aware.get("bwt"), "continual-task-aware-R": aware.get("R")}
+    return {
+        "continual-average-accuracy": cont.get("average-accuracy"),
+        "continual-bwt": cont.get("bwt"),
+        "continual-forgetting": cont.get("forgetting"),
+        "continual-R": cont.get("R"),
+        "continual-task-aware-average-accuracy": aware.get("average-accuracy"),
+        "continual-task-aware-bwt": aware.get("bwt"),
+        "continual-task-aware-R": aware.get("R"),
+    }
 
 
 def markdown_table(table: list[dict]) -> str:
-    cols = ["split", "arm", "server-accuracy", "personal-accuracy-mean", "personal-accuracy-worst",
-            "personal-global-accuracy", "upload-bytes-per-client-round", "download-bytes-per-client-round",
-            "total-bytes", "aggregate-ms-per-round", "global-rank", "seconds", "chosen", "validation-score"]
+    cols = [
+        "split",
+        "arm",
+        "server-accuracy",
+        "personal-accuracy-mean",
+        "personal-accuracy-worst",
+        "personal-global-accuracy",
+        "upload-bytes-per-client-round",
+        "download-bytes-per-client-round",
+        "total-bytes",
+        "aggregate-ms-per-round",
+        "global-rank",
+        "seconds",
+        "chosen",
+        "validation-score",
+    ]
 
     def fmt(v) -> str:
         if v is None:
@@ -275,11 +330,23 @@ def markdown_table(table: list[dict]) -> str:
             return f"{v:,}"
         return str(v)
 
-    extra = sorted({k for row in table for k in row if k.startswith("server-accuracy-rank-")},
-                   key=lambda k: int(k.rsplit("-", 1)[1]))
-    extra += [k for k in ("client-epsilon", "dp-sgd-epsilon-max", "continual-average-accuracy", "continual-bwt",
-                          "continual-forgetting", "continual-task-aware-average-accuracy", "continual-task-aware-bwt")
-              if any(k in row for row in table)]
+    extra = sorted(
+        {k for row in table for k in row if k.startswith("server-accuracy-rank-")},
+        key=lambda k: int(k.rsplit("-", 1)[1]),
+    )
+    extra += [
+        k
+        for k in (
+            "client-epsilon",
+            "dp-sgd-epsilon-max",
+            "continual-average-accuracy",
+            "continual-bwt",
+            "continual-forgetting",
+            "continual-task-aware-average-accuracy",
+            "continual-task-aware-bwt",
+        )
+        if any(k in row for row in table)
+    ]
     cols = cols[:3] + extra + cols[3:]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in table]
@@ -333,8 +400,11 @@ def plot(results: list[dict], path: Path) -> None:
     if ranked:  # accuracy of the final global adapter truncated to each evaluated rank
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in ranked:
-            pts = sorted((int(k.rsplit("-", 1)[1]), v) for k, v in r["rounds"][-1].items()
-                         if k.startswith("server-accuracy-rank-") and v is not None)
+            pts = sorted(
+                (int(k.rsplit("-", 1)[1]), v)
+                for k, v in r["rounds"][-1].items()
+                if k.startswith("server-accuracy-rank-") and v is not None
+            )
             ax.plot(*zip(*pts), marker="o", label=f"{r['arm']} ({r['split']})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank the global adapter is truncated to")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from fedlora.aggregation.config import HeteroConfig, RobustConfig
 from fedlora.continual.config import CONTINUAL_METHODS, ContinualSection, ContinualTask  # noqa: F401 - re-exported
 from fedlora.continual.config import check_with_run as check_continual_with_run
 from fedlora.deploy.config import ServerSection
@@ -36,10 +37,8 @@ from fedlora.sections import (  # noqa: F401 - re-exported
     DataConfig,
     DyLoraSection,
     FederationConfig,
-    HeteroConfig,
     LoraSection,
     ModelConfig,
-    RobustConfig,
     RunConfig,
     SimulationConfig,
     TrainConfig,
@@ -83,7 +82,9 @@ class FedLoraConfig:
             known = {f.name for f in fields(target)}
             for key, value in values.items():
                 if key not in known:
-                    raise ConfigError(f"unknown config key '{section}.{key}'; known keys in [{section}]: {', '.join(sorted(known))}")
+                    raise ConfigError(
+                        f"unknown config key '{section}.{key}'; known keys in [{section}]: {', '.join(sorted(known))}"
+                    )
                 setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
         cfg.validate()
         return cfg
@@ -118,12 +119,16 @@ class FedLoraConfig:
         policy = policy_for(self.federation.strategy)
         ranks = sorted({self.client_rank(i) for i in range(self.federation.num_clients)})
         if len(ranks) > 1 and not policy.heterogeneous_ranks:
-            why = ("it averages A across clients while each client keeps a private B paired with the rows of its "
-                   "own A, so zero-padding A would change what every B means"
-                   if "B" in policy.private else "it averages factors of one rank")
+            why = (
+                "it averages A across clients while each client keeps a private B paired with the rows of its "
+                "own A, so zero-padding A would change what every B means"
+                if "B" in policy.private
+                else "it averages factors of one rank"
+            )
             raise ConfigError(
                 f"invalid config for 'federation.strategy': {self.federation.strategy} cannot mix ranks {ranks}: "
-                f"{why}; use hetlora, flora or flexlora for mixed ranks")
+                f"{why}; use hetlora, flora or flexlora for mixed ranks"
+            )
         check_privacy_with_run(self, policy)
         self._validate_dylora(policy, ranks)
         check_continual_with_run(self, policy)
@@ -135,7 +140,8 @@ class FedLoraConfig:
             raise ConfigError(
                 f"invalid config value for 'robust.aggregation': {self.robust.aggregation!r} compares clients "
                 f"coordinate by coordinate, but {self.federation.strategy} clients send different ranks; use "
-                "robust.update_norm_bound and robust.max_client_share with heterogeneous ranks")
+                "robust.update_norm_bound and robust.max_client_share with heterogeneous ranks"
+            )
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -170,16 +176,21 @@ class FedLoraConfig:
 
     def client_delta(self) -> float:
         """Client-level delta: privacy.delta, or 1 / N^1.1 (below 1/N, as a delta must be)."""
-        return self.privacy.delta or 1.0 / self.federation.num_clients ** 1.1
+        return self.privacy.delta or 1.0 / self.federation.num_clients**1.1
 
     def _validate_dylora(self, policy, ranks: list[int]) -> None:
         name = self.federation.strategy
         if self.dylora.enabled:
             if policy.heterogeneous_ranks:
-                raise ConfigError(f"invalid config for 'dylora.enabled': DyLoRA's per-round rank replaces per-client "
-                                  f"ranks; {name} aggregates clients of different ranks. Use fedit, ffa or fedsa")
-            _require(self.dylora.min_rank <= self.lora.rank, "dylora.min_rank",
-                     f"({self.dylora.min_rank}) must not exceed lora.rank ({self.lora.rank})")
+                raise ConfigError(
+                    f"invalid config for 'dylora.enabled': DyLoRA's per-round rank replaces per-client "
+                    f"ranks; {name} aggregates clients of different ranks. Use fedit, ffa or fedsa"
+                )
+            _require(
+                self.dylora.min_rank <= self.lora.rank,
+                "dylora.min_rank",
+                f"({self.dylora.min_rank}) must not exceed lora.rank ({self.lora.rank})",
+            )
         for r in self.dylora.eval_ranks:
             _require(r <= max(ranks), "dylora.eval_ranks", f"rank {r} is above the run's largest rank {max(ranks)}")
 
@@ -188,19 +199,27 @@ class FedLoraConfig:
         if m.task != "causal-lm":
             return
         if d.instruction:
-            raise ConfigError("invalid config value for 'data.instruction': it is a classifier's task cue; a causal "
-                              "LM's prompt is data.prompt_template (with {labels} for the options)")
+            raise ConfigError(
+                "invalid config value for 'data.instruction': it is a classifier's task cue; a causal "
+                "LM's prompt is data.prompt_template (with {labels} for the options)"
+            )
         if d.prompt_format != "label" and d.partitioner != "iid":
-            raise ConfigError(f"invalid config value for 'data.partitioner': {d.partitioner!r} splits clients by "
-                              f"label, but data.prompt_format={d.prompt_format!r} rows carry no label; use 'iid' "
-                              "(or the 'label' format for classification data)")
+            raise ConfigError(
+                f"invalid config value for 'data.partitioner': {d.partitioner!r} splits clients by "
+                f"label, but data.prompt_format={d.prompt_format!r} rows carry no label; use 'iid' "
+                "(or the 'label' format for classification data)"
+            )
         if self.continual.enabled:
-            raise ConfigError("invalid config for 'continual.method': task sequences are built for classification "
-                              "(model.task='classification'); a causal-lm task sequence is not built yet")
+            raise ConfigError(
+                "invalid config for 'continual.method': task sequences are built for classification "
+                "(model.task='classification'); a causal-lm task sequence is not built yet"
+            )
         if m.quantization != "none" and policy.merge_global_into_base:
-            raise ConfigError(f"invalid config for 'model.quantization': {self.federation.strategy} merges each "
-                              f"round's global update into the base weights, which a {m.quantization} quantized base "
-                              "cannot take exactly; use fedit, fedsa, ffa, hetlora or flexlora with a quantized base")
+            raise ConfigError(
+                f"invalid config for 'model.quantization': {self.federation.strategy} merges each "
+                f"round's global update into the base weights, which a {m.quantization} quantized base "
+                "cannot take exactly; use fedit, fedsa, ffa, hetlora or flexlora with a quantized base"
+            )
 
     def run_name(self) -> str:
         """``run.name``, or ``<dataset>-<strategy>`` when it is left empty."""
@@ -269,10 +288,14 @@ def reference_toml(cfg: FedLoraConfig) -> str:
 def reference_markdown(cfg: FedLoraConfig) -> str:
     """Every key of ``cfg`` as a Markdown page, one table per section (key, value in ``cfg``, help):
     docs/configuration.md is this page for the embedded default run."""
-    out = ["# Configuration reference", "",
-           "Generated by `fedlora config --reference --format markdown` from the config sections in the code;",
-           "the values are those of the embedded default run (`fedlora simulate` with no config). A run config",
-           "is a TOML file of these sections; unknown keys and impossible values fail before any work starts.", ""]
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated by `fedlora config --reference --format markdown` from the config sections in the code;",
+        "the values are those of the embedded default run (`fedlora simulate` with no config). A run config",
+        "is a TOML file of these sections; unknown keys and impossible values fail before any work starts.",
+        "",
+    ]
     for section, obj in _all_sections(cfg):
         out += [f"## [{section}]", "", "| key | default | meaning |", "|---|---|---|"]
         for f in fields(obj):
@@ -313,8 +336,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError as exc:
         if text.strip()[:1] in ("[", "{", '"', "'"):
-            raise ConfigError(f"override {dotted.strip()}={text}: the value is not valid TOML ({exc}); "
-                              "e.g. --set 'lora.target_modules=[\"query\", \"value\"]'") from None
+            raise ConfigError(
+                f"override {dotted.strip()}={text}: the value is not valid TOML ({exc}); "
+                'e.g. --set \'lora.target_modules=["query", "value"]\''
+            ) from None
         value = text
     node = raw
     for p in parts[:-1]:

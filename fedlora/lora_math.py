@@ -61,8 +61,11 @@ def fit_rank(f: LoraFactors, rank: int) -> LoraFactors:
     """The same factors with exactly ``rank`` components: truncated, or zero-padded. Alpha kept."""
     out = LoraFactors(extras=dict(f.extras))
     for name, m in f.modules.items():
-        out.modules[name] = ModuleFactors(A=None if m.A is None else _fit_rows(m.A, rank),
-                                          B=None if m.B is None else _fit_cols(m.B, rank), alpha=m.alpha)
+        out.modules[name] = ModuleFactors(
+            A=None if m.A is None else _fit_rows(m.A, rank),
+            B=None if m.B is None else _fit_cols(m.B, rank),
+            alpha=m.alpha,
+        )
     return out
 
 
@@ -119,7 +122,7 @@ def unflatten(flat: torch.Tensor, keys: list[str], shapes: list[torch.Size], alp
     offset = 0
     for key, shape in zip(keys, shapes):
         n = shape.numel()
-        t = flat[offset: offset + n].reshape(shape)
+        t = flat[offset : offset + n].reshape(shape)
         offset += n
         if key.startswith("head/"):
             out.extras[key[5:]] = t
@@ -144,8 +147,8 @@ def weighted_mean(updates: Sequence[LoraFactors], weights: Sequence[float]) -> L
     # Chunks of clients bound memory (1000 updates of a 7B adapter do not fit stacked at once)
     # while each chunk is still one matmul.
     for start in range(0, len(updates), _CHUNK):
-        keys, shapes, alpha, rows = flatten(list(updates[start:start + _CHUNK]))
-        part = p[start:start + _CHUNK] @ torch.stack(rows)
+        keys, shapes, alpha, rows = flatten(list(updates[start : start + _CHUNK]))
+        part = p[start : start + _CHUNK] @ torch.stack(rows)
         mean = part if mean is None else mean.add_(part)
     return unflatten(mean, keys, shapes, alpha)
 
@@ -153,8 +156,9 @@ def weighted_mean(updates: Sequence[LoraFactors], weights: Sequence[float]) -> L
 # ---------------------------------------------------------------------------------------------
 # HetLoRA: zero-padding with sparsity-weighted averaging
 # ---------------------------------------------------------------------------------------------
-def aggregate_zero_padded(updates_eff: Sequence[LoraFactors], weights: Sequence[float], max_rank: int,
-                          sparsity_weighted: bool = True) -> LoraFactors:
+def aggregate_zero_padded(
+    updates_eff: Sequence[LoraFactors], weights: Sequence[float], max_rank: int, sparsity_weighted: bool = True
+) -> LoraFactors:
     """HetLoRA (Cho et al., 2024): pad each client's effective A rows / B columns to ``max_rank``
     and average. With ``sparsity_weighted`` each module's client weights are proportional to
     ``weight_k * ||B_k A_k||_F`` (the paper's sparsity-weighted aggregation), normalised per module.
@@ -171,8 +175,9 @@ def aggregate_zero_padded(updates_eff: Sequence[LoraFactors], weights: Sequence[
         else:
             w = p
         w = w.to(As.dtype)
-        out.modules[name] = ModuleFactors(A=torch.einsum("k,kri->ri", w, As),
-                                          B=torch.einsum("k,kor->or", w, Bs), alpha=float(max_rank))
+        out.modules[name] = ModuleFactors(
+            A=torch.einsum("k,kri->ri", w, As), B=torch.einsum("k,kor->or", w, Bs), alpha=float(max_rank)
+        )
     out.extras = _mean_extras(updates_eff, p)
     return out
 
@@ -314,4 +319,3 @@ def _mean_extras(updates: Sequence[LoraFactors], p: torch.Tensor) -> dict[str, t
     if not updates[0].extras:
         return {}
     return {k: sum(float(pk) * u.extras[k] for pk, u in zip(p, updates)) for k in updates[0].extras}
-

@@ -77,9 +77,15 @@ def _build_causal(cfg: FedLoraConfig, weights: bool = True) -> torch.nn.Module:
 
             compute = torch.bfloat16 if m.dtype == "float32" else dtype
             kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=compute) if m.quantization == "4bit"
-                else BitsAndBytesConfig(load_in_8bit=True))
+                BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=compute,
+                )
+                if m.quantization == "4bit"
+                else BitsAndBytesConfig(load_in_8bit=True)
+            )
             kwargs["device_map"] = {"": torch.cuda.current_device()}
             kwargs["dtype"] = compute
         base = AutoModelForCausalLM.from_pretrained(resolve_model_path(m.name, m.cache_dir), **kwargs)
@@ -97,7 +103,6 @@ def _build_base(cfg: FedLoraConfig, num_labels: int, weights: bool = True) -> to
     """The base model; ``weights=False``: its structure only (called under the meta device)."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-
     # The new head is reported "MISSING" by transformers' load report before PEFT takes it over.
     quiet_transformers()
     name, cache_dir = cfg.model.name, cfg.model.cache_dir
@@ -108,8 +113,13 @@ def _build_base(cfg: FedLoraConfig, num_labels: int, weights: bool = True) -> to
     if name == TINY_BERT:
         # Random, small, same vocabulary as the packaged tokenizer: fast tests of the plumbing.
         config = BertConfig(
-            vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, max_position_embeddings=128, num_labels=num_labels,
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=128,
+            num_labels=num_labels,
         )
         # The same random weights in every process, without resetting the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
@@ -137,8 +147,12 @@ class AdapterSpec:
     @classmethod
     def for_rank(cls, cfg: FedLoraConfig, rank: int, alpha: float | None = None) -> AdapterSpec:
         """The run's adapter at ``rank`` (alpha: the run's convention for that rank unless given)."""
-        return cls(rank=rank, alpha=cfg.lora.alpha_for_rank(rank) if alpha is None else alpha,
-                   dropout=cfg.lora.dropout, target_modules=tuple(cfg.lora.target_modules))
+        return cls(
+            rank=rank,
+            alpha=cfg.lora.alpha_for_rank(rank) if alpha is None else alpha,
+            dropout=cfg.lora.dropout,
+            target_modules=tuple(cfg.lora.target_modules),
+        )
 
 
 # (PEFT model, its pristine adapted base weights): evicted together, so no orphan weight copies.
@@ -150,13 +164,20 @@ def _cache_key(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_nam
     extra = tuple(e.cache_key(cfg, label_names) for e in model_extensions(cfg)) or None
 
     m = cfg.model
-    built = (m.task, m.dtype, m.quantization, m.gradient_checkpointing, tuple(cfg.lora.modules_to_save),
-             policy_for(cfg.federation.strategy).merge_global_into_base)  # the last: a pristine copy is kept
+    built = (
+        m.task,
+        m.dtype,
+        m.quantization,
+        m.gradient_checkpointing,
+        tuple(cfg.lora.modules_to_save),
+        policy_for(cfg.federation.strategy).merge_global_into_base,
+    )  # the last: a pristine copy is kept
     return (m.name, num_labels, spec.rank, spec.alpha, spec.dropout, spec.target_modules, extra, built)
 
 
-def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
-                     label_names: list[str] | None = None) -> torch.nn.Module:
+def build_peft_model(
+    cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None = None
+) -> torch.nn.Module:
     """A PEFT model for ``spec``, cached per process. Base weights are pristine on return.
 
     Continual runs (``[continual]``): with ``head = "label-names"`` the classifier is the frozen
@@ -171,8 +192,10 @@ def build_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
         # Only a strategy that merges updates into the base (FLoRA) changes base weights; a pristine
         # copy of the adapted weights (for a 7B model, gigabytes) is kept for it alone.
         merges = policy_for(cfg.federation.strategy).merge_global_into_base
-        _PEFT_CACHE[key] = (model, {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model)}
-                            if merges else {})
+        _PEFT_CACHE[key] = (
+            model,
+            {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model)} if merges else {},
+        )
     else:
         model, pristine = entry
         restore_base(model, pristine)
@@ -190,8 +213,9 @@ def _quantized(model: torch.nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "quantization_config", None))
 
 
-def skeleton_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
-                        label_names: list[str] | None = None) -> torch.nn.Module:
+def skeleton_peft_model(
+    cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None = None
+) -> torch.nn.Module:
     """The PEFT model's structure without weights (meta tensors, no memory): its module names,
     factor shapes, head shapes and LoRA config. A server that only aggregates factors
     (``federation.server_eval = false``) needs no more than this, even for a 7B model."""
@@ -199,10 +223,10 @@ def skeleton_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
         return _new_peft_model(cfg, num_labels, spec, label_names, weights=False)
 
 
-def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
-                    label_names: list[str] | None = None, weights: bool = True) -> torch.nn.Module:
+def _new_peft_model(
+    cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None = None, weights: bool = True
+) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
-
 
     extensions = model_extensions(cfg)  # concerns that shape the model (a continual method's head, selector)
     causal = cfg.model.task == "causal-lm"
@@ -215,8 +239,12 @@ def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
     task_type = TaskType.CAUSAL_LM if causal else None if frozen_head else TaskType.SEQ_CLS
     lcfg = LoraConfig(
         # Without a task type PEFT adds no modules_to_save: the frozen head stays part of the base.
-        task_type=task_type, r=spec.rank, lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout, target_modules=list(targets), fan_in_fan_out=_conv1d_targets(base, targets),
+        task_type=task_type,
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(targets),
+        fan_in_fan_out=_conv1d_targets(base, targets),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecations raised inside PEFT
@@ -226,13 +254,12 @@ def _new_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
     return model
 
 
-def cached_peft_model(cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec,
-                      label_names: list[str] | None = None) -> torch.nn.Module | None:
+def cached_peft_model(
+    cfg: FedLoraConfig, num_labels: int, spec: AdapterSpec, label_names: list[str] | None = None
+) -> torch.nn.Module | None:
     """The cached PEFT model for ``spec`` as it is now (no restore), or None."""
     entry = _PEFT_CACHE.get(_cache_key(cfg, num_labels, spec, label_names))
     return None if entry is None else entry[0]
-
-
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -246,8 +273,16 @@ def _linear_leaves(base: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 # Attention query/value projections by architecture, the classification default (LoRA's paper adapts W_q, W_v).
-_QUERY_VALUE = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"), ("c_attn",), ("qkv",),
-                ("query_key_value",), ("Wqkv",))
+_QUERY_VALUE = (
+    ("query", "value"),
+    ("q_proj", "v_proj"),
+    ("q_lin", "v_lin"),
+    ("q", "v"),
+    ("c_attn",),
+    ("qkv",),
+    ("query_key_value",),
+    ("Wqkv",),
+)
 
 
 def default_targets(base: torch.nn.Module, task: str) -> tuple[str, ...]:
@@ -260,16 +295,23 @@ def default_targets(base: torch.nn.Module, task: str) -> tuple[str, ...]:
     names = {n.rsplit(".", 1)[-1] for n, _ in leaves}
     if task == "causal-lm":
         out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        in_blocks = sorted({n.rsplit(".", 1)[-1] for n, m in leaves
-                            if m is not out_emb and any(part.isdigit() for part in n.split("."))})
+        in_blocks = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in leaves
+                if m is not out_emb and any(part.isdigit() for part in n.split("."))
+            }
+        )
         if in_blocks:
             return tuple(in_blocks)
     else:
         for pair in _QUERY_VALUE:
             if all(p in names for p in pair):
                 return pair
-    raise ConfigError(f"no default LoRA targets for this {task} model; set lora.target_modules to some of its "
-                      f"linear layers: {', '.join(sorted(names))}")
+    raise ConfigError(
+        f"no default LoRA targets for this {task} model; set lora.target_modules to some of its "
+        f"linear layers: {', '.join(sorted(names))}"
+    )
 
 
 def _conv1d_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> bool:
@@ -279,8 +321,10 @@ def _conv1d_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> bool:
     hits = [m for n, m in base.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     conv = [isinstance(m, Conv1D) for m in hits]
     if any(conv) and not all(conv):
-        raise ConfigError("lora.target_modules mixes GPT-2 Conv1D layers with nn.Linear ones; PEFT adapts one kind "
-                          "per adapter (fan_in_fan_out), so target one kind")
+        raise ConfigError(
+            "lora.target_modules mixes GPT-2 Conv1D layers with nn.Linear ones; PEFT adapts one kind "
+            "per adapter (fan_in_fan_out), so target one kind"
+        )
     return any(conv)
 
 
@@ -298,7 +342,8 @@ def _refuse_modules_to_save(base: torch.nn.Module, names: list[str], wire_dtype:
         f"invalid config value for 'lora.modules_to_save': {', '.join(sorted(found))} would add "
         f"{sum(params.values()) * width:,} bytes ({sum(params.values()):,} parameters in {wire_dtype}) to every "
         "message in each direction, more than LoRA factors are meant to carry; adapt them with LoRA "
-        "(lora.target_modules) instead")
+        "(lora.target_modules) instead"
+    )
 
 
 def _check_targets(base: torch.nn.Module, targets: tuple[str, ...]) -> None:
@@ -336,8 +381,10 @@ def initial_factors(model: torch.nn.Module, seed: int) -> LoraFactors:
     for name, layer in lora_layers(model):
         r, fan_in = layer.lora_A[ADAPTER].weight.shape
         factors.modules[name] = ModuleFactors(
-            A=seeded_A(seed, name, r, fan_in), B=torch.zeros(layer.lora_B[ADAPTER].weight.shape),
-            alpha=float(layer.lora_alpha[ADAPTER]))
+            A=seeded_A(seed, name, r, fan_in),
+            B=torch.zeros(layer.lora_B[ADAPTER].weight.shape),
+            alpha=float(layer.lora_alpha[ADAPTER]),
+        )
     gen = _seeded(seed, "head")
     for name, p in head_parameters(model):
         if name.startswith(SELECTOR_PREFIX):  # AM-LoRA's selector starts at uniform attention
@@ -380,4 +427,3 @@ def set_trainable(model: torch.nn.Module, trained_parts: frozenset[str]) -> list
         if on:
             params.append(p)
     return params
-

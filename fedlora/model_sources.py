@@ -80,7 +80,6 @@ def portable_reference(name: str) -> str:
 def load_tokenizer(name: str, cache_dir: str = ""):
     from transformers import AutoTokenizer
 
-
     quiet_transformers()
     return AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir))
 
@@ -92,8 +91,15 @@ def _tiny_decoder_config(name: str):
     ids = {"vocab_size": 30522, "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
     if name == TINY_GPT2:
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=BUILTIN_CONTEXT, **ids)
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=BUILTIN_CONTEXT, **ids)
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=BUILTIN_CONTEXT,
+        **ids,
+    )
 
 
 def _tiny_decoder(name: str) -> torch.nn.Module:
@@ -125,9 +131,11 @@ def check_context(cfg: FedLoraConfig) -> None:
     """model.max_length must fit the model: a longer prompt cannot be attended to, so it is refused."""
     ctx = model_context(cfg)
     if cfg.model.max_length > ctx:
-        raise ConfigError(f"invalid config value for 'model.max_length': {cfg.model.max_length} tokens exceed "
-                          f"{cfg.model.name}'s context of {ctx} positions; a prompt that long cannot be processed. "
-                          f"Lower model.max_length to at most {ctx}")
+        raise ConfigError(
+            f"invalid config value for 'model.max_length': {cfg.model.max_length} tokens exceed "
+            f"{cfg.model.name}'s context of {ctx} positions; a prompt that long cannot be processed. "
+            f"Lower model.max_length to at most {ctx}"
+        )
 
 
 def check_device(cfg: FedLoraConfig, device: torch.device) -> None:
@@ -138,13 +146,18 @@ def check_device(cfg: FedLoraConfig, device: torch.device) -> None:
             import importlib.util
 
             if importlib.util.find_spec("bitsandbytes") is None:
-                raise ConfigError(f"model.quantization={m.quantization!r} needs the bitsandbytes package: "
-                                  "pip install bitsandbytes")
+                raise ConfigError(
+                    f"model.quantization={m.quantization!r} needs the bitsandbytes package: pip install bitsandbytes"
+                )
         return
     if m.quantization != "none":
-        raise ConfigError(f"model.quantization={m.quantization!r} quantizes the base with bitsandbytes, which needs a "
-                          "CUDA GPU; this process runs on the CPU (train.device / no GPU found). Use "
-                          "model.quantization='none' on a CPU")
+        raise ConfigError(
+            f"model.quantization={m.quantization!r} quantizes the base with bitsandbytes, which needs a "
+            "CUDA GPU; this process runs on the CPU (train.device / no GPU found). Use "
+            "model.quantization='none' on a CPU"
+        )
     if m.dtype == "float16":
-        raise ConfigError("model.dtype='float16' is for GPUs (CPU float16 kernels are missing or slow); use "
-                          "'bfloat16' or 'float32' on a CPU")
+        raise ConfigError(
+            "model.dtype='float16' is for GPUs (CPU float16 kernels are missing or slow); use "
+            "'bfloat16' or 'float32' on a CPU"
+        )

@@ -27,13 +27,23 @@ _PARTITION_CACHE: BoundedCache[list[list[int]]] = BoundedCache(8)
 def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
     """Indices of each client's partition, from flwr-datasets partitioners, deterministic by seed."""
     n, dc, seed = cfg.federation.num_clients, cfg.data, cfg.run.seed
-    key = (n, dc.partitioner, dc.dirichlet_alpha, dc.labels_per_client, dc.min_partition_size, seed, len(labels),
-           hashlib.sha256(bytes(str(labels), "utf8")).hexdigest())
+    key = (
+        n,
+        dc.partitioner,
+        dc.dirichlet_alpha,
+        dc.labels_per_client,
+        dc.min_partition_size,
+        seed,
+        len(labels),
+        hashlib.sha256(bytes(str(labels), "utf8")).hexdigest(),
+    )
     if key in _PARTITION_CACHE:
         return _PARTITION_CACHE[key]
     if n > len(labels):
-        raise ConfigError(f"invalid config value for 'federation.num_clients': {n} clients but only "
-                          f"{len(labels)} training examples; every client needs at least one")
+        raise ConfigError(
+            f"invalid config value for 'federation.num_clients': {n} clients but only "
+            f"{len(labels)} training examples; every client needs at least one"
+        )
     stored = _partition_file(cfg, key)
     parts = _read_partitions(stored, n)
     if parts is None:
@@ -59,8 +69,11 @@ def _read_partitions(path: Path, n: int) -> list[list[int]] | None:
         parts = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    ok = (isinstance(parts, list) and len(parts) == n
-          and all(isinstance(p, list) and all(isinstance(i, int) for i in p) for p in parts))
+    ok = (
+        isinstance(parts, list)
+        and len(parts) == n
+        and all(isinstance(p, list) and all(isinstance(i, int) for i in p) for p in parts)
+    )
     return parts if ok else None
 
 
@@ -73,16 +86,27 @@ def _split(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
     if dc.partitioner == "iid":
         p = IidPartitioner(num_partitions=n)
     elif dc.partitioner == "dirichlet":
-        p = DirichletPartitioner(num_partitions=n, partition_by="label", alpha=dc.dirichlet_alpha, seed=seed,
-                                 min_partition_size=min(dc.min_partition_size, len(labels) // n))
+        p = DirichletPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            alpha=dc.dirichlet_alpha,
+            seed=seed,
+            min_partition_size=min(dc.min_partition_size, len(labels) // n),
+        )
     else:
         num_labels = len(set(labels))
         if dc.labels_per_client > num_labels:
-            raise ConfigError(f"invalid config value for 'data.labels_per_client': {dc.labels_per_client} "
-                              f"but the dataset has {num_labels} labels")
-        p = PathologicalPartitioner(num_partitions=n, partition_by="label",
-                                    num_classes_per_partition=dc.labels_per_client,
-                                    class_assignment_mode="first-deterministic", seed=seed)
+            raise ConfigError(
+                f"invalid config value for 'data.labels_per_client': {dc.labels_per_client} "
+                f"but the dataset has {num_labels} labels"
+            )
+        p = PathologicalPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            num_classes_per_partition=dc.labels_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
     p.dataset = ds
     try:
         with warnings.catch_warnings():
@@ -90,12 +114,15 @@ def _split(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
             warnings.filterwarnings("ignore", message=".*min_partition_size.*")
             parts = [list(p.load_partition(i)["idx"]) for i in range(n)]
     except ValueError as exc:
-        raise ConfigError(f"cannot split {len(labels)} examples over {n} clients with the "
-                          f"{dc.partitioner} partitioner: {exc}") from None
+        raise ConfigError(
+            f"cannot split {len(labels)} examples over {n} clients with the {dc.partitioner} partitioner: {exc}"
+        ) from None
     empty = [i for i, part in enumerate(parts) if len(part) < 2]
     if empty:
-        raise ConfigError(f"invalid config value for 'federation.num_clients': clients {empty[:5]} get fewer than "
-                          f"2 examples ({len(labels)} examples over {n} clients with {dc.partitioner})")
+        raise ConfigError(
+            f"invalid config value for 'federation.num_clients': clients {empty[:5]} get fewer than "
+            f"2 examples ({len(labels)} examples over {n} clients with {dc.partitioner})"
+        )
     return parts
 
 
@@ -136,8 +163,10 @@ def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[st
         raise ConfigError(f"client data {src} does not exist")
     files = sorted(src.iterdir()) if src.is_dir() else [src]
     stamp = [(f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files]  # edited files are re-read
-    key = json.dumps([str(src), stamp, cfg.to_dict()["data"], cfg.model.name, cfg.model.max_length,
-                      label_names, cfg.run.seed], sort_keys=True)
+    key = json.dumps(
+        [str(src), stamp, cfg.to_dict()["data"], cfg.model.name, cfg.model.max_length, label_names, cfg.run.seed],
+        sort_keys=True,
+    )
     if key in _LOCAL_CACHE:
         return _LOCAL_CACHE[key]
     dc = replace(cfg.data, dataset=str(src), data_files={})
@@ -149,8 +178,9 @@ def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[st
         v = max(1, round(len(train_rows) * cfg.data.validation_fraction))
         val_rows, train_rows = train_rows[:v], train_rows[v:]
     if not train_rows or not test_rows:
-        raise ConfigError(f"client data {src}: {len(train_rows)} training and {len(test_rows)} test examples; "
-                          f"a client needs both")
+        raise ConfigError(
+            f"client data {src}: {len(train_rows)} training and {len(test_rows)} test examples; a client needs both"
+        )
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
 
     answers = task_type(cfg.model.task).answers(cfg, label_names)
@@ -158,8 +188,7 @@ def local_client_data(cfg: FedLoraConfig, path: str | Path, label_names: list[st
     def examples(rows: list[dict]) -> Examples:
         return _examples(_encode(tok, rows, cfg, label_names), answers, cfg.model.task)
 
-    out = ClientData(train=examples(train_rows), test=examples(test_rows),
-                     val=examples(val_rows) if val_rows else None)
+    out = ClientData(train=examples(train_rows), test=examples(test_rows), val=examples(val_rows) if val_rows else None)
     _LOCAL_CACHE[key] = out
     return out
 

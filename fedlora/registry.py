@@ -156,8 +156,13 @@ def task_of(examples) -> object:
 # and any installed package's entry point in the group "fedlora.methods".
 _EXTENSIONS: dict[str, ExtensionClass] = {}
 _E = TypeVar("_E")  # the decorated class, returned as it is
-_BUILTIN_CONCERNS = ("fedlora.aggregation.bound", "fedlora.dylora", "fedlora.continual.extension", "fedlora.privacy.example_level",
-                     "fedlora.privacy.client_level")
+_BUILTIN_CONCERNS = (
+    "fedlora.aggregation.bound",
+    "fedlora.dylora",
+    "fedlora.continual.extension",
+    "fedlora.privacy.example_level",
+    "fedlora.privacy.client_level",
+)
 _DISCOVERED: list[bool] = []
 
 

@@ -101,7 +101,7 @@ def cosines_to_median(changes: Sequence[torch.Tensor], chunk: int = 8192) -> lis
     sq = torch.zeros(n, dtype=torch.float64)
     med_sq = 0.0
     for lo in range(0, length, chunk):
-        block = torch.stack([c[lo:lo + chunk] for c in changes]).double()
+        block = torch.stack([c[lo : lo + chunk] for c in changes]).double()
         med = block.quantile(0.5, dim=0)
         dots += block @ med
         sq += (block * block).sum(dim=1)
@@ -145,5 +145,5 @@ def trimmed_mean(updates: Sequence[LoraFactors], fraction: float) -> LoraFactors
     keys, shapes, alpha, rows = flatten(updates)
     k = int(math.floor(fraction * len(rows)))
     stacked = torch.stack(rows).sort(dim=0).values
-    kept = stacked[k: len(rows) - k]
+    kept = stacked[k : len(rows) - k]
     return unflatten(kept.mean(dim=0), keys, shapes, alpha)

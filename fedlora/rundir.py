@@ -133,19 +133,26 @@ class RunDir:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         rounds = [r["round"] for r in rows]
-        scored = any(r.get("server-accuracy") is not None or r.get("personal-accuracy-mean") is not None
-                     for r in rows)
-        curves = ((("server-accuracy", "global (server, held-out)"),
-                   ("personal-accuracy-mean", "personalized mean"),
-                   ("personal-accuracy-worst", "personalized worst client")) if scored else
-                  # a causal LM on free-form instructions: loss per response token
-                  (("server-loss", "global (server, held-out)"), ("personal-loss", "personalized (clients)")))
+        scored = any(r.get("server-accuracy") is not None or r.get("personal-accuracy-mean") is not None for r in rows)
+        curves = (
+            (
+                ("server-accuracy", "global (server, held-out)"),
+                ("personal-accuracy-mean", "personalized mean"),
+                ("personal-accuracy-worst", "personalized worst client"),
+            )
+            if scored
+            # a causal LM on free-form instructions: loss per response token
+            else (("server-loss", "global (server, held-out)"), ("personal-loss", "personalized (clients)"))
+        )
         for key, label in curves:
             pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
                 ax1.plot(*zip(*pts), marker="o", label=label)
-        eps = [(r["round"], r.get("client-epsilon", r.get("dp-sgd-epsilon-max"))) for r in rows
-               if r.get("client-epsilon", r.get("dp-sgd-epsilon-max")) is not None]
+        eps = [
+            (r["round"], r.get("client-epsilon", r.get("dp-sgd-epsilon-max")))
+            for r in rows
+            if r.get("client-epsilon", r.get("dp-sgd-epsilon-max")) is not None
+        ]
         if eps:
             twin = ax1.twinx()
             twin.plot(*zip(*eps), color="tab:red", linestyle=":", marker="x", label="epsilon spent")

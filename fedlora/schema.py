@@ -35,8 +35,9 @@ def _require_template(template: str, key: str, *fields: str) -> None:
         template.format(**{f: "" for f in fields})
     except (KeyError, IndexError, ValueError) as exc:
         names = ", ".join("{" + f + "}" for f in fields)
-        raise ConfigError(f"invalid config value for '{key}': {exc!r}; it may use {names} "
-                          "(write {{ and }} for literal braces)") from None
+        raise ConfigError(
+            f"invalid config value for '{key}': {exc!r}; it may use {names} (write {{{{ and }}}} for literal braces)"
+        ) from None
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -13,9 +13,15 @@ from fedlora.privacy.accounting import check_targets
 from fedlora.rundir import RunDir
 
 
-def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callable[[dict], None] | None = None,
-             verbose: bool = False, client_app=None, wrap_grid: Callable | None = None,
-             engine: str = "ray") -> RunDir:
+def simulate(
+    cfg: FedLoraConfig,
+    run_dir: RunDir | None = None,
+    on_round: Callable[[dict], None] | None = None,
+    verbose: bool = False,
+    client_app=None,
+    wrap_grid: Callable | None = None,
+    engine: str = "ray",
+) -> RunDir:
     """Run ``cfg`` as a simulation; return the run directory (metrics, adapters, plot).
 
     ``client_app`` replaces fedlora's ClientApp (e.g. a client that misbehaves, for fault tests);
@@ -81,14 +87,21 @@ def simulate(cfg: FedLoraConfig, run_dir: RunDir | None = None, on_round: Callab
     else:
         init_args.update({"num_cpus": os.cpu_count() or 1, "include_dashboard": False})
     backend = {
-        "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client,
-                             "num_gpus": cfg.simulation.num_gpus_per_client},
+        "client_resources": {
+            "num_cpus": cfg.simulation.num_cpus_per_client,
+            "num_gpus": cfg.simulation.num_gpus_per_client,
+        },
         "init_args": init_args,
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # run_simulation's deprecation notice; the engine is the same
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                       backend_config=backend, verbose_logging=verbose)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend,
+            verbose_logging=verbose,
+        )
     if not (run_dir.path / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without finishing its rounds; see {run_dir.path}")
     return run_dir

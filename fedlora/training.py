@@ -94,8 +94,15 @@ class TrainingHook:
         """Always called last, also when training failed: undo what ``begin`` did to shared objects."""
 
 
-def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], data: Examples, tc: TrainConfig,
-                seed: int, device: torch.device, hooks: Sequence[TrainingHook] = ()) -> TrainResult:
+def train_local(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    data: Examples,
+    tc: TrainConfig,
+    seed: int,
+    device: torch.device,
+    hooks: Sequence[TrainingHook] = (),
+) -> TrainResult:
     """``local_steps`` steps (or ``local_epochs`` epochs) of the task loss on ``data``.
 
     Deterministic given ``seed``: dropout draws from the process's global RNG, which virtual
@@ -108,15 +115,30 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], data: 
         return _train(model, params, data, tc, seed, device, hooks)
 
 
-def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], data: Examples, tc: TrainConfig,
-           seed: int, device: torch.device, hooks: Sequence[TrainingHook]) -> TrainResult:
+def _train(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    data: Examples,
+    tc: TrainConfig,
+    seed: int,
+    device: torch.device,
+    hooks: Sequence[TrainingHook],
+) -> TrainResult:
     t0 = time.perf_counter()
     model.train()
     ctx = TrainContext(
-        model=model, params=params, optimizer=make_optimizer(params, tc), data=data, tc=tc, seed=seed, device=device,
+        model=model,
+        params=params,
+        optimizer=make_optimizer(params, tc),
+        data=data,
+        tc=tc,
+        seed=seed,
+        device=device,
         target_steps=tc.local_steps or tc.local_epochs * math.ceil(len(data) / tc.batch_size),
         batch_source=lambda epoch: batches(data, tc.batch_size, shuffle=True, seed=seed * 7919 + epoch),
-        task_loss=task_loss_for(data), clip_grad=tc.max_grad_norm > 0)
+        task_loss=task_loss_for(data),
+        clip_grad=tc.max_grad_norm > 0,
+    )
     try:
         for h in hooks:
             h.begin(ctx)
@@ -159,8 +181,13 @@ def _loop(ctx: TrainContext, hooks: Sequence[TrainingHook], t0: float) -> TrainR
     metrics: dict = {}
     for h in hooks:
         metrics.update(h.end(ctx))
-    return TrainResult(loss=total_loss / max(seen, 1), num_examples=len(data), steps=steps,
-                       seconds=time.perf_counter() - t0, metrics=metrics)
+    return TrainResult(
+        loss=total_loss / max(seen, 1),
+        num_examples=len(data),
+        steps=steps,
+        seconds=time.perf_counter() - t0,
+        metrics=metrics,
+    )
 
 
 def evaluate(model: torch.nn.Module, data: Examples, batch_size: int, device: torch.device) -> dict[str, float]:

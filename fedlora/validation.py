@@ -66,8 +66,9 @@ def as_text(value: object, what: str, limit: int = MAX_ID_CHARS, allow_empty: bo
 
 
 # ----------------------------------------------------------------------------------- tensors
-def expected_arrays(template: LoraFactors, parts: Iterable[str], rank: int,
-                    module_names: list[str]) -> dict[str, tuple[int, ...]]:
+def expected_arrays(
+    template: LoraFactors, parts: Iterable[str], rank: int, module_names: list[str]
+) -> dict[str, tuple[int, ...]]:
     """Wire key -> shape of every tensor a client of ``rank`` sends when it shares ``parts``."""
     parts = set(parts)
     index = module_index(module_names)
@@ -94,7 +95,9 @@ def check_arrays(record: Mapping, expected: Mapping[str, tuple[int, ...]], wire_
         if missing:
             parts.append(f"missing {missing[:3]}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
         if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}" + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
+            parts.append(
+                f"unexpected {unexpected[:3]}" + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
+            )
         raise RejectedReply(f"tensors differ from what this client must send: {'; '.join(parts)}")
     width = {name: _width(name) for name in WIRE_DTYPES}
     for key, shape in expected.items():
@@ -140,8 +143,10 @@ def check_finite(factors: LoraFactors) -> None:
         if m.B is not None and m.B.numel():
             biggest = largest[f"{name}/B"]
             if biggest * m.scaling > limit:
-                raise RejectedReply(f"{name}/B times its scaling {m.scaling:g} overflows float32 (largest |entry| "
-                                    f"{biggest:.3g}): its effective factors are not finite")
+                raise RejectedReply(
+                    f"{name}/B times its scaling {m.scaling:g} overflows float32 (largest |entry| "
+                    f"{biggest:.3g}): its effective factors are not finite"
+                )
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -154,7 +159,9 @@ def check_numbers(metrics: Mapping, what: str) -> None:
                 raise RejectedReply(f"{what} '{k}'={v!r} is not a finite number")
 
 
-def check_train_metrics(metrics: Mapping, *, max_examples: int, max_rank: int, weight_key: str) -> tuple[int, int | None]:
+def check_train_metrics(
+    metrics: Mapping, *, max_examples: int, max_rank: int, weight_key: str
+) -> tuple[int, int | None]:
     """(num-examples, reported rank or None) of a train reply."""
     check_numbers(metrics, "metric")
     if weight_key not in metrics:

@@ -36,9 +36,14 @@ from fedlora.strategies.base import LoraStrategy
 log = logging.getLogger("fedlora.server")
 
 
-def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
-               on_round: Callable[[dict], None] | None = None, resume: bool = False,
-               node_names: Callable[[int], str | None] | None = None) -> Result:
+def run_server(
+    grid: Grid,
+    cfg: FedLoraConfig,
+    run_dir: RunDir | None = None,
+    on_round: Callable[[dict], None] | None = None,
+    resume: bool = False,
+    node_names: Callable[[int], str | None] | None = None,
+) -> Result:
     """Run a whole federation on ``grid``; write metrics/adapters to ``run_dir`` if given.
 
     ``resume``: continue ``run_dir``'s run from its last checkpoint (the round after the last one
@@ -73,14 +78,22 @@ def run_server(grid: Grid, cfg: FedLoraConfig, run_dir: RunDir | None = None,
             found = evaluation.row(gm.load(strategy), server_round, gm.device)  # one load serves every metric
         recorder.record(server_round, found)
         if "server-loss" in found:
-            return MetricRecord({k: found[f"server-{k}"] for k in ("accuracy", "loss", "perplexity")
-                                 if found.get(f"server-{k}") is not None and math.isfinite(found[f"server-{k}"])})
+            return MetricRecord(
+                {
+                    k: found[f"server-{k}"]
+                    for k in ("accuracy", "loss", "perplexity")
+                    if found.get(f"server-{k}") is not None and math.isfinite(found[f"server-{k}"])
+                }
+            )
         return None
 
     result = strategy.start(
         grid=StreamingGrid(grid, max_pull=replies_per_pull(cfg, strategy.template)),
-        initial_arrays=codec.encode(strategy.global_eff), num_rounds=cfg.run.rounds - strategy.round_offset,
-        timeout=cfg.federation.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+        initial_arrays=codec.encode(strategy.global_eff),
+        num_rounds=cfg.run.rounds - strategy.round_offset,
+        timeout=cfg.federation.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
     )
     if run_dir is not None:
@@ -98,8 +111,10 @@ def resume_strategy(strategy: LoraStrategy, cfg: FedLoraConfig, run_dir: RunDir 
         raise ValueError(f"{run_dir.path} holds no checkpoint (checkpoint/state.json): the run never finished a round")
     tensors, state = found
     if state.get("config-digest") != cfg.digest():
-        raise ValueError(f"{run_dir.path}: its checkpoint was written by a run with a different config; resume "
-                         "runs the config.toml saved in the run directory, unchanged")
+        raise ValueError(
+            f"{run_dir.path}: its checkpoint was written by a run with a different config; resume "
+            "runs the config.toml saved in the run directory, unchanged"
+        )
     strategy.load_state_dict(tensors, state)
     done = int(state["last-round"])
     if done >= cfg.run.rounds:
@@ -133,9 +148,11 @@ def resolve_app_path(path: str) -> Path:
     for app_dir in apps:
         if (app_dir / p).exists():
             return app_dir / p
-    raise FileNotFoundError(f"run config {path!r} is relative and found neither in {Path.cwd()} (where Flower "
-                            f"runs the ServerApp) nor in the installed app under {home / 'apps'}; pass an absolute "
-                            f"path: --run-config \"config='$PWD/{path}'\", or use `fedlora server`")
+    raise FileNotFoundError(
+        f"run config {path!r} is relative and found neither in {Path.cwd()} (where Flower "
+        f"runs the ServerApp) nor in the installed app under {home / 'apps'}; pass an absolute "
+        f"path: --run-config \"config='$PWD/{path}'\", or use `fedlora server`"
+    )
 
 
 @app.main()
@@ -155,9 +172,14 @@ def main(grid: Grid, context: Context) -> None:
         # lazy: deployment only. The nodes that take part are those holding a key of
         # server.enrolled_keys, read now, whatever else the SuperLink has registered.
         from fedlora.deploy.control import EnrolledGrid, EnrolledNodes
-        from fedlora.deploy.server import enrolled_keys
+        from fedlora.deploy.prechecks import enrolled_keys
 
         names = EnrolledNodes(Path(folder) / "flwr-home", enrolled_keys(cfg))
         grid = EnrolledGrid(grid, names)
-    run_server(grid, cfg, RunDir(folder) if folder else RunDir.create(cfg), resume=bool(rc.get("resume", False)),
-               node_names=names)
+    run_server(
+        grid,
+        cfg,
+        RunDir(folder) if folder else RunDir.create(cfg),
+        resume=bool(rc.get("resume", False)),
+        node_names=names,
+    )

@@ -47,8 +47,9 @@ class ServerEvaluation:
         test = self.test_set(server_round)
         row: dict[str, Any] = {}
         with ExitStack() as contexts:
-            extra = [contexts.enter_context(e.server_evaluation(model, server_round, test, device))
-                     for e in self.extensions]
+            extra = [
+                contexts.enter_context(e.server_evaluation(model, server_round, test, device)) for e in self.extensions
+            ]
             res = evaluate(model, test, bs, device)
             row["server-loss"] = res["loss"]
             if "accuracy" in res:  # a causal LM on free-form instructions has loss and perplexity only

@@ -60,8 +60,10 @@ class GlobalModel:
     def load(self, strategy: LoraStrategy) -> torch.nn.Module:
         """Load the strategy's global adapter; frozen parts come from the shared seed."""
         g = strategy.global_eff
-        model = place(build_peft_model(self.cfg, self.num_labels, AdapterSpec.for_rank(self.cfg, self.rank),
-                                       self.label_names), self.device)
+        model = place(
+            build_peft_model(self.cfg, self.num_labels, AdapterSpec.for_rank(self.cfg, self.rank), self.label_names),
+            self.device,
+        )
         if strategy.sharing_policy.merge_global_into_base:
             load_factors(model, self._flora_start(g))
             if g.modules:
@@ -72,8 +74,10 @@ class GlobalModel:
 
     def _flora_start(self, g: LoraFactors) -> LoraFactors:
         """FLoRA's adapter on top of the merged base: the seed's A, a zero B, the global head."""
-        zero = LoraFactors(modules={n: type(m)(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha)
-                                    for n, m in self.init.modules.items()}, extras=self.init.extras)
+        zero = LoraFactors(
+            modules={n: type(m)(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha) for n, m in self.init.modules.items()},
+            extras=self.init.extras,
+        )
         return zero.merged_with(LoraFactors(extras=g.extras))
 
     def start(self, strategy: LoraStrategy) -> LoraFactors:
@@ -91,8 +95,14 @@ class GlobalModel:
         if strategy.sharing_policy.merge_global_into_base:
             # FLoRA: the merged model is base + the cumulative delta; save that delta as an adapter of
             # its rank, whose scaling is 1 (alpha = r): its B carries the scaling already.
-            factors = (LoraFactors(modules={n: type(m)(A=m.A, B=m.B, alpha=float(m.rank)) for n, m in g.modules.items()},
-                                   extras=dict(g.extras)) if g.modules else self._flora_start(g))
+            factors = (
+                LoraFactors(
+                    modules={n: type(m)(A=m.A, B=m.B, alpha=float(m.rank)) for n, m in g.modules.items()},
+                    extras=dict(g.extras),
+                )
+                if g.modules
+                else self._flora_start(g)
+            )
         else:
             factors = self.start(strategy).merged_with(to_client(g, self.rank, self.alpha))
             for e in strategy.extensions:

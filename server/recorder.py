@@ -17,9 +17,21 @@ class RoundRecorder:
     """Records the rounds of ``strategy``'s run into ``run_dir`` (when given) and hands every row to
     ``on_round``. ``raw_bytes``: the raw bytes of one client's factors in the run's wire dtype."""
 
-    def __init__(self, cfg: FedLoraConfig, strategy: LoraStrategy, run_dir: RunDir | None,
-                 on_round: Callable[[dict], None] | None, raw_bytes: int) -> None:
-        self.cfg, self.strategy, self.run_dir, self.on_round, self.raw_bytes = cfg, strategy, run_dir, on_round, raw_bytes
+    def __init__(
+        self,
+        cfg: FedLoraConfig,
+        strategy: LoraStrategy,
+        run_dir: RunDir | None,
+        on_round: Callable[[dict], None] | None,
+        raw_bytes: int,
+    ) -> None:
+        self.cfg, self.strategy, self.run_dir, self.on_round, self.raw_bytes = (
+            cfg,
+            strategy,
+            run_dir,
+            on_round,
+            raw_bytes,
+        )
         self._last = time.perf_counter()
 
     def record(self, server_round: int, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -29,20 +41,33 @@ class RoundRecorder:
         row: dict[str, Any] = {"round": server_round, "strategy": strategy.strategy_name, **evaluation}
         rl = strategy.rounds.get(server_round)
         if rl is not None:
-            row.update({
-                "clients-sampled": rl.sampled, "clients-accepted": rl.accepted, "rejected": rl.rejected,
-                "rejected-evaluate": rl.rejected_evaluate, "flagged": rl.flagged, "clipped": rl.clipped,
-                "skipped": rl.skipped or None, "aggregation-error": rl.aggregation_error or None,
-                "bytes-up-total": sum(rl.bytes_up), "bytes-down-total": sum(rl.bytes_down),
-                "bytes-up-per-client": _mean(rl.bytes_up), "bytes-down-per-client": _mean(rl.bytes_down),
-                "payload-up-per-client": _mean(rl.payload_up), "payload-down-per-client": _mean(rl.payload_down),
-                "aggregate-seconds": rl.aggregate_seconds, "server-seconds": rl.server_seconds,
-                "train-loss": rl.train_metrics.get("train-loss"),
-                "client-train-seconds": rl.train_metrics.get("train-seconds"),
-                **dict(rl.eval_metrics.items()),
-                "clients": [{k: c[k] for k in ("client-id", "accuracy", "num-examples", "global-accuracy") if k in c}
-                            for c in rl.eval_clients],
-            })
+            row.update(
+                {
+                    "clients-sampled": rl.sampled,
+                    "clients-accepted": rl.accepted,
+                    "rejected": rl.rejected,
+                    "rejected-evaluate": rl.rejected_evaluate,
+                    "flagged": rl.flagged,
+                    "clipped": rl.clipped,
+                    "skipped": rl.skipped or None,
+                    "aggregation-error": rl.aggregation_error or None,
+                    "bytes-up-total": sum(rl.bytes_up),
+                    "bytes-down-total": sum(rl.bytes_down),
+                    "bytes-up-per-client": _mean(rl.bytes_up),
+                    "bytes-down-per-client": _mean(rl.bytes_down),
+                    "payload-up-per-client": _mean(rl.payload_up),
+                    "payload-down-per-client": _mean(rl.payload_down),
+                    "aggregate-seconds": rl.aggregate_seconds,
+                    "server-seconds": rl.server_seconds,
+                    "train-loss": rl.train_metrics.get("train-loss"),
+                    "client-train-seconds": rl.train_metrics.get("train-seconds"),
+                    **dict(rl.eval_metrics.items()),
+                    "clients": [
+                        {k: c[k] for k in ("client-id", "accuracy", "num-examples", "global-accuracy") if k in c}
+                        for c in rl.eval_clients
+                    ],
+                }
+            )
         row["global-rank"] = strategy.global_rank()
         if rl is not None:
             if rl.dylora_rank is not None:
@@ -66,8 +91,11 @@ class RoundRecorder:
         strategy, rows = self.strategy, self.run_dir.read_metrics()
         last = rows[-1] if rows else {}
         summary = {
-            "strategy": strategy.strategy_name, "rounds": self.cfg.run.rounds, "seconds": seconds,
-            "baselines": baselines, "label-names": label_names,
+            "strategy": strategy.strategy_name,
+            "rounds": self.cfg.run.rounds,
+            "seconds": seconds,
+            "baselines": baselines,
+            "label-names": label_names,
             "privacy": {},
             "final": {k: v for k, v in last.items() if k != "clients"},
             "bytes-up-total": sum(r.get("bytes-up-total", 0) for r in rows),

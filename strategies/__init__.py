@@ -21,16 +21,24 @@ BUILTIN: dict[str, tuple[str, SharingPolicy]] = {
     "fedsa": ("fedlora.strategies.fedsa", SharingPolicy(shared=frozenset({"A"}), private=frozenset({"B", "head"}))),
     "ffa": ("fedlora.strategies.ffa", SharingPolicy(shared=frozenset({"B", "head"}), frozen=frozenset({"A"}))),
     "hetlora": ("fedlora.strategies.hetlora", SharingPolicy(shared=_ALL, heterogeneous_ranks=True)),
-    "flora": ("fedlora.strategies.flora", SharingPolicy(shared=_ALL, merge_global_into_base=True,
-                                                        heterogeneous_ranks=True)),
+    "flora": (
+        "fedlora.strategies.flora",
+        SharingPolicy(shared=_ALL, merge_global_into_base=True, heterogeneous_ranks=True),
+    ),
     "flexlora": ("fedlora.strategies.flexlora", SharingPolicy(shared=_ALL, heterogeneous_ranks=True)),
 }
 
-_CLASSES = {"LoraStrategy": "fedlora.strategies.base", "Update": "fedlora.strategies.base",
-            "RejectedReply": "fedlora.validation", "FedIT": "fedlora.strategies.fedit",
-            "FedSALoRA": "fedlora.strategies.fedsa", "FFALoRA": "fedlora.strategies.ffa",
-            "HetLoRA": "fedlora.strategies.hetlora", "FLoRA": "fedlora.strategies.flora",
-            "FlexLoRA": "fedlora.strategies.flexlora"}
+_CLASSES = {
+    "LoraStrategy": "fedlora.strategies.base",
+    "Update": "fedlora.strategies.base",
+    "RejectedReply": "fedlora.validation",
+    "FedIT": "fedlora.strategies.fedit",
+    "FedSALoRA": "fedlora.strategies.fedsa",
+    "FFALoRA": "fedlora.strategies.ffa",
+    "HetLoRA": "fedlora.strategies.hetlora",
+    "FLoRA": "fedlora.strategies.flora",
+    "FlexLoRA": "fedlora.strategies.flexlora",
+}
 
 __all__ = ["BUILTIN", *_CLASSES]
 

@@ -55,27 +55,34 @@ from fedlora.robust import coordinate_median, trimmed_mean
 from fedlora.sharing import SharingPolicy
 from fedlora.strategies.evaluation import FederatedEvaluation
 from fedlora.strategies.nodes import NodeSetup
-from fedlora.strategies.round_log import RoundLog
+from fedlora.strategies.round_log import RoundLog, weighted_metrics
 from fedlora.validation import RejectedReply, short_reason
 
 log = logging.getLogger("fedlora.server")
-
-
 
 
 class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
     sharing_policy: ClassVar[SharingPolicy]
     strategy_name: ClassVar[str] = "base"
 
-    def __init__(self, cfg: FedLoraConfig, template: LoraFactors, *, arrayrecord_key: str = ARRAYS,
-                 configrecord_key: str = CONFIG, metricrecord_key: str = METRICS,
-                 extensions: list[Extension] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: FedLoraConfig,
+        template: LoraFactors,
+        *,
+        arrayrecord_key: str = ARRAYS,
+        configrecord_key: str = CONFIG,
+        metricrecord_key: str = METRICS,
+        extensions: list[Extension] | None = None,
+    ) -> None:
         f = cfg.federation
         super().__init__(
-            fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate,
+            fraction_train=f.fraction_train,
+            fraction_evaluate=f.fraction_evaluate,
             min_train_nodes=min(f.min_train_clients, f.num_clients),
             min_evaluate_nodes=min(f.min_evaluate_clients, f.num_clients) if f.fraction_evaluate > 0 else 0,
-            min_available_nodes=f.min_available_clients or f.min_train_clients, arrayrecord_key=arrayrecord_key,
+            min_available_nodes=f.min_available_clients or f.min_train_clients,
+            arrayrecord_key=arrayrecord_key,
             configrecord_key=configrecord_key,
         )
         self.cfg = cfg
@@ -108,14 +115,20 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             return
         cohort = min(f.num_clients, max(int(f.num_clients * f.fraction_train), f.min_train_clients))
         need_mb = cohort * self.template.select(self.sharing_policy.shared).numel() * 4 / 2**20
-        log.info("robust.aggregation = %s holds every reply of a round: %d clients x %.1f MiB = %.0f MiB",
-                 r.aggregation, cohort, need_mb / max(cohort, 1), need_mb)
+        log.info(
+            "robust.aggregation = %s holds every reply of a round: %d clients x %.1f MiB = %.0f MiB",
+            r.aggregation,
+            cohort,
+            need_mb / max(cohort, 1),
+            need_mb,
+        )
         if need_mb > r.held_updates_budget_mb:
             raise ConfigError(
                 f"invalid config for 'robust.aggregation': {r.aggregation} holds every reply of a round, "
                 f"{cohort} clients x {need_mb / cohort:.1f} MiB = {need_mb:.0f} MiB, above "
                 f"robust.held_updates_budget_mb ({r.held_updates_budget_mb:g}); sample fewer clients, raise the "
-                "budget, or use 'mean' with robust.update_norm_bound (folded as replies arrive)")
+                "budget, or use 'mean' with robust.update_norm_bound (folded as replies arrive)"
+            )
 
     # ------------------------------------------------------------------ subclass API: the round's fold
     def fold_input(self, update: Update) -> LoraFactors:
@@ -147,11 +160,11 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         read_rank = h.sketch_rank or rank
 
         def sketch() -> SketchedProductSum:
-            return SketchedProductSum(read_rank, h.sketch_oversampling,
-                                      seed=self.cfg.run.seed * 1_000_003 + server_round)
+            return SketchedProductSum(
+                read_rank, h.sketch_oversampling, seed=self.cfg.run.seed * 1_000_003 + server_round
+            )
 
-        return BudgetedProductSum(h.exact_budget_mb * 2**20, rank, sketch,
-                                  stack=sampled < h.sketch_from_clients)
+        return BudgetedProductSum(h.exact_budget_mb * 2**20, rank, sketch, stack=sampled < h.sketch_from_clients)
 
     def aggregate(self, server_round: int, updates: list[Update]) -> None:
         """Fold a list of accepted updates into ``self.global_eff`` (tests, benchmarks): the same
@@ -217,14 +230,16 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         self.refused = {int(k): v for k, v in state["refused"].items()}
 
     # ------------------------------------------------------------------ train
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         for e in self.extensions:
             e.begin_round(self, rl)
         node_ids = self.ensure_profiles(
-            grid, self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, "train"), rl)
+            grid, self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, "train"), rl
+        )
         rl.sampled = len(node_ids)
         rl.sent[MessageType.TRAIN] = list(node_ids)
         extra = {}
@@ -232,8 +247,9 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             extra.update(e.round_config(server_round))
         return self._messages(node_ids, server_round, config, MessageType.TRAIN, rl, extra=extra)
 
-    def _messages(self, node_ids: list[int], server_round: int, config: ConfigRecord, mtype: str,
-                  rl: RoundLog | None, extra: dict) -> list[Message]:
+    def _messages(
+        self, node_ids: list[int], server_round: int, config: ConfigRecord, mtype: str, rl: RoundLog | None, extra: dict
+    ) -> list[Message]:
         cfg = ConfigRecord({**dict(config), "server-round": server_round, "config-digest": self._digest, **extra})
         cache: dict[tuple, ArrayRecord] = {}
         messages = []
@@ -246,12 +262,16 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
                 for e in self.extensions:
                     e.add_payload(self, rec, node)
                 if base is not None:
-                    for k, v in codec.encode(base, self.cfg.federation.wire_dtype, prefix=BASE_PREFIX,
-                                             modules=self.module_names).items():
+                    for k, v in codec.encode(
+                        base, self.cfg.federation.wire_dtype, prefix=BASE_PREFIX, modules=self.module_names
+                    ).items():
                         rec[k] = v
                 cache[key] = rec
-            msg = Message(RecordDict({self.arrayrecord_key: cache[key], self.configrecord_key: cfg}),
-                          dst_node_id=node, message_type=mtype)
+            msg = Message(
+                RecordDict({self.arrayrecord_key: cache[key], self.configrecord_key: cfg}),
+                dst_node_id=node,
+                message_type=mtype,
+            )
             if rl is not None and mtype == MessageType.TRAIN:
                 rl.bytes_down.append(rl.sizer_down(msg))
                 rl.payload_down.append(codec.wire_bytes(cache[key]))
@@ -262,8 +282,10 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         """Nodes messaged this round that never answered: named, with the timeout they missed."""
         for node in rl.sent.get(mtype, []):
             if node not in answered:
-                into.append(f"{self.who(node)}: no reply within federation.round_timeout "
-                            f"({self.cfg.federation.round_timeout:g} s)")
+                into.append(
+                    f"{self.who(node)}: no reply within federation.round_timeout "
+                    f"({self.cfg.federation.round_timeout:g} s)"
+                )
                 log.warning("round %d: %s", rl.server_round, into[-1])
 
     def round_fold(self, server_round: int, rl: RoundLog) -> Fold | RoundRelease:
@@ -292,8 +314,9 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         except ValueError as exc:
             raise RejectedReply(f"cannot be aggregated: {exc}") from None
 
-    def _fold_accepted(self, fold: Fold | RoundRelease, u: Update, server_round: int, rl: RoundLog,
-                       accepted: list[tuple[dict, int]]) -> None:
+    def _fold_accepted(
+        self, fold: Fold | RoundRelease, u: Update, server_round: int, rl: RoundLog, accepted: list[tuple[dict, int]]
+    ) -> None:
         try:
             self.fold_in(fold, u, server_round, released=bool(rl.released_by))
         except RejectedReply as exc:
@@ -304,7 +327,9 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             e.reply_accepted(u.profile.node_id, u.metrics)
         accepted.append((u.metrics, u.num_examples))
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, bound and fold each reply as it arrives (``replies`` may be a stream: see
         :class:`fedlora.aggregation.streaming.StreamingGrid`), then finish the round once."""
         server_round += self.round_offset
@@ -342,7 +367,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             busy += time.thread_time() - t_reply
         t_finish = time.thread_time()
         for i, stage in enumerate(stages):  # what each stage still holds, through the stages after it
-            for ready in _through(stages[i + 1:], stage.flush()):
+            for ready in _through(stages[i + 1 :], stage.flush()):
                 self._fold_accepted(fold, ready, server_round, rl, accepted)
         for stage in stages:
             stage.end()
@@ -350,8 +375,10 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         rl.accepted = len(accepted)
         need = self.cfg.federation.min_accepted
         if len(accepted) < need:
-            rl.skipped = (f"{len(accepted)} of {rl.sampled} replies accepted, fewer than federation.min_accepted "
-                          f"({need}): the round is skipped and the global adapter is unchanged")
+            rl.skipped = (
+                f"{len(accepted)} of {rl.sampled} replies accepted, fewer than federation.min_accepted "
+                f"({need}): the round is skipped and the global adapter is unchanged"
+            )
             log.warning("round %d: %s", server_round, rl.skipped)
             return None, None
         previous = self.global_eff
@@ -380,13 +407,14 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         rl.server_seconds = busy + (time.thread_time() - t_finish)
         for e in self.extensions:
             rl.privacy.update(e.round_figures([m for m, _ in accepted]))
-        metrics = _weighted_metrics([m for m, _ in accepted], [float(n) for _, n in accepted])
+        metrics = weighted_metrics([m for m, _ in accepted], [float(n) for _, n in accepted])
         rl.train_metrics = metrics
         return codec.encode(self.global_eff), MetricRecord(metrics)
 
     # ------------------------------------------------------------------ the stages before the fold
-    def validate_reply(self, prof: NodeProfile, content: RecordDict, server_round: int = 0,
-                       rl: RoundLog | None = None) -> Update:
+    def validate_reply(
+        self, prof: NodeProfile, content: RecordDict, server_round: int = 0, rl: RoundLog | None = None
+    ) -> Update:
         """A train reply checked completely, decoded and bounded (:func:`fedlora.aggregation.replies.accept_train_reply`)."""
         return accept_train_reply(self, prof, content, server_round, rl)
 
@@ -410,18 +438,3 @@ def _through(stages: list[ReplyStage], updates: list[Update]) -> list[Update]:
     for stage in stages:
         updates = [ready for u in updates for ready in stage.offer(u)]
     return updates
-
-
-def _weighted_metrics(metrics: list[dict], weights: list[float]) -> dict:
-    total = sum(weights)
-    keys = {k for m in metrics for k, v in m.items() if isinstance(v, (int, float))}
-    keys.discard("partition-id")
-    out = {}
-    for k in sorted(keys):
-        vals = [(float(m[k]), w) for m, w in zip(metrics, weights) if k in m]
-        if k.startswith("bytes") or k.endswith("seconds") or k == "rank":
-            out[k] = sum(v for v, _ in vals) / len(vals)  # per-client means, unweighted
-        else:
-            out[k] = sum(v * w for v, w in vals) / max(total, 1e-12)
-    out["num-examples"] = int(total)
-    return out

@@ -19,8 +19,9 @@ log = logging.getLogger("fedlora.server")
 
 class FederatedEvaluation:
     # ------------------------------------------------------------------ evaluate
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         last = server_round >= self.cfg.run.rounds
@@ -50,9 +51,12 @@ class FederatedEvaluation:
                     raise RejectedReply(f"failed: {short_reason(reply.error.reason)}")
                 if prof is None or self.metricrecord_key not in reply.content.metric_records:
                     raise RejectedReply("no metrics" if prof else "reply from a node that was never set up")
-                m = check_eval_metrics(dict(reply.content.metric_records[self.metricrecord_key]),
-                                       max_examples=prof.num_test, weight_key=self.weighted_by_key,
-                                       scored=self.cfg.model.task != "causal-lm" or self.cfg.data.prompt_format == "label")
+                m = check_eval_metrics(
+                    dict(reply.content.metric_records[self.metricrecord_key]),
+                    max_examples=prof.num_test,
+                    weight_key=self.weighted_by_key,
+                    scored=self.cfg.model.task != "causal-lm" or self.cfg.data.prompt_format == "label",
+                )
                 for e in self.extensions:
                     e.reply_accepted(node, m)
             except RejectedReply as exc:
@@ -71,11 +75,13 @@ class FederatedEvaluation:
         out = {"personal-loss": loss, "num-clients": len(clients)}
         if all("accuracy" in m for m in clients):
             accs = [float(m["accuracy"]) for m in clients]
-            out.update({
-                "personal-accuracy-mean": sum(accs) / len(accs),
-                "personal-accuracy-worst": min(accs),
-                "personal-accuracy-weighted": sum(a * n for a, n in zip(accs, ns)) / max(sum(ns), 1.0),
-            })
+            out.update(
+                {
+                    "personal-accuracy-mean": sum(accs) / len(accs),
+                    "personal-accuracy-worst": min(accs),
+                    "personal-accuracy-weighted": sum(a * n for a, n in zip(accs, ns)) / max(sum(ns), 1.0),
+                }
+            )
         if self.cfg.model.task == "causal-lm" and loss < 700:
             out["personal-perplexity"] = math.exp(loss)  # of the example-weighted mean loss per response token
         vals = [float(m["val-accuracy"]) for m in clients if "val-accuracy" in m]

@@ -18,6 +18,5 @@ from fedlora.strategies.base import LoraStrategy, Update
 
 @register_strategy("fedsa")
 class FedSALoRA(LoraStrategy):
-
     def fold_input(self, update: Update) -> LoraFactors:
         return update.factors.select({"A"})  # A carries no scaling: its client form is its effective form

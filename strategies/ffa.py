@@ -15,4 +15,3 @@ from fedlora.strategies.base import LoraStrategy
 @register_strategy("ffa")
 class FFALoRA(LoraStrategy):
     """The base's fold as it is: the weighted mean of s*B and the head (A never travels)."""
-

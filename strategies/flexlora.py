@@ -25,7 +25,6 @@ from fedlora.strategies.base import LoraStrategy
 
 @register_strategy("flexlora")
 class FlexLoRA(LoraStrategy):
-
     def target_rank(self) -> int:
         return max([self.global_rank()] + [p.rank for p in self.profiles.values()])
 

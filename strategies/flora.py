@@ -41,10 +41,16 @@ class FLoRA(LoraStrategy):
         """A fresh adapter each round: A from the round's seed, B zero, and the global head."""
         seed = self.cfg.lora.init_seed + server_round
         return LoraFactors(
-            modules={n: ModuleFactors(A=seeded_A(seed, n, profile.rank, m.A.shape[1]),
-                                      B=torch.zeros(m.B.shape[0], profile.rank), alpha=profile.alpha)
-                     for n, m in self.template.modules.items()},
-            extras=dict(self.global_eff.extras))
+            modules={
+                n: ModuleFactors(
+                    A=seeded_A(seed, n, profile.rank, m.A.shape[1]),
+                    B=torch.zeros(m.B.shape[0], profile.rank),
+                    alpha=profile.alpha,
+                )
+                for n, m in self.template.modules.items()
+            },
+            extras=dict(self.global_eff.extras),
+        )
 
     def new_fold(self, server_round: int, sampled: int) -> Fold:
         return self.product_fold(server_round, sampled, self.cfg.hetero.flora_max_rank)

@@ -28,11 +28,11 @@ from fedlora.strategies.base import LoraStrategy
 
 @register_strategy("hetlora")
 class HetLoRA(LoraStrategy):
-
     def new_fold(self, server_round: int, sampled: int) -> Fold:
         # Norm weights are per update: the fold keeps the norm-weighted sums and their weight total.
-        return ZeroPaddedMean(max(self.global_rank(), self.max_rank), sparsity_weighted=True,
-                              min_rank=max(self.global_rank(), 1))
+        return ZeroPaddedMean(
+            max(self.global_rank(), self.max_rank), sparsity_weighted=True, min_rank=max(self.global_rank(), 1)
+        )
 
     def finish_fold(self, server_round: int, fold: Fold) -> LoraFactors:
         new = fold.finish()

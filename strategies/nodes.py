@@ -40,8 +40,10 @@ class NodeSetup:
             msgs = [Message(RecordDict({CONFIG: content}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             replies = list(grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout))
             for node in sorted(set(new) - {r.metadata.src_node_id for r in replies}):
-                rl.rejected.append(f"node {node}: no setup reply within federation.round_timeout "
-                                   f"({self.cfg.federation.round_timeout:g} s); asked again when next sampled")
+                rl.rejected.append(
+                    f"node {node}: no setup reply within federation.round_timeout "
+                    f"({self.cfg.federation.round_timeout:g} s); asked again when next sampled"
+                )
             for reply in replies:
                 node = reply.metadata.src_node_id
                 try:
@@ -69,19 +71,25 @@ class NodeSetup:
             # a node cannot take another's id by declaring it first.
             bound = self.node_names(node)
             if not bound:
-                raise RejectedReply(f"node {node} (declaring client id {cid!r}) has no name bound to its key at "
-                                    "enrolment")
+                raise RejectedReply(
+                    f"node {node} (declaring client id {cid!r}) has no name bound to its key at enrolment"
+                )
             if bound != cid:
-                rl.flagged.append(f"node {node} declares client id {cid!r}; its key is enrolled as {bound!r}, "
-                                  f"which is its client id")
+                rl.flagged.append(
+                    f"node {node} declares client id {cid!r}; its key is enrolled as {bound!r}, which is its client id"
+                )
             cid = bound
         if self.sharing_policy.heterogeneous_ranks:
             if rank > self.max_rank:
-                raise RejectedReply(f"client {cid}: rank {rank} is above the largest rank the run's global "
-                                    f"adapter holds ({self.max_rank})")
+                raise RejectedReply(
+                    f"client {cid}: rank {rank} is above the largest rank the run's global "
+                    f"adapter holds ({self.max_rank})"
+                )
         elif rank != self.max_rank:
-            raise RejectedReply(f"client {cid}: rank {rank} contradicts the run: {self.strategy_name} trains every "
-                                f"client at rank {self.max_rank}")
+            raise RejectedReply(
+                f"client {cid}: rank {rank} contradicts the run: {self.strategy_name} trains every "
+                f"client at rank {self.max_rank}"
+            )
         holder = next((p.node_id for p in self.profiles.values() if p.client_id == cid and p.node_id != node), None)
         if holder is not None and holder in self._set_up:
             raise RejectedReply(f"client id {cid!r} is already held by node {holder}")
@@ -90,16 +98,28 @@ class NodeSetup:
         num_train = f["num_train"]
         cap = self.cfg.federation.max_declared_examples
         if num_train > cap:
-            rl.flagged.append(f"client {cid} (node {node}): declared {num_train} training examples; capped at "
-                              f"federation.max_declared_examples ({cap})")
+            rl.flagged.append(
+                f"client {cid} (node {node}): declared {num_train} training examples; capped at "
+                f"federation.max_declared_examples ({cap})"
+            )
             num_train = cap
         alpha = self.cfg.lora.alpha_for_rank(rank)
         declared_alpha = record.get("alpha")
         if declared_alpha is not None and declared_alpha != alpha:
-            rl.flagged.append(f"client {cid} (node {node}): declared alpha {declared_alpha!r} ignored; the run "
-                              f"config sets {alpha:g} for rank {rank}")
-        return NodeProfile(node_id=node, client_id=cid, partition_id=f["partition_id"], rank=rank, alpha=alpha,
-                           num_train=num_train, num_test=f["num_test"], device_class=f["device_class"])
+            rl.flagged.append(
+                f"client {cid} (node {node}): declared alpha {declared_alpha!r} ignored; the run "
+                f"config sets {alpha:g} for rank {rank}"
+            )
+        return NodeProfile(
+            node_id=node,
+            client_id=cid,
+            partition_id=f["partition_id"],
+            rank=rank,
+            alpha=alpha,
+            num_train=num_train,
+            num_test=f["num_test"],
+            device_class=f["device_class"],
+        )
 
     def _flag_outliers(self, rl: RoundLog) -> None:
         sizes = sorted(p.num_train for p in self.profiles.values())
@@ -109,8 +129,10 @@ class NodeSetup:
         factor = self.cfg.federation.outlier_factor
         for p in self.profiles.values():
             if p.num_train > factor * median and p.node_id not in self._outliers:
-                rl.flagged.append(f"client {p.client_id} (node {p.node_id}): declares {p.num_train} training "
-                                  f"examples, over {factor:g}x the federation's median ({median})")
+                rl.flagged.append(
+                    f"client {p.client_id} (node {p.node_id}): declares {p.num_train} training "
+                    f"examples, over {factor:g}x the federation's median ({median})"
+                )
                 self._outliers.add(p.node_id)
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -130,12 +152,20 @@ class NodeSetup:
                     log.info("%d clients connected after %.0f s; starting", len(connected), waited)
                 return nodes
             if waited >= limit:
-                raise TimeoutError(f"{len(connected)} of the {need} clients the run needs "
-                                   f"(federation.min_available_clients) connected within federation.wait_timeout "
-                                   f"({limit:g} s)")
+                raise TimeoutError(
+                    f"{len(connected)} of the {need} clients the run needs "
+                    f"(federation.min_available_clients) connected within federation.wait_timeout "
+                    f"({limit:g} s)"
+                )
             if waited >= next_note:
-                log.warning("waiting for clients: %d of %d connected (federation.min_available_clients); "
-                            "%.0f s of federation.wait_timeout (%g s) left", len(connected), need, limit - waited, limit)
+                log.warning(
+                    "waiting for clients: %d of %d connected (federation.min_available_clients); "
+                    "%.0f s of federation.wait_timeout (%g s) left",
+                    len(connected),
+                    need,
+                    limit - waited,
+                    limit,
+                )
                 next_note += 15.0
             time.sleep(1.0)
 

@@ -35,3 +35,20 @@ class RoundLog:
     sent: dict[str, list[int]] = field(default_factory=dict)  # message type -> nodes messaged
     sizer_up: codec.MessageSizer = field(default_factory=codec.MessageSizer)  # exact for a sample, then estimated
     sizer_down: codec.MessageSizer = field(default_factory=codec.MessageSizer)
+
+
+def weighted_metrics(metrics: list[dict], weights: list[float]) -> dict:
+    """The round's client metrics: example-weighted means, but bytes, seconds and rank as per-client
+    means; ``num-examples`` the total weight."""
+    total = sum(weights)
+    keys = {k for m in metrics for k, v in m.items() if isinstance(v, (int, float))}
+    keys.discard("partition-id")
+    out = {}
+    for k in sorted(keys):
+        vals = [(float(m[k]), w) for m, w in zip(metrics, weights) if k in m]
+        if k.startswith("bytes") or k.endswith("seconds") or k == "rank":
+            out[k] = sum(v for v, _ in vals) / len(vals)  # per-client means, unweighted
+        else:
+            out[k] = sum(v * w for v, w in vals) / max(total, 1e-12)
+    out["num-examples"] = int(total)
+    return out

@@ -23,7 +23,9 @@ os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlora-flwr-home-")
 
 # ../shared/data beside the checkout; FEDLORA_SHARED_DATA names it for a copy of the tests elsewhere
 # (the mutation harness runs them from a scratch folder).
-SHARED_DATA = Path(os.environ.get("FEDLORA_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+SHARED_DATA = Path(
+    os.environ.get("FEDLORA_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 # Property tests: 40 examples each in the suite; a handful per mutant under mutation testing
 # (benchmarks/mutation.py sets FEDLORA_HYPOTHESIS=mutation), where they run once per mutant.
@@ -32,8 +34,9 @@ from hypothesis import Phase, settings  # noqa: E402
 settings.register_profile("suite", max_examples=40, deadline=None)
 # No shrinking under mutation testing: a mutant that fails a property test is killed by the first
 # failing example; shrinking it (minutes on a loaded machine) only turned kills into timeouts.
-settings.register_profile("mutation", max_examples=6, deadline=None, database=None,
-                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.register_profile(
+    "mutation", max_examples=6, deadline=None, database=None, phases=[Phase.explicit, Phase.reuse, Phase.generate]
+)
 settings.load_profile(os.environ.get("FEDLORA_HYPOTHESIS", "suite"))
 
 
@@ -41,8 +44,14 @@ settings.load_profile(os.environ.get("FEDLORA_HYPOTHESIS", "suite"))
 # that the long files start at once and the short ones fill in at the end (longest-first scheduling).
 # Heaviest: the files that start real processes (deployments, Ray simulations), then the longest
 # in-process federations; `pytest --durations=0` says which they are now.
-HEAVIEST_FILES_FIRST = ("test_deploy.py", "test_simulation.py", "test_causal.py", "test_privacy.py",
-                        "test_hostile.py", "test_continual.py")
+HEAVIEST_FILES_FIRST = (
+    "test_deploy.py",
+    "test_simulation.py",
+    "test_causal.py",
+    "test_privacy.py",
+    "test_hostile.py",
+    "test_continual.py",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,7 +68,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "index.json").exists():
-        pytest.skip(f"../shared/data is absent ({SHARED_DATA}); it ships beside the project in CI, not in a user's clone")
+        pytest.skip(
+            f"../shared/data is absent ({SHARED_DATA}); it ships beside the project in CI, not in a user's clone"
+        )
     return SHARED_DATA
 
 
@@ -84,20 +95,38 @@ def ray_cluster():
     # Every process of this cluster inherits this mark: some name neither the temp dir nor 127.0.0.1
     # on their command line (Ray's client server names the machine's address), so it finds them.
     mark = {"FEDLORA_TEST_RAY_CLUSTER": temp}
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                    f"--num-cpus={os.cpu_count() or 1}", "--include-dashboard=false", "--disable-usage-stats",
-                    f"--temp-dir={temp}"], check=True, capture_output=True, timeout=180, env={**os.environ, **mark})
+    subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--num-cpus={os.cpu_count() or 1}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+        env={**os.environ, **mark},
+    )
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     try:
         yield os.environ["RAY_ADDRESS"]
     finally:
         del os.environ["RAY_ADDRESS"]
+
         # This cluster's processes only (`ray stop` would end every Ray on the machine).
         def ours(p: psutil.Process) -> bool:
             try:
-                return (any(temp in a for a in (p.info["cmdline"] or []))
-                        or p.environ().get("FEDLORA_TEST_RAY_CLUSTER") == temp)
+                return (
+                    any(temp in a for a in (p.info["cmdline"] or []))
+                    or p.environ().get("FEDLORA_TEST_RAY_CLUSTER") == temp
+                )
             except psutil.Error:  # gone, or not ours to read
                 return False
 
@@ -128,8 +157,12 @@ def make_config(tmp_path: Path, **sections):
         "run": {"name": "test", "output_dir": str(tmp_path / "runs"), "rounds": 2, "seed": 7},
         "model": {"name": "builtin:tiny-bert", "max_length": 32},
         "lora": {"rank": 4, "alpha": 8},
-        "data": {"dataset": str(SHARED_DATA / "agnews"), "max_train_examples": 240, "max_test_examples": 120,
-                 "partitioner": "iid"},
+        "data": {
+            "dataset": str(SHARED_DATA / "agnews"),
+            "max_train_examples": 240,
+            "max_test_examples": 120,
+            "partitioner": "iid",
+        },
         "federation": {"num_clients": 3, "min_train_clients": 2, "min_evaluate_clients": 2, "evaluate_every": 1},
         "train": {"local_epochs": 1, "batch_size": 16, "learning_rate": 3e-3},
     }
@@ -146,9 +179,13 @@ def continual_config(tmp_path: Path, method: str, **sections):
     raw = make_config(tmp_path).to_dict()
     raw["run"]["rounds"] = 2
     raw["federation"].update({"num_clients": 2, "min_train_clients": 2})
-    raw["continual"] = {"method": method, "tasks": [
-        {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": 1},
-        {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": 1}]}
+    raw["continual"] = {
+        "method": method,
+        "tasks": [
+            {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": 1},
+            {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": 1},
+        ],
+    }
     raw.update(sections)
     return FedLoraConfig.from_dict(raw)
 

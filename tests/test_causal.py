@@ -36,8 +36,12 @@ DECODERS = ["builtin:tiny-gpt2", "builtin:tiny-llama"]
 def causal_config(tmp_path, **sections):
     """make_config's small run, on a tiny GPT-2 (unless ``model`` names another) as a causal LM."""
     sections["data"] = {"max_train_examples": 60, "max_test_examples": 16, **sections.get("data", {})}
-    sections["model"] = {"name": "builtin:tiny-gpt2", "task": "causal-lm", "max_length": 64,
-                         **sections.get("model", {})}
+    sections["model"] = {
+        "name": "builtin:tiny-gpt2",
+        "task": "causal-lm",
+        "max_length": 64,
+        **sections.get("model", {}),
+    }
     return make_config(tmp_path, **sections)
 
 
@@ -63,19 +67,25 @@ def test_labels_mask_exactly_the_prompt_and_padding(tmp_path, shared_data):
         assert torch.equal(labels[j, p:n], batch["input_ids"][j, p:n])
         # What is scored is exactly " <label name>" and the end of the sequence.
         name = task.label_names[int(task.train.labels[i])]
-        assert tok.decode(labels[j, p:n]) == tok.decode(tok(" " + name, add_special_tokens=False)["input_ids"]
-                                                        + [tok.sep_token_id])
+        assert tok.decode(labels[j, p:n]) == tok.decode(
+            tok(" " + name, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+        )
         assert batch["attention_mask"][j].sum() == n
 
 
 def test_alpaca_rows_score_the_output_only_and_missing_fields_are_named(tmp_path):
-    rows = [{"instruction": f"Say the number {i}.", "input": "" if i % 2 else f"context {i}", "output": f"{i} {i}"}
-            for i in range(20)]
+    rows = [
+        {"instruction": f"Say the number {i}.", "input": "" if i % 2 else f"context {i}", "output": f"{i} {i}"}
+        for i in range(20)
+    ]
     folder = tmp_path / "alpaca"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = causal_config(tmp_path, data={"dataset": str(folder), "prompt_format": "alpaca", "test_split": ""},
-                        federation={"num_clients": 2})
+    cfg = causal_config(
+        tmp_path,
+        data={"dataset": str(folder), "prompt_format": "alpaca", "test_split": ""},
+        federation={"num_clients": 2},
+    )
     task = load_task(cfg)
     tok = load_tokenizer(cfg.model.name)
     assert task.label_names == [] and task.train.answers is None
@@ -86,8 +96,11 @@ def test_alpaca_rows_score_the_output_only_and_missing_fields_are_named(tmp_path
         response = tok.decode(ids[p:-1])
         assert response in {tok.decode(tok(r["output"], add_special_tokens=False)["input_ids"]) for r in rows}
     # A dataset without the configured fields: an error naming the key, the column and what is there.
-    bad = causal_config(tmp_path, data={"dataset": str(folder), "prompt_format": "alpaca", "test_split": "",
-                                        "output_column": "response"}, federation={"num_clients": 2})
+    bad = causal_config(
+        tmp_path,
+        data={"dataset": str(folder), "prompt_format": "alpaca", "test_split": "", "output_column": "response"},
+        federation={"num_clients": 2},
+    )
     with pytest.raises(ConfigError, match=r"data.output_column.*'response'.*instruction, input, output"):
         load_task(bad)
     # Free-form rows carry no label to split clients by.
@@ -96,22 +109,25 @@ def test_alpaca_rows_score_the_output_only_and_missing_fields_are_named(tmp_path
 
 
 def test_chat_format_needs_a_chat_template_and_isolates_the_reply(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": f"hi {i}"}]}
-            for i in range(10)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": f"hi {i}"}]}
+        for i in range(10)
+    ]
     folder = tmp_path / "chat"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    cfg = causal_config(tmp_path, data={"dataset": str(folder), "prompt_format": "chat"},
-                        federation={"num_clients": 2})
+    cfg = causal_config(tmp_path, data={"dataset": str(folder), "prompt_format": "chat"}, federation={"num_clients": 2})
     with pytest.raises(ConfigError, match="tokenizer has none"):
         load_task(cfg)  # the packaged tokenizer has no chat template
     # A tokenizer with a template (saved beside a decoder's config, as a local model folder has it).
     from fedlora.tasks.causal import encode
 
     tok = load_tokenizer(cfg.model.name)
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-                         "{% if add_generation_prompt %}<assistant> {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
     try:
         enc = encode(tok, rows, cfg, [])
     finally:
@@ -134,10 +150,13 @@ def test_too_long_prompts_error_or_lose_their_middle(tmp_path, shared_data):
 
 
 # ------------------------------------------------------------------------------------ model and wire
-@pytest.mark.parametrize("model_name, expected", [
-    ("builtin:tiny-gpt2", {"c_attn", "c_proj", "c_fc"}),
-    ("builtin:tiny-llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
-])
+@pytest.mark.parametrize(
+    "model_name, expected",
+    [
+        ("builtin:tiny-gpt2", {"c_attn", "c_proj", "c_fc"}),
+        ("builtin:tiny-llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ],
+)
 def test_default_targets_and_codec_round_trip(tmp_path, model_name, expected):
     cfg = causal_config(tmp_path, model={"name": model_name})
     model = build_peft_model(cfg, 0, AdapterSpec.for_rank(cfg, 4))
@@ -146,8 +165,11 @@ def test_default_targets_and_codec_round_trip(tmp_path, model_name, expected):
     assert not any("lm_head" in n and "lora" in n for n in names)  # never the LM head
     f = _random_factors(model)
     assert not f.extras  # a causal LM sends no head
-    back = codec.decode(codec.encode(f, "float32", modules=list(f.modules)), alpha=f.modules[next(iter(f.modules))].alpha,
-                        modules=list(f.modules))
+    back = codec.decode(
+        codec.encode(f, "float32", modules=list(f.modules)),
+        alpha=f.modules[next(iter(f.modules))].alpha,
+        modules=list(f.modules),
+    )
     for n, m in f.modules.items():
         assert torch.equal(back.modules[n].A, m.A) and torch.equal(back.modules[n].B, m.B)
 
@@ -155,8 +177,9 @@ def test_default_targets_and_codec_round_trip(tmp_path, model_name, expected):
 @pytest.mark.parametrize("model_name", DECODERS)
 def test_flora_merge_into_decoder_weights_equals_the_adapter(tmp_path, model_name):
     """FLoRA merges B @ A into the base; GPT-2's Conv1D stores weights transposed (fan_in_fan_out)."""
-    cfg = causal_config(tmp_path, model={"name": model_name}, federation={"strategy": "flora"},
-                        hetero={"client_ranks": [4]})
+    cfg = causal_config(
+        tmp_path, model={"name": model_name}, federation={"strategy": "flora"}, hetero={"client_ranks": [4]}
+    )
     model = build_peft_model(cfg, 0, AdapterSpec.for_rank(cfg, 4))
     x = torch.randint(200, 3000, (2, 12))
     f = _random_factors(model, 3)
@@ -192,8 +215,10 @@ def test_adapter_written_from_factors_loads_in_peft(tmp_path, model_name):
     load_factors(model, f)
     skeleton = skeleton_peft_model(cfg, 0, spec)
     assert all(p.is_meta for p in skeleton.parameters())  # no base weights held
-    assert torch.equal(initial_factors(skeleton, 9).modules[next(iter(f.modules))].A,
-                       initial_factors(model, 9).modules[next(iter(f.modules))].A)
+    assert torch.equal(
+        initial_factors(skeleton, 9).modules[next(iter(f.modules))].A,
+        initial_factors(model, 9).modules[next(iter(f.modules))].A,
+    )
     path = write_adapter(tmp_path / "adapter", skeleton, f, model_name, [])
     loaded = load_adapter(path)
     x = torch.randint(200, 3000, (2, 10))
@@ -235,8 +260,9 @@ def test_bfloat16_base_trains_float32_factors(tmp_path, shared_data):
     from fedlora.partitions import client_data
     from fedlora.training import train_local
 
-    cfg = causal_config(tmp_path, model={"dtype": "bfloat16", "gradient_checkpointing": True},
-                        train={"local_steps": 2, "batch_size": 4})
+    cfg = causal_config(
+        tmp_path, model={"dtype": "bfloat16", "gradient_checkpointing": True}, train={"local_steps": 2, "batch_size": 4}
+    )
     model = build_peft_model(cfg, 0, AdapterSpec.for_rank(cfg, 4))
     load_factors(model, initial_factors(model, 1))
     base_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
@@ -255,10 +281,14 @@ def test_two_clients_two_rounds_lower_held_out_loss(tmp_path, shared_data):
     responses falls, and only LoRA factors (no head, no base weights) cross the wire."""
     from test_simulation import FACTOR_KEY, _array_keys, _run
 
-    cfg = causal_config(tmp_path, model={"name": "builtin:tiny-llama"}, run={"rounds": 2},
-                        data={"max_train_examples": 120, "max_test_examples": 32},
-                        federation={"num_clients": 2},
-                        train={"local_steps": 8, "batch_size": 8, "learning_rate": 5e-3})
+    cfg = causal_config(
+        tmp_path,
+        model={"name": "builtin:tiny-llama"},
+        run={"rounds": 2},
+        data={"max_train_examples": 120, "max_test_examples": 32},
+        federation={"num_clients": 2},
+        train={"local_steps": 8, "batch_size": 8, "learning_rate": 5e-3},
+    )
     run_dir, rows, grid = _run(cfg, engine="inprocess")  # the apps' learning and wire content, not the engine's
     loss = [r["server-loss"] for r in rows]
     assert loss[2] < loss[1] < loss[0], loss
@@ -279,10 +309,14 @@ def test_every_strategy_runs_a_round_on_a_causal_lm(tmp_path, shared_data, strat
     hetero = {"client_ranks": [2, 4]} if strategy in ("hetlora", "flora", "flexlora") else {}
     # FFA runs with a server that holds no model (factors only, the 7B setting): it still saves the adapter.
     server_eval = strategy != "ffa"
-    cfg = causal_config(tmp_path, run={"rounds": 1}, hetero=hetero,
-                        federation={"num_clients": 2, "strategy": strategy, "server_eval": server_eval},
-                        data={"max_train_examples": 40, "max_test_examples": 8},
-                        train={"local_steps": 2, "batch_size": 8})
+    cfg = causal_config(
+        tmp_path,
+        run={"rounds": 1},
+        hetero=hetero,
+        federation={"num_clients": 2, "strategy": strategy, "server_eval": server_eval},
+        data={"max_train_examples": 40, "max_test_examples": 8},
+        train={"local_steps": 2, "batch_size": 8},
+    )
     run_dir, rows, _ = _run(cfg, engine="inprocess")  # the strategies' code on causal LMs, not the engine's
     last = rows[-1]
     assert last["clients-accepted"] == 2 and not last["rejected"] and not last["rejected-evaluate"], last
@@ -323,8 +357,9 @@ def test_example_level_dp_sgd_trains_a_decoder_with_opacus(tmp_path, shared_data
     from fedlora.privacy.example_level import DPSGDHook
     from fedlora.training import train_local
 
-    cfg = causal_config(tmp_path, model={"name": model_name}, privacy={"example_dp": True},
-                        train={"local_steps": 3, "batch_size": 8})
+    cfg = causal_config(
+        tmp_path, model={"name": model_name}, privacy={"example_dp": True}, train={"local_steps": 3, "batch_size": 8}
+    )
     model = build_peft_model(cfg, 0, AdapterSpec.for_rank(cfg, 4))
     load_factors(model, initial_factors(model, 1))
     params = [p for p in model.parameters() if p.requires_grad]

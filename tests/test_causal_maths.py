@@ -27,7 +27,7 @@ def test_fit_keeps_within_the_limit_and_the_prompt_ends(p_len, r_len, limit):
     assert len(p2) >= min(p_len, limit // 2)  # a long response never crowds the prompt out
     if cut_p:  # the prompt's start and its last tokens (the cue before the response) are what is kept
         tail = min(TAIL_TOKENS, len(p2) // 2)
-        assert p2 == p[: len(p2) - tail] + p[p_len - tail:]
+        assert p2 == p[: len(p2) - tail] + p[p_len - tail :]
 
 
 @settings(max_examples=100, deadline=None)
@@ -45,10 +45,19 @@ def test_token_labels_ignore_prompt_and_padding(specs):
 
 
 # ------------------------------------------------------------------------------------ answers
-@pytest.mark.parametrize("text, label", [
-    (" Sports", 1), ("sports", 1), ("SPORTS.\nQuestion: which", 1), ("  science or technology ", 3),
-    ("science  or\ttechnology!", 3), ("sci / tech", 4), ("Sci/Tech", 4), ("\n\nWorld\n", 0),
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        (" Sports", 1),
+        ("sports", 1),
+        ("SPORTS.\nQuestion: which", 1),
+        ("  science or technology ", 3),
+        ("science  or\ttechnology!", 3),
+        ("sci / tech", 4),
+        ("Sci/Tech", 4),
+        ("\n\nWorld\n", 0),
+    ],
+)
 def test_generated_labels_parse_despite_whitespace_and_case(text, label):
     names = ["World", "Sports", "Business", "Science or Technology", "Sci/Tech"]
     assert parse_label(text, names) == label
@@ -64,12 +73,19 @@ def test_only_punctuation_is_stripped_from_an_answers_end():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["World", "Sports", "Science or Technology"]), st.sampled_from(["", " ", "\n", "\t "]),
-       st.sampled_from(["", ".", "\n more text"]), st.booleans())
+@given(
+    st.sampled_from(["World", "Sports", "Science or Technology"]),
+    st.sampled_from(["", " ", "\n", "\t "]),
+    st.sampled_from(["", ".", "\n more text"]),
+    st.booleans(),
+)
 def test_every_label_survives_padding_case_and_a_second_line(name, pad, tail, upper):
     text = pad + (name.upper() if upper else name.lower()) + tail
-    assert parse_label(text, ["World", "Sports", "Science or Technology"]) == ["World", "Sports",
-                                                                                "Science or Technology"].index(name)
+    assert parse_label(text, ["World", "Sports", "Science or Technology"]) == [
+        "World",
+        "Sports",
+        "Science or Technology",
+    ].index(name)
     assert normalise(name) == normalise(pad + name + pad)
 
 
@@ -107,13 +123,19 @@ def test_perplexity_is_exp_of_the_loss_and_never_overflows():
 
 def _reference_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The plain form: cross-entropy over every position of the full float32 logits."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
-                                             ignore_index=IGNORE, reduction="none")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
+    )
 
 
 @settings(max_examples=30, deadline=None)
-@given(batch=st.integers(1, 4), width=st.integers(2, 9), vocab=st.integers(2, 11), seed=st.integers(0, 10**6),
-       half=st.booleans())
+@given(
+    batch=st.integers(1, 4),
+    width=st.integers(2, 9),
+    vocab=st.integers(2, 11),
+    seed=st.integers(0, 10**6),
+    half=st.booleans(),
+)
 def test_response_nll_gathers_only_scored_rows_and_equals_the_full_cross_entropy(batch, width, vocab, seed, half):
     """Values and gradients, per token and in DP-SGD's per-example form, equal the cross-entropy over
     the whole float32 logits (bf16 logits: the same rows upcast, so the same numbers)."""

@@ -10,8 +10,13 @@ from fedlora.config import FedLoraConfig
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
 
 
 def test_config_reference_is_the_embedded_default_as_toml():

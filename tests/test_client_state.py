@@ -42,8 +42,10 @@ def test_store_never_unpickles_and_round_trips_factors_and_json(tmp_path):
     from fedlora.factors import LoraFactors, ModuleFactors
 
     store = ClientStateStore(tmp_path)
-    f = LoraFactors(modules={"l.q": ModuleFactors(A=torch.randn(2, 3), B=torch.randn(4, 2), alpha=5.0)},
-                    extras={"classifier.weight": torch.randn(2, 3)})
+    f = LoraFactors(
+        modules={"l.q": ModuleFactors(A=torch.randn(2, 3), B=torch.randn(4, 2), alpha=5.0)},
+        extras={"classifier.weight": torch.randn(2, 3)},
+    )
     store.save("c", "private", f)
     back = store.load("c", "private")
     assert torch.equal(back.modules["l.q"].A, f.modules["l.q"].A) and back.modules["l.q"].alpha == 5.0
@@ -57,19 +59,30 @@ def test_store_never_unpickles_and_round_trips_factors_and_json(tmp_path):
 
 
 def _context(partition: int, state=None) -> Context:
-    return Context(run_id=1, node_id=100 + partition, node_config={"partition-id": partition, "num-partitions": 3},
-                   state=state if state is not None else RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=100 + partition,
+        node_config={"partition-id": partition, "num-partitions": 3},
+        state=state if state is not None else RecordDict(),
+        run_config={},
+    )
 
 
 def _setup(app, ctx, cfg):
-    msg = Message(RecordDict({"config": ConfigRecord({"action": "setup", "run-config": cfg.to_json()})}),
-                  dst_node_id=ctx.node_id, message_type="query")
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"action": "setup", "run-config": cfg.to_json()})}),
+        dst_node_id=ctx.node_id,
+        message_type="query",
+    )
     return app(msg, ctx)
 
 
 def _train(app, ctx, cfg, arrays, rnd):
-    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd, "config-digest": cfg.digest()})}),
-                  dst_node_id=ctx.node_id, message_type="train")
+    msg = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd, "config-digest": cfg.digest()})}),
+        dst_node_id=ctx.node_id,
+        message_type="train",
+    )
     return app(msg, ctx)
 
 
@@ -77,8 +90,16 @@ def _global_a(cfg):
     """What a FedSA server sends: A only, in the wire dtype."""
     from fedlora.model import AdapterSpec, build_peft_model, initial_factors
 
-    m = build_peft_model(cfg, 4, AdapterSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                             target_modules=tuple(cfg.lora.target_modules)))
+    m = build_peft_model(
+        cfg,
+        4,
+        AdapterSpec(
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            target_modules=tuple(cfg.lora.target_modules),
+        ),
+    )
     f = initial_factors(m, cfg.lora.init_seed)
     return codec.encode(f.select({"A"}), modules=sorted(f.modules))
 
@@ -88,8 +109,7 @@ def test_fedsa_private_b_survives_skipped_rounds_and_restarts(tmp_path, shared_d
     from fedlora.clients import session as session_mod
     from fedlora.clients.app import app
 
-    cfg = make_config(tmp_path, federation={"strategy": "fedsa"},
-                      simulation={"state_dir": str(tmp_path / "state")})
+    cfg = make_config(tmp_path, federation={"strategy": "fedsa"}, simulation={"state_dir": str(tmp_path / "state")})
     store = ClientStateStore(tmp_path / "state")
     c0, c1 = _context(0), _context(1)
     prof = _setup(app, c0, cfg).content["profile"]

@@ -24,15 +24,20 @@ def test_choice_follows_the_validation_score_not_the_test_score():
     chosen = {r["arm"]: r for r in choose(results)}
     assert chosen["x"]["grid-point"] == ["lr=2"]  # best on validation, although worse on test
     assert [c["selection-score"] for c in chosen["x"]["candidates"]] == [0.60, 0.70]
-    rows = [{"round": 1, "personal-val-accuracy-mean": 0.4}, {"round": 2, "personal-val-accuracy-mean": 0.5},
-            {"round": 3}]
+    rows = [
+        {"round": 1, "personal-val-accuracy-mean": 0.4},
+        {"round": 2, "personal-val-accuracy-mean": 0.5},
+        {"round": 3},
+    ]
     assert selection_score(rows, "personal-val-accuracy-mean") == 0.5
     assert selection_score(rows, "server-val-accuracy") == float("-inf")
 
 
 def test_a_grid_without_a_validation_split_is_refused(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[base.run]\nrounds = 1\n[[arm]]\nname = "a"\nset = []\ngrid = {"train.learning_rate" = [1e-3, 1e-2]}\n')
+    f.write_text(
+        '[base.run]\nrounds = 1\n[[arm]]\nname = "a"\nset = []\ngrid = {"train.learning_rate" = [1e-3, 1e-2]}\n'
+    )
     with pytest.raises(ConfigError, match="chosen on validation splits: set data.validation_fraction"):
         compare(f, tmp_path / "out")
     f.write_text('[[arm]]\nname = "a"\ngrid = {"train.learning_rate" = 3}\n')
@@ -45,11 +50,22 @@ def test_curves_show_server_accuracy_when_no_client_evaluated(tmp_path):
 
     from fedlora.compare import curve_metric, plot
 
-    server_only = [{"arm": a, "split": "s", "rounds": [{"round": 0, "server-accuracy": 0.25},
-                                                       {"round": 1, "bytes-up-total": 10},
-                                                       {"round": 2, "server-accuracy": 0.8}]} for a in ("x", "y")]
+    server_only = [
+        {
+            "arm": a,
+            "split": "s",
+            "rounds": [
+                {"round": 0, "server-accuracy": 0.25},
+                {"round": 1, "bytes-up-total": 10},
+                {"round": 2, "server-accuracy": 0.8},
+            ],
+        }
+        for a in ("x", "y")
+    ]
     assert curve_metric(server_only)[0] == "server-accuracy"
-    personal = [{"arm": "x", "split": "s", "rounds": [{"round": 1, "server-accuracy": 0.5, "personal-accuracy-mean": 0.7}]}]
+    personal = [
+        {"arm": "x", "split": "s", "rounds": [{"round": 1, "server-accuracy": 0.5, "personal-accuracy-mean": 0.7}]}
+    ]
     assert curve_metric(personal)[0] == "personal-accuracy-mean"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns when a legend has no lines: the old, empty plot
@@ -80,9 +96,16 @@ def _finished_run(folder, cfg, accuracy):
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(cfg.to_toml())
     (folder / "summary.json").write_text("{}")
-    return {"arm": "a", "split": "default", "strategy": cfg.federation.strategy, "grid-point": [],
-            "selection-score": 0.0, "run_dir": str(folder), "seconds": 1.0,
-            "rounds": [{"round": 1, "server-accuracy": accuracy, "server-val-accuracy": accuracy}]}
+    return {
+        "arm": "a",
+        "split": "default",
+        "strategy": cfg.federation.strategy,
+        "grid-point": [],
+        "selection-score": 0.0,
+        "run_dir": str(folder),
+        "seconds": 1.0,
+        "rounds": [{"round": 1, "server-accuracy": accuracy, "server-val-accuracy": accuracy}],
+    }
 
 
 def test_resume_reuses_a_finished_run_only_for_the_cell_whose_config_it_ran(tmp_path):
@@ -94,7 +117,10 @@ def test_resume_reuses_a_finished_run_only_for_the_cell_whose_config_it_ran(tmp_
     _, _, cells, _ = comparison_cells(f, out)
     assert [c["grid-point"] for c in cells] == [["train.learning_rate=0.001"], ["train.learning_rate=0.005"]]
     # Runs made before the grid existed (other names, other folders) stand for the grid points they equal.
-    earlier = [_finished_run(tmp_path / "r1", cells[0]["config"], 0.5), _finished_run(tmp_path / "r2", cells[1]["config"], 0.7)]
+    earlier = [
+        _finished_run(tmp_path / "r1", cells[0]["config"], 0.5),
+        _finished_run(tmp_path / "r2", cells[1]["config"], 0.7),
+    ]
     assert reusable(earlier[0], cells[0]) is None and reusable(earlier[1], cells[0]) == OTHER_CONFIG
     assert reusable({**earlier[0], "arm": "b"}, cells[0]) == OTHER_CELL
     (tmp_path / "r1" / "summary.json").unlink()
@@ -125,8 +151,13 @@ def test_named_arms_run_alone_and_the_other_arms_recorded_results_are_tabled_wit
     mine = [_finished_run(tmp_path / f"r{i}", c["config"], 0.5 + i / 10) for i, c in enumerate(cells[:2])]
     for r, c in zip(mine, cells[:2]):
         r["grid-point"] = c["grid-point"]
-    recorded_b = {**mine[0], "arm": "b", "run_dir": str(tmp_path / "gone"), "grid-point": [],
-                  "rounds": [{"round": 1, "server-accuracy": 0.9, "server-val-accuracy": 0.9}]}
+    recorded_b = {
+        **mine[0],
+        "arm": "b",
+        "run_dir": str(tmp_path / "gone"),
+        "grid-point": [],
+        "rounds": [{"round": 1, "server-accuracy": 0.9, "server-val-accuracy": 0.9}],
+    }
     out.mkdir()
     (out / "results.json").write_text(json.dumps([recorded_b, *mine]))
     log: list[str] = []
@@ -174,10 +205,21 @@ def test_a_kept_continual_result_is_summarised_from_its_recorded_rows():
     """A result whose run folder is gone (kept as recorded) still gets its accuracy matrix figures."""
     from fedlora.compare import summarise
 
-    rows = [{"round": 0}, {"round": 1, "continual-task": 0, "continual-accuracy": {"a": 0.8},
-                           "continual-accuracy-task-aware": {"a": 0.9}},
-            {"round": 2, "continual-task": 1, "continual-accuracy": {"a": 0.5, "b": 0.7},
-             "continual-accuracy-task-aware": {"a": 0.8, "b": 0.75}}]
+    rows = [
+        {"round": 0},
+        {
+            "round": 1,
+            "continual-task": 0,
+            "continual-accuracy": {"a": 0.8},
+            "continual-accuracy-task-aware": {"a": 0.9},
+        },
+        {
+            "round": 2,
+            "continual-task": 1,
+            "continual-accuracy": {"a": 0.5, "b": 0.7},
+            "continual-accuracy-task-aware": {"a": 0.8, "b": 0.75},
+        },
+    ]
     got = summarise({"arm": "x", "split": "s", "run_dir": "/nowhere", "rounds": rows, "seconds": 1.0})
     assert got["continual-average-accuracy"] == pytest.approx(0.6)
     assert got["continual-bwt"] == pytest.approx(-0.3)

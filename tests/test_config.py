@@ -21,8 +21,10 @@ def test_embedded_default_is_valid_and_matches_the_issue():
 
 
 def test_overrides_are_typed():
-    cfg = FedLoraConfig.load(None, ["lora.rank=4", "lora.target_modules=[\"query\"]", "federation.strategy=fedsa",
-                                    "hetero.device_classes.edge=2"])
+    cfg = FedLoraConfig.load(
+        None,
+        ["lora.rank=4", 'lora.target_modules=["query"]', "federation.strategy=fedsa", "hetero.device_classes.edge=2"],
+    )
     assert cfg.lora.rank == 4 and cfg.lora.target_modules == ["query"]
     assert cfg.federation.strategy == "fedsa"
     assert cfg.hetero.device_classes == {"edge": 2}
@@ -37,13 +39,13 @@ def test_overrides_are_typed():
         ("lora.rank=-3", "'lora.rank'"),
         ("federation.strategy=fedavgx", "unknown strategy 'fedavgx'"),
         ("federation.wire_dtype=int8", "'federation.wire_dtype'"),
-        ("lora.rank=\"eight\"", "expected an integer"),
+        ('lora.rank="eight"', "expected an integer"),
         ("data.partitioner=random", "'data.partitioner'"),
         ("federation.min_train_clients=20", "must not exceed federation.num_clients"),
-        ("hetero.client_classes=[\"phone\"]", "device class 'phone' is not defined"),
+        ('hetero.client_classes=["phone"]', "device class 'phone' is not defined"),
         ("federation.server_eval_every=0", "'federation.server_eval_every': must be >= 1"),
-        ("lora.target_modules=[\"query\"", "lora.target_modules=[\"query\": the value is not valid TOML"),
-        ("data.instruction=\"unterminated", "the value is not valid TOML"),
+        ('lora.target_modules=["query"', 'lora.target_modules=["query": the value is not valid TOML'),
+        ('data.instruction="unterminated', "the value is not valid TOML"),
         ("hetero.sketch_oversampling=-1", "'hetero.sketch_oversampling': must be >= 0"),
         ("robust.held_updates_budget_mb=0", "'robust.held_updates_budget_mb': must be > 0"),
     ],
@@ -80,7 +82,9 @@ def test_missing_label_column(tmp_path, shared_data):
     from fedlora.data import load_task
 
     cfg = make_config(tmp_path, data={"label_column": "category"})
-    with pytest.raises(ConfigError, match="'data.label_column': column 'category' is not in the dataset; its columns are"):
+    with pytest.raises(
+        ConfigError, match="'data.label_column': column 'category' is not in the dataset; its columns are"
+    ):
         load_task(cfg)
 
 
@@ -94,11 +98,23 @@ def test_more_clients_than_examples(tmp_path, shared_data):
 
 
 def test_per_client_ranks_from_device_classes():
-    cfg = FedLoraConfig.load(None, ["federation.strategy=hetlora", "hetero.device_classes={edge=2, laptop=8}",
-                                    "hetero.client_classes=[\"edge\", \"edge\", \"laptop\"]"])
+    cfg = FedLoraConfig.load(
+        None,
+        [
+            "federation.strategy=hetlora",
+            "hetero.device_classes={edge=2, laptop=8}",
+            'hetero.client_classes=["edge", "edge", "laptop"]',
+        ],
+    )
     assert [cfg.client_rank(i) for i in range(4)] == [2, 2, 8, 2]
-    cfg = FedLoraConfig.load(None, ["federation.strategy=flexlora", "hetero.device_classes={edge=2, server=16}",
-                                    "hetero.class_distribution={edge=0.7, server=0.3}"])
+    cfg = FedLoraConfig.load(
+        None,
+        [
+            "federation.strategy=flexlora",
+            "hetero.device_classes={edge=2, server=16}",
+            "hetero.class_distribution={edge=0.7, server=0.3}",
+        ],
+    )
     assert [cfg.client_rank(i) for i in range(10)] == [2] * 7 + [16] * 3
 
 
@@ -107,16 +123,19 @@ def test_mixed_ranks_with_a_single_rank_strategy_fail_on_load_with_the_reason():
         FedLoraConfig.load(None, ["hetero.client_ranks=[2, 8]"])
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("robust.aggregation=mode", "robust.aggregation"),
-    ("robust.trim_fraction=0.5", "robust.trim_fraction"),
-    ("robust.max_client_share=0", "robust.max_client_share"),
-    ("robust.update_norm_bound=-1", "robust.update_norm_bound"),
-    ("robust.norm_action=ignore", "robust.norm_action"),
-    ("federation.min_accepted=0", "federation.min_accepted"),
-    ("federation.round_timeout=0", "federation.round_timeout"),
-    ("data.validation_fraction=0.8", "data.validation_fraction"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("robust.aggregation=mode", "robust.aggregation"),
+        ("robust.trim_fraction=0.5", "robust.trim_fraction"),
+        ("robust.max_client_share=0", "robust.max_client_share"),
+        ("robust.update_norm_bound=-1", "robust.update_norm_bound"),
+        ("robust.norm_action=ignore", "robust.norm_action"),
+        ("federation.min_accepted=0", "federation.min_accepted"),
+        ("federation.round_timeout=0", "federation.round_timeout"),
+        ("data.validation_fraction=0.8", "data.validation_fraction"),
+    ],
+)
 def test_robustness_settings_are_validated(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", "\\.")):
         FedLoraConfig.load(None, [override])
@@ -131,8 +150,15 @@ def test_a_split_may_pool_several_files(tmp_path, shared_data):
     from fedlora.data import load_task
 
     ag = shared_data / "agnews"
-    cfg = make_config(tmp_path, data={"data_files": {"train": [str(ag / "train.jsonl"), str(ag / "test.jsonl")]},
-                                      "test_split": "", "max_train_examples": 0, "max_test_examples": 0})
+    cfg = make_config(
+        tmp_path,
+        data={
+            "data_files": {"train": [str(ag / "train.jsonl"), str(ag / "test.jsonl")]},
+            "test_split": "",
+            "max_train_examples": 0,
+            "max_test_examples": 0,
+        },
+    )
     assert cfg.data.data_files == {"train": [str(ag / "train.jsonl"), str(ag / "test.jsonl")]}
     task = load_task(cfg)
     assert len(task.train.labels) + len(task.test.labels) == 4000 + 7600  # both files, carved into two splits
@@ -141,8 +167,11 @@ def test_a_split_may_pool_several_files(tmp_path, shared_data):
     extra = tmp_path / "extra.csv"
     extra.write_text("text,label\nhello,World\n")
     with pytest.raises(ConfigError, match="files of one type only"):
-        load_task(make_config(tmp_path, data={"data_files": {"train": [str(ag / "train.jsonl"), str(extra)]},
-                                              "test_split": ""}))
+        load_task(
+            make_config(
+                tmp_path, data={"data_files": {"train": [str(ag / "train.jsonl"), str(extra)]}, "test_split": ""}
+            )
+        )
 
 
 def test_the_committed_configuration_page_is_what_the_code_generates():
@@ -150,12 +179,19 @@ def test_the_committed_configuration_page_is_what_the_code_generates():
     a key added, renamed or re-documented in the code without regenerating the page fails here."""
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "fedlora.cli", "config", "--reference", "--format", "markdown"],
-                         capture_output=True, text=True, timeout=120, cwd=root)
+    out = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "config", "--reference", "--format", "markdown"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr
     committed = (root / "docs" / "configuration.md").read_text()
-    assert out.stdout == committed, ("docs/configuration.md is stale: regenerate it with "
-                                     "`fedlora config --reference --format markdown > docs/configuration.md`")
+    assert out.stdout == committed, (
+        "docs/configuration.md is stale: regenerate it with "
+        "`fedlora config --reference --format markdown > docs/configuration.md`"
+    )
     # every key of every section is on the page
     from dataclasses import fields
 
@@ -171,9 +207,11 @@ def test_the_committed_configuration_page_is_what_the_code_generates():
 def test_fedlora_config_loads_neither_torch_nor_flower():
     """The command as a user runs it: validating and printing a config imports no training stack."""
 
-    code = ("import sys\nfrom fedlora.cli import main\nsys.argv = ['fedlora', 'config', '--reference']\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', sorted(m for m in ('torch', 'flwr', 'transformers', 'opacus', 'ray') if m in sys.modules))")
+    code = (
+        "import sys\nfrom fedlora.cli import main\nsys.argv = ['fedlora', 'config', '--reference']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in ('torch', 'flwr', 'transformers', 'opacus', 'ray') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "[continual]" in out.stdout  # the reference printed
     assert out.stdout.strip().splitlines()[-1] == "LOADED []", out.stdout[-500:] + out.stderr[-2000:]

@@ -66,8 +66,9 @@ def _random_past(model, n: int, seed: int = 0):
         for name, layer in lora_layers(model):
             r, d = layer.lora_A[ADAPTER].weight.shape
             o = layer.lora_B[ADAPTER].weight.shape[0]
-            mods[name] = ModuleFactors(A=torch.randn(r, d, generator=g) * 0.1, B=torch.randn(o, r, generator=g) * 0.1,
-                                       alpha=float(r))
+            mods[name] = ModuleFactors(
+                A=torch.randn(r, d, generator=g) * 0.1, B=torch.randn(o, r, generator=g) * 0.1, alpha=float(r)
+            )
         out.append(LoraFactors(modules=mods))
     return out
 
@@ -113,10 +114,16 @@ def test_past_task_loras_see_the_same_dropped_input_as_the_new_lora_in_training(
         d = seen[-1]
         assert not torch.equal(d, x)  # dropout 0.5 did drop something
         a, b, s = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.scaling[ADAPTER]
-        expected = layer.base_layer(x) + s * (d @ a.T @ b.T) + sum(
-            p.modules[name].scaling * (d @ p.modules[name].A.T @ p.modules[name].B.T) for p in past)
-        on_raw = layer.base_layer(x) + s * (d @ a.T @ b.T) + sum(
-            p.modules[name].scaling * (x @ p.modules[name].A.T @ p.modules[name].B.T) for p in past)
+        expected = (
+            layer.base_layer(x)
+            + s * (d @ a.T @ b.T)
+            + sum(p.modules[name].scaling * (d @ p.modules[name].A.T @ p.modules[name].B.T) for p in past)
+        )
+        on_raw = (
+            layer.base_layer(x)
+            + s * (d @ a.T @ b.T)
+            + sum(p.modules[name].scaling * (x @ p.modules[name].A.T @ p.modules[name].B.T) for p in past)
+        )
     assert torch.allclose(mixed, expected, atol=1e-5)
     assert not torch.allclose(mixed, on_raw, atol=1e-3)  # the former behaviour: past LoRAs on the raw input
     spy.remove()
@@ -237,12 +244,21 @@ def test_amlora_selector_trains_at_its_own_learning_rate_and_the_loras_at_theirs
         before_sel = [p.detach().clone() for p in sel.parameters()]
         before_b = [p.detach().clone() for p in lora_b]
         params = [p for p in model.parameters() if p.requires_grad]
-        train_local(model, params, data, tc, seed=0, device=torch.device("cpu"),
-                    hooks=[AmLoraTraining(mixer, 0.01, selector_lr)])
+        train_local(
+            model,
+            params,
+            data,
+            tc,
+            seed=0,
+            device=torch.device("cpu"),
+            hooks=[AmLoraTraining(mixer, 0.01, selector_lr)],
+        )
         assert mixer.attention == []  # read and cleared every step: no graph kept across steps
         mixer.remove()
-        moved[selector_lr] = (max(float((p.detach() - b).abs().max()) for p, b in zip(sel.parameters(), before_sel)),
-                              max(float((p.detach() - b).abs().max()) for p, b in zip(lora_b, before_b)))
+        moved[selector_lr] = (
+            max(float((p.detach() - b).abs().max()) for p, b in zip(sel.parameters(), before_sel)),
+            max(float((p.detach() - b).abs().max()) for p, b in zip(lora_b, before_b)),
+        )
     # AdamW moves a parameter by about its rate per step: 4 steps at 1e-3 leave the selector near
     # uniform attention; its own rate moves it; the LoRAs keep train.learning_rate either way.
     assert moved[0.0][0] <= 4 * 1e-3 * 1.05
@@ -265,13 +281,25 @@ def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
     past = _random_past(model, 2)
     past_a = {n: torch.cat([p.modules[n].A for p in past]) for n in past[0].modules}
     hook = OLoraPenalty(past_a, lambda1=0.5, lambda2=0.1, form="abs")
-    ctx = TrainContext(model=model, params=[], optimizer=None, data=None, tc=None, seed=0, device=torch.device("cpu"),
-                       target_steps=1, batch_source=None)
+    ctx = TrainContext(
+        model=model,
+        params=[],
+        optimizer=None,
+        data=None,
+        tc=None,
+        seed=0,
+        device=torch.device("cpu"),
+        target_steps=1,
+        batch_source=None,
+    )
     hook.begin(ctx)
     layers = dict(lora_layers(model))
     orth = sum(float((past_a[n] @ layers[n].lora_A[ADAPTER].weight.detach().T).abs().sum()) for n in past_a)
-    l2 = sum(float(layers[n].lora_A[ADAPTER].weight.detach().norm()) + float(layers[n].lora_B[ADAPTER].weight.detach().norm())
-             for n in layers)
+    l2 = sum(
+        float(layers[n].lora_A[ADAPTER].weight.detach().norm())
+        + float(layers[n].lora_B[ADAPTER].weight.detach().norm())
+        for n in layers
+    )
     out = hook.loss(ctx, torch.tensor(2.0))
     assert float(out.detach()) == pytest.approx(2.0 + 0.5 * orth + 0.1 * l2, rel=1e-5)
     assert hook.end(ctx)["olora-orthogonality"] == pytest.approx(orth, rel=1e-5)
@@ -285,9 +313,14 @@ def _continual(tmp_path, method="olora", strategy="fedit", rounds=(1, 1), **extr
     raw = cfg.to_dict()
     raw["run"]["rounds"] = sum(rounds)
     raw["federation"]["strategy"] = strategy
-    raw["continual"] = {"method": method, "tasks": [
-        {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": rounds[0]},
-        {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": rounds[1]}], **extra}
+    raw["continual"] = {
+        "method": method,
+        "tasks": [
+            {"name": "agnews", "dataset": str(SHARED_DATA / "agnews"), "rounds": rounds[0]},
+            {"name": "dbpedia", "dataset": str(SHARED_DATA / "dbpedia"), "rounds": rounds[1]},
+        ],
+        **extra,
+    }
     for section, values in extra.pop("sections", {}).items() if "sections" in extra else []:
         raw[section].update(values)
     return raw, FedLoraConfig
@@ -302,8 +335,13 @@ def test_bad_task_lists_and_impossible_combinations_fail_before_training(tmp_pat
     bad["run"] = {**raw["run"], "rounds": 1}
     with pytest.raises(ConfigError, match=r"continual.tasks\[0\].dataset.*does not exist"):
         C.from_dict(bad)
-    no_label = dict(raw, continual={**raw["continual"], "tasks": [{"name": "x", "dataset": str(SHARED_DATA / "agnews"),
-                                                                   "label_column": ""}]})
+    no_label = dict(
+        raw,
+        continual={
+            **raw["continual"],
+            "tasks": [{"name": "x", "dataset": str(SHARED_DATA / "agnews"), "label_column": ""}],
+        },
+    )
     no_label["run"] = {**raw["run"], "rounds": 1}
     with pytest.raises(ConfigError, match=r"label_column"):
         C.from_dict(no_label)
@@ -352,7 +390,7 @@ def test_a_federated_task_sequence_measures_R_and_keeps_past_tasks_frozen(tmp_pa
     from fedlora.state import tensors_from_file
 
     ck, _ = tensors_from_file(run / "checkpoint" / "global.safetensors")
-    frozen = {k[len("past0/"):]: v for k, v in ck.items() if k.startswith("past0/")}
+    frozen = {k[len("past0/") :]: v for k, v in ck.items() if k.startswith("past0/")}
     assert frozen
     store = ClientStateStore(run / "client_state")
     for cid in ("client-00000", "client-00001"):
@@ -416,8 +454,16 @@ def test_label_name_head_logits_are_scaled_cosines(scale):
     from fedlora.model import load_tokenizer
 
     torch.manual_seed(0)
-    base = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=64, num_labels=3))
+    base = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    )
     tok = load_tokenizer("builtin:tiny-bert")
     rows = install_label_name_head(base, tok, ["World", "Sports", "Business"], scale)
     assert torch.allclose(rows.norm(dim=-1), torch.ones(3), atol=1e-5)

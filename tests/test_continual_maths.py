@@ -18,8 +18,12 @@ def test_orthogonality_is_the_formula_in_both_forms(rp, r, d, seed):
     g = torch.Generator().manual_seed(seed)
     past, new = torch.randn(rp, d, generator=g), torch.randn(r, d, generator=g)
     explicit = [[sum(float(past[i, k]) * float(new[j, k]) for k in range(d)) for j in range(r)] for i in range(rp)]
-    assert float(orthogonality(past, new, "abs")) == pytest.approx(sum(abs(x) for row in explicit for x in row), rel=1e-4)
-    assert float(orthogonality(past, new, "squared")) == pytest.approx(sum(x * x for row in explicit for x in row), rel=1e-4)
+    assert float(orthogonality(past, new, "abs")) == pytest.approx(
+        sum(abs(x) for row in explicit for x in row), rel=1e-4
+    )
+    assert float(orthogonality(past, new, "squared")) == pytest.approx(
+        sum(x * x for row in explicit for x in row), rel=1e-4
+    )
 
 
 def test_orthogonality_is_zero_for_orthogonal_subspaces_and_positive_otherwise():
@@ -76,8 +80,9 @@ def test_task_aware_accuracy_is_never_below_agnostic_and_equal_with_every_label(
 
 def test_attention_l1_sums_over_tasks_per_input_then_averages():
     # (batch 2, tokens 3, zero LoRA + 2 tasks); per-token task weights 0.9, 0.5, 0.0 / 0.2, 0.2, 0.2
-    att = torch.tensor([[[0.1, 0.6, 0.3], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]],
-                        [[0.8, 0.1, 0.1], [0.8, 0.2, 0.0], [0.8, 0.0, 0.2]]])
+    att = torch.tensor(
+        [[[0.1, 0.6, 0.3], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], [[0.8, 0.1, 0.1], [0.8, 0.2, 0.0], [0.8, 0.0, 0.2]]]
+    )
     assert float(attention_l1(att)) == pytest.approx((0.9 + 0.5 + 0.0 + 0.2 * 3) / 6)
 
 
@@ -98,11 +103,21 @@ def test_empty_task_accuracy_is_zero_not_nan():
 def test_summary_from_metrics_rows_reads_either_inference_setting():
     from fedlora.continual.metrics import from_rows
 
-    rows = [{"round": 0},
-            {"round": 1, "continual-task": 0, "continual-accuracy": {"a": 0.9},
-             "continual-accuracy-task-aware": {"a": 0.95}},
-            {"round": 2, "continual-task": 1, "continual-accuracy": {"a": 0.5, "b": 0.8},
-             "continual-accuracy-task-aware": {"a": 0.7, "b": 0.85}}]
+    rows = [
+        {"round": 0},
+        {
+            "round": 1,
+            "continual-task": 0,
+            "continual-accuracy": {"a": 0.9},
+            "continual-accuracy-task-aware": {"a": 0.95},
+        },
+        {
+            "round": 2,
+            "continual-task": 1,
+            "continual-accuracy": {"a": 0.5, "b": 0.8},
+            "continual-accuracy-task-aware": {"a": 0.7, "b": 0.85},
+        },
+    ]
     agnostic = from_rows(rows, ["a", "b"])
     assert agnostic["R"] == [[0.9, None], [0.5, 0.8]]
     assert agnostic["average-accuracy"] == pytest.approx(0.65) and agnostic["bwt"] == pytest.approx(-0.4)

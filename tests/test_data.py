@@ -14,7 +14,7 @@ from fedlora.partitions import client_data, partition_indices
 
 
 def test_fortunes_builtin_task_is_balanced_enough(tmp_path):
-    cfg = FedLoraConfig.load(None, [f"model.cache_dir=\"{tmp_path}\""])
+    cfg = FedLoraConfig.load(None, [f'model.cache_dir="{tmp_path}"'])
     task = load_task(cfg)
     total = len(task.train) + len(task.test)
     assert 2200 <= total <= 2400
@@ -34,8 +34,11 @@ def test_local_folder_labels_follow_labels_json(tmp_path, shared_data):
 
 
 def test_partitions_are_deterministic_and_disjoint(tmp_path, shared_data):
-    cfg = make_config(tmp_path, data={"partitioner": "dirichlet", "dirichlet_alpha": 0.5, "min_partition_size": 5},
-                      federation={"num_clients": 4})
+    cfg = make_config(
+        tmp_path,
+        data={"partitioner": "dirichlet", "dirichlet_alpha": 0.5, "min_partition_size": 5},
+        federation={"num_clients": 4},
+    )
     labels = load_task(cfg).train_labels
     a = partition_indices(cfg, labels)
     from fedlora import partitions as d
@@ -48,8 +51,9 @@ def test_partitions_are_deterministic_and_disjoint(tmp_path, shared_data):
 
 
 def test_pathological_split_gives_k_labels(tmp_path, shared_data):
-    cfg = make_config(tmp_path, data={"partitioner": "pathological", "labels_per_client": 2},
-                      federation={"num_clients": 4})
+    cfg = make_config(
+        tmp_path, data={"partitioner": "pathological", "labels_per_client": 2}, federation={"num_clients": 4}
+    )
     task = load_task(cfg)
     for p in partition_indices(cfg, task.train_labels):
         assert len({task.train_labels[i] for i in p}) <= 2
@@ -105,8 +109,11 @@ def test_a_local_dataset_path_that_does_not_exist_is_named_before_any_run_direct
 
     monkeypatch.chdir(tmp_path)
     cfg = make_config(tmp_path, data={"dataset": "../no-such-data/agnews"})
-    with pytest.raises(ConfigError, match=r"'data.dataset': \.\./no-such-data/agnews does not exist on this machine "
-                                          rf"\(relative paths are taken from the folder fedlora runs in, {tmp_path}\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'data.dataset': \.\./no-such-data/agnews does not exist on this machine "
+        rf"\(relative paths are taken from the folder fedlora runs in, {tmp_path}\)",
+    ):
         simulate(cfg)
     assert not (tmp_path / "runs").exists()
     cfg = make_config(tmp_path, data={"dataset": "", "data_files": {"train": [str(tmp_path / "a.jsonl")]}})

@@ -28,8 +28,13 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pr
 
 def cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
     fh = open(log, "wb")
-    return subprocess.Popen([sys.executable, "-m", "fedlora.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlora.cli", *args],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
 
 
 def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -74,35 +79,66 @@ def creds(tmp_path: Path):
 def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int = 3, **federation) -> Path:
     import tomli_w
 
-    cfg = make_config(tmp_path, run={"rounds": rounds},
-                      federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3,
-                                  "round_timeout": 90.0, **federation})
+    cfg = make_config(
+        tmp_path,
+        run={"rounds": rounds},
+        federation={
+            "num_clients": 3,
+            "min_train_clients": 3,
+            "min_evaluate_clients": 3,
+            "round_timeout": 90.0,
+            **federation,
+        },
+    )
     raw = cfg.to_dict()
     from fedlora.deploy.processes import free_port
 
-    raw["server"] = {"address": f"127.0.0.1:{port}", "control_port": free_port(), "tls_certfile": str(creds.server_cert),
-                     "tls_keyfile": str(creds.server_key), "tls_ca_certfile": str(creds.ca_cert),
-                     "enrolled_keys": [str(n.public_key) for n in creds.nodes[:enrolled]]}
+    raw["server"] = {
+        "address": f"127.0.0.1:{port}",
+        "control_port": free_port(),
+        "tls_certfile": str(creds.server_cert),
+        "tls_keyfile": str(creds.server_key),
+        "tls_ca_certfile": str(creds.ca_cert),
+        "enrolled_keys": [str(n.public_key) for n in creds.nodes[:enrolled]],
+    }
     path = tmp_path / "server.toml"
     path.write_text(tomli_w.dumps(raw))
     return path
 
 
-def start_clients(tmp_path: Path, creds, port: int, which=range(3), ids: dict | None = None,
-                  flags: dict | None = None) -> list[subprocess.Popen]:
+def start_clients(
+    tmp_path: Path, creds, port: int, which=range(3), ids: dict | None = None, flags: dict | None = None
+) -> list[subprocess.Popen]:
     procs = []
     for i in which:
-        procs.append(cli("client", "--server", f"127.0.0.1:{port}", "--root-certificates", str(creds.ca_cert),
-                         "--node-key", str(creds.nodes[i].private_key), "--partition-id", str(i),
-                         "--client-id", (ids or {}).get(i, f"node-{i}"), "--state-dir", str(tmp_path / f"state{i}"),
-                         *(flags or {}).get(i, []), log=tmp_path / f"client{i}.log"))
+        procs.append(
+            cli(
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--root-certificates",
+                str(creds.ca_cert),
+                "--node-key",
+                str(creds.nodes[i].private_key),
+                "--partition-id",
+                str(i),
+                "--client-id",
+                (ids or {}).get(i, f"node-{i}"),
+                "--state-dir",
+                str(tmp_path / f"state{i}"),
+                *(flags or {}).get(i, []),
+                log=tmp_path / f"client{i}.log",
+            )
+        )
     return procs
 
 
-OUTSIDER_APP = ('[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
-                '[project]\nname = "outsider"\nversion = "1.0.0"\ndependencies = []\n'
-                '[tool.flwr.app]\npublisher = "outsider"\n'
-                '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "x:app"\n')
+OUTSIDER_APP = (
+    '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+    '[project]\nname = "outsider"\nversion = "1.0.0"\ndependencies = []\n'
+    '[tool.flwr.app]\npublisher = "outsider"\n'
+    '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "x:app"\n'
+)
 
 
 def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:
@@ -117,17 +153,29 @@ def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:
     (app / "x.py").write_text("app = None\n")
     # The devices' address as given, and disguised with dot segments that the unmodified CLI sends on.
     doors = {"door": "", "dots": "/v1/fleet/%2e%2e/%2e%2e", "raw-dots": "/v1/fleet/../..", "slash": "/v1/fleet/..%2f.."}
-    (home / "config.toml").write_text('[superlink]\ndefault = "door"\n' + "".join(
-        f'[superlink.{name}]\naddress = "127.0.0.1:{port}{path}"\nroot-certificates = "{creds.ca_cert}"\n'
-        for name, path in doors.items()))
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "door"\n'
+        + "".join(
+            f'[superlink.{name}]\naddress = "127.0.0.1:{port}{path}"\nroot-certificates = "{creds.ca_cert}"\n'
+            for name, path in doors.items()
+        )
+    )
     env = {**os.environ, "FLWR_HOME": str(home)}
     flwr = str(Path(sys.executable).parent / "flwr")
-    attempts = {"list runs": ["ls"], "list nodes": ["supernode", "ls"],
-                "register a key": ["supernode", "register", str(creds.nodes[3].public_key)],
-                "submit an app": ["run", str(app)], "stop a run": ["stop", "1"]}
-    procs = {(what, door): subprocess.Popen([flwr, *args, door], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            text=True, env=env)
-             for what, args in attempts.items() for door in doors}
+    attempts = {
+        "list runs": ["ls"],
+        "list nodes": ["supernode", "ls"],
+        "register a key": ["supernode", "register", str(creds.nodes[3].public_key)],
+        "submit an app": ["run", str(app)],
+        "stop a run": ["stop", "1"],
+    }
+    procs = {
+        (what, door): subprocess.Popen(
+            [flwr, *args, door], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        for what, args in attempts.items()
+        for door in doors
+    }
     return {key: (p.wait(120), p.stdout.read()) for key, p in procs.items()}
 
 
@@ -166,19 +214,37 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     clients = start_clients(tmp_path, creds, port, ids={1: "node-0"}, flags={2: ["--executor", "worker"]})
     # A fourth device whose key the server never enrolled: refused, and it gives up (max_retries 0).
     intruder_settings = tmp_path / "intruder.toml"
-    intruder_settings.write_text(f'server = "127.0.0.1:{port}"\nroot_certificates = "{creds.ca_cert}"\n'
-                                 f'node_key = "{creds.nodes[3].private_key}"\npartition_id = 0\n'
-                                 f'state_dir = "{tmp_path / "state-intruder"}"\nmax_retries = 0\n')
+    intruder_settings.write_text(
+        f'server = "127.0.0.1:{port}"\nroot_certificates = "{creds.ca_cert}"\n'
+        f'node_key = "{creds.nodes[3].private_key}"\npartition_id = 0\n'
+        f'state_dir = "{tmp_path / "state-intruder"}"\nmax_retries = 0\n'
+    )
     logs = [tmp_path / "server.log", tmp_path / "client0.log"]
     try:
         wait_for(lambda: "SuperLink serving" in (tmp_path / "server.log").read_text(), 60, "the SuperLink", logs)
         intruder = cli("client", "--settings", str(intruder_settings), log=tmp_path / "intruder.log")
         # A fifth key registered on the SuperLink behind fedlora's back, as the operator could (the
         # Control API through `fedlora control`): the SuperLink lets its node in; fedlora does not.
-        sneaked = subprocess.run([sys.executable, "-m", "fedlora.cli", "control", str(run_dir_of(tmp_path)), "--",
-                                  str(Path(sys.executable).parent / "flwr"), "supernode", "register",
-                                  str(creds.nodes[4].public_key), "fedlora", "--name", "node-4"],
-                                 capture_output=True, text=True, timeout=60)
+        sneaked = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedlora.cli",
+                "control",
+                str(run_dir_of(tmp_path)),
+                "--",
+                str(Path(sys.executable).parent / "flwr"),
+                "supernode",
+                "register",
+                str(creds.nodes[4].public_key),
+                "fedlora",
+                "--name",
+                "node-4",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert sneaked.returncode == 0, sneaked.stdout + sneaked.stderr
         clients += start_clients(tmp_path, creds, port, which=[4])
         outsider = outsider_attempts(tmp_path, creds, port)
@@ -232,8 +298,9 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     assert len(workers) == 1 and len(re.findall(r"served in worker process", ex2)) >= 3, ex2[-3000:]
     # the model was built once, by the worker: the executor itself never built it (on a GPU it would
     # hold a CUDA context, which no fork carries)
-    assert "started in process" not in ex2 and ex2.count("base model (builtin:tiny-bert) and data loaded once") == 1, \
+    assert "started in process" not in ex2 and ex2.count("base model (builtin:tiny-bert) and data loaded once") == 1, (
         ex2[-3000:]
+    )
     executor_pid = re.search(r"resident executor up, process (\d+)", ex2).group(1)
     assert workers != {executor_pid}
     # A device's console reports the training process's peak memory, not only the loader's.
@@ -257,14 +324,19 @@ def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterr
         run = wait_for(lambda: run_dir_of(tmp_path), 60, "the run directory", logs)
         # 1. The SuperLink dies after round 1: `fedlora server` restarts it on its database and resumes.
         wait_for(lambda: any(r["round"] == 1 for r in rows(run)), 240, "round 1", logs)
-        links = [c for c in psutil.Process(server.pid).children(recursive=True)
-                 if any(x.endswith("flower-superlink") for x in c.cmdline()[:2])]  # the daemon, not its reaper
+        links = [
+            c
+            for c in psutil.Process(server.pid).children(recursive=True)
+            if any(x.endswith("flower-superlink") for x in c.cmdline()[:2])
+        ]  # the daemon, not its reaper
         assert len(links) == 1
         links[0].kill()
+
         # 2. The server itself is SIGKILLed once round 2 is checkpointed...
         def checkpointed(n: int) -> bool:
             p = run / "checkpoint" / "state.json"
             return p.exists() and json.loads(p.read_text())["last-round"] >= n
+
         wait_for(lambda: checkpointed(2), 300, "round 2's checkpoint", logs)
         # kill -9 of `fedlora server` alone (not its group): every process it started, the SuperLink's
         # helpers (flower-superexec, flwr-serverapp) included, must end with it.
@@ -281,8 +353,11 @@ def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterr
         # Every task process the devices' executors started has ended, those that served a stopped
         # run included (a node that took the killed server's last message ends it when the resumed
         # run's first task arrives).
-        task_pids = [int(x) for i in range(3)
-                     for x in re.findall(r"started in process (\d+)", (tmp_path / f"state{i}" / "executor.log").read_text())]
+        task_pids = [
+            int(x)
+            for i in range(3)
+            for x in re.findall(r"started in process (\d+)", (tmp_path / f"state{i}" / "executor.log").read_text())
+        ]
         assert len(task_pids) >= 18, task_pids  # each device: a setup for each of the 3 runs, a training a round
 
         def task_alive(pid: int) -> bool:
@@ -290,6 +365,7 @@ def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterr
                 return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:
                 return False
+
         wait_for(lambda: not any(task_alive(p) for p in task_pids), 15, "the devices' task processes to end", logs)
     finally:
         for p in [server, *clients]:
@@ -318,16 +394,28 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, c
     # Round 1 starts once all three are connected (min_available_clients), so it samples client 2;
     # no federated evaluation (it would wait on the dead client again): the server's own evaluation
     # shows the round's result.
-    config = server_config(tmp_path, creds, port, rounds=1, min_train_clients=2, min_available_clients=3,
-                           fraction_evaluate=0.0, round_timeout=25.0)
+    config = server_config(
+        tmp_path,
+        creds,
+        port,
+        rounds=1,
+        min_train_clients=2,
+        min_available_clients=3,
+        fraction_evaluate=0.0,
+        round_timeout=25.0,
+    )
     server = cli("server", "-c", str(config), log=tmp_path / "server.log")
     clients = start_clients(tmp_path, creds, port)
     logs = [tmp_path / "server.log", tmp_path / "client2.log"]
     try:
         # Client 2's second task is its round-1 training (the first is the setup): kill it then.
         ex_log = tmp_path / "state2" / "executor.log"
-        wait_for(lambda: ex_log.exists() and ex_log.read_text().count("started in process") >= 2, 240,
-                 "client 2's training task", logs + [ex_log])
+        wait_for(
+            lambda: ex_log.exists() and ex_log.read_text().count("started in process") >= 2,
+            240,
+            "client 2's training task",
+            logs + [ex_log],
+        )
         kill_group(clients[2])
         assert server.wait(300) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
@@ -348,14 +436,26 @@ def second_user(argv: list[str], home: Path, timeout: float = 60) -> subprocess.
     """``argv`` as another local account of this machine: uid/gid 65534, no groups, no capability but
     CAP_DAC_READ_SEARCH (so it can load this interpreter from a root-only home folder; it can read
     any file, which a real second user cannot, and has no network capability, which it would not)."""
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           "--inh-caps=-all,+dac_read_search", "--ambient-caps=+dac_read_search", *argv],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "FLWR_HOME": str(home), "HOME": str(home)})
+    return subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "FLWR_HOME": str(home), "HOME": str(home)},
+    )
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
-                    reason="a second local account needs root (setpriv) to be made")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="a second local account needs root (setpriv) to be made"
+)
 def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp_path, creds):
     from fedlora.deploy.processes import free_port
 
@@ -363,9 +463,15 @@ def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp
     config = server_config(tmp_path, creds, port, rounds=1)
     server = cli("server", "-c", str(config), log=tmp_path / "server.log")
     try:
-        wait_for(lambda: "run 1 submitted" in (tmp_path / "server.log").read_text() or
-                 re.search(r"run \d+ submitted", (tmp_path / "server.log").read_text()), 90, "the run",
-                 [tmp_path / "server.log"])
+        wait_for(
+            lambda: (
+                "run 1 submitted" in (tmp_path / "server.log").read_text()
+                or re.search(r"run \d+ submitted", (tmp_path / "server.log").read_text())
+            ),
+            90,
+            "the run",
+            [tmp_path / "server.log"],
+        )
         run = run_dir_of(tmp_path)
         control_port = __import__("tomllib").loads(config.read_text())["server"]["control_port"]
         # The other account's Flower home, pointed at the SuperLink's loopback port and at the devices'.
@@ -377,7 +483,8 @@ def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "link"\n[superlink.link]\naddress = "127.0.0.1:{control_port}"\n'
             f'root-certificates = "{home / "ca.crt"}"\n[superlink.door]\naddress = "127.0.0.1:{port}"\n'
-            f'root-certificates = "{home / "ca.crt"}"\n')
+            f'root-certificates = "{home / "ca.crt"}"\n'
+        )
         app = home / "outsider-app"
         app.mkdir()
         (app / "pyproject.toml").write_text(OUTSIDER_APP)
@@ -385,25 +492,52 @@ def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp
         for p in (home, app, *home.iterdir(), *app.iterdir()):
             os.chown(p, 65534, 65534)
         flwr = str(Path(sys.executable).parent / "flwr")
-        tries = {(what, conn): second_user([flwr, *args, conn], home)
-                 for what, args in [("list runs", ["ls"]), ("list nodes", ["supernode", "ls"]),
-                                    ("register a key", ["supernode", "register", str(home / "mine.pub")]),
-                                    ("submit an app", ["run", str(app)])]
-                 for conn in ("link", "door")}
+        tries = {
+            (what, conn): second_user([flwr, *args, conn], home)
+            for what, args in [
+                ("list runs", ["ls"]),
+                ("list nodes", ["supernode", "ls"]),
+                ("register a key", ["supernode", "register", str(home / "mine.pub")]),
+                ("submit an app", ["run", str(app)]),
+            ]
+            for conn in ("link", "door")
+        }
         # A device whose key is not enrolled tries three times; its resident executor (imports, model)
         # is started once, not once per try.
         unenrolled = tmp_path / "unenrolled.toml"
-        unenrolled.write_text(f'server = "127.0.0.1:{port}"\nroot_certificates = "{creds.ca_cert}"\n'
-                              f'node_key = "{creds.nodes[3].private_key}"\npartition_id = 0\nmax_retries = 2\n'
-                              f'enrol_retry = 1\nstate_dir = "{tmp_path / "state-unenrolled"}"\n')
+        unenrolled.write_text(
+            f'server = "127.0.0.1:{port}"\nroot_certificates = "{creds.ca_cert}"\n'
+            f'node_key = "{creds.nodes[3].private_key}"\npartition_id = 0\nmax_retries = 2\n'
+            f'enrol_retry = 1\nstate_dir = "{tmp_path / "state-unenrolled"}"\n'
+        )
         device = cli("client", "--settings", str(unenrolled), log=tmp_path / "unenrolled.log")
         assert device.wait(120) == 1, (tmp_path / "unenrolled.log").read_text()
         # The operator, from a shell of its own, through the run directory.
-        operator = subprocess.run([sys.executable, "-m", "fedlora.cli", "control", str(run), "--", flwr, "ls",
-                                   "fedlora", "--format", "json"], capture_output=True, text=True, timeout=60)
-        operator_nodes = subprocess.run([sys.executable, "-m", "fedlora.cli", "control", str(run), "--", flwr,
-                                         "supernode", "ls", "fedlora", "--format", "json"],
-                                        capture_output=True, text=True, timeout=60)
+        operator = subprocess.run(
+            [sys.executable, "-m", "fedlora.cli", "control", str(run), "--", flwr, "ls", "fedlora", "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        operator_nodes = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedlora.cli",
+                "control",
+                str(run),
+                "--",
+                flwr,
+                "supernode",
+                "ls",
+                "fedlora",
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         kill_group(server, signal.SIGTERM)
         shutil.rmtree(home, ignore_errors=True)
@@ -417,10 +551,10 @@ def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp
         else:  # the devices' address answers Fleet API calls only
             assert "403" in text or "devices only" in text, (what, text[-1500:])
     assert operator.returncode == 0, operator.stdout + operator.stderr
-    runs = json.loads(operator.stdout[operator.stdout.index("{"):])["runs"]
+    runs = json.loads(operator.stdout[operator.stdout.index("{") :])["runs"]
     assert len(runs) == 1, operator.stdout
     # The SuperLink knows the three keys fedlora enrolled, and none of the other account's.
-    nodes = json.loads(operator_nodes.stdout[operator_nodes.stdout.index("{"):])["nodes"]
+    nodes = json.loads(operator_nodes.stdout[operator_nodes.stdout.index("{") :])["nodes"]
     assert len(nodes) == 3 and {n["status"] for n in nodes} == {"registered"}, operator_nodes.stdout
     # The run directory (the SuperLink's database, its logs, the operator's connection) is the server's alone.
     assert run.stat().st_mode & 0o077 == 0, oct(run.stat().st_mode)
@@ -434,7 +568,7 @@ def test_a_second_local_user_cannot_drive_the_superlink_and_the_operator_can(tmp
 
 def test_server_puts_only_the_fleet_api_on_its_address_and_refuses_tls_without_enrolled_keys(tmp_path):
     from fedlora.config import ConfigError
-    from fedlora.deploy.server import security
+    from fedlora.deploy.prechecks import security
 
     cfg = make_config(tmp_path)
     cfg.server.address = "0.0.0.0:9092"
@@ -455,7 +589,7 @@ def test_server_puts_only_the_fleet_api_on_its_address_and_refuses_tls_without_e
 def test_server_refuses_a_certificate_the_gate_cannot_check_on_loopback(tmp_path):
     from fedlora.config import ConfigError
     from fedlora.deploy.pki import create_credentials
-    from fedlora.deploy.server import covers_loopback, security
+    from fedlora.deploy.prechecks import covers_loopback, security
 
     creds = create_credentials(tmp_path / "creds", ["fl.example.org"], nodes=1)
     assert covers_loopback(creds.server_cert)  # `fedlora certs` always names 127.0.0.1 for the gate
@@ -469,10 +603,17 @@ def test_server_refuses_a_certificate_the_gate_cannot_check_on_loopback(tmp_path
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl.example.org")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     from cryptography.hazmat.primitives.serialization import Encoding
 
     (tmp_path / "public-only.crt").write_bytes(cert.public_bytes(Encoding.PEM))
@@ -541,12 +682,21 @@ def test_a_refused_activation_is_told_apart_a_stale_session_from_an_unknown_key(
     from fedlora.deploy.pki import create_credentials
 
     creds = create_credentials(tmp_path / "creds", [], nodes=1)
-    refused = ("ERROR :     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
-               "[code: 2004] Failed to activate SuperNode.\n")
+    refused = (
+        "ERROR :     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+        "[code: 2004] Failed to activate SuperNode.\n"
+    )
     said: list[str] = []
-    s = ClientSettings.load(None, {"server": "10.0.0.5:9092", "root_certificates": str(creds.ca_cert),
-                                   "node_key": str(creds.nodes[0].private_key), "partition_id": 0,
-                                   "state_dir": str(tmp_path / "state")})
+    s = ClientSettings.load(
+        None,
+        {
+            "server": "10.0.0.5:9092",
+            "root_certificates": str(creds.ca_cert),
+            "node_key": str(creds.nodes[0].private_key),
+            "partition_id": 0,
+            "state_dir": str(tmp_path / "state"),
+        },
+    )
     (tmp_path / "state").mkdir()
     notes = ConsoleNotes(s, said.append)
     assert notes.exited("INFO : Starting Flower SuperNode\n") is None
@@ -566,8 +716,16 @@ def test_the_devices_console_says_connected_at_once_then_how_long_the_server_was
     from fedlora.deploy.client import ClientSettings, ConsoleNotes
 
     said: list[str] = []
-    s = ClientSettings.load(None, {"server": "10.0.0.5:9092", "insecure": True, "partition_id": 0,
-                                   "state_dir": str(tmp_path / "state"), "connect_wait": 1.0})
+    s = ClientSettings.load(
+        None,
+        {
+            "server": "10.0.0.5:9092",
+            "insecure": True,
+            "partition_id": 0,
+            "state_dir": str(tmp_path / "state"),
+            "connect_wait": 1.0,
+        },
+    )
     (tmp_path / "state").mkdir()
     notes = ConsoleNotes(s, said.append)
     log = "INFO :      Starting Flower SuperNode\nINFO :      SuperNode ID: 123\n"
@@ -581,8 +739,9 @@ def test_the_devices_console_says_connected_at_once_then_how_long_the_server_was
     notes.read(log)
     log += "WARNING :   Connection attempt failed, retrying in 4.00 seconds\n"
     notes.read(log)
-    assert len(said) == 2 and re.fullmatch(r"cannot reach the server at 10.0.0.5:9092 for 1 s: .* \(still trying\)",
-                                           said[1]), said
+    assert len(said) == 2 and re.fullmatch(
+        r"cannot reach the server at 10.0.0.5:9092 for 1 s: .* \(still trying\)", said[1]
+    ), said
     time.sleep(1.0)
     notes.read(log + "INFO :      Connection successful after 1.20 seconds and 3 tries.\n")
     assert len(said) == 3 and re.fullmatch(r"rejoined the server at 10.0.0.5:9092 after 2 s", said[2]), said
@@ -595,13 +754,19 @@ def test_a_client_whose_server_is_unreachable_says_so_once_with_the_address(tmp_
 
     port = free_port()
     settings = tmp_path / "c.toml"
-    settings.write_text(f'server = "127.0.0.1:{port}"\ninsecure = true\npartition_id = 0\nconnect_wait = 2.0\n'
-                        f'state_dir = "{tmp_path / "state"}"\n')
+    settings.write_text(
+        f'server = "127.0.0.1:{port}"\ninsecure = true\npartition_id = 0\nconnect_wait = 2.0\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+    )
     client = cli("client", "--settings", str(settings), "--cold", log=tmp_path / "client.log")
     sentence = re.compile(rf"cannot reach the server at 127.0.0.1:{port} for (\d+) s")
     try:
-        found = wait_for(lambda: sentence.search((tmp_path / "client.log").read_text()), 60, "the unreachable sentence",
-                         [tmp_path / "client.log", tmp_path / "state" / "supernode.log"])
+        found = wait_for(
+            lambda: sentence.search((tmp_path / "client.log").read_text()),
+            60,
+            "the unreachable sentence",
+            [tmp_path / "client.log", tmp_path / "state" / "supernode.log"],
+        )
         assert int(found.group(1)) >= 2  # the time that passed, not the setting
         time.sleep(4)
         assert client.poll() is None  # still trying
@@ -616,8 +781,16 @@ def test_a_device_sizes_its_own_threads_and_keeps_its_files_in_its_own_folder(tm
     from fedlora.clients.session import ClientSession
     from fedlora.deploy.client import ClientSettings
 
-    s = ClientSettings.load(None, {"server": "h:1", "insecure": True, "data": str(shared_data / "agnews"),
-                                   "state_dir": str(tmp_path / "state"), "threads": 1})
+    s = ClientSettings.load(
+        None,
+        {
+            "server": "h:1",
+            "insecure": True,
+            "data": str(shared_data / "agnews"),
+            "state_dir": str(tmp_path / "state"),
+            "threads": 1,
+        },
+    )
     nc = dict(x.split("=", 1) for x in s.node_config().split(" "))
     assert nc["threads"] == "1" and nc["state-dir"].strip('"') == str((tmp_path / "state").resolve())
     cfg = make_config(tmp_path, train={"num_threads": 2})
@@ -657,8 +830,10 @@ def test_the_servers_run_config_cannot_choose_paths_on_a_device(tmp_path):
     with pytest.raises(ConfigError, match="has not allowed"):
         device_view(cfg, {**mine, "model-dirs": str(tmp_path / "other")})
     # A simulation's virtual clients (no state-dir of their own) keep the run's settings.
-    assert ClientSession.from_parts(make_config(tmp_path), {"partition-id": 0}, node_id=4).cfg.model.cache_dir == \
-        make_config(tmp_path).model.cache_dir
+    assert (
+        ClientSession.from_parts(make_config(tmp_path), {"partition-id": 0}, node_id=4).cfg.model.cache_dir
+        == make_config(tmp_path).model.cache_dir
+    )
 
 
 def test_a_device_whose_labels_are_not_the_runs_is_named_by_client_id_and_its_flag(tmp_path, caplog):
@@ -674,17 +849,42 @@ def test_a_device_whose_labels_are_not_the_runs_is_named_by_client_id_and_its_fl
     mine = tmp_path / "mine"
     mine.mkdir()
     for split in ("train", "test"):
-        (mine / f"{split}.jsonl").write_text("".join(_json.dumps({"text": f"row {i}", "label": "Cooking"}) + "\n"
-                                                     for i in range(4)))
+        (mine / f"{split}.jsonl").write_text(
+            "".join(_json.dumps({"text": f"row {i}", "label": "Cooking"}) + "\n" for i in range(4))
+        )
     cfg = make_config(tmp_path)
-    ctx = Context(run_id=1, node_id=11, node_config={"data": str(mine), "client-id": "kitchen-07",
-                                                      "state-dir": str(tmp_path / "state")},
-                  state=RecordDict(), run_config={})
-    content = RecordDict({CONFIG: ConfigRecord({"action": SETUP, "run-config": cfg.to_json(),
-                                                "label-names": _json.dumps(["World", "Sports", "Business", "Sci/Tech"])})})
-    msg = Message(content=content, metadata=Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=11,
-                                                     reply_to_message_id="", group_id="", created_at=time.time(),
-                                                     ttl=60.0, message_type=MessageType.QUERY))
+    ctx = Context(
+        run_id=1,
+        node_id=11,
+        node_config={"data": str(mine), "client-id": "kitchen-07", "state-dir": str(tmp_path / "state")},
+        state=RecordDict(),
+        run_config={},
+    )
+    content = RecordDict(
+        {
+            CONFIG: ConfigRecord(
+                {
+                    "action": SETUP,
+                    "run-config": cfg.to_json(),
+                    "label-names": _json.dumps(["World", "Sports", "Business", "Sci/Tech"]),
+                }
+            )
+        }
+    )
+    msg = Message(
+        content=content,
+        metadata=Metadata(
+            run_id=1,
+            message_id="m",
+            src_node_id=0,
+            dst_node_id=11,
+            reply_to_message_id="",
+            group_id="",
+            created_at=time.time(),
+            ttl=60.0,
+            message_type=MessageType.QUERY,
+        ),
+    )
     with caplog.at_level("ERROR", logger="fedlora.client"), pytest.raises(RuntimeError) as err:
         client_app.setup(msg, ctx)
     text = str(err.value)

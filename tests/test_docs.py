@@ -12,10 +12,23 @@ def test_docstrings_name_only_functions_that_exist():
     import importlib
 
     missing = []
-    for mod_name in ("fedlora.model", "fedlora.state", "fedlora.lora_math", "fedlora.codec", "fedlora.factors",
-                     "fedlora.clients.session", "fedlora.strategies.base", "fedlora.data", "fedlora.extensions",
-                     "fedlora.registry", "fedlora.server.app", "fedlora.continual.extension", "fedlora.methods.fedprox",
-                     "fedlora.methods.ewc", "fedlora.methods.lwf"):
+    for mod_name in (
+        "fedlora.model",
+        "fedlora.state",
+        "fedlora.lora_math",
+        "fedlora.codec",
+        "fedlora.factors",
+        "fedlora.clients.session",
+        "fedlora.strategies.base",
+        "fedlora.data",
+        "fedlora.extensions",
+        "fedlora.registry",
+        "fedlora.server.app",
+        "fedlora.continual.extension",
+        "fedlora.methods.fedprox",
+        "fedlora.methods.ewc",
+        "fedlora.methods.lwf",
+    ):
         mod = importlib.import_module(mod_name)
         for ref in re.findall(r":(?:func|class):`~?([\w.]+)`", mod.__doc__ or ""):
             target = ref.rsplit(".", 1)

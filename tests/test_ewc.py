@@ -15,15 +15,23 @@ from fleet import run_recorded
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), tasks=st.integers(1, 3),
-       shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3))
+@given(
+    seed=st.integers(0, 10_000),
+    tasks=st.integers(1, 3),
+    shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3),
+)
 def test_the_penalty_is_the_fisher_weighted_squared_distance_summed_over_tasks(seed, tasks, shapes):
     from fedlora.methods._ewc import ewc_penalty
 
     rng = np.random.default_rng(seed)
     params = {f"p{i}": rng.normal(size=s) for i, s in enumerate(shapes)}
-    anchors = [{"theta": {n: rng.normal(size=p.shape) for n, p in params.items()},
-                "fisher": {n: rng.random(size=p.shape) for n, p in params.items()}} for _ in range(tasks)]
+    anchors = [
+        {
+            "theta": {n: rng.normal(size=p.shape) for n, p in params.items()},
+            "fisher": {n: rng.random(size=p.shape) for n, p in params.items()},
+        }
+        for _ in range(tasks)
+    ]
     expected = sum(float(np.sum(a["fisher"][n] * (p - a["theta"][n]) ** 2)) for a in anchors for n, p in params.items())
     t = {n: torch.tensor(p, dtype=torch.float64) for n, p in params.items()}
     ta = [{k: {n: torch.tensor(v, dtype=torch.float64) for n, v in a[k].items()} for k in a} for a in anchors]
@@ -57,7 +65,7 @@ def test_the_fisher_is_the_mean_of_each_examples_squared_gradient(limit, mode):
         model.zero_grad()
         F.cross_entropy(model(**batch).logits, labels).backward()
         for n, p in params.items():
-            want[n] += p.grad ** 2 / used
+            want[n] += p.grad**2 / used
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-12)
     assert all(bool((f >= 0).all()) for f in got.values()) and all(float(f.sum()) > 0 for f in got.values())
@@ -101,8 +109,17 @@ def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_fac
     theta = {n: p.detach().clone() for n, p in params.items()}
     fisher = {n: torch.full_like(p, 2.0) for n, p in params.items()}
     hook = EWCPenalty(10.0, [{"theta": theta, "fisher": fisher}, {"theta": theta, "fisher": fisher}])
-    ctx = TrainContext(model=model, params=list(params.values()), optimizer=None, data=None, tc=None, seed=0,
-                       device=torch.device("cpu"), target_steps=0, batch_source=None)
+    ctx = TrainContext(
+        model=model,
+        params=list(params.values()),
+        optimizer=None,
+        data=None,
+        tc=None,
+        seed=0,
+        device=torch.device("cpu"),
+        target_steps=0,
+        batch_source=None,
+    )
     hook.begin(ctx)
     assert hook.end(ctx) == {"ewc-penalty": 0.0}  # no step taken yet
     base = torch.tensor(0.7)
@@ -114,8 +131,9 @@ def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_fac
     assert float(hook.loss(ctx, base).detach()) == pytest.approx(0.7 + 5.0 * penalty, rel=1e-4)
     assert hook.end(ctx)["ewc-penalty"] == pytest.approx(penalty, rel=1e-4)
     wrong = EWCPenalty(1.0, [{"theta": {"x": torch.zeros(1)}, "fisher": {"x": torch.zeros(1)}}])
-    with pytest.raises(ValueError, match="^EWC: the stored task parameters do not match the model's trainable "
-                                         "parameters$"):
+    with pytest.raises(
+        ValueError, match="^EWC: the stored task parameters do not match the model's trainable parameters$"
+    ):
         wrong.begin(ctx)
 
 
@@ -134,9 +152,21 @@ def client_round(cfg, server_round: int, model, store, partition: int = 0):
     from fedlora.extensions import ClientRound
     from fedlora.factors import LoraFactors
 
-    return ClientRound(cfg=cfg, server_round=server_round, config={}, arrays=None, received=LoraFactors(),
-                       model=model, policy=None, client_id=f"c{partition}", partition_id=partition, store=store,
-                       device=torch.device("cpu"), data=None, modules=[])
+    return ClientRound(
+        cfg=cfg,
+        server_round=server_round,
+        config={},
+        arrays=None,
+        received=LoraFactors(),
+        model=model,
+        policy=None,
+        client_id=f"c{partition}",
+        partition_id=partition,
+        store=store,
+        device=torch.device("cpu"),
+        data=None,
+        modules=[],
+    )
 
 
 def test_the_builder_anchors_each_finished_task_at_the_model_received_when_the_next_began(tmp_path, shared_data):

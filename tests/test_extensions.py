@@ -16,8 +16,15 @@ from fedlora.extensions import ClientRound, Extension
 from fedlora.schema import _meta
 
 ROOT = Path(__file__).resolve().parents[1]
-HUBS = ["clients/app.py", "clients/session.py", "strategies/base.py", "server/app.py", "server/global_model.py",
-        "server/evaluation.py", "server/recorder.py"]
+HUBS = [
+    "clients/app.py",
+    "clients/session.py",
+    "strategies/base.py",
+    "server/app.py",
+    "server/global_model.py",
+    "server/evaluation.py",
+    "server/recorder.py",
+]
 CONCERNS = ("fedlora.continual", "fedlora.privacy", "fedlora.dylora", "fedlora.methods")
 
 

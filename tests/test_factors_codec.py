@@ -58,7 +58,9 @@ def test_partial_load_leaves_other_parts(tmp_path):
 def test_shape_mismatch_names_the_module(tmp_path):
     m = _model(tmp_path, rank=4)
     f = extract_factors(_model(tmp_path, rank=2))
-    with pytest.raises(FactorShapeError, match=r"attention\.self\.query/A: shape \(2, 64\) does not fit the model's \(4, 64\)"):
+    with pytest.raises(
+        FactorShapeError, match=r"attention\.self\.query/A: shape \(2, 64\) does not fit the model's \(4, 64\)"
+    ):
         load_factors(m, f)
 
 
@@ -107,7 +109,9 @@ def test_compact_keys_use_the_module_list(tmp_path):
     names = sorted(f.modules)
     rec = codec.encode(f, "float32", modules=names)
     assert set(rec.keys()) == {f"{i}/{p}" for i in range(len(names)) for p in "AB"} | {
-        "head/classifier.weight", "head/classifier.bias"}
+        "head/classifier.weight",
+        "head/classifier.bias",
+    }
     back = codec.decode(rec, alpha=8.0, modules=names)
     for (ka, a), (kb, b) in zip(f.tensors(), back.tensors()):
         assert ka == kb and torch.equal(a, b)
@@ -119,8 +123,12 @@ def test_compact_keys_use_the_module_list(tmp_path):
 
 
 @settings(deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=4),
-       st.sampled_from(["float32", "float16", "bfloat16"]), st.booleans(), st.integers(0, 1000))
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=4),
+    st.sampled_from(["float32", "float16", "bfloat16"]),
+    st.booleans(),
+    st.integers(0, 1000),
+)
 def test_codec_round_trip_any_shapes_and_dtypes(mods, wire, head, seed):
     import torch
 
@@ -128,9 +136,14 @@ def test_codec_round_trip_any_shapes_and_dtypes(mods, wire, head, seed):
     from fedlora.factors import LoraFactors, ModuleFactors
 
     g = torch.Generator().manual_seed(seed)
-    f = LoraFactors(modules={f"layer.{i}.q": ModuleFactors(A=torch.randn(r, n_in, generator=g),
-                                                          B=torch.randn(n_out, r, generator=g), alpha=2.0 + i)
-                             for i, (r, n_in, n_out) in enumerate(mods)})
+    f = LoraFactors(
+        modules={
+            f"layer.{i}.q": ModuleFactors(
+                A=torch.randn(r, n_in, generator=g), B=torch.randn(n_out, r, generator=g), alpha=2.0 + i
+            )
+            for i, (r, n_in, n_out) in enumerate(mods)
+        }
+    )
     if head:
         f.extras["classifier.weight"] = torch.randn(3, 4, generator=g)
     names = list(f.modules)
@@ -149,8 +162,11 @@ def test_message_bytes_is_flowers_serialised_size_and_counts_the_framing(task_id
     from flwr.common.serde import message_to_proto
 
     f = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(2, 8), B=torch.ones(8, 2), alpha=2.0)})
-    msg = Message(RecordDict({"arrays": codec.encode(f), "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=5, message_type="train")
+    msg = Message(
+        RecordDict({"arrays": codec.encode(f), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=5,
+        message_type="train",
+    )
     n = codec.message_bytes(msg)
     assert n == message_to_proto(msg).ByteSize()
     assert n > codec.wire_bytes(msg.content["arrays"]) == 32 * 4
@@ -219,8 +235,17 @@ def test_message_sizes_are_exact_for_a_sample_then_payload_plus_their_framing():
     def msg(i: int, rank: int) -> Message:
         f = LoraFactors(modules={"m": ModuleFactors(A=torch.randn(rank, 32), B=torch.randn(16, rank), alpha=8.0)})
         content = RecordDict({"arrays": encode(f), "metrics": MetricRecord({"num-examples": 10 + i, "rank": rank})})
-        md = Metadata(run_id=1, message_id=f"m{i}", src_node_id=100 + i, dst_node_id=0, reply_to_message_id="x",
-                      group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+        md = Metadata(
+            run_id=1,
+            message_id=f"m{i}",
+            src_node_id=100 + i,
+            dst_node_id=0,
+            reply_to_message_id="x",
+            group_id="1",
+            created_at=time.time(),
+            ttl=3600.0,
+            message_type="train",
+        )
         return Message(content=content, metadata=md)
 
     sizer = MessageSizer(sample=4)

@@ -23,8 +23,11 @@ def _tensors(seed: int, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), mu=st.floats(1e-4, 10.0),
-       shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4))
+@given(
+    seed=st.integers(0, 10_000),
+    mu=st.floats(1e-4, 10.0),
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+)
 def test_the_term_and_its_gradient_are_the_papers(seed, mu, shapes):
     """loss + mu/2 sum ||w - w0||^2: the added value is that, and its gradient is mu (w - w0)."""
     from fedlora.methods._fedprox import ProximalTerm
@@ -62,8 +65,19 @@ def test_only_the_shared_trained_factors_are_pulled(tmp_path, strategy):
 
     model, params, policy = _model(tmp_path, strategy)
     hook = ProximalTerm(1.0, policy.shared - policy.frozen)
-    hook.begin(TrainContext(model=model, params=params, optimizer=None, data=None, tc=None, seed=0, device=None,
-                            target_steps=0, batch_source=None))
+    hook.begin(
+        TrainContext(
+            model=model,
+            params=params,
+            optimizer=None,
+            data=None,
+            tc=None,
+            seed=0,
+            device=None,
+            target_steps=0,
+            batch_source=None,
+        )
+    )
     got = {id(p) for p in hook.params}
     layers = [layer for _, layer in lora_layers(model)]
     a = {id(layer.lora_A[ADAPTER].weight) for layer in layers}
@@ -83,8 +97,17 @@ def test_the_hook_adds_nothing_at_its_anchor_and_the_term_as_the_factors_move(tm
 
     model, params, policy = _model(tmp_path, "fedit")
     hook = ProximalTerm(0.3, policy.shared - policy.frozen)
-    ctx = TrainContext(model=model, params=params, optimizer=None, data=None, tc=None, seed=0, device=None,
-                       target_steps=0, batch_source=None)
+    ctx = TrainContext(
+        model=model,
+        params=params,
+        optimizer=None,
+        data=None,
+        tc=None,
+        seed=0,
+        device=None,
+        target_steps=0,
+        batch_source=None,
+    )
     hook.begin(ctx)
     base = torch.tensor(1.5)
     assert float(hook.loss(ctx, base).detach()) == 1.5
@@ -92,7 +115,7 @@ def test_the_hook_adds_nothing_at_its_anchor_and_the_term_as_the_factors_move(tm
         hook.params[0].add_(0.1)  # one factor moves by 0.1 in every entry
     d2 = 0.01 * hook.params[0].numel()
     assert float(hook.loss(ctx, base).detach()) == pytest.approx(1.5 + 0.15 * d2, rel=1e-5)
-    assert hook.end(ctx)["fedprox-distance"] == pytest.approx(d2 ** 0.5, rel=1e-5)
+    assert hook.end(ctx)["fedprox-distance"] == pytest.approx(d2**0.5, rel=1e-5)
 
 
 def test_the_hook_refuses_a_model_that_trains_no_shared_part_and_mismatched_anchors(tmp_path):
@@ -101,8 +124,19 @@ def test_the_hook_refuses_a_model_that_trains_no_shared_part_and_mismatched_anch
     model, params, _ = _model(tmp_path, "ffa")  # A frozen: a term on A alone has nothing to pull
     hook = ProximalTerm(1.0, frozenset({"A"}))
     with pytest.raises(ValueError, match=r"trains none of the shared parts \['A'\]"):
-        hook.begin(TrainContext(model=model, params=params, optimizer=None, data=None, tc=None, seed=0, device=None,
-                                target_steps=0, batch_source=None))
+        hook.begin(
+            TrainContext(
+                model=model,
+                params=params,
+                optimizer=None,
+                data=None,
+                tc=None,
+                seed=0,
+                device=None,
+                target_steps=0,
+                batch_source=None,
+            )
+        )
     with pytest.raises(ValueError):
         proximal_term([torch.zeros(2)], [torch.zeros(2), torch.zeros(2)])
 
@@ -150,8 +184,10 @@ def test_the_server_sends_mu_and_the_clients_stay_closer_to_the_global_model(tmp
 
 def test_a_config_check_loads_neither_torch_nor_flower(tmp_path):
     """`fedlora config` (config load, plug-in discovery, validation, reference) stays light."""
-    code = ("import sys; from fedlora.config import FedLoraConfig, reference_toml; "
-            "cfg = FedLoraConfig.load(None, ['fedprox.mu=0.1']); assert 'mu = 0.1' in reference_toml(cfg); "
-            "print(sorted(m for m in ('torch', 'flwr', 'transformers', 'opacus') if m in sys.modules))")
+    code = (
+        "import sys; from fedlora.config import FedLoraConfig, reference_toml; "
+        "cfg = FedLoraConfig.load(None, ['fedprox.mu=0.1']); assert 'mu = 0.1' in reference_toml(cfg); "
+        "print(sorted(m for m in ('torch', 'flwr', 'transformers', 'opacus') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

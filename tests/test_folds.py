@@ -24,9 +24,14 @@ TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 def _update(seed: int, rank: int = 4, out: int = 12, inp: int = 10, head: bool = True, scale: float = 1.0):
     g = torch.Generator().manual_seed(seed)
-    mods = {f"l{i}.q": ModuleFactors(A=torch.randn(rank, inp, generator=g) * scale,
-                                     B=torch.randn(out, rank, generator=g) * scale, alpha=float(rank))
-            for i in range(2)}
+    mods = {
+        f"l{i}.q": ModuleFactors(
+            A=torch.randn(rank, inp, generator=g) * scale,
+            B=torch.randn(out, rank, generator=g) * scale,
+            alpha=float(rank),
+        )
+        for i in range(2)
+    }
     extras = {"classifier.weight": torch.randn(3, out, generator=g)} if head else {}
     return LoraFactors(modules=mods, extras=extras)
 
@@ -75,8 +80,12 @@ def test_hetlora_fold_weights_each_update_by_its_product_norm_and_falls_back_whe
         n_b = float(torch.linalg.matrix_norm(big.modules[name].B @ big.modules[name].A))
         want = (n_s * small.modules[name].A + n_b * big.modules[name].A) / (n_s + n_b)
         torch.testing.assert_close(m.A, want, rtol=1e-5, atol=1e-6)
-    zero_b = [LoraFactors(modules={n: ModuleFactors(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha)
-                                   for n, m in u.modules.items()}) for u in (small, big)]
+    zero_b = [
+        LoraFactors(
+            modules={n: ModuleFactors(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha) for n, m in u.modules.items()}
+        )
+        for u in (small, big)
+    ]
     plain = batch(ZeroPaddedMean(4), zero_b, [1.0, 3.0]).finish()
     for name, m in plain.modules.items():
         torch.testing.assert_close(m.A, (small.modules[name].A + 3 * big.modules[name].A) / 4)
@@ -128,14 +137,23 @@ def test_a_share_capped_hetlora_round_equals_the_batch_with_capped_weights():
 
 
 # ---------------------------------------------------------------------------------- rejection
-@pytest.mark.parametrize("make", [WeightedMean, lambda: ZeroPaddedMean(4), ExactProductSum,
-                                  lambda: SketchedProductSum(4, 4), lambda: DenseProductSum(4),
-                                  lambda: BudgetedProductSum(1, 4, lambda: SketchedProductSum(4, 4)),
-                                  lambda: ShareCapped(WeightedMean(), 0.3)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        WeightedMean,
+        lambda: ZeroPaddedMean(4),
+        ExactProductSum,
+        lambda: SketchedProductSum(4, 4),
+        lambda: DenseProductSum(4),
+        lambda: BudgetedProductSum(1, 4, lambda: SketchedProductSum(4, 4)),
+        lambda: ShareCapped(WeightedMean(), 0.3),
+    ],
+)
 def test_an_update_that_does_not_fit_leaves_no_trace(make):
     good = [_update(1), _update(2), _update(3)]
-    other_modules = LoraFactors(modules={"elsewhere": ModuleFactors(A=torch.ones(4, 10), B=torch.ones(12, 4),
-                                                                    alpha=4.0)})
+    other_modules = LoraFactors(
+        modules={"elsewhere": ModuleFactors(A=torch.ones(4, 10), B=torch.ones(12, 4), alpha=4.0)}
+    )
     ref = batch(make(), good, [1.0, 2.0, 3.0])
     fold = make()
     fold.add(good[0], 1.0)
@@ -158,9 +176,16 @@ def test_the_sketch_equals_the_exact_path_when_the_summed_update_has_rank_within
     ups, weights = [], []
     for i in range(12):
         r = 1 + i % 3
-        ups.append(LoraFactors(modules={"m": ModuleFactors(A=torch.randn(r, 6, generator=g) @ basis,
-                                                           B=torch.randn(40, r, generator=g), alpha=float(r))},
-                               extras={"h": torch.randn(2, 3, generator=g)}))
+        ups.append(
+            LoraFactors(
+                modules={
+                    "m": ModuleFactors(
+                        A=torch.randn(r, 6, generator=g) @ basis, B=torch.randn(40, r, generator=g), alpha=float(r)
+                    )
+                },
+                extras={"h": torch.randn(2, 3, generator=g)},
+            )
+        )
         weights.append(float(1 + i % 4))
     sketch = batch(SketchedProductSum(rank=4, oversampling=4, seed=5), ups, weights)
     exact = batch(ExactProductSum(), ups, weights)
@@ -187,8 +212,10 @@ def test_the_sketch_of_a_full_rank_sum_is_close_to_the_best_rank_r_and_says_how_
         err_sketch = float((x - _dense(got)[n]).norm() / x.norm())
         assert err_best <= err_sketch <= err_best * 1.25
     assert 0 < sketch.last_error < 1  # the test-sketch estimate of that relative error
-    est_true = float(sum(((_dense(full)[n] - _dense(got)[n]) ** 2).sum() for n in got.modules) ** 0.5 /
-                     sum((_dense(full)[n] ** 2).sum() for n in got.modules) ** 0.5)
+    est_true = float(
+        sum(((_dense(full)[n] - _dense(got)[n]) ** 2).sum() for n in got.modules) ** 0.5
+        / sum((_dense(full)[n] ** 2).sum() for n in got.modules) ** 0.5
+    )
     assert sketch.last_error == pytest.approx(est_true, rel=0.5)
 
 
@@ -250,8 +277,11 @@ def test_client_level_dp_folded_with_a_fixed_seed_equals_the_batch_release_in_an
     keys, shapes, alpha, rows = flatten([effective_change(st, u.factors, 4) for st, u in zip(starts, updates)])
     total = sum(r * min(1.0, clip / float(r.norm())) for r in rows)
     gen = torch.Generator().manual_seed(3 * 1_000_003 + 1)
-    want = add_to_block(start_global, unflatten((total + torch.randn(total.shape, generator=gen) * z * clip) / 3,
-                                                keys, shapes, alpha), 4)
+    want = add_to_block(
+        start_global,
+        unflatten((total + torch.randn(total.shape, generator=gen) * z * clip) / 3, keys, shapes, alpha),
+        4,
+    )
     _close(results[0], want)
     _close(results[1], want)
 
@@ -277,12 +307,14 @@ def test_a_reply_rejected_mid_round_leaves_no_trace_in_the_global_adapter():
 
 @pytest.mark.parametrize("budget_mb, form", [("128", "dense"), ("0", "sketch")])
 def test_a_large_flexlora_cohort_is_folded_dense_when_it_fits_and_sketched_with_its_error_logged_when_not(
-        budget_mb, form):
+    budget_mb, form
+):
     from test_strategy_maths import _setup
 
     ranks = [2, 4, 3, 4, 1, 2]
-    _, s, profiles, template = _setup("flexlora", "fixed", ranks, **{"hetero.sketch_from_clients": "5",
-                                                                     "hetero.exact_budget_mb": budget_mb})
+    _, s, profiles, template = _setup(
+        "flexlora", "fixed", ranks, **{"hetero.sketch_from_clients": "5", "hetero.exact_budget_mb": budget_mb}
+    )
     _, ex, _, _ = _setup("flexlora", "fixed", ranks)
     replies = _replies(s, profiles, template, 1, [10, 20, 30, 10, 20, 30])
     rl = _train_round(s, profiles, replies, 1)
@@ -292,8 +324,9 @@ def test_a_large_flexlora_cohort_is_folded_dense_when_it_fits_and_sketched_with_
     # rank sum 16 <= the sketch's k = 4 + 16 (the default oversampling): the sketch is exact here
     for n, m in s.global_eff.modules.items():
         e = ex.global_eff.modules[n]
-        rel = float((m.B.double() @ m.A.double() - e.B.double() @ e.A.double()).norm() /
-                    (e.B.double() @ e.A.double()).norm())
+        rel = float(
+            (m.B.double() @ m.A.double() - e.B.double() @ e.A.double()).norm() / (e.B.double() @ e.A.double()).norm()
+        )
         assert rel < 1e-4, (n, rel)
 
 
@@ -330,9 +363,12 @@ def test_flora_sketched_and_hetlora_share_capped_read_their_fold_through_the_cap
 
     ranks = [2, 4, 3, 4, 1, 2]
     weights = [10, 20, 30, 10, 20, 30]
-    _, fl, profiles, template = _setup("flora", "fixed", ranks, **{"hetero.sketch_from_clients": "5",
-                                                                    "hetero.exact_budget_mb": "0",
-                                                                    "robust.max_client_share": "0.5"})
+    _, fl, profiles, template = _setup(
+        "flora",
+        "fixed",
+        ranks,
+        **{"hetero.sketch_from_clients": "5", "hetero.exact_budget_mb": "0", "robust.max_client_share": "0.5"},
+    )
     _, ex, _, _ = _setup("flora", "fixed", ranks, **{"robust.max_client_share": "0.5"})
     replies = _replies(fl, profiles, template, 1, weights)
     rl = _train_round(fl, profiles, replies, 1)
@@ -391,8 +427,11 @@ def test_the_budgeted_product_sum_stacks_while_replies_fit_then_folds_dense_then
     assert started.path == "dense" and started.held_bytes() == dense_bytes
 
 
-@given(ranks=st.lists(st.integers(1, 5), min_size=1, max_size=6), rank=st.integers(1, 8),
-       order=st.randoms(use_true_random=False))
+@given(
+    ranks=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+    rank=st.integers(1, 8),
+    order=st.randoms(use_true_random=False),
+)
 def test_the_dense_product_sum_is_the_exact_svd_of_the_sum_in_any_order(ranks, rank, order):
     """At a rank, the dense sum equals FlexLoRA's batch formula; read without one (FLoRA), its
     product is the stack's product, at the sum's numerical rank (no zero components)."""

@@ -69,10 +69,25 @@ def gate(tmp_path_factory):
     upstream.socket = ctx.wrap_socket(upstream.socket, server_side=True)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port, log = free_port(), tmp / "gate.log"
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.deploy.fleet_gate", "--listen", f"127.0.0.1:{port}",
-                             "--upstream", f"127.0.0.1:{upstream.server_address[1]}", "--certfile",
-                             str(creds.server_cert), "--keyfile", str(creds.server_key), "--ca", str(creds.ca_cert)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedlora.deploy.fleet_gate",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            f"127.0.0.1:{upstream.server_address[1]}",
+            "--certfile",
+            str(creds.server_cert),
+            "--keyfile",
+            str(creds.server_key),
+            "--ca",
+            str(creds.ca_cert),
+        ],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for_port("127.0.0.1", port, proc, log)
         yield port, Recorder.seen, log, creds.ca_cert
@@ -93,8 +108,14 @@ def send_raw(port: int, ca: Path, method: bytes, target: bytes, extra: bytes = b
     """One HTTP/1.1 request with ``target`` exactly as given; the status code, or None if the gate
     closed the connection without one."""
     with tls_socket(port, ca) as s:
-        s.sendall(method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/protobuf\r\n"
-                  + extra + b"content-length: 3\r\nconnection: close\r\n\r\nabc")
+        s.sendall(
+            method
+            + b" "
+            + target
+            + b" HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/protobuf\r\n"
+            + extra
+            + b"content-length: 3\r\nconnection: close\r\n\r\nabc"
+        )
         data = b""
         try:
             while chunk := s.recv(65536):
@@ -123,13 +144,60 @@ def refusal_logged(log: Path, before: int, timeout: float = 3.0) -> bool:
 # What an attacker mixes into a request target: the allowed prefix and calls, the Control API's
 # calls, dot segments and their encodings (single and double, either case, overlong UTF-8), slashes
 # and backslashes raw and encoded, look-alikes of '.' and '/', case changes.
-SEGMENTS = ["v1", "fleet", "control", "runtime", "list-runs", "list-nodes", "start-run", "register-node",
-            "pull-messages", "push-messages", "..", ".", "%2e%2e", "%2E%2E", "%2e", "%2E", ".%2e", "%2e.",
-            "%252e%252e", "%c0%ae%c0%ae", "..%2f", "..%2F", "..%5c", "..\\", "%2f", "%2F", "%5c", "%5C", "", "V1",
-            "Fleet", "FLEET", "Pull-Messages", "\uff0e\uff0e", "\u2024\u2024", "\u2215", "\uff0f", ";", "%00", "%20"]
+SEGMENTS = [
+    "v1",
+    "fleet",
+    "control",
+    "runtime",
+    "list-runs",
+    "list-nodes",
+    "start-run",
+    "register-node",
+    "pull-messages",
+    "push-messages",
+    "..",
+    ".",
+    "%2e%2e",
+    "%2E%2E",
+    "%2e",
+    "%2E",
+    ".%2e",
+    "%2e.",
+    "%252e%252e",
+    "%c0%ae%c0%ae",
+    "..%2f",
+    "..%2F",
+    "..%5c",
+    "..\\",
+    "%2f",
+    "%2F",
+    "%5c",
+    "%5C",
+    "",
+    "V1",
+    "Fleet",
+    "FLEET",
+    "Pull-Messages",
+    "\uff0e\uff0e",
+    "\u2024\u2024",
+    "\u2215",
+    "\uff0f",
+    ";",
+    "%00",
+    "%20",
+]
 SEPARATORS = ["/", "//", "\\", "%2f", "/./", "/../"]
-PREFIXES = ["", "/v1/fleet/", "/v1/", "/", "//v1/fleet/", "https://127.0.0.1", "http://evil.example",
-            "/v1/fleet/..", "/v1/fleet/%2e%2e/"]
+PREFIXES = [
+    "",
+    "/v1/fleet/",
+    "/v1/",
+    "/",
+    "//v1/fleet/",
+    "https://127.0.0.1",
+    "http://evil.example",
+    "/v1/fleet/..",
+    "/v1/fleet/%2e%2e/",
+]
 SUFFIXES = ["", "?", "?x=1", "#frag", "/", "%20", ";a"]
 METHODS = ["POST"] * 6 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "post", "CONNECT", "TRACE"]
 
@@ -138,10 +206,15 @@ METHODS = ["POST"] * 6 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "p
 def hostile_target(draw) -> bytes:
     parts = draw(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=6))
     seps = draw(st.lists(st.sampled_from(SEPARATORS), min_size=len(parts), max_size=len(parts)))
-    text = draw(st.sampled_from(PREFIXES)) + "".join(s + p for s, p in zip(seps, parts)) + draw(st.sampled_from(SUFFIXES))
+    text = (
+        draw(st.sampled_from(PREFIXES)) + "".join(s + p for s, p in zip(seps, parts)) + draw(st.sampled_from(SUFFIXES))
+    )
     if draw(st.booleans()):  # sometimes the real call, disguised only by the suffix or a prefix
-        text = draw(st.sampled_from(PREFIXES[:2])) + draw(st.sampled_from(sorted(FLEET_CALLS))) + draw(
-            st.sampled_from(SUFFIXES))
+        text = (
+            draw(st.sampled_from(PREFIXES[:2]))
+            + draw(st.sampled_from(sorted(FLEET_CALLS)))
+            + draw(st.sampled_from(SUFFIXES))
+        )
     return text.encode("utf-8")
 
 
@@ -171,11 +244,20 @@ def test_each_fleet_call_is_forwarded_to_its_constant_path_and_the_rest_refused_
         assert send_raw(port, ca, b"POST", call.encode()) == 200
         assert seen[before:] == [("POST", call)]
     # The attacks that went through the previous gate, each refused and logged.
-    for target in [b"/v1/fleet/../control/list-runs", b"/v1/fleet/%2e%2e/control/list-runs",
-                   b"/v1/fleet/%2E%2E/control/list-runs", b"/v1/fleet/./../control/list-runs",
-                   b"/v1/fleet/..%2fcontrol/list-nodes", b"/v1/control/list-runs", b"/v1/control/start-run",
-                   b"/v1/runtime/pull-messages", b"https://127.0.0.1/v1/fleet/pull-messages",
-                   b"/v1/fleet/pull-messages?x=1", b"/V1/fleet/pull-messages", b"//v1/fleet/pull-messages"]:
+    for target in [
+        b"/v1/fleet/../control/list-runs",
+        b"/v1/fleet/%2e%2e/control/list-runs",
+        b"/v1/fleet/%2E%2E/control/list-runs",
+        b"/v1/fleet/./../control/list-runs",
+        b"/v1/fleet/..%2fcontrol/list-nodes",
+        b"/v1/control/list-runs",
+        b"/v1/control/start-run",
+        b"/v1/runtime/pull-messages",
+        b"https://127.0.0.1/v1/fleet/pull-messages",
+        b"/v1/fleet/pull-messages?x=1",
+        b"/V1/fleet/pull-messages",
+        b"//v1/fleet/pull-messages",
+    ]:
         before, before_log = len(seen), len(log_lines(log))
         with tls_socket(port, ca) as s:
             s.sendall(b"POST " + target + b" HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -189,9 +271,11 @@ def test_each_fleet_call_is_forwarded_to_its_constant_path_and_the_rest_refused_
 def test_headers_pass_but_host_hop_by_hop_and_forwarding_headers_are_the_gates_own(gate):
     port, seen, log, ca = gate
     with tls_socket(port, ca) as s:
-        s.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: evil.example\r\nflwr-signature: abc\r\n"
-                  b"X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
-                  b"Upgrade: h2c\r\nConnection: close, Upgrade\r\ncontent-length: 0\r\n\r\n")
+        s.sendall(
+            b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: evil.example\r\nflwr-signature: abc\r\n"
+            b"X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
+            b"Upgrade: h2c\r\nConnection: close, Upgrade\r\ncontent-length: 0\r\n\r\n"
+        )
         reply = b"".join(iter(lambda: s.recv(65536), b""))
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"upstream:/v1/fleet/pull-messages"), reply
     got = Recorder.headers_seen[-1]
@@ -214,8 +298,16 @@ def test_http2_is_refused_before_it_reaches_the_upstream(gate):
             assert s.selected_alpn_protocol() in (None, "http/1.1")
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
             conn.initiate_connection()
-            conn.send_headers(1, [(":method", "POST"), (":authority", "127.0.0.1"), (":scheme", "https"),
-                                  (":path", "/v1/fleet/../control/list-runs")], end_stream=True)
+            conn.send_headers(
+                1,
+                [
+                    (":method", "POST"),
+                    (":authority", "127.0.0.1"),
+                    (":scheme", "https"),
+                    (":path", "/v1/fleet/../control/list-runs"),
+                ],
+                end_stream=True,
+            )
             s.sendall(conn.data_to_send())
             try:
                 reply = b"".join(iter(lambda: s.recv(65536), b""))
@@ -228,10 +320,15 @@ def test_http2_is_refused_before_it_reaches_the_upstream(gate):
 
 def test_admit_is_exact_on_method_path_and_query():
     assert admit("POST", b"/v1/fleet/pull-messages", b"") == "/v1/fleet/pull-messages"
-    for method, path, query in [("GET", b"/v1/fleet/pull-messages", b""), ("post", b"/v1/fleet/pull-messages", b""),
-                                ("POST", b"/v1/fleet/pull-messages", b"a=1"), ("POST", b"/v1/fleet/pull-messages/", b""),
-                                ("POST", b"/v1/fleet/%70ull-messages", b""), ("POST", b"/v1/fleet/", b""),
-                                ("POST", b"/v1/control/list-runs", b"")]:
+    for method, path, query in [
+        ("GET", b"/v1/fleet/pull-messages", b""),
+        ("post", b"/v1/fleet/pull-messages", b""),
+        ("POST", b"/v1/fleet/pull-messages", b"a=1"),
+        ("POST", b"/v1/fleet/pull-messages/", b""),
+        ("POST", b"/v1/fleet/%70ull-messages", b""),
+        ("POST", b"/v1/fleet/", b""),
+        ("POST", b"/v1/control/list-runs", b""),
+    ]:
         assert admit(method, path, query) is None, (method, path, query)
 
 
@@ -250,8 +347,13 @@ def test_the_gate_app_refuses_everything_but_the_fleet_calls_with_a_sentence():
     from fedlora.deploy.fleet_gate import create_app
 
     with TestClient(create_app("127.0.0.1:9", tls=False)) as gate:
-        for method, path in [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"),
-                             ("POST", "/v1/runtime/pull-messages"), ("GET", "/"), ("POST", "/v1/fleetx/a")]:
+        for method, path in [
+            ("POST", "/v1/control/list-runs"),
+            ("POST", "/v1/control/start-run"),
+            ("POST", "/v1/runtime/pull-messages"),
+            ("GET", "/"),
+            ("POST", "/v1/fleetx/a"),
+        ]:
             res = gate.request(method, path)
             assert res.status_code == 403, (path, res.status_code)
             assert "devices only" in res.json()["detail"] and "operator only" in res.json()["detail"]

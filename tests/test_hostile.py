@@ -49,14 +49,26 @@ def _text(rows, key="rejected") -> str:
 
 def test_malformed_replies_are_dropped_and_the_result_equals_the_honest_only_run(tmp_path, shared_data):
     cfg = make_config(tmp_path, federation={"num_clients": 8, "min_train_clients": 8, "min_evaluate_clients": 8})
-    bad = {1: "drop-b", 2: "drop-bias", 3: "rank-nan", 4: "examples-frac", 5: "base-key",
-           6: {"rank-frac", "eval-out-of-range"}, 7: "eval-no-accuracy"}
+    bad = {
+        1: "drop-b",
+        2: "drop-bias",
+        3: "rank-nan",
+        4: "examples-frac",
+        5: "base-key",
+        6: {"rank-frac", "eval-out-of-range"},
+        7: "eval-no-accuracy",
+    }
     run_dir, rows = _run(cfg, bad)
     assert [r["round"] for r in rows] == [0, 1, 2]
     text = _text(rows)
-    for part, reason in [(1, "missing ['"), (2, "missing ['head/classifier.bias']"), (3, "'rank'=nan"),
-                         (4, "'num-examples'=2.5 is not an integer"), (5, "unexpected ['base/"),
-                         (6, "'rank'=4.7 is not an integer")]:
+    for part, reason in [
+        (1, "missing ['"),
+        (2, "missing ['head/classifier.bias']"),
+        (3, "'rank'=nan"),
+        (4, "'num-examples'=2.5 is not an integer"),
+        (5, "unexpected ['base/"),
+        (6, "'rank'=4.7 is not an integer"),
+    ]:
         assert f"client client-0000{part}" in text and reason in text, (part, reason, text)
     ev = _text(rows, "rejected-evaluate")
     assert "client-00006" in ev and "'loss'=nan is not a finite number" in ev
@@ -65,9 +77,10 @@ def test_malformed_replies_are_dropped_and_the_result_equals_the_honest_only_run
     assert 0.0 <= rows[-1]["personal-accuracy-mean"] <= 1.0
 
     # Honest-only: the same federation where the bad clients' replies never arrive (they crash).
-    ref_dir, _ = _run(make_config(tmp_path / "ref", federation={"num_clients": 8, "min_train_clients": 8,
-                                                                "min_evaluate_clients": 8}),
-                      {p: "crash" for p in range(1, 7)})
+    ref_dir, _ = _run(
+        make_config(tmp_path / "ref", federation={"num_clients": 8, "min_train_clients": 8, "min_evaluate_clients": 8}),
+        {p: "crash" for p in range(1, 7)},
+    )
     got, ref = _adapter(run_dir), _adapter(ref_dir)
     assert _all_finite(got)
     for k in ref:
@@ -75,11 +88,19 @@ def test_malformed_replies_are_dropped_and_the_result_equals_the_honest_only_run
 
 
 def test_lying_profiles_drop_the_node_not_the_run(tmp_path, shared_data):
-    cfg = make_config(tmp_path, federation={"num_clients": 7, "min_train_clients": 7, "min_evaluate_clients": 7,
-                                            "max_declared_examples": 1000},
-                      robust={"max_client_share": 0.4})
-    bad = {1: "profile-rank-double", 2: "profile-rank-string", 3: "profile-dup-id",
-           4: {"profile-size-1e12", "examples-cap"}, 5: "profile-alpha-nan", 6: "profile-alpha-big"}
+    cfg = make_config(
+        tmp_path,
+        federation={"num_clients": 7, "min_train_clients": 7, "min_evaluate_clients": 7, "max_declared_examples": 1000},
+        robust={"max_client_share": 0.4},
+    )
+    bad = {
+        1: "profile-rank-double",
+        2: "profile-rank-string",
+        3: "profile-dup-id",
+        4: {"profile-size-1e12", "examples-cap"},
+        5: "profile-alpha-nan",
+        6: "profile-alpha-big",
+    }
     run_dir, rows = _run(cfg, bad)
     assert [r["round"] for r in rows] == [0, 1, 2]
     text = _text(rows)
@@ -96,8 +117,11 @@ def test_lying_profiles_drop_the_node_not_the_run(tmp_path, shared_data):
 
 
 def test_hetlora_rank_zero_profile_and_infinite_rank_metric(tmp_path, shared_data):
-    cfg = make_config(tmp_path, federation={"strategy": "hetlora", "num_clients": 4, "min_train_clients": 4},
-                      hetero={"client_ranks": [2, 4, 4, 2]})
+    cfg = make_config(
+        tmp_path,
+        federation={"strategy": "hetlora", "num_clients": 4, "min_train_clients": 4},
+        hetero={"client_ranks": [2, 4, 4, 2]},
+    )
     run_dir, rows = _run(cfg, {1: "profile-rank-zero", 2: "rank-inf"})
     text = _text(rows)
     assert "rank=0 is not in 1.." in text and "'rank'=inf" in text and "client-00002" in text
@@ -177,8 +201,17 @@ def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_o
 
 
 def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data, ray_cluster):
-    cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3,
-                                            "round_timeout": 30, "min_accepted": 2, "evaluate_every": 5})
+    cfg = make_config(
+        tmp_path,
+        federation={
+            "num_clients": 3,
+            "min_train_clients": 3,
+            "min_evaluate_clients": 3,
+            "round_timeout": 30,
+            "min_accepted": 2,
+            "evaluate_every": 5,
+        },
+    )
     run_dir, rows = _run(cfg, {1: "crash", 2: "slow"}, engine="ray")
     r1, r2 = rows[1], rows[2]
     line = next(x for x in r1["rejected"] if "client-00001" in x)

@@ -26,10 +26,16 @@ OUT, IN = 12, 10
 
 def _client(rank, alpha, seed, head=True):
     g = torch.Generator().manual_seed(seed)
-    f = LoraFactors(modules={
-        "l0.q": ModuleFactors(A=torch.randn(rank, IN, generator=g), B=torch.randn(OUT, rank, generator=g), alpha=alpha),
-        "l0.v": ModuleFactors(A=torch.randn(rank, IN, generator=g), B=torch.randn(OUT, rank, generator=g), alpha=alpha),
-    })
+    f = LoraFactors(
+        modules={
+            "l0.q": ModuleFactors(
+                A=torch.randn(rank, IN, generator=g), B=torch.randn(OUT, rank, generator=g), alpha=alpha
+            ),
+            "l0.v": ModuleFactors(
+                A=torch.randn(rank, IN, generator=g), B=torch.randn(OUT, rank, generator=g), alpha=alpha
+            ),
+        }
+    )
     if head:
         f.extras["classifier.weight"] = torch.randn(3, IN, generator=g)
     return f
@@ -46,11 +52,17 @@ def test_fedit_weighted_mean_equals_hand_computation():
     agg = weighted_mean(cs, w)
     for name in cs[0].modules:
         for part in ("A", "B"):
-            hand = (10 * getattr(cs[0].modules[name], part) + 30 * getattr(cs[1].modules[name], part)
-                    + 60 * getattr(cs[2].modules[name], part)) / 100
+            hand = (
+                10 * getattr(cs[0].modules[name], part)
+                + 30 * getattr(cs[1].modules[name], part)
+                + 60 * getattr(cs[2].modules[name], part)
+            ) / 100
             assert torch.allclose(getattr(agg.modules[name], part), hand, atol=1e-6)
-    hand_head = (10 * cs[0].extras["classifier.weight"] + 30 * cs[1].extras["classifier.weight"]
-                 + 60 * cs[2].extras["classifier.weight"]) / 100
+    hand_head = (
+        10 * cs[0].extras["classifier.weight"]
+        + 30 * cs[1].extras["classifier.weight"]
+        + 60 * cs[2].extras["classifier.weight"]
+    ) / 100
     assert torch.allclose(agg.extras["classifier.weight"], hand_head, atol=1e-6)
 
 
@@ -140,8 +152,11 @@ def test_concat_rank_adds_updates_exactly():
     a, b = to_effective(_client(2, 2.0, 0)), to_effective(_client(3, 3.0, 1))
     s = concat_rank(a, b)
     for n in a.modules:
-        assert torch.allclose(s.modules[n].B @ s.modules[n].A,
-                              a.modules[n].B @ a.modules[n].A + b.modules[n].B @ b.modules[n].A, atol=1e-5)
+        assert torch.allclose(
+            s.modules[n].B @ s.modules[n].A,
+            a.modules[n].B @ a.modules[n].A + b.modules[n].B @ b.modules[n].A,
+            atol=1e-5,
+        )
 
 
 def test_prune_rank_drops_small_tail():
@@ -169,10 +184,10 @@ def test_prune_rank_threshold_is_the_tail_share_exactly():
     for i, n in enumerate([10.0, 5.0, 1.0, 0.5]):
         B[i, i] = n
     m = ModuleFactors(A=A, B=B, alpha=4.0)
-    assert prune_rank(m, 0.05) == 3          # 0.5/16.5 = 0.030 < 0.05; 1.5/16.5 = 0.091 is not
-    assert prune_rank(m, 0.1) == 2           # 1.5/16.5 < 0.1; 6.5/16.5 is not
-    assert prune_rank(m, 0.03) == 4          # 0.5/16.5 = 0.0303 is not below 0.03
-    assert prune_rank(m, 0.99) == 1          # never below rank 1
+    assert prune_rank(m, 0.05) == 3  # 0.5/16.5 = 0.030 < 0.05; 1.5/16.5 = 0.091 is not
+    assert prune_rank(m, 0.1) == 2  # 1.5/16.5 < 0.1; 6.5/16.5 is not
+    assert prune_rank(m, 0.03) == 4  # 0.5/16.5 = 0.0303 is not below 0.03
+    assert prune_rank(m, 0.99) == 1  # never below rank 1
 
 
 @pytest.mark.parametrize("alpha_mode_alpha", [16.0, None])
@@ -254,7 +269,9 @@ def test_fit_rank_truncates_or_pads_and_block_keeps_each_components_scaling():
     f.modules["l0.v"].B = None  # a part that is absent stays absent
     up, down = fit_rank(f, 6), fit_rank(f, 2)
     assert up.modules["l0.q"].A.shape == (6, IN) and up.modules["l0.q"].B.shape == (OUT, 6)
-    assert torch.equal(up.modules["l0.q"].A[:4], f.modules["l0.q"].A) and float(up.modules["l0.q"].A[4:].abs().sum()) == 0
+    assert (
+        torch.equal(up.modules["l0.q"].A[:4], f.modules["l0.q"].A) and float(up.modules["l0.q"].A[4:].abs().sum()) == 0
+    )
     assert float(up.modules["l0.q"].B[:, 4:].abs().sum()) == 0
     assert torch.equal(down.modules["l0.q"].B, f.modules["l0.q"].B[:, :2])
     assert down.modules["l0.v"].B is None and torch.equal(down.modules["l0.v"].A, f.modules["l0.v"].A[:2])
@@ -305,8 +322,8 @@ def test_zero_padded_defaults_to_sparsity_weights_and_handles_zero_and_small_upd
 
     from fedlora.lora_math import aggregate_zero_padded
 
-    a = _one(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.3]]), 1.0)   # ||BA|| = 0.3
-    b = _one(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.1]]), 1.0)   # ||BA|| = 0.1
+    a = _one(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.3]]), 1.0)  # ||BA|| = 0.3
+    b = _one(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.1]]), 1.0)  # ||BA|| = 0.1
     default = aggregate_zero_padded([a, b], [1.0, 1.0], 2)
     weighted = aggregate_zero_padded([a, b], [1.0, 1.0], 2, sparsity_weighted=True)
     plain = aggregate_zero_padded([a, b], [1.0, 1.0], 2, sparsity_weighted=False)
@@ -327,16 +344,22 @@ def test_keep_uncovered_each_guard():
     from fedlora.factors import LoraFactors, ModuleFactors
     from fedlora.lora_math import keep_uncovered
 
-    new = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(3, 2), B=torch.ones(2, 3), alpha=3.0),
-                               "n": ModuleFactors(A=torch.ones(3, 2), B=torch.ones(2, 3), alpha=3.0)},
-                      extras={"h": torch.ones(1)})
+    new = LoraFactors(
+        modules={
+            "m": ModuleFactors(A=torch.ones(3, 2), B=torch.ones(2, 3), alpha=3.0),
+            "n": ModuleFactors(A=torch.ones(3, 2), B=torch.ones(2, 3), alpha=3.0),
+        },
+        extras={"h": torch.ones(1)},
+    )
     prev_full = ModuleFactors(A=torch.full((3, 2), 7.0), B=torch.full((2, 3), 7.0), alpha=3.0)
     # previous B missing on "m" (FFA-style A-only history would be the mirror case): leave "m" alone,
     # and the loop goes on to "n", which is kept from the previous global past the covered rank.
     prev = LoraFactors(modules={"m": ModuleFactors(A=torch.full((3, 2), 7.0), B=None, alpha=3.0), "n": prev_full})
     out = keep_uncovered(new, prev, 1)
     assert torch.equal(out.modules["m"].A, torch.ones(3, 2))
-    assert torch.equal(out.modules["n"].A[1:], torch.full((2, 2), 7.0)) and torch.equal(out.modules["n"].A[:1], torch.ones(1, 2))
+    assert torch.equal(out.modules["n"].A[1:], torch.full((2, 2), 7.0)) and torch.equal(
+        out.modules["n"].A[:1], torch.ones(1, 2)
+    )
     assert out.modules["n"].alpha == 3.0 and torch.equal(out.extras["h"], torch.ones(1))
     prev_no_a = LoraFactors(modules={"m": ModuleFactors(A=None, B=torch.full((2, 3), 7.0), alpha=3.0), "n": prev_full})
     assert torch.equal(keep_uncovered(new, prev_no_a, 1).modules["m"].B, torch.ones(2, 3))
@@ -353,8 +376,9 @@ def test_prune_to_rank_keeps_the_head_and_refuses_half_factors_by_name():
     from fedlora.factors import LoraFactors, ModuleFactors
     from fedlora.lora_math import prune_to_rank
 
-    f = LoraFactors(modules={"m": ModuleFactors(A=torch.ones(4, 2), B=torch.ones(2, 4), alpha=4.0)},
-                    extras={"head": torch.ones(2)})
+    f = LoraFactors(
+        modules={"m": ModuleFactors(A=torch.ones(4, 2), B=torch.ones(2, 4), alpha=4.0)}, extras={"head": torch.ones(2)}
+    )
     assert torch.equal(prune_to_rank(f, 2, 4.0).extras["head"], torch.ones(2))
     for A, B in ((None, torch.ones(2, 4)), (torch.ones(4, 2), None)):
         with pytest.raises(ValueError, match="m: pruning needs both A and B"):

@@ -75,8 +75,12 @@ def test_lwf_is_refused_with_dp_sgd_and_checks_its_temperature(tmp_path, shared_
 def test_a_task_sequence_under_lwf_stays_closer_to_the_old_outputs_by_its_weight(tmp_path, shared_data):
     kd = {}
     for weight in (1e-6, 100.0):
-        cfg = continual_config(tmp_path / f"w{weight:g}", "lwf", lwf={"weight": weight},
-                         train={"learning_rate": 0.05, "local_epochs": 2, "batch_size": 16})  # outputs move
+        cfg = continual_config(
+            tmp_path / f"w{weight:g}",
+            "lwf",
+            lwf={"weight": weight},
+            train={"learning_rate": 0.05, "local_epochs": 2, "batch_size": 16},
+        )  # outputs move
         replies = run_recorded(cfg, engine="inprocess")[2].train_replies()
         assert len(replies) == 4 and not any(m.has_error() for m in replies)
         assert all("lwf-distillation" not in m.content["metrics"] for m in replies[:2])  # task 0: no old model
@@ -103,10 +107,18 @@ def test_the_hook_distils_each_batch_against_the_old_models_outputs():
 
     def run(old: dict) -> tuple[float, torch.Tensor, Distillation, TrainContext]:
         hook = Distillation(2.0, 2.0, old, cols)
-        ctx = TrainContext(model=model, params=list(params.values()), optimizer=None, data=data, tc=None,
-                           seed=0, device=torch.device("cpu"), target_steps=1,
-                           batch_source=lambda epoch: batches(data, 4, shuffle=False),
-                           task_loss=lambda out, y: F.cross_entropy(out.logits, y))
+        ctx = TrainContext(
+            model=model,
+            params=list(params.values()),
+            optimizer=None,
+            data=data,
+            tc=None,
+            seed=0,
+            device=torch.device("cpu"),
+            target_steps=1,
+            batch_source=lambda epoch: batches(data, 4, shuffle=False),
+            task_loss=lambda out, y: F.cross_entropy(out.logits, y),
+        )
         hook.begin(ctx)
         batch, labels = next(iter(ctx.batch_source(0)))
         out = model(**batch)
@@ -138,7 +150,8 @@ def test_the_hook_distils_each_batch_against_the_old_models_outputs():
 
 
 def test_the_builder_keeps_the_model_each_task_began_with_and_distils_on_the_finished_tasks_labels(
-        tmp_path, shared_data):
+    tmp_path, shared_data
+):
     from test_ewc import _three_task_config, client_round
     from tiny_model import TinyClassifier
 

@@ -53,8 +53,11 @@ def test_saved_adapter_carries_labels_and_a_portable_base_reference(tmp_path):
     assert adapter_cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert "/.cache/" not in json.dumps(adapter_cfg)
     labels = json.loads((tmp_path / "a" / LABELS_FILE).read_text())
-    assert labels == {"names": ["x", "y", "z"], "id2label": {"0": "x", "1": "y", "2": "z"},
-                      "label2id": {"x": 0, "y": 1, "z": 2}}
+    assert labels == {
+        "names": ["x", "y", "z"],
+        "id2label": {"0": "x", "1": "y", "2": "z"},
+        "label2id": {"x": 0, "y": 1, "z": 2},
+    }
     assert portable_reference("my/model") == "my/model"
 
 
@@ -65,8 +68,11 @@ def test_model_build_and_partitioning_are_quiet(tmp_path, shared_data, capfd):
     from fedlora.partitions import partition_indices
 
     model_mod._PEFT_CACHE.clear()
-    cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2"},
-                      data={"partitioner": "dirichlet", "min_partition_size": 10})
+    cfg = make_config(
+        tmp_path,
+        model={"name": "builtin:all-MiniLM-L6-v2"},
+        data={"partitioner": "dirichlet", "min_partition_size": 10},
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_peft_model(cfg, 4, AdapterSpec(4, 8.0, 0.0, ("query", "value")))

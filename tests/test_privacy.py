@@ -15,8 +15,13 @@ from fedlora.lora_math import to_effective
 
 # ------------------------------------------------------------------------------ client level
 def _dp_strategy(z: float, clip: float, **extra):
-    sets = {"privacy.client_dp": "true", "privacy.client_noise_multiplier": z, "privacy.client_clip": clip,
-            "privacy.noise_seed": 3, **extra}
+    sets = {
+        "privacy.client_dp": "true",
+        "privacy.client_noise_multiplier": z,
+        "privacy.client_clip": clip,
+        "privacy.noise_seed": 3,
+        **extra,
+    }
     return _setup("fedit", "fixed", [4, 4, 4], **sets)
 
 
@@ -44,8 +49,17 @@ def _Reply(node: int, content):
 
     from flwr.app import Message, Metadata
 
-    md = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                  group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+    md = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=md)
 
 
@@ -128,20 +142,50 @@ def _start(overrides: list[str]) -> FedLoraConfig:
 def test_adaptive_clipping_that_cannot_split_z_is_refused_at_run_start_with_the_figures():
     # The reviewer's case: N = 500, m = 50, target epsilon 1 over 20 rounds calibrates z = 5.606, and the
     # count's noise (std m/20 = 2.5) alone costs noise multiplier 5: the update could get no noise at all.
-    with pytest.raises(ConfigError, match=r"privacy.client_clipping.*z = 5.60.*50 clients.*2 \* m/20 = 5\b.*"
-                                          r"more than 10 \* z = 56"):
-        _start(["privacy.client_dp=true", "privacy.client_clipping=adaptive",
-                                  "privacy.client_target_epsilon=1", "federation.num_clients=500",
-                                  "federation.fraction_train=0.1", "run.rounds=20"])
+    with pytest.raises(
+        ConfigError,
+        match=r"privacy.client_clipping.*z = 5.60.*50 clients.*2 \* m/20 = 5\b.*"
+        r"more than 10 \* z = 56",
+    ):
+        _start(
+            [
+                "privacy.client_dp=true",
+                "privacy.client_clipping=adaptive",
+                "privacy.client_target_epsilon=1",
+                "federation.num_clients=500",
+                "federation.fraction_train=0.1",
+                "run.rounds=20",
+            ]
+        )
     with pytest.raises(ConfigError, match="privacy.client_clipping"):  # a fixed z fares the same
-        _start(["privacy.client_dp=true", "privacy.client_clipping=adaptive",
-                                  "privacy.client_noise_multiplier=0.3", "federation.num_clients=3"])
+        _start(
+            [
+                "privacy.client_dp=true",
+                "privacy.client_clipping=adaptive",
+                "privacy.client_noise_multiplier=0.3",
+                "federation.num_clients=3",
+            ]
+        )
     # the same cohort with fixed clipping, or with enough clients a round, loads
-    _start(["privacy.client_dp=true", "privacy.client_target_epsilon=1", "federation.num_clients=500",
-                              "federation.fraction_train=0.1", "run.rounds=20"])
-    _start(["privacy.client_dp=true", "privacy.client_clipping=adaptive",
-                              "privacy.client_target_epsilon=1", "federation.num_clients=1000",
-                              "federation.fraction_train=0.1", "run.rounds=20"])
+    _start(
+        [
+            "privacy.client_dp=true",
+            "privacy.client_target_epsilon=1",
+            "federation.num_clients=500",
+            "federation.fraction_train=0.1",
+            "run.rounds=20",
+        ]
+    )
+    _start(
+        [
+            "privacy.client_dp=true",
+            "privacy.client_clipping=adaptive",
+            "privacy.client_target_epsilon=1",
+            "federation.num_clients=1000",
+            "federation.fraction_train=0.1",
+            "run.rounds=20",
+        ]
+    )
 
 
 def test_adaptive_clipping_reports_the_epsilon_of_the_mechanism_it_runs():
@@ -155,7 +199,7 @@ def test_adaptive_clipping_reports_the_epsilon_of_the_mechanism_it_runs():
     before = _flat(s.global_eff)
     rl = _round(s, profiles, template, 1)
     sigma_b = 3 / 20
-    z_delta = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+    z_delta = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
     assert rl.privacy["client-update-noise-multiplier"] == pytest.approx(z_delta, rel=1e-12)
     diff = _flat(s.global_eff) - before
     assert float(diff.std()) == pytest.approx(z_delta * clip / 3, rel=0.1)
@@ -163,8 +207,9 @@ def test_adaptive_clipping_reports_the_epsilon_of_the_mechanism_it_runs():
     for rnd in (2, 3):
         rl = _round(s, profiles, template, rnd)
     acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    mechanism = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_delta / 2),
-                                               dp_accounting.GaussianDpEvent(sigma_b)])
+    mechanism = dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(z_delta / 2), dp_accounting.GaussianDpEvent(sigma_b)]
+    )
     acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(3, 3, mechanism), 3)
     assert rl.privacy["client-epsilon"] == pytest.approx(acc.get_epsilon(cfg.client_delta()), rel=1e-6)
 
@@ -189,15 +234,18 @@ def test_accountant_state_round_trips():
     assert again.epsilon() == _dp(s).epsilon() and again.released == 2
 
 
-@pytest.mark.parametrize("override, fragment", [
-    (["federation.strategy=flora"], "no sum to add noise to"),
-    (["federation.strategy=flexlora"], "flexlora redistributes an SVD"),
-    (["privacy.delta=0.2"], "must be below 1 / num_clients"),
-    (["privacy.client_clip=0"], "privacy.client_clip"),
-    (["privacy.client_noise_multiplier=-1"], "privacy.client_noise_multiplier"),
-    (["privacy.client_target_epsilon=0.001", "run.rounds=50", "federation.fraction_train=1.0"], "cannot be met"),
-    (["dylora.enabled=true", "federation.strategy=hetlora"], "DyLoRA's per-round rank"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (["federation.strategy=flora"], "no sum to add noise to"),
+        (["federation.strategy=flexlora"], "flexlora redistributes an SVD"),
+        (["privacy.delta=0.2"], "must be below 1 / num_clients"),
+        (["privacy.client_clip=0"], "privacy.client_clip"),
+        (["privacy.client_noise_multiplier=-1"], "privacy.client_noise_multiplier"),
+        (["privacy.client_target_epsilon=0.001", "run.rounds=50", "federation.fraction_train=1.0"], "cannot be met"),
+        (["dylora.enabled=true", "federation.strategy=hetlora"], "DyLoRA's per-round rank"),
+    ],
+)
 def test_dp_bad_input_fails_before_training(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         _start(["privacy.client_dp=true"] + override)
@@ -206,8 +254,16 @@ def test_dp_bad_input_fails_before_training(override, fragment):
 def test_target_epsilon_is_met_by_the_calibrated_noise():
     from fedlora.privacy.accounting import client_epsilon, client_noise_for_target, sampled_per_round
 
-    cfg = FedLoraConfig.load(None, ["privacy.client_dp=true", "privacy.client_target_epsilon=3",
-                                    "federation.num_clients=500", "federation.fraction_train=0.1", "run.rounds=20"])
+    cfg = FedLoraConfig.load(
+        None,
+        [
+            "privacy.client_dp=true",
+            "privacy.client_target_epsilon=3",
+            "federation.num_clients=500",
+            "federation.fraction_train=0.1",
+            "run.rounds=20",
+        ],
+    )
     z = client_noise_for_target(cfg)
     eps = client_epsilon(z, sampled_per_round(cfg), 500, 20, cfg.client_delta())
     assert eps <= 3.0 and eps > 2.95
@@ -357,8 +413,15 @@ def test_dp_sgd_step_equals_the_plain_step_without_noise_or_clipping(tmp_path, s
     train_local(m, params, cd.train, cfg.train, seed=5, device=torch.device("cpu"), hooks=[])
     plain = extract_factors(m)
     load_factors(m, start)
-    train_local(m, params, cd.train, cfg.train, seed=5, device=torch.device("cpu"),
-                hooks=[DPSGDHook(0.0, 1e9, 1e-5, noise_seed=0)])
+    train_local(
+        m,
+        params,
+        cd.train,
+        cfg.train,
+        seed=5,
+        device=torch.device("cpu"),
+        hooks=[DPSGDHook(0.0, 1e9, 1e-5, noise_seed=0)],
+    )
     private = extract_factors(m)
     for d, p in zip(dropouts, saved):
         d.p = p
@@ -401,22 +464,36 @@ def test_a_restarted_client_resumes_its_dp_sgd_accountant(tmp_path, shared_data,
     from fedlora.privacy.example_level import STATE_NAME
     from fedlora.state import ClientStateStore
 
-    cfg = make_config(tmp_path, privacy={"example_dp": True, "example_noise_multiplier": 1.0, "noise_seed": 1},
-                      train={"local_steps": 3}, simulation={"state_dir": str(tmp_path / "state")})
+    cfg = make_config(
+        tmp_path,
+        privacy={"example_dp": True, "example_noise_multiplier": 1.0, "noise_seed": 1},
+        train={"local_steps": 3},
+        simulation={"state_dir": str(tmp_path / "state")},
+    )
     m = build_peft_model(cfg, 4, AdapterSpec(4, 8.0, cfg.lora.dropout, tuple(cfg.lora.target_modules)))
     f = initial_factors(m, cfg.lora.init_seed)
     arrays = codec.encode(f.select({"A", "B", "head"}), modules=sorted(f.modules))
 
     def run(ctx, rnd):
-        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd,
-                                                                             "config-digest": cfg.digest()})}),
-                      dst_node_id=ctx.node_id, message_type="train")
+        msg = Message(
+            RecordDict(
+                {"arrays": arrays, "config": ConfigRecord({"server-round": rnd, "config-digest": cfg.digest()})}
+            ),
+            dst_node_id=ctx.node_id,
+            message_type="train",
+        )
         return app(msg, ctx).content["metrics"]["dp-sgd-epsilon"]
 
     def fresh():
         ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-        app(Message(RecordDict({"config": ConfigRecord({"action": "setup", "run-config": cfg.to_json()})}),
-                    dst_node_id=5, message_type="query"), ctx)
+        app(
+            Message(
+                RecordDict({"config": ConfigRecord({"action": "setup", "run-config": cfg.to_json()})}),
+                dst_node_id=5,
+                message_type="query",
+            ),
+            ctx,
+        )
         return ctx
 
     ctx = fresh()
@@ -432,12 +509,14 @@ def test_dp_sgd_trained_minilm_learns_real_data(tmp_path, shared_data):
     """Opacus issue #820: LoRA trained under DP-SGD must be useful afterwards, not just look trained."""
     from fedlora.simulate import simulate
 
-    cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
-                      data={"max_train_examples": 300, "max_test_examples": 120},
-                      train={"local_epochs": 2, "learning_rate": 1e-2, "batch_size": 32},
-                      federation={"fraction_evaluate": 0.0},  # the server's accuracy is the claim
-                      privacy={"example_dp": True, "example_noise_multiplier": 0.5, "example_clip": 1.0,
-                               "noise_seed": 0})
+    cfg = make_config(
+        tmp_path,
+        model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
+        data={"max_train_examples": 300, "max_test_examples": 120},
+        train={"local_epochs": 2, "learning_rate": 1e-2, "batch_size": 32},
+        federation={"fraction_evaluate": 0.0},  # the server's accuracy is the claim
+        privacy={"example_dp": True, "example_noise_multiplier": 0.5, "example_clip": 1.0, "noise_seed": 0},
+    )
     rows = simulate(cfg, engine="inprocess").read_metrics()  # Opacus on the clients' training, any engine
     acc = [r["server-accuracy"] for r in rows]
     assert acc[0] < 0.32 and acc[-1] > 0.38 and acc[-1] > acc[0] + 0.08, acc  # chance: 0.25
@@ -448,11 +527,17 @@ def test_dp_sgd_trained_minilm_learns_real_data(tmp_path, shared_data):
 def test_dp_dylora_every_accepted_reply_has_the_round_rank(tmp_path, shared_data):
     import fleet
 
-    cfg = make_config(tmp_path, run={"rounds": 3}, lora={"rank": 8, "alpha": 16},
-                      privacy={"client_dp": True, "client_noise_multiplier": 0.3, "client_clip": 0.5},
-                      dylora={"enabled": True, "eval_ranks": [1, 8]},
-                      federation={"server_eval_every": 2})
-    run_dir, rows, grid = fleet.run_recorded(cfg, engine="inprocess")  # the rank schedule is the apps', not the engine's
+    cfg = make_config(
+        tmp_path,
+        run={"rounds": 3},
+        lora={"rank": 8, "alpha": 16},
+        privacy={"client_dp": True, "client_noise_multiplier": 0.3, "client_clip": 0.5},
+        dylora={"enabled": True, "eval_ranks": [1, 8]},
+        federation={"server_eval_every": 2},
+    )
+    run_dir, rows, grid = fleet.run_recorded(
+        cfg, engine="inprocess"
+    )  # the rank schedule is the apps', not the engine's
     by_round = {r["round"]: r for r in rows}
     # server_eval_every = 2: round 0, every 2nd round and the last are evaluated (at every rank), round 1 is not.
     assert [r["round"] for r in rows if "server-accuracy" in r] == [0, 2, 3]
@@ -460,8 +545,11 @@ def test_dp_dylora_every_accepted_reply_has_the_round_rank(tmp_path, shared_data
     for m in grid.train_replies():
         if not m.has_error():
             b = int(m.content["metrics"]["rank"])
-            rnd = next(s.content["config"]["server-round"] for s in grid.sent
-                       if s.metadata.message_id == m.metadata.reply_to_message_id)
+            rnd = next(
+                s.content["config"]["server-round"]
+                for s in grid.sent
+                if s.metadata.message_id == m.metadata.reply_to_message_id
+            )
             assert b == by_round[rnd]["dylora-rank"]
             assert all(arr.shape[0] == b for k, arr in m.content["arrays"].items() if k.endswith("/A"))
     assert all(r["clients-accepted"] == 3 for r in rows[1:])

@@ -14,8 +14,10 @@ import psutil
 
 # A "daemon" that starts a helper of its own, detached in a new session as flower-superlink starts
 # flower-superexec (out of any process group a supervisor could signal), then waits.
-DAEMON = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
-          "start_new_session=True); time.sleep(600)")
+DAEMON = (
+    "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+    "start_new_session=True); time.sleep(600)"
+)
 
 
 def _tree_of(pid: int, want: int, timeout: float = 20.0) -> list[psutil.Process]:
@@ -33,7 +35,7 @@ def test_a_sigkilled_parent_takes_the_daemon_and_its_detached_helpers_with_it(tm
         import sys, time
         from pathlib import Path
         from fedlora.deploy.processes import spawn
-        spawn([sys.executable, "-c", {DAEMON!r}], Path({str(tmp_path / 'daemon.log')!r}))
+        spawn([sys.executable, "-c", {DAEMON!r}], Path({str(tmp_path / "daemon.log")!r}))
         time.sleep(600)
     """)
     parent = subprocess.Popen([sys.executable, "-c", parent_code])

@@ -20,9 +20,13 @@ IN, OUT = 6, 5
 def _f(seed: int, rank: int = 3, alpha: float = 6.0, scale: float = 1.0) -> LoraFactors:
     g = torch.Generator().manual_seed(seed)
     return LoraFactors(
-        modules={"m": ModuleFactors(A=torch.randn(rank, IN, generator=g) * scale,
-                                    B=torch.randn(OUT, rank, generator=g) * scale, alpha=alpha)},
-        extras={"head.w": torch.randn(2, IN, generator=g) * scale})
+        modules={
+            "m": ModuleFactors(
+                A=torch.randn(rank, IN, generator=g) * scale, B=torch.randn(OUT, rank, generator=g) * scale, alpha=alpha
+            )
+        },
+        extras={"head.w": torch.randn(2, IN, generator=g) * scale},
+    )
 
 
 def test_cap_shares_water_fills_exactly():
@@ -49,34 +53,51 @@ def test_cap_shares_properties(weights, cap):
 def test_update_norm_is_the_effective_change_and_clip_lands_on_the_bound():
     start, new = _f(0), _f(1)
     s = 6.0 / 3
-    want = math.sqrt(float(((new.modules["m"].A - start.modules["m"].A) ** 2).sum()
-                         + ((s * new.modules["m"].B - s * start.modules["m"].B) ** 2).sum()
-                         + ((new.extras["head.w"] - start.extras["head.w"]) ** 2).sum()))
+    want = math.sqrt(
+        float(
+            ((new.modules["m"].A - start.modules["m"].A) ** 2).sum()
+            + ((s * new.modules["m"].B - s * start.modules["m"].B) ** 2).sum()
+            + ((new.extras["head.w"] - start.extras["head.w"]) ** 2).sum()
+        )
+    )
     assert update_norm(start, new) == pytest.approx(want, rel=1e-6)
     clipped, norm = clip_update(start, new, want / 4)
     assert norm == pytest.approx(want, rel=1e-6)
     assert update_norm(start, clipped) == pytest.approx(want / 4, rel=1e-5)
     # the clipped update points the same way: start + (new - start) / 4, per tensor
-    assert torch.allclose(clipped.modules["m"].A, start.modules["m"].A + (new.modules["m"].A - start.modules["m"].A) / 4)
+    assert torch.allclose(
+        clipped.modules["m"].A, start.modules["m"].A + (new.modules["m"].A - start.modules["m"].A) / 4
+    )
     # ... B in effective form (scaling s on both sides), and the head: the same direction, not its reverse
-    assert torch.allclose(s * clipped.modules["m"].B, s * start.modules["m"].B + s * (new.modules["m"].B - start.modules["m"].B) / 4)
-    assert torch.allclose(clipped.extras["head.w"], start.extras["head.w"] + (new.extras["head.w"] - start.extras["head.w"]) / 4)
+    assert torch.allclose(
+        s * clipped.modules["m"].B, s * start.modules["m"].B + s * (new.modules["m"].B - start.modules["m"].B) / 4
+    )
+    assert torch.allclose(
+        clipped.extras["head.w"], start.extras["head.w"] + (new.extras["head.w"] - start.extras["head.w"]) / 4
+    )
     same, _ = clip_update(start, new, want * 2)
     assert same is new  # under the bound: untouched
 
 
 def test_clip_measures_a_pruned_client_on_its_kept_components_in_its_own_scale():
     start = _f(0, rank=4, alpha=8.0)
-    new = LoraFactors(modules={"m": ModuleFactors(A=start.modules["m"].A[:3].clone(),
-                                                  B=start.modules["m"].B[:, :3] * (8.0 / 4) / (8.0 / 3), alpha=8.0)},
-                      extras=dict(start.extras))
+    new = LoraFactors(
+        modules={
+            "m": ModuleFactors(
+                A=start.modules["m"].A[:3].clone(), B=start.modules["m"].B[:, :3] * (8.0 / 4) / (8.0 / 3), alpha=8.0
+            )
+        },
+        extras=dict(start.extras),
+    )
     assert update_norm(start, new) == pytest.approx(0.0, abs=1e-6)  # same update, new scaling
     # Clipped, it keeps its own rank: start's first 3 components plus a quarter of its change.
     moved = _f(5, rank=3, alpha=8.0)
     n = update_norm(start, moved)
     clipped, _ = clip_update(start, moved, n / 4)
     assert clipped.modules["m"].A.shape == (3, IN) and update_norm(start, clipped) == pytest.approx(n / 4, rel=1e-5)
-    assert torch.allclose(clipped.modules["m"].A, start.modules["m"].A[:3] + (moved.modules["m"].A - start.modules["m"].A[:3]) / 4)
+    assert torch.allclose(
+        clipped.modules["m"].A, start.modules["m"].A[:3] + (moved.modules["m"].A - start.modules["m"].A[:3]) / 4
+    )
     # A client that shares A only (FedSA) is clipped on A and still sends no B.
     a_only = LoraFactors(modules={"m": ModuleFactors(A=moved.modules["m"].A, B=None, alpha=8.0)})
     clipped, _ = clip_update(start, a_only, 1e-3)
@@ -121,9 +142,13 @@ def test_boundaries_of_the_share_cap_and_the_clip():
 # ---------------------------------------------------------------------------------- the round's medians
 def _lin(x: LoraFactors, y: LoraFactors, c: float) -> LoraFactors:
     """x + c * (y - x), tensor by tensor."""
-    return LoraFactors(modules={n: ModuleFactors(A=m.A + c * (y.modules[n].A - m.A), B=m.B + c * (y.modules[n].B - m.B),
-                                                 alpha=m.alpha) for n, m in x.modules.items()},
-                       extras={k: t + c * (y.extras[k] - t) for k, t in x.extras.items()})
+    return LoraFactors(
+        modules={
+            n: ModuleFactors(A=m.A + c * (y.modules[n].A - m.A), B=m.B + c * (y.modules[n].B - m.B), alpha=m.alpha)
+            for n, m in x.modules.items()
+        },
+        extras={k: t + c * (y.extras[k] - t) for k, t in x.extras.items()},
+    )
 
 
 def _attacked_round(order: list[int], attack: dict[int, str], held_back: int | None = None, **robust: str):
@@ -142,30 +167,39 @@ def _attacked_round(order: list[int], attack: dict[int, str], held_back: int | N
     _, s, profiles, template = _setup("fedit", "fixed", [4] * 10, **extra)
     if held_back is not None:
         size = sum(t.numel() * 4 for _, t in template.select(s.sharing_policy.shared).tensors())
-        _, s, profiles, template = _setup("fedit", "fixed", [4] * 10, **extra,
-                                          **{"robust.held_back_mb": str((held_back + 0.5) * size / 2**20)})
+        _, s, profiles, template = _setup(
+            "fedit", "fixed", [4] * 10, **extra, **{"robust.held_back_mb": str((held_back + 0.5) * size / 2**20)}
+        )
     replies = []
     for i, prof in enumerate(profiles):
         adapter, _ = s.client_payload(prof, 1)
         received = codec.decode(codec.encode(adapter, modules=s.module_names), alpha=prof.alpha, modules=s.module_names)
         start = LoraFactors(
-            modules={n: ModuleFactors(A=m.A[:prof.rank].clone(), B=torch.zeros(OUT, prof.rank), alpha=prof.alpha)
-                     for n, m in template.modules.items()},
-            extras={k: v.clone() for k, v in template.extras.items()}).merged_with(received)
+            modules={
+                n: ModuleFactors(A=m.A[: prof.rank].clone(), B=torch.zeros(OUT, prof.rank), alpha=prof.alpha)
+                for n, m in template.modules.items()
+            },
+            extras={k: v.clone() for k, v in template.extras.items()},
+        ).merged_with(received)
         shared = _local_training(received, prof, template, s.sharing_policy, seed=999)
         own = _local_training(received, prof, template, s.sharing_policy, seed=10 + i)
         f = _lin(shared, own, 0.5)  # start + half the shared step + half its own
         if attack.get(i) == "scale":
-            f = LoraFactors(modules={n: ModuleFactors(A=m.A * 1e3**0.5, B=m.B * 1e3**0.5, alpha=m.alpha)
-                                     for n, m in f.modules.items()}, extras={k: v * 1e3 for k, v in f.extras.items()})
+            f = LoraFactors(
+                modules={
+                    n: ModuleFactors(A=m.A * 1e3**0.5, B=m.B * 1e3**0.5, alpha=m.alpha) for n, m in f.modules.items()
+                },
+                extras={k: v * 1e3 for k, v in f.extras.items()},
+            )
         elif attack.get(i) == "flip":
             f = _lin(start, f, -3.5)
         replies.append(_Reply(prof.node_id, reply_content(s, f, 100, prof.rank)))
     return s, _train_round(s, profiles, [replies[i] for i in order], 1)
 
 
-@pytest.mark.parametrize("order", [random.Random(seed).sample(range(10), 10) for seed in range(8)]
-                         + [list(range(10))[::-1]])
+@pytest.mark.parametrize(
+    "order", [random.Random(seed).sample(range(10), 10) for seed in range(8)] + [list(range(10))[::-1]]
+)
 def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order):
     """Four of ten replies blown up 1000x (the attack that filled the old first-round window when they
     answered first): in every arrival order the same four are clipped onto 4x the round's median
@@ -191,10 +225,12 @@ def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unb
         _, rl = _attacked_round(order, attack, held_back=2, min_cosine="0")
         assert len(rl.clipped) == 2 and len(rl.flagged) == 2, (rl.clipped, rl.flagged)
         assert rl.flagged[0].startswith("2 replies above robust.relative_norm_bound (4x the median update norm ")
-        assert rl.flagged[0].endswith("folded unbounded: more replies exceeded it than robust.held_back_mb "
-                                      "(2 replies) holds back")
-        assert rl.flagged[1] == ("direction not checked (robust.min_cosine): the round's 10 replies exceed "
-                                 "robust.held_back_mb (2 replies)")
+        assert rl.flagged[0].endswith(
+            "folded unbounded: more replies exceeded it than robust.held_back_mb (2 replies) holds back"
+        )
+        assert rl.flagged[1] == (
+            "direction not checked (robust.min_cosine): the round's 10 replies exceed robust.held_back_mb (2 replies)"
+        )
     _, fits = _attacked_round(list(range(10)), {0: "scale", 1: "scale"}, held_back=2)
     assert len(fits.clipped) == 2 and not fits.flagged
 

@@ -11,8 +11,17 @@ from fedlora.rundir import RunDir, scalars
 
 
 def test_scalars_are_a_rows_finite_numbers_grouped_by_their_first_word():
-    row = {"round": 3, "server-accuracy": 0.5, "bytes-up-total": 10, "seconds": 1.5, "skipped": True,
-           "server-loss": math.nan, "clients": [{"accuracy": 1.0}], "strategy": "fedit", "flagged": None}
+    row = {
+        "round": 3,
+        "server-accuracy": 0.5,
+        "bytes-up-total": 10,
+        "seconds": 1.5,
+        "skipped": True,
+        "server-loss": math.nan,
+        "clients": [{"accuracy": 1.0}],
+        "strategy": "fedit",
+        "flagged": None,
+    }
     assert scalars(row) == {"server/accuracy": 0.5, "bytes/up-total": 10.0, "seconds": 1.5}
 
 
@@ -28,7 +37,10 @@ def test_tensorboard_event_files_hold_each_appended_row(tmp_path):
     board = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     board.Reload()
     assert [(e.step, e.value) for e in board.Scalars("server/accuracy")] == [(1, 0.5), (2, 0.75)]
-    assert [(e.step, e.value) for e in board.Scalars("dp/epsilon")] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2))]
+    assert [(e.step, e.value) for e in board.Scalars("dp/epsilon")] == [
+        (1, pytest.approx(0.1)),
+        (2, pytest.approx(0.2)),
+    ]
 
 
 def test_plot_has_integer_round_ticks_and_baselines(tmp_path):
@@ -65,8 +77,9 @@ def test_strategy_state_round_trips_through_an_atomic_checkpoint(tmp_path):
 
     from fedlora.rundir import RunDir
 
-    cfg, s, profiles, template = _setup("hetlora", "fixed", [2, 4, 8], **{"privacy.client_dp": "true",
-                                                                         "privacy.noise_seed": 1})
+    cfg, s, profiles, template = _setup(
+        "hetlora", "fixed", [2, 4, 8], **{"privacy.client_dp": "true", "privacy.noise_seed": 1}
+    )
     s.refused[999] = "lied"
     from fedlora.strategies.base import RoundLog
 

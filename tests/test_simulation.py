@@ -36,9 +36,13 @@ def _array_keys(messages):
 def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, shared_data, ray_cluster):
     """3 clients, 2 rounds of one local epoch, the real pretrained encoder, AG News from ../shared/data
     (accuracy 0.25 -> 0.60 on 120 held-out examples)."""
-    cfg = make_config(tmp_path, model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
-                      data={"max_train_examples": 300, "max_test_examples": 120},
-                      train={"local_epochs": 1, "learning_rate": 3e-3}, run={"tensorboard": True})
+    cfg = make_config(
+        tmp_path,
+        model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
+        data={"max_train_examples": 300, "max_test_examples": 120},
+        train={"local_epochs": 1, "learning_rate": 3e-3},
+        run={"tensorboard": True},
+    )
     run_dir, rows, grid = _run(cfg)
     assert rows[0]["round"] == 0 and rows[-1]["round"] == 2
 
@@ -50,7 +54,8 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     tags = set(board.Tags()["scalars"])
     assert {"server/accuracy", "server/loss", "bytes/up-total", "clients/accepted"} <= tags, tags
     assert [(e.step, e.value) for e in board.Scalars("server/accuracy")] == [
-        (r["round"], pytest.approx(r["server-accuracy"])) for r in rows]
+        (r["round"], pytest.approx(r["server-accuracy"])) for r in rows
+    ]
     assert [e.step for e in board.Scalars("bytes/up-total")] == [1, 2]
     assert rows[-1]["server-accuracy"] > rows[0]["server-accuracy"] + 0.15, [r["server-accuracy"] for r in rows]
 
@@ -91,7 +96,8 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     d = str(elsewhere)
     names = json.load(open(f"{d}/labels.json"))["names"]  # the README's lines, as they are
     user_model = AutoPeftModelForSequenceClassification.from_pretrained(
-        d, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        d, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+    )
     assert user_model.config.id2label == {0: "World", 1: "Sports", 2: "Business", 3: "Science or Technology"}
     user = evaluate(user_model, task.test, 64, torch.device("cpu"))
     from fedlora.model import load_adapter
@@ -107,8 +113,9 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     # this process; the model it evaluated and saved is the one cached for the run's base model).
     from fedlora import model as model_mod
 
-    live = model_mod.cached_peft_model(cfg, 4, model_mod.AdapterSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                                                                      tuple(cfg.lora.target_modules)))
+    live = model_mod.cached_peft_model(
+        cfg, 4, model_mod.AdapterSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.target_modules))
+    )
     saved_logits = predict(model, task.test, 64, torch.device("cpu"))
     assert saved_logits.shape == (len(task.test), 4)
     assert torch.allclose(saved_logits, predict(live, task.test, 64, torch.device("cpu")), atol=1e-5)
@@ -184,13 +191,19 @@ def test_fedsa_refuses_mixed_ranks_with_the_reason():
     from fedlora.config import ConfigError
 
     with pytest.raises(ConfigError, match="fedsa cannot mix ranks \\[4, 8\\].*private B"):
-        FedLoraConfig.load(None, ["federation.strategy=fedsa", "federation.num_clients=2", "hetero.client_ranks=[4, 8]"])
+        FedLoraConfig.load(
+            None, ["federation.strategy=fedsa", "federation.num_clients=2", "hetero.client_ranks=[4, 8]"]
+        )
 
 
 @pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "flora"])
 def test_heterogeneous_ranks_each_client_gets_its_own_rank(tmp_path, shared_data, strategy):
-    cfg = make_config(tmp_path, federation={"strategy": strategy}, hetero={"client_ranks": [2, 4, 8], "flora_max_rank": 10},
-                      run={"rounds": 3})
+    cfg = make_config(
+        tmp_path,
+        federation={"strategy": strategy},
+        hetero={"client_ranks": [2, 4, 8], "flora_max_rank": 10},
+        run={"rounds": 3},
+    )
     _, rows, grid = _run(cfg, engine="inprocess")  # shapes are the apps' doing, not the engine's
     ranks = {}
     for m in grid.received:

@@ -22,17 +22,26 @@ NAMES = ["l0.query", "l0.value"]
 
 def _factors(rank: int, alpha: float, parts=("A", "B", "head"), seed=0) -> LoraFactors:
     g = torch.Generator().manual_seed(seed)
-    f = LoraFactors(modules={n: ModuleFactors(A=torch.randn(rank, IN, generator=g) if "A" in parts else None,
-                                              B=torch.randn(OUT, rank, generator=g) if "B" in parts else None,
-                                              alpha=alpha) for n in NAMES})
+    f = LoraFactors(
+        modules={
+            n: ModuleFactors(
+                A=torch.randn(rank, IN, generator=g) if "A" in parts else None,
+                B=torch.randn(OUT, rank, generator=g) if "B" in parts else None,
+                alpha=alpha,
+            )
+            for n in NAMES
+        }
+    )
     if "head" in parts:
         f.extras = {"classifier.weight": torch.randn(3, IN, generator=g), "classifier.bias": torch.zeros(3)}
     return f
 
 
 def _strategy(name: str, **hetero):
-    cfg = FedLoraConfig.load(None, [f"federation.strategy={name}", "lora.rank=4", "lora.alpha=8"]
-                             + [f"hetero.{k}={v}" for k, v in hetero.items()])
+    cfg = FedLoraConfig.load(
+        None,
+        [f"federation.strategy={name}", "lora.rank=4", "lora.alpha=8"] + [f"hetero.{k}={v}" for k, v in hetero.items()],
+    )
     s = get_strategy(name)(cfg, _factors(8, 8.0))
     return s
 
@@ -45,8 +54,9 @@ def _reply(f: LoraFactors, n=10, rank=None, names=NAMES) -> RecordDict:
 
 
 def _prof(rank=4, alpha=8.0, num_train=50):
-    return NodeProfile(node_id=1, client_id="client-00007", partition_id=7, rank=rank, alpha=alpha,
-                       num_train=num_train, num_test=5)
+    return NodeProfile(
+        node_id=1, client_id="client-00007", partition_id=7, rank=rank, alpha=alpha, num_train=num_train, num_test=5
+    )
 
 
 def test_fedit_accepts_a_good_reply():
@@ -55,12 +65,15 @@ def test_fedit_accepts_a_good_reply():
     assert u.weight == 10 and set(u.factors.modules) == set(NAMES)
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda f: f.modules["l0.query"].__setattr__("A", torch.randn(3, IN)), "0/A: shape (3, 16), expected (4, 16)"),
-    (lambda f: f.modules["l0.value"].__setattr__("B", torch.randn(OUT + 1, 4)), "shape (17, 4), expected (16, 4)"),
-    (lambda f: f.modules["l0.value"].A.__setitem__((0, 0), math.inf), "holds NaN or Inf"),
-    (lambda f: f.extras.__setitem__("classifier.weight", torch.zeros(2, IN)), "head/classifier.weight"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda f: f.modules["l0.query"].__setattr__("A", torch.randn(3, IN)), "0/A: shape (3, 16), expected (4, 16)"),
+        (lambda f: f.modules["l0.value"].__setattr__("B", torch.randn(OUT + 1, 4)), "shape (17, 4), expected (16, 4)"),
+        (lambda f: f.modules["l0.value"].A.__setitem__((0, 0), math.inf), "holds NaN or Inf"),
+        (lambda f: f.extras.__setitem__("classifier.weight", torch.zeros(2, IN)), "head/classifier.weight"),
+    ],
+)
 def test_malformed_factors_are_rejected_with_reason(mutate, reason):
     s = _strategy("fedit")
     f = _factors(4, 8.0)
@@ -127,8 +140,10 @@ def test_a_node_the_superlink_answers_for_is_named_as_itself_once(task_identity)
 
         def pull_messages(self, ids):
             alive, dead = self.pushed
-            return [Message(RecordDict(), reply_to=alive),
-                    create_message_error_unavailable_res_message(dead.metadata, "node_unavail")]
+            return [
+                Message(RecordDict(), reply_to=alive),
+                create_message_error_unavailable_res_message(dead.metadata, "node_unavail"),
+            ]
 
     sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12)]
     replies = list(StreamingGrid(Link()).send_and_receive(sent, timeout=5))
@@ -164,8 +179,14 @@ def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(t
         def pull_messages(self, ids):
             ids = list(ids)
             self.asked.append(len(ids))
-            return [Message(RecordDict({"arrays": ArrayRecord([np.full(250_000, len(self.sent), np.float32)])}),
-                            reply_to=self.sent.pop(i)) for i in ids if i in self.sent]
+            return [
+                Message(
+                    RecordDict({"arrays": ArrayRecord([np.full(250_000, len(self.sent), np.float32)])}),
+                    reply_to=self.sent.pop(i),
+                )
+                for i in ids
+                if i in self.sent
+            ]
 
     def peak_mb(max_pull: int) -> tuple[float, Backlog]:
         grid = Backlog()
@@ -186,7 +207,9 @@ def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(t
     single, _ = peak_mb(1)
     assert unbounded > 50 * 0.95, unbounded  # the whole backlog at once (1 MB a reply)
     assert bounded < single + 4 * 1.1, (bounded, single)
-    print(f"peak MiB of replies held: one at a time {single:.1f}, max_pull 4 {bounded:.1f}, all at once {unbounded:.1f}")
+    print(
+        f"peak MiB of replies held: one at a time {single:.1f}, max_pull 4 {bounded:.1f}, all at once {unbounded:.1f}"
+    )
 
 
 def test_replies_per_pull_fits_the_budget():
@@ -211,12 +234,22 @@ def test_pruned_client_sends_its_real_update_not_an_inflated_one(tmp_path, share
     from fedlora.factors import LoraFactors, ModuleFactors, load_factors
     from fedlora.lora_math import to_effective
 
-    cfg = make_config(tmp_path, federation={"strategy": "hetlora"}, lora={"rank": 8, "alpha": 16},
-                      hetero={"hetlora_prune": True, "hetlora_prune_ratio": 0.02, "client_ranks": [8, 8, 8]},
-                      simulation={"state_dir": str(tmp_path / "state")})
+    cfg = make_config(
+        tmp_path,
+        federation={"strategy": "hetlora"},
+        lora={"rank": 8, "alpha": 16},
+        hetero={"hetlora_prune": True, "hetlora_prune_ratio": 0.02, "client_ranks": [8, 8, 8]},
+        simulation={"state_dir": str(tmp_path / "state")},
+    )
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    app(Message(RecordDict({"config": ConfigRecord({"action": "setup", "run-config": cfg.to_json()})}),
-                dst_node_id=7, message_type="query"), ctx)
+    app(
+        Message(
+            RecordDict({"config": ConfigRecord({"action": "setup", "run-config": cfg.to_json()})}),
+            dst_node_id=7,
+            message_type="query",
+        ),
+        ctx,
+    )
     session = ClientSession.from_context(ctx, cfg.digest())
     model = session.model()
     g = torch.Generator().manual_seed(0)
@@ -244,8 +277,9 @@ def test_server_takes_a_pruned_reply_at_its_real_scale():
     from fedlora.lora_math import prune_to_rank, to_effective
     from fedlora.protocol import NodeProfile
 
-    cfg = FedLoraConfig.load(None, ["federation.strategy=hetlora", "lora.rank=8", "lora.alpha=16",
-                                    "hetero.hetlora_prune=true"])
+    cfg = FedLoraConfig.load(
+        None, ["federation.strategy=hetlora", "lora.rank=8", "lora.alpha=16", "hetero.hetlora_prune=true"]
+    )
     from fedlora.strategies import HetLoRA
 
     tmpl = _template(8)

@@ -27,8 +27,14 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def _cfg(strategy: str, alpha_mode: str, ranks: list[int], **extra: str) -> FedLoraConfig:
-    sets = [f"federation.strategy={strategy}", "lora.rank=4", "lora.alpha=8", f"lora.alpha_mode={alpha_mode}",
-            "federation.num_clients=3", "federation.min_train_clients=3"]
+    sets = [
+        f"federation.strategy={strategy}",
+        "lora.rank=4",
+        "lora.alpha=8",
+        f"lora.alpha_mode={alpha_mode}",
+        "federation.num_clients=3",
+        "federation.min_train_clients=3",
+    ]
     if len(set(ranks)) > 1:
         sets.append(f"hetero.client_ranks={ranks}")
     return FedLoraConfig.load(None, sets + [f"{k}={v}" for k, v in extra.items()])
@@ -38,9 +44,12 @@ def _template(rank: int, seed: int = 99) -> LoraFactors:
     """What the server's model builds from lora.init_seed: A random, B zero, a head."""
     g = torch.Generator().manual_seed(seed)
     return LoraFactors(
-        modules={n: ModuleFactors(A=torch.randn(rank, IN, generator=g) * 0.3, B=torch.zeros(OUT, rank), alpha=8.0)
-                 for n in NAMES},
-        extras={"classifier.weight": torch.randn(NLAB, IN, generator=g) * 0.02, "classifier.bias": torch.zeros(NLAB)})
+        modules={
+            n: ModuleFactors(A=torch.randn(rank, IN, generator=g) * 0.3, B=torch.zeros(OUT, rank), alpha=8.0)
+            for n in NAMES
+        },
+        extras={"classifier.weight": torch.randn(NLAB, IN, generator=g) * 0.02, "classifier.bias": torch.zeros(NLAB)},
+    )
 
 
 def _setup(strategy: str, alpha_mode: str, ranks: list[int], **extra: str):
@@ -51,9 +60,18 @@ def _setup(strategy: str, alpha_mode: str, ranks: list[int], **extra: str):
     from fedlora.lora_math import to_effective
 
     s.global_eff = s.initial_global(to_effective(template))
-    profiles = [NodeProfile(node_id=100 + i, client_id=f"c{i}", partition_id=i, rank=r,
-                            alpha=cfg.lora.alpha_for_rank(r), num_train=1000, num_test=10)
-                for i, r in enumerate(ranks)]
+    profiles = [
+        NodeProfile(
+            node_id=100 + i,
+            client_id=f"c{i}",
+            partition_id=i,
+            rank=r,
+            alpha=cfg.lora.alpha_for_rank(r),
+            num_train=1000,
+            num_test=10,
+        )
+        for i, r in enumerate(ranks)
+    ]
     for p in profiles:
         s.profiles[p.node_id] = p
     return cfg, s, profiles, template
@@ -63,9 +81,12 @@ def _local_training(received: LoraFactors, prof: NodeProfile, template: LoraFact
     """A client's start (seed init, then what it received) moved by a random step on trained parts."""
     g = torch.Generator().manual_seed(seed)
     start = LoraFactors(
-        modules={n: ModuleFactors(A=m.A[:prof.rank].clone(), B=torch.zeros(OUT, prof.rank), alpha=prof.alpha)
-                 for n, m in template.modules.items()},
-        extras={k: v.clone() for k, v in template.extras.items()}).merged_with(received)
+        modules={
+            n: ModuleFactors(A=m.A[: prof.rank].clone(), B=torch.zeros(OUT, prof.rank), alpha=prof.alpha)
+            for n, m in template.modules.items()
+        },
+        extras={k: v.clone() for k, v in template.extras.items()},
+    ).merged_with(received)
     out = LoraFactors(extras={k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in start.extras.items()})
     for n, m in start.modules.items():
         A = m.A + (torch.randn(m.A.shape, generator=g) * 0.1 if "A" in policy.trained else 0)
@@ -76,8 +97,12 @@ def _local_training(received: LoraFactors, prof: NodeProfile, template: LoraFact
 
 def _reply(strategy, f: LoraFactors, n: int, rank: int) -> RecordDict:
     sent = f.select(strategy.sharing_policy.shared)
-    return RecordDict({"arrays": codec.encode(sent, modules=strategy.module_names),
-                       "metrics": MetricRecord({"num-examples": n, "rank": rank})})
+    return RecordDict(
+        {
+            "arrays": codec.encode(sent, modules=strategy.module_names),
+            "metrics": MetricRecord({"num-examples": n, "rank": rank}),
+        }
+    )
 
 
 def _dense(m: ModuleFactors) -> np.ndarray:
@@ -156,8 +181,9 @@ def test_fedsa_averages_only_a_and_sends_only_a(alpha_mode):
         adapter, _ = s.client_payload(profiles[1], rnd + 1)
         assert adapter.parts() == {"A"}
         for n in NAMES:
-            np.testing.assert_allclose(adapter.modules[n].A.double().numpy(),
-                                       s.global_eff.modules[n].A.double().numpy(), **TOL)
+            np.testing.assert_allclose(
+                adapter.modules[n].A.double().numpy(), s.global_eff.modules[n].A.double().numpy(), **TOL
+            )
 
 
 @pytest.mark.parametrize("alpha_mode", ALPHA_MODES)

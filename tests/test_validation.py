@@ -23,9 +23,19 @@ from fedlora.validation import (
 )
 
 
-@pytest.mark.parametrize("value, why", [(2.5, "not an integer"), (math.nan, "not an integer"), (math.inf, "not an integer"),
-                                        (True, "not a number"), ("3", "not a number"), (0, "not in 1..10"),
-                                        (11, "not in 1..10"), (-100, "not in 1..10")])
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        (2.5, "not an integer"),
+        (math.nan, "not an integer"),
+        (math.inf, "not an integer"),
+        (True, "not a number"),
+        ("3", "not a number"),
+        (0, "not in 1..10"),
+        (11, "not in 1..10"),
+        (-100, "not in 1..10"),
+    ],
+)
 def test_as_int_refuses(value, why):
     with pytest.raises(RejectedReply, match=why):
         as_int(value, "x", 1, 10)
@@ -40,31 +50,44 @@ def test_as_int_and_as_float_accept():
 
 
 def test_train_metrics():
-    assert check_train_metrics({"num-examples": 5, "rank": 4, "train-loss": 0.3}, max_examples=5, max_rank=4,
-                               weight_key="num-examples") == (5, 4)
+    assert check_train_metrics(
+        {"num-examples": 5, "rank": 4, "train-loss": 0.3}, max_examples=5, max_rank=4, weight_key="num-examples"
+    ) == (5, 4)
     assert check_train_metrics({"num-examples": 5}, max_examples=5, max_rank=4, weight_key="num-examples") == (5, None)
-    for m, why in [({"rank": 4}, "no 'num-examples'"), ({"num-examples": 6}, "not in 1..5"),
-                   ({"num-examples": 2.5}, "not an integer"), ({"num-examples": 3, "rank": 4.7}, "not an integer"),
-                   ({"num-examples": 3, "rank": math.nan}, "not a finite number"),
-                   ({"num-examples": 3, "train-loss": -1.0}, "not in"), ({"num-examples": 3, "x": math.inf}, "'x'")]:
+    for m, why in [
+        ({"rank": 4}, "no 'num-examples'"),
+        ({"num-examples": 6}, "not in 1..5"),
+        ({"num-examples": 2.5}, "not an integer"),
+        ({"num-examples": 3, "rank": 4.7}, "not an integer"),
+        ({"num-examples": 3, "rank": math.nan}, "not a finite number"),
+        ({"num-examples": 3, "train-loss": -1.0}, "not in"),
+        ({"num-examples": 3, "x": math.inf}, "'x'"),
+    ]:
         with pytest.raises(RejectedReply, match=why):
             check_train_metrics(m, max_examples=5, max_rank=4, weight_key="num-examples")
 
 
 def test_eval_metrics():
-    ok = check_eval_metrics({"accuracy": 0.5, "loss": 1.2, "num-examples": 4}, max_examples=10,
-                            weight_key="num-examples")
+    ok = check_eval_metrics(
+        {"accuracy": 0.5, "loss": 1.2, "num-examples": 4}, max_examples=10, weight_key="num-examples"
+    )
     assert ok["accuracy"] == 0.5 and ok["num-examples"] == 4
-    for m, why in [({"loss": 1.0, "num-examples": 3}, "no 'accuracy'"),
-                   ({"accuracy": 5.0, "loss": 1.0, "num-examples": 3}, "'accuracy'=5.0 is not in"),
-                   ({"accuracy": 0.5, "loss": math.nan, "num-examples": 3}, "not a finite number"),
-                   ({"accuracy": 0.5, "loss": 1.0, "num-examples": -100}, "not in 1..10"),
-                   ({"accuracy": 0.5, "loss": 1.0, "num-examples": 3, "val-accuracy": 2}, "'val-accuracy'")]:
+    for m, why in [
+        ({"loss": 1.0, "num-examples": 3}, "no 'accuracy'"),
+        ({"accuracy": 5.0, "loss": 1.0, "num-examples": 3}, "'accuracy'=5.0 is not in"),
+        ({"accuracy": 0.5, "loss": math.nan, "num-examples": 3}, "not a finite number"),
+        ({"accuracy": 0.5, "loss": 1.0, "num-examples": -100}, "not in 1..10"),
+        ({"accuracy": 0.5, "loss": 1.0, "num-examples": 3, "val-accuracy": 2}, "'val-accuracy'"),
+    ]:
         with pytest.raises(RejectedReply, match=why):
             check_eval_metrics(m, max_examples=10, weight_key="num-examples")
     # A task without labels (a causal LM on free-form instructions) is scored by its loss alone.
-    assert check_eval_metrics({"loss": 1.0, "num-examples": 3}, max_examples=10, weight_key="num-examples",
-                              scored=False)["loss"] == 1.0
+    assert (
+        check_eval_metrics({"loss": 1.0, "num-examples": 3}, max_examples=10, weight_key="num-examples", scored=False)[
+            "loss"
+        ]
+        == 1.0
+    )
     with pytest.raises(RejectedReply, match="no 'loss'"):
         check_eval_metrics({"num-examples": 3}, max_examples=10, weight_key="num-examples", scored=False)
 
@@ -72,10 +95,15 @@ def test_eval_metrics():
 def test_profile_fields():
     good = {"client_id": "c-1", "partition_id": 0, "rank": 4, "num_train": 10, "num_test": 2, "alpha": 8.0}
     assert check_profile_fields(good, max_rank=8)["rank"] == 4
-    for change, why in [({"rank": 0}, "rank=0 is not in 1..8"), ({"rank": "4"}, "rank='4' is not a number"),
-                        ({"rank": 4.5}, "not an integer"), ({"client_id": ""}, "printable"),
-                        ({"client_id": "x" * 500}, "printable"), ({"num_train": 0}, "num_train"),
-                        ({"client_id": 5}, "not text")]:
+    for change, why in [
+        ({"rank": 0}, "rank=0 is not in 1..8"),
+        ({"rank": "4"}, "rank='4' is not a number"),
+        ({"rank": 4.5}, "not an integer"),
+        ({"client_id": ""}, "printable"),
+        ({"client_id": "x" * 500}, "printable"),
+        ({"num_train": 0}, "num_train"),
+        ({"client_id": 5}, "not text"),
+    ]:
         with pytest.raises(RejectedReply, match=why):
             check_profile_fields({**good, **change}, max_rank=8)
     with pytest.raises(RejectedReply, match="profile has no 'rank'"):
@@ -83,19 +111,31 @@ def test_profile_fields():
 
 
 def _template():
-    return LoraFactors(modules={"a.q": ModuleFactors(A=torch.zeros(8, 6), B=torch.zeros(5, 8), alpha=16.0),
-                                "a.v": ModuleFactors(A=torch.zeros(8, 6), B=torch.zeros(5, 8), alpha=16.0)},
-                       extras={"classifier.weight": torch.zeros(3, 6), "classifier.bias": torch.zeros(3)})
+    return LoraFactors(
+        modules={
+            "a.q": ModuleFactors(A=torch.zeros(8, 6), B=torch.zeros(5, 8), alpha=16.0),
+            "a.v": ModuleFactors(A=torch.zeros(8, 6), B=torch.zeros(5, 8), alpha=16.0),
+        },
+        extras={"classifier.weight": torch.zeros(3, 6), "classifier.bias": torch.zeros(3)},
+    )
 
 
 def test_expected_arrays_and_check_arrays():
     t = _template()
     names = list(t.modules)
     exp = expected_arrays(t, {"A", "B", "head"}, 4, names)
-    assert exp == {"0/A": (4, 6), "0/B": (5, 4), "1/A": (4, 6), "1/B": (5, 4),
-                   "head/classifier.weight": (3, 6), "head/classifier.bias": (3,)}
-    good = LoraFactors(modules={n: ModuleFactors(A=torch.ones(4, 6), B=torch.ones(5, 4), alpha=8.0) for n in names},
-                       extras={"classifier.weight": torch.ones(3, 6), "classifier.bias": torch.ones(3)})
+    assert exp == {
+        "0/A": (4, 6),
+        "0/B": (5, 4),
+        "1/A": (4, 6),
+        "1/B": (5, 4),
+        "head/classifier.weight": (3, 6),
+        "head/classifier.bias": (3,),
+    }
+    good = LoraFactors(
+        modules={n: ModuleFactors(A=torch.ones(4, 6), B=torch.ones(5, 4), alpha=8.0) for n in names},
+        extras={"classifier.weight": torch.ones(3, 6), "classifier.bias": torch.ones(3)},
+    )
     rec = codec.encode(good, "float32", modules=names)
     check_arrays(rec, exp, "float32")
     missing = codec.encode(good, "float32", modules=names)
@@ -141,15 +181,28 @@ def test_messages_and_returned_values_exactly():
     with pytest.raises(RejectedReply) as e:
         as_float(2.0, "y", 0.0, 1.0)
     assert str(e.value) == "y=2.0 is not in [0, 1]"
-    out = check_eval_metrics({"accuracy": 0.5, "loss": 1.25, "num-examples": 4.0, "val-accuracy": 0.75,
-                              "global-accuracy": 1}, max_examples=10, weight_key="num-examples")
+    out = check_eval_metrics(
+        {"accuracy": 0.5, "loss": 1.25, "num-examples": 4.0, "val-accuracy": 0.75, "global-accuracy": 1},
+        max_examples=10,
+        weight_key="num-examples",
+    )
     assert out == {"accuracy": 0.5, "loss": 1.25, "num-examples": 4, "val-accuracy": 0.75, "global-accuracy": 1.0}
     assert isinstance(out["num-examples"], int) and isinstance(out["global-accuracy"], float)
-    assert check_eval_metrics({"accuracy": 0.5, "loss": 0.0, "num-examples": 1}, max_examples=0,
-                              weight_key="num-examples")["num-examples"] == 1
+    assert (
+        check_eval_metrics(
+            {"accuracy": 0.5, "loss": 0.0, "num-examples": 1}, max_examples=0, weight_key="num-examples"
+        )["num-examples"]
+        == 1
+    )
     rec = {"client_id": "c-1", "partition_id": 3.0, "rank": 4, "num_train": 10, "num_test": 0, "device_class": "edge"}
-    assert check_profile_fields(rec, max_rank=8) == {"client_id": "c-1", "partition_id": 3, "rank": 4, "num_train": 10,
-                                                     "num_test": 0, "device_class": "edge"}
+    assert check_profile_fields(rec, max_rank=8) == {
+        "client_id": "c-1",
+        "partition_id": 3,
+        "rank": 4,
+        "num_train": 10,
+        "num_test": 0,
+        "device_class": "edge",
+    }
     assert check_profile_fields({k: v for k, v in rec.items() if k != "device_class"}, max_rank=8)["device_class"] == ""
     with pytest.raises(RejectedReply) as e:
         check_profile_fields({**rec, "device_class": "x" * 65}, max_rank=8)
@@ -166,19 +219,27 @@ def test_messages_and_returned_values_exactly():
     with pytest.raises(RejectedReply) as e:
         check_eval_metrics({"accuracy": 0.5, "num-examples": 3}, max_examples=5, weight_key="num-examples")
     assert str(e.value) == "no 'loss' in the evaluation metrics"
-    assert check_train_metrics({"num-examples": 3, "rank": 2, "train-loss": 0.0, "lst": [1, 2.5]}, max_examples=5,
-                               max_rank=4, weight_key="num-examples") == (3, 2)
+    assert check_train_metrics(
+        {"num-examples": 3, "rank": 2, "train-loss": 0.0, "lst": [1, 2.5]},
+        max_examples=5,
+        max_rank=4,
+        weight_key="num-examples",
+    ) == (3, 2)
 
 
 def test_short_reason_strips_rays_wrapping():
-    assert short_reason("Traceback...\nException ClientAppException occurred. Message: disk on fire'>") == \
-        "Exception ClientAppException occurred. Message: disk on fire"
+    assert (
+        short_reason("Traceback...\nException ClientAppException occurred. Message: disk on fire'>")
+        == "Exception ClientAppException occurred. Message: disk on fire"
+    )
     assert short_reason('x\n  ValueError: "quoted" \n') == 'ValueError: "quoted'
     assert short_reason("a" * 199 + "bc", limit=200) == "a" * 197 + "..."
     assert short_reason("a" * 200) == "a" * 200
     # a deployed ClientApp's exception, as Flower's SuperNode wraps it: the sentence alone
-    assert short_reason("<class 'RuntimeError'>:<'client node-2: --data d: label 'x' is not the run's'>") == \
-        "client node-2: --data d: label 'x' is not the run's"
+    assert (
+        short_reason("<class 'RuntimeError'>:<'client node-2: --data d: label 'x' is not the run's'>")
+        == "client node-2: --data d: label 'x' is not the run's"
+    )
 
 
 def test_check_arrays_counts_what_it_does_not_list():
@@ -208,19 +269,28 @@ def test_each_refusal_names_its_field_and_bound_in_the_exact_sentence():
     assert refusal(check_eval_metrics, {**ev, "loss": -1.0}, **kw) == "'loss'=-1.0 is not in [0, inf]"
     assert refusal(check_eval_metrics, {**ev, "val-loss": -1.0}, **kw) == "'val-loss'=-1.0 is not in [0, inf]"
     assert refusal(check_eval_metrics, {**ev, "num-examples": 11}, **kw) == "'num-examples'=11 is not in 1..10"
-    assert refusal(check_eval_metrics, {**ev, "num-examples": 2}, max_examples=1,
-                   weight_key="num-examples") == "'num-examples'=2 is not in 1..1"
+    assert (
+        refusal(check_eval_metrics, {**ev, "num-examples": 2}, max_examples=1, weight_key="num-examples")
+        == "'num-examples'=2 is not in 1..1"
+    )
     out = check_eval_metrics({**ev, "val-loss": 1}, **kw)  # checked and stored as a float, nothing added
     assert out == {**ev, "val-loss": 1.0} and isinstance(out["val-loss"], float)
     good = {"client_id": "c-1", "partition_id": 0, "rank": 4, "num_train": 10, "num_test": 2}
     assert refusal(check_profile_fields, {**good, "client_id": 5}, max_rank=8) == "client_id=5 is not text"
-    assert refusal(check_profile_fields, {**good, "num_train": 0}, max_rank=8) == "num_train=0 is not in 1..1000000000000000"
+    assert (
+        refusal(check_profile_fields, {**good, "num_train": 0}, max_rank=8)
+        == "num_train=0 is not in 1..1000000000000000"
+    )
     assert check_profile_fields({**good, "num_train": 10**15}, max_rank=8)["num_train"] == 10**15
-    assert refusal(check_profile_fields, {**good, "device_class": "\n"}, max_rank=8) == \
-        "device_class='\\n' must be 1..64 printable characters"
+    assert (
+        refusal(check_profile_fields, {**good, "device_class": "\n"}, max_rank=8)
+        == "device_class='\\n' must be 1..64 printable characters"
+    )
     # Text exactly at its limit passes; the refusal quotes at most 40 characters of what was sent.
     assert as_text("x" * 64, "device_class", 64) == "x" * 64
-    assert refusal(as_text, "y" * 60 + "\n", "client_id") == f"client_id={'y' * 40!r} must be 1..128 printable characters"
+    assert (
+        refusal(as_text, "y" * 60 + "\n", "client_id") == f"client_id={'y' * 40!r} must be 1..128 printable characters"
+    )
     # Ray wraps an error's repr as <...'>: those characters come off the end, and nothing else does.
     assert short_reason("ValueError('bad')'>") == "ValueError('bad')"
     assert short_reason("rank too large: X") == "rank too large: X"

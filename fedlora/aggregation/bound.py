@@ -57,8 +57,10 @@ def bound_weight(strategy, prof: NodeProfile, examples: int, rl) -> float:
     if examples <= limit:
         return float(examples)
     if rl is not None:
-        rl.clipped.append(f"client {prof.client_id}: weight {examples} examples capped at {limit:g} "
-                          f"(robust.max_weight_factor {factor:g} x the median declared size {median})")
+        rl.clipped.append(
+            f"client {prof.client_id}: weight {examples} examples capped at {limit:g} "
+            f"(robust.max_weight_factor {factor:g} x the median declared size {median})"
+        )
     return float(limit)
 
 
@@ -137,7 +139,8 @@ class MedianBounds:
                 self.rl.flagged.append(
                     f"{early} repl{'y' if early == 1 else 'ies'} above robust.relative_norm_bound "
                     f"({self.factor:g}x the median update norm {self.reference:.4g}) folded unbounded: more "
-                    f"replies exceeded it than robust.held_back_mb ({self.capacity} replies) holds back")
+                    f"replies exceeded it than robust.held_back_mb ({self.capacity} replies) holds back"
+                )
             held = [(n, x) for n, u in held if (x := self._bounded(u, n)) is not None]
         kept = [u for _, u in held]
         return self._same_direction(kept) if self.min_cosine > -1.0 else kept
@@ -151,8 +154,10 @@ class MedianBounds:
             return update
         limit = self.factor * ref
         who = f"client {update.profile.client_id}"
-        why = (f"update norm {norm:.4g} is {norm / ref:.3g}x the round's median update norm {ref:.4g}, "
-               f"above robust.relative_norm_bound ({self.factor:g}x)")
+        why = (
+            f"update norm {norm:.4g} is {norm / ref:.3g}x the round's median update norm {ref:.4g}, "
+            f"above robust.relative_norm_bound ({self.factor:g}x)"
+        )
         if self.strategy.cfg.robust.norm_action == "reject":
             self.rl.rejected.append(f"{who} (node {update.profile.node_id}): {why}")
             return None
@@ -162,8 +167,10 @@ class MedianBounds:
 
     def _same_direction(self, held: list[Update]) -> list[Update]:
         if self.folded_norms:
-            self.rl.flagged.append(f"direction not checked (robust.min_cosine): the round's {len(self.norms)} replies "
-                                   f"exceed robust.held_back_mb ({self.capacity} replies)")
+            self.rl.flagged.append(
+                f"direction not checked (robust.min_cosine): the round's {len(self.norms)} replies "
+                f"exceed robust.held_back_mb ({self.capacity} replies)"
+            )
             return held
         if len(held) < 3:  # no majority of two to define a direction
             return held
@@ -176,7 +183,8 @@ class MedianBounds:
             self.rl.rejected.append(
                 f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
                 f"the round's coordinate-wise median update, below robust.min_cosine ({self.min_cosine:g}); left out "
-                "of the fold")
+                "of the fold"
+            )
         return kept
 
 

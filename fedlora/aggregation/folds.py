@@ -87,8 +87,10 @@ class _Signature:
         if self.ref is None:
             self.ref = sig
         elif sig != self.ref:
-            raise ValueError("the update carries different tensors or shapes than the updates folded before it; "
-                             "mixed ranks need a heterogeneous-rank strategy")
+            raise ValueError(
+                "the update carries different tensors or shapes than the updates folded before it; "
+                "mixed ranks need a heterogeneous-rank strategy"
+            )
 
 
 class _TensorSums:
@@ -132,8 +134,10 @@ class WeightedMean(Fold):
 
     def finish(self) -> LoraFactors:
         if not self.count or self.total <= 0:
-            raise ValueError(f"aggregation weights must have a positive sum; {self.count} update(s) folded, "
-                             f"total weight {self.total}")
+            raise ValueError(
+                f"aggregation weights must have a positive sum; {self.count} update(s) folded, "
+                f"total weight {self.total}"
+            )
         return LoraFactors.from_tensors(self._sums.mean(self.total), self.alpha)
 
     def held_bytes(self) -> int:
@@ -204,13 +208,21 @@ class ZeroPaddedMean(Fold):
             else:
                 pA, pB = self._plain_sums[name]
                 A, B = pA / self.total, pB / self.total
-            out.modules[name] = ModuleFactors(A=A[:rank].to(torch.float32), B=B[:, :rank].to(torch.float32),
-                                              alpha=float(rank))
+            out.modules[name] = ModuleFactors(
+                A=A[:rank].to(torch.float32), B=B[:, :rank].to(torch.float32), alpha=float(rank)
+            )
         return out
 
     def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in (*self._norm_sums.values(), *self._plain_sums.values())
-                   for t in s if isinstance(t, torch.Tensor)) + self._heads._sums.nbytes()
+        return (
+            sum(
+                t.numel() * t.element_size()
+                for s in (*self._norm_sums.values(), *self._plain_sums.values())
+                for t in s
+                if isinstance(t, torch.Tensor)
+            )
+            + self._heads._sums.nbytes()
+        )
 
 
 class KeepAll(Fold):

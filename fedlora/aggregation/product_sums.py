@@ -123,7 +123,9 @@ class SketchedProductSum(ProductSum):
             theta = self._gaussian("theta", (self.q, out_dim))
             if not sums:
                 g = len(names)
-                sums.extend([torch.zeros(g, out_dim, self.k), torch.zeros(g, self.l, in_dim), torch.zeros(g, self.q, in_dim)])
+                sums.extend(
+                    [torch.zeros(g, out_dim, self.k), torch.zeros(g, self.l, in_dim), torch.zeros(g, self.q, in_dim)]
+                )
             sums[0].baddbmm_(B, A @ omega, alpha=w)
             sums[1].baddbmm_(psi @ B, A, alpha=w)
             sums[2].baddbmm_(theta @ B, A, alpha=w)
@@ -149,14 +151,15 @@ class SketchedProductSum(ProductSum):
             Bn, An = _split_at_rank(Q @ U[:, :rank], S, Vh, rank)
             theta = self._gaussian("theta", (self.q, Y.shape[0])).double()
             num += float(((T - (theta @ Bn) @ An) ** 2).sum())
-            den += float((T ** 2).sum())
+            den += float((T**2).sum())
             out.modules[name] = ModuleFactors(A=An.to(torch.float32), B=Bn.to(torch.float32), alpha=float(rank))
         self.last_error = math.sqrt(num / den) if den > 0 else 0.0
         return out
 
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, s in self._groups.values() for t in s) + sum(
-            t.numel() * t.element_size() for t in self._maps.values())
+            t.numel() * t.element_size() for t in self._maps.values()
+        )
 
 
 class DenseProductSum(ProductSum):
@@ -237,8 +240,9 @@ class BudgetedProductSum(ProductSum):
     neither exact form fits. ``path``: "exact" (stack), "dense" or "sketch", for the round log;
     ``last_error``: the sketch's own error estimate, if it was used."""
 
-    def __init__(self, budget_bytes: float, rank: int, make_sketch: Callable[[], SketchedProductSum],
-                 stack: bool = True) -> None:
+    def __init__(
+        self, budget_bytes: float, rank: int, make_sketch: Callable[[], SketchedProductSum], stack: bool = True
+    ) -> None:
         self.budget, self.rank = budget_bytes, rank
         self.make_sketch = make_sketch
         self.inner: ProductSum | None = ExactProductSum() if stack else None

@@ -22,8 +22,7 @@ from fedlora.sharing import PARTS
 from fedlora.validation import RejectedReply, check_arrays, check_finite, check_train_metrics, expected_arrays
 
 
-def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_round: int = 0,
-                       rl=None) -> Update:
+def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_round: int = 0, rl=None) -> Update:
     """Check a train reply completely before any arithmetic; return it as an ``Update``.
 
     The reply must hold exactly the records ``arrays`` and ``metrics``; ``arrays`` exactly the
@@ -43,8 +42,9 @@ def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_
     metrics = dict(content.metric_records[strategy.metricrecord_key])
     cap = strategy.cfg.federation.max_num_examples
     limit = min(cap, prof.num_train) if cap else prof.num_train
-    n, reported = check_train_metrics(metrics, max_examples=limit, max_rank=prof.rank,
-                                      weight_key=strategy.weighted_by_key)
+    n, reported = check_train_metrics(
+        metrics, max_examples=limit, max_rank=prof.rank, weight_key=strategy.weighted_by_key
+    )
     rank = prof.rank if reported is None else reported
     pruning = strategy.cfg.hetero.hetlora_prune and policy.heterogeneous_ranks
     block_rank = rl.dylora_rank if rl is not None else None
@@ -53,17 +53,24 @@ def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_
             raise RejectedReply(f"reports rank {rank}, but this round's DyLoRA rank is {block_rank}")
     elif rank != prof.rank and not pruning:
         raise RejectedReply(f"reports rank {rank}, but the client trains rank {prof.rank}")
-    parts = set(policy.shared) & (strategy.template.parts() | {"A", "B"})  # a head or selector only if the model has one
+    parts = set(policy.shared) & (
+        strategy.template.parts() | {"A", "B"}
+    )  # a head or selector only if the model has one
     record = content.array_records[strategy.arrayrecord_key]
-    sent = {extra_part(k[len("head/"):]) if k.startswith("head/") else k.rpartition("/")[2] for k in record.keys()}
+    sent = {extra_part(k[len("head/") :]) if k.startswith("head/") else k.rpartition("/")[2] for k in record.keys()}
     leaked = sent & set(PARTS) - set(policy.shared)
     if leaked:
-        raise RejectedReply(f"carries {', '.join(sorted(leaked))}, which the {strategy.strategy_name} policy "
-                            f"({policy.describe()}) never lets leave a client")
+        raise RejectedReply(
+            f"carries {', '.join(sorted(leaked))}, which the {strategy.strategy_name} policy "
+            f"({policy.describe()}) never lets leave a client"
+        )
     if parts - sent:
         raise RejectedReply(f"lacks the shared part(s) {', '.join(sorted(parts - sent))}")
-    check_arrays(record, expected_arrays(strategy.template, parts, rank, strategy.module_names),
-                 strategy.cfg.federation.wire_dtype)
+    check_arrays(
+        record,
+        expected_arrays(strategy.template, parts, rank, strategy.module_names),
+        strategy.cfg.federation.wire_dtype,
+    )
     alpha = strategy.cfg.lora.alpha_for_rank(rank)
     if block_rank is not None:  # a DyLoRA block keeps the full adapter's per-component scaling
         alpha = prof.alpha * block_rank / prof.rank
@@ -73,7 +80,10 @@ def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_
         raise RejectedReply(str(exc)) from None
     check_finite(factors)
     factors = bound_update(strategy, prof, factors, server_round, rl)
-    if rank != prof.rank and block_rank is None:  # an accepted self-pruning: later payloads are truncated to the new rank
+    if (
+        rank != prof.rank and block_rank is None
+    ):  # an accepted self-pruning: later payloads are truncated to the new rank
         prof.rank, prof.alpha = rank, alpha
-    return Update(profile=prof, factors=factors, weight=bound_weight(strategy, prof, n, rl), metrics=metrics,
-                  num_examples=n)
+    return Update(
+        profile=prof, factors=factors, weight=bound_weight(strategy, prof, n, rl), metrics=metrics, num_examples=n
+    )

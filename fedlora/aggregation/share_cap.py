@@ -79,5 +79,6 @@ class ShareCapped(Fold):
         self._held = []
 
     def held_bytes(self) -> int:
-        return self.inner.held_bytes() + sum(t.numel() * t.element_size() for _, _, u in self._held
-                                             for _, t in u.tensors())
+        return self.inner.held_bytes() + sum(
+            t.numel() * t.element_size() for _, _, u in self._held for _, t in u.tensors()
+        )

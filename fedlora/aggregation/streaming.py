@@ -53,7 +53,7 @@ class StreamingGrid:
             got_any = False
             ids = list(sent)
             for start in range(0, len(ids), self.max_pull):  # one sweep over the waiting ids
-                replies = list(self._grid.pull_messages(ids[start:start + self.max_pull]))
+                replies = list(self._grid.pull_messages(ids[start : start + self.max_pull]))
                 got_any = got_any or bool(replies)
                 for i, r in enumerate(replies):
                     replies[i] = in_place_of(r, sent.pop(r.metadata.reply_to_message_id, None))

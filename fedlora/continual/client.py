@@ -51,8 +51,10 @@ def past_tasks(client: ClientRound) -> list[LoraFactors]:
         else:
             got = client.store.load(client.client_id, _store_name(cfg, t))
         if got is None:
-            raise MissingPastTask(f"client {client.client_id} holds no factors of finished task {t}; "
-                                  "the server resends them with its next message")
+            raise MissingPastTask(
+                f"client {client.client_id} holds no factors of finished task {t}; "
+                "the server resends them with its next message"
+            )
         out.append(got)
     return out
 

@@ -19,8 +19,11 @@ class ContinualTask:
     text_column: str = _meta("Column holding the text.", default="text")
     text_pair_column: str = _meta("Optional second text column.", default="")
     label_column: str = _meta("Column holding the label.", default="label")
-    instruction: str = _meta("This task's cue before every input, as data.instruction ({labels}: this task's "
-                             "label names); '' = data.instruction.", default="")
+    instruction: str = _meta(
+        "This task's cue before every input, as data.instruction ({labels}: this task's "
+        "label names); '' = data.instruction.",
+        default="",
+    )
     rounds: int = _meta("Federated rounds spent on this task.", default=1)
     max_train_examples: int = _meta("Cap on this task's training examples (0 = data.max_train_examples).", default=0)
     max_test_examples: int = _meta("Cap on this task's held-out examples (0 = data.max_test_examples).", default=0)
@@ -38,22 +41,30 @@ class ContinualSection:
         "frozen), 'olora' (inclora + orthogonality to earlier tasks' A), 'amlora' (inclora + an attention "
         "mixture over task LoRAs with L1 sparsity), 'multitask' (all tasks' data at once: the upper bound), "
         "or a plug-in's continual method (`fedlora methods`).",
-        default="")
-    tasks: list[ContinualTask] = _meta("The task sequence, in order ([[continual.tasks]] tables).",
-                                       default_factory=list)
+        default="",
+    )
+    tasks: list[ContinualTask] = _meta(
+        "The task sequence, in order ([[continual.tasks]] tables).", default_factory=list
+    )
     olora_lambda1: float = _meta("O-LoRA's orthogonality weight (the code's 4-task default).", default=0.5)
     olora_lambda2: float = _meta("O-LoRA's L2 weight on the new LoRA.", default=0.0)
     olora_form: str = _meta("'abs' (the code: sum of |entries|) or 'squared' (the paper).", default="abs")
     amlora_l1: float = _meta("AM-LoRA's L1 weight on the attention over task LoRAs.", default=0.01)
     amlora_selector_lr: float = _meta(
         "AM-LoRA's selector's learning rate (0: train.learning_rate). The selector must leave uniform "
-        "attention within a task's few local steps, which the LoRA's rate is too small for.", default=0.0)
+        "attention within a task's few local steps, which the LoRA's rate is too small for.",
+        default=0.0,
+    )
     head: str = _meta(
         "'label-names': a frozen head whose rows are the encoder's own features of each label name (it cannot "
-        "forget; needs a linear classifier); 'trainable': the usual trained, shared head.", default="label-names")
+        "forget; needs a linear classifier); 'trainable': the usual trained, shared head.",
+        default="label-names",
+    )
     head_scale: float = _meta(
         "The label-name head's logits: this times the cosine of an input's feature and a label name's (a "
-        "temperature, as CLIP's); 0: the raw dot product with the unit label rows.", default=16.0)
+        "temperature, as CLIP's); 0: the raw dot product with the unit label rows.",
+        default=16.0,
+    )
 
     @property
     def enabled(self) -> bool:
@@ -63,15 +74,19 @@ class ContinualSection:
         if not self.method:
             return
         methods = [*CONTINUAL_METHODS, *continual_method_names()]  # built in, then the plug-ins'
-        _require(self.method in methods, "continual.method",
-                 f"must be '' or one of {', '.join(methods)}, got {self.method!r}")
+        _require(
+            self.method in methods,
+            "continual.method",
+            f"must be '' or one of {', '.join(methods)}, got {self.method!r}",
+        )
         _require(len(self.tasks) >= 1, "continual.tasks", "must list at least one task")
         for i, t in enumerate(self.tasks):
             where = f"continual.tasks[{i}]"
             _require(bool(t.dataset), f"{where}.dataset", "must name a dataset")
             local = not t.dataset.startswith("builtin:") and ("/" in t.dataset or t.dataset.startswith("."))
-            _require(not local or Path(t.dataset).expanduser().exists(), f"{where}.dataset",
-                     f"{t.dataset} does not exist")
+            _require(
+                not local or Path(t.dataset).expanduser().exists(), f"{where}.dataset", f"{t.dataset} does not exist"
+            )
             _require(bool(t.label_column), f"{where}.label_column", "must name the label column")
             _require(bool(t.text_column), f"{where}.text_column", "must name the text column")
             _require(t.rounds >= 1, f"{where}.rounds", "must be >= 1")
@@ -100,22 +115,30 @@ def check_with_run(cfg, policy) -> None:
         raise ConfigError(
             f"invalid config for 'continual.method': {name} keeps every client's B private, so the server holds "
             "no model to measure the accuracy matrix on every task with (each client would freeze its own B "
-            "at a task switch; that variant is not built). Use fedit, ffa, hetlora or flexlora")
+            "at a task switch; that variant is not built). Use fedit, ffa, hetlora or flexlora"
+        )
     if policy.merge_global_into_base:
         raise ConfigError(
             f"invalid config for 'continual.method': {name} merges each round's global update into the base "
             "weights, so no task's LoRA stays separate to freeze or keep orthogonal. Use fedit, ffa, hetlora "
-            "or flexlora")
+            "or flexlora"
+        )
     if cfg.dylora.enabled:
-        raise ConfigError("invalid config for 'continual.method': DyLoRA's per-round rank and a task sequence's "
-                          "frozen task LoRAs do not compose (each past task would keep a different rank)")
-    if cfg.privacy.example_dp and (c.method == "amlora" or (c.method == "olora" and (c.olora_lambda1 or
-                                                                                      c.olora_lambda2))):
+        raise ConfigError(
+            "invalid config for 'continual.method': DyLoRA's per-round rank and a task sequence's "
+            "frozen task LoRAs do not compose (each past task would keep a different rank)"
+        )
+    if cfg.privacy.example_dp and (
+        c.method == "amlora" or (c.method == "olora" and (c.olora_lambda1 or c.olora_lambda2))
+    ):
         raise ConfigError(
             f"invalid config for 'continual.method': {c.method}'s penalty is a function of the parameters, not "
             "of each example: Opacus' per-example clipping would drop its gradient silently. Use client-level "
-            "DP (privacy.client_dp) with it, or inclora with example-level DP")
+            "DP (privacy.client_dp) with it, or inclora with example-level DP"
+        )
     if cfg.run.rounds != c.total_rounds():
-        raise ConfigError(f"invalid config for 'run.rounds': {cfg.run.rounds} differs from the task sequence's "
-                          f"{c.total_rounds()} rounds (the sum of continual.tasks[*].rounds); set run.rounds = "
-                          f"{c.total_rounds()}")
+        raise ConfigError(
+            f"invalid config for 'run.rounds': {cfg.run.rounds} differs from the task sequence's "
+            f"{c.total_rounds()} rounds (the sum of continual.tasks[*].rounds); set run.rounds = "
+            f"{c.total_rounds()}"
+        )

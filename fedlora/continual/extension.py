@@ -141,13 +141,15 @@ class Continual(Extension):
         return LoraFactors(modules=fresh.modules, extras=dict(start.extras))
 
     @contextmanager
-    def server_evaluation(self, model: torch.nn.Module, server_round: int, test: Examples,
-                          device: torch.device) -> Iterator[Callable[[], dict[str, Any]]]:
+    def server_evaluation(
+        self, model: torch.nn.Module, server_round: int, test: Examples, device: torch.device
+    ) -> Iterator[Callable[[], dict[str, Any]]]:
         with task_lora(self.cfg, model, self.past) as mixer:  # the finished tasks' LoRAs too
             yield lambda: self._accuracy_row(model, server_round, device, mixer)
 
-    def _accuracy_row(self, model: torch.nn.Module, server_round: int, device: torch.device,
-                      mixer: TaskLoraMixer | None) -> dict[str, Any]:
+    def _accuracy_row(
+        self, model: torch.nn.Module, server_round: int, device: torch.device, mixer: TaskLoraMixer | None
+    ) -> dict[str, Any]:
         """At a task's last round, the accuracy matrix's row for that task: every task seen so far,
         task-agnostic (an argmax over the union) and task-aware, and on the clients' validation parts;
         under AM-LoRA also its routing: per seen task, the mean attention its test inputs give the
@@ -168,8 +170,9 @@ class Continual(Extension):
             test_j = ctasks.task_test(cfg, j)
             if routing:
                 mixer.reset_routing()
-            agnostic, aware = cmetrics.accuracies(predict(model, test_j, bs, device), test_j.labels,
-                                                  ctasks.task_label_indices(cfg, j))
+            agnostic, aware = cmetrics.accuracies(
+                predict(model, test_j, bs, device), test_j.labels, ctasks.task_label_indices(cfg, j)
+            )
             row["continual-accuracy"][names[j]] = agnostic
             row["continual-accuracy-task-aware"][names[j]] = aware
             if routing:
@@ -193,8 +196,10 @@ class Continual(Extension):
             total = to_effective(LoraFactors(modules=factors.modules))
             for past in reversed(self.past):
                 total = concat_rank(LoraFactors(modules=dict(past.modules)), total)
-            return LoraFactors(modules={n: type(m)(A=m.A, B=m.B, alpha=float(m.rank)) for n, m in total.modules.items()},
-                               extras=dict(run.global_eff.extras))
+            return LoraFactors(
+                modules={n: type(m)(A=m.A, B=m.B, alpha=float(m.rank)) for n, m in total.modules.items()},
+                extras=dict(run.global_eff.extras),
+            )
         # AM-LoRA: the current task's LoRA is the PEFT adapter; the finished tasks' factors and the
         # selector (which a PEFT adapter cannot express) sit beside it.
         past = {f"task{t}/{k}": v for t, p in enumerate(self.past) for k, v in p.tensors()}
@@ -207,11 +212,17 @@ class Continual(Extension):
         multitask = c.method == "multitask"
         cont = cmetrics.from_rows(rows, c.task_names(), multitask)
         aware = cmetrics.from_rows(rows, c.task_names(), multitask, key="continual-accuracy-task-aware")
-        for found, name, what in ((cont, "continual.png", "task-agnostic"),
-                                  (aware, "continual-task-aware.png", "task id known")):
+        for found, name, what in (
+            (cont, "continual.png", "task-agnostic"),
+            (aware, "continual-task-aware.png", "task id known"),
+        ):
             if found.get("average-accuracy") is not None and not multitask:
-                cmetrics.plot_matrix(found["R"], found["tasks"], folder / name,
-                                     f"{c.method} ({what}): avg {found['average-accuracy']:.3f}, BWT {found['bwt']:+.3f}")
+                cmetrics.plot_matrix(
+                    found["R"],
+                    found["tasks"],
+                    folder / name,
+                    f"{c.method} ({what}): avg {found['average-accuracy']:.3f}, BWT {found['bwt']:+.3f}",
+                )
         out = {"method": c.method, **cont, "task-aware": aware}
         stages = cmetrics.routing_stages(rows, c.task_names())
         if stages:
@@ -222,8 +233,10 @@ class Continual(Extension):
     # ------------------------------------------------------------------ client side
     def client_data(self, partition: int, own_data: str) -> tuple[ClientData, int, int] | None:
         if own_data:
-            raise ConfigError("a task sequence reads each task's dataset from the run config; a device's own "
-                               "data per task is not supported (continual runs are simulations or partitions)")
+            raise ConfigError(
+                "a task sequence reads each task's dataset from the run config; a device's own "
+                "data per task is not supported (continual runs are simulations or partitions)"
+            )
         # Declared sizes bound what a reply may claim in any task: the largest over the tasks.
         per_task = [ctasks.task_client_data(self.cfg, partition, t) for t in range(len(self.cfg.continual.tasks))]
         return per_task[0], max(len(d.train) for d in per_task), max(len(d.test) for d in per_task)

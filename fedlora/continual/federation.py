@@ -42,9 +42,12 @@ def task_seed(cfg, task: int) -> int:
 
 def fresh_adapter(template: LoraFactors, seed: int) -> LoraFactors:
     """Seed-built A, zero B, at the template's shapes and alphas (client form)."""
-    return LoraFactors(modules={
-        n: ModuleFactors(A=seeded_A(seed, n, m.A.shape[0], m.A.shape[1]), B=torch.zeros_like(m.B), alpha=m.alpha)
-        for n, m in template.modules.items()})
+    return LoraFactors(
+        modules={
+            n: ModuleFactors(A=seeded_A(seed, n, m.A.shape[0], m.A.shape[1]), B=torch.zeros_like(m.B), alpha=m.alpha)
+            for n, m in template.modules.items()
+        }
+    )
 
 
 def switch_task(run: GlobalAdapter, past: list[LoraFactors], server_round: int) -> None:
@@ -86,7 +89,7 @@ def load_past(tensors: dict[str, torch.Tensor], count: int) -> tuple[list[LoraFa
     past = []
     for t in range(count):
         pre = f"past{t}/"
-        flat = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        flat = {k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)}
         alpha = {k.rpartition("/")[0]: float(v.shape[0]) for k, v in flat.items() if k.endswith("/A")}
         past.append(LoraFactors.from_tensors(flat, alpha))
     return past, {k: v for k, v in tensors.items() if not codec.namespaced(k)}

@@ -24,13 +24,16 @@ def classifier_of(model: torch.nn.Module) -> torch.nn.Linear:
         mod = getattr(model, attr, None)
         if isinstance(mod, torch.nn.Linear):
             return mod
-    raise ValueError(f"{type(model).__name__} has no linear classifier ('classifier' or 'score'); a frozen "
-                     "label-name head needs one: set continual.head = 'trainable'")
+    raise ValueError(
+        f"{type(model).__name__} has no linear classifier ('classifier' or 'score'); a frozen "
+        "label-name head needs one: set continual.head = 'trainable'"
+    )
 
 
 @torch.no_grad()
-def install_label_name_head(model: torch.nn.Module, tokenizer, label_names: list[str],
-                            scale: float = 0.0) -> torch.Tensor:
+def install_label_name_head(
+    model: torch.nn.Module, tokenizer, label_names: list[str], scale: float = 0.0
+) -> torch.Tensor:
     """Set (and freeze) ``model``'s classifier to the label-name features, its input scaled to
     ``scale`` times the unit vector when ``scale > 0``; returns the weight."""
     head = classifier_of(model)

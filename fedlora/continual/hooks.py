@@ -28,13 +28,17 @@ class OLoraPenalty(TrainingHook):
     def loss(self, ctx: TrainContext, loss: torch.Tensor) -> torch.Tensor:
         total = loss
         if self.past_a and self.lambda1:
-            orth = sum(orthogonality(a, self.layers[n].lora_A[ADAPTER].weight, self.form)
-                       for n, a in self.past_a.items())
+            orth = sum(
+                orthogonality(a, self.layers[n].lora_A[ADAPTER].weight, self.form) for n, a in self.past_a.items()
+            )
             total = total + self.lambda1 * orth
             self.last["olora-orthogonality"] = float(orth.detach())
         if self.lambda2:
-            new = [t for layer in self.layers.values()
-                   for t in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+            new = [
+                t
+                for layer in self.layers.values()
+                for t in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+            ]
             l2 = l2_norms(new)
             total = total + self.lambda2 * l2
             self.last["olora-l2"] = float(l2.detach())
@@ -62,8 +66,10 @@ class AmLoraTraining(TrainingHook):
         if not self.selector_lr or self.mixer.selector is None:
             return
         own = {id(p) for p in self.mixer.selector.parameters()}
-        groups = [{"params": [p for p in ctx.params if id(p) not in own]},
-                  {"params": [p for p in ctx.params if id(p) in own], "lr": self.selector_lr}]
+        groups = [
+            {"params": [p for p in ctx.params if id(p) not in own]},
+            {"params": [p for p in ctx.params if id(p) in own], "lr": self.selector_lr},
+        ]
         # A selector the sharing policy froze is not among ctx.params: its group is empty, dropped.
         ctx.optimizer = make_optimizer([g for g in groups if g["params"]], ctx.tc)
 

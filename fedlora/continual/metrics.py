@@ -62,8 +62,13 @@ def forgetting(R: list[list[float | None]]) -> float:
 
 
 def summary(R: list[list[float | None]], tasks: list[str]) -> dict:
-    return {"tasks": list(tasks), "R": R, "average-accuracy": average_accuracy(R),
-            "bwt": backward_transfer(R), "forgetting": forgetting(R)}
+    return {
+        "tasks": list(tasks),
+        "R": R,
+        "average-accuracy": average_accuracy(R),
+        "bwt": backward_transfer(R),
+        "forgetting": forgetting(R),
+    }
 
 
 def plot_matrix(R: list[list[float | None]], tasks: list[str], path, title: str = "") -> None:
@@ -117,15 +122,22 @@ def from_rows(rows: list[dict], tasks: list[str], multitask: bool = False, key: 
     try:
         return summary(R, tasks)
     except ValueError as exc:  # an unfinished run: report what there is
-        return {"tasks": list(tasks), "R": R, "average-accuracy": None, "bwt": None, "forgetting": None,
-                "incomplete": str(exc)}
+        return {
+            "tasks": list(tasks),
+            "R": R,
+            "average-accuracy": None,
+            "bwt": None,
+            "forgetting": None,
+            "incomplete": str(exc),
+        }
 
 
 def routing_stages(rows: list[dict], tasks: list[str]) -> list[dict]:
     """AM-LoRA's routing after each task, from the metrics rows: per stage, the task that ended and,
     per seen task, the mean attention its test inputs give the zero LoRA and each task's LoRA."""
-    return [{"after": tasks[r["continual-task"]], "routing": r["amlora-routing"]}
-            for r in rows if r.get("amlora-routing")]
+    return [
+        {"after": tasks[r["continual-task"]], "routing": r["amlora-routing"]} for r in rows if r.get("amlora-routing")
+    ]
 
 
 def plot_routing(stages: list[dict], tasks: list[str], path: Path) -> None:
@@ -146,8 +158,9 @@ def plot_routing(stages: list[dict], tasks: list[str], path: Path) -> None:
         ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] < 0.6 else "k",
-                        fontsize=7)
+                ax.text(
+                    j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] < 0.6 else "k", fontsize=7
+                )
         ax.set_xticks(range(m.shape[1]), ["zero", *tasks[: m.shape[1] - 1]], rotation=30, ha="right", fontsize=7)
         ax.set_yticks(range(len(seen)), seen, fontsize=7)
         ax.set_title(f"after {stage['after']}", fontsize=8)

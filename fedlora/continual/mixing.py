@@ -83,8 +83,11 @@ class TaskLoraMixer:
                 a_cat = torch.cat([a for a, _ in ws], 0)
                 b_cat = torch.cat([b for _, b in ws], 1)
                 dropped: list[torch.Tensor] = []  # the layer's dropped input of this forward, if any
-                self._handles.append(layer.lora_dropout[ADAPTER].register_forward_hook(
-                    lambda mod, args, out, slot=dropped: slot.append(out)))
+                self._handles.append(
+                    layer.lora_dropout[ADAPTER].register_forward_hook(
+                        lambda mod, args, out, slot=dropped: slot.append(out)
+                    )
+                )
                 self._handles.append(layer.register_forward_hook(self._sum_hook(a_cat, b_cat, dropped)))
             else:
                 self._handles.append(layer.register_forward_hook(self._attention_hook(name, layer, ws)))
@@ -98,6 +101,7 @@ class TaskLoraMixer:
             dropped.clear()
             x = x.to(a_cat.dtype)
             return output + F.linear(F.linear(x, a_cat), b_cat).to(output.dtype)
+
         return hook
 
     def _attention_hook(self, name: str, layer: torch.nn.Module, past: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -112,7 +116,7 @@ class TaskLoraMixer:
             outs = [F.linear(F.linear(x, pa), pb) for pa, pb in past] + [current]  # task order
             k = len(outs)
             stacked = torch.stack(outs, -2)  # (..., k, out)
-            scores = (stacked * sel.weight[key][:k]).sum(-1) + sel.bias[key][1:k + 1]
+            scores = (stacked * sel.weight[key][:k]).sum(-1) + sel.bias[key][1 : k + 1]
             zero = sel.bias[key][0].expand(scores.shape[:-1] + (1,))
             att = torch.softmax(torch.cat([zero, scores], -1), -1)  # (..., 1 + k), index 0: zero LoRA
             if module.training:  # read (and cleared) by the L1 term each step; nothing piles up in eval
@@ -123,6 +127,7 @@ class TaskLoraMixer:
                 self.routing_sum = total if self.routing_sum is None else self.routing_sum + total
                 self.routing_count += flat.shape[0]
             return base + (att[..., 1:].unsqueeze(-1) * stacked).sum(-2)
+
         return hook
 
     def reset_routing(self) -> None:

@@ -26,8 +26,14 @@ def task_config(cfg: FedLoraConfig, index: int) -> FedLoraConfig:
         return _TASK_CFG[key]
     t = cfg.continual.tasks[index]
     raw = cfg.to_dict()
-    raw["data"].update(dataset=t.dataset, data_files={}, text_column=t.text_column, label_column=t.label_column,
-                       text_pair_column=t.text_pair_column, instruction=t.instruction or cfg.data.instruction)
+    raw["data"].update(
+        dataset=t.dataset,
+        data_files={},
+        text_column=t.text_column,
+        label_column=t.label_column,
+        text_pair_column=t.text_pair_column,
+        instruction=t.instruction or cfg.data.instruction,
+    )
     if t.max_train_examples:
         raw["data"]["max_train_examples"] = t.max_train_examples
     if t.max_test_examples:
@@ -53,7 +59,6 @@ def _remap(ex: Examples | None, names: list[str], union: list[str]) -> Examples 
         return None
     index = torch.tensor([union.index(n) for n in names], dtype=torch.long)
     return Examples(ex.input_ids, index[ex.labels] if len(ex) else ex.labels, task=ex.task)
-
 
 
 def task_of_round(cfg: FedLoraConfig, server_round: int) -> int:
@@ -88,13 +93,19 @@ def task_client_data(cfg: FedLoraConfig, partition: int, index: int) -> ClientDa
         tc = task_config(cfg, i)
         names = load_task(tc).label_names
         d = client_data(tc, partition)
-        parts.append(ClientData(train=_remap(d.train, names, union), test=_remap(d.test, names, union),
-                                val=_remap(d.val, names, union)))
+        parts.append(
+            ClientData(
+                train=_remap(d.train, names, union), test=_remap(d.test, names, union), val=_remap(d.val, names, union)
+            )
+        )
     if len(parts) == 1:
         return parts[0]
     vals = [p.val for p in parts if p.val is not None]
-    return ClientData(train=Examples.concat([p.train for p in parts]), test=Examples.concat([p.test for p in parts]),
-                      val=Examples.concat(vals) if vals else None)
+    return ClientData(
+        train=Examples.concat([p.train for p in parts]),
+        test=Examples.concat([p.test for p in parts]),
+        val=Examples.concat(vals) if vals else None,
+    )
 
 
 def task_validation(cfg: FedLoraConfig, index: int) -> Examples | None:

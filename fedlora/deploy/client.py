@@ -85,15 +85,19 @@ class ClientSettings:
         if self.insecure and (self.root_certificates or self.node_key):
             raise ConfigError("insecure contradicts root_certificates/node_key (TLS and node authentication)")
         if not self.insecure and not self.root_certificates:
-            raise ConfigError("TLS is on by default: give root_certificates (the CA that signed the server's "
-                              "certificate), or insecure = true for a server started with --insecure")
+            raise ConfigError(
+                "TLS is on by default: give root_certificates (the CA that signed the server's "
+                "certificate), or insecure = true for a server started with --insecure"
+            )
         for key in ("root_certificates", "node_key"):
             v = getattr(self, key)
             if v and not Path(v).expanduser().exists():
                 raise ConfigError(f"{key}: {v} does not exist")
         if not self.data and self.partition_id < 0:
-            raise ConfigError("data: give the folder or file holding this device's data (or partition_id for a trial "
-                              "on the run's own dataset)")
+            raise ConfigError(
+                "data: give the folder or file holding this device's data (or partition_id for a trial "
+                "on the run's own dataset)"
+            )
         if self.data:
             check_data_folder(Path(self.data).expanduser())
         if self.rank < 0:
@@ -107,6 +111,7 @@ class ClientSettings:
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string (TOML values)."""
+
         def q(v: str) -> str:
             return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -143,8 +148,10 @@ def check_data_folder(path: Path) -> None:
     if path.is_dir():
         names = {f.name for f in path.iterdir()}
         if not any(f"train.{ext}" in names for ext in DATA_FORMATS):
-            raise ConfigError(f"--data {path}: no train.jsonl (or train.json/.csv/.parquet) in the folder; "
-                              f"it has {', '.join(sorted(names)) or 'nothing'}")
+            raise ConfigError(
+                f"--data {path}: no train.jsonl (or train.json/.csv/.parquet) in the folder; "
+                f"it has {', '.join(sorted(names)) or 'nothing'}"
+            )
 
 
 # What Flower's SuperNode writes to its log (flwr 1.41-1.42): its node id once it has joined (the first
@@ -168,8 +175,9 @@ def enrol_hint(node_key: str, state_dir: Path) -> str:
     load = serialization.load_ssh_private_key if b"OPENSSH PRIVATE KEY" in blob else serialization.load_pem_private_key
     private = load(blob, password=None)
     pub = Path(state_dir) / f"{key.stem}.pub"
-    pub.write_bytes(private.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                      serialization.PublicFormat.OpenSSH) + b"\n")
+    pub.write_bytes(
+        private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
     return str(pub)
 
 
@@ -205,7 +213,7 @@ class ConsoleNotes:
 
     def read(self, log_text: str) -> None:
         """Take the current SuperNode's log (all of it; only what is new is read)."""
-        new, self.seen = log_text[self.seen:], len(log_text)
+        new, self.seen = log_text[self.seen :], len(log_text)
         ok, bad = max(new.rfind(m) for m in CONNECTED), new.rfind(UNREACHABLE)
         now = time.monotonic()
         if ok > bad and not self.connected:
@@ -224,8 +232,11 @@ class ConsoleNotes:
             if self.lost_since is None:
                 self.lost_since = now
         if self.failing and self.lost_since is not None and now - self.lost_since > self.s.connect_wait:
-            self.once("unreachable", f"cannot reach the server at {self.s.server} for {now - self.lost_since:.0f} s: "
-                                     "check the address and port, and that `fedlora server` runs there (still trying)")
+            self.once(
+                "unreachable",
+                f"cannot reach the server at {self.s.server} for {now - self.lost_since:.0f} s: "
+                "check the address and port, and that `fedlora server` runs there (still trying)",
+            )
 
     def exited(self, log_text: str) -> float | None:
         """Seconds to wait before starting the SuperNode again when its exit has a known cause (said once),
@@ -235,12 +246,18 @@ class ConsoleNotes:
             return None
         joined = self._joined.read_text() if self._joined.exists() else ""
         if joined == self.s.server:
-            self.once("still-online", "the server still counts this node's previous session as online (Flower keeps "
-                                      "a node online for two heartbeats, up to 60 s, after it stops): rejoining "
-                                      "when that lapses, trying every 5 s")
+            self.once(
+                "still-online",
+                "the server still counts this node's previous session as online (Flower keeps "
+                "a node online for two heartbeats, up to 60 s, after it stops): rejoining "
+                "when that lapses, trying every 5 s",
+            )
             return 5.0
-        self.once("not-enrolled", "the server does not know this node's key: ask the operator to enrol "
-                                  f"{enrol_hint(self.s.node_key, self.state)} (trying again every {self.s.enrol_retry:g} s)")
+        self.once(
+            "not-enrolled",
+            "the server does not know this node's key: ask the operator to enrol "
+            f"{enrol_hint(self.s.node_key, self.state)} (trying again every {self.s.enrol_retry:g} s)",
+        )
         return self.s.enrol_retry
 
 
@@ -250,8 +267,15 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:
     state = Path(s.state_dir).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     port = s.runtime_port or free_port()
-    args = [flower_bin("flower-supernode"), "--superlink", s.server, "--node-config", s.node_config(),
-            "--port", str(port)]
+    args = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        s.server,
+        "--node-config",
+        s.node_config(),
+        "--port",
+        str(port),
+    ]
     args += ["--insecure"] if s.insecure else ["--root-certificates", str(Path(s.root_certificates).expanduser())]
     if s.node_key:
         args += ["--auth-supernode-private-key", str(Path(s.node_key).expanduser())]
@@ -262,9 +286,11 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:
     env = {**DEFAULTS}
     node_log = state / "supernode.log"
     node = executor = None
-    say(f"fedlora client: SuperNode -> {s.server} ({'no TLS' if s.insecure else 'TLS'}"
+    say(
+        f"fedlora client: SuperNode -> {s.server} ({'no TLS' if s.insecure else 'TLS'}"
         f"{', node key ' + Path(s.node_key).name if s.node_key else ''}); data {s.data or 'partition ' + str(s.partition_id)};"
-        f" state {state}; logs {node_log}" + ("" if cold else f", {state / 'executor.log'}"))
+        f" state {state}; logs {node_log}" + ("" if cold else f", {state / 'executor.log'}")
+    )
     notes = ConsoleNotes(s, say)
     start_at = 0  # where the current start's lines begin in the SuperNode's log: they carry its cause
 
@@ -277,9 +303,11 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:
             if node is None:
                 starts += 1
                 if not cold and executor is None:  # first: its imports (seconds) overlap the wait for the server
-                    executor = spawn([sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state),
-                                      s.executor],
-                                     state / "executor.log", env=env)
+                    executor = spawn(
+                        [sys.executable, "-m", "fedlora.deploy.executor", f"127.0.0.1:{port}", str(state), s.executor],
+                        state / "executor.log",
+                        env=env,
+                    )
                 if starts == 1:
                     # A device started before its server joins as soon as the server listens, not at the
                     # SuperNode's next back-off try; after connect_wait the SuperNode starts anyway and
@@ -300,7 +328,10 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:
                 known = wait is not None
                 why = tail(node_log if failed == "SuperNode" else state / "executor.log", 6)
                 if s.max_retries >= 0 and starts > s.max_retries:
-                    say(f"the {failed} exited and max_retries ({s.max_retries}) is spent" + ("" if known else f":\n{why}"))
+                    say(
+                        f"the {failed} exited and max_retries ({s.max_retries}) is spent"
+                        + ("" if known else f":\n{why}")
+                    )
                     return 1
                 # A SuperNode whose key is not enrolled yet, or whose server is down, exits: start it
                 # again, as Flower's own retries would (the node's state folder survives). The

@@ -42,8 +42,9 @@ def key_fingerprint(spki_der: bytes) -> str:
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_der_public_key(spki_der)
-    blob = base64.b64decode(key.public_bytes(serialization.Encoding.OpenSSH,
-                                             serialization.PublicFormat.OpenSSH).split()[1])
+    blob = base64.b64decode(
+        key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    )
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
@@ -90,9 +91,13 @@ class EnrolledNodes:
                 self.names[node_id] = self.enrolled[der]
             else:
                 self.refused[node_id] = key_fingerprint(der) if der else "(no readable key)"
-                log.warning("node %d refused: its key %s is not enrolled (server.enrolled_keys); the SuperLink "
-                            "registered it%s, and nothing it sends is used", node_id, self.refused[node_id],
-                            f" as {n.name!r}" if n.name else "")
+                log.warning(
+                    "node %d refused: its key %s is not enrolled (server.enrolled_keys); the SuperLink "
+                    "registered it%s, and nothing it sends is used",
+                    node_id,
+                    self.refused[node_id],
+                    f" as {n.name!r}" if n.name else "",
+                )
 
     def allows(self, node_id: int) -> bool:
         if node_id not in self.names and node_id not in self.refused:
@@ -126,8 +131,11 @@ class EnrolledGrid:
         return [next(ids) if ok else "" for ok in allowed]
 
     def pull_messages(self, message_ids):
-        return [r for r in self._grid.pull_messages(message_ids)
-                if self.nodes.allows(r.metadata.src_node_id) or r.has_error()]
+        return [
+            r
+            for r in self._grid.pull_messages(message_ids)
+            if self.nodes.allows(r.metadata.src_node_id) or r.has_error()
+        ]
 
 
 class RunStatus:

@@ -31,6 +31,7 @@ from fedlora.deploy.processes import await_listener, peak_memory_mb  # stdlib on
 log = logging.getLogger("fedlora.client")
 STARTED = "resident executor up, process"  # its first log line (task lines say "started in process")
 
+
 def _warm(state_dir: Path, warmed: set[str], threads: int = 1) -> None:
     """Build this node's session for the run last set up: its data tokenized and its PEFT model
     built, both kept in fedlora's per-process caches, which every forked task inherits (or a
@@ -50,15 +51,20 @@ def _warm(state_dir: Path, warmed: set[str], threads: int = 1) -> None:
     t0 = time.perf_counter()
     setup = json.loads(text)
     names = json.loads(setup["label-names"]) if "label-names" in setup else None
-    session = ClientSession.from_parts(FedLoraConfig.from_json(setup["run-config"]), setup["node-config"],
-                                       int(setup["node-id"]), names)
+    session = ClientSession.from_parts(
+        FedLoraConfig.from_json(setup["run-config"]), setup["node-config"], int(setup["node-id"]), names
+    )
     import torch
 
     torch.set_num_threads(threads)
     session.model()
     warmed.add(text)
-    log.info("run's base model (%s) and data loaded once, kept for its tasks (%.1f s); peak memory %.0f MB",
-             session.cfg.model.name, time.perf_counter() - t0, peak_memory_mb())
+    log.info(
+        "run's base model (%s) and data loaded once, kept for its tasks (%.1f s); peak memory %.0f MB",
+        session.cfg.model.name,
+        time.perf_counter() - t0,
+        peak_memory_mb(),
+    )
 
 
 def warm(state_dir: Path, warmed: set[str], threads: int = 1) -> None:
@@ -102,8 +108,12 @@ class TaskWorker:
         ctx = multiprocessing.get_context("spawn")
         self.run_id = run_id
         self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=_worker_main, daemon=True, name="fedlora-task-worker",
-                                   args=(runtime_api_address, str(state_dir), threads, self.inbox, self.outbox))
+        self.process = ctx.Process(
+            target=_worker_main,
+            daemon=True,
+            name="fedlora-task-worker",
+            args=(runtime_api_address, str(state_dir), threads, self.inbox, self.outbox),
+        )
         self.process.start()
 
     def submit(self, token: str, task_id: int) -> None:
@@ -254,8 +264,9 @@ def _terminate(pid: int) -> None:
         pass
 
 
-def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_seconds: float = 0.2,
-                          mode: str = "auto") -> None:
+def run_resident_executor(
+    runtime_api_address: str, state_dir: str | Path, poll_seconds: float = 0.2, mode: str = "auto"
+) -> None:
     """Serve the SuperNode's tasks until killed. ``mode``: "fork" runs each task in a child forked
     from this warm process; "worker" hands each task to a :class:`TaskWorker`; "auto" forks, except
     for a run that trains on CUDA (this process then never builds the model: CUDA does not survive
@@ -279,7 +290,9 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
     # ask the SuperNode's Runtime API port until it listens rather than back off from a refusal.
     await_listener(runtime_api_address, math.inf, every=0.2)
     client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),
     )
@@ -303,18 +316,27 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
                 task_mb = peak_memory_mb(usage.ru_maxrss)
                 if task_mb > 1.05 * task_peak:
                     task_peak = task_mb
-                    log.info("peak memory of a round's work so far: %.0f MB in its process (pages it shares "
-                             "with the executor, now %.0f MB, included)", task_mb, peak_memory_mb())
+                    log.info(
+                        "peak memory of a round's work so far: %.0f MB in its process (pages it shares "
+                        "with the executor, now %.0f MB, included)",
+                        task_mb,
+                        peak_memory_mb(),
+                    )
             if worker is not None:
                 for task_id, code, mb in worker.finished():
                     if code:
-                        log.warning("task %s ended with code %s in worker process %d", task_id, code, worker.process.pid)
+                        log.warning(
+                            "task %s ended with code %s in worker process %d", task_id, code, worker.process.pid
+                        )
                     if mb > 1.05 * task_peak:
                         task_peak = mb
                         log.info("peak memory of a round's work so far: %.0f MB in its worker process", mb)
                 if not worker.alive():
-                    log.warning("worker process %d exited (code %s); the next task starts a new one",
-                                worker.process.pid, worker.process.exitcode)
+                    log.warning(
+                        "worker process %d exited (code %s); the next task starts a new one",
+                        worker.process.pid,
+                        worker.process.exitcode,
+                    )
                     worker = None
             use_worker = mode == "worker" or (mode == "auto" and setup_trains_on_cuda(state_dir))
             if not use_worker:
@@ -327,19 +349,25 @@ def run_resident_executor(runtime_api_address: str, state_dir: str | Path, poll_
             for pid, run in tasks.end_other_runs(run_id):
                 log.info("task in process %d ended: its run %s was stopped (run %s has started)", pid, run, run_id)
             if worker is not None and worker.run_id != run_id:
-                log.info("worker process %d ended: its run %s was stopped (run %s has started)", worker.process.pid,
-                         worker.run_id, run_id)
+                log.info(
+                    "worker process %d ended: its run %s was stopped (run %s has started)",
+                    worker.process.pid,
+                    worker.run_id,
+                    run_id,
+                )
                 worker.stop()
                 worker = None
             if use_worker:
                 if worker is None:
                     worker = TaskWorker(runtime_api_address, state_dir, task_threads, run_id)
-                    log.info("run %s's tasks go to worker process %d (it loads the model once)", run_id,
-                             worker.process.pid)
+                    log.info(
+                        "run %s's tasks go to worker process %d (it loads the model once)", run_id, worker.process.pid
+                    )
                 worker.submit(token, res.task.task_id)
                 continue
-            pid = fork_task(partial(run_clientapp, runtime_api_address, token, insecure=True, parent_pid=parent),
-                            task_threads)
+            pid = fork_task(
+                partial(run_clientapp, runtime_api_address, token, insecure=True, parent_pid=parent), task_threads
+            )
             tasks.add(pid, run_id)
             log.info("task %s (run %s) started in process %d", res.task.task_id, run_id, pid)
     finally:

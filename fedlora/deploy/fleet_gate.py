@@ -43,24 +43,52 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 # Every call of flwr 1.41-1.42's Fleet API (flwr.supernode.fleet_http_client); a test holds this set
 # equal to Flower's own route table, so an upgrade that adds a call fails a test, not the devices.
-FLEET_CALLS: frozenset[str] = frozenset("/v1/fleet/" + name for name in (
-    "register-node", "activate-node", "deactivate-node", "unregister-node", "send-node-heartbeat",
-    "pull-messages", "push-messages", "get-run", "get-fab", "push-object", "pull-object",
-    "confirm-message-received"))
+FLEET_CALLS: frozenset[str] = frozenset(
+    "/v1/fleet/" + name
+    for name in (
+        "register-node",
+        "activate-node",
+        "deactivate-node",
+        "unregister-node",
+        "send-node-heartbeat",
+        "pull-messages",
+        "push-messages",
+        "get-run",
+        "get-fab",
+        "push-object",
+        "pull-object",
+        "confirm-message-received",
+    )
+)
 _ALLOWED: dict[bytes, str] = {path.encode("ascii"): path for path in FLEET_CALLS}
 FLEET_METHOD = "POST"
 READY = "gate ready: forwarding"  # the gate's first log line, once it serves
-REFUSED = ("this address serves devices only (Flower's Fleet API calls, exactly as the SuperNode makes them); "
-           "the Control API and the rest of the SuperLink are reachable by the server's operator only")
+REFUSED = (
+    "this address serves devices only (Flower's Fleet API calls, exactly as the SuperNode makes them); "
+    "the Control API and the rest of the SuperLink are reachable by the server's operator only"
+)
 # Headers that belong to one hop (RFC 9110 7.6.1) and the upstream's Host: the gate sets its own,
 # never copies the request's or the response's. A Content-Length passes: the body is streamed
 # through unchanged, and each side's HTTP parser holds the body to it.
-_OWN_HEADERS = frozenset({b"host", b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-                          b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+_OWN_HEADERS = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 # Who sent a request is the gate's to say: the SuperLink (uvicorn, trusting 127.0.0.1) logs the
 # address in X-Forwarded-For, so a device's own forwarding headers are dropped and the peer's set.
-_FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                         b"x-forwarded-port", b"x-real-ip"})
+_FORWARDING = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip"}
+)
 
 log = logging.getLogger("fedlora.gate")
 
@@ -107,8 +135,9 @@ class FleetGate:
         call = admit(scope["method"], raw_path, query)
         if call is None:
             peer = scope.get("client") or ("?", 0)
-            log.warning("refused %s %s from %s", scope["method"], _shown(raw_path + (b"?" + query if query else b"")),
-                        peer[0])
+            log.warning(
+                "refused %s %s from %s", scope["method"], _shown(raw_path + (b"?" + query if query else b"")), peer[0]
+            )
             await _respond(send, 403, b'{"detail": "' + REFUSED.encode() + b'"}')
             return
         await self._forward(call, scope, receive, send)
@@ -146,8 +175,13 @@ class FleetGate:
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -157,8 +191,9 @@ def create_app(upstream: str, tls: bool, ca_certfile: str | None = None) -> Flee
     import httpx
 
     # No timeout: a node's pull may wait on the SuperLink as long as the SuperLink lets it.
-    client = httpx.AsyncClient(verify=ca_certfile if (tls and ca_certfile) else tls, timeout=None,
-                               follow_redirects=False)
+    client = httpx.AsyncClient(
+        verify=ca_certfile if (tls and ca_certfile) else tls, timeout=None, follow_redirects=False
+    )
     return FleetGate(f"{'https' if tls else 'http'}://{upstream}", client)
 
 
@@ -184,8 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fedlora.deploy.fleet_gate", description=__doc__.splitlines()[0])
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--listen", help="HOST:PORT the devices connect to")
-    where.add_argument("--fd", type=int, help="a listening socket inherited from the parent (fedlora server binds "
-                                              "it before it moves the SuperLink into its private network)")
+    where.add_argument(
+        "--fd",
+        type=int,
+        help="a listening socket inherited from the parent (fedlora server binds "
+        "it before it moves the SuperLink into its private network)",
+    )
     ap.add_argument("--upstream", required=True, help="the SuperLink's loopback HOST:PORT")
     ap.add_argument("--certfile")
     ap.add_argument("--keyfile")
@@ -199,13 +238,25 @@ def main(argv: list[str] | None = None) -> None:
     for handler in logging.getLogger().handlers:  # a logger's own filter would miss its children's records
         handler.addFilter(_OneLine())
     app = create_app(args.upstream, bool(args.certfile), args.ca)
-    where_kw: dict[str, Any] = {"fd": args.fd} if args.fd is not None else dict(zip(("host", "port"),
-                                                                                  _host_port(args.listen)))
+    where_kw: dict[str, Any] = (
+        {"fd": args.fd} if args.fd is not None else dict(zip(("host", "port"), _host_port(args.listen)))
+    )
     # h11, not httptools: h11 hands the request target over byte for byte (httptools parses an
     # absolute-form target down to its path); "warning" keeps the parser's own refusals in the log.
-    uvicorn.run(app, **where_kw, http="h11", ws="none", lifespan="on", ssl_certfile=args.certfile,
-                ssl_keyfile=args.keyfile, log_level="warning", access_log=False, server_header=False,
-                date_header=False, proxy_headers=False)
+    uvicorn.run(
+        app,
+        **where_kw,
+        http="h11",
+        ws="none",
+        lifespan="on",
+        ssl_certfile=args.certfile,
+        ssl_keyfile=args.keyfile,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,
+    )
 
 
 if __name__ == "__main__":

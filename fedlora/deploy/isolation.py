@@ -52,11 +52,13 @@ def enter_private_network() -> str | None:
     flags = CLONE_NEWNET if uid == 0 else CLONE_NEWUSER | CLONE_NEWNET
     if _libc().unshare(flags) != 0:
         err = ctypes.get_errno()
-        why = {errno.EPERM: "not permitted for this user (unprivileged user namespaces are off on this kernel, "
-                            "or a security module forbids them)",
-               errno.EINVAL: "this process already runs threads (a user namespace needs a single-threaded caller)",
-               errno.ENOSPC: "the user namespace limit is reached (user.max_user_namespaces)",
-               errno.EUSERS: "the user namespace limit is reached (user.max_user_namespaces)"}
+        why = {
+            errno.EPERM: "not permitted for this user (unprivileged user namespaces are off on this kernel, "
+            "or a security module forbids them)",
+            errno.EINVAL: "this process already runs threads (a user namespace needs a single-threaded caller)",
+            errno.ENOSPC: "the user namespace limit is reached (user.max_user_namespaces)",
+            errno.EUSERS: "the user namespace limit is reached (user.max_user_namespaces)",
+        }
         return f"a private network namespace could not be made: {why.get(err, os.strerror(err))}"
     if uid != 0:  # map this user to itself, so files it writes keep their owner
         Path("/proc/self/setgroups").write_text("deny")
@@ -115,7 +117,9 @@ def run_inside(run_dir: Path, argv: list[str], env: dict[str, str]) -> int:
         pid = int((run_dir / PID_FILE).read_text().split()[0])
         os.kill(pid, 0)
     except (OSError, ValueError, IndexError):
-        raise RuntimeError(f"no fedlora server is running for {run_dir} (no live process in {run_dir / PID_FILE})") from None
+        raise RuntimeError(
+            f"no fedlora server is running for {run_dir} (no live process in {run_dir / PID_FILE})"
+        ) from None
 
     def join() -> None:
         libc = _libc()

@@ -51,8 +51,10 @@ def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not force:
-        raise CredentialsExist(f"{path} exists; refusing to overwrite it (pass --force to replace it, and with it "
-                               "what every device trusts or holds)")
+        raise CredentialsExist(
+            f"{path} exists; refusing to overwrite it (pass --force to replace it, and with it "
+            "what every device trusts or holds)"
+        )
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -79,15 +81,26 @@ def node_key_pair(folder: Path, name: str, force: bool = False) -> NodeKey:
             raise CredentialsExist(f"{p} exists; refusing to overwrite it (pass --force, or choose another name)")
     key = ec.generate_private_key(ec.SECP384R1())
     # OpenSSH formats on both sides: what flower-supernode and `flwr supernode register` read.
-    _write(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                   serialization.NoEncryption()), 0o600, force)
-    _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
-           0o644, force)
+    _write(
+        priv,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+        0o600,
+        force,
+    )
+    _write(
+        pub,
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+        0o644,
+        force,
+    )
     return NodeKey(name=name, private_key=priv, public_key=pub)
 
 
-def create_credentials(folder: str | Path, hosts: list[str], nodes: int, days: int = 30,
-                       force: bool = False) -> Credentials:
+def create_credentials(
+    folder: str | Path, hosts: list[str], nodes: int, days: int = 30, force: bool = False
+) -> Credentials:
     """A CA, a server certificate valid for ``hosts`` (names or IP addresses) and ``nodes`` node keys.
     Refuses (:class:`CredentialsExist`, before writing anything) if any of them exists, unless ``force``."""
     from cryptography import x509
@@ -97,25 +110,46 @@ def create_credentials(folder: str | Path, hosts: list[str], nodes: int, days: i
 
     folder = Path(folder)
     planned = [folder / n for n in ("ca.crt", "server.crt", "server.key")] + [
-        folder / d / f"node-{i}.{ext}" for i in range(nodes) for d, ext in ((DEVICES_DIR, "key"), (ENROL_DIR, "pub"))]
+        folder / d / f"node-{i}.{ext}" for i in range(nodes) for d, ext in ((DEVICES_DIR, "key"), (ENROL_DIR, "pub"))
+    ]
     existing = [p for p in planned if p.exists()]
     if existing and not force:
-        raise CredentialsExist(f"{existing[0]} exists ({len(existing)} of the files to write do); refusing to "
-                               "overwrite them: a new CA would lock out every device that trusts the old one. Pass "
-                               "--force to replace them, or `fedlora certs add-node` to add a node")
+        raise CredentialsExist(
+            f"{existing[0]} exists ({len(existing)} of the files to write do); refusing to "
+            "overwrite them: a new CA would lock out every device that trusts the old one. Pass "
+            "--force to replace them, or `fedlora certs add-node` to add a node"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA384()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
 
     names: list[x509.GeneralName] = []
     # 127.0.0.1 always: fedlora's gate reaches the SuperLink there and checks this certificate.
@@ -125,19 +159,28 @@ def create_credentials(folder: str | Path, hosts: list[str], nodes: int, days: i
         except ValueError:
             names.append(x509.DNSName(h))
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(hosts[0] if hosts else "localhost"))]))
-              .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(start).not_valid_after(end)
-              .add_extension(x509.SubjectAlternativeName(names), critical=False)
-              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-              .sign(ca_key, hashes.SHA384()))
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(hosts[0] if hosts else "localhost"))]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
 
     pem = serialization.Encoding.PEM
     ca_cert, server_cert, server_key_path = folder / "ca.crt", folder / "server.crt", folder / "server.key"
-    _write(server_key_path, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()), 0o600, force)
+    _write(
+        server_key_path,
+        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o600,
+        force,
+    )
     _write(server_cert, server.public_bytes(pem), 0o644, force)
     _write(ca_cert, ca.public_bytes(pem), 0o644, force)
     # The CA's key is not kept: this CA signs one server certificate and is then done.

@@ -41,8 +41,14 @@ def spawn(args: list[str], log_path: Path, env: dict | None = None, pass_fds: tu
         env[PASS_FDS] = ",".join(str(fd) for fd in pass_fds)
     # Flower's daemons start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return subprocess.Popen([sys.executable, "-m", "fedlora.deploy.reaper", *args], stdout=fh,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True, pass_fds=pass_fds)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlora.deploy.reaper", *args],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        pass_fds=pass_fds,
+    )
 
 
 def daemon_name(proc: subprocess.Popen) -> str:
@@ -68,8 +74,10 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, 
     probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"{daemon_name(proc)} exited with code {proc.returncode} before serving "
-                               f"{host}:{port}; last lines of {log_path}:\n{tail(log_path)}")
+            raise RuntimeError(
+                f"{daemon_name(proc)} exited with code {proc.returncode} before serving "
+                f"{host}:{port}; last lines of {log_path}:\n{tail(log_path)}"
+            )
         if accepts_connection(probe, port, timeout=0.5):
             return time.monotonic() - t0
         time.sleep(0.1)

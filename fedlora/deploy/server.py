@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora import __version__
-from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.config import FedLoraConfig
 from fedlora.deploy.control import CONNECTION, RunStatus, stop_orphaned_runs
+from fedlora.deploy.prechecks import enrolled_keys, preflight, security
 from fedlora.deploy.processes import flower_bin, spawn, stop, tail, wait_for_port
 from fedlora.env import DEFAULTS
-from fedlora.privacy.accounting import check_client_targets
 from fedlora.rundir import RunDir
 
 MAX_RESTARTS = 3  # SuperLink restarts `fedlora server` attempts before it gives up
@@ -79,82 +79,16 @@ class Deployment:
 
     def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
 
-        res = subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True,
-                             env={**os.environ, **DEFAULTS, **self.env()}, timeout=120)
+        res = subprocess.run(
+            [flower_bin("flwr"), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **DEFAULTS, **self.env()},
+            timeout=120,
+        )
         if check and res.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({res.returncode}): {(res.stdout + res.stderr).strip()}")
         return res
-
-
-def security(cfg: FedLoraConfig, insecure_flag: bool) -> tuple[bool, bool]:
-    """(TLS on, node authentication on), or a ConfigError that says what to do."""
-    s = cfg.server
-    insecure = s.insecure or insecure_flag
-    if insecure:
-        return False, False
-    if not s.tls_certfile:
-        raise ConfigError("TLS is on by default: set server.tls_certfile, tls_keyfile and tls_ca_certfile "
-                          "(`fedlora certs` makes test ones), or pass --insecure for a trial without TLS and "
-                          "without node authentication")
-    for key in ("tls_certfile", "tls_keyfile", "tls_ca_certfile"):
-        if not Path(getattr(s, key)).expanduser().exists():
-            raise ConfigError(f"server.{key}: {getattr(s, key)} does not exist")
-    if not s.expose_control_api and not covers_loopback(Path(s.tls_certfile).expanduser()):
-        raise ConfigError(f"server.tls_certfile {s.tls_certfile} is not valid for 127.0.0.1, where the SuperLink "
-                          "listens behind fedlora's gate (the gate checks the SuperLink's certificate): add IP "
-                          "127.0.0.1 to its subject alternative names (`fedlora certs` does)")
-    if s.node_auth and not enrolled_keys(cfg):
-        raise ConfigError("server.node_auth is on but server.enrolled_keys names no public key: no client could "
-                          "join (enrol the nodes' .pub files, or set server.node_auth=false)")
-    return True, s.node_auth
-
-
-def covers_loopback(certfile: Path) -> bool:
-    """Whether a PEM certificate names IP 127.0.0.1 among its subject alternative names."""
-    import ipaddress
-
-    from cryptography import x509
-
-    cert = x509.load_pem_x509_certificate(certfile.read_bytes())
-    try:
-        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.IPAddress)
-    except x509.ExtensionNotFound:
-        return False
-    return ipaddress.ip_address("127.0.0.1") in ips
-
-
-def enrolled_keys(cfg: FedLoraConfig) -> list[Path]:
-    out: list[Path] = []
-    for item in cfg.server.enrolled_keys:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            out.extend(sorted(p.glob("*.pub")))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise ConfigError(f"server.enrolled_keys: {p} does not exist")
-    return out
-
-
-def absolute_paths(cfg: FedLoraConfig) -> FedLoraConfig:
-    """Every path in the config made absolute against this shell's folder: the ServerApp runs in a
-    process whose working folder is Flower's, not the user's."""
-    def fix(v: str) -> str:
-        return str(Path(v).expanduser().resolve()) if v and Path(v).expanduser().exists() else v
-
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
-    cfg.data.dataset = fix(cfg.data.dataset)
-    cfg.data.data_files = {k: [fix(f) for f in v] for k, v in cfg.data.data_files.items()}
-    cfg.model.name = fix(cfg.model.name)
-    if cfg.model.cache_dir:
-        cfg.model.cache_dir = str(Path(cfg.model.cache_dir).expanduser().resolve())
-    s = cfg.server
-    s.tls_certfile, s.tls_keyfile, s.tls_ca_certfile = fix(s.tls_certfile), fix(s.tls_keyfile), fix(s.tls_ca_certfile)
-    s.enrolled_keys = [fix(k) for k in s.enrolled_keys]
-    if s.database:
-        s.database = str(Path(s.database).expanduser().resolve())
-    return cfg
 
 
 def start_superlink(dep: Deployment, cfg: FedLoraConfig) -> None:
@@ -163,10 +97,25 @@ def start_superlink(dep: Deployment, cfg: FedLoraConfig) -> None:
     s = cfg.server
     host, port = s.superlink_host_port()
     db = s.database or str(dep.run_dir.path / "superlink.db")
-    args = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", db,
-            "--disable-runtime-dependency-installation"]
+    args = [
+        flower_bin("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        db,
+        "--disable-runtime-dependency-installation",
+    ]
     if dep.tls:
-        args += ["--ssl-certfile", s.tls_certfile, "--ssl-keyfile", s.tls_keyfile, "--ssl-ca-certfile", s.tls_ca_certfile]
+        args += [
+            "--ssl-certfile",
+            s.tls_certfile,
+            "--ssl-keyfile",
+            s.tls_keyfile,
+            "--ssl-ca-certfile",
+            s.tls_ca_certfile,
+        ]
     else:
         args.append("--insecure")
     if dep.node_auth:
@@ -207,7 +156,9 @@ def wait_for_gate(proc: subprocess.Popen, log_path: Path, timeout: float = 60.0)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"the gate exited with code {proc.returncode}; last lines of {log_path}:\n{tail(log_path)}")
+            raise RuntimeError(
+                f"the gate exited with code {proc.returncode}; last lines of {log_path}:\n{tail(log_path)}"
+            )
         if log_path.exists() and READY.encode() in log_path.read_bytes()[start:]:
             return
         time.sleep(0.1)
@@ -244,14 +195,18 @@ def isolate(dep: Deployment, cfg: FedLoraConfig, say: Callable[[str], None]) -> 
     if why is None:
         os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
         (dep.run_dir.path / PID_FILE).write_text(f"{os.getpid()}\n")
-        say(f"the SuperLink runs in a private network: its Control API ({c_host}:{c_port}) is reachable only from "
+        say(
+            f"the SuperLink runs in a private network: its Control API ({c_host}:{c_port}) is reachable only from "
             f"this server's processes and `fedlora control {dep.run_dir.path} -- flwr ...`"
-            + (f"; fetched before: {', '.join(fetched)}" if fetched else ""))
+            + (f"; fetched before: {', '.join(fetched)}" if fetched else "")
+        )
     else:
-        say(f"WARNING: {why}. The SuperLink's Control API listens on {c_host}:{c_port}, where every account of "
+        say(
+            f"WARNING: {why}. The SuperLink's Control API listens on {c_host}:{c_port}, where every account of "
             "this machine can list runs and node keys, register a node key and submit an app that runs as this "
             "user (Flower's open-source SuperLink has no account authentication); run the server on a machine "
-            "with no other users, or where the kernel allows it (docs/deployment.md: The control port)")
+            "with no other users, or where the kernel allows it (docs/deployment.md: The control port)"
+        )
 
 
 def write_connection(dep: Deployment, cfg: FedLoraConfig) -> None:
@@ -296,20 +251,38 @@ def submit(dep: Deployment, app: Path, resume: bool, say: Callable[[str], None] 
     overrides = dep.run_dir.path / "app-run-config.toml"
     import tomli_w
 
-    overrides.write_text(tomli_w.dumps({"config": str(dep.run_dir.path / "config.toml"),
-                                        "run-dir": str(dep.run_dir.path), "resume": resume,
-                                        "bind-node-names": dep.node_auth}))
+    overrides.write_text(
+        tomli_w.dumps(
+            {
+                "config": str(dep.run_dir.path / "config.toml"),
+                "run-dir": str(dep.run_dir.path),
+                "resume": resume,
+                "bind-node-names": dep.node_auth,
+            }
+        )
+    )
     res = dep.flwr("run", str(app), CONNECTION, "--run-config", str(overrides), "--format", "json")
     try:
-        out = json.loads(res.stdout[res.stdout.index("{"):])
+        out = json.loads(res.stdout[res.stdout.index("{") :])
         return int(out["run-id"])
     except (ValueError, KeyError) as exc:
         raise RuntimeError(f"flwr run gave no run id: {res.stdout.strip()} {res.stderr.strip()}") from exc
 
 
 # ServerApp log lines worth a console line: what it waits for, what it refuses, how it recovers.
-NOTEWORTHY = ("waiting for clients", "clients connected after", "rejected", "left out", "no reply", "resuming",
-              "aggregation failed", "skipped", "is not enrolled", "Traceback", "Error")
+NOTEWORTHY = (
+    "waiting for clients",
+    "clients connected after",
+    "rejected",
+    "left out",
+    "no reply",
+    "resuming",
+    "aggregation failed",
+    "skipped",
+    "is not enrolled",
+    "Traceback",
+    "Error",
+)
 
 
 def follow_log(dep: Deployment) -> None:
@@ -319,20 +292,24 @@ def follow_log(dep: Deployment) -> None:
     path = dep.run_dir.path / "serverapp.log"
     with open(path, "a") as fh:
         fh.write(f"--- run {dep.run_id}\n")
-    dep.log_follower = spawn([flower_bin("flwr"), "log", str(dep.run_id), CONNECTION, "--stream"], path,
-                             env={**DEFAULTS, **dep.env(), "COLUMNS": "400", "NO_COLOR": "1"})
+    dep.log_follower = spawn(
+        [flower_bin("flwr"), "log", str(dep.run_id), CONNECTION, "--stream"],
+        path,
+        env={**DEFAULTS, **dep.env(), "COLUMNS": "400", "NO_COLOR": "1"},
+    )
 
 
-def restart_superlink(dep: Deployment, cfg: FedLoraConfig, app: Path,
-                      say: Callable[[str], None]) -> None:
+def restart_superlink(dep: Deployment, cfg: FedLoraConfig, app: Path, say: Callable[[str], None]) -> None:
     """The SuperLink died (and the ServerApp it ran with it): start it again on its SQLite database,
     where the nodes and their keys are kept, and continue the run from its last checkpoint."""
     dep.restarts += 1
     log_path = dep.run_dir.path / "superlink.log"
     if dep.restarts > MAX_RESTARTS:
         raise RuntimeError(f"the SuperLink exited {dep.restarts} times; see {log_path}:\n{tail(log_path)}")
-    say(f"the SuperLink exited (code {dep.superlink.returncode}); restarting it on its database "
-        f"({dep.restarts}/{MAX_RESTARTS})")
+    say(
+        f"the SuperLink exited (code {dep.superlink.returncode}); restarting it on its database "
+        f"({dep.restarts}/{MAX_RESTARTS})"
+    )
     start_superlink(dep, cfg)
     start_gate(dep, cfg)  # still up, unless it died too
     if dep.run_dir.read_checkpoint() is not None:
@@ -346,20 +323,15 @@ def restart_superlink(dep: Deployment, cfg: FedLoraConfig, app: Path,
         follow_log(dep)
 
 
-def preflight(cfg: FedLoraConfig, run_dir: RunDir, resume: bool) -> None:
-    """What can be checked without a client, checked before the SuperLink starts: a resume of a run
-    that already finished, and local data paths that do not exist (the server evaluates on
-    ``data.dataset``). A ConfigError says which."""
-
-    check_client_targets(cfg)  # the calibration, before the SuperLink starts
-    if resume and (run_dir.path / "summary.json").exists():
-        raise ConfigError(f"{run_dir.path} finished its {cfg.run.rounds} rounds already (it has summary.json): "
-                          "nothing to resume; start a new run instead")
-    cfg.data.check_local_paths()  # the server evaluates on data.dataset
-
-
-def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure: bool = False,
-          on_round: Callable[[dict], None] | None = None, say: Callable[[str], None] = print) -> Deployment:
+def serve(
+    cfg: FedLoraConfig,
+    run_dir: RunDir,
+    *,
+    resume: bool = False,
+    insecure: bool = False,
+    on_round: Callable[[dict], None] | None = None,
+    say: Callable[[str], None] = print,
+) -> Deployment:
     """Run (or resume) one federation on a SuperLink this call starts and stops; returns when the
     run has finished. ``on_round`` sees each round's metrics row as the ServerApp writes it."""
     t_start = time.perf_counter()
@@ -379,6 +351,7 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
                 printed.add(row["round"])
                 if on_round is not None:
                     on_round(row)
+
     try:
         isolate(dep, cfg, say)
         start_superlink(dep, cfg)
@@ -389,11 +362,16 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
         start_gate(dep, cfg)
         host, port = cfg.server.host_port()
         c_host, c_port = cfg.server.superlink_host_port()
-        door = ("the SuperLink itself, Control API included (server.expose_control_api)" if cfg.server.expose_control_api
-                else f"devices only (Fleet API); the Control API is on {c_host}:{c_port}, this machine only")
-        say(f"SuperLink serving {host}:{port} to {door} ({'TLS' if tls else 'no TLS'}, node authentication "
+        door = (
+            "the SuperLink itself, Control API included (server.expose_control_api)"
+            if cfg.server.expose_control_api
+            else f"devices only (Fleet API); the Control API is on {c_host}:{c_port}, this machine only"
+        )
+        say(
+            f"SuperLink serving {host}:{port} to {door} ({'TLS' if tls else 'no TLS'}, node authentication "
             f"{'on' if node_auth else 'off'}); clients join with: fedlora client --server <this host>:{port}"
-            + (" --root-certificates <ca.crt> --node-key <node-N.key>" if tls else " --insecure"))
+            + (" --root-certificates <ca.crt> --node-key <node-N.key>" if tls else " --insecure")
+        )
         app = write_app(dep)
         log_path = run_dir.path / "serverapp.log"
         # A resumed run's log holds the earlier server's lines (its last error included): echo only ours.
@@ -401,8 +379,10 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
         dep.run_id = submit(dep, app, resume, say=say)
         follow_log(dep)
         dep.timings["start-seconds"] = time.perf_counter() - t_start
-        say(f"run {dep.run_id} submitted ({'resuming' if resume else 'starting'} {run_dir.path}); waiting for "
-            f"{cfg.federation.min_available_clients or cfg.federation.min_train_clients} clients")
+        say(
+            f"run {dep.run_id} submitted ({'resuming' if resume else 'starting'} {run_dir.path}); waiting for "
+            f"{cfg.federation.min_available_clients or cfg.federation.min_train_clients} clients"
+        )
         run_status = RunStatus(dep)
         status, last_check = "", 0.0
         while True:
@@ -425,8 +405,10 @@ def serve(cfg: FedLoraConfig, run_dir: RunDir, *, resume: bool = False, insecure
         run_status.close()
         show_new_rounds()
         if status != "finished:completed" or not (run_dir.path / "summary.json").exists():
-            raise RuntimeError(f"run {dep.run_id} ended {status or 'without a status'}; the ServerApp's log is in "
-                               f"{run_dir.path / 'superlink.log'}:\n{tail(run_dir.path / 'superlink.log', 30)}")
+            raise RuntimeError(
+                f"run {dep.run_id} ended {status or 'without a status'}; the ServerApp's log is in "
+                f"{run_dir.path / 'superlink.log'}:\n{tail(run_dir.path / 'superlink.log', 30)}"
+            )
         dep.timings["total-seconds"] = time.perf_counter() - t_start
         return dep
     finally:

@@ -19,7 +19,9 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def diagonal_fisher(model: torch.nn.Module, data: Examples, limit: int, device: torch.device) -> dict[str, torch.Tensor]:
+def diagonal_fisher(
+    model: torch.nn.Module, data: Examples, limit: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Mean over the first ``limit`` examples of ``data`` of the squared gradient of each example's
     loss (its negative log-likelihood) w.r.t. every trainable parameter; dropout off, model restored."""
     params = trainable(model)
@@ -90,17 +92,27 @@ def fisher_penalty(client: ClientRound, weight: float, fisher_examples: int) -> 
     if not client.store.has(client.client_id, _state_name(client, last)):
         theta = {n: p.detach().clone().cpu() for n, p in trainable(client.model).items()}
         prev = task_client_data(client.cfg, client.partition_id, last).train
-        fisher = {n: f.cpu() for n, f in diagonal_fisher(client.model, prev, fisher_examples,
-                                                          client.device).items()}
-        client.store.save(client.client_id, _state_name(client, last),
-                          {**{f"theta/{n}": t for n, t in theta.items()}, **{f"fisher/{n}": f for n, f in fisher.items()}})
+        fisher = {n: f.cpu() for n, f in diagonal_fisher(client.model, prev, fisher_examples, client.device).items()}
+        client.store.save(
+            client.client_id,
+            _state_name(client, last),
+            {**{f"theta/{n}": t for n, t in theta.items()}, **{f"fisher/{n}": f for n, f in fisher.items()}},
+        )
     anchors = []
     for j in range(task):
         kept = client.store.load(client.client_id, _state_name(client, j))
         if kept is None:  # the client took part in no round of task j+1 before this one's task
-            log.info("client %s: EWC holds no parameters of finished task %d (it trained in none of the rounds "
-                     "after it ended); that task is not protected", client.client_id, j)
+            log.info(
+                "client %s: EWC holds no parameters of finished task %d (it trained in none of the rounds "
+                "after it ended); that task is not protected",
+                client.client_id,
+                j,
+            )
             continue
-        anchors.append({"theta": {k[6:]: v for k, v in kept.items() if k.startswith("theta/")},
-                        "fisher": {k[7:]: v for k, v in kept.items() if k.startswith("fisher/")}})
+        anchors.append(
+            {
+                "theta": {k[6:]: v for k, v in kept.items() if k.startswith("theta/")},
+                "fisher": {k[7:]: v for k, v in kept.items() if k.startswith("fisher/")},
+            }
+        )
     return [EWCPenalty(weight, anchors)] if anchors else []

@@ -38,14 +38,20 @@ if TYPE_CHECKING:
 class EWCSection:
     """``[ewc]``: the penalty's weight and the Fisher estimate's sample."""
 
-    weight: float = _meta("EWC's lambda: the Fisher-weighted pull toward each finished task's parameters "
-                          "(continual.method = 'ewc'); the default is what simulations/compare_continual.toml "
-                          "chose on validation.", default=10000.0)
-    fisher_examples: int = _meta("Each client's examples of a finished task used for its diagonal Fisher "
-                                 "(one backward pass each).", default=200)
+    weight: float = _meta(
+        "EWC's lambda: the Fisher-weighted pull toward each finished task's parameters "
+        "(continual.method = 'ewc'); the default is what simulations/compare_continual.toml "
+        "chose on validation.",
+        default=10000.0,
+    )
+    fisher_examples: int = _meta(
+        "Each client's examples of a finished task used for its diagonal Fisher (one backward pass each).", default=200
+    )
 
     def validate(self) -> None:
-        _require(math.isfinite(self.weight) and self.weight >= 0, "ewc.weight", f"must be finite and >= 0, got {self.weight}")
+        _require(
+            math.isfinite(self.weight) and self.weight >= 0, "ewc.weight", f"must be finite and >= 0, got {self.weight}"
+        )
         _require(self.fisher_examples >= 1, "ewc.fisher_examples", f"must be >= 1, got {self.fisher_examples}")
 
 
@@ -61,9 +67,11 @@ class EWC(Extension):
     @classmethod
     def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:
         if cfg.privacy.example_dp:
-            raise ConfigError("invalid config for 'continual.method': EWC's penalty is a function of the parameters, "
-                              "not of each example: Opacus' per-example clipping (privacy.example_dp) would drop its "
-                              "gradient silently. Use client-level DP (privacy.client_dp) with it")
+            raise ConfigError(
+                "invalid config for 'continual.method': EWC's penalty is a function of the parameters, "
+                "not of each example: Opacus' per-example clipping (privacy.example_dp) would drop its "
+                "gradient silently. Use client-level DP (privacy.client_dp) with it"
+            )
 
     @contextmanager
     def training(self, client: ClientRound) -> Iterator[list]:

@@ -35,9 +35,11 @@ MU_KEY = "proximal-mu"
 class FedProxSection:
     """``[fedprox]``: the proximal term's weight."""
 
-    mu: float = _meta("FedProx's proximal weight mu: each client adds mu/2 ||theta - theta_global||^2 over the "
-                      "shared LoRA factors to its loss; 0 = off (Li et al. tune it in {0.001, 0.01, 0.1, 1}).",
-                      default=0.0)
+    mu: float = _meta(
+        "FedProx's proximal weight mu: each client adds mu/2 ||theta - theta_global||^2 over the "
+        "shared LoRA factors to its loss; 0 = off (Li et al. tune it in {0.001, 0.01, 0.1, 1}).",
+        default=0.0,
+    )
 
     def validate(self) -> None:
         _require(math.isfinite(self.mu) and self.mu >= 0, "fedprox.mu", f"must be finite and >= 0, got {self.mu}")
@@ -58,9 +60,11 @@ class FedProx(Extension):
     @classmethod
     def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:
         if cfg.privacy.example_dp:
-            raise ConfigError("invalid config for 'fedprox.mu': FedProx's proximal term is a function of the "
-                              "parameters, not of each example, and Opacus' per-example clipping (privacy.example_dp) "
-                              "would drop its gradient silently. Use client-level DP (privacy.client_dp) with FedProx")
+            raise ConfigError(
+                "invalid config for 'fedprox.mu': FedProx's proximal term is a function of the "
+                "parameters, not of each example, and Opacus' per-example clipping (privacy.example_dp) "
+                "would drop its gradient silently. Use client-level DP (privacy.client_dp) with FedProx"
+            )
 
     def round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
         return {MU_KEY: float(self.cfg.section("fedprox").mu)}

@@ -39,14 +39,22 @@ if TYPE_CHECKING:
 class LwFSection:
     """``[lwf]``: the distillation term's weight and temperature."""
 
-    weight: float = _meta("LwF's lambda_o: the weight of distillation toward the old model's outputs on the "
-                          "finished tasks' labels (continual.method = 'lwf'; the paper's 1).", default=1.0)
+    weight: float = _meta(
+        "LwF's lambda_o: the weight of distillation toward the old model's outputs on the "
+        "finished tasks' labels (continual.method = 'lwf'; the paper's 1).",
+        default=1.0,
+    )
     temperature: float = _meta("LwF's temperature T on both models' logits (the paper's 2).", default=2.0)
 
     def validate(self) -> None:
-        _require(math.isfinite(self.weight) and self.weight >= 0, "lwf.weight", f"must be finite and >= 0, got {self.weight}")
-        _require(math.isfinite(self.temperature) and self.temperature > 0, "lwf.temperature",
-                 f"must be finite and > 0, got {self.temperature}")
+        _require(
+            math.isfinite(self.weight) and self.weight >= 0, "lwf.weight", f"must be finite and >= 0, got {self.weight}"
+        )
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "lwf.temperature",
+            f"must be finite and > 0, got {self.temperature}",
+        )
 
 
 @register_extension
@@ -61,9 +69,11 @@ class LwF(Extension):
     @classmethod
     def check_with_run(cls, cfg: FedLoraConfig, policy: SharingPolicy) -> None:
         if cfg.privacy.example_dp:
-            raise ConfigError("invalid config for 'continual.method': LwF with example-level DP (privacy.example_dp) "
-                              "is not built (the old model's forward pass would sit outside Opacus' per-example "
-                              "clipping); use client-level DP (privacy.client_dp) with it")
+            raise ConfigError(
+                "invalid config for 'continual.method': LwF with example-level DP (privacy.example_dp) "
+                "is not built (the old model's forward pass would sit outside Opacus' per-example "
+                "clipping); use client-level DP (privacy.client_dp) with it"
+            )
 
     @contextmanager
     def training(self, client: ClientRound) -> Iterator[list]:

@@ -23,17 +23,23 @@ MAX_NOISE = 100.0  # a target that needs more noise than this is refused: the mo
 def client_accountant(num_clients: int, delta: float):
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
-    return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=num_clients,
-                                       neighboring_relation=NeighboringRelation.REPLACE_ONE,
-                                       sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=num_clients,
+            neighboring_relation=NeighboringRelation.REPLACE_ONE,
+            sampling_method=SamplingMethod.WITHOUT_REPLACEMENT,
+        )
+    )
 
 
 def client_event(noise_multiplier: float, sampled: int, num_clients: int):
     """One round's release: noise multiplier z relative to C is z/2 relative to replace-one's 2C."""
     from flwr.serverapp import GaussianPrivacyEvent
 
-    return GaussianPrivacyEvent(noise_multiplier=noise_multiplier / 2.0, sample_size=sampled,
-                                population_size=num_clients)
+    return GaussianPrivacyEvent(
+        noise_multiplier=noise_multiplier / 2.0, sample_size=sampled, population_size=num_clients
+    )
 
 
 def client_epsilon(noise_multiplier: float, sampled: int, num_clients: int, rounds: int, delta: float) -> float:
@@ -65,8 +71,9 @@ def adaptive_update_noise(noise_multiplier: float, sampled: int) -> float:
             f"adaptive clipping cannot spend noise multiplier z = {z:.4g} with {sampled} clients a round: the "
             f"clip count's noise (std m/20 = {sigma_b:.4g}) alone costs noise multiplier 2 * m/20 = {2 * sigma_b:.4g}, "
             f"so z must be below it. Sample more than 10 * z = {10 * z:.4g} clients a round, use "
-            "privacy.client_clipping = 'fixed', or allow more privacy loss (a larger target epsilon, a smaller z)")
-    return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+            "privacy.client_clipping = 'fixed', or allow more privacy loss (a larger target epsilon, a smaller z)"
+        )
+    return (z**-2 - (2 * sigma_b) ** -2) ** -0.5
 
 
 def sampled_per_round(cfg: FedLoraConfig) -> int:
@@ -76,8 +83,13 @@ def sampled_per_round(cfg: FedLoraConfig) -> int:
 
 def client_noise_for_target(cfg: FedLoraConfig) -> float:
     """Smallest z (bisection, 1e-3 relative) with which the whole run spends at most the target epsilon."""
-    return _calibrate_client_noise(cfg.federation.num_clients, sampled_per_round(cfg), cfg.run.rounds,
-                                   cfg.privacy.client_target_epsilon, cfg.client_delta())
+    return _calibrate_client_noise(
+        cfg.federation.num_clients,
+        sampled_per_round(cfg),
+        cfg.run.rounds,
+        cfg.privacy.client_target_epsilon,
+        cfg.client_delta(),
+    )
 
 
 @lru_cache(maxsize=32)
@@ -88,7 +100,8 @@ def _calibrate_client_noise(n: int, m: int, t: int, target: float, delta: float)
         raise ConfigError(
             f"invalid config value for 'privacy.client_target_epsilon': {target} cannot be met with {t} rounds of "
             f"{m} of {n} clients (delta {delta:.3g}) even at noise multiplier {MAX_NOISE:g}; sample fewer clients per "
-            "round, run fewer rounds, or accept a larger epsilon")
+            "round, run fewer rounds, or accept a larger epsilon"
+        )
     lo, hi = 0.0, MAX_NOISE
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
@@ -104,15 +117,25 @@ def example_noise_for_target(target_epsilon: float, delta: float, sample_rate: f
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        z = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                 steps=steps, accountant="rdp", epsilon_tolerance=0.005)
+        z = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+            epsilon_tolerance=0.005,
+        )
     except ValueError as exc:
-        raise ConfigError(f"invalid config value for 'privacy.example_target_epsilon': {target_epsilon} cannot be met "
-                          f"with {steps} steps at sampling rate {sample_rate:.3g}: {exc}") from None
+        raise ConfigError(
+            f"invalid config value for 'privacy.example_target_epsilon': {target_epsilon} cannot be met "
+            f"with {steps} steps at sampling rate {sample_rate:.3g}: {exc}"
+        ) from None
     if z > MAX_NOISE:
-        raise ConfigError(f"invalid config value for 'privacy.example_target_epsilon': {target_epsilon} needs noise "
-                          f"multiplier {z:.1f} (> {MAX_NOISE:g}) over {steps} steps at sampling rate "
-                          f"{sample_rate:.3g}; run fewer steps or accept a larger epsilon")
+        raise ConfigError(
+            f"invalid config value for 'privacy.example_target_epsilon': {target_epsilon} needs noise "
+            f"multiplier {z:.1f} (> {MAX_NOISE:g}) over {steps} steps at sampling rate "
+            f"{sample_rate:.3g}; run fewer steps or accept a larger epsilon"
+        )
     return float(z)
 
 
@@ -161,8 +184,9 @@ def check_example_targets(cfg: FedLoraConfig) -> None:
     for i in range(cfg.federation.num_clients):
         n = len(client_data(cfg, i).train)
         steps = cfg.run.rounds * steps_per_round(n, tc.batch_size, tc.local_steps, tc.local_epochs)
-        example_noise_for_target(cfg.privacy.example_target_epsilon, cfg.privacy.example_delta,
-                                 example_sample_rate(n, tc.batch_size), steps)
+        example_noise_for_target(
+            cfg.privacy.example_target_epsilon, cfg.privacy.example_delta, example_sample_rate(n, tc.batch_size), steps
+        )
 
 
 def example_sample_rate(num_examples: int, batch_size: int) -> float:

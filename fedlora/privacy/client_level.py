@@ -58,15 +58,17 @@ def effective_change(start: LoraFactors, update: LoraFactors, rank: int) -> Lora
     out = LoraFactors(extras={k: t - s0.extras[k] for k, t in u.extras.items()})
     for name, m in u.modules.items():
         b0 = s0.modules[name]
-        out.modules[name] = ModuleFactors(A=None if m.A is None else m.A - b0.A[:r],
-                                          B=None if m.B is None else m.B - b0.B[:, :r], alpha=float(r))
+        out.modules[name] = ModuleFactors(
+            A=None if m.A is None else m.A - b0.A[:r], B=None if m.B is None else m.B - b0.B[:, :r], alpha=float(r)
+        )
     return fit_rank(out, rank)
 
 
 def add_to_block(global_eff: LoraFactors, change: LoraFactors, rank: int) -> LoraFactors:
     """``global_eff`` with ``change`` added to its leading ``rank`` components (and the head)."""
-    out = LoraFactors(extras={k: t + change.extras[k] if k in change.extras else t
-                              for k, t in global_eff.extras.items()})
+    out = LoraFactors(
+        extras={k: t + change.extras[k] if k in change.extras else t for k, t in global_eff.extras.items()}
+    )
     for name, m in global_eff.modules.items():
         c = change.modules.get(name)
         A, B = m.A, m.B
@@ -91,8 +93,9 @@ class ClientLevelDP:
         self.cfg = cfg
         self.num_clients = cfg.federation.num_clients
         self.delta = cfg.client_delta()
-        self.noise_multiplier = (accounting.client_noise_for_target(cfg) if p.client_target_epsilon > 0
-                                 else p.client_noise_multiplier)
+        self.noise_multiplier = (
+            accounting.client_noise_for_target(cfg) if p.client_target_epsilon > 0 else p.client_noise_multiplier
+        )
         self.clip = p.client_clip
         self.adaptive = p.client_clipping == "adaptive"
         self.accountant = accounting.client_accountant(self.num_clients, self.delta)
@@ -100,8 +103,12 @@ class ClientLevelDP:
 
     # -------------------------------------------------------------------- state (checkpointable)
     def state_dict(self) -> dict:
-        return {"clip": self.clip, "noise_multiplier": self.noise_multiplier, "released": self.released,
-                "accountant": self.accountant.state_dict()}
+        return {
+            "clip": self.clip,
+            "noise_multiplier": self.noise_multiplier,
+            "released": self.released,
+            "accountant": self.accountant.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.clip = float(state["clip"])
@@ -122,8 +129,15 @@ class ClientLevelDP:
         sum, ``finish`` adds the noise once and accounts the round."""
         return ClippedSum(self, sampled, server_round, rank)
 
-    def release(self, global_eff: LoraFactors, starts: list[LoraFactors], updates: list[LoraFactors],
-                sampled: int, server_round: int, rank: int) -> tuple[LoraFactors, dict]:
+    def release(
+        self,
+        global_eff: LoraFactors,
+        starts: list[LoraFactors],
+        updates: list[LoraFactors],
+        sampled: int,
+        server_round: int,
+        rank: int,
+    ) -> tuple[LoraFactors, dict]:
         """The new global adapter and what the round spent: ``global + mean(clip(change)) + noise``
         (the fold of :meth:`begin` over a list)."""
         release = self.begin(sampled, server_round, rank)
@@ -167,11 +181,14 @@ class ClippedSum:
         m = max(self.sampled, len(norms))
         gen = dp._generator(self.server_round)
         z = dp.noise_multiplier
-        info = {"client-clip": clip, "client-noise-multiplier": z,
-                "client-update-norm-mean": sum(norms) / len(norms),
-                "clients-clipped": sum(n > clip for n in norms),
-                # An update 10x past C is no honest client's drift: the clip held it, and the log says so.
-                "clients-far-beyond-clip": sum(n > FAR_BEYOND * clip for n in norms)}
+        info = {
+            "client-clip": clip,
+            "client-noise-multiplier": z,
+            "client-update-norm-mean": sum(norms) / len(norms),
+            "clients-clipped": sum(n > clip for n in norms),
+            # An update 10x past C is no honest client's drift: the clip held it, and the log says so.
+            "clients-far-beyond-clip": sum(n > FAR_BEYOND * clip for n in norms),
+        }
         next_clip = clip
         if dp.adaptive:
             count_std = accounting.adaptive_count_std(m)
@@ -236,7 +253,14 @@ class ClientLevelPrivacy(Extension):
 
     def finish_run(self, rows: list[dict], folder: Path) -> dict[str, Any]:
         dp = self.mechanism
-        return {"privacy": {"client-level": {
-            "epsilon": dp.epsilon() if dp.noise_multiplier > 0 else None, "delta": dp.delta,
-            "noise-multiplier": dp.noise_multiplier, "released-rounds": dp.released,
-            "accountant": "flwr RdpAccountant (sampling without replacement, replace-one)"}}}
+        return {
+            "privacy": {
+                "client-level": {
+                    "epsilon": dp.epsilon() if dp.noise_multiplier > 0 else None,
+                    "delta": dp.delta,
+                    "noise-multiplier": dp.noise_multiplier,
+                    "released-rounds": dp.released,
+                    "accountant": "flwr RdpAccountant (sampling without replacement, replace-one)",
+                }
+            }
+        }

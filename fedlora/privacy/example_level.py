@@ -48,8 +48,14 @@ class _Indices(torch.utils.data.Dataset):
 class DPSGDHook(TrainingHook):
     """Wraps the loop's model, optimizer and batches with Opacus; reports epsilon at the end."""
 
-    def __init__(self, noise_multiplier: float, max_grad_norm: float, delta: float, history: list | None = None,
-                 noise_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        delta: float,
+        history: list | None = None,
+        noise_seed: int | None = None,
+    ) -> None:
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.delta = delta
@@ -76,16 +82,27 @@ class DPSGDHook(TrainingHook):
         data: Examples = ctx.data
         n, bs = len(data), ctx.tc.batch_size
         gen = torch.Generator().manual_seed(ctx.seed)
-        loader = torch.utils.data.DataLoader(_Indices(n), batch_size=min(bs, n), shuffle=False, generator=gen,
-                                             collate_fn=lambda items: collate(data, [int(i[0]) for i in items]))
+        loader = torch.utils.data.DataLoader(
+            _Indices(n),
+            batch_size=min(bs, n),
+            shuffle=False,
+            generator=gen,
+            collate_fn=lambda items: collate(data, [int(i[0]) for i in items]),
+        )
         noise_gen = torch.Generator(device=ctx.device)
         noise_gen.manual_seed(self.noise_seed if self.noise_seed is not None else secrets.randbits(63))
         self.engine = PrivacyEngine(accountant="rdp")
         self.engine.accountant.history = list(self.history)
         model, optimizer, dp_loader = self.engine.make_private(
-            module=ctx.model, optimizer=ctx.optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm, poisson_sampling=True, noise_generator=noise_gen,
-            grad_sample_mode="hooks")
+            module=ctx.model,
+            optimizer=ctx.optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise_gen,
+            grad_sample_mode="hooks",
+        )
         ctx.model, ctx.optimizer = model, optimizer
         ctx.clip_grad = False  # per-sample clipping replaces the global clip
         # One pass of the DP loader is 1/q Poisson steps: the loop's step budget is unchanged.
@@ -112,8 +129,11 @@ class DPSGDHook(TrainingHook):
 
     def end(self, ctx: TrainContext) -> dict:
         self.history = [tuple(h) for h in self.engine.accountant.history]
-        return {"dp-sgd-epsilon": self.epsilon(), "dp-sgd-noise": self.noise_multiplier,
-                "dp-sgd-empty-steps": self.empty_steps}
+        return {
+            "dp-sgd-epsilon": self.epsilon(),
+            "dp-sgd-noise": self.noise_multiplier,
+            "dp-sgd-empty-steps": self.empty_steps,
+        }
 
     def epsilon(self) -> float:
 
@@ -167,8 +187,11 @@ class ExampleLevelDP(Extension):
         history = client.store.load(client.client_id, STATE_NAME, {"history": []})["history"]
         hook = DPSGDHook(z, p.example_clip, p.example_delta, history=history, noise_seed=seed)
         yield [hook]
-        client.store.save(client.client_id, STATE_NAME,
-                          {"history": [list(x) for x in hook.history], "delta": hook.delta, "epsilon": hook.epsilon()})
+        client.store.save(
+            client.client_id,
+            STATE_NAME,
+            {"history": [list(x) for x in hook.history], "delta": hook.delta, "epsilon": hook.epsilon()},
+        )
 
     def round_figures(self, accepted: list[dict[str, Any]]) -> dict[str, Any]:
         eps = [m["dp-sgd-epsilon"] for m in accepted if "dp-sgd-epsilon" in m]
@@ -176,6 +199,12 @@ class ExampleLevelDP(Extension):
 
     def finish_run(self, rows: list[dict], folder: Path) -> dict[str, Any]:
         eps = [r["dp-sgd-epsilon-max"] for r in rows if r.get("dp-sgd-epsilon-max") is not None]
-        return {"privacy": {"example-level": {"epsilon-max-over-clients": max(eps) if eps else None,
-                                              "delta": self.cfg.privacy.example_delta,
-                                              "accountant": "opacus RDPAccountant"}}}
+        return {
+            "privacy": {
+                "example-level": {
+                    "epsilon-max-over-clients": max(eps) if eps else None,
+                    "delta": self.cfg.privacy.example_delta,
+                    "accountant": "opacus RDPAccountant",
+                }
+            }
+        }

@@ -33,19 +33,25 @@ IGNORE = -100  # the label of a token that is not scored (prompt, padding): PyTo
 # Kept at the end of a prompt cut to fit: the cue the response follows ("...\nAnswer:").
 TAIL_TOKENS = 16
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                 "context. Write a response that appropriately completes the request.\n\n"
-                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 
 def special_ids(tok) -> tuple[int, int]:
     """(end-of-sequence id, padding id) of ``tok``; a BERT-style tokenizer's [SEP] ends a sequence."""
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     if eos is None:
-        raise ConfigError("the tokenizer has neither an end-of-sequence nor a separator token, so a response "
-                          "cannot be ended; use a causal-lm model whose tokenizer defines eos_token")
+        raise ConfigError(
+            "the tokenizer has neither an end-of-sequence nor a separator token, so a response "
+            "cannot be ended; use a causal-lm model whose tokenizer defines eos_token"
+        )
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     return int(eos), int(pad)
 
@@ -67,8 +73,10 @@ def instruction_rows(split, cfg: FedLoraConfig) -> list[dict]:
     d = cfg.data
     if d.prompt_format == "alpaca":
         inputs = split[d.input_column] if d.input_column else [""] * len(split)
-        return [{"instruction": i, "input": x, "output": o, "label": 0}
-                for i, x, o in zip(split[d.instruction_column], inputs, split[d.output_column])]
+        return [
+            {"instruction": i, "input": x, "output": o, "label": 0}
+            for i, x, o in zip(split[d.instruction_column], inputs, split[d.output_column])
+        ]
     return [{"messages": m, "label": 0} for m in split[d.messages_column]]
 
 
@@ -76,8 +84,9 @@ def render(row: dict, cfg: FedLoraConfig, tok, label_names: Sequence[str]) -> tu
     """(prompt text, response text) of one row."""
     d = cfg.data
     if d.prompt_format == "label":
-        prompt = d.prompt_template.format(text=row["text"], text_pair=row.get("pair") or "",
-                                          labels=", ".join(label_names))
+        prompt = d.prompt_template.format(
+            text=row["text"], text_pair=row.get("pair") or "", labels=", ".join(label_names)
+        )
         return prompt, " " + label_names[int(row["label"])]
     if d.prompt_format == "alpaca":
         x = str(row.get("input") or "").strip()
@@ -88,24 +97,34 @@ def render(row: dict, cfg: FedLoraConfig, tok, label_names: Sequence[str]) -> tu
 
 def check_chat_template(tok, model_name: str) -> None:
     if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"data.prompt_format='chat' renders messages with the tokenizer's chat template, but "
-                          f"{model_name}'s tokenizer has none; use a chat model's tokenizer or "
-                          "data.prompt_format='alpaca'")
+        raise ConfigError(
+            f"data.prompt_format='chat' renders messages with the tokenizer's chat template, but "
+            f"{model_name}'s tokenizer has none; use a chat model's tokenizer or "
+            "data.prompt_format='alpaca'"
+        )
 
 
 def _render_chat(messages, tok) -> tuple[str, str]:
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise ConfigError(f"a chat row must be a non-empty list of {{role, content}} messages, got {str(messages)[:80]!r}")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+    ):
+        raise ConfigError(
+            f"a chat row must be a non-empty list of {{role, content}} messages, got {str(messages)[:80]!r}"
+        )
     if messages[-1]["role"] != "assistant":
-        raise ConfigError(f"a chat row's last message is the response and must be the assistant's, "
-                          f"got role {messages[-1]['role']!r}")
+        raise ConfigError(
+            f"a chat row's last message is the response and must be the assistant's, got role {messages[-1]['role']!r}"
+        )
     prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
-        raise ConfigError("the tokenizer's chat template renders the conversation differently from its prompt "
-                          "(the rendered prompt is not a prefix of the whole), so the response cannot be isolated")
-    return prompt, full[len(prompt):]
+        raise ConfigError(
+            "the tokenizer's chat template renders the conversation differently from its prompt "
+            "(the rendered prompt is not a prefix of the whole), so the response cannot be isolated"
+        )
+    return prompt, full[len(prompt) :]
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -134,19 +153,29 @@ def encode(tok, rows: list[dict], cfg: FedLoraConfig, label_names: Sequence[str]
             r = r + [eos]
         if len(p) + len(r) > limit:
             if not cfg.data.truncate_prompts:
-                raise ConfigError(f"example {i}: its prompt ({len(p)} tokens) and response ({len(r)}) exceed "
-                                  f"model.max_length={limit}; raise model.max_length (up to the model's context) "
-                                  "or set data.truncate_prompts=true")
+                raise ConfigError(
+                    f"example {i}: its prompt ({len(p)} tokens) and response ({len(r)}) exceed "
+                    f"model.max_length={limit}; raise model.max_length (up to the model's context) "
+                    "or set data.truncate_prompts=true"
+                )
             p, r, cut_p, cut_r = fit(p, r, limit)
             cut_prompts += cut_p
             cut_responses += cut_r
         ids.append(torch.tensor(p + r, dtype=torch.int32))
         lengths.append(len(p))
     if cut_prompts or cut_responses:
-        log.warning("%d of %d prompts lost tokens from their middle and %d responses were cut to fit "
-                    "model.max_length=%d", cut_prompts, len(rows), cut_responses, limit)
-    return {"ids": ids, "labels": torch.tensor([int(r.get("label", 0)) for r in rows], dtype=torch.long),
-            "prompt_lengths": torch.tensor(lengths, dtype=torch.int64)}
+        log.warning(
+            "%d of %d prompts lost tokens from their middle and %d responses were cut to fit model.max_length=%d",
+            cut_prompts,
+            len(rows),
+            cut_responses,
+            limit,
+        )
+    return {
+        "ids": ids,
+        "labels": torch.tensor([int(r.get("label", 0)) for r in rows], dtype=torch.long),
+        "prompt_lengths": torch.tensor(lengths, dtype=torch.int64),
+    }
 
 
 def fit(p: list[int], r: list[int], limit: int) -> tuple[list[int], list[int], bool, bool]:
@@ -161,7 +190,7 @@ def fit(p: list[int], r: list[int], limit: int) -> tuple[list[int], list[int], b
     cut_p = len(p) > budget
     if cut_p:
         tail = min(TAIL_TOKENS, budget // 2)
-        p = p[: budget - tail] + p[len(p) - tail:]
+        p = p[: budget - tail] + p[len(p) - tail :]
     return p, r, cut_p, cut_r
 
 
@@ -228,6 +257,12 @@ def answer_spec(cfg: FedLoraConfig, label_names: list[str]):
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
     eos, pad = special_ids(tok)
     longest = max(len(tok(" " + n, add_special_tokens=False)["input_ids"]) for n in label_names)
-    return AnswerSpec(label_names=tuple(label_names), model_name=cfg.model.name, cache_dir=cfg.model.cache_dir,
-                      max_new_tokens=cfg.train.max_new_tokens or longest + 2, eos_id=eos, pad_id=pad,
-                      context=model_context(cfg))
+    return AnswerSpec(
+        label_names=tuple(label_names),
+        model_name=cfg.model.name,
+        cache_dir=cfg.model.cache_dir,
+        max_new_tokens=cfg.train.max_new_tokens or longest + 2,
+        eos_id=eos,
+        pad_id=pad,
+        context=model_context(cfg),
+    )

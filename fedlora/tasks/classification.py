@@ -15,8 +15,11 @@ from fedlora.training import cross_entropy_loss
 
 class Classification:
     def columns(self, dc, cfg) -> list[tuple[str, str]]:
-        return [("data.text_column", dc.text_column), ("data.label_column", dc.label_column),
-                ("data.text_pair_column", dc.text_pair_column)]
+        return [
+            ("data.text_column", dc.text_column),
+            ("data.label_column", dc.label_column),
+            ("data.text_pair_column", dc.text_pair_column),
+        ]
 
     def free_rows(self, split, cfg) -> None:
         return None  # every row has a label
@@ -30,14 +33,22 @@ class Classification:
             cue = cfg.data.instruction.format(labels=", ".join(label_names))
             cue_tokens = len(tok(cue)["input_ids"])
             if cue_tokens >= cfg.model.max_length - 1:
-                raise ConfigError(f"invalid config value for 'data.instruction': the cue alone is {cue_tokens} tokens, "
-                                  f"leaving no room for the text in model.max_length={cfg.model.max_length}")
+                raise ConfigError(
+                    f"invalid config value for 'data.instruction': the cue alone is {cue_tokens} tokens, "
+                    f"leaving no room for the text in model.max_length={cfg.model.max_length}"
+                )
             texts = [f"{cue}\n{t}" for t in texts]
         pairs = [r.get("pair") for r in rows]
-        enc = tok(texts, pairs if any(p is not None for p in pairs) else None, truncation=True,
-                  max_length=cfg.model.max_length)
-        return {"ids": [torch.tensor(x, dtype=torch.int32) for x in enc["input_ids"]],
-                "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+        enc = tok(
+            texts,
+            pairs if any(p is not None for p in pairs) else None,
+            truncation=True,
+            max_length=cfg.model.max_length,
+        )
+        return {
+            "ids": [torch.tensor(x, dtype=torch.int32) for x in enc["input_ids"]],
+            "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long),
+        }
 
     def answers(self, cfg, label_names: list[str]) -> None:
         return None

@@ -53,12 +53,19 @@ def generate_answers(model: torch.nn.Module, data, batch_size: int, device: torc
         ids = torch.full((len(prompts), width), spec.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for j, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[j, width - len(p):] = p
-            mask[j, width - len(p):] = 1
+            ids[j, width - len(p) :] = p
+            mask[j, width - len(p) :] = 1
         new = max(1, min(spec.max_new_tokens, spec.context - width))
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
-                             do_sample=False, num_beams=1, use_cache=True, pad_token_id=spec.pad_id,
-                             eos_token_id=spec.eos_id)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=new,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=spec.pad_id,
+            eos_token_id=spec.eos_id,
+        )
         texts += tok.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
     return texts
 

@@ -1,0 +1,167 @@
+"""The aggregation's config sections: ``[hetero]`` (heterogeneous ranks, FLoRA's and FlexLoRA's folds)
+and ``[robust]`` (what one client's reply may do to a round). Loaded without torch or Flower."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedlora.schema import _meta, _require
+
+
+@dataclass
+class HeteroConfig:
+    device_classes: dict[str, int] = _meta(
+        "Rank per device class, e.g. {edge=4, laptop=8, server=32}.", default_factory=dict
+    )
+    client_classes: list[str] = _meta(
+        "Device class of client i (cycled if shorter than num_clients).", default_factory=list
+    )
+    class_distribution: dict[str, float] = _meta(
+        "Alternative to client_classes: share of clients per class.", default_factory=dict
+    )
+    client_ranks: list[int] = _meta(
+        "Explicit rank of client i (cycled); overrides device classes.", default_factory=list
+    )
+    flora_max_rank: int = _meta(
+        "FLoRA: cap on the stacked global rank; above it the stack is recompressed by SVD.", default=256
+    )
+    hetlora_prune: bool = _meta("HetLoRA: local rank self-pruning.", default=False)
+    hetlora_prune_ratio: float = _meta(
+        "HetLoRA: prune the trailing components while their norm share is below this.", default=0.05
+    )
+    hetlora_keep_uncovered: bool = _meta(
+        "HetLoRA: keep the previous global's rank components that no client sampled this round covers "
+        "(false = the paper's zero-padding formula, which zeroes them for good).",
+        default=True,
+    )
+    sketch_from_clients: int = _meta(
+        "FlexLoRA, FLoRA: below this many sampled clients a round starts by stacking the replies (exact; it holds "
+        "them while they fit hetero.exact_budget_mb); from it on, or once the stack outgrows the budget, the sum "
+        "of products is folded as replies arrive, into the dense sum when that fits the budget, else the sketch.",
+        default=32,
+    )
+    exact_budget_mb: float = _meta(
+        "FlexLoRA, FLoRA: MiB the exact forms of a round's sum of products may hold: the stack of replies, then "
+        "the dense out x in sums (8 bytes per weight of every adapted module). Only when neither fits does the "
+        "round use the single-pass sketch; the round log's product-fold says which (exact, dense or sketch), so "
+        "the server's memory is bounded at every cohort size.",
+        default=128.0,
+    )
+    sketch_oversampling: int = _meta(
+        "Sketch size beyond the rank read from it (range sketch k = rank + this; co-range 2k + 1). Exact while "
+        "the summed update's rank is <= k; beyond it the error against the exact truncation falls as this "
+        "grows (benchmarks/results/sketch_quality.json), and the memory grows with it.",
+        default=80,
+    )
+    sketch_rank: int = _meta(
+        "Rank the sketch is read at (0: FlexLoRA's largest client rank, FLoRA's flora_max_rank).", default=0
+    )
+
+    def validate(self) -> None:
+        for name, r in self.device_classes.items():
+            _require(int(r) >= 1, f"hetero.device_classes.{name}", f"rank must be >= 1, got {r}")
+        for c in list(self.client_classes) + list(self.class_distribution):
+            _require(
+                c in self.device_classes,
+                "hetero.client_classes",
+                f"device class {c!r} is not defined in hetero.device_classes",
+            )
+        for r in self.client_ranks:
+            _require(int(r) >= 1, "hetero.client_ranks", f"every rank must be >= 1, got {r}")
+        if self.class_distribution:
+            _require(
+                abs(sum(self.class_distribution.values()) - 1.0) < 1e-6,
+                "hetero.class_distribution",
+                "shares must sum to 1",
+            )
+        _require(self.flora_max_rank >= 1, "hetero.flora_max_rank", "must be >= 1")
+        _require(
+            0.0 < self.hetlora_prune_ratio < 1.0,
+            "hetero.hetlora_prune_ratio",
+            f"must be in (0, 1): the norm share pruned from the tail, got {self.hetlora_prune_ratio}",
+        )
+        _require(self.sketch_from_clients >= 1, "hetero.sketch_from_clients", "must be >= 1")
+        _require(self.sketch_oversampling >= 0, "hetero.sketch_oversampling", "must be >= 0")
+        _require(self.exact_budget_mb >= 0, "hetero.exact_budget_mb", "must be >= 0")
+        _require(self.sketch_rank >= 0, "hetero.sketch_rank", "must be >= 0 (0 = the strategy's own rank)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.client_ranks or self.client_classes or self.class_distribution)
+
+
+@dataclass
+class RobustConfig:
+    update_norm_bound: float = _meta(
+        "Bound on each client's update (its change from what it started the round with, effective form, "
+        "shared parts) in L2 norm; 0 = off.",
+        default=0.0,
+    )
+    relative_norm_bound: float = _meta(
+        "Bound on each client's update norm, as a multiple of the median update norm of the round's own replies "
+        "(in any arrival order: the largest held back until the round ends); above it the update is clipped onto it (or "
+        "rejected, norm_action) and the client named. On by default so one client cannot move the global "
+        "adapter far; 0 = off. Off under client-level DP (its clip bounds every client).",
+        default=4.0,
+    )
+    max_weight_factor: float = _meta(
+        "Cap on a reply's aggregation weight (its example count): this many times the median training-set size "
+        "the clients declared. On by default; 0 = off.",
+        default=10.0,
+    )
+    min_cosine: float = _meta(
+        "Direction bound (opt-in): a reply whose update (its change, effective form, shared parts) has cosine "
+        "similarity below this with the coordinate-wise median of the round's updates is left out of the fold and "
+        "named; -1 = off. Checked when the round's replies (at least 3) fit robust.held_back_mb and share one "
+        "rank. Off under client-level DP.",
+        default=-1.0,
+    )
+    held_back_mb: float = _meta(
+        "MiB of replies held back until the round's medians are known (the largest update norms first; at least "
+        "one reply): the norm bound is exact in any arrival order while no more replies exceed it than this "
+        "holds, and the direction bound runs when the whole round fits.",
+        default=256.0,
+    )
+    norm_action: str = _meta(
+        "Above a bound: 'clip' (scale onto the bound) or 'reject' (drop the reply).", default="clip"
+    )
+    aggregation: str = _meta(
+        "'mean' (the strategy's own weighted average), 'median' or 'trimmed-mean' (coordinate-wise, over "
+        "effective factors, unweighted; single-rank strategies only).",
+        default="mean",
+    )
+    trim_fraction: float = _meta("trimmed-mean: share of clients dropped at each end, per coordinate.", default=0.2)
+    max_client_share: float = _meta("Cap on any one client's normalised aggregation weight (1 = no cap).", default=1.0)
+    held_updates_budget_mb: float = _meta(
+        "median and trimmed-mean hold every reply of a round (the other aggregations fold each reply as it "
+        "arrives): a run whose cohort x adapter size exceeds this many MiB is refused before it starts.",
+        default=4096.0,
+    )
+
+    def validate(self) -> None:
+        _require(self.update_norm_bound >= 0, "robust.update_norm_bound", "must be >= 0 (0 = off)")
+        _require(
+            self.relative_norm_bound == 0 or self.relative_norm_bound >= 1,
+            "robust.relative_norm_bound",
+            f"must be 0 (off) or >= 1 (a multiple of the median norm), got {self.relative_norm_bound}",
+        )
+        _require(self.held_back_mb >= 0, "robust.held_back_mb", "must be >= 0")
+        _require(
+            -1.0 <= self.min_cosine < 1.0,
+            "robust.min_cosine",
+            f"must be in [-1, 1): -1 is off, 0 cuts updates that point away from the median, got {self.min_cosine}",
+        )
+        _require(
+            self.max_weight_factor == 0 or self.max_weight_factor >= 1,
+            "robust.max_weight_factor",
+            f"must be 0 (off) or >= 1, got {self.max_weight_factor}",
+        )
+        _require(self.norm_action in ("clip", "reject"), "robust.norm_action", "must be 'clip' or 'reject'")
+        _require(
+            self.aggregation in ("mean", "median", "trimmed-mean"),
+            "robust.aggregation",
+            f"must be 'mean', 'median' or 'trimmed-mean', got {self.aggregation!r}",
+        )
+        _require(0.0 <= self.trim_fraction < 0.5, "robust.trim_fraction", "must be in [0, 0.5)")
+        _require(0.0 < self.max_client_share <= 1.0, "robust.max_client_share", "must be in (0, 1]")
+        _require(self.held_updates_budget_mb > 0, "robust.held_updates_budget_mb", "must be > 0")
