@@ -3,13 +3,17 @@
 mutmut keys mutants by module path, so the strategies must be mutated where they are imported
 from: ``fedlora.strategies``. This script lays the source out as the installed package
 (``fedlora/strategies/``, ``fedlora/clients/``, ``fedlora/server/``) in a scratch folder, runs
-``mutmut run`` there against the tests that check these modules numerically, and writes the
-score per module to ``benchmarks/results/mutation.json`` (and prints a table).
+``mutmut run`` there against the tests that check these modules numerically, and records the
+score per module in ``benchmarks/results/mutation.json``: one current entry per module, with the
+commit and date of the run that produced it (a run of one group, ``--only``, replaces only its
+modules' entries), and prints a table.
 
     python -m benchmarks.mutation              # the working tree (~15 minutes on 2 cores)
-    python -m benchmarks.mutation --ref 45d7828 # the same modules and tests as they were at a commit
+    python -m benchmarks.mutation --only robust  # one group: the targets whose path contains it
     python -m benchmarks.mutation --recheck /tmp/fedlora-mutation-XXXX --match lora_math --sample 20
                                                 # rerun a sample of an earlier run's timeouts, alone
+    python -m benchmarks.mutation --collect /tmp/fedlora-mutation-XXXX
+                                                # record a finished run's scratch folder
 
 What is mutated: ``fedlora/aggregation/folds.py``, ``product_sums.py`` and ``share_cap.py`` (the server's folds; their
 tests: tests/test_folds.py), the plug-in methods' maths (``fedlora/methods/_*.py``; their tests but
@@ -104,7 +108,9 @@ def stage(ref: str | None, dest: Path, only: str = "") -> None:
         shutil.rmtree(src)
 
 
-def run(ref: str | None, only: str = "") -> dict:
+def run(ref: str | None, only: str = "") -> tuple[dict, Path]:
+    """Mutate the targets (those whose path contains ``only``) at ``ref`` (or the working tree):
+    the score per module, and the scratch folder the run left."""
     work = Path(tempfile.mkdtemp(prefix="fedlora-mutation-"))
     stage(ref, work, only)
     mutmut = str(Path(sys.executable).with_name("mutmut"))
@@ -113,7 +119,14 @@ def run(ref: str | None, only: str = "") -> dict:
     # The tests read ../shared/data beside the checkout, not beside the scratch folder they run from.
     env = {**os.environ, "FEDLORA_HYPOTHESIS": "mutation", "FEDLORA_SHARED_DATA": str(ROOT.parent / "shared" / "data")}
     subprocess.run([mutmut, "run", "--max-children", "2"], cwd=work, check=False, stdout=subprocess.DEVNULL, env=env)
-    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True).stdout
+    return scores(work), work
+
+
+def scores(scratch: Path) -> dict:
+    """Per module of a mutmut scratch folder: mutants, killed, score (killed / mutants), the score
+    counting timeouts as kills, and the count of every other verdict."""
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=scratch, capture_output=True, text=True).stdout
     per_module: dict[str, Counter] = {}
     for line in out.splitlines():
         m = re.match(r"\s*([\w.]+?)\.x.*__mutmut_\d+: (.+)$", line)
@@ -130,7 +143,30 @@ def run(ref: str | None, only: str = "") -> dict:
             "score-counting-timeouts": (killed + c.get("timeout", 0)) / total if total else None,
             **{k: v for k, v in c.items() if k != "killed"},
         }
-    return {"ref": ref or "working tree", "modules": report, "scratch": str(work)}
+    return report
+
+
+RESULT = ROOT / "benchmarks" / "results" / "mutation.json"
+
+
+def record(modules: dict, ref: str, extra: dict | None = None) -> dict:
+    """Each module's entry in results/mutation.json replaced by this run's (the others kept), with
+    the run's commit and date; returns the whole file's content."""
+    import datetime
+
+    current = json.loads(RESULT.read_text()) if RESULT.exists() else {"modules": {}}
+    date = datetime.date.today().isoformat()
+    for module, entry in modules.items():
+        current["modules"][module] = {**entry, "ref": ref, "date": date, **(extra or {})}
+    current["modules"] = dict(sorted(current["modules"].items()))
+    RESULT.write_text(json.dumps(current, indent=1) + "\n")
+    return current
+
+
+def _commit(ref: str | None) -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", ref or "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = not ref and subprocess.run(["git", "diff", "--quiet", "--", "fedlora", "tests"], cwd=ROOT).returncode
+    return head.stdout.strip() + ("+working-tree" if dirty else "")
 
 
 def recheck_timeouts(scratch: Path, match: str, sample: int, limit: float, seed: int = 0) -> dict:
@@ -184,20 +220,25 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=300.0, help="with --recheck: seconds per mutant")
     ap.add_argument("--ref", default=None, help="a git commit to test instead of the working tree")
     ap.add_argument("--only", default="", help="mutate only the targets whose path contains this, e.g. flora")
+    ap.add_argument("--collect", default=None, help="record the scores of a finished run's scratch folder")
     args = ap.parse_args()
     if args.recheck:
         res = recheck_timeouts(Path(args.recheck), args.match, args.sample, args.limit)
-        name = f"mutation-recheck-{args.match.replace('.', '_') or 'all'}.json"
-        (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(res, indent=1))
-        print(json.dumps(res["counts"]), f"of {res['rechecked']} rechecked ({res['timeouts']} timeouts)")
+        counts = res.pop("counts")
+        modules = {m: e for m, e in json.loads(RESULT.read_text())["modules"].items() if args.match in m}
+        record(
+            {m: {**e, "timeouts-rechecked": {**counts, "of": res["rechecked"]}} for m, e in modules.items()},
+            next(iter(modules.values()))["ref"] if modules else _commit(None),
+        )
+        print(json.dumps(counts), f"of {res['rechecked']} rechecked ({res['timeouts']} timeouts)")
         return
-    result = run(args.ref, args.only)
-    name = "mutation.json" if not args.ref else f"mutation-{args.ref}.json"
-    if args.only:
-        name = name.replace(".json", f"-{args.only.replace('/', '_')}.json")
-    (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(result, indent=1))
-    print(f"mutation score, {result['ref']}:")
-    for module, r in result["modules"].items():
+    if args.collect:
+        result, scratch = scores(Path(args.collect)), Path(args.collect)
+    else:
+        result, scratch = run(args.ref, args.only)
+    record(result, _commit(args.ref))
+    print(f"mutation score, {_commit(args.ref)} (scratch {scratch}):")
+    for module, r in result.items():
         score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
         print(f"  {module:32s} {r['killed']:4d}/{r['mutants']:4d} killed  {score}  {r}")
 

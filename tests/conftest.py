@@ -19,6 +19,11 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch (OpenMP) thread per process: the suite runs three xdist workers and the processes they
+# start on two cores, and OpenMP's spinning threads, oversubscribed, slow each other several-fold.
+# A test of thread settings sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlora-flwr-home-"))
 
 # ../shared/data beside the checkout; FEDLORA_SHARED_DATA names it for a copy of the tests elsewhere
@@ -40,12 +45,13 @@ settings.register_profile(
 settings.load_profile(os.environ.get("FEDLORA_HYPOTHESIS", "suite"))
 
 
-# The suite's schedule on two xdist workers (`-n 2 --dist loadfile`): whole files, heaviest first, so
+# The suite's schedule on three xdist workers (`-n 3 --dist loadfile`): whole files, heaviest first, so
 # that the long files start at once and the short ones fill in at the end (longest-first scheduling).
 # Heaviest: the files that start real processes (deployments, Ray simulations), then the longest
 # in-process federations; `pytest --durations=0` says which they are now.
 HEAVIEST_FILES_FIRST = (
     "test_deploy.py",
+    "test_deploy_faults.py",
     "test_simulation.py",
     "test_causal.py",
     "test_privacy.py",
@@ -199,3 +205,11 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+
+
+@pytest.fixture
+def creds(tmp_path: Path):
+    """Test credentials for a deployment on 127.0.0.1: a CA, a server certificate, 5 node key pairs."""
+    from fedlora.deploy.pki import create_credentials
+
+    return create_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], nodes=5)

@@ -22,188 +22,25 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, make_config
+from deployment import (
+    OUTSIDER_APP,
+    assert_same_factors,
+    cli,
+    final_factors,
+    kill_group,
+    outsider_attempts,
+    rows,
+    run_dir_of,
+    server_config,
+    simulation_of,
+    start_clients,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tests use Linux signals")
 
 
-def cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
-    fh = open(log, "wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedlora.cli", *args],
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-
-
-def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        p.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-
-
-def wait_for(pred, timeout: float, what: str, logs: list[Path] = ()):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.5)
-    text = "\n".join(f"--- {p}\n" + (p.read_text(errors="replace")[-3000:] if p.exists() else "(none)") for p in logs)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{text}")
-
-
-def run_dir_of(root: Path) -> Path | None:
-    found = [p for p in (root / "runs").glob("*") if (p / "config.toml").exists()]
-    return found[0] if found else None
-
-
-def rows(run: Path) -> list[dict]:
-    p = run / "metrics.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
-
-
-@pytest.fixture
-def creds(tmp_path: Path):
-    from fedlora.deploy.pki import create_credentials
-
-    return create_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], nodes=5)
-
-
-def server_config(tmp_path: Path, creds, port: int, rounds: int, enrolled: int = 3, **federation) -> Path:
-    import tomli_w
-
-    cfg = make_config(
-        tmp_path,
-        run={"rounds": rounds},
-        federation={
-            "num_clients": 3,
-            "min_train_clients": 3,
-            "min_evaluate_clients": 3,
-            "round_timeout": 90.0,
-            **federation,
-        },
-    )
-    raw = cfg.to_dict()
-    from fedlora.deploy.processes import free_port
-
-    raw["server"] = {
-        "address": f"127.0.0.1:{port}",
-        "control_port": free_port(),
-        "tls_certfile": str(creds.server_cert),
-        "tls_keyfile": str(creds.server_key),
-        "tls_ca_certfile": str(creds.ca_cert),
-        "enrolled_keys": [str(n.public_key) for n in creds.nodes[:enrolled]],
-    }
-    path = tmp_path / "server.toml"
-    path.write_text(tomli_w.dumps(raw))
-    return path
-
-
-def start_clients(
-    tmp_path: Path, creds, port: int, which=range(3), ids: dict | None = None, flags: dict | None = None
-) -> list[subprocess.Popen]:
-    procs = []
-    for i in which:
-        procs.append(
-            cli(
-                "client",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--root-certificates",
-                str(creds.ca_cert),
-                "--node-key",
-                str(creds.nodes[i].private_key),
-                "--partition-id",
-                str(i),
-                "--client-id",
-                (ids or {}).get(i, f"node-{i}"),
-                "--state-dir",
-                str(tmp_path / f"state{i}"),
-                *(flags or {}).get(i, []),
-                log=tmp_path / f"client{i}.log",
-            )
-        )
-    return procs
-
-
-OUTSIDER_APP = (
-    '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
-    '[project]\nname = "outsider"\nversion = "1.0.0"\ndependencies = []\n'
-    '[tool.flwr.app]\npublisher = "outsider"\n'
-    '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "x:app"\n'
-)
-
-
-def outsider_attempts(tmp_path: Path, creds, port: int) -> dict:
-    """What someone with only ca.crt tries at the devices' address with Flower's unmodified CLI, the
-    address plain and disguised: list runs and nodes, register a key, submit an app, stop a run.
-    {(what, address name): (exit code, output)}."""
-    home = tmp_path / "outsider-home"
-    home.mkdir()
-    app = tmp_path / "outsider-app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(OUTSIDER_APP)
-    (app / "x.py").write_text("app = None\n")
-    # The devices' address as given, and disguised with dot segments that the unmodified CLI sends on.
-    doors = {"door": "", "dots": "/v1/fleet/%2e%2e/%2e%2e", "raw-dots": "/v1/fleet/../..", "slash": "/v1/fleet/..%2f.."}
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "door"\n'
-        + "".join(
-            f'[superlink.{name}]\naddress = "127.0.0.1:{port}{path}"\nroot-certificates = "{creds.ca_cert}"\n'
-            for name, path in doors.items()
-        )
-    )
-    env = {**os.environ, "FLWR_HOME": str(home)}
-    flwr = str(Path(sys.executable).parent / "flwr")
-    attempts = {
-        "list runs": ["ls"],
-        "list nodes": ["supernode", "ls"],
-        "register a key": ["supernode", "register", str(creds.nodes[3].public_key)],
-        "submit an app": ["run", str(app)],
-        "stop a run": ["stop", "1"],
-    }
-    procs = {
-        (what, door): subprocess.Popen(
-            [flwr, *args, door], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        for what, args in attempts.items()
-        for door in doors
-    }
-    return {key: (p.wait(120), p.stdout.read()) for key, p in procs.items()}
-
-
-def simulation_of(config: Path, tmp_path: Path):
-    """The same run in Flower's simulation engine: the reference a deployment must reproduce (on the
-    session's Ray cluster: a test that calls this asks for the `ray_cluster` fixture)."""
-    from fedlora.config import FedLoraConfig
-    from fedlora.rundir import RunDir
-    from fedlora.simulate import simulate
-
-    cfg = FedLoraConfig.load(config)
-    cfg.run.output_dir = str(tmp_path / "sim")
-    return simulate(cfg, run_dir=RunDir(tmp_path / "sim" / "run")).path
-
-
-def final_factors(run: Path) -> dict[str, torch.Tensor]:
-    from fedlora.state import tensors_from_file
-
-    return tensors_from_file(run / "checkpoint" / "global.safetensors")[0]
-
-
-def assert_same_factors(a: dict, b: dict, atol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol), f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
-
-
-def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenrolled(tmp_path, creds, ray_cluster):
+def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenrolled(tmp_path, creds):
     from fedlora.deploy.processes import free_port
 
     port = free_port()
@@ -306,130 +143,6 @@ def test_federation_with_tls_and_node_auth_matches_simulation_and_refuses_unenro
     # A device's console reports the training process's peak memory, not only the loader's.
     peaks = re.findall(r"peak memory of a round's work so far: (\d+) MB", (tmp_path / "client0.log").read_text())
     assert peaks and int(peaks[-1]) > 100, (tmp_path / "client0.log").read_text()[-2000:]
-
-
-def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterrupted_run(tmp_path, creds, ray_cluster):
-    import psutil
-
-    from fedlora.deploy.processes import free_port
-
-    port = free_port()
-    # Training rounds only (federated evaluation has its own deployed test above): what is resumed is
-    # the global adapter, the strategy's state and the metrics.
-    config = server_config(tmp_path, creds, port, rounds=3, fraction_evaluate=0.0)
-    server = cli("server", "-c", str(config), log=tmp_path / "server.log")
-    clients = start_clients(tmp_path, creds, port)
-    logs = [tmp_path / "server.log", tmp_path / "client0.log"]
-    try:
-        run = wait_for(lambda: run_dir_of(tmp_path), 60, "the run directory", logs)
-        # 1. The SuperLink dies after round 1: `fedlora server` restarts it on its database and resumes.
-        wait_for(lambda: any(r["round"] == 1 for r in rows(run)), 240, "round 1", logs)
-        links = [
-            c
-            for c in psutil.Process(server.pid).children(recursive=True)
-            if any(x.endswith("flower-superlink") for x in c.cmdline()[:2])
-        ]  # the daemon, not its reaper
-        assert len(links) == 1
-        links[0].kill()
-
-        # 2. The server itself is SIGKILLed once round 2 is checkpointed...
-        def checkpointed(n: int) -> bool:
-            p = run / "checkpoint" / "state.json"
-            return p.exists() and json.loads(p.read_text())["last-round"] >= n
-
-        wait_for(lambda: checkpointed(2), 300, "round 2's checkpoint", logs)
-        # kill -9 of `fedlora server` alone (not its group): every process it started, the SuperLink's
-        # helpers (flower-superexec, flwr-serverapp) included, must end with it.
-        tree = psutil.Process(server.pid).children(recursive=True)
-        names = " ".join(" ".join(p.cmdline()[:2]) for p in tree)
-        assert "flower-superexec" in names or "flwr-serverapp" in names, names  # the helpers were there
-        os.kill(server.pid, signal.SIGKILL)
-        server.wait(10)
-        _, alive = psutil.wait_procs(tree, timeout=30)
-        assert not alive, f"outlived their server: {[' '.join(p.cmdline()[:3]) for p in alive]}"
-        # ... and `fedlora server --resume` finishes round 3.
-        resumed = cli("server", "--resume", str(run), log=tmp_path / "resumed.log")
-        assert resumed.wait(300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
-        # Every task process the devices' executors started has ended, those that served a stopped
-        # run included (a node that took the killed server's last message ends it when the resumed
-        # run's first task arrives).
-        task_pids = [
-            int(x)
-            for i in range(3)
-            for x in re.findall(r"started in process (\d+)", (tmp_path / f"state{i}" / "executor.log").read_text())
-        ]
-        assert len(task_pids) >= 18, task_pids  # each device: a setup for each of the 3 runs, a training a round
-
-        def task_alive(pid: int) -> bool:
-            try:
-                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                return False
-
-        wait_for(lambda: not any(task_alive(p) for p in task_pids), 15, "the devices' task processes to end", logs)
-    finally:
-        for p in [server, *clients]:
-            kill_group(p, signal.SIGTERM)
-    out = (tmp_path / "server.log").read_text()
-    assert "restarting it on its database" in out and "resumes the run" in out
-    # The dead ServerApp's run is stopped before the new one is submitted (else nodes that take its
-    # undelivered messages wait about 45 s on them), and Flower's `flwr log` error panel is not echoed.
-    assert "stopped: its ServerApp is gone" in out and "╭" not in out, out
-    # While the SuperLink was down, the gate logged each failed poll as one line with its cause.
-    gate = (run / "gate.log").read_text()
-    assert "Error" in gate and "Traceback" not in gate and "HTTP Request" not in gate, gate[-3000:]
-    resumed_out = (tmp_path / "resumed.log").read_text()
-    assert "round 3" in resumed_out and "stopped: its ServerApp is gone" in resumed_out
-    assert "Error" not in resumed_out, resumed_out  # the killed server's last log lines are not echoed again
-    assert [r["round"] for r in rows(run)] == [0, 1, 2, 3]
-    sim = simulation_of(config, tmp_path)
-    assert_same_factors(final_factors(run), final_factors(sim))
-    assert rows(run)[-1]["server-accuracy"] == pytest.approx(rows(sim)[-1]["server-accuracy"], abs=1e-6)
-
-
-def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, creds):
-    from fedlora.deploy.processes import free_port
-
-    port = free_port()
-    # Round 1 starts once all three are connected (min_available_clients), so it samples client 2;
-    # no federated evaluation (it would wait on the dead client again): the server's own evaluation
-    # shows the round's result.
-    config = server_config(
-        tmp_path,
-        creds,
-        port,
-        rounds=1,
-        min_train_clients=2,
-        min_available_clients=3,
-        fraction_evaluate=0.0,
-        round_timeout=25.0,
-    )
-    server = cli("server", "-c", str(config), log=tmp_path / "server.log")
-    clients = start_clients(tmp_path, creds, port)
-    logs = [tmp_path / "server.log", tmp_path / "client2.log"]
-    try:
-        # Client 2's second task is its round-1 training (the first is the setup): kill it then.
-        ex_log = tmp_path / "state2" / "executor.log"
-        wait_for(
-            lambda: ex_log.exists() and ex_log.read_text().count("started in process") >= 2,
-            240,
-            "client 2's training task",
-            logs + [ex_log],
-        )
-        kill_group(clients[2])
-        assert server.wait(300) == 0, (tmp_path / "server.log").read_text()[-3000:]
-    finally:
-        for p in [server, *clients]:
-            kill_group(p, signal.SIGTERM)
-    # Round 1, which client 2 was killed in, completes with the other two.
-    run_rows = rows(run_dir_of(tmp_path))
-    assert [x["round"] for x in run_rows] == [0, 1], run_rows
-    r = run_rows[1]
-    # Named once, by its client id, for what ended the wait (Flower's heartbeat verdict, answered by the
-    # SuperLink in the node's place, or the round timeout), and no node that is not in the federation.
-    assert len(r["rejected"]) == 1 and "client node-2 (node " in r["rejected"][0], r
-    assert "no reply" in r["rejected"][0] or "Node Unavailable" in r["rejected"][0], r
-    assert r["clients-sampled"] == 3 and r["clients-accepted"] == 2 and r["server-accuracy"] is not None, r
 
 
 def second_user(argv: list[str], home: Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -796,6 +509,7 @@ def test_a_device_sizes_its_own_threads_and_keeps_its_files_in_its_own_folder(tm
     cfg = make_config(tmp_path, train={"num_threads": 2})
     node_config = {"threads": 1, "state-dir": str(tmp_path / "state"), "partition-id": 0}
     before = torch.get_num_threads()
+    torch.set_num_threads(3)  # neither setting: what the session must change
     try:
         session = ClientSession.from_parts(cfg, node_config, node_id=7)
         assert torch.get_num_threads() == 1

@@ -1,4 +1,6 @@
-"""Real Flower simulations (Ray, ServerApp, ClientApps) on real data from ../shared/data."""
+"""Whole federations of fedlora's ServerApp and ClientApps on real data from ../shared/data: on the
+in-process grid where the apps' maths, shapes and wire content are tested, on Flower's simulation
+engine (Ray) where the engine is."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def _array_keys(messages):
     return keys
 
 
-def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, shared_data, ray_cluster):
+def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, shared_data):
     """3 clients, 2 rounds of one local epoch, the real pretrained encoder, AG News from ../shared/data
     (accuracy 0.25 -> 0.60 on 120 held-out examples)."""
     cfg = make_config(
@@ -43,7 +45,7 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
         train={"local_epochs": 1, "learning_rate": 3e-3},
         run={"tensorboard": True},
     )
-    run_dir, rows, grid = _run(cfg)
+    run_dir, rows, grid = _run(cfg, engine="inprocess")  # learning and the saved adapter are the apps' doing
     assert rows[0]["round"] == 0 and rows[-1]["round"] == 2
 
     # run.tensorboard: every round's metrics are TensorBoard scalars, read back from the event files.
@@ -109,8 +111,8 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
     res = evaluate(model, task.test, 64, torch.device("cpu"))
     assert res["accuracy"] == pytest.approx(rows[-1]["server-accuracy"], abs=1e-9)
     assert res["loss"] == pytest.approx(rows[-1]["server-loss"], rel=1e-5)
-    # Same predictions as the server's in-memory global model (run_simulation runs the ServerApp in
-    # this process; the model it evaluated and saved is the one cached for the run's base model).
+    # Same predictions as the server's in-memory global model (the ServerApp runs in this process;
+    # the model it evaluated and saved is the one cached for the run's base model).
     from fedlora import model as model_mod
 
     live = model_mod.cached_peft_model(
@@ -159,16 +161,10 @@ def test_wire_carries_only_what_the_policy_shares(tmp_path, shared_data, strateg
     assert 0 < framing < 2500, framing  # keys, shapes, metrics: small and bounded
 
 
-def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path, shared_data, monkeypatch):
-    # Without RAY_ADDRESS, as a user runs it: the simulation starts a private Ray and stops it (every other
-    # simulation of the suite runs on the session's cluster).
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path, shared_data):
     cfg = make_config(tmp_path, federation={"strategy": "fedsa", "num_clients": 6, "min_train_clients": 6})
     app = fleet.hostile_app({1: "leak-b", 2: "nan", 3: "weight", 4: "shape", 5: "rank"})
-    _, rows, _ = _run(cfg, client_app=app)
-    import ray
-
-    assert not ray.is_initialized()
+    _, rows, _ = _run(cfg, client_app=app, engine="inprocess")  # the server's validation, on any engine
     for row in rows[1:]:
         assert row["clients-accepted"] == 1 and row["clients-sampled"] == 6
         text = " | ".join(row["rejected"])
