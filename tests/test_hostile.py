@@ -200,30 +200,24 @@ def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_o
     assert float(_delta(ad).abs().max()) > 0.0  # the honest clients' rounds were applied
 
 
-def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data, monkeypatch):
-    # Without RAY_ADDRESS, as a user runs it: the simulation starts a private Ray and stops it (the
-    # suite's other engine test runs on the session's cluster, as a user's RAY_ADDRESS would have it).
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp_path, shared_data, ray_cluster):
     cfg = make_config(
         tmp_path,
         federation={
             "num_clients": 3,
             "min_train_clients": 3,
             "min_evaluate_clients": 3,
-            "round_timeout": 30,
+            "round_timeout": 60,
             "min_accepted": 2,
             "evaluate_every": 5,
         },
     )
     run_dir, rows = _run(cfg, {1: "crash", 2: "slow"}, engine="ray")
-    import ray
-
-    assert not ray.is_initialized()
     r1, r2 = rows[1], rows[2]
     line = next(x for x in r1["rejected"] if "client-00001" in x)
     assert line.endswith("failed: ValueError: disk on fire") or "disk on fire" in line
     assert "\n" not in line and len(line) < 300
     assert r1["clients-accepted"] == 2 and not r1["skipped"]
-    assert any("client-00002" in x and "no reply within federation.round_timeout (30 s)" in x for x in r2["rejected"])
+    assert any("client-00002" in x and "no reply within federation.round_timeout (60 s)" in x for x in r2["rejected"])
     assert r2["clients-accepted"] == 1 and "fewer than federation.min_accepted (2)" in r2["skipped"]
     assert _all_finite(_adapter(run_dir))

@@ -228,7 +228,7 @@ def test_heterogeneous_ranks_each_client_gets_its_own_rank(tmp_path, shared_data
         assert rows[-1]["global-rank"] == 8
 
 
-def test_the_in_process_grid_runs_the_same_federation_as_flowers_engine(tmp_path, shared_data, ray_cluster):
+def test_the_in_process_grid_runs_the_same_federation_as_flowers_engine(tmp_path, shared_data, monkeypatch):
     """fedlora's ServerApp and ClientApp on fedlora.inprocess.InProcessGrid (one process, no engine)
     give the run that Flower's simulation engine gives: the same global factors and the same metrics
     every round. So a test of maths, shapes or validation can use it and test the code that runs."""
@@ -236,7 +236,13 @@ def test_the_in_process_grid_runs_the_same_federation_as_flowers_engine(tmp_path
     from fedlora.state import tensors_from_file
 
     cfg = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3})
+    # Without RAY_ADDRESS, as a user runs it: the simulation starts a private Ray and stops it (the
+    # suite's other engine test runs on the session's cluster, as a user's RAY_ADDRESS would have it).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray_run = simulate(cfg, run_dir=RunDir(tmp_path / "ray"))
+    import ray
+
+    assert not ray.is_initialized()
     cfg2 = make_config(tmp_path, federation={"num_clients": 3, "min_train_clients": 3, "min_evaluate_clients": 3})
     local_run = simulate(cfg2, run_dir=RunDir(tmp_path / "local"), engine="inprocess")
     a = tensors_from_file(ray_run.path / "checkpoint" / "global.safetensors")[0]
