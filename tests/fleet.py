@@ -71,7 +71,7 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
     (drops a row of A), 'rank' (reports its rank + 1), 'weight' (claims 1e12 examples), 'drop-b' (one module's B missing), 'drop-bias' (the head's bias missing),
     'rank-nan', 'rank-inf', 'rank-frac' (4.7), 'examples-frac' (2.5), 'examples-cap' (claims the
     federation's declared-size cap), 'base-key' (a FLoRA key outside FLoRA), 'scale-1e6' (every
-    tensor x1e6), 'boost' (start + 1e6 x its own change), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 62 s from
+    tensor x1e6), 'boost' (start + 1e6 x its own change), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 47 s from
     round 2). Evaluation: 'eval-no-accuracy', 'eval-out-of-range'. Setup profile:
     'profile-rank-double', 'profile-rank-zero', 'profile-rank-string', 'profile-size-1e12',
     'profile-alpha-nan', 'profile-alpha-big', 'profile-dup-id' (claims client-00000's id)."""
@@ -123,7 +123,7 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
         if "slow" in h and int(msg.content["config"]["server-round"]) >= 2:
             import time
 
-            time.sleep(62)  # past the test's 60 s round_timeout; the engine waits for it before it ends
+            time.sleep(47)  # past the test's 45 s round_timeout; the engine waits for it before it ends
         reply = real(msg, context)
         arrays, metrics = reply.content["arrays"], reply.content["metrics"]
         key_a = next(k for k in arrays.keys() if k.endswith("/A"))

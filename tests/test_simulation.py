@@ -43,6 +43,7 @@ def test_fedit_minilm_learns_real_data_and_saved_adapter_reloads(tmp_path, share
         model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
         data={"max_train_examples": 300, "max_test_examples": 120},
         train={"local_epochs": 1, "learning_rate": 3e-3},
+        federation={"fraction_evaluate": 0.0},  # the server's evaluation is what this test reads
         run={"tensorboard": True},
     )
     run_dir, rows, grid = _run(cfg, engine="inprocess")  # learning and the saved adapter are the apps' doing
