@@ -131,8 +131,8 @@ def check_finite(factors: LoraFactors) -> None:
     for key, t in factors.tensors():
         if not t.numel():
             continue
-        # One pass per tensor, no copy: min and max propagate NaN, and Inf shows in one of them
-        # (a 7B reply has 128 tensors of 65k values; isfinite().all() was 20x slower).
+        # One pass per tensor and no boolean copy (isfinite() would allocate one per tensor): min and
+        # max propagate NaN, and Inf shows in one of them.
         lo, hi = torch.aminmax(t.detach())
         lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)):

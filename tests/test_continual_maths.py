@@ -128,3 +128,29 @@ def test_summary_from_metrics_rows_reads_either_inference_setting():
     assert unfinished["average-accuracy"] is None and "R[1][0]" in unfinished["incomplete"]
     multi = from_rows([{"continual-task": 0, "continual-accuracy": {"a": 0.8, "b": 0.6}}], ["a", "b"], multitask=True)
     assert multi["average-accuracy"] == pytest.approx(0.7) and multi["R"] == [[0.8, 0.6]] and multi["bwt"] is None
+
+
+def test_routing_stages_keep_each_tasks_routing_in_order_and_multitask_without_every_task_has_no_average():
+    from fedlora.continual.metrics import from_rows, routing_stages
+
+    rows = [
+        {"round": 1, "continual-task": 0, "amlora-routing": {"a": [0.2, 0.8]}},
+        {"round": 2, "continual-task": 0},
+        {"round": 3, "continual-task": 1, "amlora-routing": {"a": [0.1, 0.6, 0.3], "b": [0.0, 0.1, 0.9]}},
+    ]
+    assert routing_stages(rows, ["a", "b"]) == [
+        {"after": "a", "routing": {"a": [0.2, 0.8]}},
+        {"after": "b", "routing": {"a": [0.1, 0.6, 0.3], "b": [0.0, 0.1, 0.9]}},
+    ]
+    assert routing_stages([{"round": 1}], ["a"]) == []
+    partial = from_rows([{"continual-task": 0, "continual-accuracy": {"a": 0.8}}], ["a", "b"], multitask=True)
+    assert partial["R"] == [[0.8, None]] and partial["average-accuracy"] is None and partial["tasks"] == ["a", "b"]
+    assert from_rows([], ["a"], multitask=True)["average-accuracy"] is None
+    full = from_rows([{"continual-task": 0, "continual-accuracy": {"a": 0.9}}], ["a"])
+    assert full == {"tasks": ["a"], "R": [[0.9]], "average-accuracy": 0.9, "bwt": 0.0, "forgetting": 0.0}
+
+
+def test_forgetting_takes_the_best_earlier_accuracy_not_the_first():
+    R = [[0.5, None, None], [0.9, 0.7, None], [0.4, 0.6, 0.8]]  # task 0 peaks after task 1
+    assert forgetting(R) == pytest.approx(((0.9 - 0.4) + (0.7 - 0.6)) / 2)
+    assert backward_transfer(R) == pytest.approx(((0.4 - 0.5) + (0.6 - 0.7)) / 2)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedlora.continual import metrics as cmetrics
+from fedlora.continual import plots
 from fedlora.continual import tasks as ctasks
 from fedlora.continual.client import held, method_hooks, past_tasks
 from fedlora.continual.federation import (
@@ -217,7 +218,7 @@ class Continual(Extension):
             (aware, "continual-task-aware.png", "task id known"),
         ):
             if found.get("average-accuracy") is not None and not multitask:
-                cmetrics.plot_matrix(
+                plots.plot_matrix(
                     found["R"],
                     found["tasks"],
                     folder / name,
@@ -227,7 +228,7 @@ class Continual(Extension):
         stages = cmetrics.routing_stages(rows, c.task_names())
         if stages:
             out["amlora-routing"] = stages
-            cmetrics.plot_routing(stages, c.task_names(), folder / "amlora-routing.png")
+            plots.plot_routing(stages, c.task_names(), folder / "amlora-routing.png")
         return {"continual": out}
 
     # ------------------------------------------------------------------ client side
