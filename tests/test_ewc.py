@@ -169,7 +169,9 @@ def client_round(cfg, server_round: int, model, store, partition: int = 0):
     )
 
 
-def test_the_builder_anchors_each_finished_task_at_the_model_received_when_the_next_began(tmp_path, shared_data):
+def test_the_builder_anchors_each_finished_task_at_the_model_received_when_the_next_began(
+    tmp_path, shared_data, caplog
+):
     """Nothing in the first task; in the next, one (theta*, F) of the finished task: theta* the model
     the client holds then, F its Fisher on that task's own training split, kept in the store and read
     back (not re-estimated) in later rounds; a task the client never anchored is skipped."""
@@ -200,5 +202,10 @@ def test_the_builder_anchors_each_finished_task_at_the_model_received_when_the_n
     for n, p in trainable(model).items():
         torch.testing.assert_close(third.anchors[1]["theta"][n], p.detach(), rtol=0, atol=0)
     late = ClientStateStore(tmp_path / "late")  # a client whose first round is in the third task
-    [only] = fisher_penalty(client_round(cfg, 3, model, late), 3.0, 4)
+    with caplog.at_level("INFO", logger="fedlora"):
+        [only] = fisher_penalty(client_round(cfg, 3, model, late), 3.0, 4)
     assert len(only.anchors) == 1 and not late.has("c0", f"ewc-{cfg.digest()}-task0")
+    assert [r.getMessage() for r in caplog.records if "EWC" in r.getMessage()] == [
+        "client c0: EWC holds no parameters of finished task 0 (it trained in none of the rounds after it "
+        "ended); that task is not protected"
+    ]

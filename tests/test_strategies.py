@@ -153,6 +153,55 @@ def test_a_node_the_superlink_answers_for_is_named_as_itself_once(task_identity)
     assert replies[1].metadata.reply_to_message_id == "m1"
 
 
+def test_a_reply_stuck_in_its_upload_holds_back_no_other_reply(task_identity):
+    """A node killed while it uploads its reply: Flower's pull of that message waits on objects that
+    never complete, and so would every reply asked in the same call. The stream asks a stuck pull's
+    ids one by one, so the others' replies are handed over as they come, each once, and the round
+    ends at its timeout with only the stuck node missing."""
+    import threading
+    import time
+
+    from flwr.app import Message
+
+    from fedlora.aggregation.streaming import StreamingGrid
+
+    release = threading.Event()
+
+    class Link:  # replies m0, m1 arrive 0.3 s after the push; m2's upload was cut: pulling it hangs
+        def __init__(self) -> None:
+            self.pushed: dict[str, Message] = {}
+            self.calls: list[list[str]] = []
+            self.t0 = 0.0
+
+        def push_messages(self, messages):
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"m{i}"
+                self.pushed[f"m{i}"] = m
+            self.t0 = time.monotonic()
+            return list(self.pushed)
+
+        def pull_messages(self, ids):
+            ids = list(ids)
+            self.calls.append(ids)
+            if "m2" in ids:
+                release.wait(60)  # until the SuperLink gives the cut upload up
+            if time.monotonic() - self.t0 < 0.3:
+                return []
+            return [Message(RecordDict(), reply_to=self.pushed[i]) for i in ids if i != "m2"]
+
+    link = Link()
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (10, 11, 12)]
+    t0 = time.monotonic()
+    try:
+        replies = list(StreamingGrid(link, stall_seconds=0.5).send_and_receive(sent, timeout=2.0))
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    assert sorted(r.metadata.src_node_id for r in replies) == [10, 11]  # each once; 12 missing
+    assert took < 4.0, took  # the timeout and one stall period, not the stuck pull's wait
+    assert ["m0"] in link.calls and ["m1"] in link.calls  # asked alone once the joint pull stuck
+
+
 def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(task_identity):
     """100 replies of 1 MB have all arrived when the round starts pulling (Flower's grids hand over
     every arrived reply of the ids asked). With max_pull = 4 no pull asks for more than 4 ids, and

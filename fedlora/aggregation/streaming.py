@@ -12,11 +12,18 @@ A node that stops sending heartbeats mid-round is answered for by Flower's Super
 the SuperLink's own node id); that error is handed over as the node's (:func:`in_place_of`), so the
 round names the node once, by its client id.
 
+A node killed while it uploads its reply leaves a message whose objects never complete: Flower's
+``pull_messages`` then waits on them until the SuperLink gives them up (minutes), and every reply
+asked in the same call waits too. Each pull therefore runs in its own thread; one that is not
+back within ``stall_seconds`` has its ids asked again one by one, so the replies that are there
+are folded and only the stuck one waits, until it comes or the round's timeout passes.
+
 Everything else (node ids, pushes, pulls, run info) is the wrapped grid's own.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -27,13 +34,15 @@ class StreamingGrid:
     """A ``Grid`` whose ``send_and_receive`` yields replies as they are pulled, at most ``max_pull``
     per pull: Flower's grids return every reply that has arrived for the ids asked, so the ids are
     asked ``max_pull`` at a time, in turn, and replies that arrive faster than the consumer folds
-    them wait at the SuperLink. Peak memory is then ``max_pull`` replies, not the backlog."""
+    them wait at the SuperLink. Peak memory is then ``max_pull`` replies, not the backlog (twice
+    that while a stuck pull's ids are asked one by one). Each reply is yielded once."""
 
-    def __init__(self, grid, max_pull: int = 1_000_000) -> None:
+    def __init__(self, grid, max_pull: int = 1_000_000, stall_seconds: float = 5.0) -> None:
         if max_pull < 1:
             raise ValueError(f"max_pull must be >= 1, got {max_pull}")
         self._grid = grid
         self.max_pull = max_pull
+        self.stall_seconds = stall_seconds
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -49,18 +58,75 @@ class StreamingGrid:
 
     def _pull(self, sent: dict[str, Message | None], end: float, forever: bool) -> Iterator[Message]:
         interval = float(getattr(self._grid, "pull_interval", 0.1))
+        asked_alone: dict[str, _Pull] = {}  # ids of a stuck pull, each asked in a pull of its own
         while sent and (forever or time.time() < end):
             got_any = False
-            ids = list(sent)
-            for start in range(0, len(ids), self.max_pull):  # one sweep over the waiting ids
-                replies = list(self._grid.pull_messages(ids[start : start + self.max_pull]))
+            for i, pull in list(asked_alone.items()):
+                if pull.done():
+                    del asked_alone[i]
+                    replies = pull.result()
+                    got_any = got_any or bool(replies)
+                    yield from _handed_over(replies, sent)
+            waiting = [i for i in sent if i not in asked_alone]
+            for start in range(0, len(waiting), self.max_pull):  # one sweep over the waiting ids
+                chunk = waiting[start : start + self.max_pull]
+                pull = _Pull(self._grid, chunk)
+                pull.wait(self.stall_seconds)
+                if not pull.done():  # a reply in this chunk is stuck: the others must not wait behind it
+                    asked_alone.update({i: pull if len(chunk) == 1 else _Pull(self._grid, [i]) for i in chunk})
+                    continue
+                replies = pull.result()
                 got_any = got_any or bool(replies)
-                for i, r in enumerate(replies):
-                    replies[i] = in_place_of(r, sent.pop(r.metadata.reply_to_message_id, None))
-                while replies:
-                    yield replies.pop(0)  # popped: the consumer's reference is the last one
+                yield from _handed_over(replies, sent)
             if sent and not got_any:
                 time.sleep(interval)
+        # Past the timeout: what the ids asked alone bring within one more stall period is taken (a
+        # reply that was there when the round ended); a stuck one is left, and named as no reply.
+        grace_end = time.time() + self.stall_seconds
+        for pull in asked_alone.values():
+            pull.wait(max(grace_end - time.time(), 0.0))
+            if pull.done():
+                yield from _handed_over(pull.result(), sent)
+
+
+class _Pull:
+    """``grid.pull_messages(ids)`` in a daemon thread: a pull stuck on a reply that will never
+    complete is left behind (it ends when Flower gives the reply up) instead of holding the round."""
+
+    def __init__(self, grid, ids: list[str]) -> None:
+        self._replies: list[Message] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(grid, ids), daemon=True, name="fedlora-pull")
+        self._thread.start()
+
+    def _run(self, grid, ids: list[str]) -> None:
+        try:
+            self._replies = list(grid.pull_messages(ids))
+        except BaseException as exc:  # raised where the round reads the result
+            self._error = exc
+
+    def wait(self, seconds: float) -> None:
+        self._thread.join(seconds)
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> list[Message]:
+        if self._error is not None:
+            raise self._error
+        replies, self._replies = self._replies, []
+        return replies
+
+
+def _handed_over(replies: list[Message], sent: dict[str, Message | None]) -> Iterator[Message]:
+    """Each reply to a message still awaited, as from the node it was sent to (:func:`in_place_of`);
+    one already handed over (a stuck pull that came back after its ids were asked alone) is dropped."""
+    while replies:
+        reply = replies.pop(0)  # popped: the consumer's reference is the last one
+        asked = reply.metadata.reply_to_message_id
+        if asked not in sent:
+            continue
+        yield in_place_of(reply, sent.pop(asked))
 
 
 def in_place_of(reply: Message, original: Message | None) -> Message:
