@@ -105,6 +105,8 @@ def test_the_hook_distils_each_batch_against_the_old_models_outputs():
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     cols = [0, 2]
 
+    epochs: list[int] = []
+
     def run(old: dict) -> tuple[float, torch.Tensor, Distillation, TrainContext]:
         hook = Distillation(2.0, 2.0, old, cols)
         ctx = TrainContext(
@@ -116,10 +118,15 @@ def test_the_hook_distils_each_batch_against_the_old_models_outputs():
             seed=0,
             device=torch.device("cpu"),
             target_steps=1,
-            batch_source=lambda epoch: batches(data, 4, shuffle=False),
+            batch_source=lambda epoch: (epochs.append(epoch), batches(data, 4, shuffle=False))[1],
             task_loss=lambda out, y: F.cross_entropy(out.logits, y),
         )
         hook.begin(ctx)
+        # Before any batch, and with the old outputs of a batch but no recorded loss: nothing added.
+        assert float(hook.loss(ctx, torch.tensor(0.3))) == pytest.approx(0.3)
+        assert hook.end(None) == {"lwf-distillation": 0.0}
+        next(iter(ctx.batch_source(5)))
+        assert epochs[-1] == 5 and float(hook.loss(ctx, torch.tensor(0.3))) == pytest.approx(0.3)
         batch, labels = next(iter(ctx.batch_source(0)))
         out = model(**batch)
         loss = ctx.task_loss(out, labels)
@@ -145,7 +152,7 @@ def test_the_hook_distils_each_batch_against_the_old_models_outputs():
     loss = torch.tensor(0.3)
     assert float(hook.loss(ctx, loss)) == pytest.approx(0.3)  # this batch's term was already added
     wrong = Distillation(1.0, 2.0, {"x": torch.zeros(1)}, cols)
-    with pytest.raises(ValueError, match="does not match the model's trainable parameters"):
+    with pytest.raises(ValueError, match="^LwF: the stored old model does not match the model's trainable parameters$"):
         wrong.begin(ctx)
 
 
