@@ -89,6 +89,19 @@ def test_hetlora_fold_weights_each_update_by_its_product_norm_and_falls_back_whe
     plain = batch(ZeroPaddedMean(4), zero_b, [1.0, 3.0]).finish()
     for name, m in plain.modules.items():
         torch.testing.assert_close(m.A, (small.modules[name].A + 3 * big.modules[name].A) / 4)
+    zero_a = [  # every product zero through A: the plain weighted mean of the B's too
+        LoraFactors(
+            modules={n: ModuleFactors(A=torch.zeros_like(m.A), B=m.B, alpha=m.alpha) for n, m in u.modules.items()}
+        )
+        for u in (small, big)
+    ]
+    plain_b = batch(ZeroPaddedMean(4), zero_a, [1.0, 3.0]).finish()
+    unweighted = batch(ZeroPaddedMean(4, sparsity_weighted=False), [small, big], [1.0, 3.0]).finish()
+    for name in plain_b.modules:
+        s, b = small.modules[name], big.modules[name]
+        torch.testing.assert_close(plain_b.modules[name].B, (s.B + 3 * b.B) / 4)
+        torch.testing.assert_close(unweighted.modules[name].A, (s.A + 3 * b.A) / 4)
+        torch.testing.assert_close(unweighted.modules[name].B, (s.B + 3 * b.B) / 4)
 
 
 @pytest.mark.parametrize("rank", [None, 3])
@@ -118,6 +131,26 @@ def test_share_cap_folded_equals_water_filling_over_the_whole_round(weights, cap
     fold = ShareCapped(WeightedMean(), cap)
     got = batch(fold, [ups[i] for i in idx], [weights[i] for i in idx]).finish()
     _close(got, want)
+
+
+def test_share_cap_with_more_replies_than_it_holds_in_any_arrival_order_and_off_at_one():
+    """Ten replies against a cap of 0.3 (four held): the light ones are folded as they come, a
+    heavier arrival displaces the lightest held one, and the capped round equals water-filling,
+    whether the heavy replies come first, last or interleaved. A cap of 1 holds nothing."""
+    weights = [1.0, 9.0, 2.0, 30.0, 3.0, 7.0, 4.0, 6.0, 5.0, 40.0]
+    ups = [_update(i) for i in range(len(weights))]
+    want = weighted_mean(ups, cap_shares(weights, 0.3))
+    assert max(cap_shares(weights, 0.3)) == pytest.approx(0.3)  # the cap binds
+    for idx in (
+        list(range(10)),
+        list(range(10))[::-1],
+        sorted(range(10), key=lambda i: weights[i]),
+        [3, 9, 0, 1, 2, 4, 5, 6, 7, 8],
+    ):
+        _close(batch(ShareCapped(WeightedMean(), 0.3), [ups[i] for i in idx], [weights[i] for i in idx]).finish(), want)
+    off = ShareCapped(WeightedMean(), 1.0)
+    _close(batch(off, ups, weights).finish(), weighted_mean(ups, weights))
+    assert off.held_max == 0 and not off._held
 
 
 def test_share_cap_holds_at_most_ceil_one_over_cap_updates():
