@@ -232,6 +232,33 @@ def test_the_sketch_equals_the_exact_path_when_the_summed_update_has_rank_within
     assert sketch.held_bytes() < exact.held_bytes() * 3
 
 
+@pytest.mark.parametrize("make", [lambda: DenseProductSum(3), lambda: SketchedProductSum(3, 5, seed=2)])
+def test_product_sums_read_at_their_own_rank_by_default_with_small_weights_and_refuse_an_empty_round(make):
+    """Read without a rank: the fold's own; the sketch up to its whole size; weights summing under 1
+    are weights; an all-zero round has no error to report; an empty round is refused."""
+    ups = [_update(i, rank=2, head=False) for i in range(4)]
+    fold = batch(make(), ups, [0.1, 0.2, 0.05, 0.15])
+    own, at3 = fold.result(None), fold.result(3)
+    for n in own.modules:
+        torch.testing.assert_close(_dense(own)[n], _dense(at3)[n])
+        assert own.modules[n].alpha == 3.0 and own.modules[n].A.dtype == own.modules[n].B.dtype == torch.float32
+    if isinstance(fold, SketchedProductSum):
+        assert fold.result(fold.k).modules["l0.q"].rank == fold.k
+        with pytest.raises(ValueError, match=r"^the sketch \(size 8\) cannot give rank 9$"):
+            fold.result(9)
+    zero = [
+        LoraFactors(
+            modules={n: ModuleFactors(A=m.A, B=torch.zeros_like(m.B), alpha=m.alpha) for n, m in u.modules.items()}
+        )
+        for u in ups
+    ]
+    silent = batch(make(), zero, [1.0] * 4)
+    silent.result(2)
+    assert getattr(silent, "last_error", 0.0) == 0.0
+    with pytest.raises(ValueError, match=r"^aggregation weights must have a positive sum; 0 update\(s\) folded"):
+        make().result(2)
+
+
 def test_the_sketch_of_a_full_rank_sum_is_close_to_the_best_rank_r_and_says_how_close():
     ups = [_update(i, rank=4, out=60, inp=50, head=False) for i in range(30)]
     weights = [1.0] * 30
