@@ -153,6 +153,39 @@ def test_share_cap_with_more_replies_than_it_holds_in_any_arrival_order_and_off_
     assert off.held_max == 0 and not off._held
 
 
+def test_folds_refuse_what_they_cannot_fold_by_its_sentence_and_take_a_zero_weight():
+    """Zero weights fold (and add nothing); all-zero weights, mixed ranks in a one-rank fold, a rank
+    past the fold's and a module without B are refused, each by its sentence."""
+    ups = [_update(i, head=False) for i in range(3)]
+    _close(batch(WeightedMean(), ups, [1.0, 0.0, 2.0]).finish(), weighted_mean([ups[0], ups[2]], [1.0, 2.0]))
+    for make in (WeightedMean, lambda: ZeroPaddedMean(4)):
+        with pytest.raises(ValueError, match=r"^aggregation weights must have a positive sum; 2 update\(s\) folded"):
+            fold = make()
+            for u in ups[:2]:
+                fold.add(u, 0.0)
+            fold.finish()
+    with pytest.raises(
+        ValueError,
+        match="carries different tensors or shapes than the updates folded before it; mixed ranks need a heterogeneous-rank strategy",
+    ):
+        batch(WeightedMean(), [ups[0], _update(5, rank=3, head=False)], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"^l0\.q: rank 5 is above the fold's 4$"):
+        ZeroPaddedMean(4).add(_update(6, rank=5, head=False), 1.0)
+    no_b = LoraFactors(modules={"l0.q": ModuleFactors(A=torch.ones(2, 10), B=None, alpha=2.0)})
+    with pytest.raises(ValueError, match=r"^l0\.q: a heterogeneous-rank fold needs both A and B$"):
+        ZeroPaddedMean(4).add(no_b, 1.0)
+    hetero = batch(
+        ZeroPaddedMean(8, min_rank=1), [_update(7, rank=2, head=False), _update(8, rank=3, head=False)], [1.0, 1.0]
+    )
+    assert hetero.covered == 3 and hetero.count == 2
+    assert {m.rank for m in hetero.finish().modules.values()} == {3} and {
+        m.alpha for m in hetero.finish().modules.values()
+    } == {3.0}
+    capped = batch(ShareCapped(WeightedMean(), 0.5), ups, [1.0, 2.0, 3.0])
+    capped.finish()
+    assert capped.held_bytes() == capped.inner.held_bytes()  # nothing held once folded
+
+
 def test_share_cap_holds_at_most_ceil_one_over_cap_updates():
     fold = ShareCapped(WeightedMean(), 0.25)
     for i in range(20):
