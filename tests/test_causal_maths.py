@@ -89,6 +89,12 @@ def test_every_label_survives_padding_case_and_a_second_line(name, pad, tail, up
     assert normalise(name) == normalise(pad + name + pad)
 
 
+def test_normalise_keeps_the_first_line_folded_and_strips_only_closing_punctuation():
+    assert normalise("  \n\t ") == "" and normalise("") == ""
+    assert normalise("  Science or Technology.\nmore") == "scienceortechnology"
+    assert normalise("XX yes!") == "xxyes" and normalise("'Sports'") == "'sports"  # only the end is stripped
+
+
 class _Out:
     def __init__(self, logits):
         self.logits = logits
