@@ -28,6 +28,7 @@ run and so cannot run once per mutant.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import shutil
@@ -38,6 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MUTMUT = str(Path(sys.executable).with_name("mutmut"))
 TARGETS = [
     "fedlora/lora_math.py",
     "fedlora/codec.py",
@@ -113,20 +115,19 @@ def run(ref: str | None, only: str = "") -> tuple[dict, Path]:
     the score per module, and the scratch folder the run left."""
     work = Path(tempfile.mkdtemp(prefix="fedlora-mutation-"))
     stage(ref, work, only)
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    (work / REF_FILE).write_text(_commit(ref))  # read back by --collect
     import os
 
     # The tests read ../shared/data beside the checkout, not beside the scratch folder they run from.
     env = {**os.environ, "FEDLORA_HYPOTHESIS": "mutation", "FEDLORA_SHARED_DATA": str(ROOT.parent / "shared" / "data")}
-    subprocess.run([mutmut, "run", "--max-children", "2"], cwd=work, check=False, stdout=subprocess.DEVNULL, env=env)
+    subprocess.run([MUTMUT, "run", "--max-children", "2"], cwd=work, check=False, stdout=subprocess.DEVNULL, env=env)
     return scores(work), work
 
 
 def scores(scratch: Path) -> dict:
     """Per module of a mutmut scratch folder: mutants, killed, score (killed / mutants), the score
     counting timeouts as kills, and the count of every other verdict."""
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
-    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=scratch, capture_output=True, text=True).stdout
+    out = subprocess.run([MUTMUT, "results", "--all", "true"], cwd=scratch, capture_output=True, text=True).stdout
     per_module: dict[str, Counter] = {}
     for line in out.splitlines():
         m = re.match(r"\s*([\w.]+?)\.x.*__mutmut_\d+: (.+)$", line)
@@ -147,25 +148,20 @@ def scores(scratch: Path) -> dict:
 
 
 RESULT = ROOT / "benchmarks" / "results" / "mutation.json"
+REF_FILE = "fedlora-ref.txt"  # in a scratch folder: the commit its run mutated
 
 
-def record(modules: dict, ref: str, extra: dict | None = None) -> dict:
-    """Each module's entry in results/mutation.json replaced by this run's (the others kept), with
-    the run's commit and date; returns the whole file's content."""
-    import datetime
-
+def record(entries: dict) -> None:
+    """Each module's entry in results/mutation.json replaced by ``entries``' (the others kept)."""
     current = json.loads(RESULT.read_text()) if RESULT.exists() else {"modules": {}}
-    date = datetime.date.today().isoformat()
-    for module, entry in modules.items():
-        current["modules"][module] = {**entry, "ref": ref, "date": date, **(extra or {})}
-    current["modules"] = dict(sorted(current["modules"].items()))
+    current["modules"] = dict(sorted({**current["modules"], **entries}.items()))
     RESULT.write_text(json.dumps(current, indent=1) + "\n")
-    return current
 
 
 def _commit(ref: str | None) -> str:
     head = subprocess.run(["git", "rev-parse", "--short", ref or "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = not ref and subprocess.run(["git", "diff", "--quiet", "--", "fedlora", "tests"], cwd=ROOT).returncode
+    staged = ["fedlora", "clients", "server", "strategies", "tests"]  # what stage() copies
+    dirty = not ref and subprocess.run(["git", "diff", "--quiet", "--", *staged], cwd=ROOT).returncode
     return head.stdout.strip() + ("+working-tree" if dirty else "")
 
 
@@ -177,8 +173,7 @@ def recheck_timeouts(scratch: Path, match: str, sample: int, limit: float, seed:
     import os
     import random
 
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
-    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=scratch, capture_output=True, text=True).stdout
+    out = subprocess.run([MUTMUT, "results", "--all", "true"], cwd=scratch, capture_output=True, text=True).stdout
     names = [
         m.group(1)
         for line in out.splitlines()
@@ -225,19 +220,22 @@ def main() -> None:
     if args.recheck:
         res = recheck_timeouts(Path(args.recheck), args.match, args.sample, args.limit)
         counts = res.pop("counts")
-        modules = {m: e for m, e in json.loads(RESULT.read_text())["modules"].items() if args.match in m}
-        record(
-            {m: {**e, "timeouts-rechecked": {**counts, "of": res["rechecked"]}} for m, e in modules.items()},
-            next(iter(modules.values()))["ref"] if modules else _commit(None),
-        )
+        rechecked = {**counts, "of": res["rechecked"]}
+        modules = json.loads(RESULT.read_text())["modules"]
+        record({m: {**e, "timeouts-rechecked": rechecked} for m, e in modules.items() if args.match in m})
         print(json.dumps(counts), f"of {res['rechecked']} rechecked ({res['timeouts']} timeouts)")
         return
     if args.collect:
-        result, scratch = scores(Path(args.collect)), Path(args.collect)
+        scratch = Path(args.collect)
+        result = scores(scratch)
+        ref_file = scratch / REF_FILE
+        ref = ref_file.read_text() if ref_file.exists() else "unknown (collected)"
     else:
         result, scratch = run(args.ref, args.only)
-    record(result, _commit(args.ref))
-    print(f"mutation score, {_commit(args.ref)} (scratch {scratch}):")
+        ref = (scratch / REF_FILE).read_text()
+    date = datetime.date.today().isoformat()
+    record({m: {**r, "ref": ref, "date": date} for m, r in result.items()})
+    print(f"mutation score, {ref} (scratch {scratch}):")
     for module, r in result.items():
         score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
         print(f"  {module:32s} {r['killed']:4d}/{r['mutants']:4d} killed  {score}  {r}")

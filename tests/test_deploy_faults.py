@@ -35,7 +35,7 @@ def test_server_killed_and_resumed_and_superlink_restarted_finish_as_an_uninterr
     from fedlora.deploy.processes import free_port
 
     port = free_port()
-    # Training rounds only (federated evaluation has its own deployed test above): what is resumed is
+    # Training rounds only (federated evaluation has its own deployed test in test_deploy.py): what is resumed is
     # the global adapter, the strategy's state and the metrics.
     config = server_config(tmp_path, creds, port, rounds=3, fraction_evaluate=0.0)
     server = cli("server", "-c", str(config), log=tmp_path / "server.log")
