@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, make_config
+from tiny_model import hook_context
 
 
 def test_a_task_cue_precedes_every_input_and_must_leave_room_for_the_text(tmp_path, shared_data):
@@ -275,23 +276,12 @@ def test_amlora_selector_trains_at_its_own_learning_rate_and_the_loras_at_theirs
 def test_olora_penalty_hook_adds_lambda_times_the_formula(tmp_path):
     from fedlora.continual.hooks import OLoraPenalty
     from fedlora.factors import ADAPTER, lora_layers
-    from fedlora.training import TrainContext
 
     _, model = _model(tmp_path, "olora")
     past = _random_past(model, 2)
     past_a = {n: torch.cat([p.modules[n].A for p in past]) for n in past[0].modules}
     hook = OLoraPenalty(past_a, lambda1=0.5, lambda2=0.1, form="abs")
-    ctx = TrainContext(
-        model=model,
-        params=[],
-        optimizer=None,
-        data=None,
-        tc=None,
-        seed=0,
-        device=torch.device("cpu"),
-        target_steps=1,
-        batch_source=None,
-    )
+    ctx = hook_context(model, [], device=torch.device("cpu"), target_steps=1)
     hook.begin(ctx)
     layers = dict(lora_layers(model))
     orth = sum(float((past_a[n] @ layers[n].lora_A[ADAPTER].weight.detach().T).abs().sum()) for n in past_a)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from conftest import continual_config
 from fedlora.config import ConfigError
 from fleet import run_recorded
+from tiny_model import hook_context
 
 
 @settings(max_examples=40, deadline=None)
@@ -45,10 +46,10 @@ def test_the_fisher_is_the_mean_of_each_examples_squared_gradient(limit, mode):
     ``limit`` examples (all of them when there are fewer), not the batch's squared mean gradient
     (which would be smaller); the frozen parameters have none, and the model's mode comes back."""
     import torch.nn.functional as F
-    from tiny_model import TinyClassifier, tiny_examples
 
     from fedlora.data import batches
     from fedlora.methods._ewc import diagonal_fisher, trainable
+    from tiny_model import TinyClassifier, tiny_examples
 
     model, data = TinyClassifier(5), tiny_examples(6, 5)
     model.train(mode == "train")
@@ -98,10 +99,8 @@ def test_a_task_sequence_under_ewc_pulls_toward_the_finished_task_by_its_weight(
 
 
 def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_factors_move():
-    from tiny_model import TinyClassifier
-
     from fedlora.methods._ewc import EWCPenalty, trainable
-    from fedlora.training import TrainContext
+    from tiny_model import TinyClassifier
 
     model = TinyClassifier(4)
     params = trainable(model)
@@ -109,17 +108,7 @@ def test_the_hook_adds_nothing_at_the_anchor_and_the_weighted_penalty_as_the_fac
     theta = {n: p.detach().clone() for n, p in params.items()}
     fisher = {n: torch.full_like(p, 2.0) for n, p in params.items()}
     hook = EWCPenalty(10.0, [{"theta": theta, "fisher": fisher}, {"theta": theta, "fisher": fisher}])
-    ctx = TrainContext(
-        model=model,
-        params=list(params.values()),
-        optimizer=None,
-        data=None,
-        tc=None,
-        seed=0,
-        device=torch.device("cpu"),
-        target_steps=0,
-        batch_source=None,
-    )
+    ctx = hook_context(model, list(params.values()), device=torch.device("cpu"))
     hook.begin(ctx)
     assert hook.end(ctx) == {"ewc-penalty": 0.0}  # no step taken yet
     base = torch.tensor(0.7)
@@ -175,11 +164,10 @@ def test_the_builder_anchors_each_finished_task_at_the_model_received_when_the_n
     """Nothing in the first task; in the next, one (theta*, F) of the finished task: theta* the model
     the client holds then, F its Fisher on that task's own training split, kept in the store and read
     back (not re-estimated) in later rounds; a task the client never anchored is skipped."""
-    from tiny_model import TinyClassifier
-
     from fedlora.continual.tasks import task_client_data
     from fedlora.methods._ewc import EWCPenalty, diagonal_fisher, fisher_penalty, trainable
     from fedlora.state import ClientStateStore
+    from tiny_model import TinyClassifier
 
     cfg = _three_task_config(tmp_path, "ewc", ewc={"weight": 3.0, "fisher_examples": 4})
     model, store = TinyClassifier(4 + 14 + 5), ClientStateStore(tmp_path / "state")

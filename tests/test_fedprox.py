@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from conftest import make_config
 from fedlora.config import ConfigError
-from fedlora.training import TrainContext
 from fleet import run_recorded
+from tiny_model import hook_context
 
 
 def _tensors(seed: int, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -65,19 +65,7 @@ def test_only_the_shared_trained_factors_are_pulled(tmp_path, strategy):
 
     model, params, policy = _model(tmp_path, strategy)
     hook = ProximalTerm(1.0, policy.shared - policy.frozen)
-    hook.begin(
-        TrainContext(
-            model=model,
-            params=params,
-            optimizer=None,
-            data=None,
-            tc=None,
-            seed=0,
-            device=None,
-            target_steps=0,
-            batch_source=None,
-        )
-    )
+    hook.begin(hook_context(model, params))
     got = {id(p) for p in hook.params}
     layers = [layer for _, layer in lora_layers(model)]
     a = {id(layer.lora_A[ADAPTER].weight) for layer in layers}
@@ -97,17 +85,7 @@ def test_the_hook_adds_nothing_at_its_anchor_and_the_term_as_the_factors_move(tm
 
     model, params, policy = _model(tmp_path, "fedit")
     hook = ProximalTerm(0.3, policy.shared - policy.frozen)
-    ctx = TrainContext(
-        model=model,
-        params=params,
-        optimizer=None,
-        data=None,
-        tc=None,
-        seed=0,
-        device=None,
-        target_steps=0,
-        batch_source=None,
-    )
+    ctx = hook_context(model, params)
     hook.begin(ctx)
     base = torch.tensor(1.5)
     assert float(hook.loss(ctx, base).detach()) == 1.5
@@ -124,19 +102,7 @@ def test_the_hook_refuses_a_model_that_trains_no_shared_part_and_mismatched_anch
     model, params, _ = _model(tmp_path, "ffa")  # A frozen: a term on A alone has nothing to pull
     hook = ProximalTerm(1.0, frozenset({"A"}))
     with pytest.raises(ValueError, match=r"trains none of the shared parts \['A'\]"):
-        hook.begin(
-            TrainContext(
-                model=model,
-                params=params,
-                optimizer=None,
-                data=None,
-                tc=None,
-                seed=0,
-                device=None,
-                target_steps=0,
-                batch_source=None,
-            )
-        )
+        hook.begin(hook_context(model, params))
     with pytest.raises(ValueError):
         proximal_term([torch.zeros(2)], [torch.zeros(2), torch.zeros(2)])
 

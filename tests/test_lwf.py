@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from conftest import continual_config
 from fedlora.config import ConfigError
 from fleet import run_recorded
+from tiny_model import hook_context
 
 
 @settings(max_examples=40, deadline=None)
@@ -34,10 +35,9 @@ def test_the_term_is_t_squared_times_the_kl_of_the_tempered_outputs(seed, batch,
 
 
 def test_the_old_outputs_are_the_old_models_and_the_new_parameters_come_back_exactly():
-    from tiny_model import TinyClassifier, tiny_examples
-
     from fedlora.data import batches
     from fedlora.methods._lwf import Distillation
+    from tiny_model import TinyClassifier, tiny_examples
 
     model, data = TinyClassifier(4), tiny_examples(8, 4)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -94,11 +94,11 @@ def test_the_hook_distils_each_batch_against_the_old_models_outputs():
     model equal to the current one the term is zero; with another it is distillation_loss exactly,
     once per batch (a loss without a recorded batch adds nothing)."""
     import torch.nn.functional as F
-    from tiny_model import TinyClassifier, tiny_examples
 
     from fedlora.data import batches
     from fedlora.methods._lwf import Distillation, distillation_loss
     from fedlora.training import TrainContext
+    from tiny_model import TinyClassifier, tiny_examples
 
     model, data = TinyClassifier(4, dropout=0.0), tiny_examples(8, 4)
     model.eval()
@@ -109,13 +109,10 @@ def test_the_hook_distils_each_batch_against_the_old_models_outputs():
 
     def run(old: dict) -> tuple[float, torch.Tensor, Distillation, TrainContext]:
         hook = Distillation(2.0, 2.0, old, cols)
-        ctx = TrainContext(
-            model=model,
-            params=list(params.values()),
-            optimizer=None,
+        ctx = hook_context(
+            model,
+            list(params.values()),
             data=data,
-            tc=None,
-            seed=0,
             device=torch.device("cpu"),
             target_steps=1,
             batch_source=lambda epoch: (epochs.append(epoch), batches(data, 4, shuffle=False))[1],
@@ -160,11 +157,11 @@ def test_the_builder_keeps_the_model_each_task_began_with_and_distils_on_the_fin
     tmp_path, shared_data
 ):
     from test_ewc import _three_task_config, client_round
-    from tiny_model import TinyClassifier
 
     from fedlora.continual.tasks import task_label_indices
     from fedlora.methods._lwf import Distillation, distillation
     from fedlora.state import ClientStateStore
+    from tiny_model import TinyClassifier
 
     cfg = _three_task_config(tmp_path, "lwf")
     model, store = TinyClassifier(4 + 14 + 5), ClientStateStore(tmp_path / "state")

@@ -32,3 +32,21 @@ def tiny_examples(n: int, num_labels: int, seed: int = 0, vocab: int = 30522) ->
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(1, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g) for _ in range(n)]
     return Examples(input_ids=ids, labels=torch.randint(0, num_labels, (n,), generator=g), task="classification")
+
+
+def hook_context(model: torch.nn.Module, params: list, **given):
+    """A ``TrainContext`` for driving a training hook by hand: the model and the parameters it
+    trains; the loop's other fields empty (no optimizer, data or batches, seed 0, 0 steps) unless
+    ``given``."""
+    from fedlora.training import TrainContext
+
+    empty = {
+        "optimizer": None,
+        "data": None,
+        "tc": None,
+        "seed": 0,
+        "device": None,
+        "target_steps": 0,
+        "batch_source": None,
+    }
+    return TrainContext(model=model, params=params, **{**empty, **given})
