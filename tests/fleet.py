@@ -168,3 +168,24 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
         return reply
 
     return app
+
+
+def train_reply(src_node: int, content, message_id: str) -> Message:
+    """A train reply as a node's ClientApp would send it: ``content`` from ``src_node`` to the
+    server (node 0), with the metadata Flower's grids fill in."""
+    import time
+
+    from flwr.app import Metadata
+
+    md = Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=src_node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+    return Message(content=content, metadata=md)

@@ -225,28 +225,16 @@ def test_decoded_tensors_are_float32_whatever_the_wire_dtype():
 
 
 def test_message_sizes_are_exact_for_a_sample_then_payload_plus_their_framing():
-    import time
-
-    from flwr.app import Message, Metadata, MetricRecord, RecordDict
+    from flwr.app import Message, MetricRecord, RecordDict
 
     from fedlora.codec import MessageSizer, encode, message_bytes
     from fedlora.factors import LoraFactors, ModuleFactors
+    from fleet import train_reply
 
     def msg(i: int, rank: int) -> Message:
         f = LoraFactors(modules={"m": ModuleFactors(A=torch.randn(rank, 32), B=torch.randn(16, rank), alpha=8.0)})
         content = RecordDict({"arrays": encode(f), "metrics": MetricRecord({"num-examples": 10 + i, "rank": rank})})
-        md = Metadata(
-            run_id=1,
-            message_id=f"m{i}",
-            src_node_id=100 + i,
-            dst_node_id=0,
-            reply_to_message_id="x",
-            group_id="1",
-            created_at=time.time(),
-            ttl=3600.0,
-            message_type="train",
-        )
-        return Message(content=content, metadata=md)
+        return train_reply(100 + i, content, message_id=f"m{i}")
 
     sizer = MessageSizer(sample=4)
     exact = [message_bytes(msg(i, 4)) for i in range(10)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_strategy_maths import WEIGHTS, _local_training, _reply, _setup
 
+import fleet
 from conftest import make_config
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.factors import LoraFactors
@@ -45,22 +46,7 @@ def _round(s, profiles, template, rnd, weights=WEIGHTS):
 
 
 def _Reply(node: int, content):
-    import time
-
-    from flwr.app import Message, Metadata
-
-    md = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    return Message(content=content, metadata=md)
+    return fleet.train_reply(node, content, message_id=f"m{node}")
 
 
 def _flat(f: LoraFactors) -> torch.Tensor:
@@ -525,8 +511,6 @@ def test_dp_sgd_trained_minilm_learns_real_data(tmp_path, shared_data):
 
 
 def test_dp_dylora_every_accepted_reply_has_the_round_rank(tmp_path, shared_data):
-    import fleet
-
     cfg = make_config(
         tmp_path,
         run={"rounds": 3},
