@@ -1,13 +1,14 @@
-"""AM-LoRA's routing on the continual comparison (issue 40: measure the selector before changing it).
+"""AM-LoRA's routing on the continual comparison (issue 40): per stage, the mean attention each seen
+task's test inputs give the zero LoRA and every task's LoRA, with the accuracy matrix beside it::
 
-Runs the AM-LoRA point ``simulations/compare_continual.toml`` chose (its [[arm]] "am-lora" at the
-grid point given below) and keeps, per stage, the mean attention each seen task's test inputs give
-the zero LoRA and every task's LoRA, with the accuracy matrix beside it::
+    python -m benchmarks amlora_routing [--router input-keys|lora-outputs] [--set key=value ...]
 
-    python -m benchmarks amlora_routing [--set key=value ...]
+Runs the AM-LoRA arm of ``simulations/compare_continual.toml`` at the point given below for the
+router (``lora-outputs``: the point the comparison chose for that router when it was the only one;
+``input-keys``: the point it chose for this router), with ``--set`` applied last.
 
-Writes ``benchmarks/results/amlora-routing/``: ``routing.json`` (the stages, R, the config point)
-and ``amlora-routing.png``. About 20 minutes on 2 idle CPU cores.
+Writes ``benchmarks/results/amlora-routing/``: ``routing-<router>.json`` (the stages, R, the config
+point) and ``amlora-routing-<router>.png``. About 20 minutes on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ import shutil
 
 from benchmarks.common import RESULTS, ROOT, machine, setup_env
 
-POINT = ["continual.amlora_selector_lr=0.05", "train.learning_rate=0.001"]  # the comparison's chosen point
+POINTS = {  # per router, the overrides of the comparison's chosen point
+    "lora-outputs": ["continual.amlora_selector_lr=0.05", "train.learning_rate=0.001"],
+    "input-keys": ["continual.amlora_temperature=1.0", "train.learning_rate=0.001"],
+}
 
 
-def run(extra: list[str]) -> dict:
+def run(router: str, extra: list[str]) -> dict:
     from fedlora.compare import comparison_cells
     from fedlora.simulate import simulate
 
-    _, _, cells, _ = comparison_cells(ROOT / "simulations" / "compare_continual.toml", None, extra)
-    (cell,) = [c for c in cells if c["arm"] == "am-lora" and sorted(c["grid-point"]) == sorted(POINT)]
+    point = [f"continual.amlora_router={router}", *POINTS[router], *extra]
+    _, _, cells, _ = comparison_cells(ROOT / "simulations" / "compare_continual.toml", None, point)
+    cell = next(c for c in cells if c["arm"] == "am-lora")  # every grid point is overridden by ``point``
     run_dir = simulate(cell["config"])
     summary = json.loads((run_dir.path / "summary.json").read_text())["continual"]
     out = RESULTS / "amlora-routing"
@@ -34,7 +39,8 @@ def run(extra: list[str]) -> dict:
     result = {
         "benchmark": "amlora_routing",
         "machine": machine(),
-        "point": POINT + list(extra),
+        "router": router,
+        "point": point,
         "tasks": summary["tasks"],
         "stages": summary.get("amlora-routing", []),
         "R": summary["R"],
@@ -43,15 +49,16 @@ def run(extra: list[str]) -> dict:
         "task-aware-average-accuracy": summary["task-aware"]["average-accuracy"],
         "run": str(run_dir.path),
     }
-    (out / "routing.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"routing-{router}.json").write_text(json.dumps(result, indent=1) + "\n")
     if (run_dir.path / "amlora-routing.png").exists():
-        shutil.copy(run_dir.path / "amlora-routing.png", out / "amlora-routing.png")
+        shutil.copy(run_dir.path / "amlora-routing.png", out / f"amlora-routing-{router}.png")
     return result
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--router", choices=sorted(POINTS), default="input-keys")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="an override for the run")
     args = ap.parse_args()
     setup_env()
-    print(json.dumps({k: v for k, v in run(args.extra).items() if k != "machine"}, indent=1))
+    print(json.dumps({k: v for k, v in run(args.router, args.extra).items() if k != "machine"}, indent=1))

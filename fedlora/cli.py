@@ -28,6 +28,16 @@ def _load(config: Optional[Path], overrides: list[str]) -> FedLoraConfig:
         raise typer.Exit(2) from None
 
 
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="ray: Flower's simulation engine; inprocess: the same ServerApp and ClientApp in this one process, "
+        "clients in turn (debugging; on a machine of few cores also the faster: no Ray start, no actors).",
+    ),
+]
+
+
 @cli.command()
 def simulate(
     config: Annotated[
@@ -47,13 +57,7 @@ def simulate(
         ),
     ] = [],  # noqa: B006
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
-    engine: Annotated[
-        str,
-        typer.Option(
-            "--engine",
-            help="ray: Flower's simulation engine; inprocess: the same ServerApp and ClientApp in this one process, clients in turn (debugging).",
-        ),
-    ] = "ray",
+    engine: EngineOption = "ray",
 ) -> None:
     """Run a federation of virtual clients on this machine (Flower's simulation engine).
 
@@ -145,13 +149,21 @@ def compare(
             "of the other arms are kept as recorded and tabled with it.",
         ),
     ] = [],  # noqa: B006
+    engine: EngineOption = "ray",
 ) -> None:
     """Run several strategies on the same data, splits, seed and budget; write a table and a plot."""
     from fedlora.compare import compare as run
 
     try:
         folder = run(
-            file, out, set_, log=lambda m: typer.echo(m, err=True), resume=resume, dry_run=dry_run, arms=arms or None
+            file,
+            out,
+            set_,
+            log=lambda m: typer.echo(m, err=True),
+            resume=resume,
+            dry_run=dry_run,
+            arms=arms or None,
+            engine=engine,
         )
     except ConfigError as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)

@@ -138,6 +138,7 @@ def compare(
     resume: bool = False,
     dry_run: bool = False,
     arms: list[str] | None = None,
+    engine: str = "ray",
 ) -> Path:
     """Run every cell and write results.json (after each cell), table.md/json and plot.png.
 
@@ -146,7 +147,8 @@ def compare(
     goes on where it stopped, and one whose file gained a grid point runs only the new point.
     ``dry_run``: validate every cell and log what would run (or be reused), run nothing.
     ``arms``: run only these arms' cells; every other arm's results in ``<out>/results.json`` are kept
-    as recorded there (not rerun, not re-validated) and the table is made over all of them."""
+    as recorded there (not rerun, not re-validated) and the table is made over all of them.
+    ``engine``: as ``fedlora simulate``'s; the federation, and so every figure, is the same on either."""
     name, select_on, cells, out = comparison_cells(path, out, extra)
     earlier, kept = [], []
     if (resume or arms) and (out / "results.json").exists():
@@ -194,7 +196,7 @@ def compare(
         cfg = cell["config"]
         log(f"[compare {name}] {_cell_label(cell)} ...")
         t0 = time.perf_counter()
-        run_dir = simulate(cfg)
+        run_dir = simulate(cfg, engine=engine)
         rows = run_dir.read_metrics()
         results.append(
             {

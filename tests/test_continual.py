@@ -44,11 +44,12 @@ def test_a_task_cue_precedes_every_input_and_must_leave_room_for_the_text(tmp_pa
 
 
 # ------------------------------------------------------------------------------------ forward pass
-def _model(tmp_path, method="inclora", tasks=3):
+def _model(tmp_path, method="inclora", tasks=3, router="input-keys"):
     from fedlora.model import AdapterSpec, build_peft_model
 
     cfg = make_config(tmp_path)
     cfg.continual.method = method
+    cfg.continual.amlora_router = router
     cfg.continual.head = "trainable"
     from fedlora.config import ContinualTask
 
@@ -131,13 +132,14 @@ def test_past_task_loras_see_the_same_dropped_input_as_the_new_lora_in_training(
     mixer.remove()
 
 
-def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path):
+@pytest.mark.parametrize("router", ["input-keys", "lora-outputs"])
+def test_amlora_attention_sums_to_one_and_its_l1_term_reaches_the_loss(tmp_path, router):
     from fedlora.continual.hooks import AmLoraTraining
     from fedlora.continual.mixing import TaskLoraMixer, selector_of
     from fedlora.continual.penalties import attention_l1
     from fedlora.factors import lora_layers
 
-    _, model = _model(tmp_path, "amlora")
+    _, model = _model(tmp_path, "amlora", router=router)
     assert selector_of(model) is not None
     model.train()
     past = _random_past(model, 2)
@@ -164,7 +166,7 @@ def test_amlora_routing_is_the_mean_attention_of_evaluation_forwards_only(tmp_pa
     task's slot routes there."""
     from fedlora.continual.mixing import selector_of
 
-    _, model = _model(tmp_path, "amlora")
+    _, model = _model(tmp_path, "amlora", router="lora-outputs")
     past = _random_past(model, 2)
     sel = selector_of(model)
     before = {key: b.detach().clone() for key, b in sel.bias.items()}  # the model is cached: put it back after
@@ -177,6 +179,109 @@ def test_amlora_routing_is_the_mean_attention_of_evaluation_forwards_only(tmp_pa
         with torch.no_grad():
             for key, b in before.items():
                 sel.bias[key].copy_(b)
+
+
+def test_input_keys_route_each_tasks_inputs_to_its_lora(tmp_path):
+    """The input-key router (#40): the current task's moments come from the training forwards and are
+    what the client stores in its slot; in evaluation an input goes to the task whose moments it fits."""
+    from fedlora.continual.mixing import TaskLoraMixer, selector_of
+    from fedlora.continual.routing import moments, pooled_inputs
+    from fedlora.factors import lora_layers
+
+    _, model = _model(tmp_path, "amlora")
+    sel = selector_of(model)
+    past = _random_past(model, 2)
+    name, layer = next(iter(lora_layers(model)))
+    key = name.replace(".", "__")
+    d = layer.base_layer.in_features
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, d, generator=g) * 2
+
+    def inputs(t: int, n: int = 8) -> torch.Tensor:
+        return centres[t] + 0.5 * torch.randn(n, 5, d, generator=g)
+
+    mixer = TaskLoraMixer(model, past, "attention")
+    try:
+        with torch.no_grad():  # the finished tasks' slots, as their clients measured them
+            for t in range(2):
+                s1, s2, n = moments(pooled_inputs(inputs(t, 64), None))
+                sel.key_mean[key][t], sel.key_second[key][t] = s1 / n, s2 / n
+        model.train()
+        seen = [inputs(2), inputs(2)]
+        for x in seen:
+            layer(x)
+        mixer.attention.clear()
+        mixer.store_keys()  # slot 2, the current task: exactly the moments of what it trained on
+        s1, s2, n = moments(pooled_inputs(torch.cat(seen), None))
+        assert torch.allclose(sel.key_mean[key][2].double(), s1 / n, atol=1e-5)
+        assert torch.allclose(sel.key_second[key][2].double(), s2 / n, atol=1e-4)
+        model.eval()
+        mixer.measuring = True
+        for t in range(3):
+            mixer.reset_routing()
+            with torch.no_grad():
+                layer(inputs(t))
+            routing = mixer.routing()
+            assert len(routing) == 4 and max(range(4), key=routing.__getitem__) == t + 1 and routing[t + 1] > 0.5
+            assert mixer.routing_count == 8  # one attention per input, not per position
+    finally:
+        mixer.remove()
+        with torch.no_grad():
+            for p in sel.statistics():
+                p.zero_()
+
+
+def test_input_key_training_measures_the_masked_moments_and_never_trains_them(tmp_path, shared_data):
+    """Through the training loop and the whole model: the hook takes the moments out of the optimizer,
+    the mixer pools over the real tokens (the model's attention mask), and the stored slot is the mean
+    of what the adapted layer saw; the finished task's slot is left as it came, the zero logit trains."""
+    from dataclasses import replace
+
+    from fedlora.continual.hooks import AmLoraTraining
+    from fedlora.continual.mixing import TaskLoraMixer, selector_of
+    from fedlora.continual.routing import moments, pooled_inputs
+    from fedlora.data import load_task
+    from fedlora.factors import lora_layers
+    from fedlora.training import train_local
+
+    cfg, model = _model(tmp_path, "amlora")
+    sel = selector_of(model)
+    name, layer = next(iter(lora_layers(model)))
+    key = name.replace(".", "__")
+    with torch.no_grad():
+        sel.key_mean[key][0] = 0.25
+        sel.key_second[key][0] = 1.0
+    for p in sel.statistics():  # as set_trainable leaves them: the selector is a trained part
+        p.requires_grad_(True)
+    zero_before = sel.zero[key].detach().clone()
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    masks: list[torch.Tensor] = []
+    spies = [
+        model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw["attention_mask"]), with_kwargs=True),
+        layer.register_forward_pre_hook(lambda m, a: captured.append((a[0].detach(), masks[-1]))),
+    ]
+    mixer = TaskLoraMixer(model, _random_past(model, 1), "attention")
+    try:
+        tc = replace(cfg.train, local_steps=3, batch_size=4, learning_rate=1e-3, weight_decay=0.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        cfg.model.max_length = 128  # room for texts of different lengths: padding in a batch
+        train_local(model, params, load_task(cfg).train, tc, 0, torch.device("cpu"), [AmLoraTraining(mixer, 0.1, 0.05)])
+        assert not any(p.requires_grad for p in sel.statistics())
+        assert len(captured) == 3 and any(bool((m == 0).any()) for _, m in captured)  # padding was there
+        total = [moments(pooled_inputs(x, m)) for x, m in captured]
+        n = sum(c for *_, c in total)
+        assert torch.allclose(sel.key_mean[key][1].double(), sum(s for s, _, _ in total) / n, atol=1e-5)
+        assert torch.allclose(sel.key_second[key][1].double(), sum(s for _, s, _ in total) / n, atol=1e-4)
+        assert torch.all(sel.key_mean[key][0] == 0.25) and torch.all(sel.key_second[key][0] == 1.0)
+        assert float((sel.zero[key].detach() - zero_before).abs()) > 0.05  # the L1 term moved it, at its rate
+    finally:
+        mixer.remove()
+        for s in spies:
+            s.remove()
+        with torch.no_grad():
+            for p in sel.statistics():
+                p.zero_()
+            sel.zero[key].copy_(zero_before)
 
 
 def _measure_routing(model, past) -> None:
@@ -238,7 +343,7 @@ def test_amlora_selector_trains_at_its_own_learning_rate_and_the_loras_at_theirs
     tc = replace(cfg.train, local_steps=4, batch_size=8, learning_rate=1e-3, weight_decay=0.0)
     moved = {}
     for selector_lr in (0.0, 0.05):
-        _, model = _model(tmp_path, "amlora")
+        _, model = _model(tmp_path, "amlora", router="lora-outputs")
         mixer = TaskLoraMixer(model, _random_past(model, 2), "attention")
         sel = selector_of(model)
         lora_b = [layer.lora_B[ADAPTER].weight for _, layer in lora_layers(model)]

@@ -3,6 +3,8 @@ task-aware accuracy. Fast and model-free, so `benchmarks.mutation` runs them per
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -154,3 +156,75 @@ def test_forgetting_takes_the_best_earlier_accuracy_not_the_first():
     R = [[0.5, None, None], [0.9, 0.7, None], [0.4, 0.6, 0.8]]  # task 0 peaks after task 1
     assert forgetting(R) == pytest.approx(((0.9 - 0.4) + (0.7 - 0.6)) / 2)
     assert backward_transfer(R) == pytest.approx(((0.4 - 0.5) + (0.6 - 0.7)) / 2)
+
+
+# ------------------------------------------------------------------------------------ AM-LoRA's input keys
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 5), st.integers(0, 10_000))
+def test_pooled_inputs_average_each_input_over_its_real_positions_only(batch, positions, features, seed):
+    from fedlora.continual.routing import pooled_inputs
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, positions, features, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, positions + 1, (batch,), generator=g)
+    mask = (torch.arange(positions).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    pooled = pooled_inputs(x, mask)
+    for b in range(batch):
+        n = int(lengths[b])
+        explicit = [sum(float(x[b, p, f]) for p in range(n)) / n for f in range(features)]
+        assert pooled[b].tolist() == pytest.approx(explicit, rel=1e-9, abs=1e-12)
+    # no mask, or one that does not fit (a direct call of a layer): every position counts
+    assert torch.allclose(pooled_inputs(x, None), x.mean(1))
+    assert torch.allclose(pooled_inputs(x, mask[:, :-1] if positions > 1 else None), x.mean(1))
+    assert torch.equal(pooled_inputs(x[:, 0], mask), x[:, 0])  # already one vector per input
+    assert torch.allclose(pooled_inputs(x.unsqueeze(1), None), x.mean(1))  # (batch, 1, positions, features)
+
+
+def test_moments_are_the_sums_of_the_values_and_their_squares_and_the_count():
+    from fedlora.continual.routing import moments
+
+    p = torch.tensor([[1.0, -2.0], [3.0, 0.5]], requires_grad=True)
+    s1, s2, n = moments(p)
+    assert s1.tolist() == [4.0, -1.5] and s2.tolist() == [10.0, 4.25] and n == 2
+    assert s1.dtype == torch.float64 and not s1.requires_grad
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(0, 10_000))
+def test_key_scores_are_the_mean_diagonal_gaussian_log_density_over_the_temperature(batch, tasks, features, seed):
+    from fedlora.continual.routing import VARIANCE_FLOOR, key_scores
+
+    g = torch.Generator().manual_seed(seed)
+    pooled = torch.randn(batch, features, generator=g, dtype=torch.float64)
+    mean = torch.randn(tasks, features, generator=g, dtype=torch.float64)
+    var = torch.rand(tasks, features, generator=g, dtype=torch.float64) + 0.1
+    second = var + mean**2
+    temperature = 0.5 + float(torch.rand((), generator=g))
+    scores = key_scores(pooled, mean, second, temperature)
+    assert scores.shape == (batch, tasks)
+    for b in range(batch):
+        for t in range(tasks):
+            floor = VARIANCE_FLOOR * sum(float(var[t, f]) for f in range(features)) / features + 1e-12
+            v = [float(var[t, f]) + floor for f in range(features)]
+            terms = [(float(pooled[b, f]) - float(mean[t, f])) ** 2 / v[f] + math.log(v[f]) for f in range(features)]
+            assert float(scores[b, t]) == pytest.approx(-0.5 * sum(terms) / features / temperature, rel=1e-9)
+
+
+def test_key_scores_pick_the_task_whose_inputs_an_input_resembles_and_survive_an_unmeasured_slot():
+    from fedlora.continual.routing import key_scores, moments
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g, dtype=torch.float64) * 2
+    samples = [c + 0.5 * torch.randn(200, 16, generator=g, dtype=torch.float64) for c in centres]
+    sums = [moments(s) for s in samples]
+    mean = torch.stack([s1 / n for s1, _, n in sums])
+    second = torch.stack([s2 / n for _, s2, n in sums])
+    for t, c in enumerate(centres):
+        fresh = c + 0.5 * torch.randn(50, 16, generator=g, dtype=torch.float64)
+        assert (key_scores(fresh, mean, second, 1.0).argmax(-1) == t).all()
+    # a slot no client has measured yet (all zero): finite, and far below a measured one
+    unmeasured = key_scores(samples[0][:5], torch.zeros(2, 16).double(), torch.zeros(2, 16).double(), 1.0)
+    assert torch.isfinite(unmeasured).all()
+    assert (unmeasured < key_scores(samples[0][:5], mean[:1], second[:1], 1.0) - 100).all()
+    # a feature that never varied within a task is floored, not a division by zero
+    flat = second.clone()
+    flat[0, 0] = mean[0, 0] ** 2
+    assert torch.isfinite(key_scores(samples[1][:5], mean, flat, 1.0)).all()

@@ -30,6 +30,7 @@ class ContinualTask:
 
 
 CONTINUAL_METHODS = ("seq", "inclora", "olora", "amlora", "multitask")
+AMLORA_ROUTERS = ("input-keys", "lora-outputs")  # fedlora.continual.mixing: KeySelector, AttentionSelector
 
 
 @dataclass
@@ -46,10 +47,27 @@ class ContinualSection:
     tasks: list[ContinualTask] = _meta(
         "The task sequence, in order ([[continual.tasks]] tables).", default_factory=list
     )
+    order: list[str] = _meta(
+        "The tasks' names in the order they are learned, when it differs from the tables' (every task once; "
+        "e.g. O-LoRA's benchmark orders one pool of tasks three ways); [] = as listed. On load the tables are put "
+        "in this order.",
+        default_factory=list,
+    )
     olora_lambda1: float = _meta("O-LoRA's orthogonality weight (the code's 4-task default).", default=0.5)
     olora_lambda2: float = _meta("O-LoRA's L2 weight on the new LoRA.", default=0.0)
     olora_form: str = _meta("'abs' (the code: sum of |entries|) or 'squared' (the paper).", default="abs")
     amlora_l1: float = _meta("AM-LoRA's L1 weight on the attention over task LoRAs.", default=0.01)
+    amlora_router: str = _meta(
+        "What AM-LoRA's attention is computed from: 'input-keys' (each task's moments of every adapted layer's "
+        "pooled input, measured while the task trains; an input goes to the tasks it resembles) or 'lora-outputs' "
+        "(a dense layer per task over its LoRA's output, trained on the current task only: the paper as read).",
+        default="input-keys",
+    )
+    amlora_temperature: float = _meta(
+        "The input-key router's temperature: a task's score is its mean per-feature Gaussian log-density "
+        "divided by this (smaller: sharper routing).",
+        default=1.0,
+    )
     amlora_selector_lr: float = _meta(
         "AM-LoRA's selector's learning rate (0: train.learning_rate). The selector must leave uniform "
         "attention within a task's few local steps, which the LoRA's rate is too small for.",
@@ -93,9 +111,22 @@ class ContinualSection:
             _require_template(t.instruction, f"{where}.instruction", "labels")
         names = self.task_names()
         _require(len(set(names)) == len(names), "continual.tasks", f"task names must differ, got {names}")
+        if self.order:
+            _require(
+                sorted(self.order) == sorted(names),
+                "continual.order",
+                f"must name every task once ({', '.join(names)}), got {self.order}",
+            )
+            self.tasks = [self.tasks[names.index(n)] for n in self.order]
         _require(self.olora_form in ("abs", "squared"), "continual.olora_form", "must be 'abs' or 'squared'")
         _require(self.olora_lambda1 >= 0 and self.olora_lambda2 >= 0, "continual.olora_lambda*", "must be >= 0")
         _require(self.amlora_l1 >= 0, "continual.amlora_l1", "must be >= 0")
+        _require(
+            self.amlora_router in AMLORA_ROUTERS,
+            "continual.amlora_router",
+            f"must be one of {', '.join(AMLORA_ROUTERS)}, got {self.amlora_router!r}",
+        )
+        _require(self.amlora_temperature > 0, "continual.amlora_temperature", "must be > 0")
         _require(self.amlora_selector_lr >= 0, "continual.amlora_selector_lr", "must be >= 0 (0: train.learning_rate)")
         _require(self.head in ("label-names", "trainable"), "continual.head", "must be 'label-names' or 'trainable'")
 

@@ -56,7 +56,7 @@ class ContinualModel:
 
     def cache_key(self, cfg: FedLoraConfig, label_names: list[str] | None) -> tuple:
         c = cfg.continual
-        return (c.method, len(c.tasks), c.head, c.head_scale, tuple(label_names or ()))
+        return (c.method, c.amlora_router, len(c.tasks), c.head, c.head_scale, tuple(label_names or ()))
 
     def prepare_base(self, cfg: FedLoraConfig, base: torch.nn.Module, label_names: list[str] | None) -> bool:
         c = cfg.continual
@@ -70,7 +70,7 @@ class ContinualModel:
 
     def after_peft(self, cfg: FedLoraConfig, model: torch.nn.Module) -> None:
         if cfg.continual.method == "amlora":
-            attach_selector(model, len(cfg.continual.tasks))
+            attach_selector(model, len(cfg.continual.tasks), cfg.continual.amlora_router)
 
 
 register_model_extension(ContinualModel())

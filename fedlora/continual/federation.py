@@ -103,7 +103,8 @@ def task_lora(cfg, model, past: list[LoraFactors]):
     if not keeps_past_tasks(cfg):
         yield None
         return
-    mixer = TaskLoraMixer(model, past, "attention" if cfg.continual.method == "amlora" else "sum")
+    c = cfg.continual
+    mixer = TaskLoraMixer(model, past, "attention" if c.method == "amlora" else "sum", c.amlora_temperature)
     try:
         yield mixer
     finally:

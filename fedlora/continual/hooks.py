@@ -51,7 +51,9 @@ class OLoraPenalty(TrainingHook):
 class AmLoraTraining(TrainingHook):
     """AM-LoRA's part of a step: the selector's own learning rate, and loss + lambda * L1 of the task
     entries of the attention, averaged over the layers of this step's forward pass (the mixer
-    records them).
+    records them). Under the input-key router, the selector's moments leave the optimizer (they are
+    statistics), the mixer measures the current task's from the training forwards, and ``end``
+    writes them into the selector, which the reply then carries.
 
     Why its own rate: the selector starts at uniform attention and has only a few steps per task to
     leave it. At the LoRA's rate (1e-3 with AdamW, about 12 steps a task in the continual comparison)
@@ -63,9 +65,18 @@ class AmLoraTraining(TrainingHook):
         self.last = 0.0
 
     def begin(self, ctx: TrainContext) -> None:
-        if not self.selector_lr or self.mixer.selector is None:
+        sel = self.mixer.selector
+        stats = {id(p) for p in getattr(sel, "statistics", list)()}
+        if stats:
+            self.mixer.reset_keys()
+            for p in sel.statistics():
+                p.requires_grad_(False)
+            ctx.params = [p for p in ctx.params if id(p) not in stats]
+            if not self.selector_lr:
+                ctx.optimizer = make_optimizer(ctx.params, ctx.tc)
+        if not self.selector_lr or sel is None:
             return
-        own = {id(p) for p in self.mixer.selector.parameters()}
+        own = {id(p) for p in sel.parameters()}
         groups = [
             {"params": [p for p in ctx.params if id(p) not in own]},
             {"params": [p for p in ctx.params if id(p) in own], "lr": self.selector_lr},
@@ -83,4 +94,6 @@ class AmLoraTraining(TrainingHook):
         return loss + self.lam * pen if self.lam else loss
 
     def end(self, ctx: TrainContext) -> dict:
+        if self.mixer.local_moments:
+            self.mixer.store_keys()
         return {"amlora-attention-l1": self.last}

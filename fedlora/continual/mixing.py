@@ -13,9 +13,17 @@ tensors held here and applied by forward hooks on each LoRA layer:
   this matters only while training;
 * ``attention`` (AM-LoRA): the layer's output is ``base(x) + sum_t a_t(x) o_t(x)`` over the task
   LoRAs' outputs ``o_t`` (past ones and the current one) and a zero LoRA (index 0, output 0), with
-  ``a = softmax(e)``, ``e_t = w_t . o_t + b_t`` (each task LoRA's output through its own dense layer
-  to one score; the zero LoRA's score is its bias alone). The dense layers form the selector, a
-  trainable part of its own (:data:`SELECTOR_PREFIX`), shared like the head by default.
+  ``a = softmax(e)``. The scores ``e`` come from the model's selector (:data:`SELECTOR_PREFIX`, shared
+  like the head by default), one of two routers (``continual.amlora_router``):
+
+  - ``lora-outputs`` (:class:`AttentionSelector`, the paper as read): ``e_t = w_t . o_t + b_t``, each
+    task LoRA's output through its own dense layer to one score per token; the zero LoRA's score is
+    its bias alone. All of it trains on the current task's data.
+  - ``input-keys`` (:class:`KeySelector`): one attention per input, from its pooled layer input's fit
+    to each task's input moments (:mod:`fedlora.continual.routing`); the zero LoRA's score is a
+    trained logit. Each task's moments are what its clients measured while training it (the
+    current task's: the client's own running moments while it trains), averaged by the server like
+    any shared part, and never trained by gradient.
 """
 
 from __future__ import annotations
@@ -23,11 +31,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedlora.continual import routing
+from fedlora.continual.config import AMLORA_ROUTERS
 from fedlora.factors import ADAPTER, SELECTOR_PREFIX, LoraFactors, lora_layers
 
 
 class AttentionSelector(torch.nn.Module):
-    """Per adapted module: one dense layer (out -> 1) per task slot, and the zero LoRA's bias."""
+    """Router ``lora-outputs``. Per adapted module: one dense layer (out -> 1) per task slot, and the
+    zero LoRA's bias."""
+
+    router = "lora-outputs"
 
     def __init__(self, model: torch.nn.Module, num_tasks: int) -> None:
         super().__init__()
@@ -42,14 +55,41 @@ class AttentionSelector(torch.nn.Module):
             self.bias[key] = torch.nn.Parameter(torch.zeros(num_tasks + 1))
 
 
-def attach_selector(model: torch.nn.Module, num_tasks: int) -> AttentionSelector:
-    """Give ``model`` an AM-LoRA selector (a submodule, so it moves with ``.to(device)``)."""
-    sel = AttentionSelector(model, num_tasks)
+class KeySelector(torch.nn.Module):
+    """Router ``input-keys``. Per adapted module: the zero LoRA's logit (trained) and, per task slot,
+    the first and second moments of the module's pooled input (statistics: never given a gradient;
+    :meth:`statistics`). All zero until a task's clients have measured them."""
+
+    router = "input-keys"
+
+    def __init__(self, model: torch.nn.Module, num_tasks: int) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.zero = torch.nn.ParameterDict()
+        self.key_mean = torch.nn.ParameterDict()
+        self.key_second = torch.nn.ParameterDict()
+        for name, layer in lora_layers(model):
+            key = name.replace(".", "__")
+            fan_in = layer.lora_A[ADAPTER].weight.shape[1]
+            self.zero[key] = torch.nn.Parameter(torch.zeros(1))
+            self.key_mean[key] = torch.nn.Parameter(torch.zeros(num_tasks, fan_in), requires_grad=False)
+            self.key_second[key] = torch.nn.Parameter(torch.zeros(num_tasks, fan_in), requires_grad=False)
+
+    def statistics(self) -> list[torch.nn.Parameter]:
+        return [*self.key_mean.values(), *self.key_second.values()]
+
+
+def attach_selector(model: torch.nn.Module, num_tasks: int, router: str = "input-keys") -> torch.nn.Module:
+    """Give ``model`` an AM-LoRA selector of ``router`` (a submodule, so it moves with ``.to(device)``)."""
+    kinds = {k.router: k for k in (KeySelector, AttentionSelector)}
+    if router not in kinds or router not in AMLORA_ROUTERS:
+        raise ValueError(f"AM-LoRA's router must be one of {AMLORA_ROUTERS}, got {router!r}")
+    sel = kinds[router](model, num_tasks)
     model.add_module(SELECTOR_PREFIX.rstrip("."), sel)
     return sel
 
 
-def selector_of(model: torch.nn.Module) -> AttentionSelector | None:
+def selector_of(model: torch.nn.Module) -> torch.nn.Module | None:
     return getattr(model, SELECTOR_PREFIX.rstrip("."), None)
 
 
@@ -57,14 +97,22 @@ class TaskLoraMixer:
     """Installs the forward hooks; :meth:`remove` restores the model exactly (models are cached
     per process and reused by the next message)."""
 
-    def __init__(self, model: torch.nn.Module, past: list[LoraFactors], mode: str = "sum") -> None:
+    def __init__(
+        self, model: torch.nn.Module, past: list[LoraFactors], mode: str = "sum", temperature: float = 1.0
+    ) -> None:
         if mode not in ("sum", "attention"):
             raise ValueError(f"mode must be 'sum' or 'attention', got {mode!r}")
-        self.mode = mode
+        self.mode, self.temperature = mode, temperature
+        self.current_slot = len(past)  # the current task's slot among the selector's tasks
         self.attention: list[torch.Tensor] = []  # per forward, per layer: (..., 1 + tasks) weights
         # Routing measurement (evaluation only, when ``measuring``): the attention summed over every
-        # adapted layer and token position of the forwards since reset_routing(), and how many.
+        # adapted layer and token position (per input under input keys) of the forwards since
+        # reset_routing(), and how many.
         self.measuring = False
+        # Input keys: this forward's attention mask, and per module the current task's moment sums
+        # (sum, sum of squares, count) over the training forwards since reset_keys().
+        self._mask: list[torch.Tensor | None] = [None]
+        self.local_moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.routing_sum: torch.Tensor | None = None
         self.routing_count = 0
         self.selector = selector_of(model) if mode == "attention" else None
@@ -73,6 +121,8 @@ class TaskLoraMixer:
         if mode == "attention" and len(past) + 1 > self.selector.num_tasks:
             raise ValueError(f"{len(past) + 1} tasks exceed the selector's {self.selector.num_tasks} slots")
         self._handles = []
+        if isinstance(self.selector, KeySelector):
+            self._handles.append(model.register_forward_pre_hook(self._keep_mask, with_kwargs=True))
         for name, layer in lora_layers(model):
             ws = [(p.modules[name].A, p.modules[name].scaling * p.modules[name].B) for p in past]
             device = layer.lora_A[ADAPTER].weight.device
@@ -116,9 +166,14 @@ class TaskLoraMixer:
             outs = [F.linear(F.linear(x, pa), pb) for pa, pb in past] + [current]  # task order
             k = len(outs)
             stacked = torch.stack(outs, -2)  # (..., k, out)
-            scores = (stacked * sel.weight[key][:k]).sum(-1) + sel.bias[key][1 : k + 1]
-            zero = sel.bias[key][0].expand(scores.shape[:-1] + (1,))
-            att = torch.softmax(torch.cat([zero, scores], -1), -1)  # (..., 1 + k), index 0: zero LoRA
+            if isinstance(sel, KeySelector):
+                logits = self._key_logits(key, x, k, module.training)
+                logits = logits.reshape(logits.shape[:1] + (1,) * (x.dim() - 2) + logits.shape[-1:])
+            else:
+                scores = (stacked * sel.weight[key][:k]).sum(-1) + sel.bias[key][1 : k + 1]
+                zero = sel.bias[key][0].expand(scores.shape[:-1] + (1,))
+                logits = torch.cat([zero, scores], -1)
+            att = torch.softmax(logits, -1)  # (..., 1 + k), index 0: zero LoRA
             if module.training:  # read (and cleared) by the L1 term each step; nothing piles up in eval
                 self.attention.append(att)
             elif self.measuring:
@@ -129,6 +184,39 @@ class TaskLoraMixer:
             return base + (att[..., 1:].unsqueeze(-1) * stacked).sum(-2)
 
         return hook
+
+    def _keep_mask(self, module, args, kwargs):
+        self._mask[0] = kwargs.get("attention_mask")
+
+    def _key_logits(self, key: str, x: torch.Tensor, k: int, training: bool) -> torch.Tensor:
+        """(batch, 1 + k): the zero LoRA's logit and each task's key score of ``x``'s pooled input. In
+        training the current task (slot k - 1) is scored by this client's running moments, this
+        batch's included."""
+        sel = self.selector
+        pooled = routing.pooled_inputs(x.detach(), self._mask[0]).double()
+        mean, second = sel.key_mean[key][:k].detach().double(), sel.key_second[key][:k].detach().double()
+        if training:
+            s1, s2, n = routing.moments(pooled)
+            if key in self.local_moments:
+                o1, o2, on = self.local_moments[key]
+                s1, s2, n = s1 + o1, s2 + o2, n + on
+            self.local_moments[key] = (s1, s2, n)
+            mean, second = mean.clone(), second.clone()
+            mean[k - 1], second[k - 1] = s1 / n, s2 / n
+        scores = routing.key_scores(pooled, mean, second, self.temperature).to(x.dtype)
+        return torch.cat([sel.zero[key].expand(scores.shape[0], 1), scores], -1)
+
+    def reset_keys(self) -> None:
+        self.local_moments.clear()
+
+    @torch.no_grad()
+    def store_keys(self) -> None:
+        """Write this client's running moments into the current task's slot of the selector (what it
+        sends); the other slots are left as they came."""
+        slot = self.current_slot
+        for key, (s1, s2, n) in self.local_moments.items():
+            self.selector.key_mean[key][slot] = (s1 / n).to(self.selector.key_mean[key].dtype)
+            self.selector.key_second[key][slot] = (s2 / n).to(self.selector.key_second[key].dtype)
 
     def reset_routing(self) -> None:
         self.routing_sum, self.routing_count = None, 0
@@ -145,3 +233,4 @@ class TaskLoraMixer:
             h.remove()
         self._handles.clear()
         self.attention.clear()
+        self._mask[0] = None
