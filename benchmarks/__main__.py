@@ -17,7 +17,16 @@ from benchmarks.run import ALL, EXTRA
 from benchmarks.run import main as run_main
 
 # Benchmarks with their own command line (each module's __main__).
-STANDALONE = ["mutation", "train_step", "sketch_quality", "tune_default", "same_behaviour", "amlora_routing", "attacks"]
+STANDALONE = [
+    "mutation",
+    "train_step",
+    "sketch_quality",
+    "tune_default",
+    "same_behaviour",
+    "amlora_routing",
+    "attacks",
+    "continual_orders",
+]
 
 
 def main(argv: list[str]) -> None:

@@ -27,7 +27,7 @@ DEFAULT_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-llama")
 
 def TokenCounter():
     """Counts the tokens of the batches the training loop takes."""
-    from fedlora.tasks.causal import IGNORE
+    from fedlora.tasks.causal_maths import IGNORE
     from fedlora.training import TrainingHook
 
     class _TokenCounter(TrainingHook):

@@ -28,7 +28,7 @@ from fedlora.model import (
     skeleton_peft_model,
     write_adapter,
 )
-from fedlora.tasks.causal import IGNORE
+from fedlora.tasks.causal_maths import IGNORE
 
 DECODERS = ["builtin:tiny-gpt2", "builtin:tiny-llama"]
 
@@ -333,7 +333,7 @@ def test_every_strategy_runs_a_round_on_a_causal_lm(tmp_path, shared_data, strat
 def test_an_examples_loss_does_not_depend_on_its_batch_mates(tmp_path, shared_data):
     """DP-SGD clips each example's gradient: that bounds one example's influence only if its loss
     (hence its gradient) is the same whichever examples share its batch."""
-    from fedlora.tasks.causal import causal_lm_loss
+    from fedlora.tasks.causal_maths import causal_lm_loss
 
     cfg = causal_config(tmp_path)
     task = load_task(cfg)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.tasks.causal import IGNORE, TAIL_TOKENS, causal_lm_loss, fit, perplexity, token_labels
+from fedlora.tasks.causal_maths import IGNORE, TAIL_TOKENS, causal_lm_loss, fit, perplexity, token_labels
 from fedlora.tasks.evaluation import normalise, parse_label
 
 
@@ -145,7 +145,7 @@ def _reference_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def test_response_nll_gathers_only_scored_rows_and_equals_the_full_cross_entropy(batch, width, vocab, seed, half):
     """Values and gradients, per token and in DP-SGD's per-example form, equal the cross-entropy over
     the whole float32 logits (bf16 logits: the same rows upcast, so the same numbers)."""
-    from fedlora.tasks.causal import response_nll
+    from fedlora.tasks.causal_maths import response_nll
 
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, width, vocab, generator=g)

@@ -4,7 +4,7 @@ listed there).
 
 ``classification`` (the default: a sequence classifier, cross-entropy over labels, accuracy) is
 :mod:`fedlora.tasks.classification`; ``causal-lm`` (instruction tuning of a decoder LM) is
-:mod:`fedlora.tasks.causal_lm`, assembled from :mod:`fedlora.tasks.causal` (formats, tokens, loss)
+:mod:`fedlora.tasks.causal_lm`, assembled from :mod:`fedlora.tasks.causal` (formats, tokens), :mod:`fedlora.tasks.causal_maths` (loss)
 and :mod:`fedlora.tasks.evaluation` (perplexity, generated-label accuracy). Both run through the
 one training loop and the one codec: a task changes the examples and the loss, never the federation.
 """

@@ -1,5 +1,5 @@
 """The causal-LM task type (``model.task = "causal-lm"``) as the core's registry sees it: assembled
-from :mod:`fedlora.tasks.causal` (formats, tokens, the loss) and :mod:`fedlora.tasks.evaluation`
+from :mod:`fedlora.tasks.causal` (formats, tokens), :mod:`fedlora.tasks.causal_maths` (the loss) and :mod:`fedlora.tasks.evaluation`
 (perplexity, generated-label accuracy)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 
 from fedlora.model_sources import check_context
 from fedlora.registry import register_task_type
-from fedlora.tasks.causal import answer_spec, causal_lm_loss, columns_needed, encode, instruction_rows, token_labels
+from fedlora.tasks.causal import answer_spec, columns_needed, encode, instruction_rows
+from fedlora.tasks.causal_maths import causal_lm_loss, token_labels
 from fedlora.tasks.evaluation import evaluate_causal
 
 

@@ -15,7 +15,8 @@ import torch
 
 from fedlora.data import batches
 from fedlora.model import load_tokenizer
-from fedlora.tasks.causal import AnswerSpec, perplexity, response_nll
+from fedlora.tasks.causal import AnswerSpec
+from fedlora.tasks.causal_maths import perplexity, response_nll
 
 
 def normalise(text: str) -> str:
