@@ -20,21 +20,20 @@ from fedlora.config import ConfigError, FedLoraConfig, digest_of
 from fedlora.data import load_task
 from fedlora.extensions import ClientRound, Extension, first_answer
 from fedlora.factors import LoraFactors, extract_factors, load_factors
-from fedlora.lora_math import prune_rank, prune_to_rank
 from fedlora.model import (
     AdapterSpec,
     build_peft_model,
     check_device,
     initial_factors,
-    merge_delta_into_base,
     place,
     save_adapter,
     set_trainable,
 )
 from fedlora.partitions import ClientData, client_data, local_client_data
-from fedlora.protocol import BASE_PREFIX, NodeProfile
+from fedlora.protocol import NodeProfile
 from fedlora.registry import extensions_for, policy_for
 from fedlora.sharing import SharingPolicy
+from fedlora.sharing_parts import RANK
 from fedlora.state import ClientStateStore, atomic_write_bytes
 from fedlora.training import pick_device
 
@@ -173,7 +172,7 @@ class ClientSession:
         )
         store = ClientStateStore(store_root)
         rank = int(nc.get("rank", 0)) or cfg.client_rank(partition)
-        rank = int(store.load(client_id, "rank", rank))  # HetLoRA self-pruning may have lowered it
+        rank = int(store.load(client_id, RANK, rank))  # an extension may have lowered it (HetLoRA's pruning)
         device_class = str(nc.get("device-class", "")) or cfg.client_class(partition)
         threads = int(nc.get("threads", 0) or 0) or cfg.train.num_threads  # the device's own setting wins
         if threads:
@@ -243,14 +242,12 @@ class ClientSession:
         Returns the decoded received factors (for validation and accounting).
         """
         policy = self.policy
-        # A fresh adapter each round when the global update is merged into the base (FLoRA).
-        seed = self.cfg.lora.init_seed + (server_round if policy.merge_global_into_base else 0)
-        for e in self.extensions:  # a task sequence: each task's new LoRA starts from its own seed
+        seed = self.cfg.lora.init_seed
+        for e in self.extensions:  # FLoRA: the round's; a task sequence: each task's new LoRA's
             seed = e.adapter_seed(server_round, seed)
         start = initial_factors(model, seed)
-        private = self.store.load(self.profile.client_id, "private")
-        if private is not None:
-            start = start.merged_with(private.select(policy.private))
+        for e in self.extensions:  # parts the client keeps itself (FedSA-LoRA's B)
+            start = e.own_parts(self.profile.client_id, self.store, start)
         self.modules = list(start.modules)
         incoming = codec.decode(received, alpha=self.profile.alpha, modules=self.modules)
         unexpected = incoming.parts() - policy.shared
@@ -260,10 +257,8 @@ class ClientSession:
                 f"policy ({policy.describe()}) does not share"
             )
         load_factors(model, start.merged_with(incoming))
-        if policy.merge_global_into_base:
-            base = codec.decode(received, alpha=1.0, prefix=BASE_PREFIX, modules=self.modules)
-            if base.modules:
-                merge_delta_into_base(model, base)
+        for e in self.extensions:  # FLoRA: the global delta merged into the base weights
+            e.after_load(model, received, self.modules)
         set_trainable(model, policy.trained)
         return incoming
 
@@ -296,18 +291,11 @@ class ClientSession:
         )
 
     def finish_training(self, model: torch.nn.Module) -> LoraFactors:
-        """Keep private parts, apply rank self-pruning if asked, return the shared factors (which the
-        extensions' :meth:`~fedlora.extensions.Extension.reply_factors` may still reduce)."""
+        """Let the extensions keep what stays on the client; return the shared factors (which their
+        :meth:`~fedlora.extensions.Extension.reply_factors` may still reduce: HetLoRA's rank pruning)."""
         out = extract_factors(model)
-        if self.policy.private:
-            self.store.save(self.profile.client_id, "private", out.select(self.policy.private))
-        h = self.cfg.hetero
-        if h.hetlora_prune and self.policy.heterogeneous_ranks:
-            new_rank = min(prune_rank(m, h.hetlora_prune_ratio) for m in out.modules.values())
-            if new_rank < self.profile.rank:
-                log.info("client %s prunes its rank %d -> %d", self.profile.client_id, self.profile.rank, new_rank)
-                out = prune_to_rank(out, new_rank, self.cfg.lora.alpha_for_rank(new_rank))
-                self.store.save(self.profile.client_id, "rank", new_rank)
+        for e in self.extensions:  # what stays on the client (FedSA-LoRA's B)
+            e.keep_own(self.profile.client_id, self.store, out)
         return out.select(self.policy.shared)
 
     def save_personal_adapter(self, model: torch.nn.Module) -> str:

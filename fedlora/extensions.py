@@ -10,6 +10,7 @@ Server side (one instance per run, built with the strategy; what a hook may read
 the run's global adapter is :class:`GlobalAdapter`):
 
 * :meth:`Extension.start_run`: the server starts the run (checks that need the whole run);
+* :meth:`Extension.attach`: the run's strategy is built (checks that need its global adapter's size);
 * :meth:`Extension.begin_round`: before a train round samples its nodes;
 * :meth:`Extension.round_config`: keys added to every train message's config this round (Flower's
   FedProx sends ``proximal-mu`` this way);
@@ -20,8 +21,12 @@ the run's global adapter is :class:`GlobalAdapter`):
   epsilon);
 * :meth:`Extension.after_fold`: the new global adapter after the strategy's fold (DyLoRA keeps the
   components the round's block did not cover);
+* :meth:`Extension.bound_reply`: one checked, decoded reply's update and weight, bounded on their own
+  (the robust layer's absolute norm bound and weight cap), or the reply refused;
 * :meth:`Extension.reply_stage`: a stage every accepted reply passes through before the fold, in
   arrival order (:class:`ReplyStage`: the robust layer's relative norm bound);
+* :meth:`Extension.aggregation`: the round's fold in place of the single-rank weighted mean (the
+  robust layer's coordinate median and trimmed mean);
 * :meth:`Extension.wrap_fold`: the strategy's fold, wrapped (the robust layer's share cap);
 * :meth:`Extension.round_release`: the round's fold replaced by the extension's own release (a
   :class:`RoundRelease`: client-level DP's clipped, noised mean), which also turns off the robust
@@ -42,10 +47,15 @@ Client side (one instance per message; everything a hook reads is on :class:`Cli
 * :meth:`Extension.client_data` / :meth:`Extension.round_data`: the client's data when the
   extension decides it (a task sequence: the tasks' splits of its partition), and this round's;
 * :meth:`Extension.adapter_seed`: the seed of the adapter a client builds for a round;
+* :meth:`Extension.own_parts`: the adapter the client starts from, before the received parts go over
+  it (FedSA-LoRA's private B from the client's store); :meth:`Extension.after_load`: the model once
+  they are loaded (FLoRA merges the global delta into the base weights);
 * :meth:`Extension.training`: a context around the local training that yields the
   :class:`~fedlora.training.TrainingHook` objects it adds to the one loop; the code after its
   ``yield`` runs only when training succeeded (keep local state there);
 * :meth:`Extension.evaluating`: a context around a client's evaluation;
+* :meth:`Extension.keep_own`: everything the client trained, after a successful training (what
+  stays on the client is kept here);
 * :meth:`Extension.reply_factors`: the factors the reply carries, from those the client would send;
 * :meth:`Extension.reply_metrics`: scalars added to the reply's metrics.
 
@@ -107,6 +117,8 @@ class GlobalAdapter(Protocol):
     module_names: list[str]  # the wire's module order
     max_rank: int  # the rank the global adapter is kept at
     global_eff: LoraFactors  # the global adapter, effective form (a hook may replace it)
+    sharing_policy: SharingPolicy  # what travels, stays on the clients, or is frozen
+    profiles: dict[int, NodeProfile]  # the set-up nodes' checked profiles, by node id
 
     def initial_global(self, init_eff: LoraFactors) -> LoraFactors:
         """The strategy's global adapter for a freshly built initial adapter (effective form)."""
@@ -175,6 +187,10 @@ class Extension:
         """The server starts the run: raise :class:`~fedlora.schema.ConfigError` for what the whole
         run cannot do (a privacy target its rounds and sampling cannot meet)."""
 
+    def attach(self, run: GlobalAdapter) -> None:
+        """The run's strategy was built around ``run``: raise :class:`~fedlora.schema.ConfigError` for
+        what its global adapter's size rules out (a memory budget)."""
+
     def begin_round(self, run: GlobalAdapter, rl: RoundLog) -> None:
         """Before train round ``rl.server_round`` samples its nodes: may replace ``run.global_eff`` and
         set the round's state in ``rl`` (its explicit state object: DyLoRA's rank is ``rl.dylora_rank``)."""
@@ -193,8 +209,27 @@ class Extension:
     def reply_accepted(self, node_id: int, metrics: dict[str, Any]) -> None:
         """A reply of ``node_id`` was accepted; ``metrics`` is its (validated) metric record."""
 
+    def bound_reply(
+        self,
+        run: GlobalAdapter,
+        prof: NodeProfile,
+        factors: LoraFactors,
+        weight: float,
+        server_round: int,
+        rl: RoundLog,
+    ) -> tuple[LoraFactors, float]:
+        """A checked, finite reply of ``prof`` in ``server_round``: its factors (client form) and
+        aggregation weight as the fold may take them; raise :class:`~fedlora.validation.RejectedReply`
+        to refuse it. Name in ``rl`` whatever it cut."""
+        return factors, weight
+
     def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
         """A stage this round's accepted replies pass through before the fold (None: none)."""
+        return None
+
+    def aggregation(self) -> Fold | None:
+        """A fold of this round's updates in place of the single-rank strategies' weighted mean, or
+        None (the strategy's). Strategies with a fold of their own (heterogeneous ranks) never ask."""
         return None
 
     def wrap_fold(self, fold: Fold, rl: RoundLog) -> Fold:
@@ -291,6 +326,16 @@ class Extension:
     def evaluating(self, client: ClientRound) -> Iterator[None]:
         """Around a client's evaluation of its model."""
         yield None
+
+    def own_parts(self, client_id: str, store: ClientStateStore, start: LoraFactors) -> LoraFactors:
+        """The adapter a client starts this message from, before the received parts are loaded over it."""
+        return start
+
+    def after_load(self, model: torch.nn.Module, arrays: ArrayRecord, modules: list[str]) -> None:
+        """The start and the received parts are in ``model``; ``arrays``: the message's arrays."""
+
+    def keep_own(self, client_id: str, store: ClientStateStore, trained: LoraFactors) -> None:
+        """Local training succeeded; ``trained``: every part the client trained (head included)."""
 
     def reply_factors(self, client: ClientRound, factors: LoraFactors) -> LoraFactors:
         """The factors the reply carries, given what the client would send."""

@@ -157,6 +157,7 @@ def task_of(examples) -> object:
 _EXTENSIONS: dict[str, ExtensionClass] = {}
 _E = TypeVar("_E")  # the decorated class, returned as it is
 _BUILTIN_CONCERNS = (
+    "fedlora.sharing_parts",
     "fedlora.aggregation.bound",
     "fedlora.dylora",
     "fedlora.continual.extension",

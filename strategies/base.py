@@ -5,9 +5,10 @@ round become the new global adapter. The work on each reply is a pipeline of sma
 in its own file under :mod:`fedlora.aggregation`, run on every reply *as it arrives* (the server
 wraps Flower's Grid in :class:`~fedlora.aggregation.streaming.StreamingGrid`) and then dropped:
 
-    validate (replies.py) -> bound (bound.py) -> an extension's release (client-level DP's, see
-    fedlora/extensions.py) or the strategy's fold (folds.py; the robust statistics keep every
-    reply) -> finish, once
+    validate (replies.py) -> each extension's bound of one reply -> each extension's stage across
+    the round's replies -> an extension's release (client-level DP's) or the round's fold (the
+    strategy's, an extension's in its place, wrapped by extensions: see fedlora/extensions.py) ->
+    finish, once
 
 What the protocol does itself:
 
@@ -41,17 +42,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
-from fedlora.aggregation.folds import Fold, KeepAll, WeightedMean
+from fedlora.aggregation.folds import Fold, WeightedMean
 from fedlora.aggregation.product_sums import BudgetedProductSum, ProductSum, SketchedProductSum
 from fedlora.aggregation.replies import accept_train_reply
 from fedlora.aggregation.update import Update
-from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.extensions import Extension, ReplyStage, RoundRelease
+from fedlora.config import FedLoraConfig
+from fedlora.extensions import Extension, ReplyStage, RoundRelease, first_answer
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import to_client, to_effective
 from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, NodeProfile
 from fedlora.registry import extensions_for
-from fedlora.robust import coordinate_median, trimmed_mean
 from fedlora.sharing import SharingPolicy
 from fedlora.strategies.evaluation import FederatedEvaluation
 from fedlora.strategies.nodes import NodeSetup
@@ -105,30 +105,8 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         self._starts: dict = {}  # start_factors of this round's global adapter, per (rank, alpha)
         # The run's extensions (fedlora.extensions), whose server-side hooks the round protocol calls.
         self.extensions: list[Extension] = extensions_for(cfg) if extensions is None else extensions
-        self._check_held_budget()
-
-    def _check_held_budget(self) -> None:
-        """The coordinate median and trimmed mean hold every reply of a round: say how much, and
-        refuse a run over ``robust.held_updates_budget_mb`` before it starts."""
-        r, f = self.cfg.robust, self.cfg.federation
-        if r.aggregation == "mean":
-            return
-        cohort = min(f.num_clients, max(int(f.num_clients * f.fraction_train), f.min_train_clients))
-        need_mb = cohort * self.template.select(self.sharing_policy.shared).numel() * 4 / 2**20
-        log.info(
-            "robust.aggregation = %s holds every reply of a round: %d clients x %.1f MiB = %.0f MiB",
-            r.aggregation,
-            cohort,
-            need_mb / max(cohort, 1),
-            need_mb,
-        )
-        if need_mb > r.held_updates_budget_mb:
-            raise ConfigError(
-                f"invalid config for 'robust.aggregation': {r.aggregation} holds every reply of a round, "
-                f"{cohort} clients x {need_mb / cohort:.1f} MiB = {need_mb:.0f} MiB, above "
-                f"robust.held_updates_budget_mb ({r.held_updates_budget_mb:g}); sample fewer clients, raise the "
-                "budget, or use 'mean' with robust.update_norm_bound (folded as replies arrive)"
-            )
+        for e in self.extensions:
+            e.attach(self)
 
     # ------------------------------------------------------------------ subclass API: the round's fold
     def fold_input(self, update: Update) -> LoraFactors:
@@ -137,14 +115,9 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
 
     def new_fold(self, server_round: int, sampled: int) -> Fold:
         """The round's accumulator (:mod:`fedlora.aggregation.folds`). The single-rank strategies'
-        default: the weighted mean, or the coordinate median / trimmed mean (``robust.aggregation``),
-        which need every update and ignore weights, as Flower's FedMedian and FedTrimmedAvg do."""
-        r = self.cfg.robust
-        if r.aggregation == "median":
-            return KeepAll(coordinate_median)
-        if r.aggregation == "trimmed-mean":
-            return KeepAll(lambda updates: trimmed_mean(updates, r.trim_fraction))
-        return WeightedMean()
+        default: the weighted mean, unless an extension folds the round its own way
+        (:meth:`~fedlora.extensions.Extension.aggregation`)."""
+        return first_answer(self.extensions, lambda e: e.aggregation()) or WeightedMean()
 
     def finish_fold(self, server_round: int, fold: Fold) -> LoraFactors:
         """The new global adapter (effective form) from the round's fold."""
@@ -184,7 +157,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
 
     def start_factors(self, profile: NodeProfile, server_round: int) -> LoraFactors:
         """The shared parts as the client held them when it started training this round (client form):
-        what an update is measured from (``robust.update_norm_bound``)."""
+        what an update is measured from (an extension's bound on it)."""
         return self.client_payload(profile, server_round)[0]
 
     @property
@@ -198,8 +171,8 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
 
     # ------------------------------------------------------------------ state (checkpoint / resume)
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, JSON-able state): the global adapter, the node profiles and refusals, the robust
-        reference and every extension's state (a DP accountant, a task sequence's finished tasks).
+        """(tensors, JSON-able state): the global adapter, the node profiles and refusals, and every
+        extension's state (a DP accountant, a task sequence's finished tasks).
         Everything a resumed server needs of the strategy."""
 
         tensors = dict(self.global_eff.tensors())
@@ -290,15 +263,15 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
 
     def round_fold(self, server_round: int, rl: RoundLog) -> Fold | RoundRelease:
         """The round's running state: an extension's release (client-level DP's clipped sum; its
-        name goes to ``rl.released_by``), or the strategy's fold behind the share cap
-        (``robust.max_client_share``)."""
+        name goes to ``rl.released_by``), or the round's fold wrapped by each extension's
+        :meth:`~fedlora.extensions.Extension.wrap_fold` (the robust layer's share cap)."""
         for e in self.extensions:
             release = e.round_release(server_round, rl.sampled, rl.dylora_rank or self.global_rank())
             if release is not None:
                 rl.released_by = e.name
                 return release
         fold = self.new_fold(server_round, rl.sampled)
-        for e in self.extensions:  # the robust layer's share cap
+        for e in self.extensions:
             fold = e.wrap_fold(fold, rl)
         return fold
 
@@ -335,7 +308,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         fold = self.round_fold(server_round, rl)
-        # Stages every accepted reply passes through before the fold (the robust layer's median bounds).
+        # Stages every accepted reply passes through before the fold (extensions' reply_stage).
         stages = [st for e in self.extensions if (st := e.reply_stage(self, rl)) is not None]
         answered: set[int] = set()
         accepted: list[tuple[dict, int]] = []  # (metrics, examples) per accepted reply: scalars only

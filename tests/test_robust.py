@@ -293,3 +293,18 @@ def test_update_change_of_a_pruned_client_counts_the_starts_first_components_and
     assert float(v.double().norm()) == pytest.approx(update_norm(start, new), rel=1e-6)
     empty = update_change(LoraFactors(), LoraFactors())
     assert empty.shape == (0,)
+
+
+def test_a_median_round_over_its_held_budget_is_refused_when_the_strategy_is_built():
+    """The robust layer's check (its ``attach`` hook) sees the strategy's global adapter: a median of
+    the run's 3 replies that would hold more than robust.held_updates_budget_mb is refused with the figures."""
+    from test_strategy_maths import _setup
+
+    from fedlora.schema import ConfigError
+
+    _setup("fedit", "fixed", [4] * 10, **{"robust.aggregation": "median"})  # the default budget holds it
+    with pytest.raises(
+        ConfigError,
+        match=r"median holds every reply of a round, 3 clients x .* MiB.*above robust.held_updates_budget_mb",
+    ):
+        _setup("fedit", "fixed", [4] * 10, **{"robust.aggregation": "median", "robust.held_updates_budget_mb": "1e-6"})

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from conftest import make_config
 from fedlora import codec
@@ -312,6 +312,10 @@ def test_pruned_client_sends_its_real_update_not_an_inflated_one(tmp_path, share
         trained.modules[name] = ModuleFactors(A=torch.randn(m.A.shape, generator=g), B=B, alpha=m.alpha)
     load_factors(model, trained)
     sent = session.finish_training(model)
+    assert {m.rank for m in sent.modules.values()} == {8}  # what the client trained; then, as the ClientApp does:
+    client = session.client_round(model, ArrayRecord(), LoraFactors(), 1, {})
+    for ext in session.extensions:
+        sent = ext.reply_factors(client, sent)
     assert {m.rank for m in sent.modules.values()} == {6}
     for name, m in trained.modules.items():
         real = m.scaling * (m.B[:, :6].double() @ m.A[:6].double())

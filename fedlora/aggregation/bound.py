@@ -8,6 +8,7 @@ above the bound it is scaled back onto it (``clip``) or dropped (``reject``), an
 from __future__ import annotations
 
 import heapq
+import logging
 from typing import TYPE_CHECKING
 
 from fedlora.aggregation.folds import Fold, KeepAll
@@ -16,7 +17,8 @@ from fedlora.extensions import Extension, GlobalAdapter, ReplyStage
 from fedlora.factors import LoraFactors
 from fedlora.protocol import NodeProfile
 from fedlora.registry import register_extension
-from fedlora.robust import clip_update, cosines_to_median, update_change, update_norm
+from fedlora.robust import clip_update, coordinate_median, cosines_to_median, trimmed_mean, update_change, update_norm
+from fedlora.schema import ConfigError
 from fedlora.validation import RejectedReply
 
 if TYPE_CHECKING:
@@ -24,44 +26,51 @@ if TYPE_CHECKING:
     from fedlora.config import FedLoraConfig
     from fedlora.strategies.round_log import RoundLog
 
+log = logging.getLogger("fedlora.server")
 
-def bound_update(strategy, prof: NodeProfile, factors: LoraFactors, server_round: int, rl) -> LoraFactors:
-    bound = strategy.cfg.robust.update_norm_bound
+
+def bound_update(run: GlobalAdapter, prof: NodeProfile, factors: LoraFactors, server_round: int, rl) -> LoraFactors:
+    """``robust.update_norm_bound`` (off by default): the update clipped onto it, or refused above it."""
+    bound = run.cfg.robust.update_norm_bound
     if bound <= 0:
         return factors
-    start = strategy.round_start(prof, server_round)
+    start = run.round_start(prof, server_round)
     clipped, norm = clip_update(start, factors, bound)
     if norm > bound:
-        if strategy.cfg.robust.norm_action == "reject":
+        if run.cfg.robust.norm_action == "reject":
             raise RejectedReply(f"update norm {norm:.4g} is above robust.update_norm_bound ({bound:g})")
         if rl is not None:
             rl.clipped.append(f"client {prof.client_id}: update norm {norm:.4g} clipped to {bound:g}")
     return clipped
 
 
-def bound_weight(strategy, prof: NodeProfile, examples: int, rl) -> float:
+class WeightCap:
     """``robust.max_weight_factor`` (on by default): a reply's aggregation weight (its example count)
     is at most that many times the median training-set size the federation's clients declared, so
     a client claiming a large data set inside every other cap cannot carry the round (the share cap,
     ``robust.max_client_share``, is the exact but opt-in form). Named when it applies."""
-    factor = strategy.cfg.robust.max_weight_factor
-    if factor <= 0 or not strategy.profiles:
-        return float(examples)
-    key = (len(strategy.profiles), sum(p.num_train for p in strategy.profiles.values()))
-    cached = getattr(strategy, "_median_declared", None)
-    if cached is None or cached[0] != key:  # once per change of the federation, not once per reply
-        sizes = sorted(p.num_train for p in strategy.profiles.values())
-        cached = strategy._median_declared = (key, sizes[len(sizes) // 2])
-    median = cached[1]
-    limit = factor * max(median, 1)
-    if examples <= limit:
-        return float(examples)
-    if rl is not None:
-        rl.clipped.append(
-            f"client {prof.client_id}: weight {examples} examples capped at {limit:g} "
-            f"(robust.max_weight_factor {factor:g} x the median declared size {median})"
-        )
-    return float(limit)
+
+    def __init__(self) -> None:
+        self._median: tuple[tuple[int, int], int] | None = None  # (the profiles it was taken over, median)
+
+    def __call__(self, run: GlobalAdapter, prof: NodeProfile, examples: float, rl) -> float:
+        factor = run.cfg.robust.max_weight_factor
+        if factor <= 0 or not run.profiles:
+            return float(examples)
+        key = (len(run.profiles), sum(p.num_train for p in run.profiles.values()))
+        if self._median is None or self._median[0] != key:  # once per change of the federation, not per reply
+            sizes = sorted(p.num_train for p in run.profiles.values())
+            self._median = (key, sizes[len(sizes) // 2])
+        median = self._median[1]
+        limit = factor * max(median, 1)
+        if examples <= limit:
+            return float(examples)
+        if rl is not None:
+            rl.clipped.append(
+                f"client {prof.client_id}: weight {examples:g} examples capped at {limit:g} "
+                f"(robust.max_weight_factor {factor:g} x the median declared size {median})"
+            )
+        return float(limit)
 
 
 class MedianBounds:
@@ -196,10 +205,12 @@ def _median(xs: list[float]) -> float:
 
 @register_extension
 class RobustBounds(Extension):
-    """The robust layer's stages across a round's replies (``[robust]``): the norm and direction
-    bounds from the round's own medians (:class:`MedianBounds`) and the share cap around the strategy's
-    fold (:class:`~fedlora.aggregation.share_cap.ShareCapped`). The per-reply absolute bound and
-    weight cap act while a reply is accepted (:func:`bound_update`, :func:`bound_weight`)."""
+    """The robust layer (``[robust]``): per reply, the absolute norm bound and the weight cap
+    (:func:`bound_update`, :class:`WeightCap`); across a round's replies, the norm and direction
+    bounds from the round's own medians (:class:`MedianBounds`); the coordinate median or trimmed
+    mean in place of the weighted mean (``robust.aggregation``, as Flower's FedMedian and
+    FedTrimmedAvg: every update held, weights ignored); the share cap around the strategy's fold
+    (:class:`~fedlora.aggregation.share_cap.ShareCapped`)."""
 
     name = "robust"
     order = 5  # the first stage a reply meets
@@ -207,10 +218,53 @@ class RobustBounds(Extension):
     def __init__(self, cfg: FedLoraConfig) -> None:
         super().__init__(cfg)
         self._stage: MedianBounds | None = None
+        self._weight_cap = WeightCap()
 
     @classmethod
     def applies(cls, cfg: FedLoraConfig) -> bool:
         return True  # its defaults are on; each bound at 0 (or 1.0 for the share cap) is off
+
+    def attach(self, run: GlobalAdapter) -> None:
+        """The coordinate median and trimmed mean hold every reply of a round: say how much, and
+        refuse a run over ``robust.held_updates_budget_mb`` before it starts."""
+        r, f = self.cfg.robust, self.cfg.federation
+        if r.aggregation == "mean":
+            return
+        cohort = min(f.num_clients, max(int(f.num_clients * f.fraction_train), f.min_train_clients))
+        need_mb = cohort * run.template.select(run.sharing_policy.shared).numel() * 4 / 2**20
+        log.info(
+            "robust.aggregation = %s holds every reply of a round: %d clients x %.1f MiB = %.0f MiB",
+            r.aggregation,
+            cohort,
+            need_mb / max(cohort, 1),
+            need_mb,
+        )
+        if need_mb > r.held_updates_budget_mb:
+            raise ConfigError(
+                f"invalid config for 'robust.aggregation': {r.aggregation} holds every reply of a round, "
+                f"{cohort} clients x {need_mb / cohort:.1f} MiB = {need_mb:.0f} MiB, above "
+                f"robust.held_updates_budget_mb ({r.held_updates_budget_mb:g}); sample fewer clients, raise the "
+                "budget, or use 'mean' with robust.update_norm_bound (folded as replies arrive)"
+            )
+
+    def bound_reply(
+        self,
+        run: GlobalAdapter,
+        prof: NodeProfile,
+        factors: LoraFactors,
+        weight: float,
+        server_round: int,
+        rl: RoundLog,
+    ) -> tuple[LoraFactors, float]:
+        return bound_update(run, prof, factors, server_round, rl), self._weight_cap(run, prof, weight, rl)
+
+    def aggregation(self) -> Fold | None:
+        r = self.cfg.robust
+        if r.aggregation == "median":
+            return KeepAll(coordinate_median)
+        if r.aggregation == "trimmed-mean":
+            return KeepAll(lambda updates: trimmed_mean(updates, r.trim_fraction))
+        return None
 
     def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
         self._stage = MedianBounds(run, rl)

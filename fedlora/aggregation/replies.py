@@ -4,7 +4,9 @@ Nothing in a reply is trusted: it must hold exactly the records ``arrays`` and `
 ``arrays`` exactly the tensors this client shares at its rank (names, shapes, wire dtype), every
 metric a finite number, ``num-examples`` an integer in 1..the client's declared size, ``rank`` its
 rank (or lower, for HetLoRA self-pruning when enabled). Then the decoded factors must be finite,
-in effective form too, and the update is bounded (:mod:`fedlora.aggregation.bound`). Any failure
+in effective form too, and each extension bounds the update and its weight on their own
+(:meth:`fedlora.extensions.Extension.bound_reply`: the robust layer's absolute norm bound and weight
+cap, :mod:`fedlora.aggregation.bound`). Any failure
 is a :class:`~fedlora.validation.RejectedReply` naming the problem; the strategy drops that reply
 and the round goes on. Only then does the update reach the round's fold.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 from flwr.app import RecordDict
 
 from fedlora import codec
-from fedlora.aggregation.bound import bound_update, bound_weight
 from fedlora.aggregation.update import Update
 from fedlora.factors import extra_part
 from fedlora.protocol import NodeProfile
@@ -29,7 +30,7 @@ def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_
     tensors this client shares at its rank (names, shapes, wire dtype); every metric a finite
     number, ``num-examples`` an integer in 1..the client's declared size, ``rank`` its rank
     (or lower, for HetLoRA self-pruning when enabled). Then the decoded factors must be finite,
-    and the update within ``robust.update_norm_bound`` (clipped or rejected above it)."""
+    and each extension's bound on the update and its weight passed (:meth:`Extension.bound_reply`)."""
     policy = strategy.sharing_policy
     records = set(content.array_records) | set(content.metric_records) | set(content.config_records)
     if strategy.arrayrecord_key not in content.array_records:
@@ -79,11 +80,11 @@ def accept_train_reply(strategy, prof: NodeProfile, content: RecordDict, server_
     except codec.CodecError as exc:  # checked above already; kept as a second line of defence
         raise RejectedReply(str(exc)) from None
     check_finite(factors)
-    factors = bound_update(strategy, prof, factors, server_round, rl)
+    weight = float(n)
+    for e in strategy.extensions:
+        factors, weight = e.bound_reply(strategy, prof, factors, weight, server_round, rl)
     if (
         rank != prof.rank and block_rank is None
     ):  # an accepted self-pruning: later payloads are truncated to the new rank
         prof.rank, prof.alpha = rank, alpha
-    return Update(
-        profile=prof, factors=factors, weight=bound_weight(strategy, prof, n, rl), metrics=metrics, num_examples=n
-    )
+    return Update(profile=prof, factors=factors, weight=weight, metrics=metrics, num_examples=n)
