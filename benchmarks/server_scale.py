@@ -187,11 +187,11 @@ def cell(strategy_name: str, clients: int, exact_check: bool = False, through_gr
         "reply_generation_seconds": gen_seconds[0],
         "server_seconds": wall - gen_seconds[0],
         "aggregate_seconds": rl.aggregate_seconds,
-        "sketched": "sketch-relative-error" in rl.privacy,
-        "product_fold": rl.privacy.get("product-fold"),
+        "sketched": "sketch-relative-error" in rl.figures,
+        "product_fold": rl.figures.get("product-fold"),
         "through_grid": through_grid,
         "max_replies_per_pull": max(grid.asked) if through_grid else None,
-        "sketch_relative_error_estimate": rl.privacy.get("sketch-relative-error"),
+        "sketch_relative_error_estimate": rl.figures.get("sketch-relative-error"),
     }
     if exact_check:  # the same replies through the exact stack (memory grows with the cohort here)
         from fedlora.aggregation.product_sums import ExactProductSum, SketchedProductSum

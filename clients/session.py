@@ -33,8 +33,7 @@ from fedlora.partitions import ClientData, client_data, local_client_data
 from fedlora.protocol import NodeProfile
 from fedlora.registry import extensions_for, policy_for
 from fedlora.sharing import SharingPolicy
-from fedlora.sharing_parts import RANK
-from fedlora.state import ClientStateStore, atomic_write_bytes
+from fedlora.state import OWN_RANK, ClientStateStore, atomic_write_bytes
 from fedlora.training import pick_device
 
 log = logging.getLogger("fedlora.client")
@@ -172,7 +171,7 @@ class ClientSession:
         )
         store = ClientStateStore(store_root)
         rank = int(nc.get("rank", 0)) or cfg.client_rank(partition)
-        rank = int(store.load(client_id, RANK, rank))  # an extension may have lowered it (HetLoRA's pruning)
+        rank = int(store.load(client_id, OWN_RANK, rank))  # an extension may have lowered it (HetLoRA's pruning)
         device_class = str(nc.get("device-class", "")) or cfg.client_class(partition)
         threads = int(nc.get("threads", 0) or 0) or cfg.train.num_threads  # the device's own setting wins
         if threads:

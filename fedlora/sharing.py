@@ -46,6 +46,11 @@ class SharingPolicy:
             raise ValueError(f"SharingPolicy must place every part; missing {sorted(set(PARTS) - covered)}")
 
     @property
+    def server_holds_model(self) -> bool:
+        """Whether the server can hold a complete model: no factor stays on the clients (FedSA-LoRA's B does)."""
+        return not ({"A", "B"} & self.private)
+
+    @property
     def trained(self) -> frozenset[str]:
         return frozenset(PARTS) - self.frozen
 

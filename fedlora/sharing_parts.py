@@ -21,6 +21,7 @@ from fedlora import codec
 from fedlora.extensions import ClientRound, Extension
 from fedlora.protocol import BASE_PREFIX
 from fedlora.registry import policy_for, register_extension
+from fedlora.state import OWN_RANK
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from fedlora.state import ClientStateStore
 
 PRIVATE = "private"  # the client-state store's name for a client's private parts
-RANK = "rank"  # ... and for the rank a client trains at when it lowered its own
 log = logging.getLogger("fedlora.client")
 
 
@@ -102,5 +102,5 @@ class RankSelfPruning(Extension):
         if new_rank >= rank:
             return factors
         log.info("client %s prunes its rank %d -> %d", client.client_id, rank, new_rank)
-        client.store.save(client.client_id, RANK, new_rank)
+        client.store.save(client.client_id, OWN_RANK, new_rank)
         return prune_to_rank(factors, new_rank, self.cfg.lora.alpha_for_rank(new_rank))

@@ -57,6 +57,9 @@ def tensors_from_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
 
 
+OWN_RANK = "rank"  # a client's store entry: the rank it trains at when it lowered its own (HetLoRA's pruning)
+
+
 class ClientStateStore:
     """``save(client, name, value)`` / ``load(client, name, default)``; values are
     :class:`~fedlora.factors.LoraFactors`, a ``dict`` of tensors, or anything JSON holds."""

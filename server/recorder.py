@@ -72,7 +72,7 @@ class RoundRecorder:
         if rl is not None:
             if rl.dylora_rank is not None:
                 row["dylora-rank"] = rl.dylora_rank
-            row.update(rl.privacy)
+            row.update(rl.figures)
         row["raw-factor-bytes-per-client"] = self.raw_bytes
         now = time.perf_counter()
         row["seconds"] = now - self._last

@@ -163,7 +163,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
     @property
     def has_global_model(self) -> bool:
         """Whether the server holds a complete model (FedSA keeps B on the clients: it does not)."""
-        return not ({"A", "B"} & self.sharing_policy.private)
+        return self.sharing_policy.server_holds_model
 
     def global_rank(self) -> int:
         m = next(iter(self.global_eff.modules.values()), None)
@@ -358,16 +358,16 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         t0 = time.perf_counter()
         try:
             if rl.released_by:
-                self.global_eff, rl.privacy = fold.finish(self.global_eff)
+                self.global_eff, rl.figures = fold.finish(self.global_eff)
             else:
                 self.global_eff = self.finish_fold(server_round, fold)
                 for e in self.extensions:
                     self.global_eff = e.after_fold(self, rl, previous)
                 error = getattr(fold, "last_error", None)
                 if error is not None:
-                    rl.privacy["sketch-relative-error"] = error
+                    rl.figures["sketch-relative-error"] = error
                 if isinstance(getattr(fold, "inner", fold), ProductSum):  # behind the share cap or not
-                    rl.privacy["product-fold"] = getattr(fold, "path", "sketch")
+                    rl.figures["product-fold"] = getattr(fold, "path", "sketch")
             for key, t in self.global_eff.tensors():
                 if not bool(torch.isfinite(t).all()):
                     raise FloatingPointError(f"the aggregate's {key} is not finite")
@@ -379,7 +379,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         rl.aggregate_seconds = time.perf_counter() - t0
         rl.server_seconds = busy + (time.thread_time() - t_finish)
         for e in self.extensions:
-            rl.privacy.update(e.round_figures([m for m, _ in accepted]))
+            rl.figures.update(e.round_figures([m for m, _ in accepted]))
         metrics = weighted_metrics([m for m, _ in accepted], [float(n) for _, n in accepted])
         rl.train_metrics = metrics
         return codec.encode(self.global_eff), MetricRecord(metrics)

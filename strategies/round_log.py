@@ -28,7 +28,8 @@ class RoundLog:
     server_seconds: float = 0.0  # CPU seconds validating, bounding and folding replies, and finishing the round
     dylora_rank: int | None = None
     released_by: str = ""  # the extension whose round_release aggregates this round ('': the strategy's fold)
-    privacy: dict = field(default_factory=dict)  # the round's release figures (noise, clip, sketch error)
+    # The round's figures from its release, fold and extensions (noise, clip, sketch error).
+    figures: dict = field(default_factory=dict)
     train_metrics: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
     eval_clients: list[dict] = field(default_factory=list)

@@ -25,7 +25,18 @@ HUBS = [
     "server/evaluation.py",
     "server/recorder.py",
 ]
-CONCERNS = ("fedlora.continual", "fedlora.privacy", "fedlora.dylora", "fedlora.methods")
+CONCERNS = (
+    "fedlora.continual",
+    "fedlora.privacy",
+    "fedlora.dylora",
+    "fedlora.methods",
+    "fedlora.sharing_parts",  # FedSA-LoRA's private parts, FLoRA's merged base, HetLoRA's pruning
+    "fedlora.aggregation.bound",  # the robust layer
+    "fedlora.aggregation.share_cap",
+    "fedlora.robust",
+)
+# What a concern's config or policy is called: a hub that reads one decides for that concern.
+CONCERN_NAMES = ("merge_global_into_base", ".private", "hetlora", "cfg.robust", "robust.", "privacy.", "continual.")
 
 
 def _imports(path: Path) -> set[str]:
@@ -45,6 +56,30 @@ def test_a_hub_file_imports_no_concern(hub):
     the registry's business (fedlora.registry.extensions_for), never an import of the hub."""
     named = {m for m in _imports(ROOT / hub) if m.startswith(CONCERNS)}
     assert not named, f"{hub} imports {sorted(named)}"
+
+
+@pytest.mark.parametrize("hub", ["clients/session.py", "strategies/base.py", "server/app.py"])
+def test_a_hub_file_reads_no_concerns_setting(hub):
+    """The three hub files of issue 36 decide nothing for a concern: no code line of theirs (comments
+    and docstrings aside) reads a concern's config section or sharing-policy flag."""
+    tree = ast.parse((ROOT / hub).read_text())
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body and isinstance(n.body[0], ast.Expr)
+    }
+    code = [
+        ast.unparse(n)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Attribute, ast.Constant)) and id(n) not in docs and not isinstance(n, ast.Constant)
+    ]
+    strings = [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    ]
+    found = sorted({name for name in CONCERN_NAMES for text in code + strings if name in text})
+    assert not found, f"{hub} reads {found}"
 
 
 @dataclass

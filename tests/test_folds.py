@@ -412,8 +412,8 @@ def test_a_large_flexlora_cohort_is_folded_dense_when_it_fits_and_sketched_with_
     replies = _replies(s, profiles, template, 1, [10, 20, 30, 10, 20, 30])
     rl = _train_round(s, profiles, replies, 1)
     _train_round(ex, profiles, replies, 1)
-    assert rl.accepted == 6 and rl.privacy["product-fold"] == form
-    assert ("sketch-relative-error" in rl.privacy) == (form == "sketch")
+    assert rl.accepted == 6 and rl.figures["product-fold"] == form
+    assert ("sketch-relative-error" in rl.figures) == (form == "sketch")
     # rank sum 16 <= the sketch's k = 4 + 16 (the default oversampling): the sketch is exact here
     for n, m in s.global_eff.modules.items():
         e = ex.global_eff.modules[n]
@@ -466,7 +466,7 @@ def test_flora_sketched_and_hetlora_share_capped_read_their_fold_through_the_cap
     replies = _replies(fl, profiles, template, 1, weights)
     rl = _train_round(fl, profiles, replies, 1)
     _train_round(ex, profiles, replies, 1)
-    assert rl.accepted == 6 and "sketch-relative-error" in rl.privacy and not rl.aggregation_error
+    assert rl.accepted == 6 and "sketch-relative-error" in rl.figures and not rl.aggregation_error
     for n, m in fl.global_eff.modules.items():  # rank sum 16 <= k: the sketch gives the exact product
         e = ex.global_eff.modules[n]
         d, de = m.B.double() @ m.A.double(), e.B.double() @ e.A.double()

@@ -60,9 +60,9 @@ def test_every_client_update_is_clipped_to_the_bound():
     before = _flat(s.global_eff)
     rl = _round(s, profiles[:1], template, 1)  # one client: the released change is its clipped update
     change = _flat(s.global_eff) - before
-    assert rl.privacy["clients-clipped"] == 1 and rl.privacy["client-update-norm-mean"] > 0.05
-    far = rl.privacy["client-update-norm-mean"] > 10 * 0.05
-    assert rl.privacy["clients-far-beyond-clip"] == int(far)  # one update: its norm against 10 C
+    assert rl.figures["clients-clipped"] == 1 and rl.figures["client-update-norm-mean"] > 0.05
+    far = rl.figures["client-update-norm-mean"] > 10 * 0.05
+    assert rl.figures["clients-far-beyond-clip"] == int(far)  # one update: its norm against 10 C
     assert float(change.norm()) == pytest.approx(0.05, rel=1e-5)
     start = s.start_factors(profiles[0], 2)  # what the client starts from now: the new global
     assert all(float(t.abs().sum()) == 0.0 for _, t in effective_change(start, start, 4).tensors())
@@ -99,7 +99,7 @@ def test_client_epsilon_matches_an_independent_accountant_and_never_decreases():
     eps = []
     for rnd in (1, 2, 3):
         rl = _round(s, profiles, template, rnd)
-        eps.append(rl.privacy["client-epsilon"])
+        eps.append(rl.figures["client-epsilon"])
     assert eps == sorted(eps) and eps[0] > 0
     # The same release, accounted directly with Google's dp_accounting: 3 rounds, 3 of 3 clients
     # sampled without replacement, replace-one, noise multiplier z/2 relative to the 2C sensitivity.
@@ -112,8 +112,8 @@ def test_client_epsilon_matches_an_independent_accountant_and_never_decreases():
 def test_adaptive_clip_moves_towards_the_quantile():
     cfg, s, profiles, template = _dp_strategy(0.25, 1e-4, **{"privacy.client_clipping": "adaptive"})
     rl = _round(s, profiles, template, 1)
-    assert rl.privacy["client-clip-next"] > 1e-4  # every update is above a tiny bound: the bound grows
-    assert _dp(s).clip == rl.privacy["client-clip-next"]
+    assert rl.figures["client-clip-next"] > 1e-4  # every update is above a tiny bound: the bound grows
+    assert _dp(s).clip == rl.figures["client-clip-next"]
 
 
 def _start(overrides: list[str]) -> FedLoraConfig:
@@ -186,10 +186,10 @@ def test_adaptive_clipping_reports_the_epsilon_of_the_mechanism_it_runs():
     rl = _round(s, profiles, template, 1)
     sigma_b = 3 / 20
     z_delta = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
-    assert rl.privacy["client-update-noise-multiplier"] == pytest.approx(z_delta, rel=1e-12)
+    assert rl.figures["client-update-noise-multiplier"] == pytest.approx(z_delta, rel=1e-12)
     diff = _flat(s.global_eff) - before
     assert float(diff.std()) == pytest.approx(z_delta * clip / 3, rel=0.1)
-    assert rl.privacy["client-clip-next"] != clip  # the next round's bound moved; this one was noised with clip
+    assert rl.figures["client-clip-next"] != clip  # the next round's bound moved; this one was noised with clip
     for rnd in (2, 3):
         rl = _round(s, profiles, template, rnd)
     acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
@@ -197,7 +197,7 @@ def test_adaptive_clipping_reports_the_epsilon_of_the_mechanism_it_runs():
         [dp_accounting.GaussianDpEvent(z_delta / 2), dp_accounting.GaussianDpEvent(sigma_b)]
     )
     acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(3, 3, mechanism), 3)
-    assert rl.privacy["client-epsilon"] == pytest.approx(acc.get_epsilon(cfg.client_delta()), rel=1e-6)
+    assert rl.figures["client-epsilon"] == pytest.approx(acc.get_epsilon(cfg.client_delta()), rel=1e-6)
 
 
 def test_an_adaptive_round_that_samples_too_few_to_split_z_releases_and_spends_nothing():
