@@ -21,7 +21,7 @@ from benchmarks.common import RESULTS, ROOT, machine, setup_env
 
 POINTS = {  # per router, the overrides of the comparison's chosen point
     "lora-outputs": ["continual.amlora_selector_lr=0.05", "train.learning_rate=0.001"],
-    "input-keys": ["continual.amlora_temperature=1.0", "train.learning_rate=0.001"],
+    "input-keys": ["continual.amlora_temperature=0.25", "train.learning_rate=0.001"],
 }
 
 
