@@ -454,6 +454,31 @@ def test_bad_task_lists_and_impossible_combinations_fail_before_training(tmp_pat
         C.from_dict(dict(raw, privacy={"example_dp": True, "example_noise_multiplier": 1.0}))
     with pytest.raises(ConfigError, match="continual.method"):
         C.from_dict(dict(raw, continual={**raw["continual"], "method": "gem"}))
+    am = dict(raw, continual={**raw["continual"], "method": "amlora"})
+    with pytest.raises(ConfigError, match="continual.amlora_router.*must be one of input-keys, lora-outputs"):
+        C.from_dict(dict(am, continual={**am["continual"], "amlora_router": "keys"}))
+    with pytest.raises(ConfigError, match="continual.amlora_temperature.*must be > 0"):
+        C.from_dict(dict(am, continual={**am["continual"], "amlora_temperature": 0.0}))
+    dp = {"client_dp": True, "client_noise_multiplier": 1.0}
+    with pytest.raises(ConfigError, match="amlora_router.*moments of each client's inputs.*'lora-outputs'"):
+        C.from_dict(dict(am, privacy=dp))
+    C.from_dict(dict(am, privacy=dp, continual={**am["continual"], "amlora_router": "lora-outputs"}))
+
+
+def test_a_task_order_puts_the_task_tables_in_that_order_once_and_for_all(tmp_path, shared_data):
+    """continual.order (O-LoRA's orders of one task pool): the tables are reordered on load, the saved
+    config loads to the same order, and an order that is not a permutation of the tasks is refused."""
+    from fedlora.config import ConfigError
+
+    raw, C = _continual(tmp_path, "inclora", rounds=(1, 2))
+    cfg = C.from_dict(dict(raw, continual={**raw["continual"], "order": ["dbpedia", "agnews"]}))
+    assert cfg.continual.task_names() == ["dbpedia", "agnews"]
+    assert [t.rounds for t in cfg.continual.tasks] == [2, 1]  # each table moves whole
+    again = C.from_dict(cfg.to_dict())
+    assert again.continual.task_names() == ["dbpedia", "agnews"] and again.digest() == cfg.digest()
+    for order in (["dbpedia"], ["dbpedia", "dbpedia"], ["dbpedia", "agnews", "yelp"], ["dbpedia", "Agnews"]):
+        with pytest.raises(ConfigError, match=r"continual.order.*must name every task once \(agnews, dbpedia\)"):
+            C.from_dict(dict(raw, continual={**raw["continual"], "order": order}))
 
 
 # ------------------------------------------------------------------------------------ federated, end to end

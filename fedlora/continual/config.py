@@ -167,6 +167,13 @@ def check_with_run(cfg, policy) -> None:
             "of each example: Opacus' per-example clipping would drop its gradient silently. Use client-level "
             "DP (privacy.client_dp) with it, or inclora with example-level DP"
         )
+    if c.method == "amlora" and c.amlora_router == "input-keys" and cfg.privacy.client_dp:
+        raise ConfigError(
+            "invalid config for 'continual.amlora_router': the input keys are the moments of each client's "
+            "inputs, sent with its update; client-level DP's clip would scale them with the factors (their norm "
+            "dwarfs a LoRA update's) and its noise is calibrated to the factors. Use amlora_router = "
+            "'lora-outputs' under privacy.client_dp"
+        )
     if cfg.run.rounds != c.total_rounds():
         raise ConfigError(
             f"invalid config for 'run.rounds': {cfg.run.rounds} differs from the task sequence's "
