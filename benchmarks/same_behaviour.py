@@ -1,5 +1,6 @@
-"""Behaviour unchanged across a refactor: eight small deterministic federations (FedIT, FedSA-LoRA,
-client-level DP, DP-DyLoRA, DP-SGD, IncLoRA, AM-LoRA, O-LoRA; tiny BERT, in process), each run's
+"""Behaviour unchanged across a refactor: twelve small deterministic federations (FedIT, FedSA-LoRA,
+client-level DP, DP-DyLoRA, DP-SGD, IncLoRA, AM-LoRA, O-LoRA, FLoRA, HetLoRA with self-pruning, the
+coordinate median, an absolute norm bound that clips; tiny BERT, in process), each run's
 metrics rows (every key but wall times), adapter tensors (SHA-256) and privacy/continual summary.
 
 Run it once per source tree and compare the two files (``--compare``)::
@@ -63,6 +64,19 @@ def cases(tmp):
     yield "inclora", continual(tmp / "f", "inclora")
     yield "amlora", continual(tmp / "g", "amlora")
     yield "olora", continual(tmp / "h", "olora")
+    ranks = {"client_ranks": [2, 4, 8]}
+    yield "flora", make_config(tmp / "i", federation={"strategy": "flora"}, lora={"rank": 8}, hetero=ranks)
+    yield (
+        "hetlora-prune",
+        make_config(
+            tmp / "j",
+            federation={"strategy": "hetlora"},
+            lora={"rank": 8},
+            hetero={**ranks, "hetlora_prune": True, "hetlora_prune_ratio": 0.5},
+        ),
+    )
+    yield "median", make_config(tmp / "k", robust={"aggregation": "median"})
+    yield "norm-bound", make_config(tmp / "l", robust={"update_norm_bound": 0.01})
 
 
 def clean(row):

@@ -68,7 +68,7 @@ def simulate(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedlora.rundir import RunDir
+    from fedlora.rundir import RunDir, round_line
     from fedlora.simulate import simulate as run
 
     cfg = _load(config, set_)
@@ -100,7 +100,7 @@ def simulate(
         task = progress.add_task("starting (Ray, model, data)", total=cfg.run.rounds)
 
         def on_round(row: dict) -> None:
-            progress.console.print("  " + _round_line(row))
+            progress.console.print("  " + round_line(row))
             progress.update(task, completed=row["round"], description=f"round {row['round']}/{cfg.run.rounds}")
 
         try:
@@ -174,26 +174,6 @@ def compare(
     typer.echo(f"results: {folder}")
 
 
-def _round_line(row: dict) -> str:
-    parts = [f"round {row['round']}"]
-    shown = {"server-accuracy": "acc", "personal-accuracy-mean": "personal acc", "personal-accuracy-worst": "worst"}
-    for key, label in {**shown, "server-loss": "loss", "server-perplexity": "ppl"}.items():
-        if row.get(key) is not None:
-            parts.append(f"{label} {row[key]:.3f}")
-    if row.get("clients-accepted") is not None:
-        parts.append(f"{row['clients-accepted']}/{row.get('clients-sampled')} clients")
-    if row.get("client-epsilon") is not None:
-        parts.append(f"eps {row['client-epsilon']:.2f}")
-    if row.get("dp-sgd-epsilon-max") is not None:
-        parts.append(f"dp-sgd eps {row['dp-sgd-epsilon-max']:.2f}")
-    if row.get("bytes-up-per-client"):
-        parts.append(f"up {row['bytes-up-per-client'] / 1e3:.1f} kB/client")
-    if row.get("rejected"):
-        parts.append(f"{len(row['rejected'])} rejected")
-    parts.append(f"{row['seconds']:.1f}s")
-    return " | ".join(parts)
-
-
 @cli.command()
 def server(
     config: Annotated[
@@ -220,7 +200,7 @@ def server(
     """Run a real federation: start a SuperLink and run fedlora's ServerApp on it (Flower deployment)."""
     from fedlora.deploy.prechecks import absolute_paths
     from fedlora.deploy.server import serve
-    from fedlora.rundir import RunDir
+    from fedlora.rundir import RunDir, round_line
 
     if resume is not None:
         if config is not None or set_:
@@ -246,7 +226,7 @@ def server(
             run_dir,
             resume=resume is not None,
             insecure=insecure,
-            on_round=lambda row: typer.echo("  " + _round_line(row), err=True),
+            on_round=lambda row: typer.echo("  " + round_line(row), err=True),
             say=lambda m: typer.echo(m, err=True),
         )
     except ConfigError as exc:

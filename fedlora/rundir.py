@@ -179,3 +179,24 @@ class RunDir:
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
+
+
+def round_line(row: dict) -> str:
+    """One console line of a round's metrics row: accuracy, loss, clients, epsilon, bytes, rejections, time."""
+    parts = [f"round {row['round']}"]
+    shown = {"server-accuracy": "acc", "personal-accuracy-mean": "personal acc", "personal-accuracy-worst": "worst"}
+    for key, label in {**shown, "server-loss": "loss", "server-perplexity": "ppl"}.items():
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.3f}")
+    if row.get("clients-accepted") is not None:
+        parts.append(f"{row['clients-accepted']}/{row.get('clients-sampled')} clients")
+    if row.get("client-epsilon") is not None:
+        parts.append(f"eps {row['client-epsilon']:.2f}")
+    if row.get("dp-sgd-epsilon-max") is not None:
+        parts.append(f"dp-sgd eps {row['dp-sgd-epsilon-max']:.2f}")
+    if row.get("bytes-up-per-client"):
+        parts.append(f"up {row['bytes-up-per-client'] / 1e3:.1f} kB/client")
+    if row.get("rejected"):
+        parts.append(f"{len(row['rejected'])} rejected")
+    parts.append(f"{row['seconds']:.1f}s")
+    return " | ".join(parts)
