@@ -223,7 +223,8 @@ class TaskLoraMixer:
 
     def routing(self) -> list[float]:
         """The mean attention (zero LoRA first, then each task's LoRA in task order) over every adapted
-        layer and token position (padding included) of the evaluation forwards since reset_routing()."""
+        layer and input (input keys) or token position, padding included (LoRA outputs), of the
+        evaluation forwards since reset_routing()."""
         if self.routing_sum is None or not self.routing_count:
             return []
         return [float(v) for v in self.routing_sum / self.routing_count]
