@@ -26,6 +26,7 @@ STANDALONE = [
     "amlora_routing",
     "attacks",
     "continual_orders",
+    "amlora_keys",
 ]
 
 
