@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from fedlora import codec
 from fedlora.extensions import ClientRound, Extension
+from fedlora.lora_math import prune_rank, prune_to_rank
+from fedlora.model import merge_delta_into_base
 from fedlora.protocol import BASE_PREFIX
 from fedlora.registry import policy_for, register_extension
 from fedlora.state import OWN_RANK
@@ -72,8 +74,6 @@ class MergedBase(Extension):
         return seed + server_round
 
     def after_load(self, model: torch.nn.Module, arrays: ArrayRecord, modules: list[str]) -> None:
-        from fedlora.model import merge_delta_into_base  # torch; this module is read on config load
-
         base = codec.decode(arrays, alpha=1.0, prefix=BASE_PREFIX, modules=modules)
         if base.modules:
             merge_delta_into_base(model, base)
@@ -93,8 +93,6 @@ class RankSelfPruning(Extension):
         return cfg.hetero.hetlora_prune and policy_for(cfg.federation.strategy).heterogeneous_ranks
 
     def reply_factors(self, client: ClientRound, factors: LoraFactors) -> LoraFactors:
-        from fedlora.lora_math import prune_rank, prune_to_rank  # torch; this module is read on config load
-
         if not factors.modules:
             return factors
         rank = next(iter(factors.modules.values())).rank
