@@ -153,9 +153,12 @@ REF_FILE = "fedlora-ref.txt"  # in a scratch folder: the commit its run mutated
 
 
 def record(entries: dict) -> None:
-    """Each module's entry in results/mutation.json replaced by ``entries``' (the others kept)."""
+    """Each module's entry in results/mutation.json replaced by ``entries``' (the others kept, but
+    for modules that are no longer mutation targets: moved or renamed, their score is history)."""
     current = json.loads(RESULT.read_text()) if RESULT.exists() else {"modules": {}}
-    current["modules"] = dict(sorted({**current["modules"], **entries}.items()))
+    targets = {t.removesuffix(".py").replace("/", ".") for t in TARGETS}
+    merged = {**current["modules"], **entries}
+    current["modules"] = dict(sorted((k, v) for k, v in merged.items() if k in targets))
     RESULT.write_text(json.dumps(current, indent=1) + "\n")
 
 
