@@ -544,3 +544,18 @@ def test_the_dense_product_sum_is_the_exact_svd_of_the_sum_in_any_order(ranks, r
     assert next(iter(full.modules.values())).rank == min(sum(ranks), 10)  # rank sum, or the width (in = 10)
     for n in full.modules:
         torch.testing.assert_close(_dense(full)[n], _dense(stack)[n], rtol=1e-5, atol=1e-5)
+
+
+def test_the_share_cap_checks_an_update_as_the_fold_it_wraps_and_reads_through_to_it():
+    """ShareCapped.check is its inner fold's (a misfit is refused before anything is held), its
+    attributes read through to the inner fold, and one read before the inner fold exists is an
+    AttributeError, not an endless recursion."""
+    capped = ShareCapped(WeightedMean(), 0.5)
+    capped.add(_update(0), 1.0)
+    capped.check(_update(1))  # the same shapes fit
+    with pytest.raises(ValueError):
+        capped.check(_update(2, rank=3))
+    inner = ZeroPaddedMean(max_rank=8, min_rank=2)
+    assert ShareCapped(inner, 0.5).covered == 0 and ShareCapped(inner, 0.5).min_rank == 2
+    with pytest.raises(AttributeError):
+        object.__new__(ShareCapped).inner  # noqa: B018
