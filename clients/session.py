@@ -30,7 +30,7 @@ from fedlora.model import (
     set_trainable,
 )
 from fedlora.partitions import ClientData, client_data, local_client_data
-from fedlora.protocol import NodeProfile
+from fedlora.protocol import NodeProfile, partition_client_id
 from fedlora.registry import extensions_for, policy_for
 from fedlora.sharing import SharingPolicy
 from fedlora.state import OWN_RANK, ClientStateStore, atomic_write_bytes
@@ -165,7 +165,7 @@ class ClientSession:
                 partition,
                 cfg.federation.num_clients,
             )
-        client_id = str(nc.get("client-id", "") or f"client-{partition:05d}")
+        client_id = str(nc.get("client-id", "") or partition_client_id(partition))
         store_root = (
             str(nc.get("state-dir", "")) or cfg.simulation.state_dir or str(Path.home() / ".fedlora" / "client_state")
         )

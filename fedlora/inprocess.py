@@ -29,6 +29,11 @@ from flwr.serverapp import Grid
 FIRST_NODE_ID = 1001  # node ids of an in-process federation: FIRST_NODE_ID + partition id
 
 
+def node_partitions(num_nodes: int) -> dict[int, int]:
+    """Node id -> partition id of an in-process federation of ``num_nodes``."""
+    return {FIRST_NODE_ID + i: i for i in range(num_nodes)}
+
+
 class InProcessGrid(Grid):
     """``num_nodes`` nodes, node ``FIRST_NODE_ID + i`` holding partition ``i``, each running
     ``client_app`` (a ``flwr.clientapp.ClientApp``) on the messages sent to it."""
@@ -39,14 +44,14 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         self.contexts = {
-            FIRST_NODE_ID + i: Context(
+            node: Context(
                 run_id=run_id,
-                node_id=FIRST_NODE_ID + i,
+                node_id=node,
                 node_config={"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config={},
             )
-            for i in range(num_nodes)
+            for node, i in node_partitions(num_nodes).items()
         }
         self.replies: dict[str, Message] = {}
         self.pull_interval = 0.0  # every reply exists once its message is pushed

@@ -42,3 +42,8 @@ class NodeProfile:
     @classmethod
     def from_record(cls, rec: dict) -> NodeProfile:
         return cls(**{k: rec[k] for k in cls.__dataclass_fields__})  # type: ignore[attr-defined]
+
+
+def partition_client_id(partition: int) -> str:
+    """The client id of a node that is given only its partition (a simulation's virtual clients)."""
+    return f"client-{partition:05d}"

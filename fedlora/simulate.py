@@ -5,12 +5,52 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from fedlora.config import FedLoraConfig
 from fedlora.env import apply_defaults
 from fedlora.privacy.accounting import check_targets
 from fedlora.rundir import RunDir
+
+
+class PartitionNames:
+    """A simulation's node -> client id binding: a virtual client's id is its partition's
+    (:func:`fedlora.protocol.partition_client_id`), the partition the engine gave its node, whatever
+    id its profile declares (the strategy flags a different one and uses this). ``partitions``: node
+    id -> partition id, filled by the engine's own node registration."""
+
+    binding = "the simulation engine gave it the partition whose client id is"
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, int] = {}
+
+    def __call__(self, node: int) -> str | None:
+        from fedlora.protocol import partition_client_id
+
+        partition = self.partitions.get(node)
+        return None if partition is None else partition_client_id(partition)
+
+
+@contextmanager
+def _recording_partitions(names: PartitionNames) -> Iterator[None]:
+    """Flower's simulation engine registers its nodes (random ids) and maps each to a partition in
+    ``vce_api._register_nodes``, which the ServerApp cannot see; record that mapping as it is made.
+    A Flower without that function fails here, loudly, rather than running with ids unbound."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api._register_nodes
+
+    def register(num_nodes, state_factory):
+        mapping = original(num_nodes, state_factory)
+        names.partitions.update(mapping)
+        return mapping
+
+    vce_api._register_nodes = register
+    try:
+        yield
+    finally:
+        vce_api._register_nodes = original
 
 
 def simulate(
@@ -64,14 +104,16 @@ def simulate(
     check_device(cfg, pick_device(cfg.train.device))  # e.g. a quantized base on a machine without CUDA
 
     server_app = ServerApp()
+    names = PartitionNames()  # ids bound to nodes, as enrolled keys bind them in a deployment
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(wrap_grid(grid) if wrap_grid else grid, cfg, run_dir, on_round=on_round)
+        run_server(wrap_grid(grid) if wrap_grid else grid, cfg, run_dir, on_round=on_round, node_names=names)
 
     if engine == "inprocess":
-        from fedlora.inprocess import run_in_process
+        from fedlora.inprocess import node_partitions, run_in_process
 
+        names.partitions.update(node_partitions(cfg.federation.num_clients))
         run_in_process(server_app, client_app, cfg.federation.num_clients)
         if not (run_dir.path / "summary.json").exists():
             raise RuntimeError(f"the in-process run ended without finishing its rounds; see {run_dir.path}")
@@ -93,7 +135,7 @@ def simulate(
         },
         "init_args": init_args,
     }
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _recording_partitions(names):
         warnings.simplefilter("ignore")  # run_simulation's deprecation notice; the engine is the same
         run_simulation(
             server_app=server_app,

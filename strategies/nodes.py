@@ -67,17 +67,17 @@ class NodeSetup:
         f = check_profile_fields(record, max_rank=10**6)
         rank, cid = f["rank"], f["client_id"]
         if self.node_names is not None:
-            # Identity is the authenticated key: the client id is the name bound to it at enrolment, so
+            # Identity is what the runtime knows of the node, not what it declares: in a deployment the
+            # name bound to its authenticated key at enrolment, in a simulation its partition's id. So
             # a node cannot take another's id by declaring it first.
             bound = self.node_names(node)
+            how = getattr(self.node_names, "binding", "its key is enrolled as")
             if not bound:
                 raise RejectedReply(
-                    f"node {node} (declaring client id {cid!r}) has no name bound to its key at enrolment"
+                    f"node {node} (declaring client id {cid!r}) has no client id bound to it ({how} none)"
                 )
             if bound != cid:
-                rl.flagged.append(
-                    f"node {node} declares client id {cid!r}; its key is enrolled as {bound!r}, which is its client id"
-                )
+                rl.flagged.append(f"node {node} declares client id {cid!r}; {how} {bound!r}, which is its client id")
             cid = bound
         if self.sharing_policy.heterogeneous_ranks:
             if rank > self.max_rank:

@@ -106,13 +106,19 @@ def test_lying_profiles_drop_the_node_not_the_run(tmp_path, shared_data):
     text = _text(rows)
     assert "rank 8 contradicts the run: fedit trains every client at rank 4" in text
     assert "rank='4' is not a number" in text
-    assert "client id 'client-00000' is already held by node" in text
     flagged = _text(rows, "flagged")
+    # Partition 3 declares partition 0's id: the simulation binds each node to its partition's id,
+    # so it is named and trains as itself, and client-00000 is never locked out.
+    assert (
+        "declares client id 'client-00000'; the simulation engine gave it the partition whose client id is "
+        "'client-00003', which is its client id" in flagged
+    )
     assert "client-00004" in flagged and "capped at federation.max_declared_examples (1000)" in flagged
     assert "client-00005" in flagged and "declared alpha nan ignored" in flagged
     assert "client-00006" in flagged and "declared alpha 1000000.0 ignored" in flagged
-    # 0, 4, 5, 6 train (4's claimed 1000 examples are capped to 40% of the weight), and 3 of 7 are out
-    assert all(r["clients-accepted"] == 4 for r in rows[1:]), [r["clients-accepted"] for r in rows]
+    # 0, 3, 4, 5, 6 train (4's claimed 1000 examples are capped to 40% of the weight), and 2 of 7 are out
+    assert all(r["clients-accepted"] == 5 for r in rows[1:]), [r["clients-accepted"] for r in rows]
+    assert {c["client-id"] for c in rows[-1]["clients"]} >= {"client-00000", "client-00003"}
     assert _all_finite(_adapter(run_dir))
 
 
@@ -212,8 +218,12 @@ def test_crashes_and_stragglers_are_named_and_too_few_replies_skip_the_round(tmp
             "evaluate_every": 5,
         },
     )
-    run_dir, rows = _run(cfg, {1: "crash", 2: "slow"}, engine="ray")
+    # Partition 1 also declares partition 0's id: Flower's engine gives its nodes random ids, and the
+    # run binds each to its partition's client id all the same, so it is named (and crashes) as itself.
+    run_dir, rows = _run(cfg, {1: {"crash", "profile-dup-id"}, 2: "slow"}, engine="ray")
     r1, r2 = rows[1], rows[2]
+    flagged = [x for r in rows for x in r.get("flagged") or []]
+    assert any("declares client id 'client-00000'" in x and "'client-00001'" in x for x in flagged), flagged
     line = next(x for x in r1["rejected"] if "client-00001" in x)
     assert line.endswith("failed: ValueError: disk on fire") or "disk on fire" in line
     assert "\n" not in line and len(line) < 300
