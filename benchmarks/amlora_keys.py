@@ -22,7 +22,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from benchmarks.common import RESULTS, ROOT, setup_env, write
+from benchmarks.common import RESULTS, continual_arm, setup_env, write
 
 if TYPE_CHECKING:
     import torch
@@ -47,13 +47,11 @@ def run(clients: int) -> dict:
     import torch
     from transformers import AutoModel
 
-    from fedlora.compare import comparison_cells
     from fedlora.continual import tasks as ctasks
     from fedlora.continual.routing import key_scores, moments
     from fedlora.model_sources import resolve_model_path
 
-    _, _, cells, _ = comparison_cells(ROOT / "simulations" / "compare_continual.toml", None, [])
-    cfg = next(c for c in cells if c["arm"] == "am-lora")["config"]
+    cfg = continual_arm("am-lora", [])
     names = cfg.continual.task_names()
     model = AutoModel.from_pretrained(resolve_model_path(cfg.model.name, cfg.model.cache_dir)).eval()
     train = [

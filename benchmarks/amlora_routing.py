@@ -17,7 +17,7 @@ import argparse
 import json
 import shutil
 
-from benchmarks.common import RESULTS, ROOT, machine, setup_env
+from benchmarks.common import RESULTS, continual_arm, machine, setup_env
 
 POINTS = {  # per router, the overrides of the comparison's chosen point
     "lora-outputs": ["continual.amlora_selector_lr=0.05", "train.learning_rate=0.001"],
@@ -26,13 +26,10 @@ POINTS = {  # per router, the overrides of the comparison's chosen point
 
 
 def run(router: str, extra: list[str]) -> dict:
-    from fedlora.compare import comparison_cells
     from fedlora.simulate import simulate
 
     point = [f"continual.amlora_router={router}", *POINTS[router], *extra]
-    _, _, cells, _ = comparison_cells(ROOT / "simulations" / "compare_continual.toml", None, point)
-    cell = next(c for c in cells if c["arm"] == "am-lora")  # every grid point is overridden by ``point``
-    run_dir = simulate(cell["config"])
+    run_dir = simulate(continual_arm("am-lora", point))
     summary = json.loads((run_dir.path / "summary.json").read_text())["continual"]
     out = RESULTS / "amlora-routing"
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,15 @@ def setup_env() -> None:
     os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlora-bench-flwr-"))
 
 
+def continual_arm(arm: str, overrides: list[str], out: Path | None = None):
+    """The run config of ``arm`` of ``simulations/compare_continual.toml`` with ``overrides`` applied
+    after its grid point (so they replace it; runs under ``out``/runs, default runs/compare-continual)."""
+    from fedlora.compare import comparison_cells
+
+    _, _, cells, _ = comparison_cells(ROOT / "simulations" / "compare_continual.toml", out, overrides)
+    return next(c for c in cells if c["arm"] == arm)["config"]
+
+
 def machine() -> dict:
     import torch
 

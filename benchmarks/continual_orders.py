@@ -23,14 +23,13 @@ import json
 import statistics
 import time
 
-from benchmarks.common import RESULTS, ROOT, machine, setup_env
+from benchmarks.common import RESULTS, ROOT, continual_arm, machine, setup_env
 
 ORDERS = {
     1: ["dbpedia", "amazon", "yelp", "agnews"],
     2: ["dbpedia", "amazon", "agnews", "yelp"],
     3: ["yelp", "amazon", "agnews", "dbpedia"],
 }
-FILE = ROOT / "simulations" / "compare_continual.toml"
 ORDER_ONE = RESULTS / "compare-continual" / "table.json"
 OUT = RESULTS / "continual-orders"
 FIGURES = ("average-accuracy", "bwt", "task-aware-average-accuracy")
@@ -58,15 +57,12 @@ def order_one_rows() -> list[dict]:
 
 
 def run_one(order: int, arm: str, point: list[str]) -> dict:
-    from fedlora.compare import comparison_cells
     from fedlora.simulate import simulate
 
-    extra = [f"continual.order={json.dumps(ORDERS[order])}", *point]
-    _, _, cells, _ = comparison_cells(FILE, OUT / "runs", extra)
-    cell = next(c for c in cells if c["arm"] == arm)  # every grid point is overridden by ``point``
-    assert cell["config"].continual.task_names() == ORDERS[order]
+    cfg = continual_arm(arm, [f"continual.order={json.dumps(ORDERS[order])}", *point], OUT)
+    assert cfg.continual.task_names() == ORDERS[order]
     t0 = time.perf_counter()
-    run_dir = simulate(cell["config"], engine="inprocess")
+    run_dir = simulate(cfg, engine="inprocess")
     s = json.loads((run_dir.path / "summary.json").read_text())["continual"]
     return {
         "order": order,

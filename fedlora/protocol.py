@@ -14,6 +14,7 @@ Message content keys (constructor arguments of the strategies, defaults here):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -42,6 +43,16 @@ class NodeProfile:
     @classmethod
     def from_record(cls, rec: dict) -> NodeProfile:
         return cls(**{k: rec[k] for k in cls.__dataclass_fields__})  # type: ignore[attr-defined]
+
+
+class NodeNames(Protocol):
+    """The client id the runtime binds to a node (None: none bound), whatever id the node declares:
+    a deployment's enrolled keys (:class:`fedlora.deploy.control.EnrolledNodes`), a simulation's
+    partitions (:class:`fedlora.simulate.PartitionNames`)."""
+
+    binding: str  # how the id is bound, as a log line says it: "<binding> '<client id>'"
+
+    def __call__(self, node: int) -> str | None: ...
 
 
 def partition_client_id(partition: int) -> str:

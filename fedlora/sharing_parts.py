@@ -45,6 +45,10 @@ class PrivateParts(Extension):
     name = "private-parts"
     order = 1
 
+    def __init__(self, cfg: FedLoraConfig) -> None:
+        super().__init__(cfg)
+        self.private = policy_for(cfg.federation.strategy).private
+
     @classmethod
     def applies(cls, cfg: FedLoraConfig) -> bool:
         return bool(policy_for(cfg.federation.strategy).private)
@@ -53,10 +57,10 @@ class PrivateParts(Extension):
         kept = store.load(client_id, PRIVATE)
         if kept is None:  # its first round: the seed-built parts
             return start
-        return start.merged_with(kept.select(policy_for(self.cfg.federation.strategy).private))
+        return start.merged_with(kept.select(self.private))
 
     def keep_own(self, client_id: str, store: ClientStateStore, trained: LoraFactors) -> None:
-        store.save(client_id, PRIVATE, trained.select(policy_for(self.cfg.federation.strategy).private))
+        store.save(client_id, PRIVATE, trained.select(self.private))
 
 
 @register_extension

@@ -26,6 +26,7 @@ from fedlora import codec
 from fedlora.aggregation.streaming import StreamingGrid, replies_per_pull
 from fedlora.config import FedLoraConfig
 from fedlora.lora_math import to_effective
+from fedlora.protocol import NodeNames
 from fedlora.registry import extensions_for, get_strategy
 from fedlora.rundir import RunDir, atomic_write
 from fedlora.server.evaluation import ServerEvaluation
@@ -42,7 +43,7 @@ def run_server(
     run_dir: RunDir | None = None,
     on_round: Callable[[dict], None] | None = None,
     resume: bool = False,
-    node_names: Callable[[int], str | None] | None = None,
+    node_names: NodeNames | None = None,
 ) -> Result:
     """Run a whole federation on ``grid``; write metrics/adapters to ``run_dir`` if given.
 

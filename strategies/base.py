@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -50,7 +50,7 @@ from fedlora.config import FedLoraConfig
 from fedlora.extensions import Extension, ReplyStage, RoundRelease, first_answer
 from fedlora.factors import LoraFactors
 from fedlora.lora_math import to_client, to_effective
-from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, NodeProfile
+from fedlora.protocol import ARRAYS, BASE_PREFIX, CONFIG, METRICS, NodeNames, NodeProfile
 from fedlora.registry import extensions_for
 from fedlora.sharing import SharingPolicy
 from fedlora.strategies.evaluation import FederatedEvaluation
@@ -94,7 +94,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         self.refused: dict[int, str] = {}  # node id -> why its setup was refused (it is never sampled again)
         # Deployment with node authentication: node id -> the name its key was enrolled under (None in a
         # simulation). A node's client id is that name, never what it declares (see accept_profile).
-        self.node_names: Callable[[int], str | None] | None = None
+        self.node_names: NodeNames | None = None
         self._outliers: set[int] = set()  # nodes already flagged for an outsized declared data size
         self.global_eff: LoraFactors = LoraFactors()
         self.rounds: dict[int, RoundLog] = {}

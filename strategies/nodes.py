@@ -71,7 +71,7 @@ class NodeSetup:
             # name bound to its authenticated key at enrolment, in a simulation its partition's id. So
             # a node cannot take another's id by declaring it first.
             bound = self.node_names(node)
-            how = getattr(self.node_names, "binding", "its key is enrolled as")
+            how = self.node_names.binding
             if not bound:
                 raise RejectedReply(
                     f"node {node} (declaring client id {cid!r}) has no client id bound to it ({how} none)"

@@ -66,17 +66,17 @@ class AmLoraTraining(TrainingHook):
 
     def begin(self, ctx: TrainContext) -> None:
         sel = self.mixer.selector
-        stats = {id(p) for p in getattr(sel, "statistics", list)()}
+        if sel is None:
+            return
+        stats = {id(p) for p in sel.statistics()}
         if stats:
             self.mixer.reset_keys()
             for p in sel.statistics():
                 p.requires_grad_(False)
             ctx.params = [p for p in ctx.params if id(p) not in stats]
-            if not self.selector_lr:
-                ctx.optimizer = make_optimizer(ctx.params, ctx.tc)
-        if not self.selector_lr or sel is None:
+        elif not self.selector_lr:
             return
-        own = {id(p) for p in sel.parameters()}
+        own = {id(p) for p in sel.parameters()} if self.selector_lr else set()
         groups = [
             {"params": [p for p in ctx.params if id(p) not in own]},
             {"params": [p for p in ctx.params if id(p) in own], "lr": self.selector_lr},

@@ -54,6 +54,9 @@ class AttentionSelector(torch.nn.Module):
             self.weight[key] = torch.nn.Parameter(torch.zeros(num_tasks, out))
             self.bias[key] = torch.nn.Parameter(torch.zeros(num_tasks + 1))
 
+    def statistics(self) -> list[torch.nn.Parameter]:
+        return []  # every part of this router trains
+
 
 class KeySelector(torch.nn.Module):
     """Router ``input-keys``. Per adapted module: the zero LoRA's logit (trained) and, per task slot,

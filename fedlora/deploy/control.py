@@ -62,6 +62,8 @@ class EnrolledNodes:
     id in the run, is its key file's name (``node-3.pub`` is ``node-3``); any other node is refused,
     and logged once with its key's fingerprint, whoever registered it and however."""
 
+    binding = "its key is enrolled as"
+
     def __init__(self, home: Path, keys: list[Path]) -> None:
         from cryptography.hazmat.primitives import serialization
 
