@@ -38,35 +38,57 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, setup_env, write
 
-FLIP = 3.5  # under relative_norm_bound 4
-SIZE = 9.5  # under max_weight_factor 10
+AT_BOUND = 0.95  # an attacker scales its lie to this share of the default bound it hides under
 
 CELLS = {
+    # Every setting at its default.
     "honest": {},
+    "honest-iid": {},
+    "honest previous-defaults": {},
     "flip-1": {3: "flip"},
+    "size-1": {3: "size"},
+    "flip+size-1": {3: "flip+size"},
+    "silent-1": {3: "silent"},
+    "absent-1": {3: "absent"},
     "flip-3-colluders": {1: "flip", 4: "flip", 7: "flip"},
     "flip-1e6-4-first": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
-    "flip+size-1": {3: "flip+size"},
-    "size-1": {3: "size"},
-    "honest-iid": {},
-    # The opt-in defences against one flipped client, and what each costs an honest run.
-    "flip-1 min_cosine=0": {3: "flip"},
-    "honest min_cosine=0": {},
+    # The opt-in defences, against a flipped client or the colluders, and what one costs an honest run.
     "flip-1 median": {3: "flip"},
     "flip-1 max_client_share=0.2": {3: "flip"},
+    "flip-3-colluders median": {1: "flip", 4: "flip", 7: "flip"},
+    "honest median": {},
+    "honest dp": {},
+    "flip-1 dp": {3: "flip"},
+    "flip-1 min_cosine=0": {3: "flip"},
 }
+# Client-level DP as a defence: its clip (adaptive, at the median norm) bounds every client equally
+# and its mean is unweighted; z = 0.01 keeps the task learnable, so the epsilon it spends protects
+# nothing (the run reports it): this cell measures the clip, not a privacy setting.
+DP = ["privacy.client_dp=true", 'privacy.client_clipping="adaptive"', "privacy.client_noise_multiplier=0.01"]
 OVERRIDES = {
     "honest-iid": ['data.partitioner="iid"'],
+    # The defaults before this benchmark's defaults: a 4x plain-norm bound, a 10x weight cap.
+    "honest previous-defaults": [
+        "robust.relative_norm_bound=4",
+        "robust.norm_size_power=0",
+        "robust.weight_from_norm=false",
+        "robust.max_weight_factor=10",
+    ],
     "flip-1 min_cosine=0": ["robust.min_cosine=0"],
-    "honest min_cosine=0": ["robust.min_cosine=0"],
     "flip-1 median": ['robust.aggregation="median"'],
+    "flip-3-colluders median": ['robust.aggregation="median"'],
+    "honest median": ['robust.aggregation="median"'],
     "flip-1 max_client_share=0.2": ["robust.max_client_share=0.2"],
+    "honest dp": DP,
+    "flip-1 dp": DP,
 }
 
 
-def attack_app(bad: dict[int, str], declared: int):
+def attack_app(bad: dict[int, str], declared: int, flip: float, power: float):
     """fedlora's ClientApp with partition p rewritten as ``bad[p]`` says; ``declared``: the size a
-    'size' attacker claims."""
+    'size' attacker claims; ``flip``: the factor a 'flip' attacker scales its own change by (negated);
+    a 'flip+size' attacker scales it further by (declared / trained)^``power``, the room
+    ``robust.norm_size_power`` gives the size it claims."""
     import torch
     from flwr.app import Message
     from flwr.clientapp import ClientApp
@@ -92,14 +114,18 @@ def attack_app(bad: dict[int, str], declared: int):
 
     @app.train()
     def t(msg: Message, context):
-        reply = real(msg, context)
         k = kind(context)
+        if k == "absent":  # never replies: what a perfect detector that left it out would give
+            raise RuntimeError("this client does not train")
+        reply = real(msg, context)
         if not k or reply.has_error():
             return reply
         arrays = reply.content["arrays"]
+        trained = int(reply.content["metrics"]["num-examples"])
         if "size" in k:
             reply.content["metrics"]["num-examples"] = declared
-        scale = {"flip": -FLIP, "flip+size": -FLIP, "flip-1e6": -1e6}.get(k)
+        room = (declared / trained) ** power if k == "flip+size" else 1.0
+        scale = {"flip": -flip, "flip+size": -flip * room, "flip-1e6": -1e6, "silent": 0.0}.get(k)
         if scale is not None:
             for key in list(arrays.keys()):
                 if key in msg.content["arrays"].keys():
@@ -118,16 +144,28 @@ def median_declared(cfg) -> int:
     return sizes[len(sizes) // 2]
 
 
-def one_run(cell: str, seed: int, out: Path) -> dict:
+def lies(cfg) -> tuple[float, float]:
+    """(flip, size): the factors an attacker inside the run's bounds uses: its own change scaled by
+    AT_BOUND x ``robust.relative_norm_bound`` (assuming its own size-normalised norm is the round's
+    median, as an honest client's is to within about 20%), and AT_BOUND x ``robust.max_weight_factor``
+    times the median declared size."""
+    r = cfg.robust
+    flip = AT_BOUND * r.relative_norm_bound if r.relative_norm_bound else 3.5
+    size = AT_BOUND * r.max_weight_factor if r.max_weight_factor else 9.5
+    return flip, size
+
+
+def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
     from fedlora.config import FedLoraConfig
     from fedlora.simulate import simulate
 
-    sets = [f"run.seed={seed}", f'run.output_dir="{out}"'] + OVERRIDES.get(cell, [])
+    sets = [f"run.seed={seed}", f'run.output_dir="{out}"'] + extra + OVERRIDES.get(cell, [])
     cfg = FedLoraConfig.load(None, sets)
     bad = CELLS[cell]
-    declared = int(SIZE * median_declared(cfg)) if any("size" in k for k in bad.values()) else 0
+    flip, size = lies(cfg)
+    declared = int(size * median_declared(cfg)) if any("size" in k for k in bad.values()) else 0
     t0 = time.perf_counter()
-    run_dir = simulate(cfg, client_app=attack_app(bad, declared), engine="inprocess")
+    run_dir = simulate(cfg, client_app=attack_app(bad, declared, flip, cfg.robust.norm_size_power), engine="inprocess")
     rows = run_dir.read_metrics()
     attackers = {f"client-{p:05d}" for p in bad}
     named: list[str] = []
@@ -141,13 +179,20 @@ def one_run(cell: str, seed: int, out: Path) -> dict:
         "seed": seed,
         "attackers": sorted(attackers),
         "declared_by_size_attackers": declared,
+        "flip_factor": flip,
         "accuracy": last["server-accuracy"],
         "loss": last["server-loss"],
         "round1_loss": next(r["server-loss"] for r in rows if r["round"] == 1),
+        "losses": [r["server-loss"] for r in rows if "server-loss" in r and r["round"] >= 1],
         "named": named,
         "honest_named": sorted(ids - attackers),
         "attackers_named": sorted(ids & attackers),
         "unnamed_lines": [x for x in named if not re.search(r"client-\d{5}", x)],
+        "dp_clip_counts": [  # under client-level DP: how many the clip cut, how many far beyond it, epsilon
+            {"round": r["round"], **{k: v for k, v in r.items() if "clip" in k or "epsilon" in k}}
+            for r in rows
+            if any("clients-clipped" in k for k in r)
+        ],
         "seconds": time.perf_counter() - t0,
         "run_dir": str(run_dir.path),
     }
@@ -177,13 +222,57 @@ def summarise(runs: list[dict]) -> dict:
         if "flip-1e6-4-first" in out:
             honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
             out["flip-1e6-4-first"]["max_loss_over_honest_round1"] = (
-                max(max(r["loss"], r["round1_loss"]) for r in runs if r["cell"] == "flip-1e6-4-first") / honest_r1
+                max(
+                    max(r.get("losses") or [r["loss"], r["round1_loss"]])
+                    for r in runs
+                    if r["cell"] == "flip-1e6-4-first"
+                )
+                / honest_r1
             )
+        out["criteria"] = criteria(out)
     return out
 
 
-def run(cells: list[str], seeds: list[int]) -> dict:
-    path = RESULTS / "attacks.json"
+def criteria(out: dict) -> dict:
+    """The issue's figures, each as (measured, wanted, met) where its cells ran."""
+    got: dict = {}
+
+    def check(name: str, cell: str, key: str, ok) -> None:
+        if cell in out and key in out[cell]:
+            v = out[cell][key]
+            got[name] = {"cell": cell, key: v, "met": bool(ok(v))}
+
+    for cell in ("flip-1", "size-1", "flip+size-1"):
+        check(f"one attacker within 5 points ({cell})", cell, "accuracy_vs_honest", lambda v: v >= -0.05)
+    check("three colluders within 10 points (defaults)", "flip-3-colluders", "accuracy_vs_honest", lambda v: v >= -0.10)
+    check(
+        "three colluders within 10 points (coordinate median)",
+        "flip-3-colluders median",
+        "accuracy_vs_honest",
+        lambda v: v >= -0.10,
+    )
+    check(
+        "four first-arriving: loss never above 1.1x the honest round-1 loss",
+        "flip-1e6-4-first",
+        "max_loss_over_honest_round1",
+        lambda v: v <= 1.1,
+    )
+    check(
+        "honest run loses at most 1 point against the previous defaults",
+        "honest previous-defaults",
+        "accuracy_vs_honest",
+        lambda v: v <= 0.01,
+    )
+    for cell in ("honest", "honest-iid"):
+        check(f"no honest client named ({cell})", cell, "honest_named", lambda v: not v)
+    return got
+
+
+def run(cells: list[str], seeds: list[int], extra: list[str] | None = None, name: str = "attacks") -> dict:
+    """Every (cell, seed) not yet in benchmarks/results/<name>.json, with ``extra`` config overrides
+    on every run (a defence tried against every attack)."""
+    extra = list(extra or [])
+    path = RESULTS / f"{name}.json"
     runs = [r for r in json.loads(path.read_text()).get("runs", []) if r["cell"] in cells] if path.exists() else []
     done = {(r["cell"], r["seed"]) for r in runs}
     work = Path(tempfile.mkdtemp(prefix="fedlora-attacks-"))
@@ -191,7 +280,7 @@ def run(cells: list[str], seeds: list[int]) -> dict:
         for cell in cells:
             if (cell, seed) in done:
                 continue
-            r = one_run(cell, seed, work / f"{cell}-{seed}")
+            r = one_run(cell, seed, work / f"{cell}-{seed}", extra)
             runs.append(r)
             print(
                 f"[attacks] {cell} seed {seed}: accuracy {r['accuracy']:.3f} loss {r['loss']:.3f} "
@@ -200,29 +289,28 @@ def run(cells: list[str], seeds: list[int]) -> dict:
                 flush=True,
             )
             write(
-                "attacks",
+                name,
                 {
                     "task": "fedlora simulate's embedded default (MiniLM, fortunes, 10 clients, "
                     "Dirichlet 0.5, FedIT, 3 rounds); in-process engine",
-                    "flip_factor": FLIP,
-                    "size_factor": SIZE,
+                    "overrides": extra,
                     "cells": {c: CELLS[c] for c in cells},
                     "runs": runs,
                     "summary": summarise(runs),
                 },
             )
     summary = summarise(runs)
-    _plot(summary)
+    _plot(summary, name)
     return summary
 
 
-def _plot(summary: dict) -> None:
+def _plot(summary: dict, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = list(summary)
+    cells = [c for c in summary if c != "criteria"]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     ax.bar(
         range(len(cells)),
@@ -237,7 +325,7 @@ def _plot(summary: dict) -> None:
     ax.set_ylabel("final server accuracy (mean, bar: spread / 2)")
     ax.set_title("attacks inside the default bounds, default settings")
     fig.tight_layout()
-    fig.savefig(RESULTS / "attacks.png", dpi=100)
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
     plt.close(fig)
 
 
@@ -246,5 +334,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default=",".join(CELLS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], help="a config override on every run (repeatable)")
+    ap.add_argument("--name", default="attacks", help="results file: benchmarks/results/<name>.json and .png")
     a = ap.parse_args()
-    print(json.dumps(run(a.cells.split(","), [42 + i for i in range(a.seeds)]), indent=2))
+    summary = run(a.cells.split(","), [42 + i for i in range(a.seeds)], a.set, a.name)
+    print(json.dumps(summary, indent=2))

@@ -175,9 +175,9 @@ def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(
     """The default relative norm bound: one client sending x1e6 its factors, or its start plus 1e6
     times its own change, among three honest ones, leaves the global adapter's norm within 2x the
     honest run's (the same federation with that client's reply never arriving) and its change
-    within 2.5x, and is named. The bound lets the one client send 4x the round's median change in
-    its own direction ("boost": its honest direction), so an aligned round moves up to (3 + 4) / 4
-    of an honest one's mean, and the rounds compound."""
+    within 2.5x, and is named. The bound lets the one client send 1.5x the round's median change
+    for its size in its own direction ("boost": its honest direction), so an aligned round moves up
+    to (3 + 1.5) / 4 of an honest one's mean, and the rounds compound."""
     ref = _adapter(honest_only)
     ref_norm = float(torch.cat([t.flatten().double() for _, t in sorted(ref.items())]).norm())
     for attack in ("scale-1e6", "boost"):

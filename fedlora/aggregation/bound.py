@@ -76,27 +76,42 @@ class WeightCap:
 class MedianBounds:
     """What the round's own medians allow each accepted reply, whatever order the replies arrive in.
 
-    * ``robust.relative_norm_bound`` (on by default): no update's norm may exceed that many times
-      the median update norm of the round's replies; above it the update is clipped onto it (or
-      rejected, ``robust.norm_action``) and the client named. It needs no absolute figure, so it
-      suits any model and learning rate; an honest client in an honest round is far below it.
+    Every bound here compares a reply's *size-normalised norm*: its update norm (its change from
+    what it started the round with, effective form, shared parts) divided by n^p, n its aggregation
+    weight (example count, after ``robust.max_weight_factor``) and p ``robust.norm_size_power``.
+    Honest clients that train with AdamW at a fixed learning rate move about as far as the square
+    root of their local steps, so on the default task their ratios to the round's median lie within
+    0.87-1.29 (``benchmarks/attacks.py``, three seeds, IID and Dirichlet 0.5), while their plain
+    norms spread over 0.47-2.22x the median: the normalised figure lets the bound sit close above the
+    honest clients without naming the large ones.
+
+    * ``robust.relative_norm_bound`` (on by default, 1.5): no reply's normalised norm may exceed
+      that many times the round's median; above it the update is clipped onto it (or rejected,
+      ``robust.norm_action``) and the client named. It needs no absolute figure, so it suits any
+      model and learning rate. A reply over n examples thus moves the global adapter by at most
+      1.5 x the median's step for n examples: a boosted or sign-flipped update is held to about its
+      honest size.
+    * ``robust.weight_from_norm`` (on by default): a reply's weight is at most the example count its
+      norm supports: below 1 / relative_norm_bound of the median ratio, the weight is cut to
+      n x (ratio x bound)^(1/p) and the client named. A client that declares more examples than it
+      trained on, or sends back (nearly) what it was given, cannot buy weight with the claim.
     * ``robust.min_cosine`` (opt-in; -1, off, by default): an update whose cosine similarity with
       the coordinate-wise median of the round's (norm-bounded) updates is below it is left out of
       the fold and the client named. The median moves only if half the clients move it, so an
       update that points away from the honest majority's is cut. On the default task honest updates
       are nearly orthogonal to that median in factor space, so a sign-flipped one is only sometimes
-      below 0 there (``benchmarks/attacks.py``): not a default yet.
+      below 0 there (``benchmarks/attacks.py``): not a default.
 
-    Both need the whole round, so every reply's norm (a scalar) is kept and the replies with the
-    largest norms are held back while they fit ``robust.held_back_mb`` (at least one); a reply
+    All need the whole round, so every reply's normalised norm (a scalar) is kept and the replies
+    with the largest are held back while they fit ``robust.held_back_mb`` (at least one); a reply
     leaves the held set, to be folded, only when a larger one takes its place. When the replies
-    end, the median of all the norms sets the norm bound and the held replies are bounded by it: so
-    every reply above it is bounded in any arrival order as long as the held set is at least as
-    large as the number above it (a reply above it could only have been folded if that many larger
-    ones were held); if more exceed it, the round names how many were folded unbounded. The
-    direction check runs when the whole round was held (a small model's round: MiniLM replies,
-    hundreds), at least 3 replies (a majority to define a direction) and single-rank updates;
-    otherwise, past the budget or with mixed ranks, the round log says it did not.
+    end, the median of all of them sets the bounds and the held replies are bounded by it: so every
+    reply above the norm bound is bounded in any arrival order as long as the held set is at least
+    as large as the number above it; if more exceed it, the round names how many were folded
+    unbounded. The weight check reaches the held replies (all of a MiniLM-sized round); the round
+    names how many folded early fell below it. The direction check runs when the whole round was
+    held, at least 3 replies (a majority to define a direction) and single-rank updates; otherwise,
+    past the budget or with mixed ranks, the round log says it did not.
     Off under client-level DP: a threshold computed from other clients' updates would make each
     client's treatment depend on the others' data, which the Gaussian mechanism's analysis does not
     allow (its own clip C bounds every client there).
@@ -109,12 +124,14 @@ class MedianBounds:
         r = run.cfg.robust
         self.strategy, self.rl, self.server_round = run, rl, rl.server_round
         self.factor = 0.0 if rl.released_by else r.relative_norm_bound
+        self.power = r.norm_size_power
+        self.weigh = self.factor > 0 and self.power > 0 and r.weight_from_norm
         self.min_cosine = -1.0 if rl.released_by else r.min_cosine
         self.budget = r.held_back_mb * 2**20
         self.capacity: int | None = None  # replies that fit the budget, set by the first
-        self.norms: list[float] = []
-        self.folded_norms: list[float] = []  # norms of the replies folded before the bounds were known
-        self._held: list[tuple[float, int, Update]] = []  # a min-heap on (norm, arrival)
+        self.norms: list[float] = []  # every reply's normalised norm
+        self.folded_norms: list[float] = []  # those of the replies folded before the bounds were known
+        self._held: list[tuple[float, int, Update]] = []  # a min-heap on (normalised norm, arrival)
         self.reference: float | None = None
 
     @property
@@ -127,7 +144,7 @@ class MedianBounds:
         if self.capacity is None:
             size = sum(t.numel() * t.element_size() for _, t in update.factors.tensors())
             self.capacity = max(1, int(self.budget // max(size, 1)))
-        norm = update_norm(self._start(update), update.factors)
+        norm = update_norm(self._start(update), update.factors) / self._size(update)
         self.norms.append(norm)
         entry = (norm, len(self.norms), update)
         if len(self._held) < self.capacity:
@@ -142,13 +159,20 @@ class MedianBounds:
             return []
         held, self._held = [(n, u) for n, _, u in sorted(self._held, key=lambda e: e[1])], []
         if self.factor > 0:
-            self.reference = _median(self.norms)
-            early = sum(1 for n in self.folded_norms if n > self.factor * self.reference)
+            self.reference = ref = _median(self.norms)
+            early = sum(1 for n in self.folded_norms if n > self.factor * ref)
             if early:
                 self.rl.flagged.append(
                     f"{early} repl{'y' if early == 1 else 'ies'} above robust.relative_norm_bound "
-                    f"({self.factor:g}x the median update norm {self.reference:.4g}) folded unbounded: more "
+                    f"({self.factor:g}x the round's median {self._what()} {ref:.4g}) folded unbounded: more "
                     f"replies exceeded it than robust.held_back_mb ({self.capacity} replies) holds back"
+                )
+            light = sum(1 for n in self.folded_norms if n * self.factor < ref) if self.weigh else 0
+            if light:
+                self.rl.flagged.append(
+                    f"{light} repl{'y' if light == 1 else 'ies'} below 1/{self.factor:g} of the round's median "
+                    f"{self._what()} folded at their declared weight (robust.weight_from_norm): the round's replies "
+                    f"exceed robust.held_back_mb ({self.capacity} replies)"
                 )
             held = [(n, x) for n, u in held if (x := self._bounded(u, n)) is not None]
         kept = [u for _, u in held]
@@ -157,15 +181,39 @@ class MedianBounds:
     def _start(self, update: Update) -> LoraFactors:
         return self.strategy.round_start(update.profile, self.server_round)
 
+    def _size(self, update: Update) -> float:
+        """n^p: what a reply's norm is divided by before it is compared (1 when p is 0)."""
+        return max(update.weight, 1.0) ** self.power if self.power else 1.0
+
+    def _what(self) -> str:
+        return f"update norm / examples^{self.power:g}" if self.power else "update norm"
+
     def _bounded(self, update: Update, norm: float) -> Update | None:
+        """``update`` with the norm bound and the weight from its norm applied (named where they cut),
+        or None when it is rejected; ``norm`` is its normalised norm."""
         ref = self.reference
-        if ref is None or ref <= 0 or norm <= self.factor * ref:
+        if ref is None or ref <= 0:
             return update
-        limit = self.factor * ref
         who = f"client {update.profile.client_id}"
+        ratio = norm / ref
+        if self.weigh and ratio * self.factor < 1.0:
+            supported = update.weight * (ratio * self.factor) ** (1.0 / self.power)
+            self.rl.clipped.append(
+                f"{who}: weight {update.weight:g} examples cut to {supported:.4g}: its {self._what()} is {ratio:.3g}x "
+                f"the round's median {ref:.4g}, below 1/robust.relative_norm_bound ({1 / self.factor:.3g}x), so its "
+                "update supports no more (robust.weight_from_norm)"
+            )
+            update.weight = supported
+        if ratio <= self.factor:
+            return update
+        size = self._size(update)
+        limit = self.factor * ref * size
         why = (
-            f"update norm {norm:.4g} is {norm / ref:.3g}x the round's median update norm {ref:.4g}, "
-            f"above robust.relative_norm_bound ({self.factor:g}x)"
+            f"update norm {norm * size:.4g} over {update.weight:g} examples is {ratio:.3g}x the round's median "
+            f"{self._what()} {ref:.4g}, above robust.relative_norm_bound ({self.factor:g}x)"
+            if self.power
+            else f"update norm {norm:.4g} is {ratio:.3g}x the round's median update norm {ref:.4g}, above "
+            f"robust.relative_norm_bound ({self.factor:g}x)"
         )
         if self.strategy.cfg.robust.norm_action == "reject":
             self.rl.rejected.append(f"{who} (node {update.profile.node_id}): {why}")

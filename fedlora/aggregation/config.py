@@ -98,16 +98,33 @@ class RobustConfig:
         default=0.0,
     )
     relative_norm_bound: float = _meta(
-        "Bound on each client's update norm, as a multiple of the median update norm of the round's own replies "
-        "(in any arrival order: the largest held back until the round ends); above it the update is clipped onto it (or "
-        "rejected, norm_action) and the client named. On by default so one client cannot move the global "
-        "adapter far; 0 = off. Off under client-level DP (its clip bounds every client).",
-        default=4.0,
+        "Bound on each client's update, as a multiple of the round's median size-normalised update norm (update "
+        "norm / examples^norm_size_power, over the round's own replies, in any arrival order: the largest held back "
+        "until the round ends); above it the update is clipped onto it (or rejected, norm_action) and the client "
+        "named. On by default so no client moves the global adapter much further than an honest one of its size "
+        "(honest clients lie within 0.87-1.29x on the default task); 0 = off. Off under client-level DP (its clip "
+        "bounds every client).",
+        default=1.5,
+    )
+    norm_size_power: float = _meta(
+        "relative_norm_bound and weight_from_norm compare update norms divided by (example count)^this, so a client "
+        "that trained on more examples (more local steps) may move further: 0.5 fits AdamW at a fixed learning rate, "
+        "whose honest update norms grow as the square root of the steps; 0 compares plain norms (and turns "
+        "weight_from_norm off).",
+        default=0.5,
+    )
+    weight_from_norm: bool = _meta(
+        "A reply's aggregation weight is at most the example count its update norm supports: a size-normalised norm "
+        "below 1/relative_norm_bound of the round's median cuts the weight to n x (ratio x bound)^(1/norm_size_power) "
+        "and names the client, so a client that claims more examples than it trained on, or sends back what it was "
+        "given, cannot buy weight. On by default; needs relative_norm_bound and norm_size_power.",
+        default=True,
     )
     max_weight_factor: float = _meta(
         "Cap on a reply's aggregation weight (its example count): this many times the median training-set size "
-        "the clients declared. On by default; 0 = off.",
-        default=10.0,
+        "the clients declared; above it the weight is capped and the client named. On by default; 0 = off. A group "
+        "of k clients at the cap holds at most k x factor / (k x factor + the others' weight in medians) of a round.",
+        default=4.0,
     )
     min_cosine: float = _meta(
         "Direction bound (opt-in): a reply whose update (its change, effective form, shared parts) has cosine "
@@ -143,8 +160,9 @@ class RobustConfig:
         _require(
             self.relative_norm_bound == 0 or self.relative_norm_bound >= 1,
             "robust.relative_norm_bound",
-            f"must be 0 (off) or >= 1 (a multiple of the median norm), got {self.relative_norm_bound}",
+            f"must be 0 (off) or >= 1 (a multiple of the median normalised norm), got {self.relative_norm_bound}",
         )
+        _require(0.0 <= self.norm_size_power <= 1.0, "robust.norm_size_power", "must be in [0, 1]")
         _require(self.held_back_mb >= 0, "robust.held_back_mb", "must be >= 0")
         _require(
             -1.0 <= self.min_cosine < 1.0,
