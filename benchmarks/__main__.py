@@ -27,6 +27,7 @@ STANDALONE = [
     "attacks",
     "continual_orders",
     "amlora_keys",
+    "update_geometry",
 ]
 
 

@@ -206,11 +206,17 @@ def report() -> str:
             )
     at = _load("attacks")
     if at:
+        wanted = {c["cell"]: (name, c["met"]) for name, c in at["summary"].get("criteria", {}).items()}
         for cell, v in at["summary"].items():
+            if cell == "criteria":
+                continue
+            name, met = wanted.get(cell, ("", None))
             lines.append(
                 f"| attacks inside the default bounds (default task, {v['seeds']} seeds): {cell}, final accuracy "
                 f"mean (spread), vs honest | {v['accuracy_mean']:.3f} ({v['accuracy_spread']:.3f}), "
-                f"{v.get('accuracy_vs_honest', 0.0):+.3f} | - |"
+                f"{v.get('accuracy_vs_honest', 0.0):+.3f} | "
+                + (f"{name}: {'met' if met else 'NOT met'}" if name else "-")
+                + " |"
             )
     co = _load("cohort")
     if co:

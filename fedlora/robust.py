@@ -147,4 +147,3 @@ def trimmed_mean(updates: Sequence[LoraFactors], fraction: float) -> LoraFactors
     stacked = torch.stack(rows).sort(dim=0).values
     kept = stacked[k : len(rows) - k]
     return unflatten(kept.mean(dim=0), keys, shapes, alpha)
-

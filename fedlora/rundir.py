@@ -182,7 +182,9 @@ class RunDir:
 
 
 def round_line(row: dict) -> str:
-    """One console line of a round's metrics row: accuracy, loss, clients, epsilon, bytes, rejections, time."""
+    """One console line of a round's metrics row: accuracy, loss, clients, epsilon, bytes, rejections,
+    replies a robust bound cut (each named on its own line by the recorder), replies over the
+    client-level DP clip, time."""
     parts = [f"round {row['round']}"]
     shown = {"server-accuracy": "acc", "personal-accuracy-mean": "personal acc", "personal-accuracy-worst": "worst"}
     for key, label in {**shown, "server-loss": "loss", "server-perplexity": "ppl"}.items():
@@ -198,5 +200,10 @@ def round_line(row: dict) -> str:
         parts.append(f"up {row['bytes-up-per-client'] / 1e3:.1f} kB/client")
     if row.get("rejected"):
         parts.append(f"{len(row['rejected'])} rejected")
+    if row.get("clipped"):
+        parts.append(f"{len(row['clipped'])} bounded")
+    if row.get("clients-clipped"):  # client-level DP: how many its clip cut, and how many far beyond it
+        far = row.get("clients-far-beyond-clip") or 0
+        parts.append(f"{row['clients-clipped']} over the DP clip" + (f" ({far} far beyond)" if far else ""))
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)

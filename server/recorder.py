@@ -4,6 +4,7 @@ and the run's summary at the end."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from fedlora.config import FedLoraConfig
 from fedlora.rundir import RunDir
 from fedlora.strategies.base import LoraStrategy
+
+log = logging.getLogger("fedlora.server")
 
 
 class RoundRecorder:
@@ -70,6 +73,8 @@ class RoundRecorder:
             )
         row["global-rank"] = strategy.global_rank()
         if rl is not None:
+            for line in rl.clipped + rl.flagged:  # every client a bound cut, on the console as in the row
+                log.warning("round %d: %s", server_round, line)
             if rl.dylora_rank is not None:
                 row["dylora-rank"] = rl.dylora_rank
             row.update(rl.figures)

@@ -5,6 +5,8 @@ tolerance of) an honest-only run of the same federation."""
 
 from __future__ import annotations
 
+import logging
+
 import cloudpickle
 import pytest
 import torch
@@ -171,7 +173,7 @@ def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, h
     assert med_rows[-1]["server-loss"] < 2.0
 
 
-def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(tmp_path, honest_only):
+def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(tmp_path, honest_only, caplog):
     """The default relative norm bound: one client sending x1e6 its factors, or its start plus 1e6
     times its own change, among three honest ones, leaves the global adapter's norm within 2x the
     honest run's (the same federation with that client's reply never arriving) and its change
@@ -180,7 +182,9 @@ def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(
     to (3 + 1.5) / 4 of an honest one's mean, and the rounds compound."""
     ref = _adapter(honest_only)
     ref_norm = float(torch.cat([t.flatten().double() for _, t in sorted(ref.items())]).norm())
+    caplog.set_level(logging.WARNING, logger="fedlora.server")
     for attack in ("scale-1e6", "boost"):
+        caplog.clear()
         run_dir, rows = _run(make_config(tmp_path / attack, **FOUR), {3: attack})
         ad = _adapter(run_dir)
         assert _all_finite(ad)
@@ -191,6 +195,8 @@ def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(
         named = _text(rows, "clipped")
         assert "client-00003: update norm" in named and "robust.relative_norm_bound" in named, (attack, named)
         assert "client-0000" not in named.replace("client-00003", ""), named  # no honest client was bounded
+        console = [r.getMessage() for r in caplog.records if "client-00003: update norm" in r.getMessage()]
+        assert len(console) == len([x for r in rows for x in r["clipped"]]), console  # each named on the console too
 
 
 def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_on(tmp_path, shared_data):

@@ -258,14 +258,70 @@ def test_bounds_and_weights_are_the_same_in_any_arrival_order_and_cut_only_the_l
     assert named == {f"client c{i}" for i in liars}, rl.clipped
     for i, kind in attack.items():
         line = next(c for c in rl.clipped if c.startswith(f"client c{i}:"))
-        if kind in ("silent", "claim"):  # the weight its norm supports: 0, and n x (1/3 x 1.5)^2
-            want = 0.0 if kind == "silent" else sizes[i] / 4
+        if kind in ("silent", "claim"):  # the weight its norm supports: n x (ratio x 1.5)^2, ratio 0 or about 1/3
             cut = float(re.search(r"cut to ([0-9.e+-]+):", line).group(1))
-            assert cut == pytest.approx(want, rel=0.15, abs=1e-6), line
+            ratio = float(re.search(r"examples\^0.5 is ([0-9.e+-]+)x", line).group(1))
+            assert ratio == (0.0 if kind == "silent" else pytest.approx(1 / 3, rel=0.3)), line
+            assert cut == pytest.approx(sizes[i] * (ratio * 1.5) ** 2, rel=0.01, abs=1e-6), line
         else:
             assert "above robust.relative_norm_bound (1.5x); clipped to" in line
     for (k, a), (_, b) in zip(s.global_eff.tensors(), ref.global_eff.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_silent_replies_folded_before_the_round_ends_are_counted_when_their_weight_could_not_be_checked():
+    """Two silent clients (they send back what they were given) while only two replies are held back:
+    the held set keeps the largest norms, so the silent ones are folded early at their declared
+    weight, and the round says how many; with the whole round held, each is cut to weight 0 and named."""
+    _, rl = _attacked_round(list(range(10)), {0: "silent", 1: "silent"}, held_back=2)
+    assert rl.flagged == [
+        "2 replies below 1/1.5 of the round's median update norm / examples^0.5 folded at their declared weight "
+        "(robust.weight_from_norm): the round's replies exceed robust.held_back_mb (2 replies)"
+    ], rl.flagged
+    _, whole = _attacked_round(list(range(10)), {0: "silent", 1: "silent"})
+    assert sorted(c.split(":")[0] for c in whole.clipped) == ["client c0", "client c1"] and not whole.flagged
+    assert all("cut to 0:" in c and "(robust.weight_from_norm)" in c for c in whole.clipped), whole.clipped
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    honest=st.lists(st.integers(1, 5000), min_size=3, max_size=12),
+    liars=st.integers(1, 5),
+    claim=st.integers(1, 10**7),
+    factor=st.sampled_from([1.0, 2.0, 4.0, 10.0]),
+)
+def test_a_group_at_the_weight_cap_holds_no_more_than_the_documented_share(honest, liars, claim, factor):
+    """robust.max_weight_factor through the real WeightCap over a federation's declared sizes: k
+    clients that all declare ``claim`` examples hold at most k f / (k f + the others' capped weight in
+    medians) of the round's weight, as its help says, and an honest client at or under the cap keeps
+    its count."""
+    from fedlora.aggregation.bound import WeightCap
+    from fedlora.protocol import NodeProfile
+    from fedlora.strategies.round_log import RoundLog
+
+    cfg, s, _, _ = _setup_weights(factor)
+    sizes = honest + [claim] * liars
+    s.profiles = {
+        100 + i: NodeProfile(
+            node_id=100 + i, client_id=f"c{i}", partition_id=i, rank=4, alpha=8.0, num_train=n, num_test=1
+        )
+        for i, n in enumerate(sizes)
+    }
+    median = sorted(sizes)[len(sizes) // 2]
+    cap, rl = WeightCap(), RoundLog(server_round=1)
+    weights = [cap(s, s.profiles[100 + i], n, rl) for i, n in enumerate(sizes)]
+    for n, w in zip(sizes, weights):
+        assert w == (n if n <= factor * median else factor * median)
+    group = sum(weights[len(honest) :]) / sum(weights)
+    others = sum(weights[: len(honest)]) / median
+    assert group <= liars * factor / (liars * factor + others) + 1e-12
+    assert len(rl.clipped) == sum(n > factor * median for n in sizes)
+
+
+def _setup_weights(factor: float):
+    from test_strategy_maths import _setup
+
+    return _setup("fedit", "fixed", [4] * 3, **{"robust.max_weight_factor": str(factor)})
 
 
 def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unbounded():

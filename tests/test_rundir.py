@@ -97,3 +97,16 @@ def test_strategy_state_round_trips_through_an_atomic_checkpoint(tmp_path):
     (tmp_path / "checkpoint" / "global.safetensors").write_bytes(b"torn")
     with pytest.raises(ValueError, match="torn"):
         rd.read_checkpoint()
+
+
+def test_the_console_line_counts_every_bounded_reply_and_the_dp_clips_cuts():
+    """A round's console line says how many replies a robust bound cut (the recorder names each on
+    its own line) and, under client-level DP, how many were over the clip and how many far beyond."""
+    from fedlora.rundir import round_line
+
+    row = {"round": 2, "server-accuracy": 0.5, "seconds": 1.0, "clipped": ["client a: ...", "client b: ..."]}
+    assert "2 bounded" in round_line(row)
+    assert "bounded" not in round_line({**row, "clipped": []})
+    dp = {"round": 2, "seconds": 1.0, "clients-clipped": 3, "clients-far-beyond-clip": 1}
+    assert "3 over the DP clip (1 far beyond)" in round_line(dp)
+    assert round_line({**dp, "clients-far-beyond-clip": 0}).count("3 over the DP clip |") == 1

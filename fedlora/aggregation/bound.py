@@ -81,8 +81,8 @@ class MedianBounds:
     weight (example count, after ``robust.max_weight_factor``) and p ``robust.norm_size_power``.
     Honest clients that train with AdamW at a fixed learning rate move about as far as the square
     root of their local steps, so on the default task their ratios to the round's median lie within
-    0.87-1.29 (``benchmarks/attacks.py``, three seeds, IID and Dirichlet 0.5), while their plain
-    norms spread over 0.47-2.22x the median: the normalised figure lets the bound sit close above the
+    0.87-1.29 while their plain norms spread over 0.35-2.22x the median (every round of three
+    Dirichlet 0.5 seeds and an IID split, ``benchmarks/update_geometry.py``): the normalised figure lets the bound sit close above the
     honest clients without naming the large ones.
 
     * ``robust.relative_norm_bound`` (on by default, 1.5): no reply's normalised norm may exceed
@@ -99,8 +99,8 @@ class MedianBounds:
       the coordinate-wise median of the round's (norm-bounded) updates is below it is left out of
       the fold and the client named. The median moves only if half the clients move it, so an
       update that points away from the honest majority's is cut. On the default task honest updates
-      are nearly orthogonal to that median in factor space, so a sign-flipped one is only sometimes
-      below 0 there (``benchmarks/attacks.py``): not a default.
+      are nearly orthogonal to each other in factor space (``benchmarks/update_geometry.py``), so a
+      sign-flipped one is only sometimes below 0 there (``benchmarks/attacks.py``): not a default.
 
     All need the whole round, so every reply's normalised norm (a scalar) is kept and the replies
     with the largest are held back while they fit ``robust.held_back_mb`` (at least one); a reply
