@@ -224,8 +224,10 @@ def summarise(runs: list[dict]) -> dict:
         }
     if "honest" in out:
         h = out["honest"]
-        for s in out.values():
-            s["accuracy_vs_honest"] = s["accuracy_mean"] - h["accuracy_mean"]
+        honest_at = {r["seed"]: r["accuracy"] for r in runs if r["cell"] == "honest"}
+        for cell, s in out.items():  # paired: each run against the honest run of its own seed
+            diffs = [r["accuracy"] - honest_at[r["seed"]] for r in runs if r["cell"] == cell and r["seed"] in honest_at]
+            s["accuracy_vs_honest"] = statistics.mean(diffs) if diffs else s["accuracy_mean"] - h["accuracy_mean"]
         if "flip-1e6-4-first" in out:
             honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
             out["flip-1e6-4-first"]["max_loss_over_honest_round1"] = (
