@@ -243,7 +243,8 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def criteria(out: dict) -> dict:
-    """The issue's figures, each as (measured, wanted, met) where its cells ran."""
+    """The issue's figures where their cells ran: name -> {"cell", the summary key measured with its
+    value, "met"}."""
     got: dict = {}
 
     def check(name: str, cell: str, key: str, ok) -> None:

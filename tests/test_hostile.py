@@ -196,9 +196,8 @@ def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(
         assert "client-00003: update norm" in named and "robust.relative_norm_bound" in named, (attack, named)
         assert "client-0000" not in named.replace("client-00003", ""), named  # no honest client was bounded
         console = [r.getMessage() for r in caplog.records if "client-00003: update norm" in r.getMessage()]
-        assert len(console) == len([x for r in rows for x in r.get("clipped") or []]), (
-            console
-        )  # each named on the console too
+        bounded = [x for r in rows for x in r.get("clipped") or []]
+        assert len(console) == len(bounded), console  # each named on the console too
 
 
 def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_on(tmp_path, shared_data):

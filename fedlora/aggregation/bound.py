@@ -82,8 +82,8 @@ class MedianBounds:
     Honest clients that train with AdamW at a fixed learning rate move about as far as the square
     root of their local steps, so on the default task their ratios to the round's median lie within
     0.87-1.29 while their plain norms spread over 0.35-2.22x the median (every round of three
-    Dirichlet 0.5 seeds and an IID split, ``benchmarks/update_geometry.py``): the normalised figure lets the bound sit close above the
-    honest clients without naming the large ones.
+    Dirichlet 0.5 seeds and an IID split, ``benchmarks/update_geometry.py``): the normalised
+    figure lets the bound sit close above the honest clients without naming the large ones.
 
     * ``robust.relative_norm_bound`` (on by default, 1.5): no reply's normalised norm may exceed
       that many times the round's median; above it the update is clipped onto it (or rejected,
@@ -183,7 +183,7 @@ class MedianBounds:
 
     def _size(self, update: Update) -> float:
         """n^p: what a reply's norm is divided by before it is compared (1 when p is 0)."""
-        return max(update.weight, 1.0) ** self.power if self.power else 1.0
+        return max(update.weight, 1.0) ** self.power
 
     def _what(self) -> str:
         return f"update norm / examples^{self.power:g}" if self.power else "update norm"
@@ -208,12 +208,10 @@ class MedianBounds:
             return update
         size = self._size(update)
         limit = self.factor * ref * size
+        over = f" over {update.weight:g} examples" if self.power else ""
         why = (
-            f"update norm {norm * size:.4g} over {update.weight:g} examples is {ratio:.3g}x the round's median "
-            f"{self._what()} {ref:.4g}, above robust.relative_norm_bound ({self.factor:g}x)"
-            if self.power
-            else f"update norm {norm:.4g} is {ratio:.3g}x the round's median update norm {ref:.4g}, above "
-            f"robust.relative_norm_bound ({self.factor:g}x)"
+            f"update norm {norm * size:.4g}{over} is {ratio:.3g}x the round's median {self._what()} {ref:.4g}, "
+            f"above robust.relative_norm_bound ({self.factor:g}x)"
         )
         if self.strategy.cfg.robust.norm_action == "reject":
             self.rl.rejected.append(f"{who} (node {update.profile.node_id}): {why}")
