@@ -9,6 +9,13 @@ Message content keys (constructor arguments of the strategies, defaults here):
   ``action="setup"`` and ``run-config`` (the whole run config as JSON, sent once per node).
 * ``metrics``: the reply's ``MetricRecord`` (``num-examples`` weights the aggregation).
 * ``profile``: the setup reply's ``ConfigRecord`` (see :class:`NodeProfile`).
+
+The round check (``robust.round_check``): a train or evaluate config with ``check-examples`` = n asks
+the client to score the adapter it received on its check examples (:data:`CHECK_EXAMPLES`); the
+train reply's metrics carry that loss as ``check-loss-start`` (before training), the evaluate reply's
+as ``check-loss`` (the round's aggregate). An evaluate config with ``evaluate`` false asks for the
+check only. When the aggregate fails, ``check-candidates`` = K asks for K candidate adapters to be
+scored, each sent under ``candidate/<k>/`` (the usual keys after it), replied as ``check-loss-<k>``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ METRICS = "metrics"
 PROFILE = "profile"
 BASE_PREFIX = "base/"
 SETUP = "setup"
+CHECK_EXAMPLES = "check-examples"
+CHECK_LOSS_START = "check-loss-start"
+CHECK_LOSS = "check-loss"
+CHECK_CANDIDATES = "check-candidates"
+CANDIDATE_PREFIX = "candidate/"
 
 
 @dataclass
