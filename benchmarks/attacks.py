@@ -17,7 +17,7 @@ rewritten. Each attacker sits just inside the run's own bounds (AT_BOUND of each
 * ``absent``: never replies: what a detector that left the client out would give.
 
 Every attacker also lies to the round check (``robust.round_check``, opt-in): it reports a loss of 10
-before training and scores every aggregate and candidate it is asked about 0 ("perfect").
+before training and scores every aggregate it is asked about 0 ("perfect").
 
 Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and training): at the
 defaults, honest (Dirichlet and IID), honest at the previous defaults (a 4x plain-norm bound, a 10x
@@ -131,10 +131,8 @@ def attack_app(bad: dict[int, str], declared: int, flip: float, power: float):
     @app.evaluate()
     def e(msg: Message, context):
         reply = real(msg, context)
-        if kind(context) and not reply.has_error():
-            m = reply.content["metrics"]
-            for key in [k for k in m.keys() if k.startswith(CHECK_LOSS)]:
-                m[key] = 0.0  # the round check: "the aggregate (and every candidate) is perfect"
+        if kind(context) and not reply.has_error() and CHECK_LOSS in reply.content["metrics"]:
+            reply.content["metrics"][CHECK_LOSS] = 0.0  # the round check: "the aggregate is perfect"
         return reply
 
     @app.train()

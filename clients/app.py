@@ -17,24 +17,13 @@ import json
 import time
 from contextlib import ExitStack
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import codec
 from fedlora.clients.session import ClientSession
 from fedlora.data import load_task
-from fedlora.protocol import (
-    ARRAYS,
-    CANDIDATE_PREFIX,
-    CHECK_CANDIDATES,
-    CHECK_EXAMPLES,
-    CHECK_LOSS,
-    CHECK_LOSS_START,
-    CONFIG,
-    METRICS,
-    PROFILE,
-    SETUP,
-)
+from fedlora.protocol import ARRAYS, CHECK_EXAMPLES, CHECK_LOSS, CHECK_LOSS_START, CONFIG, METRICS, PROFILE, SETUP
 from fedlora.training import evaluate as run_eval
 from fedlora.training import train_local
 
@@ -125,8 +114,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     session = ClientSession.from_context(context, str(config.get("config-digest", "")) or None)
     session.use_round(server_round)
-    if CHECK_CANDIDATES in config:  # the round check's candidates, each scored on a fresh model
-        return Message(RecordDict({METRICS: MetricRecord(score_candidates(session, msg))}), reply_to=msg)
     model = session.model()
     incoming = session.prepare(model, msg.content[ARRAYS], server_round)
     client = session.client_round(model, msg.content[ARRAYS], incoming, server_round, dict(config))
@@ -164,19 +151,3 @@ def evaluate(msg: Message, context: Context) -> Message:
         if bool(config.get("save-adapter", False)):
             session.save_personal_adapter(model)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-
-def score_candidates(session: ClientSession, msg: Message) -> dict[str, float]:
-    """``check-loss-k`` for each candidate adapter k of a round-check message (its arrays under
-    ``candidate/k/``), each loaded as a received adapter is, into a model of its own."""
-    config, arrays = msg.content[CONFIG], msg.content[ARRAYS]
-    server_round = int(config["server-round"])
-    scores = {}
-    for k in range(int(config[CHECK_CANDIDATES])):
-        prefix = f"{CANDIDATE_PREFIX}{k}/"
-        received = ArrayRecord({key[len(prefix) :]: arr for key, arr in arrays.items() if key.startswith(prefix)})
-        model = session.model()
-        incoming = session.prepare(model, received, server_round)
-        client = session.client_round(model, received, incoming, server_round, dict(config))
-        scores[f"{CHECK_LOSS}-{k}"] = session.check_score(model, client, int(config[CHECK_EXAMPLES]))
-    return scores

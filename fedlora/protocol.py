@@ -14,8 +14,7 @@ The round check (``robust.round_check``): a train or evaluate config with ``chec
 the client to score the adapter it received on its check examples (:data:`CHECK_EXAMPLES`); the
 train reply's metrics carry that loss as ``check-loss-start`` (before training), the evaluate reply's
 as ``check-loss`` (the round's aggregate). An evaluate config with ``evaluate`` false asks for the
-check only. When the aggregate fails, ``check-candidates`` = K asks for K candidate adapters to be
-scored, each sent under ``candidate/<k>/`` (the usual keys after it), replied as ``check-loss-<k>``.
+check only.
 """
 
 from __future__ import annotations
@@ -32,8 +31,6 @@ SETUP = "setup"
 CHECK_EXAMPLES = "check-examples"
 CHECK_LOSS_START = "check-loss-start"
 CHECK_LOSS = "check-loss"
-CHECK_CANDIDATES = "check-candidates"
-CANDIDATE_PREFIX = "candidate/"
 
 
 @dataclass

@@ -197,13 +197,13 @@ def check_eval_metrics(metrics: Mapping, *, max_examples: int, weight_key: str, 
     return out
 
 
-def check_round_score(metrics: Mapping, key: str = CHECK_LOSS) -> float:
-    """A round check's score in an evaluate reply (``key``: :data:`~fedlora.protocol.CHECK_LOSS`, or a
-    candidate's): a finite, non-negative loss."""
+def check_round_score(metrics: Mapping) -> float:
+    """The round check's score in an evaluate reply (:data:`~fedlora.protocol.CHECK_LOSS`): a finite,
+    non-negative loss."""
     check_numbers(metrics, "metric")
-    if key not in metrics:
-        raise RejectedReply(f"no '{key}' in the reply to the round check")
-    return as_float(metrics[key], f"'{key}'", 0.0)
+    if CHECK_LOSS not in metrics:
+        raise RejectedReply(f"no '{CHECK_LOSS}' in the reply to the round check")
+    return as_float(metrics[CHECK_LOSS], f"'{CHECK_LOSS}'", 0.0)
 
 
 # ----------------------------------------------------------------------------------- profiles

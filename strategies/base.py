@@ -360,7 +360,9 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
             if rl.released_by:
                 self.global_eff, rl.figures = fold.finish(self.global_eff)
             else:
-                self.global_eff = self._finish(server_round, rl, fold, previous)
+                self.global_eff = self.finish_fold(server_round, fold)
+                for e in self.extensions:
+                    self.global_eff = e.after_fold(self, rl, previous)
                 error = getattr(fold, "last_error", None)
                 if error is not None:
                     rl.figures["sketch-relative-error"] = error
@@ -381,29 +383,6 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         metrics = weighted_metrics([m for m, _ in accepted], [float(n) for _, n in accepted])
         rl.train_metrics = metrics
         return codec.encode(self.global_eff), MetricRecord(metrics)
-
-    def _finish(self, server_round: int, rl: RoundLog, fold: Fold, previous: LoraFactors) -> LoraFactors:
-        """The global adapter the round's ``fold`` makes from ``previous`` (the global adapter the round
-        started from): the strategy's finish, then every extension's after_fold."""
-        self.global_eff = self.finish_fold(server_round, fold)
-        for e in self.extensions:
-            self.global_eff = e.after_fold(self, rl, previous)
-        return self.global_eff
-
-    def fold_round(self, server_round: int, rl: RoundLog, updates: list[Update], previous: LoraFactors) -> LoraFactors:
-        """The global adapter round ``server_round`` would make of ``updates`` alone (accepted, bounded),
-        through the round's own fold (its wraps, the strategy's finish, every after_fold), from
-        ``previous``; the strategy's global adapter is left as it was. The round check's leave-one-out
-        candidates. Not for a round an extension releases (client-level DP)."""
-        kept = self.global_eff
-        try:
-            self.global_eff = previous
-            fold = self.round_fold(server_round, rl)
-            for u in updates:
-                self.fold_in(fold, u, server_round)
-            return self._finish(server_round, rl, fold, previous)
-        finally:
-            self.global_eff = kept
 
     # ------------------------------------------------------------------ the stages before the fold
     def validate_reply(

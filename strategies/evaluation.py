@@ -8,11 +8,10 @@ import logging
 import math
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
-from fedlora.factors import LoraFactors
-from fedlora.protocol import CANDIDATE_PREFIX, CHECK_CANDIDATES, CHECK_LOSS
+from fedlora.protocol import CHECK_LOSS
 from fedlora.strategies.round_log import RoundLog
 from fedlora.validation import RejectedReply, check_eval_metrics, check_round_score, short_reason
 
@@ -28,7 +27,6 @@ class FederatedEvaluation:
         extension asks to score the round's aggregate (the round check's trainers), one message each."""
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
-        self._evaluate_grid = grid  # where score_candidates sends, if an extension asks it this round
         checks: dict[int, dict] = {}
         for e in self.extensions:
             for node, keys in e.check_request(rl).items():
@@ -47,62 +45,6 @@ class FederatedEvaluation:
             keys_extra = {**(extra if evaluates else {}), **dict(keys), "evaluate": evaluates}
             messages += self._messages(nodes, server_round, config, MessageType.EVALUATE, None, keys_extra)
         return messages
-
-    def score_candidates(
-        self, rl: RoundLog, nodes: list[int], candidates: list[LoraFactors], config: dict
-    ) -> dict[int, list[float]]:
-        """Each of ``nodes`` scores every one of ``candidates`` (global adapters, effective form) in one
-        more evaluate message of round ``rl.server_round``: candidate k travels as the node's usual
-        payload (its form, its extensions' arrays) under the prefix ``candidate/k/``, and the reply
-        carries ``check-loss-k``. Returns node -> its K scores, for the replies whose every score is
-        a finite, non-negative number; the others are named in ``rl.rejected_evaluate``."""
-        kept = self.global_eff
-        per_node: dict[int, ArrayRecord] = {}
-        try:
-            for k, candidate in enumerate(candidates):
-                self.global_eff = candidate
-                for msg in self._messages(nodes, rl.server_round, ConfigRecord(), MessageType.EVALUATE, None, {}):
-                    rec = per_node.setdefault(msg.metadata.dst_node_id, ArrayRecord())
-                    for key, arr in msg.content[self.arrayrecord_key].items():
-                        rec[f"{CANDIDATE_PREFIX}{k}/{key}"] = arr
-        finally:
-            self.global_eff = kept
-        cfg = ConfigRecord(
-            {
-                "server-round": rl.server_round,
-                "config-digest": self._digest,
-                "evaluate": False,
-                CHECK_CANDIDATES: len(candidates),
-                **config,
-            }
-        )
-        messages = [
-            Message(
-                RecordDict({self.arrayrecord_key: rec, self.configrecord_key: cfg}),
-                dst_node_id=node,
-                message_type=MessageType.EVALUATE,
-            )
-            for node, rec in per_node.items()
-        ]
-        out: dict[int, list[float]] = {}
-        answered: set[int] = set()
-        for reply in self._evaluate_grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            try:
-                if reply.has_error():
-                    raise RejectedReply(f"failed: {short_reason(reply.error.reason)}")
-                if node not in per_node or self.metricrecord_key not in reply.content.metric_records:
-                    raise RejectedReply("no metrics" if node in per_node else "a reply to a message it was not sent")
-                raw = dict(reply.content.metric_records[self.metricrecord_key])
-                out[node] = [check_round_score(raw, f"{CHECK_LOSS}-{k}") for k in range(len(candidates))]
-            except RejectedReply as exc:
-                rl.rejected_evaluate.append(f"{self.who(node)} (scoring {len(candidates)} candidates): {exc}")
-                log.warning("round %d: scores from %s dropped: %s", rl.server_round, self.who(node), exc)
-        for node in per_node:
-            if node not in answered:
-                rl.rejected_evaluate.append(f"{self.who(node)} (scoring {len(candidates)} candidates): no reply")
-        return out
 
     def _evaluators(self, server_round: int, grid: Grid, rl: RoundLog) -> tuple[list[int], dict]:
         """(the nodes that evaluate after ``server_round``, the config keys their messages add)."""

@@ -74,8 +74,8 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
     federation's declared-size cap), 'base-key' (a FLoRA key outside FLoRA), 'scale-1e6' (every
     tensor x1e6), 'boost' (start + 1e6 x its own change), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 47 s from
     round 2). Evaluation: 'eval-no-accuracy', 'eval-out-of-range'. The round check (both messages):
-    'check-praise' (started at 10, scores the aggregate 0), 'check-blame' (scores it 1e6),
-    'check-nan' (scores it NaN). Setup profile:
+    'check-praise' (started at 10, scores the aggregate 0), 'check-blame' (scores it 1e6), 'check-nan'
+    (scores it NaN). Setup profile:
     'profile-rank-double', 'profile-rank-zero', 'profile-rank-string', 'profile-size-1e12',
     'profile-alpha-nan', 'profile-alpha-big', 'profile-dup-id' (claims client-00000's id)."""
     from fedlora.clients.app import app as real

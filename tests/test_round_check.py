@@ -83,41 +83,36 @@ def _adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir.path / "adapter" / "adapter_model.safetensors"))
 
 
-# Every per-update bound off; a 5% tolerance, since the random tiny BERT barely moves its loss in a round
-# (an honest aggregate changes the median client's loss by about 0.1%, a boosted one by 1e4x).
+# Every per-update bound off (the check alone stands against the boosters); a 5% tolerance, since the
+# random tiny BERT barely moves its loss in a round (an honest aggregate changes the median client's
+# loss by about 0.1%, a boosted one by 1e4x).
 OFF = {"relative_norm_bound": 0, "max_weight_factor": 0, "weight_from_norm": False, "round_check_tolerance": 0.05}
 
 
-def test_one_update_that_wrecks_the_round_is_left_out_and_named_even_when_its_sender_praises_it(tmp_path, shared_data):
-    """Every per-update bound off, one client of five boosts its change x1e6 and scores every aggregate
-    perfect: the four honest clients score the round worse, then score the aggregate without that
-    client best, so each round is committed without it and the client is named; the result is the
-    run in which that client never replied."""
-    run_dir, rows = _run(_cfg(tmp_path / "checked", **OFF), {2: {"boost", "check-praise"}})
+def test_a_round_one_update_wrecks_is_rolled_back_even_when_its_sender_praises_it(tmp_path, shared_data):
+    """Every per-update bound off, one client of six boosts its change x1e6 and scores every aggregate
+    perfect, another scores it NaN: the four honest clients' scores roll every round back (the NaN
+    score is dropped and named), the final model is the initial one, and the console line says so."""
+    run_dir, rows = _run(_cfg(tmp_path, clients=6, **OFF), {2: {"boost", "check-praise"}, 5: "check-nan"})
     trained = [r for r in rows if r["round"] >= 1]
     assert [r["round"] for r in trained] == [1, 2]
     for r in trained:
         assert r["round-check-clients"] == 5
         assert r["round-check-median-change"] > 1.0  # the honest clients' loss more than doubled
-        assert not r.get("rolled-back")
-        assert "client-00002" in r["round-check-left-out"]
-        assert any("client-00002" in x and "left out of the round by the round check" in x for x in r["flagged"])
-    absent_dir, _ = _run(_cfg(tmp_path / "absent", **OFF), {2: "crash"})
-    a, b = _adapter(absent_dir), _adapter(run_dir)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+        assert "rolled back" in r["rolled-back"] and "round_check_tolerance" in r["rolled-back"]
+        assert "rolled back" in round_line(r)
+        assert any("client-00005" in x and "'check-loss'=nan" in x for x in r["rejected-evaluate"])
+    assert trained[-1]["server-loss"] == pytest.approx(rows[0]["server-loss"], rel=1e-6)  # the initial model
 
 
-def test_a_round_two_updates_wreck_is_rolled_back_and_without_the_check_the_model_is_wrecked(tmp_path, shared_data):
-    """Two boosters of five (each leave-one-out aggregate still holds the other): every round is rolled
-    back, the final model is the initial one, and the console line says so. The same run without the
-    check ends wrecked."""
+def test_two_of_five_cannot_keep_a_round_they_wreck_and_without_the_check_the_model_is_wrecked(tmp_path, shared_data):
+    """Two boosters of five that both praise the aggregate (fewer than half): every round is rolled
+    back, and the same run without the check ends with an adapter orders of magnitude larger."""
     bad = {1: {"boost", "check-praise"}, 3: {"boost", "check-praise"}}
     run_dir, rows = _run(_cfg(tmp_path / "checked", **OFF), bad)
     trained = [r for r in rows if r["round"] >= 1]
-    for r in trained:
-        assert "rolled back" in r["rolled-back"] and "leave-one-out" in r["rolled-back"]
-        assert "rolled back" in round_line(r)
-    assert trained[-1]["server-loss"] == pytest.approx(rows[0]["server-loss"], rel=1e-6)  # the initial model
+    assert all(r.get("rolled-back") for r in trained)
+    assert trained[-1]["server-loss"] == pytest.approx(rows[0]["server-loss"], rel=1e-6)
 
     wrecked_dir, wrecked = _run(_cfg(tmp_path / "unchecked", round_check=False, **OFF), bad)
     assert not any(r.get("rolled-back") for r in wrecked)

@@ -137,12 +137,11 @@ class RobustConfig:
         "Opt-in: before a round's aggregate becomes the global adapter, the clients that trained in it score it "
         "on their check examples (their validation part, else the first round_check_examples of their training "
         "data) against what they started from; when the median client's relative change is above "
-        "round_check_tolerance, the round is committed without the update whose absence they score best (that "
-        "client named), or rolled back when none passes. Fewer than half the checking clients cannot move that "
-        "median. Costs one evaluate message per trainer per round (and one more, carrying every leave-one-out "
-        "aggregate, in a round that fails). Not a default: on non-IID data it sees only what the median client "
-        "holds, and may leave out an honest client whose data the others lack (docs/hostile-clients.md). Off under "
-        "differential privacy (the decision would read the clients' data outside the accounted mechanism).",
+        "round_check_tolerance, the round is rolled back (the global adapter stays as it was) and the round line "
+        "says so. Fewer than half the checking clients cannot move that median. Costs one evaluate message per "
+        "trainer per round and two forward passes over its check examples. Not a default: on non-IID data it sees "
+        "only what the median client holds (docs/hostile-clients.md). Off under differential privacy (the "
+        "decision would read the clients' data outside the accounted mechanism).",
         default=False,
     )
     round_check_tolerance: float = _meta(
