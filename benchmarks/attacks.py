@@ -16,15 +16,11 @@ rewritten. Each attacker sits just inside the run's own bounds (AT_BOUND of each
 * ``silent``: sends back what it was given (a free rider; its declared size is true);
 * ``absent``: never replies: what a detector that left the client out would give.
 
-Every attacker also lies to the round check (``robust.round_check``, opt-in): it reports a loss of 10
-before training and scores every aggregate it is asked about 0 ("perfect").
-
 Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and training): at the
 defaults, honest (Dirichlet and IID), honest at the previous defaults (a 4x plain-norm bound, a 10x
 weight cap), and each attack above (1 client; 3 colluding flips; 4 first-arriving x1e6). Then the
 opt-in defences: the coordinate median (against 1 flip, the 3 colluders, and honest), client-level
-DP's clip (honest and 1 flip), a 0.2 share cap and ``robust.min_cosine = 0`` (1 flip), and the round check
-(``robust.round_check``: honest, 1 flip, the 3 colluders, the 4 first-arriving). (The trimmed
+DP's clip (honest and 1 flip), a 0.2 share cap and ``robust.min_cosine = 0`` (1 flip). (The trimmed
 mean is left out: on this task one honest run, seed 42, ended at 0.44 with it against 0.82 with the
 mean.) For each run: the final accuracy and loss of the server's held-out set, every round's loss,
 every client named (clipped, rejected or flagged) with whether it was an attacker, and under DP the
@@ -70,10 +66,6 @@ CELLS = {
     "honest dp": {},
     "flip-1 dp": {3: "flip"},
     "flip-1 min_cosine=0": {3: "flip"},
-    "honest round_check": {},
-    "flip-1 round_check": {3: "flip"},
-    "flip-3-colluders round_check": {1: "flip", 4: "flip", 7: "flip"},
-    "flip-1e6-4-first round_check": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
 }
 # Client-level DP as a defence: its clip bounds every client equally and its mean is unweighted. C = 10
 # is about the honest clients' median update norm on this task; z = 0.01 keeps the task learnable, so
@@ -96,10 +88,6 @@ OVERRIDES = {
     "flip-1 max_client_share=0.2": ["robust.max_client_share=0.2"],
     "honest dp": DP,
     "flip-1 dp": DP,
-    "honest round_check": ["robust.round_check=true"],
-    "flip-1 round_check": ["robust.round_check=true"],
-    "flip-3-colluders round_check": ["robust.round_check=true"],
-    "flip-1e6-4-first round_check": ["robust.round_check=true"],
 }
 
 
@@ -114,7 +102,6 @@ def attack_app(bad: dict[int, str], declared: int, flip: float, power: float):
 
     from fedlora import codec
     from fedlora.clients.app import app as real
-    from fedlora.protocol import CHECK_LOSS, CHECK_LOSS_START
 
     app = ClientApp()
 
@@ -130,10 +117,7 @@ def attack_app(bad: dict[int, str], declared: int, flip: float, power: float):
 
     @app.evaluate()
     def e(msg: Message, context):
-        reply = real(msg, context)
-        if kind(context) and not reply.has_error() and CHECK_LOSS in reply.content["metrics"]:
-            reply.content["metrics"][CHECK_LOSS] = 0.0  # the round check: "the aggregate is perfect"
-        return reply
+        return real(msg, context)
 
     @app.train()
     def t(msg: Message, context):
@@ -147,8 +131,6 @@ def attack_app(bad: dict[int, str], declared: int, flip: float, power: float):
         trained = int(reply.content["metrics"]["num-examples"])
         if "size" in k:
             reply.content["metrics"]["num-examples"] = declared
-        if CHECK_LOSS_START in reply.content["metrics"]:
-            reply.content["metrics"][CHECK_LOSS_START] = 10.0  # the round check: "I started far worse"
         room = (declared / trained) ** power if k == "flip+size" else 1.0
         scale = {"flip": -flip, "flip+size": -flip * room, "flip-1e6": -1e6, "silent": 0.0}.get(k)
         if scale is not None:
@@ -213,8 +195,6 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
         "honest_named": sorted(ids - attackers),
         "attackers_named": sorted(ids & attackers),
         "unnamed_lines": [x for x in named if not re.search(r"client-\d{5}", x)],
-        "rolled_back": [r["round"] for r in rows if r.get("rolled-back")],
-        "check_changes": [r.get("round-check-median-change") for r in rows if r["round"] >= 1],
         "dp_clip_counts": [  # under client-level DP: how many the clip cut, how many far beyond it, epsilon
             {"round": r["round"], **{k: v for k, v in r.items() if "clip" in k or "epsilon" in k}}
             for r in rows
@@ -242,18 +222,20 @@ def summarise(runs: list[dict]) -> dict:
             "honest_named": sorted({c for r in rs for c in r["honest_named"]}),
             "attackers_named_in_every_run": all(set(r["attackers_named"]) == set(r["attackers"]) for r in rs),
         }
-        if any("rolled_back" in r for r in rs):  # the round check: rounds rolled back, over every seed
-            out[cell]["rounds_rolled_back"] = sum(len(r.get("rolled_back", [])) for r in rs)
     if "honest" in out:
         h = out["honest"]
         honest_at = {r["seed"]: r["accuracy"] for r in runs if r["cell"] == "honest"}
         for cell, s in out.items():  # paired: each run against the honest run of its own seed
             diffs = [r["accuracy"] - honest_at[r["seed"]] for r in runs if r["cell"] == cell and r["seed"] in honest_at]
             s["accuracy_vs_honest"] = statistics.mean(diffs) if diffs else s["accuracy_mean"] - h["accuracy_mean"]
-        honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
-        for cell in [c for c in out if c.startswith("flip-1e6-4-first")]:
-            out[cell]["max_loss_over_honest_round1"] = (
-                max(max(r.get("losses") or [r["loss"], r["round1_loss"]]) for r in runs if r["cell"] == cell)
+        if "flip-1e6-4-first" in out:
+            honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
+            out["flip-1e6-4-first"]["max_loss_over_honest_round1"] = (
+                max(
+                    max(r.get("losses") or [r["loss"], r["round1_loss"]])
+                    for r in runs
+                    if r["cell"] == "flip-1e6-4-first"
+                )
                 / honest_r1
             )
         out["criteria"] = criteria(out)
@@ -284,18 +266,6 @@ def criteria(out: dict) -> dict:
         "flip-1e6-4-first",
         "max_loss_over_honest_round1",
         lambda v: v <= 1.1,
-    )
-    check(
-        "four first-arriving: loss never above 1.1x the honest round-1 loss (round check)",
-        "flip-1e6-4-first round_check",
-        "max_loss_over_honest_round1",
-        lambda v: v <= 1.1,
-    )
-    check(
-        "three colluders within 10 points (round check)",
-        "flip-3-colluders round_check",
-        "accuracy_vs_honest",
-        lambda v: v >= -0.10,
     )
     check(
         "honest run loses at most 1 point against the previous defaults",

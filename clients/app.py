@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from fedlora import codec
 from fedlora.clients.session import ClientSession
 from fedlora.data import load_task
-from fedlora.protocol import ARRAYS, CHECK_EXAMPLES, CHECK_LOSS, CHECK_LOSS_START, CONFIG, METRICS, PROFILE, SETUP
+from fedlora.protocol import ARRAYS, CONFIG, METRICS, PROFILE, SETUP
 from fedlora.training import evaluate as run_eval
 from fedlora.training import train_local
 
@@ -63,12 +63,6 @@ def train(msg: Message, context: Context) -> Message:
     model = session.model()
     incoming = session.prepare(model, received, server_round)
     client = session.client_round(model, received, incoming, server_round, dict(config))
-    # The round check: this client's score of the adapter it starts from, before training changes it.
-    check = (
-        {CHECK_LOSS_START: session.check_score(model, client, int(config[CHECK_EXAMPLES]))}
-        if CHECK_EXAMPLES in config
-        else {}
-    )
     params = [p for p in model.parameters() if p.requires_grad]
     with ExitStack() as extensions:
         hooks = [h for ext in session.extensions for h in extensions.enter_context(ext.training(client))]
@@ -98,7 +92,6 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": session.profile.partition_id,
             **{k: float(v) for k, v in result.metrics.items()},
             **{k: v for ext in session.extensions for k, v in ext.reply_metrics(client).items()},
-            **check,
         }
     )
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
@@ -106,9 +99,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Personalized evaluation: the global parts plus this client's private parts, on its own test split;
-    and the round check's score of the round's aggregate when the config asks for it (``evaluate``
-    false: the check only)."""
+    """Personalized evaluation: the global parts plus this client's private parts, on its own test split."""
 
     config = msg.content[CONFIG]
     server_round = int(config["server-round"])
@@ -117,13 +108,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = session.model()
     incoming = session.prepare(model, msg.content[ARRAYS], server_round)
     client = session.client_round(model, msg.content[ARRAYS], incoming, server_round, dict(config))
-    check = (
-        {CHECK_LOSS: session.check_score(model, client, int(config[CHECK_EXAMPLES]))}
-        if CHECK_EXAMPLES in config
-        else {}
-    )
-    if not bool(config.get("evaluate", True)):
-        return Message(RecordDict({METRICS: MetricRecord(check)}), reply_to=msg)
     bs = session.cfg.train.eval_batch_size
     with ExitStack() as extensions:
         for ext in session.extensions:
@@ -134,7 +118,6 @@ def evaluate(msg: Message, context: Context) -> Message:
             "loss": local["loss"],
             "partition-id": session.profile.partition_id,
             **{k: v for ext in session.extensions for k, v in ext.reply_metrics(client).items()},
-            **check,
         }
         # Accuracy: classification, or a causal LM's generated labels; free-form instructions have loss only.
         if "accuracy" in local:

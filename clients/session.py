@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from fedlora import codec
 from fedlora.cache import BoundedCache
 from fedlora.config import ConfigError, FedLoraConfig, digest_of
-from fedlora.data import Examples, load_task
+from fedlora.data import load_task
 from fedlora.extensions import ClientRound, Extension, first_answer
 from fedlora.factors import LoraFactors, extract_factors, load_factors
 from fedlora.model import (
@@ -35,7 +34,7 @@ from fedlora.protocol import NodeProfile, partition_client_id
 from fedlora.registry import extensions_for, policy_for
 from fedlora.sharing import SharingPolicy
 from fedlora.state import OWN_RANK, ClientStateStore, atomic_write_bytes
-from fedlora.training import evaluate, pick_device
+from fedlora.training import pick_device
 
 log = logging.getLogger("fedlora.client")
 
@@ -298,16 +297,6 @@ class ClientSession:
             e.keep_own(self.profile.client_id, self.store, out)
         return out.select(self.policy.shared)
 
-    def check_score(self, model: torch.nn.Module, client: ClientRound, examples: int) -> float:
-        """The round check's score of the adapter loaded in ``model``: its loss on this client's check
-        examples (:func:`check_examples`), evaluated as an evaluate message evaluates (inside every
-        extension's evaluating context)."""
-        data = check_examples(self.data, examples)
-        with ExitStack() as contexts:
-            for ext in self.extensions:
-                contexts.enter_context(ext.evaluating(client))
-            return float(evaluate(model, data, self.cfg.train.eval_batch_size, self.device)["loss"])
-
     def save_personal_adapter(self, model: torch.nn.Module) -> str:
         # A device writes inside the state folder its owner gave (--state-dir), never where the run config
         # points; a simulation keeps its clients' adapters beside their state, in the run directory.
@@ -317,11 +306,3 @@ class ClientSession:
             root = Path(self.cfg.simulation.state_dir or self.store.root).parent / "adapters" / self.profile.client_id
         save_adapter(model, root, self.cfg.model.name, self.labels())
         return str(root)
-
-
-def check_examples(data: ClientData, n: int) -> Examples:
-    """The round check's examples: the client's validation part, else the first ``n`` of its training
-    examples (in the partition's fixed, shuffled order: a sample of its own data as it is)."""
-    if data.val is not None and len(data.val):
-        return data.val
-    return data.train.subset(list(range(min(n, len(data.train)))))

@@ -31,11 +31,6 @@ the run's global adapter is :class:`GlobalAdapter`):
 * :meth:`Extension.round_release`: the round's fold replaced by the extension's own release (a
   :class:`RoundRelease`: client-level DP's clipped, noised mean), which also turns off the robust
   layer's data-dependent bound (``releases_round``);
-* :meth:`Extension.check_request`: nodes it asks to score the round's aggregate in the round's
-  evaluate exchange, with the config keys their message carries (the round check's trainers);
-* :meth:`Extension.after_evaluate`: the round's evaluate replies are in (each passed to
-  :meth:`Extension.reply_accepted`): may put back the global adapter the round started from (the
-  round check's rollback);
 * :meth:`Extension.server_state` / :meth:`Extension.server_tensors` and their ``load_`` pair: what
   the checkpoint keeps;
 * :meth:`Extension.label_names` / :meth:`Extension.server_test_set`: the run's label space and the
@@ -254,15 +249,6 @@ class Extension:
         """The new global adapter after the strategy's own fold (``run.global_eff``; not after an
         extension's release), given the one before the round."""
         return run.global_eff
-
-    def check_request(self, rl: RoundLog) -> dict[int, dict[str, int | float | str | bool]]:
-        """Nodes this extension asks to score the round's aggregate in the round's evaluate exchange
-        (called after train round ``rl.server_round``), each with the config keys its message adds."""
-        return {}
-
-    def after_evaluate(self, run: GlobalAdapter, rl: RoundLog) -> None:
-        """The round's evaluate replies are in (before the server's own evaluation and checkpoint): may
-        replace ``run.global_eff``."""
 
     def server_state(self) -> dict:
         """JSON-able state for the server's checkpoint."""

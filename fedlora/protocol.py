@@ -9,12 +9,6 @@ Message content keys (constructor arguments of the strategies, defaults here):
   ``action="setup"`` and ``run-config`` (the whole run config as JSON, sent once per node).
 * ``metrics``: the reply's ``MetricRecord`` (``num-examples`` weights the aggregation).
 * ``profile``: the setup reply's ``ConfigRecord`` (see :class:`NodeProfile`).
-
-The round check (``robust.round_check``): a train or evaluate config with ``check-examples`` = n asks
-the client to score the adapter it received on its check examples (:data:`CHECK_EXAMPLES`); the
-train reply's metrics carry that loss as ``check-loss-start`` (before training), the evaluate reply's
-as ``check-loss`` (the round's aggregate). An evaluate config with ``evaluate`` false asks for the
-check only.
 """
 
 from __future__ import annotations
@@ -28,9 +22,6 @@ METRICS = "metrics"
 PROFILE = "profile"
 BASE_PREFIX = "base/"
 SETUP = "setup"
-CHECK_EXAMPLES = "check-examples"
-CHECK_LOSS_START = "check-loss-start"
-CHECK_LOSS = "check-loss"
 
 
 @dataclass

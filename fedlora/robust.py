@@ -51,15 +51,6 @@ def cap_shares(weights: Sequence[float], max_share: float) -> list[float]:
         p = [max_share if capped[i] else free * w[i] / rest for i in range(len(w))]
 
 
-def median_of(xs: Sequence[float]) -> float:
-    """The median of a non-empty list (the mean of the middle two for an even count)."""
-    s = sorted(float(x) for x in xs)
-    n = len(s)
-    if not n:
-        raise ValueError("the median of no values")
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
 def update_norm(start: LoraFactors, new: LoraFactors) -> float:
     """L2 norm of ``new - start`` in effective form over the tensors ``new`` carries.
 

@@ -184,7 +184,7 @@ class RunDir:
 def round_line(row: dict) -> str:
     """One console line of a round's metrics row: accuracy, loss, clients, epsilon, bytes, rejections,
     replies a robust bound cut (each named on its own line by the recorder), replies over the
-    client-level DP clip, a round the round check rolled back, time."""
+    client-level DP clip, time."""
     parts = [f"round {row['round']}"]
     shown = {"server-accuracy": "acc", "personal-accuracy-mean": "personal acc", "personal-accuracy-worst": "worst"}
     for key, label in {**shown, "server-loss": "loss", "server-perplexity": "ppl"}.items():
@@ -205,7 +205,5 @@ def round_line(row: dict) -> str:
     if row.get("clients-clipped"):  # client-level DP: how many its clip cut, and how many far beyond it
         far = row.get("clients-far-beyond-clip") or 0
         parts.append(f"{row['clients-clipped']} over the DP clip" + (f" ({far} far beyond)" if far else ""))
-    if row.get("rolled-back"):  # the round check: the clients scored the round's aggregate worse
-        parts.append(f"rolled back (median client loss {row.get('round-check-median-change', 0.0):+.1%})")
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)

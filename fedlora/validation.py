@@ -17,7 +17,6 @@ from numbers import Real
 
 from fedlora.codec import STYPE, WIRE_DTYPES, module_index
 from fedlora.factors import LoraFactors, extra_part
-from fedlora.protocol import CHECK_LOSS, CHECK_LOSS_START
 
 MAX_ID_CHARS = 128
 
@@ -169,9 +168,8 @@ def check_train_metrics(
         raise RejectedReply(f"no '{weight_key}' in the metrics")
     n = as_int(metrics[weight_key], f"'{weight_key}'", 1, max_examples)
     rank = as_int(metrics["rank"], "'rank'", 1, max_rank) if "rank" in metrics else None
-    for key in ("train-loss", CHECK_LOSS_START):
-        if key in metrics:
-            as_float(metrics[key], f"'{key}'", 0.0)
+    if "train-loss" in metrics:
+        as_float(metrics["train-loss"], "'train-loss'", 0.0)
     return n, rank
 
 
@@ -195,15 +193,6 @@ def check_eval_metrics(metrics: Mapping, *, max_examples: int, weight_key: str, 
         out["val-loss"] = as_float(metrics["val-loss"], "'val-loss'", 0.0)
     out[weight_key] = as_int(metrics[weight_key], f"'{weight_key}'", 1, max(max_examples, 1))
     return out
-
-
-def check_round_score(metrics: Mapping) -> float:
-    """The round check's score in an evaluate reply (:data:`~fedlora.protocol.CHECK_LOSS`): a finite,
-    non-negative loss."""
-    check_numbers(metrics, "metric")
-    if CHECK_LOSS not in metrics:
-        raise RejectedReply(f"no '{CHECK_LOSS}' in the reply to the round check")
-    return as_float(metrics[CHECK_LOSS], f"'{CHECK_LOSS}'", 0.0)
 
 
 # ----------------------------------------------------------------------------------- profiles

@@ -11,9 +11,8 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
-from fedlora.protocol import CHECK_LOSS
 from fedlora.strategies.round_log import RoundLog
-from fedlora.validation import RejectedReply, check_eval_metrics, check_round_score, short_reason
+from fedlora.validation import RejectedReply, check_eval_metrics, short_reason
 
 log = logging.getLogger("fedlora.server")
 
@@ -23,34 +22,11 @@ class FederatedEvaluation:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """This round's evaluate exchange: the nodes sampled to evaluate (when due) and the nodes an
-        extension asks to score the round's aggregate (the round check's trainers), one message each."""
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
-        checks: dict[int, dict] = {}
-        for e in self.extensions:
-            for node, keys in e.check_request(rl).items():
-                if node in self.profiles and node not in self.refused:
-                    checks.setdefault(node, {}).update(keys)
-        node_ids, extra = self._evaluators(server_round, grid, rl)
-        rl.check_nodes = sorted(checks)
-        rl.check_only = [n for n in rl.check_nodes if n not in set(node_ids)]
-        rl.sent[MessageType.EVALUATE] = list(dict.fromkeys([*node_ids, *rl.check_nodes]))
-        groups: dict[tuple, list[int]] = {}  # nodes whose messages carry the same config
-        evaluating = set(node_ids)
-        for node in rl.sent[MessageType.EVALUATE]:
-            groups.setdefault((node in evaluating, tuple(sorted(checks.get(node, {}).items()))), []).append(node)
-        messages: list[Message] = []
-        for (evaluates, keys), nodes in groups.items():
-            keys_extra = {**(extra if evaluates else {}), **dict(keys), "evaluate": evaluates}
-            messages += self._messages(nodes, server_round, config, MessageType.EVALUATE, None, keys_extra)
-        return messages
-
-    def _evaluators(self, server_round: int, grid: Grid, rl: RoundLog) -> tuple[list[int], dict]:
-        """(the nodes that evaluate after ``server_round``, the config keys their messages add)."""
         last = server_round >= self.cfg.run.rounds
         if self.fraction_evaluate == 0.0 or (server_round % self.cfg.federation.evaluate_every and not last):
-            return [], {}
+            return []
         if last and self.sharing_policy.private:
             # Every client evaluates (and saves) its personalized adapter at the end.
             node_ids = [n for n in grid.get_node_ids() if n not in self.refused]
@@ -58,13 +34,14 @@ class FederatedEvaluation:
         else:
             node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round, "evaluate")
             extra = {}
-        return self.ensure_profiles(grid, node_ids, rl), extra
+        node_ids = self.ensure_profiles(grid, node_ids, rl)
+        rl.sent[MessageType.EVALUATE] = list(node_ids)
+        return self._messages(node_ids, server_round, config, MessageType.EVALUATE, None, extra)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         rl = self.rounds.setdefault(server_round, RoundLog(server_round=server_round))
         clients, answered = [], set()
-        checking, check_only = set(rl.check_nodes), set(rl.check_only)
         for reply in replies:  # folded as they arrive: only each client's scalar metrics are kept
             node = reply.metadata.src_node_id
             answered.add(node)
@@ -74,25 +51,14 @@ class FederatedEvaluation:
                     raise RejectedReply(f"failed: {short_reason(reply.error.reason)}")
                 if prof is None or self.metricrecord_key not in reply.content.metric_records:
                     raise RejectedReply("no metrics" if prof else "reply from a node that was never set up")
-                raw = dict(reply.content.metric_records[self.metricrecord_key])
-                # The round check's score of the aggregate, from the nodes asked for it (and only them).
-                score = {CHECK_LOSS: check_round_score(raw)} if node in checking else {}
-                raw.pop(CHECK_LOSS, None)
-                m = None
-                if node not in check_only:
-                    m = check_eval_metrics(
-                        raw,
-                        max_examples=prof.num_test,
-                        weight_key=self.weighted_by_key,
-                        scored=self.cfg.model.task != "causal-lm" or self.cfg.data.prompt_format == "label",
-                    )
-                for e in self.extensions:  # the whole reply checked: its parts count
-                    if score:
-                        e.reply_accepted(node, score)
-                    if m is not None:
-                        e.reply_accepted(node, m)
-                if m is None:
-                    continue
+                m = check_eval_metrics(
+                    dict(reply.content.metric_records[self.metricrecord_key]),
+                    max_examples=prof.num_test,
+                    weight_key=self.weighted_by_key,
+                    scored=self.cfg.model.task != "causal-lm" or self.cfg.data.prompt_format == "label",
+                )
+                for e in self.extensions:
+                    e.reply_accepted(node, m)
             except RejectedReply as exc:
                 rl.rejected_evaluate.append(f"{self.who(node)}: {exc}")
                 log.warning("round %d: evaluation from %s dropped: %s", server_round, self.who(node), exc)
@@ -100,8 +66,6 @@ class FederatedEvaluation:
             m["client-id"] = prof.client_id
             clients.append(m)
         self._missing_replies(rl, MessageType.EVALUATE, answered, rl.rejected_evaluate)
-        for e in self.extensions:
-            e.after_evaluate(self, rl)
         if not clients:
             return None
         clients.sort(key=lambda m: m["client-id"])

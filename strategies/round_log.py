@@ -34,8 +34,6 @@ class RoundLog:
     eval_metrics: dict = field(default_factory=dict)
     eval_clients: list[dict] = field(default_factory=list)
     sent: dict[str, list[int]] = field(default_factory=dict)  # message type -> nodes messaged
-    check_nodes: list[int] = field(default_factory=list)  # nodes asked to score the round's aggregate
-    check_only: list[int] = field(default_factory=list)  # of those, the ones not also asked to evaluate
     sizer_up: codec.MessageSizer = field(default_factory=codec.MessageSizer)  # exact for a sample, then estimated
     sizer_down: codec.MessageSizer = field(default_factory=codec.MessageSizer)
 

@@ -13,7 +13,6 @@ from flwr.app import Message
 from flwr.clientapp import ClientApp
 
 from fedlora import codec
-from fedlora.protocol import CHECK_LOSS, CHECK_LOSS_START
 
 
 class RecordingGrid:
@@ -73,9 +72,7 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
     'rank-nan', 'rank-inf', 'rank-frac' (4.7), 'examples-frac' (2.5), 'examples-cap' (claims the
     federation's declared-size cap), 'base-key' (a FLoRA key outside FLoRA), 'scale-1e6' (every
     tensor x1e6), 'boost' (start + 1e6 x its own change), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 47 s from
-    round 2). Evaluation: 'eval-no-accuracy', 'eval-out-of-range'. The round check (both messages):
-    'check-praise' (started at 10, scores the aggregate 0), 'check-blame' (scores it 1e6), 'check-nan'
-    (scores it NaN). Setup profile:
+    round 2). Evaluation: 'eval-no-accuracy', 'eval-out-of-range'. Setup profile:
     'profile-rank-double', 'profile-rank-zero', 'profile-rank-string', 'profile-size-1e12',
     'profile-alpha-nan', 'profile-alpha-big', 'profile-dup-id' (claims client-00000's id)."""
     from fedlora.clients.app import app as real
@@ -116,13 +113,6 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
             del m["accuracy"]
         if "eval-out-of-range" in h:
             m["accuracy"], m["loss"], m["num-examples"] = 5.0, math.nan, -100
-        if CHECK_LOSS in m:
-            if "check-praise" in h:
-                m[CHECK_LOSS] = 0.0
-            if "check-blame" in h:
-                m[CHECK_LOSS] = 1e6
-            if "check-nan" in h:
-                m[CHECK_LOSS] = math.nan
         return reply
 
     @app.train()
@@ -164,8 +154,6 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
             metrics["num-examples"] = 2.5
         if "examples-cap" in h:
             metrics["num-examples"] = 1000
-        if CHECK_LOSS_START in metrics and "check-praise" in h:
-            metrics[CHECK_LOSS_START] = 10.0
         if "base-key" in h:
             arrays["base/" + key_a] = arrays[key_a]
         for key in list(arrays.keys()):

@@ -17,15 +17,7 @@ from fedlora.extensions import Extension, GlobalAdapter, ReplyStage
 from fedlora.factors import LoraFactors
 from fedlora.protocol import NodeProfile
 from fedlora.registry import register_extension
-from fedlora.robust import (
-    clip_update,
-    coordinate_median,
-    cosines_to_median,
-    median_of,
-    trimmed_mean,
-    update_change,
-    update_norm,
-)
+from fedlora.robust import clip_update, coordinate_median, cosines_to_median, trimmed_mean, update_change, update_norm
 from fedlora.schema import ConfigError
 from fedlora.validation import RejectedReply
 
@@ -167,7 +159,7 @@ class MedianBounds:
             return []
         held, self._held = [(n, u) for n, _, u in sorted(self._held, key=lambda e: e[1])], []
         if self.factor > 0:
-            self.reference = ref = median_of(self.norms)
+            self.reference = ref = _median(self.norms)
             early = sum(1 for n in self.folded_norms if n > self.factor * ref)
             if early:
                 self.rl.flagged.append(
@@ -249,6 +241,12 @@ class MedianBounds:
                 "of the fold"
             )
         return kept
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 @register_extension

@@ -133,27 +133,6 @@ class RobustConfig:
         "rank. Off under client-level DP.",
         default=-1.0,
     )
-    round_check: bool = _meta(
-        "Opt-in: before a round's aggregate becomes the global adapter, the clients that trained in it score it "
-        "on their check examples (their validation part, else the first round_check_examples of their training "
-        "data) against what they started from; when the median client's relative change is above "
-        "round_check_tolerance, the round is rolled back (the global adapter stays as it was) and the round line "
-        "says so. Fewer than half the checking clients cannot move that median. Costs one evaluate message per "
-        "trainer per round and two forward passes over its check examples. Not a default: on non-IID data it sees "
-        "only what the median client holds (docs/hostile-clients.md). Off under differential privacy (the "
-        "decision would read the clients' data outside the accounted mechanism).",
-        default=False,
-    )
-    round_check_tolerance: float = _meta(
-        "round_check: the largest rise of the median client's check loss, as a share of its loss before the "
-        "round, that still commits the round (0: any rise rolls it back).",
-        default=0.0,
-    )
-    round_check_examples: int = _meta(
-        "round_check: how many of a client's training examples it scores the round on when it has no validation "
-        "part (data.validation_fraction).",
-        default=64,
-    )
     held_back_mb: float = _meta(
         "MiB of replies held back until the round's medians are known (the largest update norms first; at least "
         "one reply): the norm bound is exact in any arrival order while no more replies exceed it than this "
@@ -204,5 +183,3 @@ class RobustConfig:
         _require(0.0 <= self.trim_fraction < 0.5, "robust.trim_fraction", "must be in [0, 0.5)")
         _require(0.0 < self.max_client_share <= 1.0, "robust.max_client_share", "must be in (0, 1]")
         _require(self.held_updates_budget_mb > 0, "robust.held_updates_budget_mb", "must be > 0")
-        _require(0.0 <= self.round_check_tolerance <= 1.0, "robust.round_check_tolerance", "must be in [0, 1]")
-        _require(self.round_check_examples >= 1, "robust.round_check_examples", "must be >= 1")
