@@ -20,7 +20,9 @@ Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and t
 defaults, honest (Dirichlet and IID), honest at the previous defaults (a 4x plain-norm bound, a 10x
 weight cap), and each attack above (1 client; 3 colluding flips; 4 first-arriving x1e6). Then the
 opt-in defences: the coordinate median (against 1 flip, the 3 colluders, and honest), client-level
-DP's clip (honest and 1 flip), a 0.2 share cap and ``robust.min_cosine = 0`` (1 flip). (The trimmed
+DP's clip (honest and 1 flip), a 0.2 share cap and ``robust.min_cosine = 0`` (1 flip). Last, an honest
+federation in which client 0 holds ten times the data of each other client (an IID ``sizes`` split), at the
+defaults and with the size bounds off: what the defaults cost a real 10x client. (The trimmed
 mean is left out: on this task one honest run, seed 42, ended at 0.44 with it against 0.82 with the
 mean.) For each run: the final accuracy and loss of the server's held-out set, every round's loss,
 every client named (clipped, rejected or flagged) with whether it was an attacker, and under DP the
@@ -66,12 +68,16 @@ CELLS = {
     "honest dp": {},
     "flip-1 dp": {3: "flip"},
     "flip-1 min_cosine=0": {3: "flip"},
+    # An honest client with ten times the data of each other (an IID 'sizes' split): what the defaults cost it.
+    "honest 10x-client": {},
+    "honest 10x-client no size bounds": {},
 }
 # Client-level DP as a defence: its clip bounds every client equally and its mean is unweighted. C = 10
 # is about the honest clients' median update norm on this task; z = 0.01 keeps the task learnable, so
 # the epsilon it spends protects nothing (the run reports it): these cells measure the clip, not a
 # privacy setting.
 DP = ["privacy.client_dp=true", "privacy.client_clip=10", "privacy.client_noise_multiplier=0.01"]
+TEN_X = ['data.partitioner="sizes"', "data.partition_sizes=[10, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
 OVERRIDES = {
     "honest-iid": ['data.partitioner="iid"'],
     # The defaults before this benchmark's defaults: a 4x plain-norm bound, a 10x weight cap.
@@ -88,7 +94,16 @@ OVERRIDES = {
     "flip-1 max_client_share=0.2": ["robust.max_client_share=0.2"],
     "honest dp": DP,
     "flip-1 dp": DP,
+    "honest 10x-client": TEN_X,
+    "honest 10x-client no size bounds": [
+        *TEN_X,
+        "robust.relative_norm_bound=0",
+        "robust.weight_from_norm=false",
+        "robust.max_weight_factor=0",
+    ],
 }
+# Cells measured against another cell of their own split rather than against "honest" (paired by seed).
+BASELINES = {"honest 10x-client": "honest 10x-client no size bounds"}
 
 
 def attack_app(bad: dict[int, str], declared: int, flip: float, power: float):
@@ -238,6 +253,14 @@ def summarise(runs: list[dict]) -> dict:
                 )
                 / honest_r1
             )
+        for cell, base in BASELINES.items():  # paired by seed against the cell of the same split
+            for c in (cell, base):  # another split than "honest": no comparison with it
+                out.get(c, {}).pop("accuracy_vs_honest", None)
+            base_at = {r["seed"]: r["accuracy"] for r in runs if r["cell"] == base}
+            diffs = [r["accuracy"] - base_at[r["seed"]] for r in runs if r["cell"] == cell and r["seed"] in base_at]
+            if cell in out and diffs:
+                out[cell]["baseline"] = base
+                out[cell]["accuracy_vs_baseline"] = statistics.mean(diffs)
         out["criteria"] = criteria(out)
     return out
 

@@ -211,12 +211,16 @@ def report() -> str:
             if cell == "criteria":
                 continue
             name, met = wanted.get(cell, ("", None))
+            if "accuracy_vs_baseline" in v:
+                versus = f"{v['accuracy_vs_baseline']:+.3f} vs {v['baseline']}"
+            elif "accuracy_vs_honest" in v:
+                versus = f"{v['accuracy_vs_honest']:+.3f} vs honest"
+            else:
+                versus = "-"
             lines.append(
                 f"| attacks inside the default bounds (default task, {v['seeds']} seeds): {cell}, final accuracy "
-                f"mean (spread), vs honest | {v['accuracy_mean']:.3f} ({v['accuracy_spread']:.3f}), "
-                f"{v.get('accuracy_vs_honest', 0.0):+.3f} | "
-                + (f"{name}: {'met' if met else 'NOT met'}" if name else "-")
-                + " |"
+                f"mean (spread), paired difference | {v['accuracy_mean']:.3f} ({v['accuracy_spread']:.3f}), "
+                f"{versus} | " + (f"{name}: {'met' if met else 'NOT met'}" if name else "-") + " |"
             )
     co = _load("cohort")
     if co:

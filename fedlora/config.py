@@ -136,6 +136,14 @@ class FedLoraConfig:
             if extension.applies(self):
                 extension.check_with_run(self, policy)
         self._validate_task(policy)
+        d = self.data
+        if d.partitioner == "sizes":
+            _require(
+                len(d.partition_sizes) == self.federation.num_clients,
+                "data.partition_sizes",
+                f"the 'sizes' partitioner needs one share per client: {len(d.partition_sizes)} shares for "
+                f"{self.federation.num_clients} clients (federation.num_clients)",
+            )
         if self.robust.aggregation != "mean" and policy.heterogeneous_ranks:
             raise ConfigError(
                 f"invalid config value for 'robust.aggregation': {self.robust.aggregation!r} compares clients "
@@ -203,7 +211,7 @@ class FedLoraConfig:
                 "invalid config value for 'data.instruction': it is a classifier's task cue; a causal "
                 "LM's prompt is data.prompt_template (with {labels} for the options)"
             )
-        if d.prompt_format != "label" and d.partitioner != "iid":
+        if d.prompt_format != "label" and d.partitioner not in ("iid", "sizes"):
             raise ConfigError(
                 f"invalid config value for 'data.partitioner': {d.partitioner!r} splits clients by "
                 f"label, but data.prompt_format={d.prompt_format!r} rows carry no label; use 'iid' "

@@ -33,6 +33,7 @@ def partition_indices(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
         dc.dirichlet_alpha,
         dc.labels_per_client,
         dc.min_partition_size,
+        tuple(dc.partition_sizes),
         seed,
         len(labels),
         hashlib.sha256(bytes(str(labels), "utf8")).hexdigest(),
@@ -79,12 +80,17 @@ def _read_partitions(path: Path, n: int) -> list[list[int]] | None:
 
 def _split(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, SizePartitioner
 
     n, dc, seed = cfg.federation.num_clients, cfg.data, cfg.run.seed
     ds = Dataset.from_dict({"label": labels, "idx": list(range(len(labels)))})
     if dc.partitioner == "iid":
         p = IidPartitioner(num_partitions=n)
+    elif dc.partitioner == "sizes":
+        total = sum(dc.partition_sizes)
+        # SizePartitioner hands out contiguous rows: shuffled first, every client's rows are an IID sample.
+        ds = ds.shuffle(seed=seed)
+        p = SizePartitioner(partition_sizes=[int(len(labels) * w / total) for w in dc.partition_sizes])
     elif dc.partitioner == "dirichlet":
         p = DirichletPartitioner(
             num_partitions=n,
@@ -112,6 +118,8 @@ def _split(cfg: FedLoraConfig, labels: list[int]) -> list[list[int]]:
         with warnings.catch_warnings():
             # flwr-datasets warns whenever min_partition_size is left at its default; ours is explicit.
             warnings.filterwarnings("ignore", message=".*min_partition_size.*")
+            # 'sizes' leaves out the rows its shares round away (a documented remainder).
+            warnings.filterwarnings("ignore", message=".*sum of partition sizes.*")
             parts = [list(p.load_partition(i)["idx"]) for i in range(n)]
     except ValueError as exc:
         raise ConfigError(

@@ -175,10 +175,19 @@ class DataConfig:
     )
     max_train_examples: int = _meta("Cap on training examples before partitioning (0 = all).", default=0)
     max_test_examples: int = _meta("Cap on held-out examples for server evaluation (0 = all).", default=0)
-    partitioner: str = _meta("'iid', 'dirichlet' or 'pathological'.", default="dirichlet")
+    partitioner: str = _meta(
+        "'iid', 'dirichlet', 'pathological', or 'sizes' (IID rows, each client's share of them given by "
+        "partition_sizes: flwr-datasets' SizePartitioner over the rows shuffled by run.seed).",
+        default="dirichlet",
+    )
     dirichlet_alpha: float = _meta("Concentration of the Dirichlet label split.", default=0.5)
     labels_per_client: int = _meta("Labels per client for the pathological split.", default=2)
     min_partition_size: int = _meta("Smallest partition the Dirichlet split accepts.", default=10)
+    partition_sizes: list[float] = _meta(
+        "partitioner = 'sizes': each client's relative share of the training rows, one per client (e.g. "
+        "[10, 1, 1, ...]: client 0 holds ten times what each other client holds); remainders are left out.",
+        default_factory=list,
+    )
     local_test_fraction: float = _meta("Share of each client's partition kept as its local test split.", default=0.2)
     validation_fraction: float = _meta(
         "Share of each client's partition kept as a local validation split (0 = none); hyper-parameters "
@@ -210,9 +219,14 @@ class DataConfig:
 
     def validate(self) -> None:
         _require(
-            self.partitioner in ("iid", "dirichlet", "pathological"),
+            self.partitioner in ("iid", "dirichlet", "pathological", "sizes"),
             "data.partitioner",
-            f"must be 'iid', 'dirichlet' or 'pathological', got {self.partitioner!r}",
+            f"must be 'iid', 'dirichlet', 'pathological' or 'sizes', got {self.partitioner!r}",
+        )
+        _require(
+            all(isinstance(w, (int, float)) and w > 0 for w in self.partition_sizes),
+            "data.partition_sizes",
+            f"every share must be a number > 0, got {self.partition_sizes}",
         )
         _require(
             self.prompt_format in PROMPT_FORMATS,

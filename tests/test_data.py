@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from fedlora.config import FedLoraConfig
+from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.data import FORTUNE_COLLECTIONS, fortune_dir, load_task, read_fortunes
 from fedlora.partitions import client_data, partition_indices
 
@@ -57,6 +57,22 @@ def test_pathological_split_gives_k_labels(tmp_path, shared_data):
     task = load_task(cfg)
     for p in partition_indices(cfg, task.train_labels):
         assert len({task.train_labels[i] for i in p}) <= 2
+
+
+def test_sizes_split_gives_each_client_its_share_of_shuffled_rows_and_refuses_a_wrong_count(tmp_path, shared_data):
+    cfg = make_config(
+        tmp_path, data={"partitioner": "sizes", "partition_sizes": [4, 1, 1]}, federation={"num_clients": 3}
+    )
+    task = load_task(cfg)
+    parts = partition_indices(cfg, task.train_labels)
+    assert [len(p) for p in parts] == [160, 40, 40]  # 240 rows in shares 4:1:1
+    assert len({i for p in parts for i in p}) == 240
+    assert parts[0] != list(range(160))  # shuffled by the run's seed: not the file's first rows
+    assert len({task.train_labels[i] for i in parts[1]}) == 4  # an IID sample holds every label
+    with pytest.raises(ConfigError, match="data.partition_sizes.*2 shares for 3 clients"):
+        make_config(tmp_path, data={"partitioner": "sizes", "partition_sizes": [4, 1]}, federation={"num_clients": 3})
+    with pytest.raises(ConfigError, match="data.partition_sizes.*> 0"):
+        make_config(tmp_path, data={"partitioner": "sizes", "partition_sizes": [4, 0, 1]})
 
 
 def test_client_local_split(tmp_path, shared_data):
