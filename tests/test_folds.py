@@ -535,8 +535,14 @@ def test_the_dense_product_sum_is_the_exact_svd_of_the_sum_in_any_order(ranks, r
     fold = batch(DenseProductSum(64), [ups[i] for i in idx], [weights[i] for i in idx])
     want = aggregate_svd(ups, weights, rank)
     got = fold.result(rank)
+    summed = _dense(aggregate_stacked(ups, weights))
     for n in got.modules:
-        torch.testing.assert_close(_dense(got)[n], _dense(want)[n], rtol=1e-5, atol=1e-5)
+        # A rank-r truncation moves by about (rounding x sigma_1 / (sigma_r - sigma_r+1)) when the sum
+        # is perturbed by rounding: the tolerance widens as the spectral gap at the cut closes.
+        s = torch.linalg.svdvals(summed[n].double())
+        gap = float(s[rank - 1] - s[rank]) if rank < len(s) else float(s[rank - 1])
+        tol = 1e-5 * max(1.0, float(s[0]) / max(gap, 1e-12))
+        torch.testing.assert_close(_dense(got)[n], _dense(want)[n], rtol=1e-5, atol=tol)
         assert got.modules[n].rank == rank
     torch.testing.assert_close(got.extras["classifier.weight"], want.extras["classifier.weight"])
     full = fold.result(None)
