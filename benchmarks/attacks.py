@@ -220,6 +220,14 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
     }
 
 
+def _paired_difference(runs: list[dict], cell: str, base: str) -> float | None:
+    """The mean over seeds of ``cell``'s final accuracy minus ``base``'s in the same seed (None when
+    no seed ran both)."""
+    base_at = {r["seed"]: r["accuracy"] for r in runs if r["cell"] == base}
+    diffs = [r["accuracy"] - base_at[r["seed"]] for r in runs if r["cell"] == cell and r["seed"] in base_at]
+    return statistics.mean(diffs) if diffs else None
+
+
 def summarise(runs: list[dict]) -> dict:
     out = {}
     for cell in CELLS:
@@ -239,10 +247,9 @@ def summarise(runs: list[dict]) -> dict:
         }
     if "honest" in out:
         h = out["honest"]
-        honest_at = {r["seed"]: r["accuracy"] for r in runs if r["cell"] == "honest"}
-        for cell, s in out.items():  # paired: each run against the honest run of its own seed
-            diffs = [r["accuracy"] - honest_at[r["seed"]] for r in runs if r["cell"] == cell and r["seed"] in honest_at]
-            s["accuracy_vs_honest"] = statistics.mean(diffs) if diffs else s["accuracy_mean"] - h["accuracy_mean"]
+        for cell, s in out.items():
+            paired = _paired_difference(runs, cell, "honest")
+            s["accuracy_vs_honest"] = paired if paired is not None else s["accuracy_mean"] - h["accuracy_mean"]
         if "flip-1e6-4-first" in out:
             honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
             out["flip-1e6-4-first"]["max_loss_over_honest_round1"] = (
@@ -256,11 +263,10 @@ def summarise(runs: list[dict]) -> dict:
         for cell, base in BASELINES.items():  # paired by seed against the cell of the same split
             for c in (cell, base):  # another split than "honest": no comparison with it
                 out.get(c, {}).pop("accuracy_vs_honest", None)
-            base_at = {r["seed"]: r["accuracy"] for r in runs if r["cell"] == base}
-            diffs = [r["accuracy"] - base_at[r["seed"]] for r in runs if r["cell"] == cell and r["seed"] in base_at]
-            if cell in out and diffs:
+            paired = _paired_difference(runs, cell, base)
+            if cell in out and paired is not None:
                 out[cell]["baseline"] = base
-                out[cell]["accuracy_vs_baseline"] = statistics.mean(diffs)
+                out[cell]["accuracy_vs_baseline"] = paired
         out["criteria"] = criteria(out)
     return out
 

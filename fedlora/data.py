@@ -10,8 +10,8 @@ Sources (``data.dataset``):
 * a Hugging Face hub dataset name (needs the hub; offline machines use the two above).
 
 Partitioning uses flwr-datasets partitioners (IID, Dirichlet over labels, pathological k labels
-per client, IID rows in given shares), deterministic by seed. Each client's partition is split into its local train and
-local test parts (and, with ``data.validation_fraction``, a local validation part used to choose
+per client, IID rows in given shares), deterministic by seed. Each client's partition is split
+into its local train and local test parts (and, with ``data.validation_fraction``, a local validation part used to choose
 hyper-parameters, never the test parts). Tokenization runs once per dataset and is cached on disk
 (safetensors, written under a unique temporary name and renamed into place, so concurrent workers
 never see a torn file) and in a bounded in-memory cache.
