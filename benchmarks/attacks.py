@@ -68,6 +68,14 @@ CELLS = {
     "honest dp": {},
     "flip-1 dp": {3: "flip"},
     "flip-1 min_cosine=0": {3: "flip"},
+    # Trust scores from 64 server-held examples (robust.trust_examples, opt-in): the same attacks, and its cost.
+    "honest trust": {},
+    "flip-1 trust": {3: "flip"},
+    "absent-1 trust": {3: "absent"},
+    "flip+size-1 trust": {3: "flip+size"},
+    "flip-3-colluders trust": {1: "flip", 4: "flip", 7: "flip"},
+    "flip-1e6-4-first trust": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
+    "honest trust fltrust": {},  # FLTrust's own aggregate (robust.trust_rescale): what it costs an honest run
     # An honest client with ten times the data of each other (an IID 'sizes' split): what the defaults cost it.
     "honest 10x-client": {},
     "honest 10x-client no size bounds": {},
@@ -77,6 +85,7 @@ CELLS = {
 # the epsilon it spends protects nothing (the run reports it): these cells measure the clip, not a
 # privacy setting.
 DP = ["privacy.client_dp=true", "privacy.client_clip=10", "privacy.client_noise_multiplier=0.01"]
+TRUST = ["robust.trust_examples=64"]
 TEN_X = ['data.partitioner="sizes"', "data.partition_sizes=[10, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
 OVERRIDES = {
     "honest-iid": ['data.partitioner="iid"'],
@@ -94,6 +103,8 @@ OVERRIDES = {
     "flip-1 max_client_share=0.2": ["robust.max_client_share=0.2"],
     "honest dp": DP,
     "flip-1 dp": DP,
+    **{cell: TRUST for cell in CELLS if cell.endswith(" trust")},
+    "honest trust fltrust": [*TRUST, "robust.trust_rescale=true"],
     "honest 10x-client": TEN_X,
     "honest 10x-client no size bounds": [
         *TEN_X,
@@ -195,6 +206,7 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
         for key in ("clipped", "rejected", "flagged"):
             named += [f"round {r['round']} {key}: {x}" for x in r.get(key) or []]
     ids = {m for line in named for m in re.findall(r"client-\d{5}", line)}
+    left_out = {m for line in named if " rejected: " in line for m in re.findall(r"client-\d{5}", line)}
     last = rows[-1]
     return {
         "cell": cell,
@@ -208,6 +220,7 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
         "losses": [r["server-loss"] for r in rows if "server-loss" in r and r["round"] >= 1],
         "named": named,
         "honest_named": sorted(ids - attackers),
+        "honest_left_out": sorted(left_out - attackers),
         "attackers_named": sorted(ids & attackers),
         "unnamed_lines": [x for x in named if not re.search(r"client-\d{5}", x)],
         "dp_clip_counts": [  # under client-level DP: how many the clip cut, how many far beyond it, epsilon
@@ -243,6 +256,7 @@ def summarise(runs: list[dict]) -> dict:
             "loss_mean": statistics.mean(loss),
             "round1_loss_max": max(r["round1_loss"] for r in rs),
             "honest_named": sorted({c for r in rs for c in r["honest_named"]}),
+            "honest_left_out": sorted({c for r in rs for c in r.get("honest_left_out", [])}),
             "attackers_named_in_every_run": all(set(r["attackers_named"]) == set(r["attackers"]) for r in rs),
         }
     if "honest" in out:
@@ -250,14 +264,10 @@ def summarise(runs: list[dict]) -> dict:
         for cell, s in out.items():
             paired = _paired_difference(runs, cell, "honest")
             s["accuracy_vs_honest"] = paired if paired is not None else s["accuracy_mean"] - h["accuracy_mean"]
-        if "flip-1e6-4-first" in out:
-            honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
-            out["flip-1e6-4-first"]["max_loss_over_honest_round1"] = (
-                max(
-                    max(r.get("losses") or [r["loss"], r["round1_loss"]])
-                    for r in runs
-                    if r["cell"] == "flip-1e6-4-first"
-                )
+        honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
+        for cell in [c for c in out if c.startswith("flip-1e6-4-first")]:
+            out[cell]["max_loss_over_honest_round1"] = (
+                max(max(r.get("losses") or [r["loss"], r["round1_loss"]]) for r in runs if r["cell"] == cell)
                 / honest_r1
             )
         for cell, base in BASELINES.items():  # paired by seed against the cell of the same split
@@ -290,11 +300,20 @@ def criteria(out: dict) -> dict:
         "accuracy_vs_honest",
         lambda v: v >= -0.10,
     )
+    for cell in ("flip-1e6-4-first", "flip-1e6-4-first trust"):
+        check(
+            f"four first-arriving: loss never above 1.1x the honest round-1 loss ({cell})",
+            cell,
+            "max_loss_over_honest_round1",
+            lambda v: v <= 1.1,
+        )
+    for cell in ("flip-1 trust", "flip+size-1 trust"):  # the same attacks against the opt-in trust scores
+        check(f"one attacker within 5 points ({cell})", cell, "accuracy_vs_honest", lambda v: v >= -0.05)
     check(
-        "four first-arriving: loss never above 1.1x the honest round-1 loss",
-        "flip-1e6-4-first",
-        "max_loss_over_honest_round1",
-        lambda v: v <= 1.1,
+        "three colluders within 10 points (trust scores)",
+        "flip-3-colluders trust",
+        "accuracy_vs_honest",
+        lambda v: v >= -0.10,
     )
     check(
         "honest run loses at most 1 point against the previous defaults",
@@ -352,7 +371,7 @@ def _plot(summary: dict, name: str) -> None:
     import matplotlib.pyplot as plt
 
     cells = [c for c in summary if c != "criteria"]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(cells)), 4.4))
     ax.bar(
         range(len(cells)),
         [summary[c]["accuracy_mean"] for c in cells],
@@ -362,9 +381,9 @@ def _plot(summary: dict, name: str) -> None:
     if "honest" in summary:
         ax.axhline(summary["honest"]["accuracy_mean"] - 0.05, color="grey", ls="--", lw=1, label="honest - 5 points")
         ax.legend()
-    ax.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
+    ax.set_xticks(range(len(cells)), cells, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("final server accuracy (mean, bar: spread / 2)")
-    ax.set_title("attacks inside the default bounds, default settings")
+    ax.set_title("attacks inside the default bounds: the defaults and each opt-in defence (cell name)")
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=100)
     plt.close(fig)

@@ -144,6 +144,8 @@ class FedLoraConfig:
                 f"the 'sizes' partitioner needs one share per client: {len(d.partition_sizes)} shares for "
                 f"{self.federation.num_clients} clients (federation.num_clients)",
             )
+        if self.robust.trust_examples > 0:
+            self._validate_trust(policy)
         if self.robust.aggregation != "mean" and policy.heterogeneous_ranks:
             raise ConfigError(
                 f"invalid config value for 'robust.aggregation': {self.robust.aggregation!r} compares clients "
@@ -185,6 +187,26 @@ class FedLoraConfig:
     def client_delta(self) -> float:
         """Client-level delta: privacy.delta, or 1 / N^1.1 (below 1/N, as a delta must be)."""
         return self.privacy.delta or 1.0 / self.federation.num_clients**1.1
+
+    def _validate_trust(self, policy) -> None:
+        """``robust.trust_examples`` needs every client to start a round from the global adapter the
+        server trains from (one rank, nothing kept on the clients, nothing merged into the base)
+        and the weighted mean its trust weighs: a ConfigError naming what rules it out."""
+        name, why = self.federation.strategy, ""
+        if policy.private:
+            why = f"{name} keeps {sorted(policy.private)} on each client, so the server cannot train from where one starts"
+        elif policy.merge_global_into_base or policy.heterogeneous_ranks:
+            why = f"{name} gives its clients starts of their own (ranks or a merged base)"
+        elif self.privacy.client_dp:
+            why = "client-level DP releases the round with its own clip and noise; weights from other data break its analysis"
+        elif self.dylora.enabled:
+            why = "DyLoRA trains one rank per round, which the server's own update would not share"
+        elif self.robust.aggregation != "mean":
+            why = f"robust.aggregation = {self.robust.aggregation!r} ignores weights"
+        elif self.continual.method:
+            why = "a task sequence changes the server's labels and data by task"
+        if why:
+            raise ConfigError(f"invalid config for 'robust.trust_examples': {why}; use fedit or ffa with the mean")
 
     def _validate_dylora(self, policy, ranks: list[int]) -> None:
         name = self.federation.strategy

@@ -24,7 +24,7 @@ import json
 import random
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class TaskData:
     test: Examples
     label_names: list[str]
     train_labels: list[int]  # for partitioners
+    trust: Examples | None = None  # the server's own examples (robust.trust_examples), out of train
 
     @property
     def num_labels(self) -> int:
@@ -274,8 +275,45 @@ def _cap(rows: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def load_task(cfg: FedLoraConfig) -> TaskData:
-    """Tokenized train/test of the run's dataset; cached in memory and on disk."""
+    """Tokenized train/test of the run's dataset; cached in memory and on disk. With
+    ``robust.trust_examples`` > 0, that many training examples are the server's (``trust``) and no
+    client's: :func:`hold_out_trust`."""
+    task = _load_tokenized(cfg)
+    n = cfg.robust.trust_examples
+    return hold_out_trust(task, n, cfg.run.seed) if n > 0 else task
 
+
+def hold_out_trust(task: TaskData, n: int, seed: int) -> TaskData:
+    """``task`` with ``n`` training examples moved to ``trust``: the labels taken in turn (each
+    label's examples in an order shuffled by ``seed``), so the set is as balanced as the split
+    allows; ``train`` and ``train_labels`` keep the rest in their order, so every partitioner
+    splits the same rows on the server and on every client."""
+    if n >= len(task.train):
+        raise ConfigError(
+            f"invalid config value for 'robust.trust_examples': {n} would leave none of the {len(task.train)} "
+            "training examples to the clients"
+        )
+    by_label: dict[int, list[int]] = {}
+    for i, lab in enumerate(task.train_labels):
+        by_label.setdefault(int(lab), []).append(i)
+    rng = random.Random(seed * 7 + 3)
+    queues = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
+    picked: list[int] = []
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    taken = set(picked)
+    rest = [i for i in range(len(task.train)) if i not in taken]
+    return replace(
+        task,
+        train=task.train.subset(rest),
+        train_labels=[task.train_labels[i] for i in rest],
+        trust=task.train.subset(sorted(picked)),
+    )
+
+
+def _load_tokenized(cfg: FedLoraConfig) -> TaskData:
     dc = cfg.data
     task_type(cfg.model.task).prepare(cfg)  # checks before any tokenizing
     key_src = json.dumps(

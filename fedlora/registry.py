@@ -159,6 +159,7 @@ _E = TypeVar("_E")  # the decorated class, returned as it is
 _BUILTIN_CONCERNS = (
     "fedlora.sharing_parts",
     "fedlora.aggregation.bound",
+    "fedlora.aggregation.trust",
     "fedlora.dylora",
     "fedlora.continual.extension",
     "fedlora.privacy.example_level",

@@ -71,17 +71,18 @@ def update_norm(start: LoraFactors, new: LoraFactors) -> float:
 
 def update_change(start: LoraFactors, new: LoraFactors) -> torch.Tensor:
     """``new - start`` in effective form as one float32 vector, the terms :func:`update_norm` sums
-    (its norm is that norm), in a fixed order: modules as ``new`` lists them (A, then s*B), then
-    the extras."""
+    (its norm is that norm), in one order whatever order ``new`` lists its tensors in (modules by
+    name, A then s*B; then the extras by name), so the changes of any two factor sets over the same
+    parts line up coordinate by coordinate."""
     parts = []
-    for name, m in new.modules.items():
-        s0 = start.modules[name]
+    for name in sorted(new.modules):
+        m, s0 = new.modules[name], start.modules[name]
         r = m.rank
         if m.A is not None:
             parts.append((m.A - s0.A[:r]).flatten())
         if m.B is not None:
             parts.append((m.scaling * m.B - s0.scaling * s0.B[:, :r]).flatten())
-    parts += [(t - start.extras[k]).flatten() for k, t in new.extras.items()]
+    parts += [(new.extras[k] - start.extras[k]).flatten() for k in sorted(new.extras)]
     return torch.cat([p.float() for p in parts]) if parts else torch.zeros(0)
 
 
@@ -115,9 +116,13 @@ def clip_update(start: LoraFactors, new: LoraFactors, bound: float) -> tuple[Lor
     """``start + c * (new - start)`` in effective form, with c = min(1, bound / norm); returned in
     ``new``'s own form (its alpha), together with the norm before clipping."""
     norm = update_norm(start, new)
-    c = 1.0 if norm <= bound else bound / norm
-    if c == 1.0:
+    if norm <= bound:
         return new, norm
+    return scale_update(start, new, bound / norm), norm
+
+
+def scale_update(start: LoraFactors, new: LoraFactors, c: float) -> LoraFactors:
+    """``start + c * (new - start)`` in effective form, returned in ``new``'s own form (its alpha)."""
     out = LoraFactors()
     for name, m in new.modules.items():
         s0 = start.modules[name]
@@ -129,7 +134,7 @@ def clip_update(start: LoraFactors, new: LoraFactors, bound: float) -> tuple[Lor
             B = (start_eff + c * (m.scaling * m.B - start_eff)) / m.scaling
         out.modules[name] = ModuleFactors(A=A, B=B, alpha=m.alpha)
     out.extras = {k: start.extras[k] + c * (t - start.extras[k]) for k, t in new.extras.items()}
-    return out, norm
+    return out
 
 
 def coordinate_median(updates: Sequence[LoraFactors]) -> LoraFactors:

@@ -71,7 +71,7 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
     (drops a row of A), 'rank' (reports its rank + 1), 'weight' (claims 1e12 examples), 'drop-b' (one module's B missing), 'drop-bias' (the head's bias missing),
     'rank-nan', 'rank-inf', 'rank-frac' (4.7), 'examples-frac' (2.5), 'examples-cap' (claims the
     federation's declared-size cap), 'base-key' (a FLoRA key outside FLoRA), 'scale-1e6' (every
-    tensor x1e6), 'boost' (start + 1e6 x its own change), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 47 s from
+    tensor x1e6), 'boost' (start + 1e6 x its own change), 'flip' (start - its own change), 'near-max' (every value 3e38), 'crash' (raises), 'slow' (sleeps 47 s from
     round 2). Evaluation: 'eval-no-accuracy', 'eval-out-of-range'. Setup profile:
     'profile-rank-double', 'profile-rank-zero', 'profile-rank-string', 'profile-size-1e12',
     'profile-alpha-nan', 'profile-alpha-big', 'profile-dup-id' (claims client-00000's id)."""
@@ -165,6 +165,9 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
                 start = codec.decode_tensor(key, msg.content["arrays"][key])
                 new = codec.decode_tensor(key, arrays[key])
                 arrays[key] = codec.encode_tensor(start + 1e6 * (new - start))
+            if "flip" in h and key in msg.content["arrays"].keys():  # start - its own change: inside every bound
+                start = codec.decode_tensor(key, msg.content["arrays"][key])
+                arrays[key] = codec.encode_tensor(2 * start - codec.decode_tensor(key, arrays[key]))
         return reply
 
     return app

@@ -157,6 +157,7 @@ def _attacked_round(
     attack: dict[int, str],
     held_back: int | None = None,
     examples: list[int] | None = None,
+    seen: dict | None = None,
     **robust: str,
 ):
     """One FedIT round of 10 clients through the real strategy path, replies in ``order``. Honest
@@ -165,7 +166,9 @@ def _attacked_round(
     AdamW client's norm grows as the square root of its steps); an attacker sends its factors x1000
     ('scale'), its change sign-flipped at 3.5x ('flip'), what it was given ('silent'), or the change of
     a ninth of the examples it reports ('claim'). ``held_back``: how many replies
-    robust.held_back_mb holds. Returns (strategy, round log)."""
+    robust.held_back_mb holds. ``seen``, when given, receives the round's start, each reply's change
+    (:func:`fedlora.robust.update_change`, by client id) and the shared step's change ("reference").
+    Returns (strategy, round log)."""
     from test_folds import _train_round
     from test_privacy import _Reply
     from test_strategy_maths import OUT, _local_training, _setup
@@ -207,6 +210,17 @@ def _attacked_round(
         elif attack.get(i) == "silent":
             f = start
         replies.append(_Reply(prof.node_id, reply_content(s, f, n, prof.rank)))
+        if seen is not None:
+            from fedlora.robust import update_change
+
+            seen["start"] = start
+            seen["reference"] = update_change(start, _lin(start, shared, 1.0).select(s.sharing_policy.shared))
+            seen.setdefault("changes", {})[prof.client_id] = update_change(start, f.select(s.sharing_policy.shared))
+    if seen is not None and "trust_examples" in robust:  # the server's update: the shared step
+        from fedlora.strategies.round_log import RoundLog
+
+        trust = next(e for e in s.extensions if e.name == "trust")
+        trust.use_reference(seen["reference"], s.rounds.setdefault(1, RoundLog(server_round=1)))
     return s, _train_round(s, profiles, [replies[i] for i in order], 1)
 
 
@@ -389,9 +403,23 @@ def test_update_change_is_the_vector_whose_norm_is_the_update_norm():
     v = update_change(start, new)
     assert v.dtype == torch.float32 and v.numel() == sum(t.numel() for _, t in new.tensors())
     assert float(v.double().norm()) == pytest.approx(update_norm(start, new), rel=1e-6)
-    m = next(iter(new.modules))
+    m = min(new.modules)
     first = (new.modules[m].A - start.modules[m].A).flatten()
     torch.testing.assert_close(v[: first.numel()], first)
+    # The same factors listed in another order (the wire's and a PEFT model's may differ) give the same vector.
+    a, b, c, d = _f(3), _f(4), _f(5), _f(6)
+
+    def two(x: LoraFactors, y: LoraFactors, flip: bool) -> LoraFactors:
+        mods = [("z", x.modules["m"]), ("a", y.modules["m"])]
+        extras = [("z.w", x.extras["head.w"]), ("a.w", y.extras["head.w"])]
+        return LoraFactors(modules=dict(mods[::-1] if flip else mods), extras=dict(extras[::-1] if flip else extras))
+
+    torch.testing.assert_close(
+        update_change(two(a, b, False), two(c, d, True)),
+        update_change(two(a, b, True), two(c, d, False)),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_update_change_of_a_pruned_client_counts_the_starts_first_components_and_nothing_is_empty():

@@ -149,6 +149,19 @@ class RobustConfig:
     )
     trim_fraction: float = _meta("trimmed-mean: share of clients dropped at each end, per coordinate.", default=0.2)
     max_client_share: float = _meta("Cap on any one client's normalised aggregation weight (1 = no cap).", default=1.0)
+    trust_examples: int = _meta(
+        "Trust scores from the server's own data (opt-in; 0 = off), after FLTrust (Cao et al. 2021): this many "
+        "examples of the training split (labels in turn) are the server's and no client's; each round the server "
+        "trains on them from the global adapter for a median client's steps, and a reply's weight is multiplied by "
+        "the cosine of its update with the server's, a reply at or below 0 left out and named. FedIT and FFA-LoRA "
+        "(clients start from the global adapter); the server builds the model, as federation.server_eval does.",
+        default=0,
+    )
+    trust_rescale: bool = _meta(
+        "trust_examples: FLTrust's own aggregate: every kept update rescaled to the norm of the server's update and "
+        "weighed by its trust alone (relative_norm_bound, weight_from_norm and max_weight_factor then off).",
+        default=False,
+    )
     held_updates_budget_mb: float = _meta(
         "median and trimmed-mean hold every reply of a round (the other aggregations fold each reply as it "
         "arrives): a run whose cohort x adapter size exceeds this many MiB is refused before it starts.",
@@ -182,4 +195,10 @@ class RobustConfig:
         )
         _require(0.0 <= self.trim_fraction < 0.5, "robust.trim_fraction", "must be in [0, 0.5)")
         _require(0.0 < self.max_client_share <= 1.0, "robust.max_client_share", "must be in (0, 1]")
+        _require(self.trust_examples >= 0, "robust.trust_examples", "must be >= 0 (0 = off)")
+        _require(
+            not self.trust_rescale or self.trust_examples > 0,
+            "robust.trust_rescale",
+            "needs robust.trust_examples > 0 (the server's update it rescales to)",
+        )
         _require(self.held_updates_budget_mb > 0, "robust.held_updates_budget_mb", "must be > 0")
