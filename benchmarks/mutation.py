@@ -16,7 +16,8 @@ modules' entries), and prints a table.
                                                 # record a finished run's scratch folder
 
 What is mutated: ``fedlora/aggregation/folds.py``, ``product_sums.py`` and ``share_cap.py`` (the server's folds; their
-tests: tests/test_folds.py), the plug-in methods' maths (``fedlora/methods/_*.py``; their tests but
+tests: tests/test_folds.py), ``trust.py`` (the trust scores' stage; the server's own training is a
+federation test), the plug-in methods' maths (``fedlora/methods/_*.py``; their tests but
 those marked ``federation``), ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
 ``fedlora/validation.py``, the causal-LM task's token and answer functions (``fedlora/tasks/``;
 their dataset and model plumbing is left to tests/test_causal.py, whose simulations cannot run per
@@ -59,6 +60,7 @@ TARGETS = [
     "fedlora/aggregation/folds.py",
     "fedlora/aggregation/product_sums.py",
     "fedlora/aggregation/share_cap.py",
+    "fedlora/aggregation/trust.py",
     "fedlora/methods/_fedprox.py",
     "fedlora/methods/_ewc.py",
     "fedlora/methods/_lwf.py",
@@ -69,6 +71,7 @@ TESTS = [
     "tests/test_strategy_maths.py",
     "tests/test_strategies.py",
     "tests/test_robust.py",
+    "tests/test_trust.py",
     "tests/test_validation.py",
     "tests/test_causal_maths.py",
     "tests/test_continual_maths.py",

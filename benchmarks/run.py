@@ -211,12 +211,8 @@ def report() -> str:
             if cell == "criteria":
                 continue
             name, met = wanted.get(cell, ("", None))
-            if "accuracy_vs_baseline" in v:
-                versus = f"{v['accuracy_vs_baseline']:+.3f} vs {v['baseline']}"
-            elif "accuracy_vs_honest" in v:
-                versus = f"{v['accuracy_vs_honest']:+.3f} vs honest"
-            else:
-                versus = "-"
+            against = [("honest", v.get("accuracy_vs_honest")), (v.get("baseline"), v.get("accuracy_vs_baseline"))]
+            versus = "; ".join(f"{d:+.3f} vs {base}" for base, d in against if d is not None) or "-"
             lines.append(
                 f"| attacks inside the default bounds (default task, {v['seeds']} seeds): {cell}, final accuracy "
                 f"mean (spread), paired difference | {v['accuracy_mean']:.3f} ({v['accuracy_spread']:.3f}), "

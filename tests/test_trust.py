@@ -78,14 +78,14 @@ def test_each_reply_weighs_its_bounded_count_times_its_trust_or_fltrusts_form_in
     to four sign-flip their change at 3.5x: in any order the flipped ones are left out and named with
     trust 0 and every other reply is named with its trust. By default the new global adapter is the
     start plus sum(w_i t_i u_i) / sum(w_i t_i) over the kept replies (w: the example count, u: the
-    change); with robust.trust_rescale it is FLTrust's sum(t_i ||g0|| / ||u_i|| u_i) / sum(t_i),
+    change); with robust.trust_action = 'fltrust' it is FLTrust's sum(t_i ||g0|| / ||u_i|| u_i) / sum(t_i),
     whatever the sizes."""
     sizes = data.draw(st.lists(st.integers(10, 1000), min_size=10, max_size=10), label="examples")
     liars = data.draw(st.lists(st.integers(0, 9), max_size=4, unique=True), label="liars")
     order = data.draw(st.permutations(range(10)), label="order")
-    rescale = data.draw(st.booleans(), label="trust_rescale")
+    rescale = data.draw(st.booleans(), label="fltrust")
     attack = dict.fromkeys(liars, "flip")
-    opts = {"trust_examples": "64", "trust_rescale": str(rescale).lower()}
+    opts = {"trust_examples": "64", "trust_action": '"fltrust"' if rescale else '"weigh"'}
     seen: dict = {}
     ref, ref_rl = _attacked_round(list(range(10)), attack, examples=sizes, seen=seen, **opts)
     s, rl = _attacked_round(list(order), attack, examples=sizes, seen={}, **opts)
@@ -131,6 +131,22 @@ def test_each_reply_weighs_its_bounded_count_times_its_trust_or_fltrusts_form_in
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
 
 
+@pytest.mark.parametrize("liars", [[], [2], [0, 5, 9]])
+def test_report_only_scores_and_flags_and_leaves_the_round_as_the_defaults_fold_it(liars):
+    """robust.trust_action = 'report': the same scores as 'weigh', the flipped clients flagged (not
+    left out), and the new global adapter the one the defaults give without trust scores."""
+    attack = dict.fromkeys(liars, "flip")
+    s, rl = _attacked_round(list(range(10)), attack, seen={}, trust_examples="64", trust_action='"report"')
+    _, weighed = _attacked_round(list(range(10)), attack, seen={}, trust_examples="64")
+    plain, plain_rl = _attacked_round(list(range(10)), attack)
+    assert rl.figures["trust-scores"] == weighed.figures["trust-scores"]
+    assert not rl.rejected and rl.clipped == plain_rl.clipped  # only the robust layer's own lines
+    assert [x.split(":")[0] for x in rl.flagged] == [f"client c{i}" for i in liars], rl.flagged
+    assert all("folded as it came (robust.trust_action = 'report')" in x for x in rl.flagged)
+    for (k, a), (_, b) in zip(s.global_eff.tensors(), plain.global_eff.tensors()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
 def test_a_server_update_of_norm_0_leaves_the_replies_untouched_and_the_round_says_so():
     """No direction to trust (the server's examples moved nothing): every reply passes as it came,
     and the round log says the replies were weighed untrusted."""
@@ -155,18 +171,26 @@ def test_a_server_update_of_norm_0_leaves_the_replies_untouched_and_the_round_sa
         (['federation.strategy="flora"'], "flora gives its clients starts of their own"),
         (["privacy.client_dp=true"], "client-level DP releases the round"),
         (['robust.aggregation="median"'], "robust.aggregation = 'median' ignores weights"),
+        (["robust.trust_action='vote'"], None),
         (["dylora.enabled=true"], "DyLoRA trains one rank per round"),
     ],
 )
 def test_runs_whose_clients_do_not_start_from_the_servers_adapter_are_refused(overrides, why):
     from fedlora.config import FedLoraConfig
 
+    if why is None:  # the action itself: named with the values it takes
+        with pytest.raises(
+            ConfigError, match=r"robust.trust_action.*must be 'weigh', 'fltrust' or 'report', got 'vote'"
+        ):
+            FedLoraConfig.load(None, ["robust.trust_examples=32", *overrides])
+        return
     with pytest.raises(ConfigError, match=r"invalid config for 'robust.trust_examples': " + why.replace("(", r"\(")):
         FedLoraConfig.load(None, ["robust.trust_examples=32", *overrides])
     FedLoraConfig.load(None, ["robust.trust_examples=32", 'federation.strategy="ffa"'])  # FFA-LoRA: its clients do
 
 
 # ---------------------------------------------------------------------------------- a real federation
+@pytest.mark.federation
 def test_a_sign_flipped_client_gets_no_trust_in_a_real_simulation_and_the_round_goes_on(tmp_path, shared_data):
     """Four MiniLM clients on an IID AG News split, the server holding 32 examples: every round
     the server trains on them, the client that sends its own change sign-flipped (inside every

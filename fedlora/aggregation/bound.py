@@ -55,7 +55,7 @@ class WeightCap:
 
     def __call__(self, run: GlobalAdapter, prof: NodeProfile, examples: float, rl) -> float:
         factor = run.cfg.robust.max_weight_factor
-        if factor <= 0 or not run.profiles or run.cfg.robust.trust_rescale:  # FLTrust's form: trust weighs
+        if factor <= 0 or not run.profiles or run.cfg.robust.trust_is_fltrust:  # trust weighs
             return float(examples)
         key = (len(run.profiles), sum(p.num_train for p in run.profiles.values()))
         if self._median is None or self._median[0] != key:  # once per change of the federation, not per reply
@@ -124,7 +124,7 @@ class MedianBounds:
         r = run.cfg.robust
         self.strategy, self.rl, self.server_round = run, rl, rl.server_round
         # Off where another stage decides norms and weights: client-level DP's release, FLTrust's form.
-        self.factor = 0.0 if rl.released_by or r.trust_rescale else r.relative_norm_bound
+        self.factor = 0.0 if rl.released_by or r.trust_is_fltrust else r.relative_norm_bound
         self.power = r.norm_size_power
         self.weigh = self.factor > 0 and self.power > 0 and r.weight_from_norm
         self.min_cosine = -1.0 if rl.released_by else r.min_cosine

@@ -157,16 +157,23 @@ class RobustConfig:
         "(clients start from the global adapter); the server builds the model, as federation.server_eval does.",
         default=0,
     )
-    trust_rescale: bool = _meta(
-        "trust_examples: FLTrust's own aggregate: every kept update rescaled to the norm of the server's update and "
-        "weighed by its trust alone (relative_norm_bound, weight_from_norm and max_weight_factor then off).",
-        default=False,
+    trust_action: str = _meta(
+        "trust_examples: 'weigh' (a reply's bounded weight times its trust, 0 left out), 'fltrust' (FLTrust's own "
+        "aggregate: every kept update rescaled to the norm of the server's update and weighed by its trust alone; "
+        "relative_norm_bound, weight_from_norm and max_weight_factor then off) or 'report' (the scores logged, "
+        "those at 0 flagged, the fold untouched).",
+        default="weigh",
     )
     held_updates_budget_mb: float = _meta(
         "median and trimmed-mean hold every reply of a round (the other aggregations fold each reply as it "
         "arrives): a run whose cohort x adapter size exceeds this many MiB is refused before it starts.",
         default=4096.0,
     )
+
+    @property
+    def trust_is_fltrust(self) -> bool:
+        """FLTrust's own aggregate decides every kept reply's norm and weight (the size bounds are off)."""
+        return self.trust_examples > 0 and self.trust_action == "fltrust"
 
     def validate(self) -> None:
         _require(self.update_norm_bound >= 0, "robust.update_norm_bound", "must be >= 0 (0 = off)")
@@ -197,8 +204,8 @@ class RobustConfig:
         _require(0.0 < self.max_client_share <= 1.0, "robust.max_client_share", "must be in (0, 1]")
         _require(self.trust_examples >= 0, "robust.trust_examples", "must be >= 0 (0 = off)")
         _require(
-            not self.trust_rescale or self.trust_examples > 0,
-            "robust.trust_rescale",
-            "needs robust.trust_examples > 0 (the server's update it rescales to)",
+            self.trust_action in ("weigh", "fltrust", "report"),
+            "robust.trust_action",
+            f"must be 'weigh', 'fltrust' or 'report', got {self.trust_action!r}",
         )
         _require(self.held_updates_budget_mb > 0, "robust.held_updates_budget_mb", "must be > 0")

@@ -16,8 +16,10 @@ by ``t`` alone. On the default task honest updates are nearly orthogonal, so tha
 directions moves the global adapter much less than FedIT's mean does (the attack benchmark's
 ``honest trust`` and ``honest trust fltrust`` cells), so here the update keeps the robust layer's
 norm bound and example-count weight and ``t`` multiplies the weight: the weighted mean is FedIT's
-own when every score is equal. ``robust.trust_rescale`` is FLTrust's own form (the robust layer's
-relative bound and weight cap are then off: the rescaling and ``t`` replace them).
+own when every score is equal. ``robust.trust_action = "fltrust"`` is FLTrust's own form (the robust
+layer's relative bound and weight cap are then off: the rescaling and ``t`` replace them);
+``"report"`` scores every reply and changes nothing (the scores in the round's row, the replies a
+score of 0 would leave out flagged).
 
 What it holds: the model and one vector of the shared parts' size; a reply is scored and passed
 on at once, so memory stays flat in the cohort and a reply's weight does not depend on arrival
@@ -130,9 +132,9 @@ class TrustStage:
     """One round's replies, each scored against the server's update ``reference`` and passed on."""
 
     def __init__(
-        self, run: GlobalAdapter, rl: RoundLog, reference: torch.Tensor | None, examples: int, rescale: bool = False
+        self, run: GlobalAdapter, rl: RoundLog, reference: torch.Tensor | None, examples: int, action: str = "weigh"
     ) -> None:
-        self.run, self.rl, self.reference, self.examples, self.rescale = run, rl, reference, examples, rescale
+        self.run, self.rl, self.reference, self.examples, self.action = run, rl, reference, examples, action
         self.scores: dict[str, float] = {}
 
     def offer(self, update: Update) -> list[Update]:
@@ -146,13 +148,20 @@ class TrustStage:
         who = f"client {update.profile.client_id}"
         self.scores[update.profile.client_id] = score
         what = f"the server's update on its {self.examples} examples (robust.trust_examples)"
+        if self.action == "report":
+            if score <= 0.0:
+                self.rl.flagged.append(
+                    f"{who}: trust 0: its update has no positive cosine with {what}; folded as it came "
+                    "(robust.trust_action = 'report')"
+                )
+            return [update]
         if score <= 0.0:
             self.rl.rejected.append(
                 f"{who} (node {update.profile.node_id}): trust 0: its update has no positive cosine with {what}; "
                 "left out of the fold"
             )
             return []
-        if not self.rescale:
+        if self.action == "weigh":
             self.rl.clipped.append(
                 f"{who}: weight {update.weight:.4g} x trust {score:.3g} = {update.weight * score:.4g} (cosine with {what})"
             )
@@ -161,7 +170,7 @@ class TrustStage:
         g0, norm = float(self.reference.double().norm()), float(change.double().norm())
         self.rl.clipped.append(
             f"{who}: trust {score:.3g} (cosine with {what}): weight {score:.3g} in place of {update.weight:g} "
-            f"examples, update norm {norm:.4g} rescaled to the server's {g0:.4g} (robust.trust_rescale)"
+            f"examples, update norm {norm:.4g} rescaled to the server's {g0:.4g} (robust.trust_action = 'fltrust')"
         )
         update.factors = scale_update(start, update.factors, g0 / norm)
         update.weight = score
@@ -219,4 +228,4 @@ class ServerTrust(Extension):
             ref = self._reference
         reference = ref[1] if ref is not None and float(ref[1].norm()) > 0 else None
         r = self.cfg.robust
-        return TrustStage(run, rl, reference, r.trust_examples, r.trust_rescale)
+        return TrustStage(run, rl, reference, r.trust_examples, r.trust_action)
