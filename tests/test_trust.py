@@ -68,6 +68,9 @@ def test_trust_is_the_positive_part_of_the_cosine_whatever_the_scales(seed, leng
     assert trust_score(a * x, b * y) == pytest.approx(trust_score(x, y), abs=1e-9)
     assert trust_score(-x, y) == pytest.approx(max(0.0, -cos), abs=1e-9)
     assert trust_score(x, x) == pytest.approx(1.0) and trust_score(x, torch.zeros(length)) == 0.0
+    assert trust_score(torch.zeros(length), y) == 0.0
+    unit = x / x.norm()  # a unit vector has a direction like any other
+    assert trust_score(unit, y) == pytest.approx(max(0.0, cos), abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------- the round
@@ -92,9 +95,16 @@ def test_each_reply_weighs_its_bounded_count_times_its_trust_or_fltrusts_form_in
     assert sorted(rl.rejected) == sorted(ref_rl.rejected) and rl.figures == ref_rl.figures
     left_out = sorted(x.split(" (node")[0] for x in rl.rejected)
     assert left_out == [f"client c{i}" for i in sorted(liars)], rl.rejected
-    assert all("trust 0: its update has no positive cosine with the server's update" in x for x in rl.rejected)
+    assert all(
+        x.endswith(
+            "trust 0: its update has no positive cosine with the server's update on its 64 examples "
+            "(robust.trust_examples); left out of the fold"
+        )
+        for x in rl.rejected
+    ), rl.rejected
     scores = rl.figures["trust-scores"]
     assert set(scores) == {f"c{i}" for i in range(10)}
+    assert rl.figures["trust-reference-norm"] == pytest.approx(float(seen["reference"].norm()))
     assert all(scores[f"c{i}"] == 0.0 for i in liars) and all(
         scores[f"c{i}"] > 0.3 for i in range(10) if i not in liars
     )
@@ -154,12 +164,109 @@ def test_a_server_update_of_norm_0_leaves_the_replies_untouched_and_the_round_sa
     from fedlora.strategies.round_log import RoundLog
 
     rl = RoundLog(server_round=3)
-    stage = TrustStage(None, rl, None, 64)  # the extension passes None for a zero update
+    stage = TrustStage(None, rl, None, 64, "weigh")  # the extension passes None for a zero update
     replies = [object(), object()]
     assert [x for r in replies for x in stage.offer(r)] == replies and stage.flush() == []
     stage.end()
     assert rl.flagged == ["robust.trust_examples: no server update this round; replies weighed untrusted"]
     assert not rl.rejected and not rl.clipped and "trust-scores" not in rl.figures
+
+
+# ---------------------------------------------------------------------------------- the server's update
+def _server_run(tmp_path, strategy: str = "fedit", sizes=(10, 100, 1000), **train):
+    """The server side of a tiny-BERT run holding 32 trust examples, built as the ServerApp builds it,
+    with profiles of the given declared sizes; returns (config, strategy, its trust extension)."""
+    from fedlora.data import load_task
+    from fedlora.lora_math import to_effective
+    from fedlora.protocol import NodeProfile
+    from fedlora.registry import extensions_for, get_strategy
+    from fedlora.server.global_model import GlobalModel, reference_rank
+
+    cfg = make_config(
+        tmp_path,
+        robust={"trust_examples": 32},
+        federation={"strategy": strategy, "num_clients": 3},
+        train={"local_epochs": 1, "batch_size": 16, "learning_rate": 3e-3, **train},
+    )
+    gm = GlobalModel(cfg, load_task(cfg).label_names, reference_rank(cfg))
+    s = get_strategy(strategy)(cfg, gm.template(), extensions=extensions_for(cfg))
+    s.global_eff = s.initial_global(to_effective(gm.init))
+    for i, n in enumerate(sizes):
+        s.profiles[100 + i] = NodeProfile(100 + i, f"c{i}", i, 4, cfg.lora.alpha_for_rank(4), n, 10)
+    return cfg, s, next(e for e in s.extensions if e.name == "trust")
+
+
+def test_the_servers_update_trains_its_examples_for_a_median_clients_steps_once_per_round(tmp_path, caplog):
+    """The server trains a median client's steps (one epoch of the median declared size, or
+    train.local_steps), from the global adapter, once per round: the stage of a round asked twice
+    scores against one update; another round's differs (its own seed); the update covers exactly
+    the parts a reply carries, and its norm is the round's figure."""
+    import logging
+    import re
+
+    from fedlora.robust import update_change
+    from fedlora.strategies.round_log import RoundLog
+
+    cfg, s, trust = _server_run(tmp_path, sizes=(10, 100, 1000, 2000, 5000))
+    rl = RoundLog(server_round=1)
+    caplog.set_level(logging.INFO, logger="fedlora.server")
+    first = trust.reply_stage(s, rl).reference
+    assert rl.figures["trust-server-steps"] == 63  # ceil(1000 / 16): the median of the five sizes
+    said = [r.getMessage() for r in caplog.records if "trust examples" in r.getMessage()]
+    assert len(said) == 1 and re.fullmatch(
+        r"round 1: the server's update on its 32 trust examples \(63 steps, \d+\.\d s\) has norm "
+        + re.escape(f"{float(first.norm()):.4g}"),
+        said[0],
+    ), said
+    assert 0 <= float(said[0].split("steps, ")[1].split(" s)")[0]) < 600
+    assert rl.figures["trust-reference-norm"] == pytest.approx(float(first.norm())) and float(first.norm()) > 0
+    assert trust.reply_stage(s, rl).reference is first
+    prof = s.profiles[100]
+    start = s.round_start(prof, 1)
+    assert first.numel() == update_change(start, start).numel()
+    other = trust.reply_stage(s, RoundLog(server_round=2)).reference
+    assert not torch.equal(other, first)
+    again = _server_run(tmp_path / "again")[2].reply_stage(s, RoundLog(server_round=1)).reference
+    torch.testing.assert_close(again, first)  # deterministic: the same round's seed, the same update
+    _, s3, t3 = _server_run(tmp_path / "steps", local_steps=3)
+    rl3 = RoundLog(server_round=1)
+    t3.reply_stage(s3, rl3)
+    assert rl3.figures["trust-server-steps"] == 3
+    # The steps are trained, not only reported: two steps (one epoch of its 32 examples) move it elsewhere.
+    _, s2, t2 = _server_run(tmp_path / "two", sizes=(10, 20, 30))
+    two = t2.reply_stage(s2, RoundLog(server_round=1)).reference
+    assert two.shape == first.shape and not torch.allclose(two, first)
+    # A server update of norm 0 gives the round no reference to score against.
+    rl0 = RoundLog(server_round=5)
+    trust.use_reference(torch.zeros_like(first), rl0)
+    assert trust.reply_stage(s, rl0).reference is None and rl0.figures["trust-reference-norm"] == 0.0
+
+
+def test_under_ffa_the_server_trains_b_and_the_head_only(tmp_path):
+    """FFA-LoRA: A is frozen at the seed, so the server's update has no A part; it is laid out as an
+    FFA reply's (B and the head) and A is unchanged in the model it trained."""
+    from fedlora.robust import update_change
+    from fedlora.strategies.round_log import RoundLog
+
+    cfg, s, trust = _server_run(tmp_path, strategy="ffa")
+    ref = trust.reply_stage(s, RoundLog(server_round=1)).reference
+    start = s.round_start(s.profiles[100], 1)
+    assert "A" not in start.parts() and ref.numel() == update_change(start, start).numel()
+    from fedlora.factors import extract_factors
+    from fedlora.model import initial_factors
+
+    model = trust._server.model
+    trained, seeded = extract_factors(model), initial_factors(model, cfg.lora.init_seed)
+    for name, m in trained.modules.items():
+        torch.testing.assert_close(m.A, seeded.modules[name].A, rtol=0, atol=0)
+
+
+def test_the_extension_applies_from_one_trust_example():
+    from fedlora.aggregation.trust import ServerTrust
+    from fedlora.config import FedLoraConfig
+
+    assert ServerTrust.applies(FedLoraConfig.load(None, ["robust.trust_examples=1"]))
+    assert not ServerTrust.applies(FedLoraConfig.load(None, []))
 
 
 # ---------------------------------------------------------------------------------- what it refuses

@@ -132,7 +132,7 @@ class TrustStage:
     """One round's replies, each scored against the server's update ``reference`` and passed on."""
 
     def __init__(
-        self, run: GlobalAdapter, rl: RoundLog, reference: torch.Tensor | None, examples: int, action: str = "weigh"
+        self, run: GlobalAdapter, rl: RoundLog, reference: torch.Tensor | None, examples: int, action: str
     ) -> None:
         self.run, self.rl, self.reference, self.examples, self.action = run, rl, reference, examples, action
         self.scores: dict[str, float] = {}
