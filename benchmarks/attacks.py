@@ -197,7 +197,7 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
     from fedlora.config import FedLoraConfig
     from fedlora.simulate import simulate
 
-    sets = [f"run.seed={seed}", f'run.output_dir="{out}"'] + extra + OVERRIDES.get(cell, [])
+    sets = [f"run.seed={seed}", f'run.output_dir="{out}"'] + OVERRIDES.get(cell, []) + extra  # extra wins
     cfg = FedLoraConfig.load(None, sets)
     bad = CELLS[cell]
     flip, size = lies(cfg)
@@ -343,7 +343,8 @@ def criteria(out: dict) -> dict:
 
 def run(cells: list[str], seeds: list[int], extra: list[str] | None = None, name: str = "attacks") -> dict:
     """Every (cell, seed) not yet in benchmarks/results/<name>.json, with ``extra`` config overrides
-    on every run (a defence tried against every attack)."""
+    on every run, after each cell's own (a defence tried against every attack, or a cell's setting
+    varied: write those to another ``name``)."""
     extra = list(extra or [])
     path = RESULTS / f"{name}.json"
     # Runs already recorded are kept (a cell not asked for this time keeps its seeds) and not repeated.
