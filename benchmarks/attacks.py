@@ -115,10 +115,10 @@ OVERRIDES = {
         "robust.max_weight_factor=0",
     ],
 }
-# Cells measured against another cell of their own split rather than against "honest" (paired by seed).
+# Cells compared with another cell of their own split rather than with "honest" (paired by seed).
 BASELINES = {"honest 10x-client": "honest 10x-client no size bounds"}
-# Cells measured against "honest" and also against the honest run on their own data: the server's
-# trust examples are taken out of the clients' rows, which changes every partition.
+# Cells compared with "honest" and also with the honest run on their own data: the server's trust
+# examples are taken out of the clients' rows, which changes every partition.
 SAME_DATA = {c: "honest trust report" for c in CELLS if c.endswith(" trust") or c == "honest trust fltrust"}
 
 
@@ -269,29 +269,28 @@ def summarise(runs: list[dict]) -> dict:
         for cell, s in out.items():
             paired = _paired_difference(runs, cell, "honest")
             s["accuracy_vs_honest"] = paired if paired is not None else s["accuracy_mean"] - h["accuracy_mean"]
-        honest_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == "honest")
-        for cell in [c for c in out if c.startswith("flip-1e6-4-first")]:
-            out[cell]["max_loss_over_honest_round1"] = (
-                max(max(r.get("losses") or [r["loss"], r["round1_loss"]]) for r in runs if r["cell"] == cell)
-                / honest_r1
-            )
-        for cell, base in BASELINES.items():  # paired by seed against the cell of the same split
-            for c in (cell, base):  # another split than "honest": no comparison with it
-                out.get(c, {}).pop("accuracy_vs_honest", None)
+        r1 = {  # the mean round-1 loss of each cell a loss is compared with, where it ran
+            c: statistics.mean(r["round1_loss"] for r in runs if r["cell"] == c)
+            for c in {"honest", *SAME_DATA.values()}
+            if c in out
+        }
+        worst = {  # each four-first-arriving cell's worst loss over every run and round
+            c: max(max(r.get("losses") or [r["loss"], r["round1_loss"]]) for r in runs if r["cell"] == c)
+            for c in out
+            if c.startswith("flip-1e6-4-first")
+        }
+        for cell, loss in worst.items():
+            out[cell]["max_loss_over_honest_round1"] = loss / r1["honest"]
+        for cell, base in {**SAME_DATA, **BASELINES}.items():  # paired by seed against a cell of the same data
+            if cell in BASELINES:  # another split than "honest": no comparison with it
+                for c in (cell, base):
+                    out.get(c, {}).pop("accuracy_vs_honest", None)
             paired = _paired_difference(runs, cell, base)
             if cell in out and paired is not None:
                 out[cell]["baseline"] = base
                 out[cell]["accuracy_vs_baseline"] = paired
-        for cell, base in SAME_DATA.items():
-            paired = _paired_difference(runs, cell, base)
-            if cell in out and paired is not None:
-                out[cell]["baseline"] = base
-                out[cell]["accuracy_vs_baseline"] = paired
-                if "max_loss_over_honest_round1" in out[cell]:
-                    base_r1 = statistics.mean(r["round1_loss"] for r in runs if r["cell"] == base)
-                    out[cell]["max_loss_over_baseline_round1"] = (
-                        out[cell]["max_loss_over_honest_round1"] * honest_r1 / base_r1
-                    )
+                if cell in worst:
+                    out[cell]["max_loss_over_baseline_round1"] = worst[cell] / r1[base]
         out["criteria"] = criteria(out)
     return out
 
@@ -363,14 +362,15 @@ def run(cells: list[str], seeds: list[int], extra: list[str] | None = None, name
                 f"{r['honest_named']}; {r['seconds']:.0f} s",
                 flush=True,
             )
-            _record(name, extra, runs)  # after every run: a long benchmark stopped keeps what it measured
-    _record(name, extra, runs)  # with no new run: the recorded runs summarised by this code
-    summary = summarise(runs)
+            _record(name, extra, runs)  # after every run, so a benchmark stopped early keeps its runs
+    summary = _record(name, extra, runs)  # also when no run is new: the recorded runs, summarised again
     _plot(summary, name)
     return summary
 
 
-def _record(name: str, extra: list[str], runs: list[dict]) -> None:
+def _record(name: str, extra: list[str], runs: list[dict]) -> dict:
+    """Write the runs and their summary to benchmarks/results/<name>.json; return the summary."""
+    summary = summarise(runs)
     write(
         name,
         {
@@ -380,9 +380,10 @@ def _record(name: str, extra: list[str], runs: list[dict]) -> None:
             "cells": CELLS,
             "overrides_by_cell": OVERRIDES,
             "runs": runs,
-            "summary": summarise(runs),
+            "summary": summary,
         },
     )
+    return summary
 
 
 def _plot(summary: dict, name: str) -> None:

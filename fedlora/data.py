@@ -274,15 +274,6 @@ def _cap(rows: list[dict], n: int, seed: int) -> list[dict]:
     return rows
 
 
-def load_task(cfg: FedLoraConfig) -> TaskData:
-    """Tokenized train/test of the run's dataset; cached in memory and on disk. With
-    ``robust.trust_examples`` > 0, that many training examples are the server's (``trust``) and no
-    client's: :func:`hold_out_trust`."""
-    task = _load_tokenized(cfg)
-    n = cfg.robust.trust_examples
-    return hold_out_trust(task, n, cfg.run.seed) if n > 0 else task
-
-
 def hold_out_trust(task: TaskData, n: int, seed: int) -> TaskData:
     """``task`` with ``n`` training examples moved to ``trust``: the labels taken in turn (each
     label's examples in an order shuffled by ``seed``), so the set is as balanced as the split
@@ -313,7 +304,11 @@ def hold_out_trust(task: TaskData, n: int, seed: int) -> TaskData:
     )
 
 
-def _load_tokenized(cfg: FedLoraConfig) -> TaskData:
+def load_task(cfg: FedLoraConfig) -> TaskData:
+    """Tokenized train/test of the run's dataset; cached in memory and on disk. With
+    ``robust.trust_examples`` > 0, that many training examples are the server's (``trust``) and no
+    client's (:func:`hold_out_trust`); the memory cache keeps the task so cut, which every client
+    message asks for again."""
     dc = cfg.data
     task_type(cfg.model.task).prepare(cfg)  # checks before any tokenizing
     key_src = json.dumps(
@@ -328,8 +323,10 @@ def _load_tokenized(cfg: FedLoraConfig) -> TaskData:
         sort_keys=True,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
-    if key in _TASK_CACHE:
-        return _TASK_CACHE[key]
+    held = cfg.robust.trust_examples
+    memo = f"{key}:{held}"  # the disk cache holds the whole split; memory, the split this run cuts
+    if memo in _TASK_CACHE:
+        return _TASK_CACHE[memo]
     root = cache_root(cfg.model.cache_dir)
     path = root / "tokenized" / f"{key}.safetensors"
     blob = _read_tokenized(path) if path.exists() else None
@@ -356,7 +353,9 @@ def _load_tokenized(cfg: FedLoraConfig) -> TaskData:
     )
     if len(task.train) == 0:
         raise ConfigError(f"dataset {dc.dataset!r} has no training examples")
-    _TASK_CACHE[key] = task
+    if held > 0:
+        task = hold_out_trust(task, held, cfg.run.seed)
+    _TASK_CACHE[memo] = task
     return task
 
 

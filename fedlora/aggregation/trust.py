@@ -103,8 +103,9 @@ class ServerUpdate:
         sizes = sorted(p.num_train for p in run.profiles.values()) or [len(self.examples)]
         return tc.local_epochs * math.ceil(sizes[len(sizes) // 2] / tc.batch_size)
 
-    def __call__(self, run: GlobalAdapter, server_round: int) -> torch.Tensor:
-        """The server's update this round (:func:`fedlora.robust.update_change` of its shared parts)."""
+    def __call__(self, run: GlobalAdapter, server_round: int, steps: int) -> torch.Tensor:
+        """The server's update this round after ``steps`` steps (:meth:`steps`), as
+        :func:`fedlora.robust.update_change` lays out its shared parts."""
         from fedlora.factors import extract_factors, load_factors
         from fedlora.model import initial_factors, set_trainable
         from fedlora.robust import update_change
@@ -120,7 +121,7 @@ class ServerUpdate:
             self.model,
             params,
             self.examples,
-            replace(self.cfg.train, local_steps=self.steps(run)),
+            replace(self.cfg.train, local_steps=steps),
             seed=self.cfg.run.seed * 100_003 + server_round * 1009 - 1,  # the clients' formula, partition -1
             device=self.device,
         )
@@ -215,13 +216,13 @@ class ServerTrust(Extension):
             if self._server is None:
                 self._server = ServerUpdate(self.cfg)
             t0 = time.perf_counter()
-            self.use_reference(self._server(run, rl.server_round), rl)
-            rl.figures["trust-server-steps"] = self._server.steps(run)
+            rl.figures["trust-server-steps"] = steps = self._server.steps(run)
+            self.use_reference(self._server(run, rl.server_round, steps), rl)
             log.info(
                 "round %d: the server's update on its %d trust examples (%d steps, %.1f s) has norm %.4g",
                 rl.server_round,
                 len(self._server.examples),
-                self._server.steps(run),
+                steps,
                 time.perf_counter() - t0,
                 rl.figures["trust-reference-norm"],
             )
