@@ -157,7 +157,7 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, c
     # SuperLink in the node's place; the SuperLink's verdicts on a reply whose upload the kill cut short;
     # or the round timeout), and no node that is not in the federation. The other two are accepted: a
     # cut upload does not hold their replies past the round's timeout.
-    assert len(r["rejected"]) == 1 and "client node-2 (node " in r["rejected"][0], r
+    assert len(r["rejected"]) == 1 and "client node-2 (node " in r["rejected"][0], r["rejected"]
     why = ("no reply", "Node Unavailable", "Message Unavailable", "Reply message objects are unavailable")
     assert any(w in r["rejected"][0] for w in why), r
     assert r["clients-sampled"] == 3 and r["clients-accepted"] == 2 and r["server-accuracy"] is not None, r

@@ -153,52 +153,92 @@ def test_a_node_the_superlink_answers_for_is_named_as_itself_once(task_identity)
     assert replies[1].metadata.reply_to_message_id == "m1"
 
 
-def test_a_reply_stuck_in_its_upload_holds_back_no_other_reply(task_identity):
-    """A node killed while it uploads its reply: Flower's pull of that message waits on objects that
-    never complete, and so would every reply asked in the same call. The stream asks a stuck pull's
-    ids one by one, so the others' replies are handed over as they come, each once, and the round
-    ends at its timeout with only the stuck node missing."""
-    import threading
+class _Link:
+    """What Flower's SuperLink and grid do with a round's pulls: a pull takes (marks delivered) every
+    reply that has arrived for the ids asked, then downloads each one's objects, ``download[id]``
+    seconds, in turn (``inf``: a cut upload, until ``release``); an id asked again after its reply was
+    taken is answered with Flower's own "Message Unavailable" error."""
+
+    def __init__(self, arrive: dict[str, float], download: dict[str, float]) -> None:
+        import threading
+
+        self.arrive, self.download = arrive, download
+        self.pushed: dict = {}
+        self.taken: set[str] = set()
+        self.calls: list[list[str]] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.t0 = 0.0
+
+    def push_messages(self, messages):
+        import time
+
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+            self.pushed[f"m{i}"] = m
+        self.t0 = time.monotonic()
+        return list(self.pushed)
+
+    def pull_messages(self, ids):
+        import time
+
+        from flwr.app import Message
+        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
+
+        ids = list(ids)
+        with self.lock:
+            self.calls.append(ids)
+            gone = [i for i in ids if i in self.taken]
+            now = time.monotonic() - self.t0
+            took = [i for i in ids if i not in self.taken and self.arrive[i] <= now]
+            self.taken.update(took)
+        replies = [create_message_error_unavailable_ins_message(i, 0) for i in gone]
+        for i in took:
+            self.release.wait(None if self.download[i] == float("inf") else self.download[i])
+            replies.append(Message(RecordDict(), reply_to=self.pushed[i]))
+        return replies
+
+
+def test_a_slow_pull_hands_over_every_reply_it_took_never_flowers_not_found(task_identity):
+    """Honest replies whose objects are still uploading make Flower's pull slow (its backoff): past
+    the stall period their ids are asked again, and Flower answers "Message Unavailable" for a reply
+    the slow pull already took. Those errors wait for the slow pull, which brings the replies: every
+    node is handed over once, as itself, with its reply."""
+    from flwr.app import Message
+
+    from fedlora.aggregation.streaming import StreamingGrid
+
+    link = _Link(arrive={"m0": 0.0, "m1": 0.0, "m2": 0.0}, download={"m0": 0.1, "m1": 1.2, "m2": 0.1})
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (10, 11, 12)]
+    replies = list(StreamingGrid(link, stall_seconds=0.5).send_and_receive(sent, timeout=10.0))
+    assert sorted(r.metadata.src_node_id for r in replies) == [10, 11, 12]
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+    assert ["m0"] in link.calls  # asked again alone once the joint pull stalled, and answered not found
+
+
+def test_a_reply_stuck_in_its_upload_holds_back_no_reply_that_arrives_after_it(task_identity):
+    """A node killed while it uploads its reply: Flower's pull that took it waits on objects that never
+    complete. The ids asked with it are asked one by one, so replies that arrive later are handed over
+    as they come, each once, and the round ends at its timeout with only the stuck node missing (the
+    one pull that holds it is not asked again: Flower would answer "not found")."""
     import time
 
     from flwr.app import Message
 
     from fedlora.aggregation.streaming import StreamingGrid
 
-    release = threading.Event()
-
-    class Link:  # replies m0, m1 arrive 0.3 s after the push; m2's upload was cut: pulling it hangs
-        def __init__(self) -> None:
-            self.pushed: dict[str, Message] = {}
-            self.calls: list[list[str]] = []
-            self.t0 = 0.0
-
-        def push_messages(self, messages):
-            for i, m in enumerate(messages):
-                m.metadata.__dict__["_message_id"] = f"m{i}"
-                self.pushed[f"m{i}"] = m
-            self.t0 = time.monotonic()
-            return list(self.pushed)
-
-        def pull_messages(self, ids):
-            ids = list(ids)
-            self.calls.append(ids)
-            if "m2" in ids:
-                release.wait(60)  # until the SuperLink gives the cut upload up
-            if time.monotonic() - self.t0 < 0.3:
-                return []
-            return [Message(RecordDict(), reply_to=self.pushed[i]) for i in ids if i != "m2"]
-
-    link = Link()
+    inf = float("inf")
+    link = _Link(arrive={"m0": 0.3, "m1": 0.3, "m2": 0.0}, download={"m0": 0.0, "m1": 0.0, "m2": inf})
     sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (10, 11, 12)]
     t0 = time.monotonic()
     try:
         replies = list(StreamingGrid(link, stall_seconds=0.5).send_and_receive(sent, timeout=2.0))
         took = time.monotonic() - t0
     finally:
-        release.set()
+        link.release.set()
     assert sorted(r.metadata.src_node_id for r in replies) == [10, 11]  # each once; 12 missing
-    assert took < 4.0, took  # the timeout and one stall period, not the stuck pull's wait
+    assert not any(r.has_error() for r in replies)
+    assert took < 3.0, took  # the timeout and one stall period, not the stuck pull's wait
     assert ["m0"] in link.calls and ["m1"] in link.calls  # asked alone once the joint pull stuck
 
 

@@ -12,11 +12,17 @@ A node that stops sending heartbeats mid-round is answered for by Flower's Super
 the SuperLink's own node id); that error is handed over as the node's (:func:`in_place_of`), so the
 round names the node once, by its client id.
 
-A node killed while it uploads its reply leaves a message whose objects never complete: Flower's
-``pull_messages`` then waits on them until the SuperLink gives them up (minutes), and every reply
-asked in the same call waits too. Each pull therefore runs in its own thread; one that is not
-back within ``stall_seconds`` has its ids asked again one by one, so the replies that are there
-are folded and only the stuck one waits, until it comes or the round's timeout passes.
+Flower's SuperLink hands a reply over once: ``pull_messages`` marks every reply it finds for the
+ids asked as delivered, then downloads each one's objects in turn, and asking for that id again
+answers "Message Unavailable" (not found). A pull can be slow for an honest reason (objects still
+uploading: Flower retries with a backoff of 1, 2, 4 s) or stuck (a node killed while it uploads
+leaves objects that never complete: Flower waits on them until the SuperLink gives them up, minutes).
+Each pull therefore runs in its own thread and its replies are always handed over when it returns;
+one not back within ``stall_seconds`` has its ids asked one by one, so replies that arrive after it
+was taken are handed over as they come. An error answer for an id that a pull still running also
+asked (the "not found" of a reply that pull holds) waits for that pull, so a slow pull's replies
+are never replaced by it. What this cannot do: replies taken by the same pull as a stuck upload wait
+with it, and are named as missing if the round's timeout passes first.
 
 Everything else (node ids, pushes, pulls, run info) is the wrapped grid's own.
 """
@@ -34,8 +40,8 @@ class StreamingGrid:
     """A ``Grid`` whose ``send_and_receive`` yields replies as they are pulled, at most ``max_pull``
     per pull: Flower's grids return every reply that has arrived for the ids asked, so the ids are
     asked ``max_pull`` at a time, in turn, and replies that arrive faster than the consumer folds
-    them wait at the SuperLink. Peak memory is then ``max_pull`` replies, not the backlog (twice
-    that while a stuck pull's ids are asked one by one). Each reply is yielded once."""
+    them wait at the SuperLink. Peak memory is then ``max_pull`` replies, not the backlog (plus
+    those a stalled pull holds while its ids are asked one by one). Each reply is yielded once."""
 
     def __init__(self, grid, max_pull: int = 1_000_000, stall_seconds: float = 5.0) -> None:
         if max_pull < 1:
@@ -58,35 +64,46 @@ class StreamingGrid:
 
     def _pull(self, sent: dict[str, Message | None], end: float, forever: bool) -> Iterator[Message]:
         interval = float(getattr(self._grid, "pull_interval", 0.1))
-        asked_alone: dict[str, _Pull] = {}  # ids of a stuck pull, each asked in a pull of its own
+        running: list[_Pull] = []  # in the order they started
+        alone: set[str] = set()  # ids of a pull that stalled: asked one per pull from then on
+        held: dict[str, Message] = {}  # an error answer for an id a running pull also asked
+
+        def asked(i: str) -> bool:
+            return any(i in p.ids for p in running)
+
+        def finished() -> Iterator[Message]:
+            for pull in [p for p in running if p.done()]:
+                running.remove(pull)
+                yield from _handed_over(pull.result(), sent, held, asked)
+                # ids no pull asks any more: the error held for them is their answer
+                for i in pull.ids:
+                    if i in held and i in sent and not asked(i):
+                        yield in_place_of(held.pop(i), sent.pop(i))
+
         while sent and (forever or time.time() < end):
-            got_any = False
-            for i, pull in list(asked_alone.items()):
-                if pull.done():
-                    del asked_alone[i]
-                    replies = pull.result()
-                    got_any = got_any or bool(replies)
-                    yield from _handed_over(replies, sent)
-            waiting = [i for i in sent if i not in asked_alone]
+            before = len(sent)
+            yield from finished()
+            now = time.monotonic()
+            for pull in running:
+                if len(pull.ids) > 1 and now - pull.started > self.stall_seconds:
+                    alone.update(pull.ids)
+            for i in alone.intersection(sent).difference(held):
+                if not any(p.ids == {i} for p in running):
+                    running.append(_Pull(self._grid, [i]))
+            waiting = [i for i in sent if i not in held and i not in alone and not asked(i)]
             for start in range(0, len(waiting), self.max_pull):  # one sweep over the waiting ids
-                chunk = waiting[start : start + self.max_pull]
-                pull = _Pull(self._grid, chunk)
+                pull = _Pull(self._grid, waiting[start : start + self.max_pull])
+                running.append(pull)
                 pull.wait(self.stall_seconds)
-                if not pull.done():  # a reply in this chunk is stuck: the others must not wait behind it
-                    asked_alone.update({i: pull if len(chunk) == 1 else _Pull(self._grid, [i]) for i in chunk})
-                    continue
-                replies = pull.result()
-                got_any = got_any or bool(replies)
-                yield from _handed_over(replies, sent)
-            if sent and not got_any:
+                yield from finished()
+            if sent and len(sent) == before:
                 time.sleep(interval)
-        # Past the timeout: what the ids asked alone bring within one more stall period is taken (a
+        # Past the timeout: what the running pulls bring within one more stall period is taken (a
         # reply that was there when the round ended); a stuck one is left, and named as no reply.
         grace_end = time.time() + self.stall_seconds
-        for pull in asked_alone.values():
+        for pull in list(running):
             pull.wait(max(grace_end - time.time(), 0.0))
-            if pull.done():
-                yield from _handed_over(pull.result(), sent)
+        yield from finished()
 
 
 class _Pull:
@@ -94,6 +111,8 @@ class _Pull:
     complete is left behind (it ends when Flower gives the reply up) instead of holding the round."""
 
     def __init__(self, grid, ids: list[str]) -> None:
+        self.ids = frozenset(ids)
+        self.started = time.monotonic()
         self._replies: list[Message] = []
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(grid, ids), daemon=True, name="fedlora-pull")
@@ -118,15 +137,22 @@ class _Pull:
         return replies
 
 
-def _handed_over(replies: list[Message], sent: dict[str, Message | None]) -> Iterator[Message]:
+def _handed_over(
+    replies: list[Message], sent: dict[str, Message | None], held: dict[str, Message], asked
+) -> Iterator[Message]:
     """Each reply to a message still awaited, as from the node it was sent to (:func:`in_place_of`);
-    one already handed over (a stuck pull that came back after its ids were asked alone) is dropped."""
+    one already handed over is dropped, and an error for an id that a running pull also asked
+    (``asked(id)``) is kept in ``held`` until that pull returns."""
     while replies:
         reply = replies.pop(0)  # popped: the consumer's reference is the last one
-        asked = reply.metadata.reply_to_message_id
-        if asked not in sent:
+        i = reply.metadata.reply_to_message_id
+        if i not in sent:
             continue
-        yield in_place_of(reply, sent.pop(asked))
+        if reply.has_error() and asked(i):
+            held[i] = reply
+            continue
+        held.pop(i, None)
+        yield in_place_of(reply, sent.pop(i))
 
 
 def in_place_of(reply: Message, original: Message | None) -> Message:
