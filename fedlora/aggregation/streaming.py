@@ -18,10 +18,10 @@ answers "Message Unavailable" (not found). A pull can be slow for an honest reas
 uploading: Flower retries with a backoff of 1, 2, 4 s) or stuck (a node killed while it uploads
 leaves objects that never complete: Flower waits on them until the SuperLink gives them up, minutes).
 Each pull therefore runs in its own thread and its replies are always handed over when it returns;
-one not back within ``stall_seconds`` has its ids asked one by one, so replies that arrive after it
-was taken are handed over as they come. An error answer for an id that a pull still running also
-asked (the "not found" of a reply that pull holds) waits for that pull, so a slow pull's replies
-are never replaced by it. What this cannot do: replies taken by the same pull as a stuck upload wait
+one not back within ``stall_seconds`` has its ids asked again in new pulls, so replies that arrive
+after it was taken are handed over as they come. An error answer for an id that a pull still
+running also asked (the "not found" of a reply that pull holds) waits for that pull, so a slow
+pull's replies are never replaced by it. What this cannot do: replies taken by the same pull as a stuck upload wait
 with it, and are named as missing if the round's timeout passes first.
 
 Everything else (node ids, pushes, pulls, run info) is the wrapped grid's own.
@@ -41,7 +41,7 @@ class StreamingGrid:
     per pull: Flower's grids return every reply that has arrived for the ids asked, so the ids are
     asked ``max_pull`` at a time, in turn, and replies that arrive faster than the consumer folds
     them wait at the SuperLink. Peak memory is then ``max_pull`` replies, not the backlog (plus
-    those a stalled pull holds while its ids are asked one by one). Each reply is yielded once."""
+    those a stalled pull holds while its ids are asked again). Each reply is yielded once."""
 
     def __init__(self, grid, max_pull: int = 1_000_000, stall_seconds: float = 5.0) -> None:
         if max_pull < 1:
@@ -65,7 +65,6 @@ class StreamingGrid:
     def _pull(self, sent: dict[str, Message | None], end: float, forever: bool) -> Iterator[Message]:
         interval = float(getattr(self._grid, "pull_interval", 0.1))
         running: list[_Pull] = []  # in the order they started
-        alone: set[str] = set()  # ids of a pull that stalled: asked one per pull from then on
         held: dict[str, Message] = {}  # an error answer for an id a running pull also asked
 
         def asked(i: str) -> bool:
@@ -83,14 +82,11 @@ class StreamingGrid:
         while sent and (forever or time.time() < end):
             before = len(sent)
             yield from finished()
+            # Awaited: an id a pull of its own asks, or one a pull asks that has not stalled. The others
+            # (not answered, not held) are asked again: a stalled pull holds only what it took.
             now = time.monotonic()
-            for pull in running:
-                if len(pull.ids) > 1 and now - pull.started > self.stall_seconds:
-                    alone.update(pull.ids)
-            for i in alone.intersection(sent).difference(held):
-                if not any(p.ids == {i} for p in running):
-                    running.append(_Pull(self._grid, [i]))
-            waiting = [i for i in sent if i not in held and i not in alone and not asked(i)]
+            awaited = {i for p in running if len(p.ids) == 1 or now - p.started <= self.stall_seconds for i in p.ids}
+            waiting = [i for i in sent if i not in held and i not in awaited]
             for start in range(0, len(waiting), self.max_pull):  # one sweep over the waiting ids
                 pull = _Pull(self._grid, waiting[start : start + self.max_pull])
                 running.append(pull)
