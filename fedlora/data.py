@@ -93,7 +93,7 @@ class TaskData:
     test: Examples
     label_names: list[str]
     train_labels: list[int]  # for partitioners
-    trust: Examples | None = None  # the server's own examples (robust.trust_examples), out of train
+    trust: Examples | None = None  # the server's own examples (robust.trust_examples), out of train or test
 
     @property
     def num_labels(self) -> int:
@@ -274,18 +274,26 @@ def _cap(rows: list[dict], n: int, seed: int) -> list[dict]:
     return rows
 
 
-def hold_out_trust(task: TaskData, n: int, seed: int) -> TaskData:
-    """``task`` with ``n`` training examples moved to ``trust``: the labels taken in turn (each
-    label's examples in an order shuffled by ``seed``), so the set is as balanced as the split
-    allows; ``train`` and ``train_labels`` keep the rest in their order, so every partitioner
-    splits the same rows on the server and on every client."""
-    if n >= len(task.train):
+def hold_out_trust(task: TaskData, n: int, seed: int, source: str = "eval") -> TaskData:
+    """``task`` with ``n`` examples of ``source`` moved to ``trust``: 'eval', the held-out split the
+    server evaluates on (the clients' data is unchanged; the server then evaluates on the rest), or
+    'train', the training split before any partition (every partitioner then splits the rest, the
+    same on the server and on every client). The labels are taken in turn (each label's examples in
+    an order shuffled by ``seed``), so the set is as balanced as the split allows; the split keeps
+    the rest in its order."""
+    split = task.train if source == "train" else task.test
+    if source == "train":
+        labels = task.train_labels
+    else:
+        labels = task.test.labels.tolist() if task.test.labels.dim() == 1 else [0] * len(task.test)
+    if n >= len(split):
+        left = "training examples to the clients" if source == "train" else "held-out examples to evaluate on"
         raise ConfigError(
-            f"invalid config value for 'robust.trust_examples': {n} would leave none of the {len(task.train)} "
-            "training examples to the clients"
+            f"invalid config value for 'robust.trust_examples': {n} would leave none of the {len(split)} {left} "
+            f"(robust.trust_data = {source!r})"
         )
     by_label: dict[int, list[int]] = {}
-    for i, lab in enumerate(task.train_labels):
+    for i, lab in enumerate(labels):
         by_label.setdefault(int(lab), []).append(i)
     rng = random.Random(seed * 7 + 3)
     queues = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
@@ -295,20 +303,18 @@ def hold_out_trust(task: TaskData, n: int, seed: int) -> TaskData:
             if q and len(picked) < n:
                 picked.append(q.pop())
     taken = set(picked)
-    rest = [i for i in range(len(task.train)) if i not in taken]
-    return replace(
-        task,
-        train=task.train.subset(rest),
-        train_labels=[task.train_labels[i] for i in rest],
-        trust=task.train.subset(sorted(picked)),
-    )
+    rest = [i for i in range(len(split)) if i not in taken]
+    trust = split.subset(sorted(picked))
+    if source == "train":
+        return replace(task, train=task.train.subset(rest), train_labels=[labels[i] for i in rest], trust=trust)
+    return replace(task, test=task.test.subset(rest), trust=trust)
 
 
 def load_task(cfg: FedLoraConfig) -> TaskData:
     """Tokenized train/test of the run's dataset; cached in memory and on disk. With
-    ``robust.trust_examples`` > 0, that many training examples are the server's (``trust``) and no
-    client's (:func:`hold_out_trust`); the memory cache keeps the task so cut, which every client
-    message asks for again."""
+    ``robust.trust_examples`` > 0, that many examples of ``robust.trust_data`` are the server's
+    (``trust``), in no client's data and no evaluation (:func:`hold_out_trust`); the memory cache
+    keeps the task so cut, which every client message asks for again."""
     dc = cfg.data
     task_type(cfg.model.task).prepare(cfg)  # checks before any tokenizing
     key_src = json.dumps(
@@ -323,8 +329,8 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
         sort_keys=True,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
-    held = cfg.robust.trust_examples
-    memo = f"{key}:{held}"  # the disk cache holds the whole split; memory, the split this run cuts
+    held, source = cfg.robust.trust_examples, cfg.robust.trust_data
+    memo = f"{key}:{held}:{source}"  # the disk cache holds the whole split; memory, the split this run cuts
     if memo in _TASK_CACHE:
         return _TASK_CACHE[memo]
     root = cache_root(cfg.model.cache_dir)
@@ -354,7 +360,7 @@ def load_task(cfg: FedLoraConfig) -> TaskData:
     if len(task.train) == 0:
         raise ConfigError(f"dataset {dc.dataset!r} has no training examples")
     if held > 0:
-        task = hold_out_trust(task, held, cfg.run.seed)
+        task = hold_out_trust(task, held, cfg.run.seed, source)
     _TASK_CACHE[memo] = task
     return task
 

@@ -293,8 +293,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
         try:
             self.fold_in(fold, u, server_round, released=bool(rl.released_by))
         except RejectedReply as exc:
-            rl.rejected.append(f"{self.who(u.profile.node_id)}: {exc}")
-            log.warning("round %d: rejected reply from %s: %s", server_round, self.who(u.profile.node_id), exc)
+            rl.reject(f"{self.who(u.profile.node_id)}: {exc}")
             return
         for e in self.extensions:
             e.reply_accepted(u.profile.node_id, u.metrics)
@@ -331,8 +330,7 @@ class LoraStrategy(NodeSetup, FederatedEvaluation, FedAvg):
                 u = self.validate_reply(prof, reply.content, server_round, rl)
                 rl.payload_up.append(codec.wire_bytes(reply.content[self.arrayrecord_key]))
             except RejectedReply as exc:
-                rl.rejected.append(f"{who}: {exc}")
-                log.warning("round %d: rejected reply from %s: %s", server_round, who, exc)
+                rl.reject(f"{who}: {exc}")
                 busy += time.thread_time() - t_reply
                 continue
             for ready in _through(stages, [u]):

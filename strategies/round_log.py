@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from fedlora import codec
+
+log = logging.getLogger("fedlora.server")
 
 
 @dataclass
@@ -36,6 +39,12 @@ class RoundLog:
     sent: dict[str, list[int]] = field(default_factory=dict)  # message type -> nodes messaged
     sizer_up: codec.MessageSizer = field(default_factory=codec.MessageSizer)  # exact for a sample, then estimated
     sizer_down: codec.MessageSizer = field(default_factory=codec.MessageSizer)
+
+    def reject(self, line: str) -> None:
+        """Name a reply left out of the round's fold (``line``: who, and why): in the round's row
+        and, as it happens, on the console."""
+        self.rejected.append(line)
+        log.warning("round %d: rejected reply from %s", self.server_round, line)
 
 
 def weighted_metrics(metrics: list[dict], weights: list[float]) -> dict:

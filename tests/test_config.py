@@ -131,6 +131,7 @@ def test_mixed_ranks_with_a_single_rank_strategy_fail_on_load_with_the_reason():
         ("robust.max_client_share=0", "robust.max_client_share"),
         ("robust.update_norm_bound=-1", "robust.update_norm_bound"),
         ("robust.norm_action=ignore", "robust.norm_action"),
+        ("robust.relative_norm_reject=1.5", "robust.relative_norm_reject"),  # at the bound: not above it
         ("federation.min_accepted=0", "federation.min_accepted"),
         ("federation.round_timeout=0", "federation.round_timeout"),
         ("data.validation_fraction=0.8", "data.validation_fraction"),

@@ -173,31 +173,52 @@ def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, h
     assert med_rows[-1]["server-loss"] < 2.0
 
 
-def test_with_defaults_one_outsized_client_moves_the_global_little_and_is_named(tmp_path, honest_only, caplog):
-    """The default relative norm bound: one client sending x1e6 its factors, or its start plus 1e6
-    times its own change, among three honest ones, leaves the global adapter's norm within 2x the
-    honest run's (the same federation with that client's reply never arriving) and its change
-    within 2.5x, and is named. The bound lets the one client send 1.5x the round's median change
-    for its size in its own direction ("boost": its honest direction), so an aligned round moves up
-    to (3 + 1.5) / 4 of an honest one's mean, and the rounds compound."""
-    ref = _adapter(honest_only)
-    ref_norm = float(torch.cat([t.flatten().double() for _, t in sorted(ref.items())]).norm())
+def test_with_defaults_one_outsized_client_is_left_out_and_named(tmp_path, honest_only, caplog):
+    """The default relative bounds: one client sending x1e6 its factors, or its start plus 1e6 times
+    its own change, among three honest ones, is far beyond robust.relative_norm_reject (10x the
+    round's median) and left out: the global adapter is the honest-only run's (that client's reply
+    never arriving), and the client is named in the round's row and on the console, no honest one."""
+    ref = _delta(_adapter(honest_only))
     caplog.set_level(logging.WARNING, logger="fedlora.server")
     for attack in ("scale-1e6", "boost"):
         caplog.clear()
         run_dir, rows = _run(make_config(tmp_path / attack, **FOUR), {3: attack})
-        ad = _adapter(run_dir)
-        assert _all_finite(ad)
-        norm = float(torch.cat([t.flatten().double() for _, t in sorted(ad.items())]).norm())
-        assert norm < 2 * ref_norm, (attack, norm, ref_norm)
-        change, ref_change = float(_delta(ad).norm()), float(_delta(ref).norm())
-        assert change < 2.5 * ref_change, (attack, change, ref_change)
-        named = _text(rows, "clipped")
-        assert "client-00003: update norm" in named and "robust.relative_norm_bound" in named, (attack, named)
-        assert "client-0000" not in named.replace("client-00003", ""), named  # no honest client was bounded
-        console = [r.getMessage() for r in caplog.records if "client-00003: update norm" in r.getMessage()]
-        bounded = [x for r in rows for x in r.get("clipped") or []]
-        assert len(console) == len(bounded), console  # each named on the console too
+        assert float((_delta(_adapter(run_dir)) - ref).norm() / ref.norm()) < 1e-5, attack
+        named = _text(rows, "rejected")
+        assert all(
+            "client-00003 (node" in x and "robust.relative_norm_reject (10x)" in x
+            for r in rows[1:]
+            for x in r["rejected"]
+        )
+        assert all(len(r["rejected"]) == 1 and r["clients-accepted"] == 3 for r in rows[1:]), named
+        assert not _text(rows, "clipped") and not _text(rows, "flagged"), rows  # no honest client was bounded
+        console = [
+            r.getMessage() for r in caplog.records if "rejected reply from client client-00003" in r.getMessage()
+        ]
+        assert len(console) == len(rows) - 1, console  # each named on the console too
+
+
+def test_with_the_reject_bound_off_one_outsized_client_moves_the_global_little_and_is_named(
+    tmp_path, honest_only, caplog
+):
+    """robust.relative_norm_reject = 0: the boosted client (start + 1e6 x its own change) is clipped
+    onto 1.5x the round's median change for its size instead, in its own direction, so an aligned
+    round moves up to (3 + 1.5) / 4 of an honest one's mean and the rounds compound: the global
+    adapter's norm stays within 2x the honest-only run's and its change within 2.5x; named."""
+    ref = _adapter(honest_only)
+    ref_norm = float(torch.cat([t.flatten().double() for _, t in sorted(ref.items())]).norm())
+    caplog.set_level(logging.WARNING, logger="fedlora.server")
+    run_dir, rows = _run(make_config(tmp_path, robust={"relative_norm_reject": 0.0}, **FOUR), {3: "boost"})
+    ad = _adapter(run_dir)
+    assert _all_finite(ad)
+    norm = float(torch.cat([t.flatten().double() for _, t in sorted(ad.items())]).norm())
+    assert norm < 2 * ref_norm, (norm, ref_norm)
+    assert float(_delta(ad).norm()) < 2.5 * float(_delta(ref).norm())
+    named = _text(rows, "clipped")
+    assert "client-00003: update norm" in named and "robust.relative_norm_bound" in named, named
+    assert "client-0000" not in named.replace("client-00003", ""), named  # no honest client was bounded
+    console = [r.getMessage() for r in caplog.records if "client-00003: update norm" in r.getMessage()]
+    assert len(console) == len([x for r in rows for x in r.get("clipped") or []]), console
 
 
 def test_a_client_whose_effective_factors_overflow_is_named_and_the_round_goes_on(tmp_path, shared_data):

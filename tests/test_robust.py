@@ -227,21 +227,35 @@ def _attacked_round(
 @pytest.mark.parametrize(
     "order", [random.Random(seed).sample(range(10), 10) for seed in range(8)] + [list(range(10))[::-1]]
 )
-def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order):
+@pytest.mark.parametrize("reject", ["10", "0"])
+def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order, reject):
     """Four of ten replies blown up 1000x (the attack that filled the old first-round window when they
-    answered first): in every arrival order the same four are clipped onto 1.5x the round's median
-    size-normalised norm, named, and the new global adapter is the same."""
+    answered first): in every arrival order the same four are named and the new global adapter is
+    the same. At the default robust.relative_norm_reject (10x the round's median size-normalised
+    norm) they are left out of the fold; with it off, clipped onto 1.5x that median."""
     attackers = {0, 3, 5, 8}
     first = sorted(range(10), key=lambda i: (i not in attackers, i))  # the attackers answer first
     attack = dict.fromkeys(attackers, "scale")
-    ref, ref_rl = _attacked_round(first, attack)
-    s, rl = _attacked_round(list(order), attack)
+    ref, ref_rl = _attacked_round(first, attack, relative_norm_reject=reject)
+    s, rl = _attacked_round(list(order), attack, relative_norm_reject=reject)
+    named = [f"client c{i}" for i in sorted(attackers)]
     for log in (ref_rl, rl):
-        assert sorted(c.split(":")[0] for c in log.clipped) == [f"client c{i}" for i in sorted(attackers)], log.clipped
-        assert all("(1.5x)" in c and "median update norm / examples^0.5" in c for c in log.clipped), log.clipped
         assert not log.flagged
+        if reject == "0":
+            assert sorted(c.split(":")[0] for c in log.clipped) == named, log.clipped
+            assert all("(1.5x)" in c and "median update norm / examples^0.5" in c for c in log.clipped), log.clipped
+            assert not log.rejected
+        else:
+            assert sorted(c.split(" (node")[0] for c in log.rejected) == named, log.rejected
+            assert all("robust.relative_norm_reject (10x): left out of the fold" in c for c in log.rejected)
+            assert not log.clipped
+    assert rl.accepted == (10 if reject == "0" else 6)
     for (k, a), (_, b) in zip(s.global_eff.tensors(), ref.global_eff.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+    if reject != "0":  # left out: the round is that of the six honest clients alone
+        honest, _ = _attacked_round([i for i in order if i not in attackers], {}, relative_norm_reject=reject)
+        for (k, a), (_, b) in zip(s.global_eff.tensors(), honest.global_eff.tensors()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
 
 
 def _load_round_helpers() -> None:
@@ -267,12 +281,17 @@ def test_bounds_and_weights_are_the_same_in_any_arrival_order_and_cut_only_the_l
     order = data.draw(st.permutations(range(10)), label="order")
     ref, ref_rl = _attacked_round(list(range(10)), attack, examples=sizes)
     s, rl = _attacked_round(list(order), attack, examples=sizes)
-    assert sorted(rl.clipped) == sorted(ref_rl.clipped) and not rl.rejected and not rl.flagged
-    named = {c.split(":")[0] for c in rl.clipped}
-    assert named == {f"client c{i}" for i in liars}, rl.clipped
+    assert sorted(rl.clipped) == sorted(ref_rl.clipped) and sorted(rl.rejected) == sorted(ref_rl.rejected)
+    assert not rl.flagged
+    named = {c.split(":")[0] for c in rl.clipped} | {c.split(" (node")[0] for c in rl.rejected}
+    assert named == {f"client c{i}" for i in liars}, (rl.clipped, rl.rejected)
     for i, kind in attack.items():
-        line = next(c for c in rl.clipped if c.startswith(f"client c{i}:"))
-        if kind in ("silent", "claim"):  # the weight its norm supports: n x (ratio x 1.5)^2, ratio 0 or about 1/3
+        line = next(
+            c for c in rl.clipped + rl.rejected if c.startswith(f"client c{i}:") or c.startswith(f"client c{i} ")
+        )
+        if kind == "scale":  # 1000x: far beyond the bound, left out
+            assert "robust.relative_norm_reject (10x): left out of the fold" in line, line
+        elif kind in ("silent", "claim"):  # the weight its norm supports: n x (ratio x 1.5)^2, ratio 0 or about 1/3
             cut = float(re.search(r"cut to ([0-9.e+-]+):", line).group(1))
             ratio = float(re.search(r"examples\^0.5 is ([0-9.e+-]+)x", line).group(1))
             assert ratio == (0.0 if kind == "silent" else pytest.approx(1 / 3, rel=0.3)), line
@@ -339,13 +358,13 @@ def _setup_weights(factor: float):
 
 
 def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unbounded():
-    """Four blown-up replies, two held back: in either arrival order the two largest are bounded and
-    the round says that two more were folded before the bound was known, and that the direction
+    """Four blown-up replies, two held back: in either arrival order the two largest are bounded (left
+    out, far beyond it: robust.relative_norm_reject) and the round says that two more were folded before the bound was known, and that the direction
     was not checked."""
     attack = dict.fromkeys((0, 1, 2, 3), "scale")
     for order in ([4, 5, 6, 7, 8, 9, 0, 1, 2, 3], list(range(10))):
         _, rl = _attacked_round(order, attack, held_back=2, min_cosine="0")
-        assert len(rl.clipped) == 2 and len(rl.flagged) == 2, (rl.clipped, rl.flagged)
+        assert len(rl.rejected) == 2 and not rl.clipped and len(rl.flagged) == 2, (rl.rejected, rl.flagged)
         assert rl.flagged[0].startswith(
             "2 replies above robust.relative_norm_bound (1.5x the round's median update norm / examples^0.5 "
         )
@@ -356,7 +375,7 @@ def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unb
             "direction not checked (robust.min_cosine): the round's 10 replies exceed robust.held_back_mb (2 replies)"
         )
     _, fits = _attacked_round(list(range(10)), {0: "scale", 1: "scale"}, held_back=2)
-    assert len(fits.clipped) == 2 and not fits.flagged
+    assert len(fits.rejected) == 2 and not fits.flagged
 
 
 @pytest.mark.parametrize("attackers", [{4}, {1, 5, 9}, {0, 1, 2, 3}])

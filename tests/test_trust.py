@@ -24,37 +24,61 @@ cloudpickle.register_pickle_by_value(fleet)
 
 # ---------------------------------------------------------------------------------- the server's examples
 def _task(labels: list[int]) -> TaskData:
+    """Train and test hold the same rows (ids 0.., the labels given): either can be the source."""
     ex = Examples([torch.tensor([i]) for i in range(len(labels))], torch.tensor(labels), task="classification")
-    return TaskData(
-        train=ex, test=ex.subset([0]), label_names=[str(k) for k in range(max(labels) + 1)], train_labels=labels
-    )
+    return TaskData(train=ex, test=ex, label_names=[str(k) for k in range(max(labels) + 1)], train_labels=labels)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    labels=st.lists(st.integers(0, 4), min_size=2, max_size=80), share=st.floats(0.01, 0.99), seed=st.integers(0, 99)
+    labels=st.lists(st.integers(0, 4), min_size=2, max_size=80),
+    share=st.floats(0.01, 0.99),
+    seed=st.integers(0, 99),
+    source=st.sampled_from(["train", "eval"]),
 )
-def test_the_servers_examples_are_out_of_train_balanced_and_fixed_by_the_seed(labels, share, seed):
-    """Every training row is either the server's or still train (never both, none lost), in train's
-    order; each label gives min(its rows, its turn) examples, so the counts of the labels not used up
-    differ by at most one; the same seed picks the same rows."""
+def test_the_servers_examples_are_out_of_their_split_balanced_and_fixed_by_the_seed(labels, share, seed, source):
+    """Every row of the source split is either the server's or still in the split (never both, none
+    lost), in the split's order, and the other split is untouched; each label gives min(its rows,
+    its turn) examples, so the counts of the labels not used up differ by at most one; the same
+    seed picks the same rows."""
     n = max(1, min(len(labels) - 1, round(share * len(labels))))
     task = _task(labels)
-    out = hold_out_trust(task, n, seed)
+    out = hold_out_trust(task, n, seed, source)
+    cut, kept = (out.train, out.test) if source == "train" else (out.test, out.train)
     trust_ids = [int(t) for t in out.trust.input_ids]
-    train_ids = [int(t) for t in out.train.input_ids]
-    assert len(trust_ids) == n and sorted(trust_ids + train_ids) == list(range(len(labels)))
-    assert train_ids == sorted(train_ids) and out.train_labels == [labels[i] for i in train_ids]
+    left_ids = [int(t) for t in cut.input_ids]
+    assert len(trust_ids) == n and sorted(trust_ids + left_ids) == list(range(len(labels)))
+    assert left_ids == sorted(left_ids) and cut.labels.tolist() == [labels[i] for i in left_ids]
+    assert [int(t) for t in kept.input_ids] == list(range(len(labels)))  # the other split: every row
+    assert out.train_labels == out.train.labels.tolist()
     assert out.trust.labels.tolist() == [labels[i] for i in trust_ids]
     got = {k: sum(1 for i in trust_ids if labels[i] == k) for k in set(labels)}
-    left = [got[k] for k in got if got[k] < labels.count(k)]  # labels with rows still in train
+    left = [got[k] for k in got if got[k] < labels.count(k)]  # labels with rows still in the split
     assert not left or max(left) - min(left) <= 1 and all(got[k] <= max(left) + 1 for k in got), got
-    assert [int(t) for t in hold_out_trust(task, n, seed).trust.input_ids] == trust_ids
+    assert [int(t) for t in hold_out_trust(task, n, seed, source).trust.input_ids] == trust_ids
 
 
-def test_the_servers_examples_cannot_take_every_training_row():
-    with pytest.raises(ConfigError, match=r"robust.trust_examples.*4 would leave none of the 4"):
-        hold_out_trust(_task([0, 1, 0, 1]), 4, 0)
+@pytest.mark.parametrize(("source", "what"), [("train", "training examples"), ("eval", "held-out examples")])
+def test_the_servers_examples_cannot_take_every_row_of_their_split(source, what):
+    with pytest.raises(ConfigError, match=rf"robust.trust_examples.*4 would leave none of the 4 {what}"):
+        hold_out_trust(_task([0, 1, 0, 1]), 4, 0, source)
+
+
+@pytest.mark.parametrize("source", ["eval", "train"])
+def test_a_run_takes_the_servers_examples_from_the_split_trust_data_names(tmp_path, shared_data, source):
+    """Through load_task, as the server and every client call it: with robust.trust_data = 'eval'
+    the training split (so every client's partition) is the run's without trust examples and the
+    server evaluates on the rest of its held-out split; with 'train' the held-out split is whole."""
+    from fedlora.data import load_task
+
+    plain = load_task(make_config(tmp_path / "plain"))
+    task = load_task(make_config(tmp_path / source, robust={"trust_examples": 32, "trust_data": source}))
+    ids = lambda ex: sorted(tuple(t.tolist()) for t in ex.input_ids)  # noqa: E731
+    assert len(task.trust) == 32
+    cut, whole = ("test", "train") if source == "eval" else ("train", "test")
+    assert ids(getattr(task, whole)) == ids(getattr(plain, whole))
+    assert sorted(ids(getattr(task, cut)) + ids(task.trust)) == ids(getattr(plain, cut))
+    assert task.train_labels == task.train.labels.tolist()
 
 
 # ---------------------------------------------------------------------------------- the score

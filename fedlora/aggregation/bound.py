@@ -91,6 +91,9 @@ class MedianBounds:
       model and learning rate. A reply over n examples thus moves the global adapter by at most
       1.5 x the median's step for n examples: a boosted or sign-flipped update is held to about its
       honest size.
+    * ``robust.relative_norm_reject`` (on by default, 10): a reply above that many times the round's
+      median is left out of the fold and named rather than clipped: clipping would still give it the
+      full pull the bound allows (four x1e6 sign flips of ten, clipped, reverse the round).
     * ``robust.weight_from_norm`` (on by default): a reply's weight is at most the example count its
       norm supports: below 1 / relative_norm_bound of the median ratio, the weight is cut to
       n x (ratio x bound)^(1/p) and the client named. A client that declares more examples than it
@@ -126,6 +129,7 @@ class MedianBounds:
         # Off where another stage decides norms and weights: client-level DP's release, FLTrust's form.
         self.factor = 0.0 if rl.released_by or r.trust_is_fltrust else r.relative_norm_bound
         self.power = r.norm_size_power
+        self.reject_factor = r.relative_norm_reject if self.factor > 0 else 0.0
         self.weigh = self.factor > 0 and self.power > 0 and r.weight_from_norm
         self.min_cosine = -1.0 if rl.released_by else r.min_cosine
         self.budget = r.held_back_mb * 2**20
@@ -215,7 +219,13 @@ class MedianBounds:
             f"above robust.relative_norm_bound ({self.factor:g}x)"
         )
         if self.strategy.cfg.robust.norm_action == "reject":
-            self.rl.rejected.append(f"{who} (node {update.profile.node_id}): {why}")
+            self.rl.reject(f"{who} (node {update.profile.node_id}): {why}")
+            return None
+        if self.reject_factor and ratio > self.reject_factor:
+            self.rl.reject(
+                f"{who} (node {update.profile.node_id}): {why} and robust.relative_norm_reject "
+                f"({self.reject_factor:g}x): left out of the fold"
+            )
             return None
         update.factors, _ = clip_update(self._start(update), update.factors, limit)
         self.rl.clipped.append(f"{who}: {why}; clipped to {limit:.4g}")
@@ -236,7 +246,7 @@ class MedianBounds:
             if cos >= self.min_cosine:
                 kept.append(u)
                 continue
-            self.rl.rejected.append(
+            self.rl.reject(
                 f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
                 f"the round's coordinate-wise median update, below robust.min_cosine ({self.min_cosine:g}); left out "
                 "of the fold"

@@ -106,6 +106,13 @@ class RobustConfig:
         "bounds every client).",
         default=1.5,
     )
+    relative_norm_reject: float = _meta(
+        "A reply whose size-normalised update norm is above this many times the round's median is left out of the "
+        "fold and named, not clipped: clipped, it would still pull as hard as relative_norm_bound allows, and no "
+        "honest client is anywhere near (0.87-1.29x on the default task). On by default with relative_norm_bound; "
+        "0 = off (clip it, norm_action). Must be above relative_norm_bound.",
+        default=10.0,
+    )
     norm_size_power: float = _meta(
         "relative_norm_bound and weight_from_norm compare update norms divided by (example count)^this, so a client "
         "that trained on more examples (more local steps) may move further: 0.5 fits AdamW at a fixed learning rate, "
@@ -151,11 +158,17 @@ class RobustConfig:
     max_client_share: float = _meta("Cap on any one client's normalised aggregation weight (1 = no cap).", default=1.0)
     trust_examples: int = _meta(
         "Trust scores from the server's own data (opt-in; 0 = off), after FLTrust (Cao et al. 2021): this many "
-        "examples of the training split (labels in turn) are the server's and no client's; each round the server "
+        "examples (labels in turn, from trust_data) are the server's, in no client's data and no evaluation; each round the server "
         "trains on them from the global adapter for a median client's steps, and a reply's weight is multiplied by "
         "the cosine of its update with the server's, a reply at or below 0 left out and named. FedIT and FFA-LoRA "
         "(clients start from the global adapter); the server builds the model, as federation.server_eval does.",
         default=0,
+    )
+    trust_data: str = _meta(
+        "Where trust_examples come from: 'eval' (the held-out split the server evaluates on, data.test_split or "
+        "the part carved from train: the clients' data is unchanged and the server evaluates on the rest) or "
+        "'train' (the training split before it is partitioned: every client's partition changes).",
+        default="eval",
     )
     trust_action: str = _meta(
         "trust_examples: 'weigh' (a reply's bounded weight times its trust, 0 left out), 'fltrust' (FLTrust's own "
@@ -182,6 +195,12 @@ class RobustConfig:
             "robust.relative_norm_bound",
             f"must be 0 (off) or >= 1 (a multiple of the median normalised norm), got {self.relative_norm_bound}",
         )
+        _require(
+            self.relative_norm_reject == 0 or self.relative_norm_reject > self.relative_norm_bound,
+            "robust.relative_norm_reject",
+            f"must be 0 (off) or above robust.relative_norm_bound ({self.relative_norm_bound:g}), "
+            f"got {self.relative_norm_reject}",
+        )
         _require(0.0 <= self.norm_size_power <= 1.0, "robust.norm_size_power", "must be in [0, 1]")
         _require(self.held_back_mb >= 0, "robust.held_back_mb", "must be >= 0")
         _require(
@@ -203,6 +222,11 @@ class RobustConfig:
         _require(0.0 <= self.trim_fraction < 0.5, "robust.trim_fraction", "must be in [0, 0.5)")
         _require(0.0 < self.max_client_share <= 1.0, "robust.max_client_share", "must be in (0, 1]")
         _require(self.trust_examples >= 0, "robust.trust_examples", "must be >= 0 (0 = off)")
+        _require(
+            self.trust_data in ("eval", "train"),
+            "robust.trust_data",
+            f"must be 'eval' or 'train', got {self.trust_data!r}",
+        )
         _require(
             self.trust_action in ("weigh", "fltrust", "report"),
             "robust.trust_action",

@@ -1,8 +1,9 @@
 """Trust scores from the server's own examples (``robust.trust_examples``, opt-in), after FLTrust
 (Cao, Fang, Liu and Gong, NDSS 2021).
 
-When a train round's replies start to arrive, the server trains on its examples (held out of every
-client's partition: :func:`fedlora.data.hold_out_trust`) from the global adapter, with the run's
+When a train round's replies start to arrive, the server trains on its examples (held out of the
+split it evaluates on, or of every client's partition: ``robust.trust_data``,
+:func:`fedlora.data.hold_out_trust`) from the global adapter, with the run's
 train settings and the one training loop (:func:`fedlora.training.train_local`), for as many steps
 as a client of the median declared size takes (``train.local_steps``, or ``train.local_epochs``
 passes over that size: FLTrust's server runs the clients' local iterations), and keeps its update
@@ -73,6 +74,12 @@ class ServerUpdate:
         if task.trust is None:  # an extension decided the data (refused on load): nothing to train on
             raise ConfigError("robust.trust_examples: the run's data holds no examples for the server")
         self.examples = task.trust
+        where = (
+            f"held out of the evaluation split, which the server evaluates on without them ({len(task.test)} examples)"
+            if cfg.robust.trust_data == "eval"
+            else "held out of the training split, before it is partitioned"
+        )
+        log.info("robust.trust_examples: the server holds %d examples, %s", len(self.examples), where)
         self.device = pick_device(cfg.train.device)
         self.model: torch.nn.Module | None = None
         self._build = lambda rank: place(
@@ -157,7 +164,7 @@ class TrustStage:
                 )
             return [update]
         if score <= 0.0:
-            self.rl.rejected.append(
+            self.rl.reject(
                 f"{who} (node {update.profile.node_id}): trust 0: its update has no positive cosine with {what}; "
                 "left out of the fold"
             )
