@@ -18,9 +18,13 @@ rewritten. Each attacker sits just inside the run's own bounds (AT_BOUND of each
 
 Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and training): at the
 defaults, honest (Dirichlet and IID), honest at the previous defaults (a 4x plain-norm bound, a 10x
-weight cap), and each attack above (1 client; 3 colluding flips; 4 first-arriving x1e6). Then the
+weight cap), and each attack above (1 client; 3 colluding flips; 4 first-arriving x1e6, and the same
+four never replying: what leaving them out gives). Then the
 opt-in defences: the coordinate median (against 1 flip, the 3 colluders, and honest), client-level
-DP's clip (honest and 1 flip), a 0.2 share cap and ``robust.min_cosine = 0`` (1 flip). Last, an honest
+DP's clip (honest and 1 flip), a 0.2 share cap and ``robust.min_cosine = 0`` (1 flip), and trust
+scores from 64 server examples (``robust.trust_examples``) taken from the training split (``trust``
+cells) or from the held-out split the server evaluates on (``trust-eval`` cells), each against the
+attacks and with a ``report`` cell (scores only) as its same-data baseline. Last, an honest
 federation in which client 0 holds ten times the data of each other client (an IID ``sizes`` split), at the
 defaults and with the size bounds off: what the defaults cost a real 10x client. (The trimmed
 mean is left out: on this task one honest run, seed 42, ended at 0.44 with it against 0.82 with the
@@ -29,7 +33,7 @@ every client named (clipped, rejected or flagged) with whether it was an attacke
 clip's counts and epsilon. The summary holds the issue's criteria, each with whether it is met.
 Writes benchmarks/results/attacks.json after every run and a plot at the end.
 
-    .venv/bin/python -m benchmarks.attacks                 # every cell, 3 seeds: about 100 min on 2 cores
+    .venv/bin/python -m benchmarks.attacks                 # every cell, 3 seeds: about 150 min on 2 cores
     .venv/bin/python -m benchmarks.attacks --cells honest,flip-1 --seeds 1
     .venv/bin/python -m benchmarks.attacks --cells honest,flip-1 --set robust.relative_norm_bound=2 --name try-2
 """
@@ -60,6 +64,7 @@ CELLS = {
     "absent-1": {3: "absent"},
     "flip-3-colluders": {1: "flip", 4: "flip", 7: "flip"},
     "flip-1e6-4-first": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
+    "absent-4-first": {0: "absent", 1: "absent", 2: "absent", 3: "absent"},  # what leaving those four out gives
     # The opt-in defences, against a flipped client or the colluders, and what one costs an honest run.
     "flip-1 median": {3: "flip"},
     "flip-1 max_client_share=0.2": {3: "flip"},
@@ -77,6 +82,14 @@ CELLS = {
     "flip-1e6-4-first trust": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
     "honest trust report": {},  # the scores only: the cost of holding the examples, apart from weighing
     "honest trust fltrust": {},  # FLTrust's own aggregate (robust.trust_action = "fltrust"): its honest cost
+    # The same 64 examples taken from the held-out split the server evaluates on (robust.trust_data = "eval"):
+    # the clients' data is unchanged, the server evaluates on the rest.
+    "honest trust-eval": {},
+    "flip-1 trust-eval": {3: "flip"},
+    "flip+size-1 trust-eval": {3: "flip+size"},
+    "flip-3-colluders trust-eval": {1: "flip", 4: "flip", 7: "flip"},
+    "flip-1e6-4-first trust-eval": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
+    "honest trust-eval report": {},  # the scores only: the same evaluation set, the fold untouched
     # An honest client with ten times the data of each other (an IID 'sizes' split): what the defaults cost it.
     "honest 10x-client": {},
     "honest 10x-client no size bounds": {},
@@ -86,7 +99,8 @@ CELLS = {
 # the epsilon it spends protects nothing (the run reports it): these cells measure the clip, not a
 # privacy setting.
 DP = ["privacy.client_dp=true", "privacy.client_clip=10", "privacy.client_noise_multiplier=0.01"]
-TRUST = ["robust.trust_examples=64"]
+TRUST = ["robust.trust_examples=64", 'robust.trust_data="train"']
+TRUST_EVAL = ["robust.trust_examples=64", 'robust.trust_data="eval"']
 TEN_X = ['data.partitioner="sizes"', "data.partition_sizes=[10, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
 OVERRIDES = {
     "honest-iid": ['data.partitioner="iid"'],
@@ -107,6 +121,8 @@ OVERRIDES = {
     **{cell: TRUST for cell in CELLS if cell.endswith(" trust")},
     "honest trust report": [*TRUST, 'robust.trust_action="report"'],
     "honest trust fltrust": [*TRUST, 'robust.trust_action="fltrust"'],
+    **{cell: TRUST_EVAL for cell in CELLS if cell.endswith(" trust-eval")},
+    "honest trust-eval report": [*TRUST_EVAL, 'robust.trust_action="report"'],
     "honest 10x-client": TEN_X,
     "honest 10x-client no size bounds": [
         *TEN_X,
@@ -119,7 +135,10 @@ OVERRIDES = {
 BASELINES = {"honest 10x-client": "honest 10x-client no size bounds"}
 # Cells compared with "honest" and also with the honest run on their own data: the server's trust
 # examples are taken out of the clients' rows, which changes every partition.
-SAME_DATA = {c: "honest trust report" for c in CELLS if c.endswith(" trust") or c == "honest trust fltrust"}
+SAME_DATA = {
+    **{c: "honest trust report" for c in CELLS if c.endswith(" trust") or c == "honest trust fltrust"},
+    **{c: "honest trust-eval report" for c in CELLS if c.endswith(" trust-eval")},
+}
 
 
 def attack_app(bad: dict[int, str], declared: int, flip: float, power: float):
@@ -277,7 +296,7 @@ def summarise(runs: list[dict]) -> dict:
         worst = {  # each four-first-arriving cell's worst loss over every run and round
             c: max(max(r.get("losses") or [r["loss"], r["round1_loss"]]) for r in runs if r["cell"] == c)
             for c in out
-            if c.startswith("flip-1e6-4-first")
+            if c.startswith("flip-1e6-4-first") or c == "absent-4-first"
         }
         for cell, loss in worst.items():
             out[cell]["max_loss_over_honest_round1"] = loss / r1["honest"]
@@ -314,20 +333,27 @@ def criteria(out: dict) -> dict:
         "accuracy_vs_honest",
         lambda v: v >= -0.10,
     )
-    for cell in ("flip-1e6-4-first", "flip-1e6-4-first trust"):
+    for cell in ("flip-1e6-4-first", "flip-1e6-4-first trust", "flip-1e6-4-first trust-eval"):
         check(
             f"four first-arriving: loss never above 1.1x the honest round-1 loss ({cell})",
             cell,
             "max_loss_over_honest_round1",
             lambda v: v <= 1.1,
         )
-    for cell in ("flip-1 trust", "flip+size-1 trust"):  # the same attacks against the opt-in trust scores
-        check(f"one attacker within 5 points ({cell})", cell, "accuracy_vs_honest", lambda v: v >= -0.05)
-    check(
-        "three colluders within 10 points (trust scores)",
-        "flip-3-colluders trust",
+    for option in ("trust", "trust-eval"):  # the same attacks against the opt-in trust scores
+        for cell in (f"flip-1 {option}", f"flip+size-1 {option}"):
+            check(f"one attacker within 5 points ({cell})", cell, "accuracy_vs_honest", lambda v: v >= -0.05)
+        check(
+            f"three colluders within 10 points ({option} scores)",
+            f"flip-3-colluders {option}",
+            "accuracy_vs_honest",
+            lambda v: v >= -0.10,
+        )
+    check(  # what trust-eval would cost the honest run as a default
+        "honest run loses at most 1 point with trust-eval",
+        "honest trust-eval",
         "accuracy_vs_honest",
-        lambda v: v >= -0.10,
+        lambda v: v >= -0.01,
     )
     check(
         "honest run loses at most 1 point against the previous defaults",

@@ -258,6 +258,21 @@ def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order,
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_the_reject_bound_leaves_out_exactly_the_replies_above_it():
+    """One client sign-flipped at 3.5x its change: with robust.relative_norm_reject just above its
+    ratio to the round's median it is clipped onto 1.5x; just below, left out and named with the
+    same ratio; the honest nine are folded either way."""
+    _, rl = _attacked_round(list(range(10)), {4: "flip"})
+    (line,) = rl.clipped
+    ratio = float(re.search(r"is ([0-9.e+-]+)x the round's median", line).group(1))
+    assert 2.0 < ratio < 10.0, line
+    _, above = _attacked_round(list(range(10)), {4: "flip"}, relative_norm_reject=str(ratio * 1.01))
+    assert [c.split(":")[0] for c in above.clipped] == ["client c4"] and not above.rejected and above.accepted == 10
+    _, below = _attacked_round(list(range(10)), {4: "flip"}, relative_norm_reject=str(ratio * 0.99))
+    assert not below.clipped and below.accepted == 9, below.clipped
+    assert [c.split(" (node")[0] for c in below.rejected] == ["client c4"] and f"is {ratio:.3g}x" in below.rejected[0]
+
+
 def _load_round_helpers() -> None:
     """Import the modules _attacked_round draws on once, outside any @given (they define tests of their own)."""
     import test_folds  # noqa: F401
