@@ -16,7 +16,7 @@ modules' entries), and prints a table.
                                                 # record a finished run's scratch folder
 
 What is mutated: ``fedlora/aggregation/folds.py``, ``product_sums.py`` and ``share_cap.py`` (the server's folds; their
-tests: tests/test_folds.py), ``trust.py`` (the trust scores' stage; the server's own training is a
+tests: tests/test_folds.py), ``bound.py`` (the robust layer's round bounds; tests/test_robust.py), ``trust.py`` (the trust scores' stage; the server's own training is a
 federation test), the plug-in methods' maths (``fedlora/methods/_*.py``; their tests but
 those marked ``federation``), ``fedlora/lora_math.py``, ``fedlora/codec.py``, ``fedlora/robust.py``,
 ``fedlora/validation.py``, the causal-LM task's token and answer functions (``fedlora/tasks/``;
@@ -61,6 +61,7 @@ TARGETS = [
     "fedlora/aggregation/product_sums.py",
     "fedlora/aggregation/share_cap.py",
     "fedlora/aggregation/trust.py",
+    "fedlora/aggregation/bound.py",
     "fedlora/methods/_fedprox.py",
     "fedlora/methods/_ewc.py",
     "fedlora/methods/_lwf.py",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import statistics
 
 import numpy as np
 import pytest
@@ -256,6 +257,84 @@ def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order,
         honest, _ = _attacked_round([i for i in order if i not in attackers], {}, relative_norm_reject=reject)
         for (k, a), (_, b) in zip(s.global_eff.tensors(), honest.global_eff.tensors()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1e6), min_size=1, max_size=20))
+def test_the_rounds_median_is_the_middle_value_or_the_mean_of_the_middle_two(xs):
+    from fedlora.aggregation.bound import _median
+
+    assert _median(xs) == pytest.approx(statistics.median(xs), rel=1e-12)
+    assert _median(list(reversed(xs))) == _median(xs)
+
+
+def test_a_clipped_reply_is_held_to_the_bound_times_its_size_and_named_with_its_figures():
+    """A client sign-flipped at 3.5x its change, over 400 examples among clients of 100: its line
+    gives its norm, its examples, its ratio to the round's median normalised norm and the limit
+    it was clipped to, and they agree: norm = ratio x median x sqrt(400); limit = 1.5 x median x
+    sqrt(400). With robust.norm_action = "reject" the same client is left out, named with the
+    relative bound."""
+    sizes = [100] * 10
+    sizes[4] = 400
+    _, rl = _attacked_round(list(range(10)), {4: "flip"}, examples=sizes)
+    (line,) = rl.clipped
+    m = re.search(
+        r"update norm ([0-9.e+-]+) over 400 examples is ([0-9.e+-]+)x the round's median "
+        r"update norm / examples\^0.5 ([0-9.e+-]+), above robust.relative_norm_bound \(1.5x\); clipped to ([0-9.e+-]+)",
+        line,
+    )
+    assert m, line
+    norm, ratio, ref, limit = (float(g) for g in m.groups())
+    assert norm == pytest.approx(ratio * ref * 20, rel=2e-3) and limit == pytest.approx(1.5 * ref * 20, rel=2e-3)
+    _, rejected = _attacked_round(list(range(10)), {4: "flip"}, examples=sizes, norm_action='"reject"')
+    assert not rejected.clipped and rejected.accepted == 9
+    assert [c.split(" (node")[0] for c in rejected.rejected] == ["client c4"]
+    assert "above robust.relative_norm_bound (1.5x)" in rejected.rejected[0]
+    assert "relative_norm_reject" not in rejected.rejected[0]
+
+
+@pytest.mark.parametrize("action", ["clip", "reject"])
+def test_the_absolute_bound_cuts_only_the_replies_above_it(action):
+    """robust.update_norm_bound at 10x the largest honest update norm (the relative bounds off): the
+    x1000 client is clipped onto it (named with both figures) or, with norm_action = "reject", left
+    out and named; the honest nine are folded untouched."""
+    seen: dict = {}
+    _attacked_round(list(range(10)), {4: "scale"}, seen=seen, relative_norm_bound="0")
+    honest = max(float(c.norm()) for cid, c in seen["changes"].items() if cid != "c4")
+    bound = 10 * honest
+    s, rl = _attacked_round(
+        list(range(10)),
+        {4: "scale"},
+        relative_norm_bound="0",
+        update_norm_bound=f"{bound!r}",
+        norm_action=f'"{action}"',
+    )
+    assert float(seen["changes"]["c4"].norm()) > 10 * bound  # the attacker is far above it
+    if action == "clip":
+        assert [c.split(":")[0] for c in rl.clipped] == ["client c4"] and not rl.rejected and rl.accepted == 10
+        assert rl.clipped[0].endswith(f"clipped to {bound:g}"), rl.clipped
+    else:
+        assert not rl.clipped and rl.accepted == 9 and len(rl.rejected) == 1
+        assert "client c4" in rl.rejected[0] and f"above robust.update_norm_bound ({bound:g})" in rl.rejected[0]
+
+
+def test_a_coordinate_statistic_over_more_replies_than_its_budget_is_refused_before_the_run():
+    """robust.aggregation = "median" holds every reply of a round: a run whose cohort x adapter size is
+    over robust.held_updates_budget_mb is refused when the strategy is built, naming both figures."""
+    from test_strategy_maths import _setup
+
+    from fedlora.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"median holds every reply of a round, 3 clients x .* MiB = .* MiB, above"):
+        _setup("fedit", "fixed", [4] * 3, **{"robust.aggregation": '"median"', "robust.held_updates_budget_mb": "1e-9"})
+    _setup("fedit", "fixed", [4] * 3, **{"robust.aggregation": '"median"'})  # within the default budget
+
+
+def test_plain_norms_compare_without_the_weight_from_norm():
+    """robust.norm_size_power = 0 (plain norms): a silent client (its change is zero) keeps its
+    declared weight, since no example count follows from a plain norm, and nobody is named."""
+    s, rl = _attacked_round(list(range(10)), {2: "silent"}, norm_size_power="0")
+    assert not rl.clipped and not rl.rejected and not rl.flagged and rl.accepted == 10
 
 
 def test_the_reject_bound_leaves_out_exactly_the_replies_above_it():

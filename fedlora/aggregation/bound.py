@@ -129,7 +129,7 @@ class MedianBounds:
         # Off where another stage decides norms and weights: client-level DP's release, FLTrust's form.
         self.factor = 0.0 if rl.released_by or r.trust_is_fltrust else r.relative_norm_bound
         self.power = r.norm_size_power
-        self.reject_factor = r.relative_norm_reject if self.factor > 0 else 0.0
+        self.reject_factor = r.relative_norm_reject  # applied with the norm bound (in _bounded)
         self.weigh = self.factor > 0 and self.power > 0 and r.weight_from_norm
         self.min_cosine = -1.0 if rl.released_by else r.min_cosine
         self.budget = r.held_back_mb * 2**20
