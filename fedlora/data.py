@@ -281,13 +281,12 @@ def hold_out_trust(task: TaskData, n: int, seed: int, source: str = "eval") -> T
     same on the server and on every client). The labels are taken in turn (each label's examples in
     an order shuffled by ``seed``), so the set is as balanced as the split allows; the split keeps
     the rest in its order."""
-    split = task.train if source == "train" else task.test
     if source == "train":
-        labels = task.train_labels
+        split, labels, left = task.train, task.train_labels, "training examples to the clients"
     else:
-        labels = task.test.labels.tolist() if task.test.labels.dim() == 1 else [0] * len(task.test)
+        split, left = task.test, "held-out examples to evaluate on"
+        labels = split.labels.tolist() if split.labels.dim() == 1 else [0] * len(split)
     if n >= len(split):
-        left = "training examples to the clients" if source == "train" else "held-out examples to evaluate on"
         raise ConfigError(
             f"invalid config value for 'robust.trust_examples': {n} would leave none of the {len(split)} {left} "
             f"(robust.trust_data = {source!r})"
