@@ -18,10 +18,11 @@ rewritten. Each attacker sits just inside the run's own bounds (AT_BOUND of each
 
 Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and training): at the
 defaults, honest (Dirichlet and IID), honest at the previous defaults (a 4x plain-norm bound, a 10x
-weight cap), and each attack above (1 client; 3 colluding flips; 4 first-arriving x1e6, and the same
+weight cap, no direction bound), and each attack above (1 client; 3 colluding flips; 4 first-arriving x1e6, and the same
 four never replying: what leaving them out gives). Then the
 opt-in defences: the coordinate median (against 1 flip, the 3 colluders, and honest), client-level
-DP's clip (honest and 1 flip), a 0.2 share cap and ``robust.min_cosine = 0`` (1 flip), and trust
+DP's clip (honest and 1 flip), a 0.2 share cap (1 flip), the direction bound off (``robust.min_cosine
+= -1``: honest, 1 flip, 1 flip+size, the 3 colluders), and trust
 scores from 64 server examples (``robust.trust_examples``) taken from the training split (``trust``
 cells) or from the held-out split the server evaluates on (``trust-eval`` cells), each against the
 attacks and with a ``report`` cell (scores only) as its same-data baseline. Last, an honest
@@ -72,7 +73,11 @@ CELLS = {
     "honest median": {},
     "honest dp": {},
     "flip-1 dp": {3: "flip"},
-    "flip-1 min_cosine=0": {3: "flip"},
+    # The direction bound off (robust.min_cosine = -1): what it adds against a flip, and what it costs an honest run.
+    "honest min_cosine=-1": {},
+    "flip-1 min_cosine=-1": {3: "flip"},
+    "flip+size-1 min_cosine=-1": {3: "flip+size"},
+    "flip-3-colluders min_cosine=-1": {1: "flip", 4: "flip", 7: "flip"},
     # Trust scores from 64 server-held examples (robust.trust_examples, opt-in): the same attacks, and its cost.
     "honest trust": {},
     "flip-1 trust": {3: "flip"},
@@ -99,23 +104,26 @@ CELLS = {
 # the epsilon it spends protects nothing (the run reports it): these cells measure the clip, not a
 # privacy setting.
 DP = ["privacy.client_dp=true", "privacy.client_clip=10", "privacy.client_noise_multiplier=0.01"]
-TRUST = ["robust.trust_examples=64", 'robust.trust_data="train"']
-TRUST_EVAL = ["robust.trust_examples=64", 'robust.trust_data="eval"']
+# The opt-in defences below are measured alone, without the direction bound (robust.min_cosine = -1).
+ALONE = ["robust.min_cosine=-1"]
+TRUST = [*ALONE, "robust.trust_examples=64", 'robust.trust_data="train"']
+TRUST_EVAL = [*ALONE, "robust.trust_examples=64", 'robust.trust_data="eval"']
 TEN_X = ['data.partitioner="sizes"', "data.partition_sizes=[10, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
 OVERRIDES = {
     "honest-iid": ['data.partitioner="iid"'],
-    # The defaults before this benchmark's defaults: a 4x plain-norm bound, a 10x weight cap.
+    # The defaults before this benchmark's defaults: a 4x plain-norm bound, a 10x weight cap, no direction bound.
     "honest previous-defaults": [
+        "robust.min_cosine=-1",
         "robust.relative_norm_bound=4",
         "robust.norm_size_power=0",
         "robust.weight_from_norm=false",
         "robust.max_weight_factor=10",
     ],
-    "flip-1 min_cosine=0": ["robust.min_cosine=0"],
-    "flip-1 median": ['robust.aggregation="median"'],
-    "flip-3-colluders median": ['robust.aggregation="median"'],
-    "honest median": ['robust.aggregation="median"'],
-    "flip-1 max_client_share=0.2": ["robust.max_client_share=0.2"],
+    **{cell: ["robust.min_cosine=-1"] for cell in CELLS if cell.endswith(" min_cosine=-1")},
+    "flip-1 median": [*ALONE, 'robust.aggregation="median"'],
+    "flip-3-colluders median": [*ALONE, 'robust.aggregation="median"'],
+    "honest median": [*ALONE, 'robust.aggregation="median"'],
+    "flip-1 max_client_share=0.2": [*ALONE, "robust.max_client_share=0.2"],
     "honest dp": DP,
     "flip-1 dp": DP,
     **{cell: TRUST for cell in CELLS if cell.endswith(" trust")},
@@ -254,7 +262,19 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
         ],
         "seconds": time.perf_counter() - t0,
         "run_dir": str(run_dir.path),
+        "code": code_version(),
     }
+
+
+def code_version() -> str:
+    """The commit the run's code is at, with "+changes" when the working tree differs from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _paired_difference(runs: list[dict], cell: str, base: str) -> float | None:

@@ -10,6 +10,11 @@ its example count). Per round it reports:
 * ``plain``: each update's norm over the round's median norm (what a plain norm bound compares);
 * ``cos_others``: each update's cosine with the example-weighted sum of the other clients' updates
   (the direction a sign flip reverses);
+* ``cos_others_unit``: each update's cosine with the sum of the other clients' update directions
+  (each scaled to unit norm);
+* ``cos_others_dir``: the same, each direction weighed by min(its examples, the round's median):
+  what ``robust.min_cosine`` compares, so that neither a norm inside the bound nor a size claim over
+  the median buys a larger say, and a client of a few examples (a noisy direction) has less;
 * ``cos_previous``: each update's cosine with the previous round's weighted mean update (what
   centred clipping measures from).
 
@@ -66,11 +71,19 @@ def round_figures(updates: list[dict], previous=None) -> dict:
     total = (n[:, None] * V).sum(0)
     others = total[None, :] - n[:, None] * V
     cos_others = (V * others).sum(1) / (norms * others.norm(dim=1)).clamp_min(1e-300)
+    U = V / norms[:, None].clamp_min(1e-300)
+    others_unit = U.sum(0)[None, :] - U
+    cos_others_unit = (U * others_unit).sum(1) / others_unit.norm(dim=1).clamp_min(1e-300)
+    D = n.clamp(max=float(n.quantile(0.5)))[:, None] * U  # the median: the mean of the middle two
+    others_dir = D.sum(0)[None, :] - D
+    cos_others_dir = (U * others_dir).sum(1) / others_dir.norm(dim=1).clamp_min(1e-300)
     out = {
         "examples": n.tolist(),
         "normalised": (normalised / normalised.median()).tolist(),
         "plain": (norms / norms.median()).tolist(),
         "cos_others": cos_others.tolist(),
+        "cos_others_unit": cos_others_unit.tolist(),
+        "cos_others_dir": cos_others_dir.tolist(),
     }
     if previous is not None:
         out["cos_previous"] = ((V @ previous) / (norms * previous.norm()).clamp_min(1e-300)).tolist()
@@ -86,7 +99,14 @@ def main() -> dict:
     for partitioner, seed in SPLITS:
         seen: list[dict] = []
         cfg = FedLoraConfig.load(
-            None, [f"run.seed={seed}", f'data.partitioner="{partitioner}"', f'run.output_dir="{work}"']
+            None,
+            # The direction bound off, so every honest update is folded and the rounds are the honest ones.
+            [
+                f"run.seed={seed}",
+                f'data.partitioner="{partitioner}"',
+                f'run.output_dir="{work}"',
+                "robust.min_cosine=-1",
+            ],
         )
         with recording(seen):
             simulate(cfg, engine="inprocess")
@@ -101,7 +121,10 @@ def main() -> dict:
         xs = [x for run in runs for r in run["rounds"] for x in r.get(key, [])]
         return [min(xs), max(xs)]
 
-    summary = {key: span(key) for key in ("normalised", "plain", "cos_others", "cos_previous")}
+    summary = {
+        key: span(key)
+        for key in ("normalised", "plain", "cos_others", "cos_others_unit", "cos_others_dir", "cos_previous")
+    }
     write("update-geometry", {"splits": SPLITS, "runs": runs, "ranges": summary})
     _plot(runs)
     return summary

@@ -10,9 +10,10 @@
   coordinates in one fixed basis, that adapter's, and a coordinate statistic is meaningful. Both
   ignore example counts, as Flower's FedMedian and FedTrimmedAvg do.
 * **Share cap** (``robust.max_client_share``): no client's normalised weight exceeds the cap.
-* **Direction** (``robust.min_cosine``): each update's cosine similarity with the coordinate-wise
-  median of the round's updates (:func:`cosines_to_median`), which fewer than half the clients
-  cannot turn; a sign-flipped update points away from it.
+* **Direction** (``robust.min_cosine``): each update's cosine similarity with the sum of the
+  round's other update directions (:func:`drop_opposed` with weights min(examples, median) / norm,
+  from their Gram matrix, :func:`gram_matrix`); a sign-flipped update points away from what the
+  others teach.
 """
 
 from __future__ import annotations
@@ -86,30 +87,86 @@ def update_change(start: LoraFactors, new: LoraFactors) -> torch.Tensor:
     return torch.cat([p.float() for p in parts]) if parts else torch.zeros(0)
 
 
-def cosines_to_median(changes: Sequence[torch.Tensor], chunk: int = 8192) -> list[float]:
-    """Cosine similarity of each of ``changes`` (same-length vectors) with their coordinate-wise
-    median (for an even count the mean of the middle two: the lower median of two updates would be
-    their coordinate-wise minimum, which may point away from both). A zero change, or
-    a zero median, has no direction: its cosine is reported as 1. Works through ``chunk``
-    coordinates at a time, so it holds one n x chunk block beside the vectors."""
+def gram_matrix(changes: Sequence[torch.Tensor], chunk: int = 8192) -> torch.Tensor:
+    """The n x n float64 matrix of dot products of ``changes`` (same-length vectors), through
+    ``chunk`` coordinates at a time, so it holds one n x chunk block beside the vectors. Entry
+    (i, j) depends on changes i and j alone, so reordering the changes permutes the matrix exactly."""
     n = len(changes)
+    gram = torch.zeros(n, n, dtype=torch.float64)
     if not n:
-        return []
+        return gram
     length = changes[0].numel()
     if any(c.numel() != length for c in changes):
-        raise ValueError("cosines_to_median needs changes of one length")
-    dots = torch.zeros(n, dtype=torch.float64)
-    sq = torch.zeros(n, dtype=torch.float64)
-    med_sq = 0.0
+        raise ValueError("gram_matrix needs changes of one length")
     for lo in range(0, length, chunk):
         block = torch.stack([c[lo : lo + chunk] for c in changes]).double()
-        med = block.quantile(0.5, dim=0)
-        dots += block @ med
-        sq += (block * block).sum(dim=1)
-        med_sq += float(med @ med)
-    if med_sq <= 0:
-        return [1.0] * n
-    return [float(d / math.sqrt(s * med_sq)) if s > 0 else 1.0 for d, s in zip(dots, sq)]
+        gram += block @ block.T
+    return gram
+
+
+def cosines_to_others(gram: torch.Tensor, weights: Sequence[float], members: Sequence[int]) -> dict[int, float]:
+    """For each i in ``members``, the cosine of change i with sum_{j in members, j != i} w_j x change j,
+    from the changes' Gram matrix (:func:`gram_matrix`) and ``weights``. A zero change, or others
+    that sum to zero, have no direction: the cosine is reported as 1."""
+    idx = torch.tensor(list(members), dtype=torch.long)
+    g = gram[idx][:, idx]
+    w = torch.tensor([float(weights[i]) for i in members], dtype=torch.float64)
+    gw = g @ w  # change i . the weighted sum of all members
+    total = float(w @ gw)  # |the weighted sum|^2
+    diag = torch.diagonal(g)
+    dots = gw - w * diag  # change i . the others' weighted sum
+    others_sq = total - 2 * w * gw + w * w * diag
+    out = {}
+    for k, i in enumerate(members):
+        # Others' sum at or below the expansion's rounding (relative 1e-12 of its terms) is zero.
+        floor = 1e-12 * (total + float(w[k] * w[k] * diag[k]))
+        if float(diag[k]) <= 0 or float(others_sq[k]) <= floor:
+            out[i] = 1.0
+        else:
+            out[i] = float(dots[k]) / math.sqrt(float(diag[k]) * float(others_sq[k]))
+    return out
+
+
+def cosine_floor(cosines: Sequence[float], min_cosine: float, spread: float) -> float:
+    """The cosine below which a change is dropped: ``min_cosine``, or lower where the round's
+    cosines scatter, their median minus ``spread`` robust standard deviations (1.4826 x the median
+    absolute deviation, which estimates the standard deviation of normally scattered values and
+    which a minority of outliers cannot inflate). ``spread`` 0: ``min_cosine`` alone."""
+    if spread <= 0 or not cosines:
+        return min_cosine
+    med = median(cosines)
+    mad = median([abs(c - med) for c in cosines])
+    return min(min_cosine, med - spread * 1.4826 * mad)
+
+
+def drop_opposed(
+    gram: torch.Tensor, weights: Sequence[float], min_cosine: float, spread: float = 0.0, least: int = 3
+) -> tuple[list[int], list[tuple[int, float, float]]]:
+    """The direction bound: while at least ``least`` (>= 3) changes remain, the one whose cosine with the weighted
+    sum of the others (:func:`cosines_to_others`) is lowest is dropped if that cosine is below the
+    floor (:func:`cosine_floor` of the remaining changes' cosines), and the cosines are taken again
+    without it, so a dropped change no longer turns the others' reference. Returns (the indices
+    kept, ascending; [(index, cosine, floor)] dropped, in the order they were). Ties go to the lower
+    index: list the changes in a fixed order (the caller sorts them by node) and the result does not
+    depend on the order they arrived in."""
+    members = list(range(gram.shape[0]))
+    dropped: list[tuple[int, float, float]] = []
+    while len(members) >= max(least, 3):
+        cos = cosines_to_others(gram, weights, members)
+        worst = min(members, key=lambda i: (cos[i], i))
+        floor = cosine_floor([cos[i] for i in members], min_cosine, spread)
+        if cos[worst] >= floor:
+            break
+        dropped.append((worst, cos[worst], floor))
+        members.remove(worst)
+    return members, dropped
+
+
+def median(xs: Sequence[float]) -> float:
+    """The median; for an even count, the mean of the middle two."""
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 def clip_update(start: LoraFactors, new: LoraFactors, bound: float) -> tuple[LoraFactors, float]:

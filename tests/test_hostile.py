@@ -160,15 +160,17 @@ def test_finite_poisoning_is_bounded_by_the_norm_clip_and_the_median(tmp_path, h
     # Each defence against the honest-only run.
     clip_ref = honest_only
     clip_dir, clip_rows = _run(cfg("clip", update_norm_bound=1.0), {3: "scale-1e6"})
-    raw_dir, raw_rows = _run(cfg("raw", relative_norm_bound=0.0), {3: "scale-1e6"})  # every default bound off
+    raw_dir, raw_rows = _run(cfg("raw", relative_norm_bound=0.0, min_cosine=-1), {3: "scale-1e6"})  # every bound off
     assert distance(raw_dir, clip_ref) > 100  # undefended, one client wrecks the adapter
     assert distance(clip_dir, clip_ref) < 0.5
     assert "client-00003: update norm" in _text(clip_rows, "clipped")
     assert clip_rows[-1]["server-loss"] < 2.0 < raw_rows[-1]["server-loss"]
-    # The coordinate median alone (the default relative bound off, as in the undefended run) keeps the
+    # The coordinate median alone (the default relative and direction bounds off, as in the undefended run) keeps the
     # same x1e6 client inside the honest clients' range: the median of 4 is the mean of the two middle
     # values, not the honest-only run's, but of its size (the mean's is 10^6 times) and the model learns.
-    med_dir, med_rows = _run(cfg("median", aggregation="median", relative_norm_bound=0.0), {3: "scale-1e6"})
+    med_dir, med_rows = _run(
+        cfg("median", aggregation="median", relative_norm_bound=0.0, min_cosine=-1), {3: "scale-1e6"}
+    )
     assert _all_finite(_adapter(med_dir)) and distance(med_dir, clip_ref) < 3
     assert med_rows[-1]["server-loss"] < 2.0
 

@@ -159,11 +159,13 @@ def _attacked_round(
     held_back: int | None = None,
     examples: list[int] | None = None,
     seen: dict | None = None,
+    shared_step: float = 0.5,
     **robust: str,
 ):
     """One FedIT round of 10 clients through the real strategy path, replies in ``order``. Honest
     client i, over ``examples[i]`` examples (100 each by default; 1000 declared), moves from the
-    start by half a shared step plus half a step of its own, times sqrt(examples / 100) (an honest
+    start by ``shared_step`` of a shared step plus the rest of a step of its own (half each by
+    default), times sqrt(examples / 100) (an honest
     AdamW client's norm grows as the square root of its steps); an attacker sends its factors x1000
     ('scale'), its change sign-flipped at 3.5x ('flip'), what it was given ('silent'), or the change of
     a ninth of the examples it reports ('claim'). ``held_back``: how many replies
@@ -198,7 +200,7 @@ def _attacked_round(
         shared = _local_training(received, prof, template, s.sharing_policy, seed=999)
         own = _local_training(received, prof, template, s.sharing_policy, seed=10 + i)
         n = examples[i] if examples else 100
-        f = _lin(start, _lin(shared, own, 0.5), (n / 9 if attack.get(i) == "claim" else n) ** 0.5 / 10)
+        f = _lin(start, _lin(shared, own, 1.0 - shared_step), (n / 9 if attack.get(i) == "claim" else n) ** 0.5 / 10)
         if attack.get(i) == "scale":
             f = LoraFactors(
                 modules={
@@ -262,7 +264,7 @@ def test_the_relative_bound_is_the_rounds_own_median_in_any_arrival_order(order,
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(0, 1e6), min_size=1, max_size=20))
 def test_the_rounds_median_is_the_middle_value_or_the_mean_of_the_middle_two(xs):
-    from fedlora.aggregation.bound import _median
+    from fedlora.robust import median as _median
 
     assert _median(xs) == pytest.approx(statistics.median(xs), rel=1e-12)
     assert _median(list(reversed(xs))) == _median(xs)
@@ -341,13 +343,13 @@ def test_the_reject_bound_leaves_out_exactly_the_replies_above_it():
     """One client sign-flipped at 3.5x its change: with robust.relative_norm_reject just above its
     ratio to the round's median it is clipped onto 1.5x; just below, left out and named with the
     same ratio; the honest nine are folded either way."""
-    _, rl = _attacked_round(list(range(10)), {4: "flip"})
+    _, rl = _attacked_round(list(range(10)), {4: "flip"}, min_cosine="-1")  # the direction bound would cut it too
     (line,) = rl.clipped
     ratio = float(re.search(r"is ([0-9.e+-]+)x the round's median", line).group(1))
     assert 2.0 < ratio < 10.0, line
-    _, above = _attacked_round(list(range(10)), {4: "flip"}, relative_norm_reject=str(ratio * 1.01))
+    _, above = _attacked_round(list(range(10)), {4: "flip"}, relative_norm_reject=str(ratio * 1.01), min_cosine="-1")
     assert [c.split(":")[0] for c in above.clipped] == ["client c4"] and not above.rejected and above.accepted == 10
-    _, below = _attacked_round(list(range(10)), {4: "flip"}, relative_norm_reject=str(ratio * 0.99))
+    _, below = _attacked_round(list(range(10)), {4: "flip"}, relative_norm_reject=str(ratio * 0.99), min_cosine="-1")
     assert not below.clipped and below.accepted == 9, below.clipped
     assert [c.split(" (node")[0] for c in below.rejected] == ["client c4"] and f"is {ratio:.3g}x" in below.rejected[0]
 
@@ -390,8 +392,9 @@ def test_bounds_and_weights_are_the_same_in_any_arrival_order_and_cut_only_the_l
             ratio = float(re.search(r"examples\^0.5 is ([0-9.e+-]+)x", line).group(1))
             assert ratio == (0.0 if kind == "silent" else pytest.approx(1 / 3, rel=0.3)), line
             assert cut == pytest.approx(sizes[i] * (ratio * 1.5) ** 2, rel=0.01, abs=1e-6), line
-        else:
+        else:  # clipped onto the bound, then left out for pointing away from the others (robust.min_cosine)
             assert "above robust.relative_norm_bound (1.5x); clipped to" in line
+            assert any(c.startswith(f"client c{i} ") and "update direction has cosine -" in c for c in rl.rejected)
     for (k, a), (_, b) in zip(s.global_eff.tensors(), ref.global_eff.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
 
@@ -400,7 +403,7 @@ def test_silent_replies_folded_before_the_round_ends_are_counted_when_their_weig
     """Two silent clients (they send back what they were given) while only two replies are held back:
     the held set keeps the largest norms, so the silent ones are folded early at their declared
     weight, and the round says how many; with the whole round held, each is cut to weight 0 and named."""
-    _, rl = _attacked_round(list(range(10)), {0: "silent", 1: "silent"}, held_back=2)
+    _, rl = _attacked_round(list(range(10)), {0: "silent", 1: "silent"}, held_back=2, min_cosine="-1")
     assert rl.flagged == [
         "2 replies below 1/1.5 of the round's median update norm / examples^0.5 folded at their declared weight "
         "(robust.weight_from_norm): the round's replies exceed robust.held_back_mb (2 replies)"
@@ -468,45 +471,176 @@ def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unb
         assert rl.flagged[1] == (
             "direction not checked (robust.min_cosine): the round's 10 replies exceed robust.held_back_mb (2 replies)"
         )
-    _, fits = _attacked_round(list(range(10)), {0: "scale", 1: "scale"}, held_back=2)
+    _, fits = _attacked_round(list(range(10)), {0: "scale", 1: "scale"}, held_back=2, min_cosine="-1")
     assert len(fits.rejected) == 2 and not fits.flagged
 
 
 @pytest.mark.parametrize("attackers", [{4}, {1, 5, 9}, {0, 1, 2, 3}])
-def test_with_min_cosine_0_sign_flipped_updates_are_cut_and_the_round_is_the_honest_clients_alone(attackers):
+def test_by_default_sign_flipped_updates_are_cut_and_the_round_is_the_honest_clients_alone(attackers):
     """Honest updates that share a direction; attackers inside the norm bound (3.5x, under a 4x bound):
-    the flipped updates point away from the round's coordinate-wise median and are left out, named
-    with their cosine; no honest client is; the global adapter is the honest clients' own round."""
+    the flipped updates point away from the sum of the others' directions and are left out, named
+    with their cosine; no honest client is; the global adapter is the honest clients' own round. Four
+    flips at 3.5x outweigh the six honest updates' mass, but each update counts as its direction, so
+    the six still set the reference."""
     honest = [i for i in range(10) if i not in attackers]
-    s, rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"), min_cosine="0", relative_norm_bound="4")
-    ref, ref_rl = _attacked_round(honest, {}, min_cosine="0", relative_norm_bound="4")
+    s, rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"), relative_norm_bound="4")
+    ref, ref_rl = _attacked_round(honest, {}, relative_norm_bound="4")
     cut = sorted(x.split(" (node")[0] for x in rl.rejected)
     assert cut == [f"client c{i}" for i in sorted(attackers)], rl.rejected
-    assert all("update direction has cosine -" in x and "below robust.min_cosine (0)" in x for x in rl.rejected)
+    assert all(
+        "update direction has cosine -" in x
+        and "with the sum of the round's other kept update directions, below robust.min_cosine (-0.1)" in x
+        for x in rl.rejected
+    )
     assert rl.accepted == ref_rl.accepted == len(honest) and not rl.clipped
+    assert not any("direction" in x for x in ref_rl.rejected), ref_rl.rejected
     for (k, a), (_, b) in zip(s.global_eff.tensors(), ref.global_eff.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
-    off, off_rl = _attacked_round(list(range(10)), dict.fromkeys(attackers, "flip"), relative_norm_bound="4")
-    assert not off_rl.rejected and off_rl.accepted == 10  # the default, -1: the check is off
+    off, off_rl = _attacked_round(
+        list(range(10)), dict.fromkeys(attackers, "flip"), relative_norm_bound="4", min_cosine="-1"
+    )
+    assert not off_rl.rejected and off_rl.accepted == 10  # -1: the check is off
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), length=st.integers(1, 40), chunk=st.integers(1, 16))
-def test_cosines_to_median_are_each_changes_cosine_with_the_coordinate_median(seed, n, length, chunk):
-    from fedlora.robust import cosines_to_median
+def test_the_cosine_floor_is_min_cosine_unless_the_rounds_cosines_scatter_wider():
+    from fedlora.robust import cosine_floor
+
+    agree = [0.2, 0.25, 0.3, 0.22, 0.28, -0.2]  # five that share a direction, one flipped
+    assert cosine_floor(agree, -0.1, 2.0) == -0.1  # median 0.235, MAD 0.035: 2 deviations lie at 0.13
+    scatter = [0.3, -0.2, 0.1, -0.18, 0.05, 0.2]  # no shared direction: median 0.075, MAD 0.175
+    assert cosine_floor(scatter, -0.1, 2.0) == pytest.approx(0.075 - 2 * 1.4826 * 0.175)
+    assert cosine_floor(scatter, -0.1, 0.0) == -0.1 and cosine_floor([], -0.1, 2.0) == -0.1
+
+
+def test_honest_updates_without_a_shared_direction_are_not_cut():
+    """Ten honest clients whose changes are their own alone (no shared step: what a model that has
+    not learned anything yet sends): their cosines with the others scatter around 0 and some fall
+    below robust.min_cosine, but not below the round's spread, so none is cut; with
+    robust.cosine_spread 0 some are."""
+    _, rl = _attacked_round(list(range(10)), {}, shared_step=0.0)
+    assert not rl.rejected and rl.accepted == 10
+    _, alone = _attacked_round(list(range(10)), {}, shared_step=0.0, cosine_spread="0")
+    assert any("below robust.min_cosine (-0.1)" in x for x in alone.rejected), alone.rejected
+
+
+def test_colluders_that_also_claim_size_do_not_turn_the_direction_reference():
+    """Three of ten flip their change and claim 3.8x the others' examples (under the 4x weight cap,
+    their flips scaled to keep their size-normalised norm at the bound): weighed by their claims
+    and norms they would outweigh the seven honest updates' sum; each direction weighs at most the
+    median's examples, so the seven still set it, the three are cut and no honest client is."""
+    liars = (1, 4, 7)
+    examples = [380 if i in liars else 100 for i in range(10)]
+    s, rl = _attacked_round(list(range(10)), dict.fromkeys(liars, "flip"), examples=examples)
+    cut = sorted(x.split(" (node")[0] for x in rl.rejected if "update direction" in x)
+    assert cut == [f"client c{i}" for i in liars], rl.rejected
+    assert rl.accepted == 7
+
+
+def test_a_round_of_mixed_ranks_says_the_direction_was_not_checked():
+    from test_folds import _replies, _train_round
+    from test_strategy_maths import _setup
+
+    _, het, profiles, template = _setup("hetlora", "fixed", [2, 4, 3, 4, 2])
+    rl = _train_round(het, profiles, _replies(het, profiles, template, 1, [10, 20, 30, 40, 50]), 1)
+    assert rl.accepted == 5 and not rl.rejected
+    assert rl.flagged == ["direction not checked (robust.min_cosine): the round's replies are of different ranks"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 9),
+    length=st.integers(1, 40),
+    chunk=st.integers(1, 16),
+    data=st.data(),
+)
+def test_cosines_to_others_are_each_changes_cosine_with_the_weighted_sum_of_the_others(seed, n, length, chunk, data):
+    from fedlora.robust import cosines_to_others, gram_matrix
 
     rng = np.random.default_rng(seed)
     xs = rng.normal(size=(n, length))
-    med = np.median(xs, axis=0)  # for an even count, the mean of the middle two
-    want = [float(x @ med / (np.linalg.norm(x) * np.linalg.norm(med))) for x in xs]
-    got = cosines_to_median([torch.tensor(x, dtype=torch.float32) for x in xs], chunk=chunk)
-    assert np.allclose(got, want, atol=1e-5)
-    zero = cosines_to_median([torch.zeros(length), torch.tensor(xs[0], dtype=torch.float32)])
-    assert zero[0] == 1.0  # a zero change has no direction
+    w = rng.uniform(0.1, 5.0, size=n)
+    members = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))
+    gram = gram_matrix([torch.tensor(x, dtype=torch.float32) for x in xs], chunk=chunk)
+    x32 = xs.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(gram.numpy(), x32 @ x32.T, rtol=1e-9, atol=1e-9)
+    got = cosines_to_others(gram, list(w), members)
+    assert sorted(got) == members
+    for i in members:
+        others = sum(w[j] * x32[j] for j in members if j != i)
+        if len(members) == 1:
+            assert got[i] == 1.0  # nothing else: no direction to compare with
+            continue
+        want = float(x32[i] @ others / (np.linalg.norm(x32[i]) * np.linalg.norm(others)))
+        assert got[i] == pytest.approx(want, abs=1e-6)
     x = torch.tensor(xs[0], dtype=torch.float32)
-    assert cosines_to_median([x, -x, torch.zeros(length)]) == [1.0, 1.0, 1.0]  # a zero median has none either
-    with pytest.raises(ValueError, match="^cosines_to_median needs changes of one length$"):
-        cosines_to_median([torch.zeros(2), torch.zeros(3)])
+    zero = gram_matrix([torch.zeros(length), x, x])
+    assert cosines_to_others(zero, [1.0, 1.0, 1.0], [0, 1, 2])[0] == 1.0  # a zero change has no direction
+    cancel = gram_matrix([x, x, -x])
+    assert cosines_to_others(cancel, [1.0, 1.0, 1.0], [0, 1, 2])[0] == 1.0  # nor a sum of others that cancels
+    with pytest.raises(ValueError, match="^gram_matrix needs changes of one length$"):
+        gram_matrix([torch.zeros(2), torch.zeros(3)])
+
+
+def _drop_opposed_by_hand(xs: np.ndarray, w: np.ndarray, threshold: float, spread: float) -> list[int]:
+    members, dropped = list(range(len(xs))), []
+    while len(members) >= 3:
+        cos = {}
+        for i in members:
+            others = sum(w[j] * xs[j] for j in members if j != i)
+            cos[i] = float(xs[i] @ others / (np.linalg.norm(xs[i]) * np.linalg.norm(others)))
+        worst = min(members, key=lambda i: cos[i])
+        values = np.array([cos[i] for i in members])
+        mad = float(np.median(np.abs(values - np.median(values))))
+        floor = min(threshold, float(np.median(values)) - spread * 1.4826 * mad) if spread else threshold
+        if cos[worst] >= floor:
+            break
+        dropped.append(worst)
+        members.remove(worst)
+    return dropped
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    honest=st.integers(2, 8),
+    flipped=st.integers(0, 4),
+    threshold=st.sampled_from([-0.05, 0.0, -0.2]),
+    spread=st.sampled_from([0.0, 1.0, 2.0]),
+)
+def test_drop_opposed_cuts_the_lowest_first_and_retakes_the_cosines_in_any_listing_order(
+    seed, honest, flipped, threshold, spread
+):
+    """Honest changes that share a direction plus their own; flipped ones are honest changes negated
+    and scaled. What is dropped is what recomputing every cosine by hand after each cut drops, and
+    the same changes listed in another order drop the same changes."""
+    from fedlora.robust import drop_opposed, gram_matrix
+
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=30)
+    xs = [0.5 * shared + rng.normal(size=30) for _ in range(honest)]
+    xs += [-rng.uniform(1, 4) * (0.5 * shared + rng.normal(size=30)) for _ in range(flipped)]
+    xs = np.array(xs, dtype=np.float32).astype(np.float64)
+    w = 1.0 / np.linalg.norm(xs, axis=1)
+    kept, dropped = drop_opposed(gram_matrix([torch.tensor(x) for x in xs]), list(w), threshold, spread)
+    assert [i for i, _, _ in dropped] == _drop_opposed_by_hand(xs, w, threshold, spread)
+    assert kept == sorted(set(range(len(xs))) - {i for i, _, _ in dropped})
+    assert all(c < floor <= threshold for _, c, floor in dropped)
+    perm = rng.permutation(len(xs))
+    _, again = drop_opposed(gram_matrix([torch.tensor(xs[p]) for p in perm]), list(w[perm]), threshold, spread)
+    assert sorted(int(perm[i]) for i, _, _ in again) == sorted(i for i, _, _ in dropped)
+    for (i, c, f), (j, d, g) in zip(sorted(dropped), sorted((int(perm[j]), d, g) for j, d, g in again)):
+        assert i == j and c == pytest.approx(d, abs=1e-9) and f == pytest.approx(g, abs=1e-9)
+
+
+def test_drop_opposed_stops_at_two_and_keeps_what_agrees():
+    from fedlora.robust import drop_opposed, gram_matrix
+
+    x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert drop_opposed(gram_matrix([x, -x]), [1.0, 1.0], 0.0) == ([0, 1], [])  # two: no majority to side with
+    kept, dropped = drop_opposed(gram_matrix([x, x + y, -x]), [1.0, 1.0, 1.0], 0.0)
+    assert kept == [0, 1] and [i for i, _, _ in dropped] == [2]
+    assert drop_opposed(gram_matrix([x, x + y, x - y]), [1.0, 1.0, 1.0], 0.0) == ([0, 1, 2], [])
 
 
 def test_update_change_is_the_vector_whose_norm_is_the_update_norm():

@@ -112,7 +112,8 @@ def test_each_reply_weighs_its_bounded_count_times_its_trust_or_fltrusts_form_in
     order = data.draw(st.permutations(range(10)), label="order")
     rescale = data.draw(st.booleans(), label="fltrust")
     attack = dict.fromkeys(liars, "flip")
-    opts = {"trust_examples": "64", "trust_action": '"fltrust"' if rescale else '"weigh"'}
+    # The trust scores alone: the direction bound (robust.min_cosine) would cut the flips first.
+    opts = {"trust_examples": "64", "trust_action": '"fltrust"' if rescale else '"weigh"', "min_cosine": "-1"}
     seen: dict = {}
     ref, ref_rl = _attacked_round(list(range(10)), attack, examples=sizes, seen=seen, **opts)
     s, rl = _attacked_round(list(order), attack, examples=sizes, seen={}, **opts)
@@ -170,9 +171,10 @@ def test_report_only_scores_and_flags_and_leaves_the_round_as_the_defaults_fold_
     """robust.trust_action = 'report': the same scores as 'weigh', the flipped clients flagged (not
     left out), and the new global adapter the one the defaults give without trust scores."""
     attack = dict.fromkeys(liars, "flip")
-    s, rl = _attacked_round(list(range(10)), attack, seen={}, trust_examples="64", trust_action='"report"')
-    _, weighed = _attacked_round(list(range(10)), attack, seen={}, trust_examples="64")
-    plain, plain_rl = _attacked_round(list(range(10)), attack)
+    alone = {"min_cosine": "-1"}  # the scores alone: the direction bound would cut the flips first
+    s, rl = _attacked_round(list(range(10)), attack, seen={}, trust_examples="64", trust_action='"report"', **alone)
+    _, weighed = _attacked_round(list(range(10)), attack, seen={}, trust_examples="64", **alone)
+    plain, plain_rl = _attacked_round(list(range(10)), attack, **alone)
     assert rl.figures["trust-scores"] == weighed.figures["trust-scores"]
     assert not rl.rejected and rl.clipped == plain_rl.clipped  # only the robust layer's own lines
     assert [x.split(":")[0] for x in rl.flagged] == [f"client c{i}" for i in liars], rl.flagged
@@ -333,7 +335,7 @@ def test_a_sign_flipped_client_gets_no_trust_in_a_real_simulation_and_the_round_
     cfg = make_config(
         tmp_path,
         federation={"num_clients": 4, "min_train_clients": 4},
-        robust={"trust_examples": 32},
+        robust={"trust_examples": 32, "min_cosine": -1},  # the scores alone: the direction bound would cut it first
         model={"name": "builtin:all-MiniLM-L6-v2", "max_length": 32},
         run={"rounds": 2, "name": "trust"},
     )

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from typing import TYPE_CHECKING
+
+import torch
 
 from fedlora.aggregation.folds import Fold, KeepAll
 from fedlora.aggregation.share_cap import ShareCapped
@@ -17,7 +20,16 @@ from fedlora.extensions import Extension, GlobalAdapter, ReplyStage
 from fedlora.factors import LoraFactors
 from fedlora.protocol import NodeProfile
 from fedlora.registry import register_extension
-from fedlora.robust import clip_update, coordinate_median, cosines_to_median, trimmed_mean, update_change, update_norm
+from fedlora.robust import (
+    clip_update,
+    coordinate_median,
+    drop_opposed,
+    gram_matrix,
+    trimmed_mean,
+    update_change,
+    update_norm,
+)
+from fedlora.robust import median as median_of
 from fedlora.schema import ConfigError
 from fedlora.validation import RejectedReply
 
@@ -27,6 +39,10 @@ if TYPE_CHECKING:
     from fedlora.strategies.round_log import RoundLog
 
 log = logging.getLogger("fedlora.server")
+
+# The direction bound needs this many replies: fewer cannot tell a shared direction from scatter
+# (the spread of 3 or 4 cosines is no estimate of it).
+DIRECTION_QUORUM = 5
 
 
 def bound_update(run: GlobalAdapter, prof: NodeProfile, factors: LoraFactors, server_round: int, rl) -> LoraFactors:
@@ -98,12 +114,17 @@ class MedianBounds:
       norm supports: below 1 / relative_norm_bound of the median ratio, the weight is cut to
       n x (ratio x bound)^(1/p) and the client named. A client that declares more examples than it
       trained on, or sends back (nearly) what it was given, cannot buy weight with the claim.
-    * ``robust.min_cosine`` (opt-in; -1, off, by default): an update whose cosine similarity with
-      the coordinate-wise median of the round's (norm-bounded) updates is below it is left out of
-      the fold and the client named. The median moves only if half the clients move it, so an
-      update that points away from the honest majority's is cut. On the default task honest updates
-      are nearly orthogonal to each other in factor space (``benchmarks/update_geometry.py``), so a
-      sign-flipped one is only sometimes below 0 there (``benchmarks/attacks.py``): not a default.
+    * ``robust.min_cosine`` (on by default, -0.1): an update whose cosine similarity with the sum
+      of the round's other (bounded) update directions is below it is left out of the fold and the
+      client named; the lowest goes first and the others' cosines are taken again without it
+      (:func:`fedlora.robust.drop_opposed`), so a cut update does not turn the reference against
+      honest ones. Each direction (scaled to unit norm) weighs min(its examples, the round's
+      median): neither a norm inside the bound nor a size claim over the median buys a larger say,
+      so a minority of colluders cannot turn the reference, and a client of a few examples, whose
+      direction is the noisiest, has less. Honest non-IID updates are nearly orthogonal but lean
+      towards what the others teach (``benchmarks/update_geometry.py``, ``cos_others_dir``); a
+      sign-flipped one leans away by as much. An attacker that adds a component along what the
+      others teach can pass it (it would have to know that direction).
 
     All need the whole round, so every reply's normalised norm (a scalar) is kept and the replies
     with the largest are held back while they fit ``robust.held_back_mb`` (at least one); a reply
@@ -113,7 +134,7 @@ class MedianBounds:
     as large as the number above it; if more exceed it, the round names how many were folded
     unbounded. The weight check reaches the held replies (all of a MiniLM-sized round); the round
     names how many folded early fell below it. The direction check runs when the whole round was
-    held, at least 3 replies (a majority to define a direction) and single-rank updates; otherwise,
+    held, at least 5 replies (fewer give no estimate of the cosines' spread) and single-rank updates; otherwise,
     past the budget or with mixed ranks, the round log says it did not.
     Off under client-level DP: a threshold computed from other clients' updates would make each
     client's treatment depend on the others' data, which the Gaussian mechanism's analysis does not
@@ -164,7 +185,7 @@ class MedianBounds:
             return []
         held, self._held = [(n, u) for n, _, u in sorted(self._held, key=lambda e: e[1])], []
         if self.factor > 0:
-            self.reference = ref = _median(self.norms)
+            self.reference = ref = median_of(self.norms)
             early = sum(1 for n in self.folded_norms if n > self.factor * ref)
             if early:
                 self.rl.flagged.append(
@@ -238,26 +259,38 @@ class MedianBounds:
                 f"exceed robust.held_back_mb ({self.capacity} replies)"
             )
             return held
-        if len(held) < 3:  # no majority of two to define a direction
+        if len(held) < DIRECTION_QUORUM:
             return held
-        scores = cosines_to_median([update_change(self._start(u), u.factors) for u in held])
-        kept = []
-        for u, cos in zip(held, scores):
-            if cos >= self.min_cosine:
-                kept.append(u)
-                continue
+        ordered = sorted(held, key=lambda u: u.profile.node_id)  # one order, whatever the arrival order
+        changes = [update_change(self._start(u), u.factors) for u in ordered]
+        if len({c.numel() for c in changes}) > 1:
+            self.rl.flagged.append(
+                "direction not checked (robust.min_cosine): the round's replies are of different ranks"
+            )
+            return held
+        gram = gram_matrix(changes)
+        # Each update counts as its direction weighed by min(its examples, the median's): neither a norm
+        # inside the bound nor a size claim over the median buys more say; a client of a few examples has less.
+        median = median_of([u.weight for u in ordered])
+        say = [
+            min(u.weight, median) / math.sqrt(g) if g > 0 else 0.0
+            for u, g in zip(ordered, torch.diagonal(gram).tolist())
+        ]
+        spread = self.strategy.cfg.robust.cosine_spread
+        _, dropped = drop_opposed(gram, say, self.min_cosine, spread, least=DIRECTION_QUORUM)
+        cut = {id(ordered[i]) for i, _, _ in dropped}
+        for i, cos, floor in dropped:
+            u = ordered[i]
+            where = (
+                f"below robust.min_cosine ({self.min_cosine:g})"
+                if floor == self.min_cosine
+                else f"below {floor:.3g}, the round's median cosine less robust.cosine_spread ({spread:g}) deviations"
+            )
             self.rl.reject(
                 f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
-                f"the round's coordinate-wise median update, below robust.min_cosine ({self.min_cosine:g}); left out "
-                "of the fold"
+                f"the sum of the round's other kept update directions, {where}; left out of the fold"
             )
-        return kept
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        return [u for u in held if id(u) not in cut]
 
 
 @register_extension

@@ -3,6 +3,7 @@ and ``[robust]`` (what one client's reply may do to a round). Loaded without tor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fedlora.schema import _meta, _require
@@ -134,16 +135,25 @@ class RobustConfig:
         default=4.0,
     )
     min_cosine: float = _meta(
-        "Direction bound (opt-in): a reply whose update (its change, effective form, shared parts) has cosine "
-        "similarity below this with the coordinate-wise median of the round's updates is left out of the fold and "
-        "named; -1 = off. Checked when the round's replies (at least 3) fit robust.held_back_mb and share one "
-        "rank. Off under client-level DP.",
-        default=-1.0,
+        "Direction bound: a reply whose update (its change, effective form, shared parts) has cosine similarity "
+        "below this with the sum of the round's other update directions (each of unit norm, weighed by min(its "
+        "examples, the round's median)) is left out of the fold and named, the lowest first, the others' cosines "
+        "taken again without it. On by default (-0.1: honest non-IID updates lean towards the others, a "
+        "sign-flipped one away); -1 = off. Checked when the round's replies (at least 5) fit robust.held_back_mb "
+        "and share one rank. Off under client-level DP.",
+        default=-0.1,
+    )
+    cosine_spread: float = _meta(
+        "With robust.min_cosine: a reply is left out only if its cosine is also this many robust standard "
+        "deviations (1.4826 x the median absolute deviation of the round's cosines) below their median, so a round "
+        "whose honest updates scatter widely (no direction the clients share) names none of them. 0 = "
+        "robust.min_cosine alone.",
+        default=2.5,
     )
     held_back_mb: float = _meta(
         "MiB of replies held back until the round's medians are known (the largest update norms first; at least "
         "one reply): the norm bound is exact in any arrival order while no more replies exceed it than this "
-        "holds, and the direction bound runs when the whole round fits.",
+        "holds, and the direction bound runs when the whole round fits (it takes as much again while it runs).",
         default=256.0,
     )
     norm_action: str = _meta(
@@ -206,7 +216,12 @@ class RobustConfig:
         _require(
             -1.0 <= self.min_cosine < 1.0,
             "robust.min_cosine",
-            f"must be in [-1, 1): -1 is off, 0 cuts updates that point away from the median, got {self.min_cosine}",
+            f"must be in [-1, 1): -1 is off, 0 cuts updates that point away from the others' sum, got {self.min_cosine}",
+        )
+        _require(
+            math.isfinite(self.cosine_spread) and self.cosine_spread >= 0,
+            "robust.cosine_spread",
+            f"must be a finite number >= 0 (0: robust.min_cosine alone), got {self.cosine_spread}",
         )
         _require(
             self.max_weight_factor == 0 or self.max_weight_factor >= 1,
