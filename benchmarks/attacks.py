@@ -267,14 +267,18 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
 
 
 def code_version() -> str:
-    """The commit the run's code is at, with "+changes" when the working tree differs from it."""
+    """The commit the run's code is at, with "+changes" when the package's code (not docs or results)
+    differs from it in the working tree."""
     import subprocess
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        ).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    code = ("fedlora", "clients", "server", "strategies", "benchmarks/attacks.py")
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", *code) else "")
 
 
 def _paired_difference(runs: list[dict], cell: str, base: str) -> float | None:
