@@ -523,6 +523,15 @@ def test_honest_updates_without_a_shared_direction_are_not_cut():
     assert any("below robust.min_cosine (-0.1)" in x for x in alone.rejected), alone.rejected
 
 
+def test_the_direction_is_checked_from_five_replies():
+    """Four replies give no estimate of the cosines' spread: a flip among them is clipped, not cut;
+    among five it is cut."""
+    _, four = _attacked_round([0, 1, 2, 3], {3: "flip"})
+    assert not any("update direction" in x for x in four.rejected) and four.accepted == 4
+    _, five = _attacked_round([0, 1, 2, 3, 4], {3: "flip"})
+    assert [x.split(" (node")[0] for x in five.rejected if "update direction" in x] == ["client c3"]
+
+
 def test_colluders_that_also_claim_size_do_not_turn_the_direction_reference():
     """Three of ten flip their change and claim 3.8x the others' examples (under the 4x weight cap,
     their flips scaled to keep their size-normalised norm at the bound): weighed by their claims
