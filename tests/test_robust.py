@@ -494,6 +494,9 @@ def test_by_default_sign_flipped_updates_are_cut_and_the_round_is_the_honest_cli
     )
     assert rl.accepted == ref_rl.accepted == len(honest) and not rl.clipped
     assert not any("direction" in x for x in ref_rl.rejected), ref_rl.rejected
+    cosines = rl.figures["direction-cosines"]  # every reply's, before any cut, and the round's floor
+    assert sorted(cosines) == [f"c{i}" for i in range(10)] and rl.figures["direction-floor"] == -0.1
+    assert all((cosines[f"c{i}"] < -0.1) == (i in attackers) for i in range(10)), cosines
     for (k, a), (_, b) in zip(s.global_eff.tensors(), ref.global_eff.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
     off, off_rl = _attacked_round(

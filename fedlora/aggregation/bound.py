@@ -23,6 +23,8 @@ from fedlora.registry import register_extension
 from fedlora.robust import (
     clip_update,
     coordinate_median,
+    cosine_floor,
+    cosines_to_others,
     drop_opposed,
     gram_matrix,
     trimmed_mean,
@@ -277,6 +279,9 @@ class MedianBounds:
             for u, g in zip(ordered, torch.diagonal(gram).tolist())
         ]
         spread = self.strategy.cfg.robust.cosine_spread
+        first = cosines_to_others(gram, say, range(len(ordered)))  # every reply's, before any cut: the round's row
+        self.rl.figures["direction-cosines"] = {ordered[i].profile.client_id: c for i, c in sorted(first.items())}
+        self.rl.figures["direction-floor"] = cosine_floor(list(first.values()), self.min_cosine, spread)
         _, dropped = drop_opposed(gram, say, self.min_cosine, spread, least=DIRECTION_QUORUM)
         cut = {id(ordered[i]) for i, _, _ in dropped}
         for i, cos, floor in dropped:
