@@ -42,6 +42,7 @@ Writes benchmarks/results/attacks.json after every run and a plot at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -266,6 +267,7 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
     }
 
 
+@functools.cache  # once, when the first run starts: the code a process runs is what it imported then
 def code_version() -> str:
     """The commit the run's code is at, with "+changes" when the package's code (not docs or results)
     differs from it in the working tree."""

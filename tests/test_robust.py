@@ -513,6 +513,7 @@ def test_the_cosine_floor_is_min_cosine_unless_the_rounds_cosines_scatter_wider(
     scatter = [0.3, -0.2, 0.1, -0.18, 0.05, 0.2]  # no shared direction: median 0.075, MAD 0.175
     assert cosine_floor(scatter, -0.1, 2.0) == pytest.approx(0.075 - 2 * 1.4826 * 0.175)
     assert cosine_floor(scatter, -0.1, 0.0) == -0.1 and cosine_floor([], -0.1, 2.0) == -0.1
+    assert cosine_floor([-0.5, -0.4, -0.3], -0.1, 0.0) == -0.1  # spread 0: min_cosine alone, not the median
 
 
 def test_honest_updates_without_a_shared_direction_are_not_cut():
