@@ -34,7 +34,7 @@ every client named (clipped, rejected or flagged) with whether it was an attacke
 clip's counts and epsilon. The summary holds the issue's criteria, each with whether it is met.
 Writes benchmarks/results/attacks.json after every run and a plot at the end.
 
-    .venv/bin/python -m benchmarks.attacks                 # every cell, 3 seeds: about 150 min on 2 cores
+    .venv/bin/python -m benchmarks.attacks                 # every cell, 3 seeds (each run prints its seconds)
     .venv/bin/python -m benchmarks.attacks --cells honest,flip-1 --seeds 1
     .venv/bin/python -m benchmarks.attacks --cells honest,flip-1 --set robust.relative_norm_bound=2 --name try-2
 """
@@ -105,7 +105,7 @@ CELLS = {
 # the epsilon it spends protects nothing (the run reports it): these cells measure the clip, not a
 # privacy setting.
 DP = ["privacy.client_dp=true", "privacy.client_clip=10", "privacy.client_noise_multiplier=0.01"]
-# The opt-in defences below are measured alone, without the direction bound (robust.min_cosine = -1).
+# The opt-in defences below are measured alone: ALONE turns the direction bound off.
 ALONE = ["robust.min_cosine=-1"]
 TRUST = [*ALONE, "robust.trust_examples=64", 'robust.trust_data="train"']
 TRUST_EVAL = [*ALONE, "robust.trust_examples=64", 'robust.trust_data="eval"']

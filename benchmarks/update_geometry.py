@@ -64,6 +64,8 @@ def recording(into: list[dict]):
 def round_figures(updates: list[dict], previous=None) -> dict:
     import torch
 
+    from fedlora.robust import cosines_to_others, direction_weights, gram_matrix
+
     V = torch.stack([u["change"] for u in updates])
     n = torch.tensor([u["examples"] for u in updates], dtype=torch.float64)
     norms = V.norm(dim=1)
@@ -74,16 +76,15 @@ def round_figures(updates: list[dict], previous=None) -> dict:
     U = V / norms[:, None].clamp_min(1e-300)
     others_unit = U.sum(0)[None, :] - U
     cos_others_unit = (U * others_unit).sum(1) / others_unit.norm(dim=1).clamp_min(1e-300)
-    D = n.clamp(max=float(n.quantile(0.5)))[:, None] * U  # the median: the mean of the middle two
-    others_dir = D.sum(0)[None, :] - D
-    cos_others_dir = (U * others_dir).sum(1) / others_dir.norm(dim=1).clamp_min(1e-300)
+    gram = gram_matrix(list(V))  # the direction bound's own reference, as the server takes it
+    cos_others_dir = cosines_to_others(gram, direction_weights(n.tolist(), gram), range(len(updates)))
     out = {
         "examples": n.tolist(),
         "normalised": (normalised / normalised.median()).tolist(),
         "plain": (norms / norms.median()).tolist(),
         "cos_others": cos_others.tolist(),
         "cos_others_unit": cos_others_unit.tolist(),
-        "cos_others_dir": cos_others_dir.tolist(),
+        "cos_others_dir": [cos_others_dir[i] for i in range(len(updates))],
     }
     if previous is not None:
         out["cos_previous"] = ((V @ previous) / (norms * previous.norm()).clamp_min(1e-300)).tolist()

@@ -11,15 +11,16 @@
   ignore example counts, as Flower's FedMedian and FedTrimmedAvg do.
 * **Share cap** (``robust.max_client_share``): no client's normalised weight exceeds the cap.
 * **Direction** (``robust.min_cosine``): each update's cosine similarity with the sum of the
-  round's other update directions (:func:`drop_opposed` with weights min(examples, median) / norm,
-  from their Gram matrix, :func:`gram_matrix`); a sign-flipped update points away from what the
-  others teach.
+  round's other update directions (:func:`drop_opposed` with :func:`direction_weights`, from
+  their Gram matrix, :func:`gram_matrix`); a sign-flipped update points away from what the others
+  teach.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -139,27 +140,49 @@ def cosine_floor(cosines: Sequence[float], min_cosine: float, spread: float) -> 
     return min(min_cosine, med - spread * 1.4826 * mad)
 
 
+class Opposed(NamedTuple):
+    """What :func:`drop_opposed` decided: the indices kept (ascending); [(index, cosine, floor)]
+    dropped, in the order they were; and its first pass, before any cut: every change's cosine
+    with the others' weighted sum and the floor they set (what a round's row reports)."""
+
+    kept: list[int]
+    dropped: list[tuple[int, float, float]]
+    cosines: dict[int, float]
+    floor: float
+
+
 def drop_opposed(
     gram: torch.Tensor, weights: Sequence[float], min_cosine: float, spread: float = 0.0, least: int = 3
-) -> tuple[list[int], list[tuple[int, float, float]]]:
+) -> Opposed:
     """The direction bound: while at least ``least`` (>= 3) changes remain, the one whose cosine with the weighted
     sum of the others (:func:`cosines_to_others`) is lowest is dropped if that cosine is below the
     floor (:func:`cosine_floor` of the remaining changes' cosines), and the cosines are taken again
-    without it, so a dropped change no longer turns the others' reference. Returns (the indices
-    kept, ascending; [(index, cosine, floor)] dropped, in the order they were). Ties go to the lower
+    without it, so a dropped change no longer turns the others' reference. Ties go to the lower
     index: list the changes in a fixed order (the caller sorts them by node) and the result does not
     depend on the order they arrived in."""
     members = list(range(gram.shape[0]))
+    first = cosines_to_others(gram, weights, members)
+    first_floor = cosine_floor(list(first.values()), min_cosine, spread)
+    cos, floor = first, first_floor
     dropped: list[tuple[int, float, float]] = []
     while len(members) >= max(least, 3):
-        cos = cosines_to_others(gram, weights, members)
         worst = min(members, key=lambda i: (cos[i], i))
-        floor = cosine_floor([cos[i] for i in members], min_cosine, spread)
         if cos[worst] >= floor:
             break
         dropped.append((worst, cos[worst], floor))
         members.remove(worst)
-    return members, dropped
+        cos = cosines_to_others(gram, weights, members)
+        floor = cosine_floor([cos[i] for i in members], min_cosine, spread)
+    return Opposed(members, dropped, first, first_floor)
+
+
+def direction_weights(examples: Sequence[float], gram: torch.Tensor) -> list[float]:
+    """Each change's weight in the direction bound's reference: min(its examples, their median) /
+    its norm (from ``gram``'s diagonal), so each counts as its direction, neither a norm nor a
+    size claim over the median buys more say, and a change of a few examples has less; a zero
+    change weighs 0."""
+    med = median(examples)
+    return [min(n, med) / math.sqrt(g) if g > 0 else 0.0 for n, g in zip(examples, torch.diagonal(gram).tolist())]
 
 
 def median(xs: Sequence[float]) -> float:

@@ -627,7 +627,7 @@ def test_drop_opposed_cuts_the_lowest_first_and_retakes_the_cosines_in_any_listi
     """Honest changes that share a direction plus their own; flipped ones are honest changes negated
     and scaled. What is dropped is what recomputing every cosine by hand after each cut drops, and
     the same changes listed in another order drop the same changes."""
-    from fedlora.robust import drop_opposed, gram_matrix
+    from fedlora.robust import cosine_floor, cosines_to_others, drop_opposed, gram_matrix
 
     rng = np.random.default_rng(seed)
     shared = rng.normal(size=30)
@@ -635,25 +635,36 @@ def test_drop_opposed_cuts_the_lowest_first_and_retakes_the_cosines_in_any_listi
     xs += [-rng.uniform(1, 4) * (0.5 * shared + rng.normal(size=30)) for _ in range(flipped)]
     xs = np.array(xs, dtype=np.float32).astype(np.float64)
     w = 1.0 / np.linalg.norm(xs, axis=1)
-    kept, dropped = drop_opposed(gram_matrix([torch.tensor(x) for x in xs]), list(w), threshold, spread)
+    gram = gram_matrix([torch.tensor(x) for x in xs])
+    kept, dropped, first, first_floor = drop_opposed(gram, list(w), threshold, spread)
+    assert first == cosines_to_others(gram, list(w), range(len(xs)))  # the first pass, before any cut
+    assert first_floor == cosine_floor(list(first.values()), threshold, spread)
     assert [i for i, _, _ in dropped] == _drop_opposed_by_hand(xs, w, threshold, spread)
     assert kept == sorted(set(range(len(xs))) - {i for i, _, _ in dropped})
     assert all(c < floor <= threshold for _, c, floor in dropped)
     perm = rng.permutation(len(xs))
-    _, again = drop_opposed(gram_matrix([torch.tensor(xs[p]) for p in perm]), list(w[perm]), threshold, spread)
+    again = drop_opposed(gram_matrix([torch.tensor(xs[p]) for p in perm]), list(w[perm]), threshold, spread).dropped
     assert sorted(int(perm[i]) for i, _, _ in again) == sorted(i for i, _, _ in dropped)
     for (i, c, f), (j, d, g) in zip(sorted(dropped), sorted((int(perm[j]), d, g) for j, d, g in again)):
         assert i == j and c == pytest.approx(d, abs=1e-9) and f == pytest.approx(g, abs=1e-9)
+
+
+def test_direction_weights_count_each_change_as_its_direction_capped_at_the_median_size():
+    from fedlora.robust import direction_weights, gram_matrix
+
+    changes = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0]), torch.zeros(2)]
+    got = direction_weights([10.0, 40.0, 20.0], gram_matrix(changes))  # median 20
+    assert got == pytest.approx([10.0 / 5.0, 20.0 / 2.0, 0.0])
 
 
 def test_drop_opposed_stops_at_two_and_keeps_what_agrees():
     from fedlora.robust import drop_opposed, gram_matrix
 
     x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    assert drop_opposed(gram_matrix([x, -x]), [1.0, 1.0], 0.0) == ([0, 1], [])  # two: no majority to side with
-    kept, dropped = drop_opposed(gram_matrix([x, x + y, -x]), [1.0, 1.0, 1.0], 0.0)
+    assert drop_opposed(gram_matrix([x, -x]), [1.0, 1.0], 0.0)[:2] == ([0, 1], [])  # two: no majority to side with
+    kept, dropped, _, _ = drop_opposed(gram_matrix([x, x + y, -x]), [1.0, 1.0, 1.0], 0.0)
     assert kept == [0, 1] and [i for i, _, _ in dropped] == [2]
-    assert drop_opposed(gram_matrix([x, x + y, x - y]), [1.0, 1.0, 1.0], 0.0) == ([0, 1, 2], [])
+    assert drop_opposed(gram_matrix([x, x + y, x - y]), [1.0, 1.0, 1.0], 0.0)[:2] == ([0, 1, 2], [])
 
 
 def test_update_change_is_the_vector_whose_norm_is_the_update_norm():

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 from typing import TYPE_CHECKING
-
-import torch
 
 from fedlora.aggregation.folds import Fold, KeepAll
 from fedlora.aggregation.share_cap import ShareCapped
@@ -23,8 +20,7 @@ from fedlora.registry import register_extension
 from fedlora.robust import (
     clip_update,
     coordinate_median,
-    cosine_floor,
-    cosines_to_others,
+    direction_weights,
     drop_opposed,
     gram_matrix,
     trimmed_mean,
@@ -271,20 +267,15 @@ class MedianBounds:
             )
             return held
         gram = gram_matrix(changes)
-        # Each update counts as its direction weighed by min(its examples, the median's): neither a norm
-        # inside the bound nor a size claim over the median buys more say; a client of a few examples has less.
-        median = median_of([u.weight for u in ordered])
-        say = [
-            min(u.weight, median) / math.sqrt(g) if g > 0 else 0.0
-            for u, g in zip(ordered, torch.diagonal(gram).tolist())
-        ]
         spread = self.strategy.cfg.robust.cosine_spread
-        first = cosines_to_others(gram, say, range(len(ordered)))  # every reply's, before any cut: the round's row
-        self.rl.figures["direction-cosines"] = {ordered[i].profile.client_id: c for i, c in sorted(first.items())}
-        self.rl.figures["direction-floor"] = cosine_floor(list(first.values()), self.min_cosine, spread)
-        _, dropped = drop_opposed(gram, say, self.min_cosine, spread, least=DIRECTION_QUORUM)
-        cut = {id(ordered[i]) for i, _, _ in dropped}
-        for i, cos, floor in dropped:
+        opposed = drop_opposed(
+            gram, direction_weights([u.weight for u in ordered], gram), self.min_cosine, spread, DIRECTION_QUORUM
+        )
+        # Every reply's cosine before any cut, and the floor they set: the round's row.
+        self.rl.figures["direction-cosines"] = {ordered[i].profile.client_id: c for i, c in opposed.cosines.items()}
+        self.rl.figures["direction-floor"] = opposed.floor
+        cut = {id(ordered[i]) for i, _, _ in opposed.dropped}
+        for i, cos, floor in opposed.dropped:
             u = ordered[i]
             where = (
                 f"below robust.min_cosine ({self.min_cosine:g})"
