@@ -142,13 +142,15 @@ def cosine_floor(cosines: Sequence[float], min_cosine: float, spread: float) -> 
 
 class Opposed(NamedTuple):
     """What :func:`drop_opposed` decided: the indices kept (ascending); [(index, cosine, floor)]
-    dropped, in the order they were; and its first pass, before any cut: every change's cosine
-    with the others' weighted sum and the floor they set (what a round's row reports)."""
+    dropped, in the order they were; its first pass, before any cut: every change's cosine with the
+    others' weighted sum and the floor they set (what a round's row reports); and each kept
+    change's cosine with the other kept ones' weighted sum, after the last cut."""
 
     kept: list[int]
     dropped: list[tuple[int, float, float]]
     cosines: dict[int, float]
     floor: float
+    last: dict[int, float]
 
 
 def drop_opposed(
@@ -173,7 +175,7 @@ def drop_opposed(
         members.remove(worst)
         cos = cosines_to_others(gram, weights, members)
         floor = cosine_floor([cos[i] for i in members], min_cosine, spread)
-    return Opposed(members, dropped, first, first_floor)
+    return Opposed(members, dropped, first, first_floor, {i: cos[i] for i in members})
 
 
 def direction_weights(examples: Sequence[float], gram: torch.Tensor) -> list[float]:

@@ -159,13 +159,13 @@ def _attacked_round(
     held_back: int | None = None,
     examples: list[int] | None = None,
     seen: dict | None = None,
-    shared_step: float = 0.5,
+    shared_step: float | list[float] = 0.5,
     **robust: str,
 ):
     """One FedIT round of 10 clients through the real strategy path, replies in ``order``. Honest
     client i, over ``examples[i]`` examples (100 each by default; 1000 declared), moves from the
     start by ``shared_step`` of a shared step plus the rest of a step of its own (half each by
-    default), times sqrt(examples / 100) (an honest
+    default; a list: client i's own), times sqrt(examples / 100) (an honest
     AdamW client's norm grows as the square root of its steps); an attacker sends its factors x1000
     ('scale'), its change sign-flipped at 3.5x ('flip'), what it was given ('silent'), or the change of
     a ninth of the examples it reports ('claim'). ``held_back``: how many replies
@@ -200,7 +200,8 @@ def _attacked_round(
         shared = _local_training(received, prof, template, s.sharing_policy, seed=999)
         own = _local_training(received, prof, template, s.sharing_policy, seed=10 + i)
         n = examples[i] if examples else 100
-        f = _lin(start, _lin(shared, own, 1.0 - shared_step), (n / 9 if attack.get(i) == "claim" else n) ** 0.5 / 10)
+        step = shared_step[i] if isinstance(shared_step, list) else shared_step
+        f = _lin(start, _lin(shared, own, 1.0 - step), (n / 9 if attack.get(i) == "claim" else n) ** 0.5 / 10)
         if attack.get(i) == "scale":
             f = LoraFactors(
                 modules={
@@ -527,6 +528,28 @@ def test_honest_updates_without_a_shared_direction_are_not_cut():
     assert any("below robust.min_cosine (-0.1)" in x for x in alone.rejected), alone.rejected
 
 
+def test_a_flip_the_spread_keeps_buys_nothing_with_a_size_claim():
+    """A round whose honest cosines scatter (each client shares a different part of the common step):
+    client 3 flips its change and claims 3.8x the others' examples. Its cosine, -0.13, is below
+    robust.min_cosine but within the round's spread, so it is kept, at the median's weight and
+    clipped to the norm bound for that weight, named: the round is the same flip's without the
+    claim. Honest, the same client at 3.8x keeps its weight and no one is named."""
+    steps = [0.0, 0.0, 0.05, 0.25, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    big = [380 if i == 3 else 100 for i in range(10)]
+    s, rl = _attacked_round(list(range(10)), {3: "flip"}, examples=big, shared_step=steps)
+    assert not rl.rejected and rl.accepted == 10
+    assert -0.1 > rl.figures["direction-cosines"]["c3"] > rl.figures["direction-floor"]
+    assert [x.split(":")[0] for x in rl.clipped] == ["client c3", "client c3"], rl.clipped
+    assert rl.clipped[1].startswith("client c3: weight 380 examples cut to 100, the round's median: its update ")
+    assert "below robust.min_cosine (-0.1), and is kept only by robust.cosine_spread" in rl.clipped[1]
+    assert "clipped to" in rl.clipped[1].split("the median's say")[1]
+    no_claim, _ = _attacked_round(list(range(10)), {3: "flip"}, shared_step=steps)
+    for (k, a), (_, b) in zip(s.global_eff.tensors(), no_claim.global_eff.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    _, honest = _attacked_round(list(range(10)), {}, examples=big, shared_step=steps)
+    assert not honest.rejected and not honest.clipped and honest.accepted == 10
+
+
 def test_the_direction_is_checked_from_five_replies():
     """Four replies give no estimate of the cosines' spread: a flip among them is clipped, not cut;
     among five it is cut."""
@@ -636,9 +659,10 @@ def test_drop_opposed_cuts_the_lowest_first_and_retakes_the_cosines_in_any_listi
     xs = np.array(xs, dtype=np.float32).astype(np.float64)
     w = 1.0 / np.linalg.norm(xs, axis=1)
     gram = gram_matrix([torch.tensor(x) for x in xs])
-    kept, dropped, first, first_floor = drop_opposed(gram, list(w), threshold, spread)
+    kept, dropped, first, first_floor, last = drop_opposed(gram, list(w), threshold, spread)
     assert first == cosines_to_others(gram, list(w), range(len(xs)))  # the first pass, before any cut
     assert first_floor == cosine_floor(list(first.values()), threshold, spread)
+    assert last == cosines_to_others(gram, list(w), kept)  # the kept ones' cosines after the last cut
     assert [i for i, _, _ in dropped] == _drop_opposed_by_hand(xs, w, threshold, spread)
     assert kept == sorted(set(range(len(xs))) - {i for i, _, _ in dropped})
     assert all(c < floor <= threshold for _, c, floor in dropped)
@@ -662,7 +686,7 @@ def test_drop_opposed_stops_at_two_and_keeps_what_agrees():
 
     x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert drop_opposed(gram_matrix([x, -x]), [1.0, 1.0], 0.0)[:2] == ([0, 1], [])  # two: no majority to side with
-    kept, dropped, _, _ = drop_opposed(gram_matrix([x, x + y, -x]), [1.0, 1.0, 1.0], 0.0)
+    kept, dropped, _, _, _ = drop_opposed(gram_matrix([x, x + y, -x]), [1.0, 1.0, 1.0], 0.0)
     assert kept == [0, 1] and [i for i, _, _ in dropped] == [2]
     assert drop_opposed(gram_matrix([x, x + y, x - y]), [1.0, 1.0, 1.0], 0.0)[:2] == ([0, 1, 2], [])
 

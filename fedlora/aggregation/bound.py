@@ -122,7 +122,11 @@ class MedianBounds:
       direction is the noisiest, has less. Honest non-IID updates are nearly orthogonal but lean
       towards what the others teach (``benchmarks/update_geometry.py``, ``cos_others_dir``); a
       sign-flipped one leans away by as much. An attacker that adds a component along what the
-      others teach can pass it (it would have to know that direction).
+      others teach can pass it (it would have to know that direction). Where the round's cosines
+      scatter, ``robust.cosine_spread`` keeps a reply below ``min_cosine`` whose cosine is within
+      the honest spread; such a reply keeps no more weight than the round's median (its update
+      clipped to the norm bound at that weight), named: a size claim buys say only for a direction
+      that agrees with the others.
 
     All need the whole round, so every reply's normalised norm (a scalar) is kept and the replies
     with the largest are held back while they fit ``robust.held_back_mb`` (at least one); a reply
@@ -268,9 +272,8 @@ class MedianBounds:
             return held
         gram = gram_matrix(changes)
         spread = self.strategy.cfg.robust.cosine_spread
-        opposed = drop_opposed(
-            gram, direction_weights([u.weight for u in ordered], gram), self.min_cosine, spread, DIRECTION_QUORUM
-        )
+        weights = [u.weight for u in ordered]
+        opposed = drop_opposed(gram, direction_weights(weights, gram), self.min_cosine, spread, DIRECTION_QUORUM)
         # Every reply's cosine before any cut, and the floor they set: the round's row.
         self.rl.figures["direction-cosines"] = {ordered[i].profile.client_id: c for i, c in opposed.cosines.items()}
         self.rl.figures["direction-floor"] = opposed.floor
@@ -286,7 +289,28 @@ class MedianBounds:
                 f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
                 f"the sum of the round's other kept update directions, {where}; left out of the fold"
             )
+        # A reply below robust.min_cosine that the spread kept: no more weight than the median's.
+        med = median_of(weights)
+        for i, cos in opposed.last.items():
+            if cos < self.min_cosine and ordered[i].weight > med:
+                self._hold_to_median(ordered[i], cos, med)
         return [u for u in held if id(u) not in cut]
+
+    def _hold_to_median(self, update: Update, cos: float, med: float) -> None:
+        """``update``'s weight cut to ``med``, the round's median weight, and (with the norm bound) its
+        update clipped to the bound for that weight; named with its cosine."""
+        line = (
+            f"client {update.profile.client_id}: weight {update.weight:g} examples cut to {med:g}, the round's median: "
+            f"its update direction has cosine {cos:.3g} with the sum of the other kept update directions, below "
+            f"robust.min_cosine ({self.min_cosine:g}), and is kept only by robust.cosine_spread, at the median's say"
+        )
+        update.weight = med
+        if self.factor > 0 and self.reference:
+            limit = self.factor * self.reference * self._size(update)
+            update.factors, norm = clip_update(self._start(update), update.factors, limit)
+            if norm > limit:
+                line += f"; its update norm {norm:.4g} clipped to {limit:.4g}, the norm bound at that weight"
+        self.rl.clipped.append(line)
 
 
 @register_extension

@@ -146,8 +146,8 @@ class RobustConfig:
     cosine_spread: float = _meta(
         "With robust.min_cosine: a reply is left out only if its cosine is also this many robust standard "
         "deviations (1.4826 x the median absolute deviation of the round's cosines) below their median, so a round "
-        "whose honest updates scatter widely (no direction the clients share) names none of them. 0 = "
-        "robust.min_cosine alone.",
+        "whose honest updates scatter widely (no direction the clients share) names none of them; a reply below "
+        "robust.min_cosine that it keeps has its weight cut to the round's median (named). 0 = robust.min_cosine alone.",
         default=2.5,
     )
     held_back_mb: float = _meta(
