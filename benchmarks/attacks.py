@@ -25,7 +25,9 @@ DP's clip (honest and 1 flip), a 0.2 share cap (1 flip), the direction bound off
 = -1``: honest, 1 flip, 1 flip+size, the 3 colluders), and trust
 scores from 64 server examples (``robust.trust_examples``) taken from the training split (``trust``
 cells) or from the held-out split the server evaluates on (``trust-eval`` cells), each against the
-attacks and with a ``report`` cell (scores only) as its same-data baseline. Last, an honest
+attacks and with a ``report`` cell (scores only) as its same-data baseline; the ``defaults+trust``
+cells take the same train-split scores on top of every default (the direction bound on): the one
+option the colluder criterion may name, with its cost on the honest run. Last, an honest
 federation in which client 0 holds ten times the data of each other client (an IID ``sizes`` split), at the
 defaults and with the size bounds off: what the defaults cost a real 10x client. (The trimmed
 mean is left out: on this task one honest run, seed 42, ended at 0.44 with it against 0.82 with the
@@ -96,6 +98,13 @@ CELLS = {
     "flip-3-colluders trust-eval": {1: "flip", 4: "flip", 7: "flip"},
     "flip-1e6-4-first trust-eval": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
     "honest trust-eval report": {},  # the scores only: the same evaluation set, the fold untouched
+    # The same trust scores on top of every default (the direction bound on): the one option against colluders.
+    "honest defaults+trust": {},
+    "honest defaults+trust report": {},  # the scores only, at the defaults: the same data, the fold untouched
+    "flip-3-colluders defaults+trust": {1: "flip", 4: "flip", 7: "flip"},
+    "flip-1 defaults+trust": {3: "flip"},
+    "flip+size-1 defaults+trust": {3: "flip+size"},
+    "flip-1e6-4-first defaults+trust": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
     # An honest client with ten times the data of each other (an IID 'sizes' split): what the defaults cost it.
     "honest 10x-client": {},
     "honest 10x-client no size bounds": {},
@@ -109,6 +118,7 @@ DP = ["privacy.client_dp=true", "privacy.client_clip=10", "privacy.client_noise_
 ALONE = ["robust.min_cosine=-1"]
 TRUST = [*ALONE, "robust.trust_examples=64", 'robust.trust_data="train"']
 TRUST_EVAL = [*ALONE, "robust.trust_examples=64", 'robust.trust_data="eval"']
+DEFAULTS_TRUST = ["robust.trust_examples=64", 'robust.trust_data="train"']
 TEN_X = ['data.partitioner="sizes"', "data.partition_sizes=[10, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
 OVERRIDES = {
     "honest-iid": ['data.partitioner="iid"'],
@@ -132,6 +142,8 @@ OVERRIDES = {
     "honest trust fltrust": [*TRUST, 'robust.trust_action="fltrust"'],
     **{cell: TRUST_EVAL for cell in CELLS if cell.endswith(" trust-eval")},
     "honest trust-eval report": [*TRUST_EVAL, 'robust.trust_action="report"'],
+    **{cell: DEFAULTS_TRUST for cell in CELLS if cell.endswith(" defaults+trust")},
+    "honest defaults+trust report": [*DEFAULTS_TRUST, 'robust.trust_action="report"'],
     "honest 10x-client": TEN_X,
     "honest 10x-client no size bounds": [
         *TEN_X,
@@ -147,6 +159,7 @@ BASELINES = {"honest 10x-client": "honest 10x-client no size bounds"}
 SAME_DATA = {
     **{c: "honest trust report" for c in CELLS if c.endswith(" trust") or c == "honest trust fltrust"},
     **{c: "honest trust-eval report" for c in CELLS if c.endswith(" trust-eval")},
+    **{c: "honest defaults+trust report" for c in CELLS if c.endswith(" defaults+trust")},
 }
 
 
@@ -359,14 +372,19 @@ def criteria(out: dict) -> dict:
         "accuracy_vs_honest",
         lambda v: v >= -0.10,
     )
-    for cell in ("flip-1e6-4-first", "flip-1e6-4-first trust", "flip-1e6-4-first trust-eval"):
+    for cell in (
+        "flip-1e6-4-first",
+        "flip-1e6-4-first trust",
+        "flip-1e6-4-first trust-eval",
+        "flip-1e6-4-first defaults+trust",
+    ):
         check(
             f"four first-arriving: loss never above 1.1x the honest round-1 loss ({cell})",
             cell,
             "max_loss_over_honest_round1",
             lambda v: v <= 1.1,
         )
-    for option in ("trust", "trust-eval"):  # the same attacks against the opt-in trust scores
+    for option in ("trust", "trust-eval", "defaults+trust"):  # the same attacks against the opt-in trust scores
         for cell in (f"flip-1 {option}", f"flip+size-1 {option}"):
             check(f"one attacker within 5 points ({cell})", cell, "accuracy_vs_honest", lambda v: v >= -0.05)
         check(
