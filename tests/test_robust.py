@@ -575,6 +575,18 @@ def test_colluders_that_widen_the_spread_are_kept_at_the_median_weight():
     assert all("cut to 28.5, the round's median" in c and "the norm bound at that weight" in c for c in held[:3])
 
 
+def test_a_flip_the_quorum_keeps_is_held_to_the_median_weight():
+    """Five replies, two flipped over 200 examples, robust.cosine_spread 0: the lower flip is cut; four
+    would then remain, under the quorum, so the other is kept, at the median's weight, and named so."""
+    _, rl = _attacked_round(
+        [0, 1, 2, 3, 4], {3: "flip", 4: "flip"}, examples=[100, 100, 100, 200, 200] + [100] * 5, cosine_spread="0"
+    )
+    assert len([x for x in rl.rejected if "update direction" in x]) == 1 and rl.accepted == 4
+    held = [c for c in rl.clipped if "at the median's say" in c]
+    assert len(held) == 1 and "cut to 100, the round's median" in held[0] and "is kept: 5 must remain" in held[0], held
+    assert {held[0].split(":")[0], rl.rejected[0].split(" (node")[0]} == {"client c3", "client c4"}
+
+
 def test_the_direction_is_checked_from_five_replies():
     """Four replies give no estimate of the cosines' spread: a flip among them is clipped, not cut;
     among five it is cut."""

@@ -20,6 +20,7 @@ from fedlora.registry import register_extension
 from fedlora.robust import (
     clip_update,
     coordinate_median,
+    cosine_floor,
     direction_weights,
     drop_opposed,
     gram_matrix,
@@ -289,20 +290,26 @@ class MedianBounds:
                 f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
                 f"the sum of the round's other kept update directions, {where}; left out of the fold"
             )
-        # A reply below robust.min_cosine that the spread kept: no more weight than the median's.
+        # A reply below robust.min_cosine that was kept (by the spread, or the quorum): no more weight than the median's.
         med = median_of(weights)
+        floor = cosine_floor(list(opposed.last.values()), self.min_cosine, spread)
         for i, cos in opposed.last.items():
             if cos < self.min_cosine and ordered[i].weight > med:
-                self._hold_to_median(ordered[i], cos, med)
+                why = (
+                    "is kept only by robust.cosine_spread"
+                    if cos >= floor
+                    else f"is kept: {DIRECTION_QUORUM} must remain"
+                )
+                self._hold_to_median(ordered[i], cos, med, why)
         return [u for u in held if id(u) not in cut]
 
-    def _hold_to_median(self, update: Update, cos: float, med: float) -> None:
+    def _hold_to_median(self, update: Update, cos: float, med: float, why: str) -> None:
         """``update``'s weight cut to ``med``, the round's median weight, and (with the norm bound) its
-        update clipped to the bound for that weight; named with its cosine."""
+        update clipped to the bound for that weight; named with its cosine and ``why`` it was kept."""
         line = (
             f"client {update.profile.client_id}: weight {update.weight:g} examples cut to {med:g}, the round's median: "
             f"its update direction has cosine {cos:.3g} with the sum of the other kept update directions, below "
-            f"robust.min_cosine ({self.min_cosine:g}), and is kept only by robust.cosine_spread, at the median's say"
+            f"robust.min_cosine ({self.min_cosine:g}), and {why}, at the median's say"
         )
         update.weight = med
         if self.factor > 0 and self.reference:
