@@ -243,6 +243,7 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
     bad = CELLS[cell]
     flip, size = lies(cfg)
     declared = int(size * median_declared(cfg)) if any("size" in k for k in bad.values()) else 0
+    code = code_version()  # before the run: a commit made while it runs is not the code it ran
     t0 = time.perf_counter()
     run_dir = simulate(cfg, client_app=attack_app(bad, declared, flip, cfg.robust.norm_size_power), engine="inprocess")
     rows = run_dir.read_metrics()
@@ -276,7 +277,7 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
         ],
         "seconds": time.perf_counter() - t0,
         "run_dir": str(run_dir.path),
-        "code": code_version(),
+        "code": code,
     }
 
 
