@@ -114,7 +114,7 @@ CELLS = {
 # the epsilon it spends protects nothing (the run reports it): these cells measure the clip, not a
 # privacy setting.
 DP = ["privacy.client_dp=true", "privacy.client_clip=10", "privacy.client_noise_multiplier=0.01"]
-# The opt-in defences below are measured alone: ALONE turns the direction bound off.
+# ALONE: the override that turns the direction bound off, so an opt-in defence's cells show it by itself.
 ALONE = ["robust.min_cosine=-1"]
 TRUST = [*ALONE, "robust.trust_examples=64", 'robust.trust_data="train"']
 TRUST_EVAL = [*ALONE, "robust.trust_examples=64", 'robust.trust_data="eval"']

@@ -141,16 +141,22 @@ def cosine_floor(cosines: Sequence[float], min_cosine: float, spread: float) -> 
 
 
 class Opposed(NamedTuple):
-    """What :func:`drop_opposed` decided: the indices kept (ascending); [(index, cosine, floor)]
-    dropped, in the order they were; its first pass, before any cut: every change's cosine with the
-    others' weighted sum and the floor they set (what a round's row reports); and each kept
-    change's cosine with the other kept ones' weighted sum, after the last cut."""
+    """What :func:`drop_opposed` decided: [(index, cosine, floor)] dropped, in the order they were;
+    its first pass, before any cut: every change's cosine with the others' weighted sum and the
+    floor they set (what a round's row reports); and its last: each kept change's cosine with the
+    other kept ones' weighted sum, after the last cut, and the floor those set (a kept change
+    below it was kept because too few would remain)."""
 
-    kept: list[int]
     dropped: list[tuple[int, float, float]]
     cosines: dict[int, float]
     floor: float
     last: dict[int, float]
+    last_floor: float
+
+    @property
+    def kept(self) -> list[int]:
+        """The indices kept, ascending."""
+        return sorted(self.last)
 
 
 def drop_opposed(
@@ -175,7 +181,7 @@ def drop_opposed(
         members.remove(worst)
         cos = cosines_to_others(gram, weights, members)
         floor = cosine_floor([cos[i] for i in members], min_cosine, spread)
-    return Opposed(members, dropped, first, first_floor, {i: cos[i] for i in members})
+    return Opposed(dropped, first, first_floor, {i: cos[i] for i in members}, floor)
 
 
 def direction_weights(examples: Sequence[float], gram: torch.Tensor) -> list[float]:

@@ -696,10 +696,12 @@ def test_drop_opposed_cuts_the_lowest_first_and_retakes_the_cosines_in_any_listi
     xs = np.array(xs, dtype=np.float32).astype(np.float64)
     w = 1.0 / np.linalg.norm(xs, axis=1)
     gram = gram_matrix([torch.tensor(x) for x in xs])
-    kept, dropped, first, first_floor, last = drop_opposed(gram, list(w), threshold, spread)
+    opposed = drop_opposed(gram, list(w), threshold, spread)
+    kept, dropped, first, first_floor, last = opposed.kept, *opposed[:4]
     assert first == cosines_to_others(gram, list(w), range(len(xs)))  # the first pass, before any cut
     assert first_floor == cosine_floor(list(first.values()), threshold, spread)
     assert last == cosines_to_others(gram, list(w), kept)  # the kept ones' cosines after the last cut
+    assert opposed.last_floor == cosine_floor(list(last.values()), threshold, spread)  # and the floor they set
     assert [i for i, _, _ in dropped] == _drop_opposed_by_hand(xs, w, threshold, spread)
     assert kept == sorted(set(range(len(xs))) - {i for i, _, _ in dropped})
     assert all(c < floor <= threshold for _, c, floor in dropped)
@@ -722,10 +724,13 @@ def test_drop_opposed_stops_at_two_and_keeps_what_agrees():
     from fedlora.robust import drop_opposed, gram_matrix
 
     x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    assert drop_opposed(gram_matrix([x, -x]), [1.0, 1.0], 0.0)[:2] == ([0, 1], [])  # two: no majority to side with
-    kept, dropped, _, _, _ = drop_opposed(gram_matrix([x, x + y, -x]), [1.0, 1.0, 1.0], 0.0)
+    two = drop_opposed(gram_matrix([x, -x]), [1.0, 1.0], 0.0)
+    assert (two.kept, two.dropped) == ([0, 1], [])  # two: no majority to side with
+    three = drop_opposed(gram_matrix([x, x + y, -x]), [1.0, 1.0, 1.0], 0.0)
+    kept, dropped = three.kept, three.dropped
     assert kept == [0, 1] and [i for i, _, _ in dropped] == [2]
-    assert drop_opposed(gram_matrix([x, x + y, x - y]), [1.0, 1.0, 1.0], 0.0)[:2] == ([0, 1, 2], [])
+    agree = drop_opposed(gram_matrix([x, x + y, x - y]), [1.0, 1.0, 1.0], 0.0)
+    assert (agree.kept, agree.dropped) == ([0, 1, 2], [])
 
 
 def test_update_change_is_the_vector_whose_norm_is_the_update_norm():

@@ -20,7 +20,6 @@ from fedlora.registry import register_extension
 from fedlora.robust import (
     clip_update,
     coordinate_median,
-    cosine_floor,
     direction_weights,
     drop_opposed,
     gram_matrix,
@@ -214,6 +213,11 @@ class MedianBounds:
         """n^p: what a reply's norm is divided by before it is compared (1 when p is 0)."""
         return max(update.weight, 1.0) ** self.power
 
+    def _norm_limit(self, update: Update) -> float:
+        """The norm bound's limit on ``update``'s norm at its weight: robust.relative_norm_bound x the
+        round's median normalised norm x n^p."""
+        return self.factor * (self.reference or 0.0) * self._size(update)
+
     def _what(self) -> str:
         return f"update norm / examples^{self.power:g}" if self.power else "update norm"
 
@@ -236,7 +240,7 @@ class MedianBounds:
         if ratio <= self.factor:
             return update
         size = self._size(update)
-        limit = self.factor * ref * size
+        limit = self._norm_limit(update)
         over = f" over {update.weight:g} examples" if self.power else ""
         why = (
             f"update norm {norm * size:.4g}{over} is {ratio:.3g}x the round's median {self._what()} {ref:.4g}, "
@@ -292,12 +296,11 @@ class MedianBounds:
             )
         # A reply below robust.min_cosine that was kept (by the spread, or the quorum): no more weight than the median's.
         med = median_of(weights)
-        floor = cosine_floor(list(opposed.last.values()), self.min_cosine, spread)
         for i, cos in opposed.last.items():
             if cos < self.min_cosine and ordered[i].weight > med:
                 why = (
                     "is kept only by robust.cosine_spread"
-                    if cos >= floor
+                    if cos >= opposed.last_floor
                     else f"is kept: {DIRECTION_QUORUM} must remain"
                 )
                 self._hold_to_median(ordered[i], cos, med, why)
@@ -313,7 +316,7 @@ class MedianBounds:
         )
         update.weight = med
         if self.factor > 0 and self.reference:
-            limit = self.factor * self.reference * self._size(update)
+            limit = self._norm_limit(update)
             update.factors, norm = clip_update(self._start(update), update.factors, limit)
             if norm > limit:
                 line += f"; its update norm {norm:.4g} clipped to {limit:.4g}, the norm bound at that weight"
