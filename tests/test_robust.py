@@ -371,7 +371,7 @@ def test_bounds_and_weights_are_the_same_in_any_arrival_order_and_cut_only_the_l
     """Clients of 10-1000 examples; up to four of ten lie (blown up, sign-flipped at 3.5x, silent, or
     claiming nine times the examples their change shows): in any arrival order the same clients are
     named, each with the same figure, and the new global adapter is the same; every liar is named.
-    No honest client is left out or clipped; one may have its weight held to the round's median when
+    No honest client is left out or clipped; one may have its weight held under the round's median when
     flips that outweigh the honest clients around them (three of 42 examples among clients of 10)
     turn its cosine below robust.min_cosine and widen the round's spread enough to keep themselves."""
     sizes = data.draw(st.lists(st.integers(10, 1000), min_size=10, max_size=10), label="examples")
@@ -543,18 +543,22 @@ def test_honest_updates_without_a_shared_direction_are_not_cut():
 def test_a_flip_the_spread_keeps_buys_nothing_with_a_size_claim():
     """A round whose honest cosines scatter (each client shares a different part of the common step):
     client 3 flips its change and claims 3.8x the others' examples. Its cosine, -0.13, is below
-    robust.min_cosine but within the round's spread, so it is kept, at the median's weight and
-    clipped to the norm bound for that weight, named: the round is the same flip's without the
-    claim. Honest, the same client at 3.8x keeps its weight and no one is named."""
+    robust.min_cosine but within the round's spread, so it is kept, at the median's weight times
+    its cosine's place between the round's floor and min_cosine, clipped to the norm bound for that
+    weight, named: the round is the same flip's without the claim. Honest, the same client at 3.8x keeps its weight and no one is named."""
     steps = [0.0, 0.0, 0.05, 0.25, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     big = [380 if i == 3 else 100 for i in range(10)]
     s, rl = _attacked_round(list(range(10)), {3: "flip"}, examples=big, shared_step=steps)
     assert not rl.rejected and rl.accepted == 10
     assert -0.1 > rl.figures["direction-cosines"]["c3"] > rl.figures["direction-floor"]
     assert [x.split(":")[0] for x in rl.clipped] == ["client c3", "client c3"], rl.clipped
-    assert rl.clipped[1].startswith("client c3: weight 380 examples cut to 100, the round's median: its update ")
-    assert "below robust.min_cosine (-0.1), and is kept only by robust.cosine_spread" in rl.clipped[1]
-    assert "clipped to" in rl.clipped[1].split("the median's say")[1]
+    cos, floor = rl.figures["direction-cosines"]["c3"], rl.figures["direction-floor"]
+    cut = float(re.search(r"^client c3: weight 380 examples cut to ([0-9.e+-]+): its update ", rl.clipped[1]).group(1))
+    assert cut == pytest.approx(100 * (cos - floor) / (-0.1 - floor), rel=1e-3) and cut < 100, rl.clipped
+    assert (
+        "below robust.min_cosine (-0.1), and is kept only by robust.cosine_spread (the round's floor" in rl.clipped[1]
+    )
+    assert rl.clipped[1].endswith("the norm bound at that weight"), rl.clipped
     no_claim, _ = _attacked_round(list(range(10)), {3: "flip"}, shared_step=steps)
     for (k, a), (_, b) in zip(s.global_eff.tensors(), no_claim.global_eff.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
@@ -565,14 +569,21 @@ def test_a_flip_the_spread_keeps_buys_nothing_with_a_size_claim():
 def test_colluders_that_widen_the_spread_are_kept_at_the_median_weight():
     """The limit of the spread condition: three flips of 42 examples among honest clients of 10 to 42
     pull the others' reference, so their cosines (about -0.5) set a median absolute deviation wide
-    enough to keep them. They are not left out, but each is held to the round's median weight and
-    clipped to the norm bound at it, named; what they can still do is what three median clients can."""
+    enough to keep them. They are not left out, but each is held to the round's median weight times
+    its cosine's place between the floor and min_cosine (a small share: they sit near the floor they
+    set), clipped to the norm bound at that weight, and named; so is any client whose cosine they
+    turn below min_cosine."""
     sizes = [42, 42, 42, 42, 10, 15, 10, 10, 10, 42]
     _, rl = _attacked_round(list(range(10)), dict.fromkeys((0, 1, 2), "flip"), examples=sizes)
     assert not rl.rejected and rl.figures["direction-floor"] < -0.5
     held = [c for c in rl.clipped if "kept only by robust.cosine_spread" in c]
     assert {c.split(":")[0] for c in held} >= {"client c0", "client c1", "client c2"}, rl.clipped
-    assert all("cut to 28.5, the round's median" in c and "the norm bound at that weight" in c for c in held[:3])
+    floor = rl.figures["direction-floor"]
+    for c in held:
+        who, cut = re.search(r"^client (c[0-9]+): weight [0-9.]+ examples cut to ([0-9.e+-]+):", c).groups()
+        ramp = (rl.figures["direction-cosines"][who] - floor) / (-0.1 - floor)
+        assert float(cut) == pytest.approx(28.5 * ramp, rel=1e-3), c
+        assert who not in ("c0", "c1", "c2") or c.endswith("the norm bound at that weight"), c
 
 
 def test_a_flip_the_quorum_keeps_is_held_to_the_median_weight():
@@ -582,8 +593,8 @@ def test_a_flip_the_quorum_keeps_is_held_to_the_median_weight():
         [0, 1, 2, 3, 4], {3: "flip", 4: "flip"}, examples=[100, 100, 100, 200, 200] + [100] * 5, cosine_spread="0"
     )
     assert len([x for x in rl.rejected if "update direction" in x]) == 1 and rl.accepted == 4
-    held = [c for c in rl.clipped if "at the median's say" in c]
-    assert len(held) == 1 and "cut to 100, the round's median" in held[0] and "is kept: 5 must remain" in held[0], held
+    held = [c for c in rl.clipped if "is kept: 5 must remain; at the median's say" in c]
+    assert len(held) == 1 and held[0].split(":")[1] == " weight 200 examples cut to 100", held
     assert {held[0].split(":")[0], rl.rejected[0].split(" (node")[0]} == {"client c3", "client c4"}
 
 

@@ -124,9 +124,11 @@ class MedianBounds:
       sign-flipped one leans away by as much. An attacker that adds a component along what the
       others teach can pass it (it would have to know that direction). Where the round's cosines
       scatter, ``robust.cosine_spread`` keeps a reply below ``min_cosine`` whose cosine is within
-      the honest spread; such a reply keeps no more weight than the round's median (its update
-      clipped to the norm bound at that weight), named: a size claim buys say only for a direction
-      that agrees with the others.
+      the honest spread; such a reply keeps no more weight than the round's median times its
+      cosine's place between the round's floor (0) and ``min_cosine`` (1), its update clipped to
+      the norm bound at that weight, named: a reply just inside the floor has about the say of one
+      just outside it, and a size claim buys say only for a direction that agrees with the others.
+      One that only the quorum of five keeps (below the floor) keeps the median's weight.
 
     All need the whole round, so every reply's normalised norm (a scalar) is kept and the replies
     with the largest are held back while they fit ``robust.held_back_mb`` (at least one); a reply
@@ -294,27 +296,33 @@ class MedianBounds:
                 f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
                 f"the sum of the round's other kept update directions, {where}; left out of the fold"
             )
-        # A reply below robust.min_cosine that was kept (by the spread, or the quorum): no more weight than the median's.
+        # A reply below robust.min_cosine that was kept keeps no more than the median's weight; kept by the spread,
+        # less the nearer it lies to the floor, so a reply just inside the floor has about what one just outside has.
         med = median_of(weights)
         for i, cos in opposed.last.items():
-            if cos < self.min_cosine and ordered[i].weight > med:
+            if cos >= self.min_cosine:
+                continue
+            if cos >= opposed.last_floor:
+                share = (cos - opposed.last_floor) / (self.min_cosine - opposed.last_floor)
                 why = (
-                    "is kept only by robust.cosine_spread"
-                    if cos >= opposed.last_floor
-                    else f"is kept: {DIRECTION_QUORUM} must remain"
+                    f"is kept only by robust.cosine_spread (the round's floor {opposed.last_floor:.3g}), at "
+                    f"{share:.2g} of the median's say, its place between the floor and robust.min_cosine"
                 )
-                self._hold_to_median(ordered[i], cos, med, why)
+            else:
+                share, why = 1.0, f"is kept: {DIRECTION_QUORUM} must remain; at the median's say"
+            if ordered[i].weight > share * med:
+                self._hold(ordered[i], cos, share * med, why)
         return [u for u in held if id(u) not in cut]
 
-    def _hold_to_median(self, update: Update, cos: float, med: float, why: str) -> None:
-        """``update``'s weight cut to ``med``, the round's median weight, and (with the norm bound) its
-        update clipped to the bound for that weight; named with its cosine and ``why`` it was kept."""
+    def _hold(self, update: Update, cos: float, weight: float, why: str) -> None:
+        """``update``'s weight cut to ``weight`` and (with the norm bound) its update clipped to the bound
+        for that weight; named with its cosine and ``why`` it was kept at that weight."""
         line = (
-            f"client {update.profile.client_id}: weight {update.weight:g} examples cut to {med:g}, the round's median: "
-            f"its update direction has cosine {cos:.3g} with the sum of the other kept update directions, below "
-            f"robust.min_cosine ({self.min_cosine:g}), and {why}, at the median's say"
+            f"client {update.profile.client_id}: weight {update.weight:g} examples cut to {weight:.4g}: its update "
+            f"direction has cosine {cos:.3g} with the sum of the other kept update directions, below "
+            f"robust.min_cosine ({self.min_cosine:g}), and {why}"
         )
-        update.weight = med
+        update.weight = weight
         if self.factor > 0 and self.reference:
             limit = self._norm_limit(update)
             update.factors, norm = clip_update(self._start(update), update.factors, limit)

@@ -146,8 +146,10 @@ class RobustConfig:
     cosine_spread: float = _meta(
         "With robust.min_cosine: a reply is left out only if its cosine is also this many robust standard "
         "deviations (1.4826 x the median absolute deviation of the round's cosines) below their median, so a round "
-        "whose honest updates scatter widely (no direction the clients share) names none of them; a reply below "
-        "robust.min_cosine that it keeps has its weight cut to the round's median (named). 0 = robust.min_cosine alone.",
+        "whose honest updates scatter widely (no direction the clients share) leaves none of them out; a reply below "
+        "robust.min_cosine that it keeps weighs at most the round's median weight times its cosine's place between "
+        "that floor (0) and robust.min_cosine (1), named, so a reply just inside the floor has about the say of one "
+        "just outside. 0 = robust.min_cosine alone.",
         default=2.5,
     )
     held_back_mb: float = _meta(
