@@ -586,6 +586,25 @@ def test_colluders_that_widen_the_spread_are_kept_at_the_median_weight():
         assert who not in ("c0", "c1", "c2") or c.endswith("the norm bound at that weight"), c
 
 
+def test_the_ramp_measures_a_kept_reply_against_the_floor_of_the_last_pass():
+    """Seven replies, three flipped: cutting the lowest changes the others' cosines and widens their
+    spread, so a flip below the first pass's floor lies above the last pass's and is kept by the
+    spread. Its share of the median's say is its place between that last floor and min_cosine (a
+    small one), and it is named so; it is not taken for a reply that only the quorum keeps."""
+    sizes = [200, 10, 100, 42, 10, 200, 200, 100, 100, 100]
+    steps = [0.1, 0.5, 0.3, 0.0, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5]
+    _, rl = _attacked_round(list(range(7)), dict.fromkeys((0, 1, 5), "flip"), examples=sizes, shared_step=steps)
+    line = next(c for c in rl.clipped if c.startswith("client c1: weight 10 examples cut to "))
+    cos, floor, share = (
+        float(x)
+        for x in re.search(
+            r"has cosine ([-0-9.e]+) .* robust.cosine_spread \(the round's floor ([-0-9.e]+)\), at ([0-9.e-]+) of", line
+        ).groups()
+    )
+    assert floor < cos < rl.figures["direction-floor"], (line, rl.figures)
+    assert share == pytest.approx((cos - floor) / (-0.1 - floor), abs=0.01) and share < 0.2, line
+
+
 def test_a_flip_the_quorum_keeps_is_held_to_the_median_weight():
     """Five replies, two flipped over 200 examples, robust.cosine_spread 0: the lower flip is cut; four
     would then remain, under the quorum, so the other is kept, at the median's weight, and named so."""
