@@ -184,6 +184,18 @@ def drop_opposed(
     return Opposed(dropped, first, first_floor, {i: cos[i] for i in members}, floor)
 
 
+def spread_share(cos: float, floor: float, min_cosine: float) -> float:
+    """The share of the median's weight that a change the spread keeps (``floor <= cos < min_cosine``,
+    :func:`cosine_floor`) may carry: its cosine's place between the floor (0) and ``min_cosine``
+    (1), so the weight falls continuously to nothing at the floor, where the change would be cut.
+    1 for a change at or above ``min_cosine``; 0 below the floor."""
+    if cos >= min_cosine:
+        return 1.0
+    if cos < floor:
+        return 0.0
+    return (cos - floor) / (min_cosine - floor)
+
+
 def direction_weights(examples: Sequence[float], gram: torch.Tensor) -> list[float]:
     """Each change's weight in the direction bound's reference: min(its examples, their median) /
     its norm (from ``gram``'s diagonal), so each counts as its direction, neither a norm nor a

@@ -10,7 +10,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedlora.factors import LoraFactors, ModuleFactors
@@ -527,6 +527,27 @@ def test_the_cosine_floor_is_min_cosine_unless_the_rounds_cosines_scatter_wider(
     assert cosine_floor(scatter, -0.1, 2.0) == pytest.approx(0.075 - 2 * 1.4826 * 0.175)
     assert cosine_floor(scatter, -0.1, 0.0) == -0.1 and cosine_floor([], -0.1, 2.0) == -0.1
     assert cosine_floor([-0.5, -0.4, -0.3], -0.1, 0.0) == -0.1  # spread 0: min_cosine alone, not the median
+
+
+@given(
+    floor=st.floats(-1.0, -0.1, exclude_max=True),
+    min_cosine=st.floats(-0.5, 0.5),
+    a=st.floats(-1.0, 1.0),
+    b=st.floats(-1.0, 1.0),
+)
+def test_the_spread_share_falls_continuously_from_one_at_min_cosine_to_zero_at_the_floor(floor, min_cosine, a, b):
+    from fedlora.robust import spread_share
+
+    assume(floor < min_cosine)
+    lo, hi = sorted((a, b))
+    share = spread_share
+    assert 0.0 <= share(lo, floor, min_cosine) <= share(hi, floor, min_cosine) <= 1.0  # monotone, in [0, 1]
+    assert share(floor, floor, min_cosine) == 0.0 and share(min_cosine, floor, min_cosine) == 1.0
+    assert share(lo, floor, min_cosine) == (
+        0.0 if lo < floor else 1.0 if lo >= min_cosine else pytest.approx((lo - floor) / (min_cosine - floor))
+    )
+    # Lipschitz: no step for a reply to sit on either side of
+    assert abs(share(hi, floor, min_cosine) - share(lo, floor, min_cosine)) <= (hi - lo) / (min_cosine - floor) + 1e-12
 
 
 def test_honest_updates_without_a_shared_direction_are_not_cut():

@@ -23,6 +23,7 @@ from fedlora.robust import (
     direction_weights,
     drop_opposed,
     gram_matrix,
+    spread_share,
     trimmed_mean,
     update_change,
     update_norm,
@@ -303,7 +304,7 @@ class MedianBounds:
             if cos >= self.min_cosine:
                 continue
             if cos >= opposed.last_floor:
-                share = (cos - opposed.last_floor) / (self.min_cosine - opposed.last_floor)
+                share = spread_share(cos, opposed.last_floor, self.min_cosine)
                 why = (
                     f"is kept only by robust.cosine_spread (the round's floor {opposed.last_floor:.3g}), at "
                     f"{share:.2g} of the median's say, its place between the floor and robust.min_cosine"
