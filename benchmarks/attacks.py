@@ -270,6 +270,8 @@ def one_run(cell: str, seed: int, out: Path, extra: list[str]) -> dict:
         "honest_left_out": sorted(left_out - attackers),
         "attackers_named": sorted(ids & attackers),
         "unnamed_lines": [x for x in named if not re.search(r"client-\d{5}", x)],
+        # The direction bound's share and cut act only on a cosine below robust.min_cosine: the lowest seen says if it could.
+        "lowest_cosine": min((c for r in rows for c in (r.get("direction-cosines") or {}).values()), default=None),
         "dp_clip_counts": [  # under client-level DP: how many the clip cut, how many far beyond it, epsilon
             {"round": r["round"], **{k: v for k, v in r.items() if "clip" in k or "epsilon" in k}}
             for r in rows
