@@ -587,7 +587,7 @@ def test_a_flip_the_spread_keeps_buys_nothing_with_a_size_claim():
     assert not honest.rejected and not honest.clipped and honest.accepted == 10
 
 
-def test_colluders_that_widen_the_spread_are_kept_at_the_median_weight():
+def test_colluders_that_widen_the_spread_are_kept_at_a_share_of_the_median_weight():
     """The limit of the spread condition: three flips of 42 examples among honest clients of 10 to 42
     pull the others' reference, so their cosines (about -0.5) set a median absolute deviation wide
     enough to keep them. They are not left out, but each is held to the round's median weight times
