@@ -553,10 +553,16 @@ def test_the_spread_share_falls_continuously_from_one_at_min_cosine_to_zero_at_t
 def test_honest_updates_without_a_shared_direction_are_not_cut():
     """Ten honest clients whose changes are their own alone (no shared step: what a model that has
     not learned anything yet sends): their cosines with the others scatter around 0 and some fall
-    below robust.min_cosine, but not below the round's spread, so none is cut; with
-    robust.cosine_spread 0 some are."""
+    below robust.min_cosine, but not below the round's spread, so none is cut (left out); with
+    robust.cosine_spread 0 some are. The one furthest below min_cosine (c3) is weighed down to its
+    share of the median's weight and named; over fewer examples than that share, it is left as it is."""
     _, rl = _attacked_round(list(range(10)), {}, shared_step=0.0)
     assert not rl.rejected and rl.accepted == 10
+    assert [c.split(":")[0] for c in rl.clipped] == ["client c3"] and rl.figures["direction-cosines"]["c3"] < -0.1
+    _, small = _attacked_round(
+        list(range(10)), {}, shared_step=0.0, examples=[20 if i == 3 else 100 for i in range(10)]
+    )
+    assert small.figures["direction-cosines"]["c3"] < -0.1 and not small.clipped and not small.rejected, small.clipped
     _, alone = _attacked_round(list(range(10)), {}, shared_step=0.0, cosine_spread="0")
     assert any("below robust.min_cosine (-0.1)" in x for x in alone.rejected), alone.rejected
 
@@ -624,6 +630,14 @@ def test_the_ramp_measures_a_kept_reply_against_the_floor_of_the_last_pass():
     )
     assert floor < cos < rl.figures["direction-floor"], (line, rl.figures)
     assert share == pytest.approx((cos - floor) / (-0.1 - floor), abs=0.01) and share < 0.2, line
+    # The flip cut first is named with the floor the spread set, not robust.min_cosine.
+    (cut,) = [x for x in rl.rejected if "update direction" in x]
+    first = rl.figures["direction-floor"]
+    assert f"below {first:.3g}, the round's median cosine less robust.cosine_spread (2.5) deviations" in cut, cut
+    # A share only ever lowers a weight: a reply already under its share of the median is left as it is.
+    for c in rl.clipped:
+        if m := re.search(r"weight ([0-9.e+-]+) examples cut to ([0-9.e+-]+): its update direction", c):
+            assert float(m.group(2)) < float(m.group(1)), c
 
 
 def test_a_flip_the_quorum_keeps_is_held_to_the_median_weight():
