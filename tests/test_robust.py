@@ -650,6 +650,16 @@ def test_a_flip_the_quorum_keeps_is_held_to_the_median_weight():
     held = [c for c in rl.clipped if "is kept: 5 must remain; at the median's say" in c]
     assert len(held) == 1 and held[0].split(":")[1] == " weight 200 examples cut to 100", held
     assert {held[0].split(":")[0], rl.rejected[0].split(" (node")[0]} == {"client c3", "client c4"}
+    # With the norm bound at 1x the round's median, the held flip is clipped to the bound at its new weight.
+    _, tight = _attacked_round(
+        [0, 1, 2, 3, 4],
+        {3: "flip", 4: "flip"},
+        examples=[100, 100, 100, 200, 200] + [100] * 5,
+        cosine_spread="0",
+        relative_norm_bound="1",
+    )
+    (line,) = [c for c in tight.clipped if "is kept: 5 must remain" in c]
+    assert line.endswith("the norm bound at that weight"), line
 
 
 def test_the_direction_is_checked_from_five_replies():
