@@ -643,21 +643,15 @@ def test_the_ramp_measures_a_kept_reply_against_the_floor_of_the_last_pass():
 def test_a_flip_the_quorum_keeps_is_held_to_the_median_weight():
     """Five replies, two flipped over 200 examples, robust.cosine_spread 0: the lower flip is cut; four
     would then remain, under the quorum, so the other is kept, at the median's weight, and named so."""
-    _, rl = _attacked_round(
-        [0, 1, 2, 3, 4], {3: "flip", 4: "flip"}, examples=[100, 100, 100, 200, 200] + [100] * 5, cosine_spread="0"
-    )
+    five = ([0, 1, 2, 3, 4], {3: "flip", 4: "flip"})
+    quorum = {"examples": [100, 100, 100, 200, 200] + [100] * 5, "cosine_spread": "0"}
+    _, rl = _attacked_round(*five, **quorum)
     assert len([x for x in rl.rejected if "update direction" in x]) == 1 and rl.accepted == 4
     held = [c for c in rl.clipped if "is kept: 5 must remain; at the median's say" in c]
     assert len(held) == 1 and held[0].split(":")[1] == " weight 200 examples cut to 100", held
     assert {held[0].split(":")[0], rl.rejected[0].split(" (node")[0]} == {"client c3", "client c4"}
     # With the norm bound at 1x the round's median, the held flip is clipped to the bound at its new weight.
-    _, tight = _attacked_round(
-        [0, 1, 2, 3, 4],
-        {3: "flip", 4: "flip"},
-        examples=[100, 100, 100, 200, 200] + [100] * 5,
-        cosine_spread="0",
-        relative_norm_bound="1",
-    )
+    _, tight = _attacked_round(*five, **quorum, relative_norm_bound="1")
     (line,) = [c for c in tight.clipped if "is kept: 5 must remain" in c]
     assert line.endswith("the norm bound at that weight"), line
 
