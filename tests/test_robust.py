@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -160,6 +161,7 @@ def _attacked_round(
     examples: list[int] | None = None,
     seen: dict | None = None,
     shared_step: float | list[float] = 0.5,
+    settings: dict[str, str] | None = None,
     **robust: str,
 ):
     """One FedIT round of 10 clients through the real strategy path, replies in ``order``. Honest
@@ -169,7 +171,7 @@ def _attacked_round(
     AdamW client's norm grows as the square root of its steps); an attacker sends its factors x1000
     ('scale'), its change sign-flipped at 3.5x ('flip'), what it was given ('silent'), or the change of
     a ninth of the examples it reports ('claim'). ``held_back``: how many replies
-    robust.held_back_mb holds. ``seen``, when given, receives the round's start, each reply's change
+    robust.held_back_mb holds. ``settings``: overrides outside ``[robust]``. ``seen``, when given, receives the round's start, each reply's change
     (:func:`fedlora.robust.update_change`, by client id) and the shared step's change ("reference").
     Returns (strategy, round log)."""
     from test_folds import _train_round
@@ -179,7 +181,7 @@ def _attacked_round(
 
     from fedlora import codec
 
-    extra = {f"robust.{k}": v for k, v in robust.items()}
+    extra = {**(settings or {}), **{f"robust.{k}": v for k, v in robust.items()}}
     _, s, profiles, template = _setup("fedit", "fixed", [4] * 10, **extra)
     if held_back is not None:
         size = sum(t.numel() * 4 for _, t in template.select(s.sharing_policy.shared).tensors())
@@ -271,24 +273,26 @@ def test_the_rounds_median_is_the_middle_value_or_the_mean_of_the_middle_two(xs)
     assert _median(list(reversed(xs))) == _median(xs)
 
 
-def test_a_clipped_reply_is_held_to_the_bound_times_its_size_and_named_with_its_figures():
-    """A client sign-flipped at 3.5x its change, over 400 examples among clients of 100: its line
+@pytest.mark.parametrize("n", [400, 1])
+def test_a_clipped_reply_is_held_to_the_bound_times_its_size_and_named_with_its_figures(n):
+    """A client sign-flipped at 3.5x its change, over n examples among clients of 100: its line
     gives its norm, its examples, its ratio to the round's median normalised norm and the limit
-    it was clipped to, and they agree: norm = ratio x median x sqrt(400); limit = 1.5 x median x
-    sqrt(400). With robust.norm_action = "reject" the same client is left out, named with the
-    relative bound."""
+    it was clipped to, and they agree: norm = ratio x median x sqrt(n); limit = 1.5 x median x
+    sqrt(n) (one example counts as one). With robust.norm_action = "reject" the same client is
+    left out, named with the relative bound."""
     sizes = [100] * 10
-    sizes[4] = 400
+    sizes[4] = n
     _, rl = _attacked_round(list(range(10)), {4: "flip"}, examples=sizes)
     (line,) = rl.clipped
     m = re.search(
-        r"update norm ([0-9.e+-]+) over 400 examples is ([0-9.e+-]+)x the round's median "
+        rf"update norm ([0-9.e+-]+) over {n} examples is ([0-9.e+-]+)x the round's median "
         r"update norm / examples\^0.5 ([0-9.e+-]+), above robust.relative_norm_bound \(1.5x\); clipped to ([0-9.e+-]+)",
         line,
     )
     assert m, line
     norm, ratio, ref, limit = (float(g) for g in m.groups())
-    assert norm == pytest.approx(ratio * ref * 20, rel=2e-3) and limit == pytest.approx(1.5 * ref * 20, rel=2e-3)
+    root = n**0.5
+    assert norm == pytest.approx(ratio * ref * root, rel=2e-3) and limit == pytest.approx(1.5 * ref * root, rel=2e-3)
     _, rejected = _attacked_round(list(range(10)), {4: "flip"}, examples=sizes, norm_action='"reject"')
     assert not rejected.clipped and rejected.accepted == 9
     assert [c.split(" (node")[0] for c in rejected.rejected] == ["client c4"]
@@ -297,22 +301,28 @@ def test_a_clipped_reply_is_held_to_the_bound_times_its_size_and_named_with_its_
 
 
 @pytest.mark.parametrize("action", ["clip", "reject"])
-def test_the_absolute_bound_cuts_only_the_replies_above_it(action):
-    """robust.update_norm_bound at 10x the largest honest update norm (the relative bounds off): the
-    x1000 client is clipped onto it (named with both figures) or, with norm_action = "reject", left
-    out and named; the honest nine are folded untouched."""
+@pytest.mark.parametrize("examples", [100, 1])
+def test_the_absolute_bound_cuts_only_the_replies_above_it(action, examples):
+    """robust.update_norm_bound at 3x the largest honest update norm (the relative bounds off), with
+    honest norms whose bound lies above 1 (100 examples each) and below it (1 each): the x1000
+    client is clipped onto it (named with both figures) or, with norm_action = "reject", left out
+    and named; the honest nine are folded untouched."""
     seen: dict = {}
-    _attacked_round(list(range(10)), {4: "scale"}, seen=seen, relative_norm_bound="0")
+    sizes = [examples] * 10
+    _attacked_round(list(range(10)), {4: "scale"}, examples=sizes, seen=seen, relative_norm_bound="0")
     honest = max(float(c.norm()) for cid, c in seen["changes"].items() if cid != "c4")
-    bound = 10 * honest
+    bound = 3 * honest
+    assert (bound > 1) == (examples == 100)
     s, rl = _attacked_round(
         list(range(10)),
         {4: "scale"},
+        examples=sizes,
         relative_norm_bound="0",
         update_norm_bound=f"{bound!r}",
         norm_action=f'"{action}"',
     )
     assert float(seen["changes"]["c4"].norm()) > 10 * bound  # the attacker is far above it
+    assert not any("c4" not in x for x in rl.clipped + rl.rejected)
     if action == "clip":
         assert [c.split(":")[0] for c in rl.clipped] == ["client c4"] and not rl.rejected and rl.accepted == 10
         assert rl.clipped[0].endswith(f"clipped to {bound:g}"), rl.clipped
@@ -338,6 +348,13 @@ def test_plain_norms_compare_without_the_weight_from_norm():
     declared weight, since no example count follows from a plain norm, and nobody is named."""
     s, rl = _attacked_round(list(range(10)), {2: "silent"}, norm_size_power="0")
     assert not rl.clipped and not rl.rejected and not rl.flagged and rl.accepted == 10
+    _, flip = _attacked_round(list(range(10)), {4: "flip"}, norm_size_power="0", min_cosine="-1")
+    (line,) = flip.clipped  # a plain norm: no examples in the figure
+    assert re.fullmatch(
+        r"client c4: update norm [0-9.e+-]+ is [0-9.e+-]+x the round's median update norm [0-9.e+-]+, above "
+        r"robust.relative_norm_bound \(1.5x\); clipped to [0-9.e+-]+",
+        line,
+    ), line
 
 
 def test_the_reject_bound_leaves_out_exactly_the_replies_above_it():
@@ -424,6 +441,16 @@ def test_silent_replies_folded_before_the_round_ends_are_counted_when_their_weig
     _, whole = _attacked_round(list(range(10)), {0: "silent", 1: "silent"})
     assert sorted(c.split(":")[0] for c in whole.clipped) == ["client c0", "client c1"] and not whole.flagged
     assert all("cut to 0:" in c and "(robust.weight_from_norm)" in c for c in whole.clipped), whole.clipped
+    assert all(
+        c.endswith(
+            "below 1/robust.relative_norm_bound (0.667x), so its update supports no more (robust.weight_from_norm)"
+        )
+        for c in whole.clipped
+    ), whole.clipped
+    _, unweighed = _attacked_round(
+        list(range(10)), {0: "silent", 1: "silent"}, held_back=2, min_cosine="-1", weight_from_norm="false"
+    )
+    assert not unweighed.flagged and not unweighed.clipped, unweighed.flagged
 
 
 @settings(max_examples=40, deadline=None)
@@ -486,6 +513,15 @@ def test_more_replies_above_the_bound_than_it_holds_back_are_named_as_folded_unb
         )
     _, fits = _attacked_round(list(range(10)), {0: "scale", 1: "scale"}, held_back=2, min_cosine="-1")
     assert len(fits.rejected) == 2 and not fits.flagged
+    # A budget under one reply still holds one: of two flips at 3.5x (above the bound, under the
+    # reject bound), one is clipped and one was folded before the bound was known.
+    _, one = _attacked_round([0, 1, *range(2, 10)], {0: "flip", 1: "flip"}, held_back=0, min_cosine="-1")
+    assert len(one.clipped) == 1 and not one.rejected and one.accepted == 10, one.clipped
+    assert one.flagged == [
+        "1 reply above robust.relative_norm_bound (1.5x the round's median update norm / examples^0.5 "
+        + re.search(r"median update norm / examples\^0.5 ([0-9.e+-]+)", one.clipped[0]).group(1)
+        + ") folded unbounded: more replies exceeded it than robust.held_back_mb (1 reply) holds back"
+    ], one.flagged
 
 
 @pytest.mark.parametrize("attackers", [{4}, {1, 5, 9}, {0, 1, 2, 3}])
@@ -682,7 +718,7 @@ def test_a_round_of_mixed_ranks_says_the_direction_was_not_checked():
     from test_folds import _replies, _train_round
     from test_strategy_maths import _setup
 
-    _, het, profiles, template = _setup("hetlora", "fixed", [2, 4, 3, 4, 2])
+    _, het, profiles, template = _setup("hetlora", "fixed", [2, 4, 4, 4, 2])  # two ranks are enough
     rl = _train_round(het, profiles, _replies(het, profiles, template, 1, [10, 20, 30, 40, 50]), 1)
     assert rl.accepted == 5 and not rl.rejected
     assert rl.flagged == ["direction not checked (robust.min_cosine): the round's replies are of different ranks"]
@@ -852,3 +888,144 @@ def test_a_median_round_over_its_held_budget_is_refused_when_the_strategy_is_bui
         match=r"median holds every reply of a round, 3 clients x .* MiB.*above robust.held_updates_budget_mb",
     ):
         _setup("fedit", "fixed", [4] * 10, **{"robust.aggregation": "median", "robust.held_updates_budget_mb": "1e-6"})
+
+
+def test_a_round_whose_median_reply_did_not_move_says_its_norm_bounds_were_not_applied():
+    """Six of ten clients send back what they were given: the round's median normalised norm is 0,
+    so the norm bound and the weight from the norm have no reference. The round folds the ten, cuts
+    no one for size, and its flagged line says why with the count; with every reply silent too."""
+    for silent in (6, 10):
+        _, rl = _attacked_round(list(range(10)), dict.fromkeys(range(silent), "silent"))
+        assert rl.accepted == 10 and not rl.rejected and not rl.clipped, (rl.rejected, rl.clipped)
+        assert rl.flagged == [
+            "robust.relative_norm_bound not applied: the round's median update norm / examples^0.5 is 0 "
+            f"({silent} of 10 replies sent back what they were given)"
+        ], rl.flagged
+
+
+def test_client_level_dp_turns_the_round_bounds_off():
+    """Under client-level DP the release's clip C bounds every client; a threshold taken from the
+    other clients' updates would break its analysis, so neither the norm bound nor the direction
+    bound acts: a flip at 3.5x is folded (clipped to C by the release), and no round figure or line
+    comes from the bounds."""
+    dp = {
+        "privacy.client_dp": "true",
+        "privacy.client_noise_multiplier": "0.5",
+        "privacy.client_clip": "0.05",
+        "privacy.noise_seed": "3",
+    }
+    _, rl = _attacked_round(list(range(10)), {4: "flip"}, settings=dp)
+    assert rl.released_by == "client-dp" and rl.accepted == 10 and not rl.rejected, rl.rejected
+    assert not rl.clipped and not any("robust" in x for x in rl.flagged), (rl.clipped, rl.flagged)
+    assert "direction-cosines" not in rl.figures and "direction-floor" not in rl.figures
+
+
+def _round_of_five(weights: list[int], **extra: str):
+    """One FedIT round of five clients declaring and reporting ``weights`` examples, the round
+    bounds off (so the fold's weights are the declared ones after the weight cap): (the strategy's
+    new global adapter, each update as its fold takes it, the round log, the strategy)."""
+    import dataclasses
+
+    from test_folds import _replies, _train_round
+    from test_strategy_maths import _setup
+
+    sets = {
+        "federation.num_clients": "5",
+        "federation.min_train_clients": "5",
+        "robust.relative_norm_bound": "0",
+        "robust.min_cosine": "-1",
+        **extra,
+    }
+    _, s, profiles, template = _setup("fedit", "fixed", [4] * 5, **sets)
+    profiles = [dataclasses.replace(p, num_train=w) for p, w in zip(profiles, weights)]
+    s.profiles = {p.node_id: p for p in profiles}
+    replies = _replies(s, profiles, template, 1, weights)
+    inputs = [s.fold_input(s.validate_reply(p, r.content, 1)) for p, r in zip(profiles, replies)]
+    rl = _train_round(s, profiles, replies, 1)
+    return s.global_eff, inputs, rl, s
+
+
+def _close_all(a: LoraFactors, b: LoraFactors) -> None:
+    for (k, x), (_, y) in zip(a.tensors(), b.tensors(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def _weighted(inputs: list[LoraFactors], weights: list[float]) -> LoraFactors:
+    from fedlora.aggregation.folds import WeightedMean, batch
+
+    return batch(WeightedMean(), inputs, [float(w) for w in weights]).finish()
+
+
+def test_the_robust_statistics_replace_the_mean_and_the_share_cap_wraps_only_the_mean():
+    """robust.aggregation puts its statistic in the strategy's round in place of the weighted mean
+    (weights ignored); robust.max_client_share caps the weighted mean's shares by water-filling, and
+    leaves a coordinate statistic, which has no weights to cap, as it is."""
+    weights = [10, 20, 30, 40, 200]
+    plain, inputs, _, _ = _round_of_five(weights, **{"robust.max_weight_factor": "0"})
+    _close_all(plain, _weighted(inputs, weights))
+    median, _, _, _ = _round_of_five(weights, **{"robust.aggregation": '"median"', "robust.max_weight_factor": "0"})
+    _close_all(median, coordinate_median(inputs))
+    trimmed, _, _, _ = _round_of_five(
+        weights, **{"robust.aggregation": '"trimmed-mean"', "robust.trim_fraction": "0.2"}
+    )
+    _close_all(trimmed, trimmed_mean(inputs, 0.2))
+    capped, _, _, _ = _round_of_five(weights, **{"robust.max_client_share": "0.3", "robust.max_weight_factor": "0"})
+    _close_all(capped, _weighted(inputs, cap_shares([float(w) for w in weights], 0.3)))
+    median_capped, _, _, _ = _round_of_five(
+        weights, **{"robust.aggregation": '"median"', "robust.max_client_share": "0.3"}
+    )
+    _close_all(median_capped, coordinate_median(inputs))
+    for other in (median, trimmed, capped):  # each differs from the plain mean, so each check tells them apart
+        assert not all(
+            torch.allclose(x, y, rtol=1e-3, atol=0) for (_, x), (_, y) in zip(other.tensors(), plain.tensors())
+        )
+
+
+def test_the_weight_cap_is_applied_in_the_strategys_round_named_and_follows_the_federation():
+    """One client of five declares 10x the median size: its weight in the fold is
+    robust.max_weight_factor (4) x the median declared size, named with both figures; at 0 the
+    cap is off. When the federation changes (more large clients join), the median the cap is taken
+    from follows it."""
+    weights = [10_000, 1000, 1000, 1000, 1000]
+    got, inputs, rl, s = _round_of_five(weights)
+    _close_all(got, _weighted(inputs, [4000, 1000, 1000, 1000, 1000]))
+    assert rl.clipped == [
+        "client c0: weight 10000 examples capped at 4000 (robust.max_weight_factor 4 x the median declared size 1000)"
+    ]
+    off, _, off_rl, _ = _round_of_five(weights, **{"robust.max_weight_factor": "0"})
+    _close_all(off, _weighted(inputs, weights))
+    assert not off_rl.clipped
+    robust = next(e for e in s.extensions if e.name == "robust")
+    c0 = s.profiles[100]
+    assert robust.bound_reply(s, c0, inputs[0], 10_000.0, 2, None)[1] == 4000.0
+    for i in range(5, 8):  # three more clients of 10,000: the median declared size is now 10,000
+        s.profiles[100 + i] = dataclasses.replace(c0, node_id=100 + i, client_id=f"c{i}", partition_id=i)
+    assert robust.bound_reply(s, c0, inputs[0], 10_000.0, 2, None)[1] == 10_000.0
+
+
+def test_a_coordinate_statistic_is_refused_exactly_above_its_budget_and_says_what_it_holds(caplog):
+    """robust.aggregation = "median" holds the sampled cohort's shared factors as float32: with 10
+    clients sampled at fraction_train 0.5 that is 5 replies. A budget of exactly that size runs
+    (and the log says so); a hair under it is refused with the cohort and the total."""
+    from test_strategy_maths import _setup
+
+    from fedlora.schema import ConfigError
+
+    sets = {
+        "federation.num_clients": "10",
+        "federation.fraction_train": "0.5",
+        "federation.min_train_clients": "2",
+        "robust.aggregation": '"median"',
+    }
+    _, s, _, template = _setup("fedit", "fixed", [4] * 3, **sets)
+    need = 5 * template.select(s.sharing_policy.shared).numel() * 4 / 2**20
+    with caplog.at_level("INFO", logger="fedlora.server"):
+        _setup("fedit", "fixed", [4] * 3, **sets, **{"robust.held_updates_budget_mb": repr(need)})
+    assert any(
+        r.getMessage().startswith("robust.aggregation = median holds every reply of a round: 5 clients x ")
+        and r.getMessage().endswith(f" MiB = {need:.0f} MiB")
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+    with pytest.raises(ConfigError, match=r"median holds every reply of a round, 5 clients x .* MiB, above") as exc:
+        _setup("fedit", "fixed", [4] * 3, **sets, **{"robust.held_updates_budget_mb": repr(need * (1 - 1e-9))})
+    assert "sample fewer clients, raise the budget, or use 'mean' with robust.update_norm_bound" in str(exc.value)

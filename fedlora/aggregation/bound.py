@@ -44,6 +44,11 @@ log = logging.getLogger("fedlora.server")
 DIRECTION_QUORUM = 5
 
 
+def _n_replies(n: int | None) -> str:
+    """'1 reply', 'n replies': a count as the round log writes it."""
+    return f"{n} {'reply' if n == 1 else 'replies'}"
+
+
 def bound_update(run: GlobalAdapter, prof: NodeProfile, factors: LoraFactors, server_round: int, rl) -> LoraFactors:
     """``robust.update_norm_bound`` (off by default): the update clipped onto it, or refused above it."""
     bound = run.cfg.robust.update_norm_bound
@@ -191,19 +196,25 @@ class MedianBounds:
         held, self._held = [(n, u) for n, _, u in sorted(self._held, key=lambda e: e[1])], []
         if self.factor > 0:
             self.reference = ref = median_of(self.norms)
+            if ref <= 0:  # most replies did not move: no ratio to the median exists, so neither bound can apply
+                still = sum(1 for n in self.norms if n <= 0)
+                self.rl.flagged.append(
+                    f"robust.relative_norm_bound not applied: the round's median {self._what()} is 0 ({still} of "
+                    f"{_n_replies(len(self.norms))} sent back what they were given)"
+                )
             early = sum(1 for n in self.folded_norms if n > self.factor * ref)
             if early:
                 self.rl.flagged.append(
-                    f"{early} repl{'y' if early == 1 else 'ies'} above robust.relative_norm_bound "
-                    f"({self.factor:g}x the round's median {self._what()} {ref:.4g}) folded unbounded: more "
-                    f"replies exceeded it than robust.held_back_mb ({self.capacity} replies) holds back"
+                    f"{_n_replies(early)} above robust.relative_norm_bound ({self.factor:g}x the round's median "
+                    f"{self._what()} {ref:.4g}) folded unbounded: more replies exceeded it than robust.held_back_mb "
+                    f"({_n_replies(self.capacity)}) holds back"
                 )
             light = sum(1 for n in self.folded_norms if n * self.factor < ref) if self.weigh else 0
             if light:
                 self.rl.flagged.append(
-                    f"{light} repl{'y' if light == 1 else 'ies'} below 1/{self.factor:g} of the round's median "
-                    f"{self._what()} folded at their declared weight (robust.weight_from_norm): the round's replies "
-                    f"exceed robust.held_back_mb ({self.capacity} replies)"
+                    f"{_n_replies(light)} below 1/{self.factor:g} of the round's median {self._what()} folded at "
+                    f"their declared weight (robust.weight_from_norm): the round's replies exceed "
+                    f"robust.held_back_mb ({_n_replies(self.capacity)})"
                 )
             held = [(n, x) for n, u in held if (x := self._bounded(u, n)) is not None]
         kept = [u for _, u in held]
@@ -265,8 +276,8 @@ class MedianBounds:
     def _same_direction(self, held: list[Update]) -> list[Update]:
         if self.folded_norms:
             self.rl.flagged.append(
-                f"direction not checked (robust.min_cosine): the round's {len(self.norms)} replies "
-                f"exceed robust.held_back_mb ({self.capacity} replies)"
+                f"direction not checked (robust.min_cosine): the round's {_n_replies(len(self.norms))} "
+                f"exceed robust.held_back_mb ({_n_replies(self.capacity)})"
             )
             return held
         if len(held) < DIRECTION_QUORUM:
