@@ -1029,3 +1029,8 @@ def test_a_coordinate_statistic_is_refused_exactly_above_its_budget_and_says_wha
     with pytest.raises(ConfigError, match=r"median holds every reply of a round, 5 clients x .* MiB, above") as exc:
         _setup("fedit", "fixed", [4] * 3, **sets, **{"robust.held_updates_budget_mb": repr(need * (1 - 1e-9))})
     assert "sample fewer clients, raise the budget, or use 'mean' with robust.update_norm_bound" in str(exc.value)
+    mean = {k: v for k, v in sets.items() if k != "robust.aggregation"}  # the mean folds as replies arrive
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fedlora.server"):
+        _setup("fedit", "fixed", [4] * 3, **mean, **{"robust.held_updates_budget_mb": "1e-9"})
+    assert not any("holds every reply" in r.getMessage() for r in caplog.records)
