@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -160,24 +160,33 @@ class Opposed(NamedTuple):
 
 
 def drop_opposed(
-    gram: torch.Tensor, weights: Sequence[float], min_cosine: float, spread: float = 0.0, least: int = 3
+    gram: torch.Tensor,
+    weights: Sequence[float],
+    min_cosine: float,
+    spread: float = 0.0,
+    least: int = 3,
+    held_to: Mapping[int, float] | None = None,
 ) -> Opposed:
-    """The direction bound: while at least ``least`` (>= 3) changes remain, the one whose cosine with the weighted
-    sum of the others (:func:`cosines_to_others`) is lowest is dropped if that cosine is below the
-    floor (:func:`cosine_floor` of the remaining changes' cosines), and the cosines are taken again
-    without it, so a dropped change no longer turns the others' reference. Ties go to the lower
-    index: list the changes in a fixed order (the caller sorts them by node) and the result does not
-    depend on the order they arrived in."""
+    """The direction bound: while at least ``least`` (>= 3) changes remain, of those whose cosine with
+    the weighted sum of the others (:func:`cosines_to_others`) is below their floor, the lowest is
+    dropped, and the cosines are taken again without it, so a dropped change no longer turns the
+    others' reference. A change's floor is the round's (:func:`cosine_floor` of the remaining
+    changes' cosines), or for a change in ``held_to`` (index -> cosine) the higher of that and the
+    round's. Ties go to the lower index: list the changes in a fixed order (the caller sorts them by
+    node) and the result does not depend on the order they arrived in."""
+    held_to = held_to or {}
     members = list(range(gram.shape[0]))
     first = cosines_to_others(gram, weights, members)
     first_floor = cosine_floor(list(first.values()), min_cosine, spread)
     cos, floor = first, first_floor
     dropped: list[tuple[int, float, float]] = []
     while len(members) >= max(least, 3):
-        worst = min(members, key=lambda i: (cos[i], i))
-        if cos[worst] >= floor:
+        own = {i: max(floor, held_to[i]) if i in held_to else floor for i in members}
+        below = [i for i in members if cos[i] < own[i]]
+        if not below:
             break
-        dropped.append((worst, cos[worst], floor))
+        worst = min(below, key=lambda i: (cos[i], i))
+        dropped.append((worst, cos[worst], own[worst]))
         members.remove(worst)
         cos = cosines_to_others(gram, weights, members)
         floor = cosine_floor([cos[i] for i in members], min_cosine, spread)

@@ -162,6 +162,8 @@ def _attacked_round(
     seen: dict | None = None,
     shared_step: float | list[float] = 0.5,
     settings: dict[str, str] | None = None,
+    server_round: int = 1,
+    state: dict | None = None,
     **robust: str,
 ):
     """One FedIT round of 10 clients through the real strategy path, replies in ``order``. Honest
@@ -171,7 +173,8 @@ def _attacked_round(
     AdamW client's norm grows as the square root of its steps); an attacker sends its factors x1000
     ('scale'), its change sign-flipped at 3.5x ('flip'), what it was given ('silent'), or the change of
     a ninth of the examples it reports ('claim'). ``held_back``: how many replies
-    robust.held_back_mb holds. ``settings``: overrides outside ``[robust]``. ``seen``, when given, receives the round's start, each reply's change
+    robust.held_back_mb holds. ``settings``: overrides outside ``[robust]``; ``server_round``: the round's number;
+    ``state``: the strategy's checkpointed state loaded first (its extensions' part). ``seen``, when given, receives the round's start, each reply's change
     (:func:`fedlora.robust.update_change`, by client id) and the shared step's change ("reference").
     Returns (strategy, round log)."""
     from test_folds import _train_round
@@ -188,9 +191,12 @@ def _attacked_round(
         _, s, profiles, template = _setup(
             "fedit", "fixed", [4] * 10, **extra, **{"robust.held_back_mb": str((held_back + 0.5) * size / 2**20)}
         )
+    if state is not None:
+        for e in s.extensions:
+            e.load_server_state(state.get(e.name, {}))
     replies = []
     for i, prof in enumerate(profiles):
-        adapter, _ = s.client_payload(prof, 1)
+        adapter, _ = s.client_payload(prof, server_round)
         received = codec.decode(codec.encode(adapter, modules=s.module_names), alpha=prof.alpha, modules=s.module_names)
         start = LoraFactors(
             modules={
@@ -227,7 +233,7 @@ def _attacked_round(
 
         trust = next(e for e in s.extensions if e.name == "trust")
         trust.use_reference(seen["reference"], s.rounds.setdefault(1, RoundLog(server_round=1)))
-    return s, _train_round(s, profiles, [replies[i] for i in order], 1)
+    return s, _train_round(s, profiles, [replies[i] for i in order], server_round)
 
 
 @pytest.mark.parametrize(
@@ -760,19 +766,22 @@ def test_cosines_to_others_are_each_changes_cosine_with_the_weighted_sum_of_the_
         gram_matrix([torch.zeros(2), torch.zeros(3)])
 
 
-def _drop_opposed_by_hand(xs: np.ndarray, w: np.ndarray, threshold: float, spread: float) -> list[int]:
+def _drop_opposed_by_hand(
+    xs: np.ndarray, w: np.ndarray, threshold: float, spread: float, held_to: dict[int, float]
+) -> list[int]:
     members, dropped = list(range(len(xs))), []
     while len(members) >= 3:
         cos = {}
         for i in members:
             others = sum(w[j] * xs[j] for j in members if j != i)
             cos[i] = float(xs[i] @ others / (np.linalg.norm(xs[i]) * np.linalg.norm(others)))
-        worst = min(members, key=lambda i: cos[i])
         values = np.array([cos[i] for i in members])
         mad = float(np.median(np.abs(values - np.median(values))))
         floor = min(threshold, float(np.median(values)) - spread * 1.4826 * mad) if spread else threshold
-        if cos[worst] >= floor:
+        below = [i for i in members if cos[i] < max(floor, held_to.get(i, floor))]
+        if not below:
             break
+        worst = min(below, key=lambda i: cos[i])
         dropped.append(worst)
         members.remove(worst)
     return dropped
@@ -785,13 +794,16 @@ def _drop_opposed_by_hand(xs: np.ndarray, w: np.ndarray, threshold: float, sprea
     flipped=st.integers(0, 4),
     threshold=st.sampled_from([-0.05, 0.0, -0.2]),
     spread=st.sampled_from([0.0, 1.0, 2.0]),
+    held=st.sets(st.integers(0, 11), max_size=3),
+    held_cosine=st.sampled_from([0.0, 0.1]),
 )
 def test_drop_opposed_cuts_the_lowest_first_and_retakes_the_cosines_in_any_listing_order(
-    seed, honest, flipped, threshold, spread
+    seed, honest, flipped, threshold, spread, held, held_cosine
 ):
     """Honest changes that share a direction plus their own; flipped ones are honest changes negated
-    and scaled. What is dropped is what recomputing every cosine by hand after each cut drops, and
-    the same changes listed in another order drop the same changes."""
+    and scaled; some (``held``) are held to a higher floor of their own. What is dropped is what
+    recomputing every cosine by hand after each cut drops, and the same changes listed in another
+    order drop the same changes."""
     from fedlora.robust import cosine_floor, cosines_to_others, drop_opposed, gram_matrix
 
     rng = np.random.default_rng(seed)
@@ -801,17 +813,26 @@ def test_drop_opposed_cuts_the_lowest_first_and_retakes_the_cosines_in_any_listi
     xs = np.array(xs, dtype=np.float32).astype(np.float64)
     w = 1.0 / np.linalg.norm(xs, axis=1)
     gram = gram_matrix([torch.tensor(x) for x in xs])
-    opposed = drop_opposed(gram, list(w), threshold, spread)
+    held_to = {i: held_cosine for i in held if i < len(xs)}
+    opposed = drop_opposed(gram, list(w), threshold, spread, held_to=held_to)
     kept, dropped, first, first_floor, last = opposed.kept, *opposed[:4]
     assert first == cosines_to_others(gram, list(w), range(len(xs)))  # the first pass, before any cut
     assert first_floor == cosine_floor(list(first.values()), threshold, spread)
     assert last == cosines_to_others(gram, list(w), kept)  # the kept ones' cosines after the last cut
     assert opposed.last_floor == cosine_floor(list(last.values()), threshold, spread)  # and the floor they set
-    assert [i for i, _, _ in dropped] == _drop_opposed_by_hand(xs, w, threshold, spread)
+    assert [i for i, _, _ in dropped] == _drop_opposed_by_hand(xs, w, threshold, spread, held_to)
     assert kept == sorted(set(range(len(xs))) - {i for i, _, _ in dropped})
-    assert all(c < floor <= threshold for _, c, floor in dropped)
+    assert all(c < floor <= max(threshold, held_to.get(i, threshold)) for i, c, floor in dropped)
+    assert all(floor == held_cosine for i, _, floor in dropped if i in held_to and held_cosine > threshold)
     perm = rng.permutation(len(xs))
-    again = drop_opposed(gram_matrix([torch.tensor(xs[p]) for p in perm]), list(w[perm]), threshold, spread).dropped
+    back = {int(p): k for k, p in enumerate(perm)}  # original index -> its place in the new listing
+    again = drop_opposed(
+        gram_matrix([torch.tensor(xs[p]) for p in perm]),
+        list(w[perm]),
+        threshold,
+        spread,
+        held_to={back[i]: c for i, c in held_to.items()},
+    ).dropped
     assert sorted(int(perm[i]) for i, _, _ in again) == sorted(i for i, _, _ in dropped)
     for (i, c, f), (j, d, g) in zip(sorted(dropped), sorted((int(perm[j]), d, g) for j, d, g in again)):
         assert i == j and c == pytest.approx(d, abs=1e-9) and f == pytest.approx(g, abs=1e-9)
@@ -1034,3 +1055,37 @@ def test_a_coordinate_statistic_is_refused_exactly_above_its_budget_and_says_wha
     with caplog.at_level("INFO", logger="fedlora.server"):
         _setup("fedit", "fixed", [4] * 3, **mean, **{"robust.held_updates_budget_mb": "1e-9"})
     assert not any("holds every reply" in r.getMessage() for r in caplog.records)
+
+
+def test_a_client_left_out_for_its_direction_must_not_lean_away_in_the_rounds_after():
+    """robust.direction_probation (2): c4's flip (its honest update leans 0.15 towards the others') is
+    left out in round 1 and the strategy's checkpointed state says so. In round 2 c4 flips an
+    update that leans only 0.02 towards the others: its cosine is just under 0, inside min_cosine,
+    yet it is left out, named with the round it was caught in; without that history, in round 4
+    (past the window) or with the probation off, the same flip is kept (clipped to the norm bound
+    only), and c4's honest update, just over 0, is kept on probation."""
+    steps = [0.5] * 10
+    steps[4] = 0.15
+    s, first = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps)
+    assert [x.split(" (node")[0] for x in first.rejected] == ["client c4"]
+    state = s.state_dict()[1]["extensions"]
+    assert state["robust"] == {"direction-left-out": {"c4": 1}}
+    steps[4] = 0.05
+    _, caught = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=2, state=state)
+    (line,) = caught.rejected
+    assert caught.figures["direction-cosines"]["c4"] > -0.1 and caught.accepted == 9
+    assert line.startswith("client c4 (node 104): update direction has cosine -0.0") and line.endswith(
+        "below 0, its floor since its update was left out for its direction in round 1 "
+        "(robust.direction_probation); left out of the fold"
+    ), line
+    for kept in (
+        _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=2)[1],
+        _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=4, state=state)[1],
+        _attacked_round(
+            list(range(10)), {4: "flip"}, shared_step=steps, server_round=2, state=state, direction_probation="0"
+        )[1],
+        _attacked_round(list(range(10)), {}, shared_step=steps, server_round=2, state=state)[1],
+    ):
+        assert not kept.rejected and kept.accepted == 10, kept.rejected
+    s3, third = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=3, state=state)
+    assert third.rejected and s3.state_dict()[1]["extensions"]["robust"] == {"direction-left-out": {"c4": 3}}

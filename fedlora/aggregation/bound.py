@@ -42,6 +42,8 @@ log = logging.getLogger("fedlora.server")
 # The direction bound needs this many replies: fewer cannot tell a shared direction from scatter
 # (the spread of 3 or 4 cosines is no estimate of it).
 DIRECTION_QUORUM = 5
+# The floor of a client on probation (robust.direction_probation): its update must not lean away from the others'.
+PROBATION_COSINE = 0.0
 
 
 def _n_replies(n: int | None) -> str:
@@ -135,6 +137,12 @@ class MedianBounds:
       the norm bound at that weight, named: a reply just inside the floor has about the say of one
       just outside it, and a size claim buys say only for a direction that agrees with the others.
       One that only the quorum of five keeps (below the floor) keeps the median's weight.
+    * ``robust.direction_probation`` (on by default, 2 rounds): for that many rounds after a client's
+      update was left out for its direction, the client's update is kept only if its cosine is at
+      least 0 (:data:`PROBATION_COSINE`); neither min_cosine's margin nor the spread keeps it. A
+      flip whose client's honest update leans only a little towards the others' flips to a cosine
+      just under 0, inside -0.1; caught once, it is caught again. :class:`RobustBounds` keeps the
+      history (client id -> round), in the run's checkpoint.
 
     All need the whole round, so every reply's normalised norm (a scalar) is kept and the replies
     with the largest are held back while they fit ``robust.held_back_mb`` (at least one); a reply
@@ -154,7 +162,9 @@ class MedianBounds:
     displaced from the held set, if any); ``flush`` returns the held ones, bounded, when the
     round's replies end."""
 
-    def __init__(self, run: GlobalAdapter, rl: RoundLog) -> None:
+    def __init__(self, run: GlobalAdapter, rl: RoundLog, probation: dict[str, int] | None = None) -> None:
+        """``probation``: client id -> the last round its update was left out for its direction, for the
+        clients robust.direction_probation holds to :data:`PROBATION_COSINE` this round."""
         r = run.cfg.robust
         self.strategy, self.rl, self.server_round = run, rl, rl.server_round
         # Off where another stage decides norms and weights: client-level DP's release, FLTrust's form.
@@ -169,6 +179,8 @@ class MedianBounds:
         self.folded_norms: list[float] = []  # those of the replies folded before the bounds were known
         self._held: list[tuple[float, int, Update]] = []  # a min-heap on (normalised norm, arrival)
         self.reference: float | None = None
+        self.probation = probation or {}
+        self.left_out_for_direction: list[str] = []  # client ids, this round
 
     @property
     def active(self) -> bool:
@@ -292,18 +304,28 @@ class MedianBounds:
         gram = gram_matrix(changes)
         spread = self.strategy.cfg.robust.cosine_spread
         weights = [u.weight for u in ordered]
-        opposed = drop_opposed(gram, direction_weights(weights, gram), self.min_cosine, spread, DIRECTION_QUORUM)
+        held_to = {i: PROBATION_COSINE for i, u in enumerate(ordered) if u.profile.client_id in self.probation}
+        opposed = drop_opposed(
+            gram, direction_weights(weights, gram), self.min_cosine, spread, DIRECTION_QUORUM, held_to
+        )
         # Every reply's cosine before any cut, and the floor they set: the round's row.
         self.rl.figures["direction-cosines"] = {ordered[i].profile.client_id: c for i, c in opposed.cosines.items()}
         self.rl.figures["direction-floor"] = opposed.floor
         cut = {id(ordered[i]) for i, _, _ in opposed.dropped}
         for i, cos, floor in opposed.dropped:
             u = ordered[i]
-            where = (
-                f"below robust.min_cosine ({self.min_cosine:g})"
-                if floor == self.min_cosine
-                else f"below {floor:.3g}, the round's median cosine less robust.cosine_spread ({spread:g}) deviations"
-            )
+            self.left_out_for_direction.append(u.profile.client_id)
+            if i in held_to and floor == PROBATION_COSINE:
+                where = (
+                    f"below {PROBATION_COSINE:g}, its floor since its update was left out for its direction in "
+                    f"round {self.probation[u.profile.client_id]} (robust.direction_probation)"
+                )
+            elif floor == self.min_cosine:
+                where = f"below robust.min_cosine ({self.min_cosine:g})"
+            else:
+                where = (
+                    f"below {floor:.3g}, the round's median cosine less robust.cosine_spread ({spread:g}) deviations"
+                )
             self.rl.reject(
                 f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
                 f"the sum of the round's other kept update directions, {where}; left out of the fold"
@@ -359,6 +381,7 @@ class RobustBounds(Extension):
         super().__init__(cfg)
         self._stage: MedianBounds | None = None
         self._weight_cap = WeightCap()
+        self._left_out: dict[str, int] = {}  # client id -> the last round its update was left out for its direction
 
     @classmethod
     def applies(cls, cfg: FedLoraConfig) -> bool:
@@ -407,7 +430,9 @@ class RobustBounds(Extension):
         return None
 
     def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
-        self._stage = MedianBounds(run, rl)
+        window = self.cfg.robust.direction_probation
+        probation = {c: r for c, r in self._left_out.items() if 0 < rl.server_round - r <= window}
+        self._stage = MedianBounds(run, rl, probation)
         return self
 
     def offer(self, update: Update) -> list[Update]:
@@ -417,7 +442,15 @@ class RobustBounds(Extension):
         return self._stage.flush()
 
     def end(self) -> None:
-        pass
+        stage = self._stage
+        if stage is not None:
+            self._left_out.update(dict.fromkeys(stage.left_out_for_direction, stage.server_round))
+
+    def server_state(self) -> dict:
+        return {"direction-left-out": dict(self._left_out)}
+
+    def load_server_state(self, state: dict) -> None:
+        self._left_out = {str(c): int(r) for c, r in state.get("direction-left-out", {}).items()}
 
     def wrap_fold(self, fold: Fold, rl: RoundLog) -> Fold:
         cap = self.cfg.robust.max_client_share

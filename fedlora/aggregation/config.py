@@ -152,6 +152,13 @@ class RobustConfig:
         "just outside. 0 = robust.min_cosine alone.",
         default=2.5,
     )
+    direction_probation: int = _meta(
+        "With robust.min_cosine: for this many rounds after a client's update was left out for its direction, the "
+        "client's updates are kept only if their cosine with the sum of the others' is at least 0: neither "
+        "robust.min_cosine's margin nor robust.cosine_spread keeps one that leans away, so a client caught flipping "
+        "cannot flip just inside the floor in the rounds after. Kept in the run's checkpoints. 0 = off.",
+        default=2,
+    )
     held_back_mb: float = _meta(
         "MiB of replies held back until the round's medians are known (the largest update norms first; at least "
         "one reply): the norm bound is exact in any arrival order while no more replies exceed it than this "
@@ -225,6 +232,7 @@ class RobustConfig:
             "robust.cosine_spread",
             f"must be a finite number >= 0 (0: robust.min_cosine alone), got {self.cosine_spread}",
         )
+        _require(self.direction_probation >= 0, "robust.direction_probation", "must be >= 0 (0 = off)")
         _require(
             self.max_weight_factor == 0 or self.max_weight_factor >= 1,
             "robust.max_weight_factor",
