@@ -20,8 +20,8 @@ Cells, each over ``--seeds`` run seeds (the partition, the initial adapter and t
 defaults, honest (Dirichlet and IID), honest at the previous defaults (a 4x plain-norm bound, a 10x
 weight cap, no direction bound), and each attack above (1 client, partition 3; 3 colluding flips;
 4 first-arriving x1e6, and the same four never replying: what leaving them out gives). Each one-client
-attack is also paired with that client never replying (``accuracy_vs_absent``), and the flip is
-repeated at partitions 6 and 9 with their own absences. Then the
+attack is also paired with that client never replying (``accuracy_vs_absent``; the colluders with
+the three never replying), and the flip is repeated at partitions 6 and 9 with their own absences. Then the
 opt-in defences: the coordinate median (against 1 flip, the 3 colluders, and honest), client-level
 DP's clip (honest and 1 flip), a 0.2 share cap (1 flip), the direction bound off (``robust.min_cosine
 = -1``: honest, 1 flip, 1 flip+size, the 3 colluders), and trust
@@ -71,6 +71,7 @@ CELLS = {
     "flip-3-colluders": {1: "flip", 4: "flip", 7: "flip"},
     "flip-1e6-4-first": {0: "flip-1e6", 1: "flip-1e6", 2: "flip-1e6", 3: "flip-1e6"},
     "absent-4-first": {0: "absent", 1: "absent", 2: "absent", 3: "absent"},  # what leaving those four out gives
+    "absent-3-colluders": {1: "absent", 4: "absent", 7: "absent"},  # what leaving the colluders out gives
     # The one flip at two other clients, each with its own absence: what the flip costs apart from whose data it holds.
     "flip-1 at client-6": {6: "flip"},
     "absent-1 at client-6": {6: "absent"},
@@ -161,11 +162,12 @@ OVERRIDES = {
 }
 # Cells compared with another cell of their own split rather than with "honest" (paired by seed).
 BASELINES = {"honest 10x-client": "honest 10x-client no size bounds"}
-# One-attacker cells compared also with the same client never replying (paired by seed): what a
-# detector that left it out would give, the floor of any rule that only cuts the attacker.
+# Attack cells compared also with the same clients never replying (paired by seed): what a detector
+# that left them out would give, the floor of any rule that only cuts the attackers.
 ABSENT = {
     **{c: "absent-1" for c in ("flip-1", "size-1", "flip+size-1")},
     **{f"flip-1 at client-{p}": f"absent-1 at client-{p}" for p in (6, 9)},
+    "flip-3-colluders": "absent-3-colluders",
 }
 # Cells compared with "honest" and also with the honest run on their own data: the server's trust
 # examples are taken out of the clients' rows, which changes every partition.
