@@ -641,9 +641,9 @@ def test_colluders_that_widen_the_spread_are_kept_at_a_share_of_the_median_weigh
     enough to keep them. They are not left out, but each is held to the round's median weight times
     its cosine's place between the floor and min_cosine (a small share: they sit near the floor they
     set), clipped to the norm bound at that weight, and named; so is any client whose cosine they
-    turn below min_cosine."""
+    turn below min_cosine. Every one of them is on robust.direction_probation for the next rounds."""
     sizes = [42, 42, 42, 42, 10, 15, 10, 10, 10, 42]
-    _, rl = _attacked_round(list(range(10)), dict.fromkeys((0, 1, 2), "flip"), examples=sizes)
+    s, rl = _attacked_round(list(range(10)), dict.fromkeys((0, 1, 2), "flip"), examples=sizes)
     assert not rl.rejected and rl.figures["direction-floor"] < -0.5
     held = [c for c in rl.clipped if "kept only by robust.cosine_spread" in c]
     assert {c.split(":")[0] for c in held} >= {"client c0", "client c1", "client c2"}, rl.clipped
@@ -653,6 +653,8 @@ def test_colluders_that_widen_the_spread_are_kept_at_a_share_of_the_median_weigh
         ramp = (rl.figures["direction-cosines"][who] - floor) / (-0.1 - floor)
         assert float(cut) == pytest.approx(28.5 * ramp, rel=1e-3), c
         assert who not in ("c0", "c1", "c2") or c.endswith("the norm bound at that weight"), c
+    below = {c.split(":")[0].removeprefix("client ") for c in held}
+    assert s.state_dict()[1]["extensions"]["robust"] == {"direction-below-min-cosine": dict.fromkeys(below, 1)}
 
 
 def test_the_ramp_measures_a_kept_reply_against_the_floor_of_the_last_pass():
@@ -1057,7 +1059,7 @@ def test_a_coordinate_statistic_is_refused_exactly_above_its_budget_and_says_wha
     assert not any("holds every reply" in r.getMessage() for r in caplog.records)
 
 
-def test_a_client_left_out_for_its_direction_must_not_lean_away_in_the_rounds_after():
+def test_a_client_whose_direction_fell_below_min_cosine_must_not_lean_away_in_the_rounds_after():
     """robust.direction_probation (2): c4's flip (its honest update leans 0.15 towards the others') is
     left out in round 1 and the strategy's checkpointed state says so. In round 2 c4 flips an
     update that leans only 0.02 towards the others: its cosine is just under 0, inside min_cosine,
@@ -1069,13 +1071,13 @@ def test_a_client_left_out_for_its_direction_must_not_lean_away_in_the_rounds_af
     s, first = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps)
     assert [x.split(" (node")[0] for x in first.rejected] == ["client c4"]
     state = s.state_dict()[1]["extensions"]
-    assert state["robust"] == {"direction-left-out": {"c4": 1}}
+    assert state["robust"] == {"direction-below-min-cosine": {"c4": 1}}
     steps[4] = 0.05
     _, caught = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=2, state=state)
     (line,) = caught.rejected
     assert caught.figures["direction-cosines"]["c4"] > -0.1 and caught.accepted == 9
     assert line.startswith("client c4 (node 104): update direction has cosine -0.0") and line.endswith(
-        "below 0, its floor since its update was left out for its direction in round 1 "
+        "below 0, its floor since its update direction fell below robust.min_cosine in round 1 "
         "(robust.direction_probation); left out of the fold"
     ), line
     for kept in (
@@ -1088,4 +1090,4 @@ def test_a_client_left_out_for_its_direction_must_not_lean_away_in_the_rounds_af
     ):
         assert not kept.rejected and kept.accepted == 10, kept.rejected
     s3, third = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=3, state=state)
-    assert third.rejected and s3.state_dict()[1]["extensions"]["robust"] == {"direction-left-out": {"c4": 3}}
+    assert third.rejected and s3.state_dict()[1]["extensions"]["robust"] == {"direction-below-min-cosine": {"c4": 3}}

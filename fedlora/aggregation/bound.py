@@ -138,11 +138,12 @@ class MedianBounds:
       just outside it, and a size claim buys say only for a direction that agrees with the others.
       One that only the quorum of five keeps (below the floor) keeps the median's weight.
     * ``robust.direction_probation`` (on by default, 2 rounds): for that many rounds after a client's
-      update was left out for its direction, the client's update is kept only if its cosine is at
-      least 0 (:data:`PROBATION_COSINE`); neither min_cosine's margin nor the spread keeps it. A
-      flip whose client's honest update leans only a little towards the others' flips to a cosine
-      just under 0, inside -0.1; caught once, it is caught again. :class:`RobustBounds` keeps the
-      history (client id -> round), in the run's checkpoint.
+      update direction fell below ``min_cosine`` (left out, or weighed down by the spread's ramp),
+      the client's update is kept only if its cosine is at least 0 (:data:`PROBATION_COSINE`);
+      neither min_cosine's margin nor the spread keeps it. A flip whose client's honest update
+      leans only a little towards the others flips to a cosine just under 0, inside -0.1, and
+      colluders widen the spread that keeps them: caught once, each is held to agree.
+      :class:`RobustBounds` keeps the history (client id -> round), in the run's checkpoint.
 
     All need the whole round, so every reply's normalised norm (a scalar) is kept and the replies
     with the largest are held back while they fit ``robust.held_back_mb`` (at least one); a reply
@@ -163,8 +164,8 @@ class MedianBounds:
     round's replies end."""
 
     def __init__(self, run: GlobalAdapter, rl: RoundLog, probation: dict[str, int] | None = None) -> None:
-        """``probation``: client id -> the last round its update was left out for its direction, for the
-        clients robust.direction_probation holds to :data:`PROBATION_COSINE` this round."""
+        """``probation``: client id -> the last round its update direction fell below robust.min_cosine,
+        for the clients robust.direction_probation holds to :data:`PROBATION_COSINE` this round."""
         r = run.cfg.robust
         self.strategy, self.rl, self.server_round = run, rl, rl.server_round
         # Off where another stage decides norms and weights: client-level DP's release, FLTrust's form.
@@ -180,7 +181,7 @@ class MedianBounds:
         self._held: list[tuple[float, int, Update]] = []  # a min-heap on (normalised norm, arrival)
         self.reference: float | None = None
         self.probation = probation or {}
-        self.left_out_for_direction: list[str] = []  # client ids, this round
+        self.below_min_cosine: list[str] = []  # client ids whose direction fell below it this round
 
     @property
     def active(self) -> bool:
@@ -314,11 +315,11 @@ class MedianBounds:
         cut = {id(ordered[i]) for i, _, _ in opposed.dropped}
         for i, cos, floor in opposed.dropped:
             u = ordered[i]
-            self.left_out_for_direction.append(u.profile.client_id)
+            self.below_min_cosine.append(u.profile.client_id)
             if i in held_to and floor == PROBATION_COSINE:
                 where = (
-                    f"below {PROBATION_COSINE:g}, its floor since its update was left out for its direction in "
-                    f"round {self.probation[u.profile.client_id]} (robust.direction_probation)"
+                    f"below {PROBATION_COSINE:g}, its floor since its update direction fell below robust.min_cosine "
+                    f"in round {self.probation[u.profile.client_id]} (robust.direction_probation)"
                 )
             elif floor == self.min_cosine:
                 where = f"below robust.min_cosine ({self.min_cosine:g})"
@@ -336,6 +337,7 @@ class MedianBounds:
         for i, cos in opposed.last.items():
             if cos >= self.min_cosine:
                 continue
+            self.below_min_cosine.append(ordered[i].profile.client_id)
             if cos >= opposed.last_floor:
                 share = spread_share(cos, opposed.last_floor, self.min_cosine)
                 why = (
@@ -381,7 +383,7 @@ class RobustBounds(Extension):
         super().__init__(cfg)
         self._stage: MedianBounds | None = None
         self._weight_cap = WeightCap()
-        self._left_out: dict[str, int] = {}  # client id -> the last round its update was left out for its direction
+        self._below: dict[str, int] = {}  # client id -> the last round its update direction fell below min_cosine
 
     @classmethod
     def applies(cls, cfg: FedLoraConfig) -> bool:
@@ -431,7 +433,7 @@ class RobustBounds(Extension):
 
     def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
         window = self.cfg.robust.direction_probation
-        probation = {c: r for c, r in self._left_out.items() if 0 < rl.server_round - r <= window}
+        probation = {c: r for c, r in self._below.items() if 0 < rl.server_round - r <= window}
         self._stage = MedianBounds(run, rl, probation)
         return self
 
@@ -444,13 +446,13 @@ class RobustBounds(Extension):
     def end(self) -> None:
         stage = self._stage
         if stage is not None:
-            self._left_out.update(dict.fromkeys(stage.left_out_for_direction, stage.server_round))
+            self._below.update(dict.fromkeys(stage.below_min_cosine, stage.server_round))
 
     def server_state(self) -> dict:
-        return {"direction-left-out": dict(self._left_out)}
+        return {"direction-below-min-cosine": dict(self._below)}
 
     def load_server_state(self, state: dict) -> None:
-        self._left_out = {str(c): int(r) for c, r in state.get("direction-left-out", {}).items()}
+        self._below = {str(c): int(r) for c, r in state.get("direction-below-min-cosine", {}).items()}
 
     def wrap_fold(self, fold: Fold, rl: RoundLog) -> Fold:
         cap = self.cfg.robust.max_client_share
