@@ -1091,3 +1091,9 @@ def test_a_client_whose_direction_fell_below_min_cosine_must_not_lean_away_in_th
         assert not kept.rejected and kept.accepted == 10, kept.rejected
     s3, third = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=3, state=state)
     assert third.rejected and s3.state_dict()[1]["extensions"]["robust"] == {"direction-below-min-cosine": {"c4": 3}}
+    robust = next(e for e in s3.extensions if e.name == "robust")
+    robust.load_server_state({})  # a checkpoint written without the history: none
+    assert robust.server_state() == {"direction-below-min-cosine": {}}
+    # min_cosine 0 without history: the same cut is min_cosine's, not the probation's
+    _, plain = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=2, min_cosine="0")
+    assert plain.rejected and plain.rejected[0].endswith("below robust.min_cosine (0); left out of the fold")

@@ -102,10 +102,9 @@ class MedianBounds:
     what it started the round with, effective form, shared parts) divided by n^p, n its aggregation
     weight (example count, after ``robust.max_weight_factor``) and p ``robust.norm_size_power``.
     Honest clients that train with AdamW at a fixed learning rate move about as far as the square
-    root of their local steps, so on the default task their ratios to the round's median lie within
-    0.87-1.29 while their plain norms spread over 0.35-2.22x the median (every round of three
-    Dirichlet 0.5 seeds and an IID split, ``benchmarks/update_geometry.py``): the normalised
-    figure lets the bound sit close above the honest clients without naming the large ones.
+    root of their local steps, so their normalised norms lie close together where their plain
+    norms spread widely (``benchmarks/update_geometry.py``): the bound can sit close above the
+    honest clients without naming the large ones.
 
     * ``robust.relative_norm_bound`` (on by default, 1.5): no reply's normalised norm may exceed
       that many times the round's median; above it the update is clipped onto it (or rejected,
@@ -127,10 +126,8 @@ class MedianBounds:
       honest ones. Each direction (scaled to unit norm) weighs min(its examples, the round's
       median): neither a norm inside the bound nor a size claim over the median buys a larger say,
       so a minority of colluders cannot turn the reference, and a client of a few examples, whose
-      direction is the noisiest, has less. Honest non-IID updates are nearly orthogonal but lean
-      towards what the others teach (``benchmarks/update_geometry.py``, ``cos_others_dir``); a
-      sign-flipped one leans away by as much. An attacker that adds a component along what the
-      others teach can pass it (it would have to know that direction). Where the round's cosines
+      direction is the noisiest, has less (why, and what passes it: docs/hostile-clients.md).
+      Where the round's cosines
       scatter, ``robust.cosine_spread`` keeps a reply below ``min_cosine`` whose cosine is within
       the honest spread; such a reply keeps no more weight than the round's median times its
       cosine's place between the round's floor (0) and ``min_cosine`` (1), its update clipped to
@@ -140,24 +137,19 @@ class MedianBounds:
     * ``robust.direction_probation`` (on by default, 2 rounds): for that many rounds after a client's
       update direction fell below ``min_cosine`` (left out, or weighed down by the spread's ramp),
       the client's update is kept only if its cosine is at least 0 (:data:`PROBATION_COSINE`);
-      neither min_cosine's margin nor the spread keeps it. A flip whose client's honest update
-      leans only a little towards the others flips to a cosine just under 0, inside -0.1, and
-      colluders widen the spread that keeps them: caught once, each is held to agree.
-      :class:`RobustBounds` keeps the history (client id -> round), in the run's checkpoint.
+      neither min_cosine's margin nor the spread keeps it. :class:`RobustBounds` keeps the
+      history (client id -> round), in the run's checkpoint.
 
-    All need the whole round, so every reply's normalised norm (a scalar) is kept and the replies
-    with the largest are held back while they fit ``robust.held_back_mb`` (at least one); a reply
-    leaves the held set, to be folded, only when a larger one takes its place. When the replies
-    end, the median of all of them sets the bounds and the held replies are bounded by it: so every
-    reply above the norm bound is bounded in any arrival order as long as the held set is at least
-    as large as the number above it; if more exceed it, the round names how many were folded
-    unbounded. The weight check reaches the held replies (all of a MiniLM-sized round); the round
-    names how many folded early fell below it. The direction check runs when the whole round was
-    held, at least 5 replies (fewer give no estimate of the cosines' spread) and single-rank updates; otherwise,
-    past the budget or with mixed ranks, the round log says it did not.
-    Off under client-level DP: a threshold computed from other clients' updates would make each
-    client's treatment depend on the others' data, which the Gaussian mechanism's analysis does not
-    allow (its own clip C bounds every client there).
+    All need the whole round: every reply's normalised norm (a scalar) is kept, and the replies
+    with the largest are held back while they fit ``robust.held_back_mb`` (at least one), each
+    folded only when a larger one takes its place. When the replies end, the median of all sets
+    the bounds for the held ones: every reply above the norm bound is bounded in any arrival order
+    while no more exceed it than are held; past that, and for weights too small to check among
+    those folded early, the round says how many. The direction check runs when the whole round
+    was held, with at least 5 replies of one rank; otherwise the round log says it did not. Off
+    under client-level DP: a threshold from other clients' updates would make each client's
+    treatment depend on the others' data, which the Gaussian mechanism's analysis does not allow
+    (its own clip C bounds every client there).
 
     ``offer`` takes an accepted update and returns those ready to fold (the one a larger reply
     displaced from the held set, if any); ``flush`` returns the held ones, bounded, when the
@@ -331,8 +323,7 @@ class MedianBounds:
                 f"client {u.profile.client_id} (node {u.profile.node_id}): update direction has cosine {cos:.3g} with "
                 f"the sum of the round's other kept update directions, {where}; left out of the fold"
             )
-        # A reply below robust.min_cosine that was kept keeps no more than the median's weight; kept by the spread,
-        # less the nearer it lies to the floor, so a reply just inside the floor has about what one just outside has.
+        # A kept reply below robust.min_cosine weighs at most the median's weight, by the spread's ramp if it kept it.
         med = median_of(weights)
         for i, cos in opposed.last.items():
             if cos >= self.min_cosine:
