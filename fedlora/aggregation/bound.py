@@ -127,13 +127,13 @@ class MedianBounds:
       median): neither a norm inside the bound nor a size claim over the median buys a larger say,
       so a minority of colluders cannot turn the reference, and a client of a few examples, whose
       direction is the noisiest, has less (why, and what passes it: docs/hostile-clients.md).
-      Where the round's cosines
-      scatter, ``robust.cosine_spread`` keeps a reply below ``min_cosine`` whose cosine is within
-      the honest spread; such a reply keeps no more weight than the round's median times its
-      cosine's place between the round's floor (0) and ``min_cosine`` (1), its update clipped to
-      the norm bound at that weight, named: a reply just inside the floor has about the say of one
-      just outside it, and a size claim buys say only for a direction that agrees with the others.
-      One that only the quorum of five keeps (below the floor) keeps the median's weight.
+      Where the round's cosines scatter, ``robust.cosine_spread`` keeps a reply below
+      ``min_cosine`` whose cosine is within the honest spread; such a reply keeps no more weight
+      than the round's median times its cosine's place between the round's floor (0) and
+      ``min_cosine`` (1), its update clipped to the norm bound at that weight, named: a reply just
+      inside the floor has about the say of one just outside it, and a size claim buys say only
+      for a direction that agrees with the others. One that only the quorum of five keeps (below
+      the floor) keeps the median's weight.
     * ``robust.direction_probation`` (on by default, 2 rounds): for that many rounds after a client's
       update direction fell below ``min_cosine`` (left out, or weighed down by the spread's ramp),
       the client's update is kept only if its cosine is at least 0 (:data:`PROBATION_COSINE`);
