@@ -453,6 +453,8 @@ def test_silent_replies_folded_before_the_round_ends_are_counted_when_their_weig
         )
         for c in whole.clipped
     ), whole.clipped
+    _, tight = _attacked_round(list(range(10)), {0: "silent"}, relative_norm_bound="1", min_cosine="-1")
+    assert any(c.startswith("client c0: weight 100 examples cut to 0:") for c in tight.clipped), tight.clipped
     _, unweighed = _attacked_round(
         list(range(10)), {0: "silent", 1: "silent"}, held_back=2, min_cosine="-1", weight_from_norm="false"
     )
