@@ -181,7 +181,7 @@ def drop_opposed(
     cos, floor = first, first_floor
     dropped: list[tuple[int, float, float]] = []
     while len(members) >= max(least, 3):
-        own = {i: max(floor, held_to[i]) if i in held_to else floor for i in members}
+        own = {i: max(floor, held_to.get(i, floor)) for i in members}
         below = [i for i in members if cos[i] < own[i]]
         if not below:
             break

@@ -949,8 +949,6 @@ def _round_of_five(weights: list[int], **extra: str):
     """One FedIT round of five clients declaring and reporting ``weights`` examples, the round
     bounds off (so the fold's weights are the declared ones after the weight cap): (the strategy's
     new global adapter, each update as its fold takes it, the round log, the strategy)."""
-    import dataclasses
-
     from test_folds import _replies, _train_round
     from test_strategy_maths import _setup
 
@@ -971,8 +969,10 @@ def _round_of_five(weights: list[int], **extra: str):
 
 
 def _close_all(a: LoraFactors, b: LoraFactors) -> None:
-    for (k, x), (_, y) in zip(a.tensors(), b.tensors(), strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=k)
+    """test_folds' comparison, at this file's tolerance."""
+    from test_folds import _close
+
+    _close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def _weighted(inputs: list[LoraFactors], weights: list[float]) -> LoraFactors:
@@ -1093,6 +1093,8 @@ def test_a_client_whose_direction_fell_below_min_cosine_must_not_lean_away_in_th
         assert not kept.rejected and kept.accepted == 10, kept.rejected
     s3, third = _attacked_round(list(range(10)), {4: "flip"}, shared_step=steps, server_round=3, state=state)
     assert third.rejected and s3.state_dict()[1]["extensions"]["robust"] == {"direction-below-min-cosine": {"c4": 3}}
+    s4, _ = _attacked_round(list(range(10)), {}, shared_step=steps, server_round=4, state=state)
+    assert s4.state_dict()[1]["extensions"]["robust"] == {"direction-below-min-cosine": {}}  # past its window
     robust = next(e for e in s3.extensions if e.name == "robust")
     robust.load_server_state({})  # a checkpoint written without the history: none
     assert robust.server_state() == {"direction-below-min-cosine": {}}

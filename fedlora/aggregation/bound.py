@@ -156,8 +156,7 @@ class MedianBounds:
     round's replies end."""
 
     def __init__(self, run: GlobalAdapter, rl: RoundLog, probation: dict[str, int] | None = None) -> None:
-        """``probation``: client id -> the last round its update direction fell below robust.min_cosine,
-        for the clients robust.direction_probation holds to :data:`PROBATION_COSINE` this round."""
+        """``probation``: the clients held to :data:`PROBATION_COSINE` this round, each with its last round below."""
         r = run.cfg.robust
         self.strategy, self.rl, self.server_round = run, rl, rl.server_round
         # Off where another stage decides norms and weights: client-level DP's release, FLTrust's form.
@@ -435,9 +434,10 @@ class RobustBounds(Extension):
         return self._stage.flush()
 
     def end(self) -> None:
-        stage = self._stage
-        if stage is not None:
-            self._below.update(dict.fromkeys(stage.below_min_cosine, stage.server_round))
+        if (stage := self._stage) is not None:  # the history keeps what the probation can still reach
+            now, window = stage.server_round, self.cfg.robust.direction_probation
+            recent = {c: r for c, r in self._below.items() if now - r < window}
+            self._below = recent | dict.fromkeys(stage.below_min_cosine, now)
 
     def server_state(self) -> dict:
         return {"direction-below-min-cosine": dict(self._below)}
