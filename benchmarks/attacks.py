@@ -24,7 +24,8 @@ attack is also paired with that client never replying (``accuracy_vs_absent``; t
 the three never replying), and the flip is repeated at partitions 6 and 9 with their own absences. Then the
 opt-in defences: the coordinate median (against 1 flip, the 3 colluders, and honest), client-level
 DP's clip (honest and 1 flip), a 0.2 share cap (1 flip), the direction bound off (``robust.min_cosine
-= -1``: honest, 1 flip, 1 flip+size, the 3 colluders), and trust
+= -1``: honest, 1 flip, 1 flip+size, the 3 colluders, and the four first-arriving clients never
+replying: whether the bound is what the six left lose by), and trust
 scores from 64 server examples (``robust.trust_examples``) taken from the training split (``trust``
 cells) or from the held-out split the server evaluates on (``trust-eval`` cells), each against the
 attacks and with a ``report`` cell (scores only) as its same-data baseline; the ``defaults+trust``
@@ -38,7 +39,7 @@ every client named (clipped, rejected or flagged) with whether it was an attacke
 clip's counts and epsilon. The summary holds the issue's criteria, each with whether it is met.
 Writes benchmarks/results/attacks.json after every run and a plot at the end.
 
-    .venv/bin/python -m benchmarks.attacks                 # every cell, 3 seeds (each run prints its seconds)
+    .venv/bin/python -m benchmarks.attacks                 # every cell: the criteria's 5 seeds, the others 3
     .venv/bin/python -m benchmarks.attacks --cells honest,flip-1 --seeds 1
     .venv/bin/python -m benchmarks.attacks --cells honest,flip-1 --set robust.relative_norm_bound=2 --name try-2
 """
@@ -84,11 +85,13 @@ CELLS = {
     "honest median": {},
     "honest dp": {},
     "flip-1 dp": {3: "flip"},
-    # The direction bound off (robust.min_cosine = -1): what it adds against a flip, and what it costs an honest run.
+    # The direction bound off (robust.min_cosine = -1): what it adds against a flip, what it costs an honest run,
+    # and what it does to the six clients left when the first four never reply.
     "honest min_cosine=-1": {},
     "flip-1 min_cosine=-1": {3: "flip"},
     "flip+size-1 min_cosine=-1": {3: "flip+size"},
     "flip-3-colluders min_cosine=-1": {1: "flip", 4: "flip", 7: "flip"},
+    "absent-4-first min_cosine=-1": {0: "absent", 1: "absent", 2: "absent", 3: "absent"},  # the six left, unbounded
     # Trust scores from 64 server-held examples (robust.trust_examples, opt-in): the same attacks, and its cost.
     "honest trust": {},
     "flip-1 trust": {3: "flip"},
@@ -160,6 +163,15 @@ OVERRIDES = {
         "robust.max_weight_factor=0",
     ],
 }
+# The cells the issue's criteria read at the defaults and with the one option against colluders, and
+# the baselines they are compared with: run over more seeds (--criteria-seeds) than the other opt-in
+# defences, since their spread across seeds is as large as the differences the criteria ask about.
+CRITERIA_CELLS = {
+    *("honest", "honest-iid", "honest previous-defaults", "flip-1", "size-1", "flip+size-1", "absent-1"),
+    *("flip-3-colluders", "absent-3-colluders", "flip-1e6-4-first", "absent-4-first", "absent-4-first min_cosine=-1"),
+    *(f"{attack}-1 at client-{p}" for attack in ("flip", "absent") for p in (6, 9)),
+    *(c for c in CELLS if "defaults+trust" in c),
+}
 # Cells compared with another cell of their own split rather than with "honest" (paired by seed).
 BASELINES = {"honest 10x-client": "honest 10x-client no size bounds"}
 # Attack cells compared also with the same clients never replying (paired by seed): what a detector
@@ -168,6 +180,7 @@ ABSENT = {
     **{c: "absent-1" for c in ("flip-1", "size-1", "flip+size-1")},
     **{f"flip-1 at client-{p}": f"absent-1 at client-{p}" for p in (6, 9)},
     "flip-3-colluders": "absent-3-colluders",
+    "flip-1e6-4-first": "absent-4-first",
 }
 # Cells compared with "honest" and also with the honest run on their own data: the server's trust
 # examples are taken out of the clients' rows, which changes every partition.
@@ -353,7 +366,7 @@ def summarise(runs: list[dict]) -> dict:
         worst = {  # each four-first-arriving cell's worst loss over every run and round
             c: max(max(r.get("losses") or [r["loss"], r["round1_loss"]]) for r in runs if r["cell"] == c)
             for c in out
-            if c.startswith("flip-1e6-4-first") or c == "absent-4-first"
+            if c.startswith(("flip-1e6-4-first", "absent-4-first"))
         }
         for cell, loss in worst.items():
             out[cell]["max_loss_over_honest_round1"] = loss / r1["honest"]
@@ -432,11 +445,20 @@ def criteria(out: dict) -> dict:
     return got
 
 
-def run(cells: list[str], seeds: list[int], extra: list[str] | None = None, name: str = "attacks") -> dict:
+def run(
+    cells: list[str],
+    seeds: list[int],
+    extra: list[str] | None = None,
+    name: str = "attacks",
+    criteria_seeds: list[int] | None = None,
+) -> dict:
     """Every (cell, seed) not yet in benchmarks/results/<name>.json, with ``extra`` config overrides
     on every run, after each cell's own (a defence tried against every attack, or a cell's setting
-    varied: write those to another ``name``)."""
+    varied: write those to another ``name``). The cells of CRITERIA_CELLS run ``criteria_seeds``
+    where given, the others ``seeds``."""
     extra = list(extra or [])
+    seeds_of = {c: criteria_seeds if criteria_seeds is not None and c in CRITERIA_CELLS else seeds for c in cells}
+    seeds = sorted({s for c in cells for s in seeds_of[c]})
     path = RESULTS / f"{name}.json"
     # Runs already recorded are kept (a cell not asked for this time keeps its seeds) and not repeated.
     runs = [r for r in json.loads(path.read_text()).get("runs", []) if r["cell"] in CELLS] if path.exists() else []
@@ -444,7 +466,7 @@ def run(cells: list[str], seeds: list[int], extra: list[str] | None = None, name
     work = Path(tempfile.mkdtemp(prefix="fedlora-attacks-"))
     for seed in seeds:
         for cell in cells:
-            if (cell, seed) in done:
+            if (cell, seed) in done or seed not in seeds_of[cell]:
                 continue
             r = one_run(cell, seed, work / f"{cell}-{seed}", extra)
             runs.append(r)
@@ -507,9 +529,18 @@ if __name__ == "__main__":
     setup_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default=",".join(CELLS))
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the opt-in defences' cells (42, 43, ...)")
+    ap.add_argument(
+        "--criteria-seeds", type=int, default=5, help="seeds of the cells the criteria and their baselines read"
+    )
     ap.add_argument("--set", action="append", default=[], help="a config override on every run (repeatable)")
     ap.add_argument("--name", default="attacks", help="results file: benchmarks/results/<name>.json and .png")
     a = ap.parse_args()
-    summary = run([c for c in a.cells.split(",") if c], [42 + i for i in range(a.seeds)], a.set, a.name)
+    summary = run(
+        [c for c in a.cells.split(",") if c],
+        [42 + i for i in range(a.seeds)],
+        a.set,
+        a.name,
+        [42 + i for i in range(a.criteria_seeds)],
+    )
     print(json.dumps(summary, indent=2))
