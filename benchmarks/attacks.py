@@ -383,6 +383,7 @@ def summarise(runs: list[dict]) -> dict:
         for cell, floor in ABSENT.items():
             paired = _paired_difference(runs, cell, floor)
             if cell in out and paired is not None:
+                out[cell]["absent"] = floor
                 out[cell]["accuracy_vs_absent"] = paired
         out["criteria"] = criteria(out)
     return out

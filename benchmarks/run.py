@@ -211,8 +211,14 @@ def report() -> str:
             if cell == "criteria":
                 continue
             name, met = wanted.get(cell, ("", None))
-            against = [("honest", v.get("accuracy_vs_honest")), (v.get("baseline"), v.get("accuracy_vs_baseline"))]
+            against = [
+                ("honest", v.get("accuracy_vs_honest")),
+                (v.get("baseline"), v.get("accuracy_vs_baseline")),
+                (v.get("absent"), v.get("accuracy_vs_absent")),
+            ]
             versus = "; ".join(f"{d:+.3f} vs {base}" for base, d in against if d is not None) or "-"
+            if "max_loss_over_honest_round1" in v:
+                versus += f"; worst loss {v['max_loss_over_honest_round1']:.2f}x the honest round 1"
             lines.append(
                 f"| attacks inside the default bounds (default task, {v['seeds']} seeds): {cell}, final accuracy "
                 f"mean (spread), paired difference | {v['accuracy_mean']:.3f} ({v['accuracy_spread']:.3f}), "
