@@ -421,10 +421,11 @@ class RobustBounds(Extension):
             return KeepAll(lambda updates: trimmed_mean(updates, r.trim_fraction))
         return None
 
+    def _on_probation(self, server_round: int) -> dict[str, int]:  # client id -> its last round below min_cosine
+        return {c: r for c, r in self._below.items() if 0 < server_round - r <= self.cfg.robust.direction_probation}
+
     def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:
-        window = self.cfg.robust.direction_probation
-        probation = {c: r for c, r in self._below.items() if 0 < rl.server_round - r <= window}
-        self._stage = MedianBounds(run, rl, probation)
+        self._stage = MedianBounds(run, rl, self._on_probation(rl.server_round))
         return self
 
     def offer(self, update: Update) -> list[Update]:
@@ -434,10 +435,9 @@ class RobustBounds(Extension):
         return self._stage.flush()
 
     def end(self) -> None:
-        if (stage := self._stage) is not None:  # the history keeps what the probation can still reach
-            now, window = stage.server_round, self.cfg.robust.direction_probation
-            recent = {c: r for c, r in self._below.items() if now - r < window}
-            self._below = recent | dict.fromkeys(stage.below_min_cosine, now)
+        if (stage := self._stage) is not None:  # the history keeps what the next round's probation can reach
+            now = stage.server_round
+            self._below = self._on_probation(now + 1) | dict.fromkeys(stage.below_min_cosine, now)
 
     def server_state(self) -> dict:
         return {"direction-below-min-cosine": dict(self._below)}
