@@ -69,7 +69,19 @@ def gate(tmp_path_factory):
     upstream.socket = ctx.wrap_socket(upstream.socket, server_side=True)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port, log = free_port(), tmp / "gate.log"
-    proc = subprocess.Popen(
+    proc = gate_process(port, upstream.server_address[1], creds, log)
+    try:
+        wait_for_port("127.0.0.1", port, proc, log)
+        yield port, Recorder.seen, log, creds.ca_cert
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        upstream.shutdown()
+
+
+def gate_process(port: int, upstream_port: int, creds, log: Path) -> subprocess.Popen:
+    """The real gate on 127.0.0.1:``port`` in front of 127.0.0.1:``upstream_port``, TLS on both hops."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -77,7 +89,7 @@ def gate(tmp_path_factory):
             "--listen",
             f"127.0.0.1:{port}",
             "--upstream",
-            f"127.0.0.1:{upstream.server_address[1]}",
+            f"127.0.0.1:{upstream_port}",
             "--certfile",
             str(creds.server_cert),
             "--keyfile",
@@ -88,13 +100,6 @@ def gate(tmp_path_factory):
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
     )
-    try:
-        wait_for_port("127.0.0.1", port, proc, log)
-        yield port, Recorder.seen, log, creds.ca_cert
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        upstream.shutdown()
 
 
 def tls_socket(port: int, ca: Path, alpn: list[str] | None = None) -> ssl.SSLSocket:
@@ -359,3 +364,25 @@ def test_the_gate_app_refuses_everything_but_the_fleet_calls_with_a_sentence():
             assert "devices only" in res.json()["detail"] and "operator only" in res.json()["detail"]
         # A fleet path is forwarded (here to a port nobody serves: the proxy's 502, not the gate's 403).
         assert gate.post("/v1/fleet/pull-messages", content=b"").status_code == 502
+
+
+def test_a_superlink_that_does_not_answer_is_a_502_and_one_log_line_per_request(tmp_path):
+    """While the SuperLink is down every node's poll fails at the gate: each is answered 502 and
+    logged as one line with its cause, never a traceback."""
+    from fedlora.deploy.pki import create_credentials
+    from fedlora.deploy.processes import free_port, wait_for_port
+
+    creds = create_credentials(tmp_path / "creds", ["127.0.0.1"], nodes=0)
+    port, log = free_port(), tmp_path / "gate.log"
+    proc = gate_process(port, free_port(), creds, log)  # nobody listens upstream
+    try:
+        wait_for_port("127.0.0.1", port, proc, log)
+        codes = [send_raw(port, creds.ca_cert, b"POST", b"/v1/fleet/pull-messages") for _ in range(3)]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert codes == [502, 502, 502]
+    text = log.read_text()
+    failed = [line for line in text.splitlines() if "could not forward" in line]
+    assert len(failed) == 3 and all("Error" in line for line in failed), text
+    assert "Traceback" not in text, text

@@ -183,7 +183,8 @@ def stop_orphaned_runs(home: Path) -> list[int]:
     to a ServerApp that died with the previous SuperLink or server. Flower 1.42 keeps such a run
     "running" until its ServerApp's heartbeat lapses (about 45 s), and meanwhile keeps handing its
     undelivered messages to nodes: a node that takes one waits on its content for all that time and
-    pulls nothing else. Stopped, the run's messages are refused at once."""
+    pulls nothing else. Stopping a run deletes its undelivered messages; the caller stops runs before
+    devices can pull (see :func:`fedlora.deploy.server.open_to_devices`)."""
     from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest  # pylint: disable=no-name-in-module
 
     client = control_client(home)

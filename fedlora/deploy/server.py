@@ -245,9 +245,20 @@ def write_app(dep: Deployment) -> Path:
     return app
 
 
-def submit(dep: Deployment, app: Path, resume: bool, say: Callable[[str], None] = print) -> int:
+def open_to_devices(dep: Deployment, cfg: FedLoraConfig, say: Callable[[str], None] = print) -> None:
+    """Stop every run that a dead ServerApp left unfinished, then serve the devices (the gate), in
+    that order: no device can be pulling one of a run's messages when the run is stopped. Flower
+    1.42's SuperNode keeps a message whose run stopped during its pull as a task; that task's reply
+    then goes out in place of the next run's first reply, which waits for the node's next message
+    (a round timeout). With ``server.expose_control_api`` there is no gate: the runs are stopped as
+    soon as the SuperLink answers, and a device that connects first can still meet this."""
     for rid in stop_orphaned_runs(dep.home):
         say(f"run {rid} stopped: its ServerApp is gone (a server or SuperLink that stopped before it finished)")
+    start_gate(dep, cfg)
+
+
+def submit(dep: Deployment, app: Path, resume: bool) -> int:
+    """Submit the run (:func:`open_to_devices` has stopped any other); return its id."""
     overrides = dep.run_dir.path / "app-run-config.toml"
     import tomli_w
 
@@ -310,15 +321,16 @@ def restart_superlink(dep: Deployment, cfg: FedLoraConfig, app: Path, say: Calla
         f"the SuperLink exited (code {dep.superlink.returncode}); restarting it on its database "
         f"({dep.restarts}/{MAX_RESTARTS})"
     )
+    stop(dep.gate)  # devices wait in the socket's backlog until the dead run is stopped
     start_superlink(dep, cfg)
-    start_gate(dep, cfg)  # still up, unless it died too
+    open_to_devices(dep, cfg, say)
     if dep.run_dir.read_checkpoint() is not None:
-        dep.run_id = submit(dep, app, resume=True, say=say)
+        dep.run_id = submit(dep, app, resume=True)
         say(f"run {dep.run_id} resumes the run from its last completed round")
         follow_log(dep)
     else:  # nothing learned yet: start over, from a clean metrics file
         dep.run_dir.metrics_path.unlink(missing_ok=True)
-        dep.run_id = submit(dep, app, resume=False, say=say)
+        dep.run_id = submit(dep, app, resume=False)
         say(f"run {dep.run_id} starts the run again (no round had completed)")
         follow_log(dep)
 
@@ -359,7 +371,7 @@ def serve(
         if node_auth:
             for note in enrol(dep, enrolled_keys(cfg)):
                 say(f"  node key {note}")
-        start_gate(dep, cfg)
+        open_to_devices(dep, cfg, say)
         host, port = cfg.server.host_port()
         c_host, c_port = cfg.server.superlink_host_port()
         door = (
@@ -376,7 +388,7 @@ def serve(
         log_path = run_dir.path / "serverapp.log"
         # A resumed run's log holds the earlier server's lines (its last error included): echo only ours.
         log_seen = len(log_path.read_text(errors="replace").splitlines()) if log_path.exists() else 0
-        dep.run_id = submit(dep, app, resume, say=say)
+        dep.run_id = submit(dep, app, resume)
         follow_log(dep)
         dep.timings["start-seconds"] = time.perf_counter() - t_start
         say(
