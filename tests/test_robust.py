@@ -1079,7 +1079,7 @@ def test_a_client_whose_direction_fell_below_min_cosine_must_not_lean_away_in_th
     (line,) = caught.rejected
     assert caught.figures["direction-cosines"]["c4"] > -0.1 and caught.accepted == 9
     assert line.startswith("client c4 (node 104): update direction has cosine -0.0") and line.endswith(
-        "below 0, its floor since its update direction fell below robust.min_cosine in round 1 "
+        "below 0, its floor since the direction bound cut its update in round 1 "
         "(robust.direction_probation); left out of the fold"
     ), line
     for kept in (

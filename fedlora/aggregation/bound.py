@@ -135,7 +135,7 @@ class MedianBounds:
       for a direction that agrees with the others. One that only the quorum of five keeps (below
       the floor) keeps the median's weight.
     * ``robust.direction_probation`` (on by default, 2 rounds): for that many rounds after a client's
-      update direction fell below ``min_cosine`` (left out, or weighed down by the spread's ramp),
+      update direction fell below ``min_cosine`` (left out, weighed down) or was left out on probation,
       the client's update is kept only if its cosine is at least 0 (:data:`PROBATION_COSINE`);
       neither min_cosine's margin nor the spread keeps it. :class:`RobustBounds` keeps the
       history (client id -> round), in the run's checkpoint.
@@ -172,7 +172,7 @@ class MedianBounds:
         self._held: list[tuple[float, int, Update]] = []  # a min-heap on (normalised norm, arrival)
         self.reference: float | None = None
         self.probation = probation or {}
-        self.below_min_cosine: list[str] = []  # client ids whose direction fell below it this round
+        self.cut_by_direction: list[str] = []  # client ids it cut this round: their probation (re)starts
 
     @property
     def active(self) -> bool:
@@ -306,11 +306,11 @@ class MedianBounds:
         cut = {id(ordered[i]) for i, _, _ in opposed.dropped}
         for i, cos, floor in opposed.dropped:
             u = ordered[i]
-            self.below_min_cosine.append(u.profile.client_id)
+            self.cut_by_direction.append(u.profile.client_id)
             if i in held_to and floor == PROBATION_COSINE:
                 where = (
-                    f"below {PROBATION_COSINE:g}, its floor since its update direction fell below robust.min_cosine "
-                    f"in round {self.probation[u.profile.client_id]} (robust.direction_probation)"
+                    f"below {PROBATION_COSINE:g}, its floor since the direction bound cut its update in round "
+                    f"{self.probation[u.profile.client_id]} (robust.direction_probation)"
                 )
             elif floor == self.min_cosine:
                 where = f"below robust.min_cosine ({self.min_cosine:g})"
@@ -327,7 +327,7 @@ class MedianBounds:
         for i, cos in opposed.last.items():
             if cos >= self.min_cosine:
                 continue
-            self.below_min_cosine.append(ordered[i].profile.client_id)
+            self.cut_by_direction.append(ordered[i].profile.client_id)
             if cos >= opposed.last_floor:
                 share = spread_share(cos, opposed.last_floor, self.min_cosine)
                 why = (
@@ -437,7 +437,7 @@ class RobustBounds(Extension):
     def end(self) -> None:
         if (stage := self._stage) is not None:  # the history keeps what the next round's probation can reach
             now = stage.server_round
-            self._below = self._on_probation(now + 1) | dict.fromkeys(stage.below_min_cosine, now)
+            self._below = self._on_probation(now + 1) | dict.fromkeys(stage.cut_by_direction, now)
 
     def server_state(self) -> dict:
         return {"direction-below-min-cosine": dict(self._below)}
