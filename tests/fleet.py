@@ -173,9 +173,9 @@ def hostile_app(bad: dict[int, set[str] | str]) -> ClientApp:
     return app
 
 
-def train_reply(src_node: int, content, message_id: str) -> Message:
+def train_reply(src_node: int, content, message_id: str, reply_to: str = "x") -> Message:
     """A train reply as a node's ClientApp would send it: ``content`` from ``src_node`` to the
-    server (node 0), with the metadata Flower's grids fill in."""
+    server (node 0), answering message ``reply_to``, with the metadata Flower's grids fill in."""
     import time
 
     from flwr.app import Metadata
@@ -185,7 +185,7 @@ def train_reply(src_node: int, content, message_id: str) -> Message:
         message_id=message_id,
         src_node_id=src_node,
         dst_node_id=0,
-        reply_to_message_id="x",
+        reply_to_message_id=reply_to,
         group_id="1",
         created_at=time.time(),
         ttl=3600.0,

@@ -37,6 +37,7 @@ from pathlib import Path
 from fedlora.config import ConfigError
 from fedlora.deploy.executor import STARTED as EXECUTOR_STARTED
 from fedlora.deploy.processes import await_listener, flower_bin, free_port, spawn, stop, tail
+from fedlora.deploy.supernode_log import CONNECTED, NODE_LOG, NOT_ENROLLED, UNREACHABLE
 from fedlora.env import DEFAULTS
 
 
@@ -152,14 +153,6 @@ def check_data_folder(path: Path) -> None:
                 f"--data {path}: no train.jsonl (or train.json/.csv/.parquet) in the folder; "
                 f"it has {', '.join(sorted(names)) or 'nothing'}"
             )
-
-
-# What Flower's SuperNode writes to its log (flwr 1.41-1.42): its node id once it has joined (the first
-# connection that succeeds), a success after failed tries, a failed try, a refused activation (its
-# key is not enrolled there).
-CONNECTED = ("SuperNode ID:", "Connection successful")
-UNREACHABLE = "Connection attempt failed"
-NOT_ENROLLED = "Failed to activate SuperNode"
 
 
 def enrol_hint(node_key: str, state_dir: Path) -> str:
@@ -284,7 +277,7 @@ def run_client(s: ClientSettings, cold: bool = False, say=print) -> int:
     if not cold:
         args += ["--isolation", "process"]
     env = {**DEFAULTS}
-    node_log = state / "supernode.log"
+    node_log = state / NODE_LOG
     node = executor = None
     say(
         f"fedlora client: SuperNode -> {s.server} ({'no TLS' if s.insecure else 'TLS'}"

@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 from fedlora.deploy.processes import await_listener, peak_memory_mb  # stdlib only: nothing heavy before the warm-up
+from fedlora.deploy.supernode_log import NODE_LOG
 
 log = logging.getLogger("fedlora.client")
 STARTED = "resident executor up, process"  # its first log line (task lines say "started in process")
@@ -93,6 +94,34 @@ def setup_trains_on_cuda(state_dir: Path) -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def withhold_replies_to_dropped_messages(node_log: Path, wait: float = 600.0) -> None:
+    """Flower's ``run_clientapp``, in this process and the tasks it forks or serves, pushes a reply
+    only once the SuperNode (its log, ``node_log``) kept the message the reply answers. Flower 1.42's
+    SuperNode makes a task of a message whose run stops while it receives it, and does not remove it
+    when it lets the message go; it pushes replies only after its next pull, all that are ready. Such
+    a task's reply would go out in place of the next message's, which would then wait for the node's
+    next message. A reply to a dropped message is withheld and logged. The SuperNode sends no reply
+    before its verdict, so waiting for it costs nothing; with no verdict in ``wait`` seconds (a server
+    down that long), or no receipt in the log, the reply goes out as Flower would send it."""
+    from flwr.supernode.runtime import run_clientapp as flower_task
+
+    from fedlora.deploy.supernode_log import DROPPED, await_verdict
+
+    push = flower_task.push_message
+    if getattr(push, "node_log", None) is not None:  # guarded already
+        return
+
+    def guarded_push(client, reply, context) -> None:
+        answered = reply.metadata.reply_to_message_id
+        if await_verdict(node_log, answered, wait) == DROPPED:
+            log.warning("reply to message %s withheld: the SuperNode dropped that message (its run stopped)", answered)
+            return
+        push(client, reply, context)
+
+    guarded_push.node_log = node_log  # type: ignore[attr-defined]
+    flower_task.push_message = guarded_push
 
 
 class TaskWorker:
@@ -164,6 +193,7 @@ def _worker_main(runtime_api_address: str, state_dir: str, threads: int, inbox, 
         raise SystemExit(int(code != 0))
 
     flower_task.flwr_exit = end_task
+    withhold_replies_to_dropped_messages(Path(state_dir) / NODE_LOG)
     die_with_parent()
     torch.set_num_threads(threads)
     warmed: set[str] = set()
@@ -285,6 +315,7 @@ def run_resident_executor(
     task_threads = single_threaded_parent()
 
     state_dir = Path(state_dir)
+    withhold_replies_to_dropped_messages(state_dir / NODE_LOG)  # inherited by every forked task
     log.info("ready: fedlora, torch, transformers and PEFT imported once; peak memory %.0f MB", peak_memory_mb())
     # `fedlora client` starts this process before its SuperNode (which may wait for the server):
     # ask the SuperNode's Runtime API port until it listens rather than back off from a refusal.
