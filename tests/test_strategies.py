@@ -182,7 +182,9 @@ class _Link:
         self.t0 = time.monotonic()
         return list(self.pushed)
 
-    def pull_messages(self, ids):
+    def take(self, ids):
+        """The pull's first step (the split form, as :class:`SplitPull` gives it): what the SuperLink
+        answers for ``ids``, each with the download that brings it."""
         import time
 
         from flwr.app import Message
@@ -199,15 +201,25 @@ class _Link:
             took = [i for i in ids if i not in self.taken and self.arrive[i] <= now]
             self.taken.update(took)
             dead = [i for i in ids if i not in self.taken and self.dead.get(i, float("inf")) <= now]
-        replies = [create_message_error_unavailable_ins_message(i, 0) for i in gone]
-        replies += [create_message_error_unavailable_res_message(self.pushed[i].metadata, "node_unavail") for i in dead]
-        for i in took:
+
+        def download(i: str):
             self.release.wait(None if self.download[i] == float("inf") else self.download[i])
-            replies.append(Message(RecordDict(), reply_to=self.pushed[i]))
-        return replies
+            return Message(RecordDict(), reply_to=self.pushed[i])
+
+        answers = [(i, lambda i=i: create_message_error_unavailable_ins_message(i, 0)) for i in gone]
+        answers += [
+            (i, lambda i=i: create_message_error_unavailable_res_message(self.pushed[i].metadata, "node_unavail"))
+            for i in dead
+        ]
+        return answers + [(i, lambda i=i: download(i)) for i in took]
+
+    def pull_messages(self, ids):
+        """Flower's pull, whole: every download in turn, all replies at the end."""
+        return [fetch() for _, fetch in self.take(ids)]
 
 
-def test_a_slow_pull_hands_over_every_reply_it_took_never_flowers_not_found(task_identity):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_a_slow_pull_hands_over_every_reply_it_took_never_flowers_not_found(task_identity, split):
     """Honest replies whose objects are still uploading make Flower's pull slow (its backoff): past
     the stall period their ids are asked again, and Flower answers "Message Unavailable" for a reply
     the slow pull already took. Those errors wait for the slow pull, which brings the replies: every
@@ -218,13 +230,16 @@ def test_a_slow_pull_hands_over_every_reply_it_took_never_flowers_not_found(task
 
     link = _Link(arrive={"m0": 0.0, "m1": 0.0, "m2": 0.0}, download={"m0": 0.1, "m1": 1.2, "m2": 0.1})
     sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (10, 11, 12)]
-    replies = list(StreamingGrid(link, stall_seconds=0.5).send_and_receive(sent, timeout=10.0))
+    grid = StreamingGrid(link, stall_seconds=0.5, split=link if split else None)
+    replies = list(grid.send_and_receive(sent, timeout=10.0))
     assert sorted(r.metadata.src_node_id for r in replies) == [10, 11, 12]
     assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
-    assert sum("m0" in c for c in link.calls) >= 2  # asked again once the joint pull stalled: not found
+    # Whole, asked again once the joint pull stalled ("not found"); split, a taken id is never asked again.
+    assert sum("m0" in c for c in link.calls) >= 2 if not split else len(link.calls) == 1, link.calls
 
 
-def test_a_verdict_on_a_node_a_stalled_pull_also_asked_is_its_answer_once_that_pull_returns(task_identity):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_a_verdict_on_a_node_a_stalled_pull_also_asked_is_its_answer_once_that_pull_returns(task_identity, split):
     """m0's reply downloads slowly, so the pull of m0 and m1 stalls; m1's node dies meanwhile. The
     SuperLink's verdict on m1, got by a pull asked again, waits for the stalled pull (which might
     have held m1's reply) and is m1's answer when it returns without one: both nodes handed over
@@ -235,12 +250,14 @@ def test_a_verdict_on_a_node_a_stalled_pull_also_asked_is_its_answer_once_that_p
 
     link = _Link(arrive={"m0": 0.0, "m1": float("inf")}, download={"m0": 1.5, "m1": 0.0}, dead={"m1": 0.6})
     sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (10, 11)]
-    replies = list(StreamingGrid(link, stall_seconds=0.5).send_and_receive(sent, timeout=10.0))
-    assert [r.metadata.src_node_id for r in replies] == [10, 11]
-    assert not replies[0].has_error() and "Node Unavailable" in replies[1].error.reason
+    grid = StreamingGrid(link, stall_seconds=0.5, split=link if split else None)
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(sent, timeout=10.0)}
+    assert sorted(replies) == [10, 11]
+    assert not replies[10].has_error() and "Node Unavailable" in replies[11].error.reason
 
 
-def test_a_reply_stuck_in_its_upload_holds_back_no_reply_that_arrives_after_it(task_identity):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_a_reply_stuck_in_its_upload_holds_back_no_reply_that_arrives_after_it(task_identity, split):
     """A node killed while it uploads its reply: Flower's pull that took it waits on objects that never
     complete. The ids asked with it are asked again in new pulls, so replies that arrive later are
     handed over as they come, each once, and the round ends at its timeout with only the stuck node
@@ -256,14 +273,81 @@ def test_a_reply_stuck_in_its_upload_holds_back_no_reply_that_arrives_after_it(t
     sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (10, 11, 12)]
     t0 = time.monotonic()
     try:
-        replies = list(StreamingGrid(link, stall_seconds=0.5).send_and_receive(sent, timeout=2.0))
+        grid = StreamingGrid(link, stall_seconds=0.5, split=link if split else None)
+        replies = list(grid.send_and_receive(sent, timeout=2.0))
         took = time.monotonic() - t0
     finally:
         link.release.set()
     assert sorted(r.metadata.src_node_id for r in replies) == [10, 11]  # each once; 12 missing
     assert not any(r.has_error() for r in replies)
     assert took < 3.0, took  # the timeout and one stall period, not the stuck pull's wait
-    assert sum("m2" in c for c in link.calls) == 2  # once more after the stall ("not found"), then held
+    # Whole, once more after the stall ("not found"), then held; split, taken once and never asked again.
+    assert sum("m2" in c for c in link.calls) == (1 if split else 2), link.calls
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_a_stuck_upload_holds_back_no_reply_its_pull_took_when_the_pull_is_split(task_identity, split):
+    """A node killed while it uploads, its reply taken by the same pull as two honest ones: Flower's
+    own pull (whole) holds the honest replies with the stuck one past the round's timeout; split, as
+    a deployment's pull is, each reply downloads on its own and only the stuck node is missing."""
+    import time
+
+    from flwr.app import Message
+
+    from fedlora.aggregation.streaming import StreamingGrid
+
+    inf = float("inf")
+    link = _Link(arrive={"m0": 0.0, "m1": 0.0, "m2": 0.0}, download={"m0": 0.0, "m1": 0.2, "m2": inf})
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (10, 11, 12)]
+    grid = StreamingGrid(link, stall_seconds=0.5, split=link if split else None)
+    t0 = time.monotonic()
+    try:
+        replies = list(grid.send_and_receive(sent, timeout=2.0))
+        took = time.monotonic() - t0
+    finally:
+        link.release.set()
+    got = sorted(r.metadata.src_node_id for r in replies)
+    assert got == ([10, 11] if split else []), got
+    assert not any(r.has_error() for r in replies)
+    assert took < 3.0, took  # the timeout and one stall period, not the stuck download's wait
+    assert link.calls[0] == ["m0", "m1", "m2"]  # the three were taken together
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_an_enrolled_grid_hears_the_same_replies_in_a_split_pull_as_in_a_whole_one(task_identity, split):
+    """A deployment's grid drops a reply from a node that is not enrolled (here: refused after the
+    push); split, it drops it where each reply is downloaded, and the node is then answered as in a
+    whole pull (its id asked again: Flower's "not found"), never awaited forever."""
+    from flwr.app import Message
+
+    from fedlora.aggregation.streaming import StreamingGrid
+    from fedlora.deploy.control import EnrolledGrid
+
+    class Nodes:
+        refused: set[int] = set()
+
+        def allows(self, node_id: int) -> bool:
+            return node_id not in self.refused
+
+    class SplitLink(_Link):
+        keep = None
+
+        def take(self, ids):
+            heard = self.keep or (lambda reply: True)
+            return [(i, lambda f=f: (lambda r: r if heard(r) else None)(f())) for i, f in super().take(ids)]
+
+    link = SplitLink(arrive={"m0": 0.0, "m1": 0.0}, download={"m0": 0.0, "m1": 0.0})
+    if split:
+        SplitLink.split_pull = lambda self: self  # as Flower's HttpGrid is split by split_pull_of
+    nodes = Nodes()
+    grid = StreamingGrid(EnrolledGrid(link, nodes), stall_seconds=0.5)
+    assert (grid._split is link) == split
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (10, 12)]
+    stream = grid.send_and_receive(sent, timeout=3.0)
+    nodes.refused.add(12)
+    replies = {r.metadata.src_node_id: r for r in stream}
+    assert sorted(replies) == [10, 12] and not replies[10].has_error()
+    assert "Message Unavailable" in replies[12].error.reason  # named as missing, not its reply
 
 
 def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(task_identity):

@@ -132,12 +132,22 @@ class EnrolledGrid:
         # grid answers for a message it could not push
         return [next(ids) if ok else "" for ok in allowed]
 
+    def heard(self, reply) -> bool:
+        """A reply from an enrolled node, or the SuperLink's error answer for one."""
+        return self.nodes.allows(reply.metadata.src_node_id) or reply.has_error()
+
     def pull_messages(self, message_ids):
-        return [
-            r
-            for r in self._grid.pull_messages(message_ids)
-            if self.nodes.allows(r.metadata.src_node_id) or r.has_error()
-        ]
+        return [r for r in self._grid.pull_messages(message_ids) if self.heard(r)]
+
+    def split_pull(self):
+        """The wrapped grid's :class:`~fedlora.aggregation.split_pull.SplitPull`, hearing what
+        :meth:`pull_messages` hears."""
+        from fedlora.aggregation.split_pull import split_pull_of
+
+        split = split_pull_of(self._grid)
+        if split is not None:
+            split.keep = self.heard
+        return split
 
 
 class RunStatus:
