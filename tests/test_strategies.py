@@ -350,11 +350,13 @@ def test_an_enrolled_grid_hears_the_same_replies_in_a_split_pull_as_in_a_whole_o
     assert "Message Unavailable" in replies[12].error.reason  # named as missing, not its reply
 
 
-def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(task_identity):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(task_identity, split):
     """100 replies of 1 MB have all arrived when the round starts pulling (Flower's grids hand over
     every arrived reply of the ids asked). With max_pull = 4 no pull asks for more than 4 ids, and
     the replies held at once (traced allocations) stay those of a few replies, where asking for
-    every id at once holds the whole backlog."""
+    every id at once holds the whole backlog; split, as a deployment's pulls are, the next pull
+    waits for the downloads of the last one as the whole pull did."""
     import tracemalloc
 
     import numpy as np
@@ -373,24 +375,25 @@ def test_streaming_grid_pulls_a_bounded_number_of_replies_whatever_the_backlog(t
                 self.sent[f"m{i}"] = m
             return list(self.sent)
 
-        def pull_messages(self, ids):
+        def take(self, ids):
             ids = list(ids)
             self.asked.append(len(ids))
-            return [
-                Message(
-                    RecordDict({"arrays": ArrayRecord([np.full(250_000, len(self.sent), np.float32)])}),
-                    reply_to=self.sent.pop(i),
-                )
-                for i in ids
-                if i in self.sent
-            ]
+            taken = [(i, self.sent.pop(i)) for i in ids if i in self.sent]
+            return [(i, lambda m=m: self.reply(m)) for i, m in taken]  # the reply is made as it downloads
+
+        def reply(self, original: Message) -> Message:
+            return Message(RecordDict({"arrays": ArrayRecord([np.full(250_000, 1, np.float32)])}), reply_to=original)
+
+        def pull_messages(self, ids):
+            return [fetch() for _, fetch in self.take(ids)]
 
     def peak_mb(max_pull: int) -> tuple[float, Backlog]:
         grid = Backlog()
         messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(100)]
         tracemalloc.start()
         seen = 0
-        for reply in StreamingGrid(grid, max_pull=max_pull).send_and_receive(messages, timeout=30):
+        stream = StreamingGrid(grid, max_pull=max_pull, split=grid if split else None)
+        for reply in stream.send_and_receive(messages, timeout=30):
             seen += 1  # the fold takes the reply and drops it
             del reply
         peak = tracemalloc.get_traced_memory()[1] / 2**20

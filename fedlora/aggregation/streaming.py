@@ -100,7 +100,7 @@ class StreamingGrid:
             for start in range(0, len(waiting), self.max_pull):  # one sweep over the waiting ids
                 pull = _Pull(self._grid, waiting[start : start + self.max_pull], self._split)
                 running.append(pull)
-                pull.wait(self.stall_seconds)
+                pull.wait_all(self.stall_seconds)  # downloads included: at most max_pull replies at once
                 yield from collect()
             if sent and len(sent) == before:
                 time.sleep(interval)
@@ -181,10 +181,8 @@ class _Pull:
             return self.holds(i)
         return i in self.ids and (len(self.ids) == 1 or now - self.started <= stall_seconds)
 
-    def wait(self, seconds: float) -> None:
-        self._thread.join(seconds)
-
     def wait_all(self, seconds: float) -> None:
+        """Until the pull and every download it started have ended, or ``seconds`` have passed."""
         end = time.monotonic() + seconds
         self._thread.join(seconds)
         for download in list(self._downloads):
