@@ -43,12 +43,15 @@ def message_verdict(log_text: str, message_id: str) -> str | None:
 def await_verdict(node_log: Path, message_id: str, timeout: float, every: float = 0.05) -> str | None:
     """:func:`message_verdict` from the log file, asked again while it is :data:`PENDING` until
     ``timeout`` seconds pass (a receipt whose verdict waits on a server that is down can take that
-    long); None at once without a log or a receipt in it."""
+    long); None at once without a log or a receipt in it. Each read is the whole log, so the pause
+    between reads doubles from ``every`` to at most a second."""
     deadline = time.monotonic() + timeout
     while True:
         if not node_log.exists():
             return None
         verdict = message_verdict(node_log.read_text(errors="replace"), message_id)
-        if verdict != PENDING or time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if verdict != PENDING or left <= 0:
             return verdict
-        time.sleep(every)
+        time.sleep(min(every, left))
+        every = min(2 * every, 1.0)
