@@ -156,7 +156,7 @@ class MedianBounds:
     round's replies end."""
 
     def __init__(self, run: GlobalAdapter, rl: RoundLog, probation: dict[str, int] | None = None) -> None:
-        """``probation``: the clients held to :data:`PROBATION_COSINE` this round, each with its last round below."""
+        """``probation``: the clients held to :data:`PROBATION_COSINE` this round, each with its last round cut."""
         r = run.cfg.robust
         self.strategy, self.rl, self.server_round = run, rl, rl.server_round
         # Off where another stage decides norms and weights: client-level DP's release, FLTrust's form.
@@ -421,7 +421,7 @@ class RobustBounds(Extension):
             return KeepAll(lambda updates: trimmed_mean(updates, r.trim_fraction))
         return None
 
-    def _on_probation(self, server_round: int) -> dict[str, int]:  # client id -> its last round below min_cosine
+    def _on_probation(self, server_round: int) -> dict[str, int]:  # client id -> the last round it was cut
         return {c: r for c, r in self._below.items() if 0 < server_round - r <= self.cfg.robust.direction_probation}
 
     def reply_stage(self, run: GlobalAdapter, rl: RoundLog) -> ReplyStage | None:

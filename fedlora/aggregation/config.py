@@ -154,7 +154,8 @@ class RobustConfig:
     )
     direction_probation: int = _meta(
         "With robust.min_cosine: for this many rounds after a client's update direction fell below robust.min_cosine "
-        "(left out, or weighed down by robust.cosine_spread's ramp), or after it was left out on probation, the client's updates are kept only if their "
+        "(left out, or weighed down by robust.cosine_spread's ramp), or after it was left out on probation, the "
+        "client's updates are kept only if their "
         "cosine with the sum of the others' is at least 0: neither robust.min_cosine's margin nor robust.cosine_spread "
         "keeps one that leans away, so a client caught flipping cannot flip just inside the floor in the rounds "
         "after. Kept in the run's checkpoints. 0 = off.",

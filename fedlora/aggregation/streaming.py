@@ -202,8 +202,8 @@ def _handed_over(
     replies: list[Message], sent: dict[str, Message | None], held: dict[str, Message], asked
 ) -> Iterator[Message]:
     """Each reply to a message still awaited, as from the node it was sent to (:func:`in_place_of`);
-    one already handed over is dropped, and an error for an id that a running pull also asked
-    (``asked(id)``) is kept in ``held`` until that pull returns."""
+    one already handed over is dropped, and an error for an id that a running pull may still bring a
+    reply to (``asked(id)``) is kept in ``held`` until none can."""
     while replies:
         reply = replies.pop(0)  # popped: the consumer's reference is the last one
         i = reply.metadata.reply_to_message_id
